@@ -1,0 +1,157 @@
+"""Open any supported checkpoint — a HF folder (sharded or not), a folder we wrote, or one weights file — as one
+lazy map of tensors, with the config, tokenizer files and manifest that sit beside it."""
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CheckpointError
+from .formats.base import TensorRef
+
+INDEX_FILES = {"model.safetensors.index.json": "safetensors", "pytorch_model.bin.index.json": "bin"}
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenization_chatglm.py")
+MANIFEST = "manifest.json"
+
+
+def format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".ckpt":
+        return "ckpt"
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in (".bin", ".pt", ".pth"):
+        return "bin"
+    raise CheckpointError(f"{path}: unknown weights file type {suffix or '(no suffix)'}; expected .ckpt, "
+                          f".safetensors or .bin")
+
+
+def open_file(path: Path):
+    fmt = format_of(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if fmt == "ckpt":
+        from .formats.ckpt import CkptFile
+        return CkptFile(path)
+    if fmt == "safetensors":
+        from .formats.safetensors_io import SafetensorsFile
+        return SafetensorsFile(path)
+    from .formats.torch_bin import TorchBinFile
+    return TorchBinFile(path)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    files: list[Path]
+    format: str
+    tensors: dict[str, TensorRef] = field(default_factory=dict)
+    strings: dict[str, str] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    config: dict | None = None
+    manifest: dict | None = None
+    folder: Path | None = None
+    handles: list = field(default_factory=list)
+    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    @property
+    def tokenizer_files(self) -> list[Path]:
+        if self.folder is None:
+            return []
+        return [self.folder / n for n in TOKENIZER_FILES if (self.folder / n).is_file()]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _inside(folder: Path, name: str, index: Path) -> Path:
+    """The shard an index names, refused when the name leaves the folder."""
+    p = Path(name)
+    target = (folder / p).resolve()
+    if p.is_absolute() or ".." in p.parts or folder.resolve() not in target.parents:
+        raise CheckpointError(f"{index}: shard path {name!r} points outside the checkpoint folder")
+    if not target.is_file():
+        raise CheckpointError(f"{index}: names shard {name!r}, which does not exist")
+    return target
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _weights_files(folder: Path) -> tuple[list[Path], Path | None, dict | None]:
+    """(shard files, index file, index weight_map) for a folder."""
+    indexes = [folder / n for n in INDEX_FILES if (folder / n).is_file()]
+    if indexes:
+        index = indexes[0]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: has no weight_map")
+        files = sorted({_inside(folder, v, index) for v in weight_map.values()})
+        return files, index, weight_map
+    if (folder / MANIFEST).is_file():
+        manifest = _read_json(folder / MANIFEST)
+        return [_inside(folder, n, folder / MANIFEST) for n in manifest.get("files", [])], None, None
+    singles = [folder / n for n in SINGLE_FILES if (folder / n).is_file()]
+    if not singles:
+        singles = sorted(p for p in folder.iterdir() if p.suffix in (".ckpt", ".safetensors", ".bin") and p.is_file())
+    if len(singles) != 1:
+        what = "no weights file" if not singles else f"several weights files ({', '.join(p.name for p in singles)})"
+        raise CheckpointError(f"{folder}: {what}; expected an index json, one model.safetensors / pytorch_model.bin, "
+                              f"or one .ckpt")
+    return singles, None, None
+
+
+def open_checkpoint(path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    folder = path if path.is_dir() else path.parent
+    files, index, weight_map = _weights_files(path) if path.is_dir() else ([path], None, None)
+    formats = {format_of(f) for f in files}
+    if len(formats) != 1:
+        raise CheckpointError(f"{path}: mixes weights formats {sorted(formats)}")
+    ckpt = Checkpoint(path, files, formats.pop(), folder=folder)
+    try:
+        for f in files:
+            opened = ckpt._stack.enter_context(open_file(f))
+            ckpt.handles.append(opened)
+            for name, ref in opened.tensors.items():
+                if name in ckpt.tensors:
+                    raise CheckpointError(f"{f}: tensor {name!r} also appears in {ckpt.tensors[name].file.name}")
+                if weight_map is not None and weight_map.get(name) is not None and \
+                        (folder / weight_map[name]).resolve() != f.resolve():
+                    raise CheckpointError(f"{index}: maps {name!r} to {weight_map[name]}, but it is in {f.name}")
+                ckpt.tensors[name] = ref
+            ckpt.strings.update(getattr(opened, "strings", {}))
+            ckpt.metadata.update(getattr(opened, "metadata", {}) or {})
+        if weight_map is not None and set(weight_map) != set(ckpt.tensors):
+            missing = sorted(set(weight_map) - set(ckpt.tensors))
+            extra = sorted(set(ckpt.tensors) - set(weight_map))
+            raise CheckpointError(f"{index}: index and shards disagree: missing {missing[:3]}, unlisted {extra[:3]}")
+        if (folder / "config.json").is_file():
+            ckpt.config = _read_json(folder / "config.json")
+        if (folder / MANIFEST).is_file():
+            ckpt.manifest = _read_json(folder / MANIFEST)
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt

@@ -1,0 +1,188 @@
+"""ChatGLM2 model configuration: read from a HF `config.json`, presets, and the config files we write."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from .errors import CheckpointError
+
+# Fields of the real THUDM config.json (and of its 32k/later variants) that do not change the weights or math.
+_PASSIVE = {"_name_or_path", "model_type", "architectures", "auto_map", "apply_query_key_layer_scaling",
+            "attention_dropout", "attention_softmax_in_fp32", "bias_dropout_fusion", "fp32_residual_connection",
+            "hidden_dropout", "use_cache", "transformers_version", "classifier_dropout", "pre_seq_len",
+            "prefix_projection", "quantization_bit", "interleaved_qkv", "torch_dtype", "dtype", "bos_token_id",
+            "tie_word_embeddings", "multi_query_attention", "add_bias_linear", "rmsnorm", "post_layer_norm",
+            "original_rope", "apply_residual_connection_post_layernorm", "eos_token_id", "pad_token_id"}
+# Fields whose other values describe a different network than ChatGLM2.
+_REQUIRED = {"add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True, "original_rope": True,
+             "apply_residual_connection_post_layernorm": False, "tie_word_embeddings": False}
+
+
+@dataclass(frozen=True)
+class GLM2Config:
+    num_layers: int = 28
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 13696
+    num_attention_heads: int = 32
+    multi_query_group_num: int = 2
+    kv_channels: int = 128
+    padded_vocab_size: int = 65024
+    layernorm_epsilon: float = 1e-5
+    rope_ratio: float = 1.0
+    add_qkv_bias: bool = True
+    seq_length: int = 32768
+    torch_dtype: str = "float16"
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    # ---- derived sizes used by the name map and the model
+    @property
+    def q_rows(self) -> int:
+        return self.num_attention_heads * self.kv_channels
+
+    @property
+    def kv_rows(self) -> int:
+        return self.multi_query_group_num * self.kv_channels
+
+    @property
+    def rope_base(self) -> float:
+        return 10000.0 * self.rope_ratio
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.multi_query_group_num:
+            raise CheckpointError(f"config: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                                  f"multi_query_group_num {self.multi_query_group_num}")
+        if self.kv_channels % 4:
+            raise CheckpointError(f"config: kv_channels {self.kv_channels} must be a multiple of 4 (RoPE pairs on "
+                                  f"half of each head)")
+        for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
+                  "padded_vocab_size", "multi_query_group_num"):
+            if getattr(self, f) <= 0:
+                raise CheckpointError(f"config: {f} must be positive, got {getattr(self, f)}")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "GLM2Config":
+        own = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - own - _PASSIVE)
+        if unknown:
+            raise CheckpointError(f"{source}: unknown config fields {', '.join(unknown)} (not a ChatGLM2 config?)")
+        for key, want in _REQUIRED.items():
+            if key in d and d[key] != want:
+                raise CheckpointError(f"{source}: {key}={d[key]!r} describes a different network; ChatGLM2 has "
+                                      f"{key}={want!r}")
+        kw = {k: v for k, v in d.items() if k in own}
+        if "torch_dtype" not in kw and "dtype" in d:
+            kw["torch_dtype"] = d["dtype"]
+        if d.get("multi_query_attention") is False:
+            if "multi_query_group_num" in d and d["multi_query_group_num"] != d.get("num_attention_heads"):
+                raise CheckpointError(f"{source}: multi_query_attention is false but multi_query_group_num is "
+                                      f"{d['multi_query_group_num']}")
+            kw["multi_query_group_num"] = d.get("num_attention_heads", cls.num_attention_heads)
+        try:
+            return cls(**kw)
+        except TypeError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_glm_dict(cls, d: dict, source: str = "config.json") -> "GLM2Config":
+        """From the config of transformers' native GlmForCausalLM (as `ms2hf --target glm` writes it)."""
+        rope = d.get("rope_parameters") or {}
+        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        if d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5)) != 0.5:
+            raise CheckpointError(f"{source}: partial_rotary_factor must be 0.5 for ChatGLM2")
+        try:
+            return cls(num_layers=d["num_hidden_layers"], hidden_size=d["hidden_size"],
+                       ffn_hidden_size=d["intermediate_size"], num_attention_heads=d["num_attention_heads"],
+                       multi_query_group_num=d["num_key_value_heads"], kv_channels=d["head_dim"],
+                       padded_vocab_size=d["vocab_size"], layernorm_epsilon=d.get("rms_norm_eps", 1e-5),
+                       rope_ratio=theta / 10000.0, add_qkv_bias=d.get("attention_bias", True),
+                       seq_length=d.get("max_position_embeddings", 32768),
+                       torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
+                       eos_token_id=d.get("eos_token_id", 2), pad_token_id=d.get("pad_token_id", 0))
+        except KeyError as exc:
+            raise CheckpointError(f"{source}: GLM config lacks {exc}") from None
+
+    @classmethod
+    def from_file(cls, path: Path) -> "GLM2Config":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: cannot read config ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: config is not a JSON object")
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GLM2Config":
+        try:
+            base = PRESETS[name]
+        except KeyError:
+            raise CheckpointError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}") from None
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight of the HF ChatGLM2 layout (our canonical names) with its shape, in the release's order."""
+        h, L = self.hidden_size, "transformer.encoder.layers.{}."
+        shapes = {"transformer.embedding.word_embeddings.weight": (self.padded_vocab_size, h)}
+        for i in range(self.num_layers):
+            p = L.format(i)
+            qkv = self.q_rows + 2 * self.kv_rows
+            shapes[p + "input_layernorm.weight"] = (h,)
+            shapes[p + "self_attention.query_key_value.weight"] = (qkv, h)
+            if self.add_qkv_bias:
+                shapes[p + "self_attention.query_key_value.bias"] = (qkv,)
+            shapes[p + "self_attention.dense.weight"] = (h, self.q_rows)
+            shapes[p + "post_attention_layernorm.weight"] = (h,)
+            shapes[p + "mlp.dense_h_to_4h.weight"] = (2 * self.ffn_hidden_size, h)
+            shapes[p + "mlp.dense_4h_to_h.weight"] = (h, self.ffn_hidden_size)
+        shapes["transformer.encoder.final_layernorm.weight"] = (h,)
+        shapes["transformer.output_layer.weight"] = (self.padded_vocab_size, h)
+        return shapes
+
+    def chatglm_json(self, dtype: str | None = None) -> dict:
+        """The field set of the real THUDM config.json, with this model's values."""
+        d = dict(_CHATGLM_TEMPLATE)
+        d.update({k: v for k, v in asdict(self).items() if k != "rope_ratio"})
+        if self.rope_ratio != 1.0:
+            d["rope_ratio"] = self.rope_ratio
+        d["multi_query_attention"] = self.multi_query_group_num != self.num_attention_heads
+        d["torch_dtype"] = dtype or self.torch_dtype
+        return d
+
+    def glm_json(self, dtype: str | None = None) -> dict:
+        """A config for transformers' native GlmForCausalLM: every field set, since its defaults are GLM-4's."""
+        return {
+            "architectures": ["GlmForCausalLM"], "model_type": "glm",
+            "vocab_size": self.padded_vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.multi_query_group_num,
+            "head_dim": self.kv_channels, "partial_rotary_factor": 0.5, "rope_theta": self.rope_base,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_base, "partial_rotary_factor": 0.5},
+            "rms_norm_eps": self.layernorm_epsilon, "attention_bias": self.add_qkv_bias, "attention_dropout": 0.0,
+            "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": self.seq_length,
+            "tie_word_embeddings": False, "use_cache": True, "pad_token_id": self.pad_token_id,
+            "eos_token_id": self.eos_token_id, "bos_token_id": None, "torch_dtype": dtype or self.torch_dtype,
+        }
+
+
+_CHATGLM_TEMPLATE = {
+    "_name_or_path": "THUDM/chatglm2-6b", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+    "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                 "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                 "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                 "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                 "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification"},
+    "add_bias_linear": False, "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
+    "apply_residual_connection_post_layernorm": False, "attention_dropout": 0.0, "attention_softmax_in_fp32": True,
+    "bias_dropout_fusion": True, "fp32_residual_connection": False, "hidden_dropout": 0.0,
+    "multi_query_attention": True, "original_rope": True, "post_layer_norm": True, "rmsnorm": True,
+    "use_cache": True, "transformers_version": "4.27.1", "tie_word_embeddings": False,
+}
+
+PRESETS = {
+    "6b": GLM2Config(),
+    # real vocabulary (the real tokenizer works), everything else small enough for tests on 2 cores
+    "tiny": GLM2Config(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
+                       multi_query_group_num=2, kv_channels=16, seq_length=2048, torch_dtype="float32"),
+}

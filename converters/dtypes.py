@@ -1,0 +1,110 @@
+"""Element types across numpy, safetensors, MindSpore .ckpt and torch, with bfloat16 carried as raw uint16 bits.
+
+numpy has no bfloat16 without MindSpore's registration, so arrays of bf16 tensors hold the bit patterns as uint16;
+everything that only moves bytes (renames, row splits, writing) never needs the real type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str          # our canonical name, as torch spells it without the prefix
+    storage: np.dtype  # what numpy arrays of this type hold
+    safetensors: str
+    ckpt: str          # MindSpore TensorProto.tensor_type
+
+    @property
+    def itemsize(self) -> int:
+        return self.storage.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.name in FLOATS
+
+
+_TABLE = [
+    DType("float32", np.dtype("<f4"), "F32", "Float32"),
+    DType("float16", np.dtype("<f2"), "F16", "Float16"),
+    DType("bfloat16", np.dtype("<u2"), "BF16", "BFloat16"),
+    DType("float64", np.dtype("<f8"), "F64", "Float64"),
+    DType("int8", np.dtype("i1"), "I8", "Int8"),
+    DType("uint8", np.dtype("u1"), "U8", "UInt8"),
+    DType("int16", np.dtype("<i2"), "I16", "Int16"),
+    DType("uint16", np.dtype("<u2"), "U16", "UInt16"),
+    DType("int32", np.dtype("<i4"), "I32", "Int32"),
+    DType("uint32", np.dtype("<u4"), "U32", "UInt32"),
+    DType("int64", np.dtype("<i8"), "I64", "Int64"),
+    DType("uint64", np.dtype("<u8"), "U64", "UInt64"),
+    DType("bool", np.dtype("?"), "BOOL", "Bool"),
+]
+FLOATS = ("float32", "float16", "bfloat16", "float64")
+BY_NAME = {d.name: d for d in _TABLE}
+BY_SAFETENSORS = {d.safetensors: d for d in _TABLE}
+BY_CKPT = {d.ckpt: d for d in _TABLE}
+
+
+def dtype(name: str) -> DType:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {name!r}; expected one of {', '.join(BY_NAME)}") from None
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as torch and MindSpore do; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)
+    return rounded
+
+
+def to_float32(a: np.ndarray, src: str) -> np.ndarray:
+    return _bf16_to_f32(a) if src == "bfloat16" else a.astype(np.float32, copy=False)
+
+
+def cast(a: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """Cast storage arrays between dtypes; identity (no copy) when they agree."""
+    if src == dst:
+        return a
+    if dst == "bfloat16":
+        return _f32_to_bf16(to_float32(a, src))
+    return to_float32(a, src).astype(BY_NAME[dst].storage) if src == "bfloat16" else a.astype(BY_NAME[dst].storage)
+
+
+_EXPONENT_MASK = {"float16": (np.uint16, 0x7C00), "bfloat16": (np.uint16, 0x7F80), "float32": (np.uint32, 0x7F800000),
+                  "float64": (np.uint64, 0x7FF0000000000000)}
+
+
+def count_nonfinite(a: np.ndarray, name: str) -> int:
+    """NaN/Inf count from the exponent bits alone: one pass, no float conversion."""
+    if name not in _EXPONENT_MASK:
+        return 0
+    view, mask = _EXPONENT_MASK[name]
+    bits = a.view(view)
+    return int(np.count_nonzero((bits & view(mask)) == view(mask)))
+
+
+FLOAT16_MAX = 65504.0
+
+
+def float16_overflow(a: np.ndarray, src: str) -> float | None:
+    """The largest finite magnitude that would become Inf in float16, or None when all values fit."""
+    if src not in ("float32", "bfloat16", "float64"):
+        return None
+    f = to_float32(a, src) if src == "bfloat16" else a
+    finite = np.isfinite(f)
+    peak = max(float(f.max(where=finite, initial=0.0)), -float(f.min(where=finite, initial=0.0)))
+    # values that round to 65504 still fit; the first that rounds to Inf is 65520
+    return peak if peak >= 65520.0 else None

@@ -1,0 +1,1 @@
+"""Readers that list tensors without loading them, and writers that take them one at a time."""

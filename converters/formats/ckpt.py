@@ -1,0 +1,233 @@
+"""MindSpore `.ckpt`: a streaming reader and writer of its protobuf framing.
+
+A file is a run of serialized `Checkpoint{repeated Value value = 1}` messages, one Value each:
+`Value{string tag = 1; TensorProto tensor = 2; MapTensorProto maptensor = 3}` and
+`TensorProto{repeated int64 dims = 1; string tensor_type = 2; bytes tensor_content = 3}`.
+`mindspore.save_checkpoint` cuts tensors over 512 MiB into several Values with the same tag and the full dims,
+and may end the file with `b"crc_num"` + a 10-byte big-endian CRC-32 of everything before it.
+MindSpore's own loader parses the whole file into memory; here only the record headers are read, and each
+tensor's bytes are read on demand by offset.
+"""
+from __future__ import annotations
+
+import binascii
+import math
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from ..dtypes import BY_CKPT, BY_NAME
+from ..errors import CheckpointError
+from .base import TensorRef, read_exact
+
+CHUNK_BYTES = 512 * 1024 * 1024
+CRC_MARK = b"crc_num"
+CRC_TRAILER = len(CRC_MARK) + 10
+
+
+def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < end:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            break
+    raise ValueError("bad varint")
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _text(buf: bytes, pos: int, length: int) -> str:
+    if pos + length > len(buf):
+        raise ValueError("record header larger than expected")
+    return buf[pos:pos + length].decode()
+
+
+class CkptFile:
+    """Index of a .ckpt: tensors (name → TensorRef) and string entries (name → str). Use as a context manager."""
+
+    HEADER_PEEK = 4096  # a Value's tag, dims and type fit in far less; the content is never read here
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tensors: dict[str, TensorRef] = {}
+        self.strings: dict[str, str] = {}
+        self.has_crc = False
+        self._f: BinaryIO = open(self.path, "rb")
+        try:
+            self._index()
+        except CheckpointError:
+            self.close()
+            raise
+        except (ValueError, IndexError, UnicodeDecodeError) as exc:
+            self.close()
+            raise CheckpointError(f"{self.path}: not a valid MindSpore checkpoint (corrupt protobuf: {exc})") from None
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _index(self) -> None:
+        f, size = self._f, self.path.stat().st_size
+        segments: dict[str, list[tuple[int, int]]] = {}
+        meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        order: list[str] = []
+        pos = 0
+        while pos < size:
+            f.seek(pos)
+            head = f.read(self.HEADER_PEEK)
+            if size - pos == CRC_TRAILER and head.startswith(CRC_MARK):
+                self.has_crc = True
+                break
+            if not head or head[0] != 0x0A:
+                raise ValueError(f"expected a checkpoint record at offset {pos}")
+            length, start = _varint(head, 1, len(head))
+            record_end = pos + start + length
+            if record_end > size:
+                raise CheckpointError(f"{self.path}: truncated file: record at offset {pos} needs {length} bytes, "
+                                      f"the file ends {record_end - size} bytes early")
+            tag, dims, ttype, content = self._parse_value(head, start, start + length, pos)
+            if tag in meta and order[-1] != tag:
+                raise ValueError(f"pieces of tensor {tag!r} are not adjacent")
+            if tag in meta and meta[tag] != (dims, ttype):
+                raise ValueError(f"pieces of tensor {tag!r} disagree on shape or type")
+            if tag not in meta:
+                order.append(tag)
+                meta[tag] = (dims, ttype)
+                segments[tag] = []
+            segments[tag].append(content)
+            pos = record_end
+        for tag in order:
+            self._add(tag, *meta[tag], segments[tag])
+
+    def _parse_value(self, head: bytes, pos: int, end: int, file_pos: int):
+        """Parse one Value from the peeked bytes `head`; `end` may lie beyond them (the content is not needed)."""
+        tag, tensor = None, None
+        while pos < end:
+            key, pos = _varint(head, pos, len(head))
+            if key & 7 != 2:
+                raise ValueError(f"unexpected wire type {key & 7} in record at offset {file_pos}")
+            length, pos = _varint(head, pos, len(head))
+            if key >> 3 == 1:
+                tag = _text(head, pos, length)
+            elif key >> 3 == 2:
+                tensor = (pos, pos + length)
+            elif key >> 3 == 3:
+                raise CheckpointError(f"{self.path}: entry {tag!r} is a MapParameter, which this tool does not convert")
+            pos += length
+        if pos != end or tag is None or tensor is None:
+            raise ValueError(f"record at offset {file_pos} is malformed")
+        dims, ttype, content = [], None, None
+        pos, t_end = tensor
+        while pos < t_end:
+            key, pos = _varint(head, pos, len(head))
+            number, wire = key >> 3, key & 7
+            if (number, wire) == (1, 0):
+                d, pos = _varint(head, pos, len(head))
+                dims.append(d)
+                continue
+            if wire != 2:
+                raise ValueError(f"unexpected field {number} in tensor {tag!r}")
+            length, pos = _varint(head, pos, len(head))
+            if number == 1:  # packed dims
+                stop = pos + length
+                while pos < stop:
+                    d, pos = _varint(head, pos, stop)
+                    dims.append(d)
+                continue
+            if number == 2:
+                ttype = _text(head, pos, length)
+            elif number == 3:
+                content = (file_pos + pos, length)
+            pos += length
+        if pos != t_end or ttype is None or content is None:
+            raise ValueError(f"tensor {tag!r} is malformed")
+        return tag, tuple(dims), ttype, content
+
+    def _add(self, tag: str, dims: tuple[int, ...], ttype: str, segments: list[tuple[int, int]]) -> None:
+        total = sum(n for _, n in segments)
+        if ttype == "str":
+            data = b"".join(self._read_bytes(off, n, tag) for off, n in segments)
+            self.strings[tag] = np.frombuffer(data, f"<U{len(data) // 4}")[0] if data else ""
+            return
+        if ttype not in BY_CKPT:
+            raise CheckpointError(f"{self.path}: tensor {tag!r} has unsupported type {ttype!r}")
+        dt = BY_CKPT[ttype]
+        shape = () if dims in ((), (0,)) else dims
+        if math.prod(shape) * dt.itemsize != total:
+            raise CheckpointError(f"{self.path}: tensor {tag!r} holds {total} bytes, but shape {list(shape)} of "
+                                  f"{dt.name} needs {math.prod(shape) * dt.itemsize}")
+        self.tensors[tag] = TensorRef(tag, shape, dt.name, self.path, lambda: self._read(tag, shape, dt.name, segments))
+
+    def _read_bytes(self, offset: int, n: int, what: str) -> bytes:
+        arr = np.empty(n, np.uint8)
+        read_exact(self._f, offset, arr, self.path, what)
+        return arr.tobytes()
+
+    def _read(self, tag, shape, dtype, segments) -> np.ndarray:
+        arr = np.empty(shape, BY_NAME[dtype].storage)
+        flat = arr.reshape(-1).view(np.uint8)
+        at = 0
+        for offset, n in segments:
+            read_exact(self._f, offset, flat[at:at + n], self.path, tag)
+            at += n
+        return arr
+
+    def crc_ok(self) -> bool | None:
+        """Check the CRC trailer when there is one (None when the file has none)."""
+        if not self.has_crc:
+            return None
+        size = self.path.stat().st_size
+        crc, left, block = 0, size - CRC_TRAILER, 64 << 20
+        self._f.seek(0)
+        while left:
+            chunk = self._f.read(min(block, left))
+            crc = binascii.crc32(chunk, crc)
+            left -= len(chunk)
+        self._f.seek(size - 10)
+        return crc == int.from_bytes(self._f.read(10), "big")
+
+
+def _record_header(tag: str, shape: tuple[int, ...], ttype: str, content_len: int) -> bytes:
+    tensor = b"".join(b"\x08" + _encode_varint(d) for d in shape)
+    t = ttype.encode()
+    tensor += b"\x12" + _encode_varint(len(t)) + t + b"\x1a" + _encode_varint(content_len)
+    name = tag.encode()
+    value = b"\x0a" + _encode_varint(len(name)) + name + b"\x12" + _encode_varint(len(tensor) + content_len) + tensor
+    return b"\x0a" + _encode_varint(len(value) + content_len) + value
+
+
+class CkptWriter:
+    """Writes tensors one at a time, framed exactly as `mindspore.save_checkpoint` frames Tensors."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+
+    def write(self, name: str, arr: np.ndarray, dtype: str) -> None:
+        data = memoryview(np.ascontiguousarray(arr)).cast("B")
+        ttype = BY_NAME[dtype].ckpt
+        starts = range(0, len(data), CHUNK_BYTES) if len(data) else [0]
+        for at in starts:
+            piece = data[at:at + CHUNK_BYTES]
+            self._f.write(_record_header(name, arr.shape, ttype, len(piece)))
+            self._f.write(piece)

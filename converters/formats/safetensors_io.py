@@ -1,0 +1,120 @@
+"""safetensors: a header-validating lazy reader and a streaming writer.
+
+The `safetensors` library (used by the tests as the oracle) can neither write one tensor at a time nor hand
+bfloat16 to numpy without torch or MindSpore; the format is small enough to frame here: an 8-byte little-endian
+header length, a JSON header of dtype/shape/data_offsets, then the bytes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from ..dtypes import BY_NAME, BY_SAFETENSORS
+from ..errors import CheckpointError
+from .base import TensorRef, read_exact
+
+MAX_HEADER = 100 << 20
+
+
+class SafetensorsFile:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tensors: dict[str, TensorRef] = {}
+        self._f: BinaryIO = open(self.path, "rb")
+        try:
+            self.metadata = self._index()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _bad(self, why: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: not a valid safetensors file ({why})")
+
+    def _index(self) -> dict:
+        size = self.path.stat().st_size
+        raw = self._f.read(8)
+        if len(raw) < 8:
+            raise self._bad("shorter than its 8-byte header length")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise self._bad(f"header length {n} does not fit in a {size}-byte file")
+        try:
+            header = json.loads(self._f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise self._bad(f"header is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        base, spans = 8 + n, []
+        for name, entry in header.items():
+            try:
+                dt = BY_SAFETENSORS[entry["dtype"]]
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(x) for x in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise self._bad(f"entry {name!r} lacks a known dtype, a shape or two data_offsets") from None
+            if end - begin != math.prod(shape) * dt.itemsize or begin < 0:
+                raise self._bad(f"tensor {name!r}: data_offsets [{begin}, {end}] do not hold shape {list(shape)} "
+                                f"of {dt.name}")
+            if base + end > size:
+                raise CheckpointError(f"{self.path}: truncated file: tensor {name!r} ends at byte {base + end}, "
+                                      f"the file has {size}")
+            spans.append((begin, end, name))
+            self.tensors[name] = TensorRef(name, shape, dt.name, self.path,
+                                           lambda o=base + begin, s=shape, d=dt, k=name: self._read(o, s, d, k))
+        spans.sort()
+        for (_, e1, a), (b2, _, b) in zip(spans, spans[1:]):
+            if b2 < e1:
+                raise self._bad(f"tensors {a!r} and {b!r} overlap")
+        # keep the file's own order of the data, which is the order writers meant
+        self.tensors = {name: self.tensors[name] for _, _, name in spans}
+        return metadata
+
+    def _read(self, offset: int, shape, dt, name: str) -> np.ndarray:
+        arr = np.empty(shape, dt.storage)
+        read_exact(self._f, offset, arr, self.path, name)
+        return arr
+
+
+class SafetensorsWriter:
+    """Writes a planned list of tensors in order; the header is known up front from the plan."""
+
+    def __init__(self, f: BinaryIO, plan: list[tuple[str, tuple[int, ...], str]], metadata: dict | None = None):
+        self._f = f
+        header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+        at = 0
+        self._expected = []
+        for name, shape, dtype in plan:
+            n = math.prod(shape) * BY_NAME[dtype].itemsize
+            header[name] = {"dtype": BY_NAME[dtype].safetensors, "shape": list(shape), "data_offsets": [at, at + n]}
+            self._expected.append((name, tuple(shape), dtype))
+            at += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+
+    def write(self, name: str, arr: np.ndarray, dtype: str) -> None:
+        want = self._expected[self._next]
+        if want != (name, tuple(arr.shape), dtype):
+            raise AssertionError(f"write order broken: got {name}, planned {want}")
+        self._next += 1
+        self._f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+    def finish(self) -> None:
+        if self._next != len(self._expected):
+            raise AssertionError("not every planned tensor was written")

@@ -1,0 +1,162 @@
+"""Where converted tensors go: an output folder that appears only when complete, weights files that take one tensor
+at a time, and the manifest that records what was written."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .dtypes import BY_NAME
+from .errors import CheckpointError
+
+PLAN = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in write order
+
+
+@contextmanager
+def staged_folder(dst: Path, overwrite: bool = False):
+    """Yield a temporary folder beside `dst`; on success it replaces `dst`, on any failure it is removed."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(dst)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise CheckpointError(f"{dst}: no space left on device while writing; nothing was written") from None
+        raise CheckpointError(f"{dst}: cannot write ({exc.strerror or exc}); nothing was written") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+
+
+def parse_size(text: str) -> int:
+    """'2GB' → 2·10⁹ as transformers reads shard sizes; 'GiB' is binary."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    try:
+        value = int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise CheckpointError(f"cannot read size {text!r}; expected e.g. 2GB, 500MB, 1GiB") from None
+    if value <= 0:
+        raise CheckpointError(f"size {text!r} must be positive")
+    return value
+
+
+class WeightsWriter:
+    """Writes a planned list of tensors into one or more files of one format, hashing each tensor's bytes.
+
+    `shards` groups the plan into files; a .ckpt or .safetensors file streams tensor by tensor, a .bin shard is
+    handed to torch.save whole (its size is bounded by the shard size).
+    """
+
+    def __init__(self, folder: Path, fmt: str, shards: list[tuple[str, PLAN]], metadata: dict | None = None):
+        self.folder, self.fmt, self.metadata = folder, fmt, metadata
+        self.shards = shards
+        self.records: list[dict] = []
+        self._file_of = {name: file for file, plan in shards for name, _, _ in plan}
+        self._queue = [(file, plan) for file, plan in shards]
+        self._open = None  # (file name, handle, writer, remaining names)
+        self._bin: dict = {}
+
+    def _start(self):
+        file, plan = self._queue.pop(0)
+        path = self.folder / file
+        if self.fmt == "bin":
+            self._open = (file, None, None, [n for n, _, _ in plan])
+            return
+        handle = open(path, "wb")
+        if self.fmt == "ckpt":
+            from .formats.ckpt import CkptWriter
+            writer = CkptWriter(handle)
+        else:
+            from .formats.safetensors_io import SafetensorsWriter
+            writer = SafetensorsWriter(handle, plan, self.metadata)
+        self._open = (file, handle, writer, [n for n, _, _ in plan])
+
+    def _finish_file(self):
+        file, handle, writer, _ = self._open
+        if self.fmt == "bin":
+            from .formats.torch_bin import save_bin
+            save_bin(self.folder / file, self._bin)
+            self._bin = {}
+        else:
+            if hasattr(writer, "finish"):
+                writer.finish()
+            handle.close()
+        self._open = None
+
+    def write(self, name: str, arr: np.ndarray, dtype: str) -> None:
+        if self._open is None:
+            self._start()
+        file, handle, writer, remaining = self._open
+        if remaining[0] != name:
+            raise AssertionError(f"write order broken: {name} before {remaining[0]}")
+        arr = np.ascontiguousarray(arr)
+        self.records.append({"name": name, "shape": list(arr.shape), "dtype": dtype, "file": file,
+                             "sha256": hashlib.sha256(memoryview(arr).cast("B")).hexdigest()})
+        if self.fmt == "bin":
+            self._bin[name] = (arr, dtype)
+        else:
+            writer.write(name, arr, dtype)
+        remaining.pop(0)
+        if not remaining:
+            self._finish_file()
+
+    def close(self) -> None:
+        if self._open is not None or self._queue:
+            raise AssertionError("not every planned tensor was written")
+
+    def abort(self) -> None:
+        if self._open and self._open[1]:
+            self._open[1].close()
+
+
+def plan_shards(plan: PLAN, max_bytes: int, fmt: str) -> list[tuple[str, PLAN]]:
+    """Split a plan into HF shards of at most `max_bytes` (a tensor larger than that gets a shard of its own)."""
+    groups: list[PLAN] = [[]]
+    size = 0
+    for item in plan:
+        n = math.prod(item[1]) * BY_NAME[item[2]].itemsize
+        if groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += n
+    stem, suffix = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    if len(groups) == 1:
+        return [(f"{stem}.{suffix}", groups[0])]
+    k = len(groups)
+    return [(f"{stem}-{i + 1:05d}-of-{k:05d}.{suffix}", g) for i, g in enumerate(groups)]
+
+
+def hf_index(shards: list[tuple[str, PLAN]], fmt: str) -> tuple[str, dict] | None:
+    if len(shards) == 1:
+        return None
+    total = sum(math.prod(s) * BY_NAME[d].itemsize for _, plan in shards for _, s, d in plan)
+    weight_map = {name: file for file, plan in shards for name, _, _ in plan}
+    name = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    return name, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -1,0 +1,59 @@
+"""Synthetic ChatGLM2 checkpoints laid out exactly like the THUDM release, at any size, streamed to disk."""
+from __future__ import annotations
+
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .config import GLM2Config
+from .dtypes import BY_NAME, cast
+from .errors import CheckpointError
+from .names import EMBEDDING, INV_FREQ, inv_freq
+from .output import WeightsWriter, hf_index, plan_shards, staged_folder, write_json
+
+ASSETS = Path(__file__).parent / "assets"
+BLOCK_ELEMENTS = 1 << 24  # generate 16M values at a time: memory stays near one tensor
+
+
+def _values(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> np.ndarray:
+    """Deterministic per (seed, name): N(0, 0.02) for matrices and biases, 1 + N(0, 0.02) for norm weights."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    out = np.empty(shape, BY_NAME[dtype].storage)
+    flat = out.reshape(-1)
+    offset = 1.0 if "layernorm" in name else 0.0
+    for start in range(0, flat.size, BLOCK_ELEMENTS):
+        n = min(BLOCK_ELEMENTS, flat.size - start)
+        block = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02) + np.float32(offset)
+        flat[start:start + n] = cast(block, "float32", dtype)
+    return out
+
+
+def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "bin", seed: int = 0,
+               max_shard_bytes: int | None = None, overwrite: bool = False) -> list[str]:
+    """Write a HF ChatGLM2 folder (config, sharded weights + index, tokenizer); returns the weight files."""
+    if fmt not in ("bin", "safetensors"):
+        raise CheckpointError(f"unknown format {fmt!r}; expected bin or safetensors")
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise CheckpointError(f"unknown dtype {dtype!r}; expected float16, bfloat16 or float32")
+    plan = [(name, shape, dtype) for name, shape in cfg.canonical_shapes().items()]
+    plan.insert(1, (INV_FREQ, (cfg.kv_channels // 4,), dtype))
+    assert plan[0][0] == EMBEDDING
+    shards = plan_shards(plan, max_shard_bytes or 2 * 10**9, fmt)
+    with staged_folder(Path(out), overwrite) as tmp:
+        writer = WeightsWriter(tmp, fmt, shards, {"format": "pt"} if fmt == "safetensors" else None)
+        try:
+            for name, shape, dt in plan:
+                writer.write(name, inv_freq(cfg, dt) if name == INV_FREQ else _values(name, shape, dt, seed), dt)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        index = hf_index(shards, fmt)
+        if index:
+            write_json(tmp / index[0], index[1])
+        write_json(tmp / "config.json", cfg.chatglm_json(dtype))
+        shutil.copyfile(ASSETS / "tokenizer.model", tmp / "tokenizer.model")
+        shutil.copyfile(ASSETS / "tokenizer_config.json", tmp / "tokenizer_config.json")
+    return [f for f, _ in shards]
