@@ -215,8 +215,9 @@ def math_bytes(shape, dtype) -> int:
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled,
-                file=sys.stderr, leave=False, mininterval=0.5)
+    # disable=None: a bar only on a terminal, never in logs
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=None if enabled else True, file=sys.stderr, leave=False, mininterval=0.5)
 
 
 def _move(g: _Group, ckpt: Checkpoint, writer: WeightsWriter, dtype: str, allow_overflow: bool,

@@ -1,0 +1,36 @@
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from converters.config import GLM2Config
+from converters.synth import synthesize
+
+DATA = Path(__file__).parent / "data"
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path`: to prove a source was left untouched."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> GLM2Config:
+    return GLM2Config.preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory):
+    """Synthetic HF ChatGLM2 folders, one per (format, dtype), sharded like the release."""
+    made = {}
+
+    def get(fmt: str = "bin", dtype: str = "float16") -> Path:
+        key = (fmt, dtype)
+        if key not in made:
+            out = tmp_path_factory.mktemp("hf") / f"tiny-{fmt}-{dtype}"
+            synthesize(out, GLM2Config.preset("tiny"), dtype, fmt, seed=1, max_shard_bytes=6 * 10**6)
+            made[key] = out
+        return made[key]
+
+    return get

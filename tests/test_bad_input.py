@@ -1,0 +1,231 @@
+"""Every bad input: a one-line error naming the file or tensor, exit 1, no DST left behind, the source untouched."""
+import json
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import tree_digest
+from converters.cli import main
+from converters.formats.safetensors_io import SafetensorsWriter
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_refused(result, *needles, dst=None):
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines() if hasattr(result, "stderr") else result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    if dst is not None:
+        assert not dst.exists()
+        assert not [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.partial")]
+
+
+@pytest.fixture
+def copy_of(hf_tiny, tmp_path):
+    def make(fmt="bin", dtype="float16"):
+        dst = tmp_path / f"src-{fmt}-{dtype}"
+        shutil.copytree(hf_tiny(fmt, dtype), dst)
+        return dst
+    return make
+
+
+@pytest.fixture
+def ms_ckpt(hf_tiny, tmp_path):
+    run("hf2ms", hf_tiny(), tmp_path / "ms", "--quiet")
+    return tmp_path / "ms"
+
+
+def truncate(path, keep):
+    data = path.read_bytes()
+    path.write_bytes(data[:keep] if keep >= 0 else data[:len(data) + keep])
+
+
+def test_truncated_ckpt(ms_ckpt, tmp_path):
+    truncate(ms_ckpt / "mindspore_model.ckpt", -1000)
+    before = tree_digest(ms_ckpt)
+    assert_refused(run("ms2hf", ms_ckpt, tmp_path / "out"), "mindspore_model.ckpt", "truncated", dst=tmp_path / "out")
+    assert tree_digest(ms_ckpt) == before
+
+
+def test_corrupt_protobuf(ms_ckpt, tmp_path):
+    path = ms_ckpt / "mindspore_model.ckpt"
+    data = bytearray(path.read_bytes())
+    data[0:4] = b"\xff\xff\xff\xff"
+    path.write_bytes(bytes(data))
+    assert_refused(run("ms2hf", ms_ckpt, tmp_path / "out"), "not a valid MindSpore checkpoint", dst=tmp_path / "out")
+
+
+def test_truncated_safetensors(copy_of, tmp_path):
+    src = copy_of("safetensors")
+    shard = sorted(src.glob("model-*.safetensors"))[-1]
+    truncate(shard, -10)
+    before = tree_digest(src)
+    assert_refused(run("hf2ms", src, tmp_path / "out"), shard.name, "truncated", dst=tmp_path / "out")
+    assert tree_digest(src) == before
+
+
+def test_safetensors_header_that_lies(copy_of, tmp_path):
+    src = copy_of("safetensors")
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["data_offsets"][1] += 4  # claims more bytes than its shape holds
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    shard.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
+    assert_refused(run("hf2ms", src, tmp_path / "out"), shard.name, first, dst=tmp_path / "out")
+
+
+def test_truncated_bin(copy_of, tmp_path):
+    src = copy_of("bin")
+    shard = sorted(src.glob("pytorch_model-*.bin"))[0]
+    truncate(shard, shard.stat().st_size // 2)
+    assert_refused(run("hf2ms", src, tmp_path / "out"), shard.name, dst=tmp_path / "out")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_bin_whose_pickle_would_run_code_is_refused(tmp_path, copy_of):
+    torch = pytest.importorskip("torch")
+    src = copy_of("bin")
+    shard = sorted(src.glob("pytorch_model-*.bin"))[0]
+    state = torch.load(shard, weights_only=True)
+    state["evil"] = _RunsCode()
+    torch.save(state, shard)
+    result = run("hf2ms", src, tmp_path / "out")
+    assert_refused(result, shard.name, "refused to unpickle", dst=tmp_path / "out")
+    assert not (tmp_path / "PWNED").exists() and not os.path.exists("PWNED")
+
+
+@pytest.mark.parametrize("bad", ["../outside.bin", "/etc/passwd", "missing-shard.bin"])
+def test_index_naming_bad_shards(copy_of, tmp_path, bad):
+    src = copy_of("bin")
+    (tmp_path / "outside.bin").write_bytes(b"x")
+    index_path = src / "pytorch_model.bin.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["transformer.output_layer.weight"] = bad
+    index_path.write_text(json.dumps(index))
+    why = "does not exist" if bad == "missing-shard.bin" else "outside the checkpoint folder"
+    assert_refused(run("hf2ms", src, tmp_path / "out"), "pytorch_model.bin.index.json", why, dst=tmp_path / "out")
+
+
+def _rewrite_single(src, drop=None, add=None, reshape=None):
+    """Replace a sharded safetensors folder by one model.safetensors with a tensor dropped, added or reshaped."""
+    from converters.checkpoint import open_checkpoint
+
+    with open_checkpoint(src) as c:
+        tensors = {n: (t.read(), t.dtype) for n, t in c.tensors.items() if n != drop}
+    if add:
+        tensors[add] = (np.zeros(4, np.float16), "float16")
+    if reshape:
+        a, d = tensors[reshape]
+        tensors[reshape] = (a.reshape(-1)[: a.size // 2].reshape(a.shape[0] // 2, -1), d)
+    for p in list(src.glob("model*.safetensors*")):
+        p.unlink()
+    with open(src / "model.safetensors", "wb") as f:
+        w = SafetensorsWriter(f, [(n, a.shape, d) for n, (a, d) in tensors.items()])
+        for n, (a, d) in tensors.items():
+            w.write(n, a, d)
+
+
+def test_missing_key(copy_of, tmp_path):
+    src = copy_of("safetensors")
+    _rewrite_single(src, drop="transformer.encoder.layers.1.mlp.dense_4h_to_h.weight")
+    assert_refused(run("hf2ms", src, tmp_path / "out"), "missing", "layers.1.mlp.dense_4h_to_h.weight",
+                   dst=tmp_path / "out")
+
+
+def test_unexpected_key(copy_of, tmp_path):
+    src = copy_of("safetensors")
+    _rewrite_single(src, add="transformer.encoder.layers.0.mystery.weight")
+    assert_refused(run("hf2ms", src, tmp_path / "out"), "unexpected", "mystery", dst=tmp_path / "out")
+
+
+def test_shape_disagrees_with_config(copy_of, tmp_path):
+    src = copy_of("safetensors")
+    _rewrite_single(src, reshape="transformer.encoder.layers.0.self_attention.dense.weight")
+    assert_refused(run("hf2ms", src, tmp_path / "out"), "layers.0.self_attention.dense.weight", "config",
+                   dst=tmp_path / "out")
+
+
+def test_float16_overflow(copy_of, tmp_path):
+    src = copy_of("safetensors", "float32")
+    from converters.checkpoint import open_checkpoint
+
+    name = "transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"
+    with open_checkpoint(src) as c:
+        ref = c.tensors[name]
+        shard, arr = ref.file, ref.read()
+    arr.reshape(-1)[5] = 1e6
+    _rewrite_single(src)  # one file, then patch the value in place
+    with open_checkpoint(src) as c:
+        tensors = {n: (t.read(), t.dtype) for n, t in c.tensors.items()}
+    tensors[name] = (arr, "float32")
+    with open(src / "model.safetensors", "wb") as f:
+        w = SafetensorsWriter(f, [(n, a.shape, d) for n, (a, d) in tensors.items()])
+        for n, (a, d) in tensors.items():
+            w.write(n, a, d)
+    assert_refused(run("hf2ms", src, tmp_path / "out", "--dtype", "float16"), name, "overflows float16",
+                   dst=tmp_path / "out")
+    ok = run("hf2ms", src, tmp_path / "out", "--dtype", "float16", "--allow-overflow", "--quiet")
+    assert ok.exit_code == 0, ok.output
+
+
+def test_existing_destination_needs_overwrite(hf_tiny, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    result = run("hf2ms", hf_tiny(), dst)
+    assert_refused(result, "already exists", "--overwrite")
+    assert (dst / "keep.txt").read_text() == "mine"
+    assert run("hf2ms", hf_tiny(), dst, "--overwrite", "--quiet").exit_code == 0
+    assert not (dst / "keep.txt").exists() and (dst / "mindspore_model.ckpt").is_file()
+
+
+def test_full_disk(hf_tiny, tmp_path, monkeypatch):
+    """A 4 MB tmpfs where we can mount one; otherwise the write error is injected."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                                                   capture_output=True).returncode == 0
+    try:
+        if not mounted:
+            import converters.formats.ckpt as ckpt_mod
+
+            def no_space(self, name, arr, dtype):
+                raise OSError(28, "No space left on device")
+            monkeypatch.setattr(ckpt_mod.CkptWriter, "write", no_space)
+        before = tree_digest(hf_tiny())
+        result = run("hf2ms", hf_tiny(), mnt / "out")
+        assert_refused(result, "no space left", dst=mnt / "out")
+        assert tree_digest(hf_tiny()) == before
+        assert list(mnt.iterdir()) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_cli_process_prints_one_line_and_exits_nonzero(tmp_path):
+    bogus = tmp_path / "nothing.ckpt"
+    bogus.write_bytes(b"\x0a\x05abc")
+    proc = subprocess.run([sys.executable, "-m", "converters", "ms2hf", str(bogus), str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,94 @@
+"""Our .ckpt reader and writer against MindSpore's own save_checkpoint / load_checkpoint."""
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+
+from converters.checkpoint import open_checkpoint  # noqa: E402
+from converters.convert import convert  # noqa: E402
+from converters.formats.ckpt import CkptFile, CkptWriter  # noqa: E402
+from converters.names import Layout  # noqa: E402
+
+
+def ms_bits(t) -> np.ndarray:
+    return t.view(ms.uint16).asnumpy() if t.dtype == ms.bfloat16 else t.asnumpy()
+
+
+def to_ms(a: np.ndarray, dtype: str):
+    if dtype == "bfloat16":
+        return ms.Tensor(a.view(np.uint16)).view(ms.bfloat16)
+    return ms.Tensor(a)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_our_ckpt_loads_bit_exactly_in_mindspore(hf_tiny, tmp_path, dtype):
+    convert(hf_tiny(dtype=dtype), tmp_path / "m", target=Layout("mindformers", qkv_split=True), fmt="ckpt",
+            progress=False)
+    loaded = ms.load_checkpoint(str(tmp_path / "m" / "mindspore_model.ckpt"))
+    with open_checkpoint(tmp_path / "m") as ours:
+        assert set(loaded) == set(ours.tensors)
+        for name, ref in ours.tensors.items():
+            assert str(loaded[name].dtype).lower() == dtype
+            np.testing.assert_array_equal(ms_bits(loaded[name]), ref.read())
+
+
+def test_ms_safetensors_output_loads_in_mindspore(hf_tiny, tmp_path):
+    convert(hf_tiny(dtype="bfloat16"), tmp_path / "m", target=Layout(), fmt="safetensors", progress=False)
+    loaded = ms.load_checkpoint(str(tmp_path / "m" / "mindspore_model.safetensors"), format="safetensors")
+    with open_checkpoint(tmp_path / "m") as ours:
+        assert ours.metadata.get("format") == "ms"
+        for name, ref in ours.tensors.items():
+            np.testing.assert_array_equal(ms_bits(loaded[name]), ref.read())
+
+
+def test_mindspore_training_checkpoint_converts_back(hf_tiny, tmp_path):
+    """A checkpoint as MindSpore training saves it: weights, Adam moments, step counters, a string, a CRC."""
+    src = hf_tiny(dtype="bfloat16")
+    convert(src, tmp_path / "m", target=Layout("mindformers"), fmt="ckpt", progress=False)
+    with open_checkpoint(tmp_path / "m") as c:
+        params = [{"name": n, "data": to_ms(t.read(), t.dtype)} for n, t in c.tensors.items()]
+        emb = c.tensors["transformer.embedding.embedding_weight"]
+        params.append({"name": "adam_m.transformer.embedding.embedding_weight",
+                       "data": ms.Tensor(np.ones(emb.shape, np.float32))})
+    params.append({"name": "global_step", "data": ms.Tensor(np.array([7], np.int32))})
+    params.append({"name": "transformer.encoder.layers.0.self_attention.key_past",
+                   "data": ms.Tensor(np.zeros((1, 2, 4, 16), np.float16))})
+    train = tmp_path / "train.ckpt"
+    ms.save_checkpoint(params, str(train), append_dict={"run_id": "abc"}, crc_check=True)
+
+    with CkptFile(train) as f:
+        assert f.has_crc and f.crc_ok() and f.strings == {"run_id": "abc"}
+    summary = convert(train, tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors", hf_folder=True,
+                      config=src / "config.json", progress=False)
+    assert summary.dropped["optimizer state"] == ["adam_m.transformer.embedding.embedding_weight", "global_step"]
+    assert summary.dropped["KV-cache entries"] == ["transformer.encoder.layers.0.self_attention.key_past"]
+    assert summary.dropped["non-tensor entries"] == ["run_id"]
+    with open_checkpoint(src) as a, open_checkpoint(tmp_path / "hf") as b:
+        for name, ref in a.tensors.items():
+            np.testing.assert_array_equal(b.tensors[name].read(), ref.read())
+
+    # --keep-optimizer carries the moments through the name map (here into split q/k/v names too)
+    convert(train, tmp_path / "ms2", target=Layout("mindformers-legacy"), fmt="ckpt", keep_optimizer=True,
+            config=src / "config.json", progress=False)
+    kept = ms.load_checkpoint(str(tmp_path / "ms2" / "mindspore_model.ckpt"))
+    assert kept["adam_m.transformer.embedding.embedding_table"].asnumpy().sum() == emb.numel
+    assert int(kept["global_step"].asnumpy()[0]) == 7
+
+
+def test_tensor_over_512_mib_is_chunked_like_mindspore(tmp_path):
+    """MindSpore cuts a tensor over 512 MiB into several records; we read those and write the same bytes."""
+    rows = 16500  # 16500 x 8192 fp32 = 540.7 MB > 512 MiB
+    big = np.arange(rows * 8192, dtype=np.float32).reshape(rows, 8192)
+    theirs = tmp_path / "ms.ckpt"
+    ms.save_checkpoint([{"name": "big", "data": ms.Tensor(big)}, {"name": "small", "data": ms.Tensor(big[0, :3])}],
+                       str(theirs))
+    ours = tmp_path / "ours.ckpt"
+    with CkptFile(theirs) as f, open(ours, "wb") as out:
+        assert f.tensors["big"].shape == big.shape
+        got = f.tensors["big"].read()
+        np.testing.assert_array_equal(got, big)
+        del got
+        writer = CkptWriter(out)
+        for name, ref in f.tensors.items():
+            writer.write(name, ref.read(), ref.dtype)
+    assert ours.read_bytes() == theirs.read_bytes()

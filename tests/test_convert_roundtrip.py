@@ -1,0 +1,93 @@
+"""hf2ms → ms2hf gives back the same bytes, for every source format, dtype and MindFormers layout."""
+import json
+
+import numpy as np
+import pytest
+
+from converters.checkpoint import open_checkpoint
+from converters.convert import convert
+from converters.names import Layout
+
+LAYOUTS = [Layout("mindformers"), Layout("mindformers-legacy"), Layout("mindformers", qkv_split=True),
+           Layout("mindformers", mlp_split=True), Layout("mindformers", rearrange_rope=True),
+           Layout("mindformers", True, True, True)]
+
+
+def tensors_bytes(path):
+    with open_checkpoint(path) as c:
+        return {n: (t.dtype, t.shape, t.read().tobytes()) for n, t in c.tensors.items()}
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_roundtrip_every_layout_is_bit_identical(hf_tiny, tmp_path, fmt, dtype):
+    src = hf_tiny(fmt, dtype)
+    original = tensors_bytes(src)
+    for i, layout in enumerate(LAYOUTS):
+        ms_fmt = "safetensors" if i % 2 else "ckpt"
+        ms_dir, back = tmp_path / f"ms{i}", tmp_path / f"hf{i}"
+        convert(src, ms_dir, target=layout, fmt=ms_fmt, progress=False)
+        convert(ms_dir, back, target=Layout("chatglm"), fmt=fmt, hf_folder=True, max_shard_bytes=6 * 10**6,
+                progress=False)
+        assert tensors_bytes(back) == original, layout.describe()
+        manifest = json.loads((back / "manifest.json").read_text())
+        assert manifest["source_layout"] == layout.as_dict()
+
+
+def test_ms_output_has_the_layout_names(hf_tiny, tmp_path):
+    src = hf_tiny()
+    convert(src, tmp_path / "a", target=Layout("mindformers", True, True, True), fmt="ckpt", progress=False)
+    names = set(tensors_bytes(tmp_path / "a"))
+    assert "transformer.embedding.embedding_weight" in names
+    assert "transformer.encoder.layers.1.self_attention.wk.bias" in names
+    assert "transformer.encoder.layers.0.mlp.dense_right.weight" in names
+    assert not any("query_key_value" in n or "dense_h_to_4h" in n or "inv_freq" in n for n in names)
+    convert(src, tmp_path / "b", target=Layout("mindformers-legacy"), fmt="ckpt", progress=False)
+    assert "transformer.embedding.embedding_table" in set(tensors_bytes(tmp_path / "b"))
+
+
+def test_rearranged_rope_permutes_rows_as_mindformers_does(hf_tiny, tmp_path, tiny_cfg):
+    src = hf_tiny(dtype="float32")
+    convert(src, tmp_path / "r", target=Layout("mindformers", rearrange_rope=True), fmt="ckpt", progress=False)
+    a, b = tensors_bytes(src), tensors_bytes(tmp_path / "r")
+    name = "transformer.encoder.layers.0.self_attention.query_key_value.weight"
+    orig = np.frombuffer(a[name][2], np.float32).reshape(a[name][1])
+    rearr = np.frombuffer(b[name][2], np.float32).reshape(b[name][1])
+    d = tiny_cfg.kv_channels
+    inverse = np.arange(d) // 2
+    inverse[1::2] += d // 2  # the reference's inverse: original row j = rearranged row inverse[j]
+    q_k_rows = tiny_cfg.q_rows + tiny_cfg.kv_rows
+    for head in range(q_k_rows // d):
+        block = slice(head * d, (head + 1) * d)
+        np.testing.assert_array_equal(rearr[block][inverse], orig[block])
+    np.testing.assert_array_equal(rearr[q_k_rows:], orig[q_k_rows:])  # v untouched
+
+
+def test_dtype_conversion_and_manifest(hf_tiny, tmp_path):
+    src = hf_tiny(dtype="bfloat16")
+    convert(src, tmp_path / "f32", target=Layout(), fmt="ckpt", dtype="float32", progress=False)
+    manifest = json.loads((tmp_path / "f32" / "manifest.json").read_text())
+    assert {t["dtype"] for t in manifest["tensors"]} == {"float32"}
+    assert manifest["source"] == str(src.resolve()) and manifest["dtype"] == "float32"
+    # bf16 → fp32 is exact, so going back to bf16 restores the bytes
+    convert(tmp_path / "f32", tmp_path / "bf", target=Layout("chatglm"), fmt="safetensors", dtype="bfloat16",
+            hf_folder=True, progress=False)
+    back, original = tensors_bytes(tmp_path / "bf"), tensors_bytes(src)
+    assert back == original
+
+
+def test_manifest_hashes_match_the_written_bytes(hf_tiny, tmp_path):
+    import hashlib
+
+    convert(hf_tiny(), tmp_path / "m", target=Layout(), fmt="ckpt", progress=False)
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    written = tensors_bytes(tmp_path / "m")
+    assert len(manifest["tensors"]) == len(written)
+    for rec in manifest["tensors"]:
+        assert hashlib.sha256(written[rec["name"]][2]).hexdigest() == rec["sha256"]
+
+
+def test_output_is_deterministic(hf_tiny, tmp_path):
+    for name in ("x", "y"):
+        convert(hf_tiny(), tmp_path / name, target=Layout(), fmt="ckpt", progress=False)
+    assert (tmp_path / "x/mindspore_model.ckpt").read_bytes() == (tmp_path / "y/mindspore_model.ckpt").read_bytes()
