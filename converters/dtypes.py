@@ -78,6 +78,11 @@ def cast(a: np.ndarray, src: str, dst: str) -> np.ndarray:
     """Cast storage arrays between dtypes; identity (no copy) when they agree."""
     if src == dst:
         return a
+    with np.errstate(over="ignore"):  # overflow to inf was either refused before or asked for
+        return _cast(a, src, dst)
+
+
+def _cast(a: np.ndarray, src: str, dst: str) -> np.ndarray:
     if dst == "bfloat16":
         return _f32_to_bf16(to_float32(a, src))
     return to_float32(a, src).astype(BY_NAME[dst].storage) if src == "bfloat16" else a.astype(BY_NAME[dst].storage)
@@ -92,8 +97,15 @@ def count_nonfinite(a: np.ndarray, name: str) -> int:
     if name not in _EXPONENT_MASK:
         return 0
     view, mask = _EXPONENT_MASK[name]
-    bits = a.view(view)
-    return int(np.count_nonzero((bits & view(mask)) == view(mask)))
+    bits, mask = a.reshape(-1).view(view), view(mask)
+    step = 1 << 18  # blocks that stay in cache: the temporaries never grow with the tensor
+    tmp = np.empty(min(step, bits.size), view)
+    count = 0
+    for start in range(0, bits.size, step):
+        block = bits[start:start + step]
+        t = np.bitwise_and(block, mask, out=tmp[:block.size])
+        count += int(np.count_nonzero(t == mask))
+    return count
 
 
 FLOAT16_MAX = 65504.0

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 from .dtypes import BY_NAME
 from .errors import CheckpointError
 
+HASH_BLOCK = 16 << 20
 PLAN = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in write order
 
 
@@ -69,8 +71,7 @@ def parse_size(text: str) -> int:
 class WeightsWriter:
     """Writes a planned list of tensors into one or more files of one format, hashing each tensor's bytes.
 
-    `shards` groups the plan into files; a .ckpt or .safetensors file streams tensor by tensor, a .bin shard is
-    handed to torch.save whole (its size is bounded by the shard size).
+    `shards` groups the plan into files; every format streams tensor by tensor.
     """
 
     def __init__(self, folder: Path, fmt: str, shards: list[tuple[str, PLAN]], metadata: dict | None = None):
@@ -80,16 +81,28 @@ class WeightsWriter:
         self._file_of = {name: file for file, plan in shards for name, _, _ in plan}
         self._queue = [(file, plan) for file, plan in shards]
         self._open = None  # (file name, handle, writer, remaining names)
-        self._bin: dict = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _hash(self, arr: np.ndarray):
+        """sha256 of the tensor's bytes on a second thread (hashlib releases the GIL) while this one writes."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        data = memoryview(arr).cast("B")
+
+        def digest():
+            h = hashlib.sha256()
+            for at in range(0, len(data), HASH_BLOCK):
+                h.update(data[at:at + HASH_BLOCK])
+            return h
+        return self._pool.submit(digest)
 
     def _start(self):
         file, plan = self._queue.pop(0)
-        path = self.folder / file
+        handle = open(self.folder / file, "wb")
         if self.fmt == "bin":
-            self._open = (file, None, None, [n for n, _, _ in plan])
-            return
-        handle = open(path, "wb")
-        if self.fmt == "ckpt":
+            from .formats.torch_bin import BinWriter
+            writer = BinWriter(handle, plan, Path(file).stem.split(".")[0])
+        elif self.fmt == "ckpt":
             from .formats.ckpt import CkptWriter
             writer = CkptWriter(handle)
         else:
@@ -99,14 +112,9 @@ class WeightsWriter:
 
     def _finish_file(self):
         file, handle, writer, _ = self._open
-        if self.fmt == "bin":
-            from .formats.torch_bin import save_bin
-            save_bin(self.folder / file, self._bin)
-            self._bin = {}
-        else:
-            if hasattr(writer, "finish"):
-                writer.finish()
-            handle.close()
+        if hasattr(writer, "finish"):
+            writer.finish()
+        handle.close()
         self._open = None
 
     def write(self, name: str, arr: np.ndarray, dtype: str) -> None:
@@ -116,23 +124,28 @@ class WeightsWriter:
         if remaining[0] != name:
             raise AssertionError(f"write order broken: {name} before {remaining[0]}")
         arr = np.ascontiguousarray(arr)
+        digest = self._hash(arr)
+        writer.write(name, arr, dtype)
         self.records.append({"name": name, "shape": list(arr.shape), "dtype": dtype, "file": file,
-                             "sha256": hashlib.sha256(memoryview(arr).cast("B")).hexdigest()})
-        if self.fmt == "bin":
-            self._bin[name] = (arr, dtype)
-        else:
-            writer.write(name, arr, dtype)
+                             "sha256": digest.result().hexdigest()})
         remaining.pop(0)
         if not remaining:
             self._finish_file()
 
     def close(self) -> None:
+        self._shutdown()
         if self._open is not None or self._queue:
             raise AssertionError("not every planned tensor was written")
 
     def abort(self) -> None:
+        self._shutdown()
         if self._open and self._open[1]:
             self._open[1].close()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def plan_shards(plan: PLAN, max_bytes: int, fmt: str) -> list[tuple[str, PLAN]]:

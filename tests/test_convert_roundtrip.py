@@ -91,3 +91,20 @@ def test_output_is_deterministic(hf_tiny, tmp_path):
     for name in ("x", "y"):
         convert(hf_tiny(), tmp_path / name, target=Layout(), fmt="ckpt", progress=False)
     assert (tmp_path / "x/mindspore_model.ckpt").read_bytes() == (tmp_path / "y/mindspore_model.ckpt").read_bytes()
+
+
+def test_bin_we_write_loads_in_torch_with_and_without_mmap(hf_tiny, tmp_path):
+    torch = pytest.importorskip("torch")
+    src = hf_tiny("safetensors", "bfloat16")
+    convert(src, tmp_path / "b", target=Layout("chatglm"), fmt="bin", hf_folder=True, max_shard_bytes=6 * 10**6,
+            progress=False)
+    original = tensors_bytes(src)
+    index = json.loads((tmp_path / "b" / "pytorch_model.bin.index.json").read_text())
+    seen = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        for mmap in (False, True):
+            state = torch.load(tmp_path / "b" / shard, weights_only=True, mmap=mmap)
+            for name, t in state.items():
+                assert t.is_contiguous() and t.dtype == torch.bfloat16
+                seen[name] = t.view(torch.int16).numpy().tobytes()
+    assert seen == {n: b for n, (_, _, b) in original.items()}

@@ -2,7 +2,7 @@
 
 Reading uses `torch.load(weights_only=True, mmap=True)`: no code in the pickle runs, and tensors stay on disk
 until read. Pages of a tensor are handed back to the kernel once it has been used, so reading a 2 GB shard
-does not leave 2 GB resident.
+does not leave 2 GB resident. Writing frames the zip here, one tensor at a time (see BinWriter).
 """
 from __future__ import annotations
 
@@ -108,14 +108,85 @@ def to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def from_numpy(a: np.ndarray, dtype: str):
-    torch = _torch()
-    if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
+_STORAGE_TYPES = {"float32": "FloatStorage", "float16": "HalfStorage", "bfloat16": "BFloat16Storage",
+                  "float64": "DoubleStorage", "int8": "CharStorage", "uint8": "ByteStorage", "int16": "ShortStorage",
+                  "int32": "IntStorage", "int64": "LongStorage", "bool": "BoolStorage"}
+ALIGN = 64  # torch aligns every storage record to 64 bytes (its .storage_alignment)
 
 
-def save_bin(path: Path, tensors: dict[str, tuple[np.ndarray, str]]) -> None:
-    """One shard: torch.save needs the whole dict, so a shard's size bounds the memory used to write it."""
-    torch = _torch()
-    torch.save({k: from_numpy(a, d) for k, (a, d) in tensors.items()}, path)
+class _Storage:
+    def __init__(self, key: str, dtype: str, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _Tensor:
+    """Pickles as torch.save pickles a contiguous tensor: _rebuild_tensor_v2 over a persistent storage id."""
+
+    def __init__(self, storage: _Storage, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, tuple(shape)
+
+    def __reduce_ex__(self, protocol):
+        import collections
+
+        torch = _torch()
+        stride = tuple(int(np.prod(self.shape[i + 1:], dtype=np.int64)) for i in range(len(self.shape)))
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False,
+                                                 collections.OrderedDict())
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", getattr(_torch(), _STORAGE_TYPES[obj.dtype]), obj.key, "cpu", obj.numel)
+        return None
+
+
+class BinWriter:
+    """Streams a torch.save-compatible zip: the pickle first (known from the plan), then each tensor's bytes in
+    its own 64-byte-aligned stored record. torch.save itself needs every tensor in memory at once."""
+
+    def __init__(self, f, plan: list[tuple[str, tuple[int, ...], str]], archive: str):
+        import io
+        import zipfile
+
+        self._zipfile = zipfile
+        self._zip = zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._f, self._archive = f, archive
+        self._keys = {}
+        state = {}
+        for i, (name, shape, dtype) in enumerate(plan):
+            if dtype not in _STORAGE_TYPES:
+                raise CheckpointError(f"tensor {name!r}: dtype {dtype} cannot be written to a .bin file")
+            self._keys[name] = str(i)
+            state[name] = _Tensor(_Storage(str(i), dtype, int(np.prod(shape, dtype=np.int64))), shape)
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(state)
+        self._record("data.pkl", buf.getvalue())
+        self._record(".format_version", b"1")
+        self._record(".storage_alignment", str(ALIGN).encode())
+        self._record("byteorder", b"little")
+
+    def _info(self, name: str, size: int):
+        info = self._zipfile.ZipInfo(f"{self._archive}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = self._zipfile.ZIP_STORED
+        info.file_size = size
+        zip64 = size * 1.05 > self._zipfile.ZIP64_LIMIT
+        header = self._f.tell() + 30 + len(info.filename.encode()) + (20 if zip64 else 0)
+        pad = -(header + 4) % ALIGN
+        info.extra = b"FB" + pad.to_bytes(2, "little") + b"Z" * pad
+        return info
+
+    def _record(self, name: str, data: bytes) -> None:
+        with self._zip.open(self._info(name, len(data)), "w") as w:
+            w.write(data)
+
+    def write(self, name: str, arr: np.ndarray, dtype: str) -> None:
+        data = memoryview(np.ascontiguousarray(arr)).cast("B")
+        with self._zip.open(self._info(f"data/{self._keys[name]}", len(data)), "w") as w:
+            for at in range(0, len(data), 64 << 20):
+                w.write(data[at:at + (64 << 20)])
+
+    def finish(self) -> None:
+        self._record("version", b"3\n")
+        self._record(".data/serialization_id", b"0" * 40)
+        self._zip.close()

@@ -1,0 +1,121 @@
+"""Convert a checkpoint of the real ChatGLM2-6B shapes (12.5 GB fp16) both ways, against `cp -r` of the same bytes.
+
+    python benchmarks/convert_6b.py [--workdir bench-work] [--layers 28] [--naive-layers 2,8,14]
+
+Each step runs in its own process under /usr/bin/time -v (wall time, peak RSS), with the page cache dropped
+before it when we are allowed to (root), and `sync` inside the timed command so that write-back is counted.
+The naive recipe users follow today (load the whole state dict, then mindspore.save_checkpoint) runs at the
+sizes given by --naive-layers. Needs about 40 GB of free disk for the full size.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+NAIVE = """
+import sys, glob, torch, mindspore as ms, numpy as np
+src, dst = sys.argv[1], sys.argv[2]
+state = {}
+for f in sorted(glob.glob(src + "/pytorch_model*.bin")):
+    state.update(torch.load(f, map_location="cpu", weights_only=True))
+params = []
+for name, t in state.items():
+    a = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+    params.append({"name": name.replace("word_embeddings.weight", "embedding_weight"), "data": ms.Tensor(a)})
+ms.save_checkpoint(params, dst)
+"""
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(cmd: str) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of a shell command, write-back included."""
+    drop_caches()
+    proc = subprocess.run(["/usr/bin/time", "-v", "bash", "-c", f"{cmd} && sync"], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"failed: {cmd}\n{proc.stderr[-2000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
+    h, m, s = wall.groups()
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    return int(h or 0) * 3600 + int(m) * 60 + float(s), int(rss.group(1)) / 1024
+
+
+def size_of(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, default=Path("bench-work"))
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--naive-layers", default="2,8,14")
+    args = ap.parse_args()
+    work, py, cli = args.workdir, sys.executable, f"{sys.executable} -m converters"
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"page cache dropped before each step: {drop_caches()}")
+    rows = []
+    for fmt in ("bin", "safetensors"):
+        src = work / f"hf-6b-{fmt}"
+        if not src.exists():
+            subprocess.run([*cli.split(), "synth", str(src), "--preset", "6b", "--num-layers", str(args.layers),
+                            "--dtype", "float16", "--format", fmt], check=True)
+        gb = size_of(src) / 1e9
+        cp_wall, cp_rss = timed(f"cp -r {src} {work}/cp-copy")
+        shutil.rmtree(work / "cp-copy")
+        ms_dir, back = work / f"ms-from-{fmt}", work / f"hf-back-{fmt}"
+        for d in (ms_dir, back):
+            shutil.rmtree(d, ignore_errors=True)
+        h_wall, h_rss = timed(f"{cli} hf2ms {src} {ms_dir} --quiet")
+        m_wall, m_rss = timed(f"{cli} ms2hf {ms_dir} {back} --format {fmt} --quiet")
+        v_wall, _ = (0.0, 0.0)
+        rows.append((fmt, gb, cp_wall, h_wall, h_rss, m_wall, m_rss))
+        print(f"{fmt}: {gb:.2f} GB  cp -r {cp_wall:.1f} s | hf2ms {h_wall:.1f} s ({h_wall / cp_wall:.2f}x cp), "
+              f"peak RSS {h_rss:.0f} MB | ms2hf {m_wall:.1f} s ({m_wall / cp_wall:.2f}x cp), peak RSS {m_rss:.0f} MB",
+              flush=True)
+        verdict = subprocess.run([*cli.split(), "verify", str(src), str(back)], capture_output=True, text=True)
+        print(f"   verify {src.name} vs {back.name}: {verdict.stdout.strip()}", flush=True)
+        shutil.rmtree(back)
+        shutil.rmtree(ms_dir)
+        if fmt == "bin":
+            shutil.rmtree(work / "naive", ignore_errors=True)
+    print("\n| source | size | cp -r | hf2ms | hf2ms / cp | hf2ms peak RSS | ms2hf | ms2hf / cp | ms2hf peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for fmt, gb, cp_wall, h_wall, h_rss, m_wall, m_rss in rows:
+        print(f"| {fmt} | {gb:.2f} GB | {cp_wall:.1f} s | {h_wall:.1f} s | {h_wall / cp_wall:.2f}x | {h_rss:.0f} MB "
+              f"| {m_wall:.1f} s | {m_wall / cp_wall:.2f}x | {m_rss:.0f} MB |")
+
+    print("\nnaive recipe (torch.load everything, then mindspore.save_checkpoint):")
+    print("| layers | checkpoint | naive wall | naive peak RSS | RSS / checkpoint | hf2ms wall | hf2ms peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    script = work / "naive.py"
+    script.write_text(NAIVE)
+    for n in [int(x) for x in args.naive_layers.split(",") if x]:
+        src = work / f"hf-naive-{n}"
+        if not src.exists():
+            subprocess.run([*cli.split(), "synth", str(src), "--preset", "6b", "--num-layers", str(n),
+                            "--dtype", "float16", "--format", "bin"], check=True)
+        gb = size_of(src) / 1e9
+        out = work / "naive.ckpt"
+        n_wall, n_rss = timed(f"{py} {script} {src} {out}")
+        out.unlink()
+        shutil.rmtree(work / "ours", ignore_errors=True)
+        o_wall, o_rss = timed(f"{cli} hf2ms {src} {work}/ours --quiet")
+        shutil.rmtree(work / "ours")
+        print(f"| {n} | {gb:.2f} GB | {n_wall:.1f} s | {n_rss:.0f} MB | {n_rss / 1e3 / gb:.2f} | {o_wall:.1f} s "
+              f"| {o_rss:.0f} MB |", flush=True)
+        shutil.rmtree(src)
+
+
+if __name__ == "__main__":
+    main()
