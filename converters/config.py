@@ -114,6 +114,18 @@ class GLM2Config:
         return cls.from_dict(data, str(path))
 
     @classmethod
+    def from_pretrained(cls, path) -> "GLM2Config":
+        """From a folder (its config.json) or a config file, in the chatglm or the transformers-GLM field set."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise CheckpointError(f"{path}: no config.json")
+        data = json.loads(file.read_text()) if file.suffix == ".json" else None
+        if isinstance(data, dict) and data.get("model_type") == "glm":
+            return cls.from_glm_dict(data, str(file))
+        return cls.from_file(file)
+
+    @classmethod
     def preset(cls, name: str, **overrides) -> "GLM2Config":
         try:
             base = PRESETS[name]

@@ -44,14 +44,15 @@ _MADVISE = _libc_madvise()
 _PAGE = mmap.PAGESIZE
 
 
-def _drop_pages(t) -> None:
-    """Tell the kernel the mapped pages of `t` may go: they are clean and private, so a later read refaults them."""
+def _advise(t, advice: int) -> None:
+    """madvise the pages mapping tensor `t`: DONTNEED after use (they are clean and private, so a later read
+    refaults them from the file), WILLNEED before, to start the read early."""
     if _MADVISE is None or t.numel() == 0:
         return
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
     lo, hi = start - start % _PAGE, end + (-end % _PAGE)
-    _MADVISE(lo, hi - lo, mmap.MADV_DONTNEED)
+    _MADVISE(lo, hi - lo, advice)
 
 
 class TorchBinFile:
@@ -87,8 +88,10 @@ class TorchBinFile:
             dtype = str(t.dtype).removeprefix("torch.")
             if dtype not in _TORCH_DTYPES:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
+            mapped = self._mapped
             self.tensors[name] = TensorRef(name, tuple(t.shape), dtype, self.path, lambda t=t: to_numpy(t),
-                                           (lambda t=t: _drop_pages(t)) if self._mapped else (lambda: None))
+                                           lambda t=t: mapped and _advise(t, mmap.MADV_DONTNEED),
+                                           lambda t=t: mapped and _advise(t, mmap.MADV_WILLNEED))
 
     def close(self) -> None:
         self.tensors = {}

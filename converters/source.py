@@ -1,0 +1,175 @@
+"""A checkpoint opened as a model: its layout, config and weight map, and its weights streamed in any layout.
+
+The converter writes what `Source.stream` yields; the MindSpore runtime loads it into parameters; `verify`
+compares two of them. Only the tensors of one canonical weight are in memory at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import GLM2Config
+from .dtypes import BY_NAME, cast, count_nonfinite, float16_overflow
+from .errors import CheckpointError
+from .names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
+
+NON_WEIGHTS = {"optimizer": "optimizer state", "cache": "KV-cache entries", "buffer": "buffers"}
+DTYPES = ("keep", "float32", "float16", "bfloat16")
+
+
+def out_dtype(src: str, want: str) -> str:
+    """`want` for float tensors unless it is 'keep'; other tensors keep their type."""
+    return src if want == "keep" or not BY_NAME[src].is_float else want
+
+
+def apply_dtype(arr: np.ndarray, name: str, src: str, dst: str, allow_overflow: bool) -> np.ndarray:
+    if src == dst:
+        return arr
+    if dst == "float16" and not allow_overflow:
+        peak = float16_overflow(arr, src)
+        if peak is not None:
+            raise CheckpointError(f"tensor {name!r}: value {peak:g} overflows float16 (max 65504); "
+                                  f"pass --allow-overflow to write it as inf")
+    return cast(arr, src, dst)
+
+
+@dataclass
+class Group:
+    """One canonical tensor: the names that hold it in the source and in the target layout."""
+    source: Mapping
+    target: Mapping
+    prefix: str = ""  # optimizer moments: "adam_m." etc. before the weight names
+
+    def src_names(self) -> list[str]:
+        return [self.prefix + p.name for p in self.source.pieces]
+
+    def dst(self) -> list[tuple[str, tuple[int, ...]]]:
+        return [(self.prefix + p.name, self.target.piece_shape(p)) for p in self.target.pieces]
+
+
+def _config(ckpt: Checkpoint, layout: Layout, config_path: Path | None) -> GLM2Config:
+    if config_path is not None:
+        return GLM2Config.from_file(config_path)
+    if ckpt.config is not None:
+        where = str(ckpt.folder / "config.json")
+        if ckpt.config.get("model_type") == "glm":
+            return GLM2Config.from_glm_dict(ckpt.config, where)
+        return GLM2Config.from_dict(ckpt.config, where)
+    if ckpt.manifest and "config" in ckpt.manifest:
+        return GLM2Config.from_dict(ckpt.manifest["config"], str(ckpt.folder / "manifest.json"))
+    return infer_config({n: t.shape for n, t in ckpt.tensors.items()}, layout)
+
+
+@dataclass
+class Source:
+    ckpt: Checkpoint
+    layout: Layout
+    cfg: GLM2Config
+    mappings: list[Mapping]
+    dropped: dict[str, list[str]]
+    nonfinite: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path, rearranged_rope: bool | None = None, config: Path | None = None) -> "Source":
+        ckpt = open_checkpoint(path)
+        try:
+            weights, dropped = [], {kind: [] for kind in NON_WEIGHTS.values()}
+            for name in ckpt.tensors:
+                kind = classify(name)
+                (weights if kind == "weight" else dropped[NON_WEIGHTS[kind]]).append(name)
+            dropped["non-tensor entries"] = list(ckpt.strings)
+            if rearranged_rope is None:
+                rearranged_rope = bool((ckpt.manifest or {}).get("layout", {}).get("rearrange_rope", False))
+            layout = detect_layout(weights, rearranged_rope)
+            cfg = _config(ckpt, layout, config)
+            mappings = weight_map(layout, cfg)
+            cls._check(ckpt, weights, mappings, str(path))
+            return cls(ckpt, layout, cfg, mappings, dropped)
+        except BaseException:
+            ckpt.close()
+            raise
+
+    @staticmethod
+    def _check(ckpt: Checkpoint, weights: list[str], mappings: list[Mapping], where: str) -> None:
+        expected = {p.name: (m, p) for m in mappings for p in m.pieces}
+        missing = [n for n in expected if n not in ckpt.tensors]
+        unexpected = [n for n in weights if n not in expected]
+        if missing:
+            raise CheckpointError(f"{where}: missing {len(missing)} tensors the config requires, e.g. "
+                                  f"{', '.join(missing[:3])}")
+        if unexpected:
+            raise CheckpointError(f"{where}: unexpected tensors not in the model, e.g. {', '.join(unexpected[:3])}")
+        for name, (m, p) in expected.items():
+            ref = ckpt.tensors[name]
+            if ref.shape != m.piece_shape(p):
+                raise CheckpointError(f"{ref.file}: tensor {name!r} has shape {list(ref.shape)}, the config says "
+                                      f"{list(m.piece_shape(p))}")
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def dtype(self) -> str:
+        return self.ckpt.tensors[self.mappings[0].pieces[0].name].dtype
+
+    def groups(self, target: Layout, with_optimizer: bool = False) -> tuple[list[Group], list[str]]:
+        """Groups of weights (and, when asked, of optimizer moments); also the optimizer entries that follow no
+        weight (step counters…), which keep their names."""
+        tgt = weight_map(target, self.cfg)
+        groups = [Group(s, t) for s, t in zip(self.mappings, tgt)]
+        if not with_optimizer:
+            return groups, []
+        consumed = set()
+        for prefix in OPTIMIZER_PREFIXES:
+            for s, t in zip(self.mappings, tgt):
+                names = [prefix + p.name for p in s.pieces]
+                if all(n in self.ckpt.tensors for n in names):
+                    groups.append(Group(s, t, prefix))
+                    consumed.update(names)
+        extras = [n for n in self.ckpt.tensors if classify(n) == "optimizer" and n not in consumed]
+        return groups, extras
+
+    def canonical(self, group: Group) -> tuple[np.ndarray, str]:
+        """One canonical tensor assembled from its source pieces (NaN/Inf counted into `nonfinite`)."""
+        refs = [self.ckpt.tensors[n] for n in group.src_names()]
+        dtype = refs[0].dtype
+        if any(r.dtype != dtype for r in refs):
+            raise CheckpointError(f"{refs[0].file}: the pieces of {group.source.canonical} have different dtypes "
+                                  f"({', '.join(f'{r.name}: {r.dtype}' for r in refs)})")
+        parts = [r.read() for r in refs]
+        for r, a in zip(refs, parts):
+            bad = count_nonfinite(a, r.dtype)
+            if bad:
+                self.nonfinite[r.name] = bad
+        return group.source.scatter(parts), dtype
+
+    def release(self, group: Group) -> int:
+        """Let go of a group's source bytes; returns how many there were."""
+        refs = [self.ckpt.tensors[n] for n in group.src_names()]
+        for r in refs:
+            r.release()
+        return sum(r.nbytes for r in refs)
+
+    def stream(self, groups: list[Group], dtype: str = "keep", allow_overflow: bool = False,
+               on_done=lambda nbytes: None) -> Iterator[tuple[str, np.ndarray, str]]:
+        """(target name, array, dtype) for every target tensor of `groups`, in order."""
+        for i, g in enumerate(groups):
+            for name in groups[i + 1].src_names() if i + 1 < len(groups) else []:
+                self.ckpt.tensors[name].prefetch()
+            arr, src_dtype = self.canonical(g)
+            dst_dtype = out_dtype(src_dtype, dtype)
+            arr = apply_dtype(arr, g.source.canonical, src_dtype, dst_dtype, allow_overflow)
+            for (name, _), part in zip(g.dst(), g.target.gather(arr)):
+                yield name, part, dst_dtype
+            del arr
+            on_done(self.release(g))

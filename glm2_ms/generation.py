@@ -1,0 +1,109 @@
+"""Decoding over a static, preallocated KV cache: one jit-compiled step serves the prefill and every decode step.
+
+The cache holds each layer's un-expanded k and v ([batch, groups, max_len, d]). Rows are left-padded, so the
+new tokens of every row go to the same cache slots; a row's padding slots are masked out and its position ids
+start at 0 on its first real token, as in the original ChatGLM2.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from .model import MASKED, GLM2ForCausalLM
+from .sampling import SamplingConfig, choose
+
+CACHE_BUCKET = 64  # cache lengths are rounded up to this, so calls of similar length share a compiled step
+
+
+def cache_inputs(s: int, valid: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """The additive mask [b, s, max_len] and the one-hot slot map [s, max_len] for s new tokens at `start`."""
+    length = valid.shape[1]
+    slots = start + np.arange(s)
+    allowed = (np.arange(length)[None, :] <= slots[:, None])[None] & valid[:, None, :].astype(bool)
+    write = np.zeros((s, length), np.float32)
+    write[np.arange(s), slots] = 1
+    return np.where(allowed, 0.0, MASKED).astype(np.float32), write
+
+
+class CachedStep(nn.Cell):
+    """Forward of new tokens against the cache: logits of each row's last position, and the updated caches.
+
+    The caches come in and go out flat (k0, v0, k1, v1, …): a jit graph whose input is a tuple of tensors is
+    re-specialised on every call on this MindSpore (0.3 s a call), while flat tensor arguments are not."""
+
+    def __init__(self, model: GLM2ForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def construct(self, embedded, position_ids, mask, write, *flat):
+        caches = tuple((flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2))
+        hidden, kvs = self.model.transformer.body(embedded, position_ids, mask, caches, write)
+        out = (self.model.transformer.output_layer(hidden[:, -1]).astype(ms.float32),)
+        for k, v in kvs:
+            out = out + (k, v)
+        return out
+
+
+class Decoder:
+    """Holds the compiled step of one model; `generate` may be called many times."""
+
+    def __init__(self, model: GLM2ForCausalLM, jit: bool = True):
+        self.model = model
+        self.step = CachedStep(model)
+        if jit:
+            self.step.construct = ms.jit(self.step.construct)
+
+    def new_cache(self, batch: int, length: int) -> tuple:
+        """Zeroed k and v for every layer, flat: (k0, v0, k1, v1, …), each [batch, groups, length, d]."""
+        cfg, dtype = self.model.config, self.model.compute_dtype
+        shape = (batch, cfg.multi_query_group_num, length, cfg.kv_channels)
+        return tuple(ops.zeros(shape, dtype) for _ in range(2 * cfg.num_layers))
+
+    def forward(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, start: int, caches):
+        """Run tokens `ids` [b, s] into cache slots start..start+s-1; `valid` [b, max_len] marks usable slots."""
+        mask, write = cache_inputs(ids.shape[1], valid, start)
+        embedded = self.model.transformer.embedding(Tensor(ids, ms.int32))
+        logits, *caches = self.step(embedded, Tensor(positions, ms.int32), Tensor(mask),
+                                    Tensor(write, self.model.compute_dtype), *caches)
+        return logits.asnumpy(), tuple(caches)
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, max_new_tokens: int = 32,
+                 sampling: SamplingConfig | None = None, eos_token_id: int | tuple = 2, pad_token_id: int = 0,
+                 max_length: int | None = None, on_token: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+        """Continue each left-padded row; returns [batch, prompt + new] ids (finished rows padded with pad id)."""
+        sampling = sampling or SamplingConfig()
+        ids = np.asarray(input_ids, np.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        b, n = ids.shape
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32).reshape(b, n)
+        if max_length is not None:
+            max_new_tokens = min(max_new_tokens, max_length - n)
+        if max_new_tokens <= 0:
+            return ids
+        length = -(-(n + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        valid = np.zeros((b, length), np.int32)
+        valid[:, :n] = mask
+        positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        rng = np.random.default_rng(sampling.seed)
+        logits, caches = self.forward(ids, positions, valid, 0, self.new_cache(b, length))
+        out, done = [ids], np.zeros(b, bool)
+        last_pos = positions[:, -1]
+        for t in range(max_new_tokens):
+            token = choose(logits, np.concatenate(out, 1), sampling, rng)
+            token = np.where(done, pad_token_id, token).astype(np.int32)
+            out.append(token[:, None])
+            if on_token is not None:
+                on_token(token)
+            done |= np.isin(token, list(eos))
+            if done.all() or t == max_new_tokens - 1:
+                break
+            valid[:, n + t] = 1
+            last_pos = last_pos + 1
+            logits, caches = self.forward(token[:, None], last_pos[:, None].astype(np.int32), valid, n + t, caches)
+        return np.concatenate(out, 1)

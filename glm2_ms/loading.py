@@ -1,0 +1,49 @@
+"""Load any checkpoint the converters read straight into the runtime's parameters, one tensor at a time."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import mindspore as ms
+
+from converters.errors import CheckpointError
+from converters.names import Layout
+from converters.source import Source
+
+from .model import GLM2ForCausalLM
+
+RUNTIME_LAYOUT = Layout("mindformers")  # the runtime's parameter names
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def to_tensor(arr: np.ndarray, dtype: str) -> ms.Tensor:
+    """A MindSpore tensor owning a copy of `arr` (bfloat16 arrives as uint16 bits)."""
+    if dtype == "bfloat16":
+        return ms.Tensor(np.ascontiguousarray(arr).view(np.uint16)).view(ms.bfloat16)
+    return ms.Tensor(np.array(arr, copy=True))
+
+
+def from_pretrained(path, dtype: str | None = None, compute_dtype: str | None = None,
+                    config: Path | None = None, rearranged_rope: bool | None = None) -> GLM2ForCausalLM:
+    """Build the model from a converter folder, a HF folder, or one weights file (+ config.json beside it).
+
+    `dtype`: storage dtype of the parameters (default: the checkpoint's); `compute_dtype`: float32 or float16
+    (default: the storage dtype, float32 for bfloat16). Memory: the parameters plus one tensor in flight."""
+    if dtype is not None and dtype not in MS_DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(MS_DTYPES)}")
+    if compute_dtype not in (None, "float32", "float16"):
+        raise CheckpointError(f"compute dtype must be float32 or float16, not {compute_dtype!r}")
+    with Source.open(path, rearranged_rope, config) as src:
+        storage = dtype or src.dtype
+        if storage not in MS_DTYPES:
+            raise CheckpointError(f"{path}: weights are {storage}; pass dtype= float32, float16 or bfloat16")
+        model = GLM2ForCausalLM(src.cfg, MS_DTYPES[storage], compute_dtype and MS_DTYPES[compute_dtype])
+        params = {p.name: p for p in model.get_parameters()}
+        groups, _ = src.groups(RUNTIME_LAYOUT)
+        for name, arr, dt in src.stream(groups, storage):
+            params.pop(name).set_data(to_tensor(arr, dt))
+        if params:
+            raise AssertionError(f"parameters left unset: {sorted(params)[:3]}")
+    model.set_train(False)
+    return model

@@ -1,0 +1,201 @@
+"""ChatGLM2 in MindSpore, top to bottom: RMSNorm, RoPE, grouped-query attention with a static KV cache, SwiGLU,
+blocks, the model and its causal-LM head.
+
+Parameter names are the current MindFormers names (`transformer.embedding.embedding_weight`, …), so a converted
+checkpoint loads by exact name. Weights are stored in the dtype they were loaded in and cast to the compute
+dtype where used (CPU MindSpore has no bfloat16 matmul).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore.common.initializer import initializer
+
+from converters.config import GLM2Config
+
+MASKED = -1e9  # added to the scores of positions a query may not see (finite: fully padded rows stay finite)
+
+
+def _param(shape, dtype, init="zeros") -> Parameter:
+    return Parameter(initializer(init, shape, dtype))
+
+
+class RMSNorm(nn.Cell):
+    """x · rsqrt(mean(x²) + eps) · weight in float32, cast back (no CPU kernel for ops.rms_norm)."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        super().__init__()
+        self.weight = _param((dim,), dtype, "ones")
+        self.eps = eps
+
+    def construct(self, x):
+        x32 = x.astype(ms.float32)
+        x32 = x32 * ops.rsqrt(ops.mean(x32 * x32, -1, keep_dims=True) + self.eps)
+        return (x32 * self.weight.astype(ms.float32)).astype(x.dtype)
+
+
+class Linear(nn.Cell):
+    """y = x Wᵀ (+ b) with W [out, in] as torch stores it."""
+
+    def __init__(self, n_in: int, n_out: int, bias: bool, dtype):
+        super().__init__()
+        self.weight = _param((n_out, n_in), dtype)
+        self.bias = _param((n_out,), dtype) if bias else None
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]), self.weight.astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.astype(x.dtype)
+        return y.reshape(shape[:-1] + (y.shape[-1],))
+
+
+def rotate(x, cos, sin):
+    """RoPE on the first half of each head as interleaved pairs (x0, x1) → (x0·c − x1·s, x1·c + x0·s).
+
+    x [batch, seq, heads, d]; cos/sin [batch, seq, 1, d/4]."""
+    b, s, n, d = x.shape
+    rot = d // 2
+    pairs = x[..., :rot].reshape(b, s, n, rot // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = ops.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).reshape(b, s, n, rot)
+    return ops.cat([out, x[..., rot:]], -1)
+
+
+class SelfAttention(nn.Cell):
+    def __init__(self, cfg: GLM2Config, dtype):
+        super().__init__()
+        self.heads, self.groups, self.d = cfg.num_attention_heads, cfg.multi_query_group_num, cfg.kv_channels
+        self.query_key_value = Linear(cfg.hidden_size, cfg.q_rows + 2 * cfg.kv_rows, cfg.add_qkv_bias, dtype)
+        self.dense = Linear(cfg.q_rows, cfg.hidden_size, False, dtype)
+        self.scale = 1.0 / float(np.sqrt(cfg.kv_channels))
+        self.bmm = ops.BatchMatMul()
+        self.bmm_t = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, x, cos, sin, mask, cache=None, write=None):
+        """x [b, s, hidden]; mask [b, s, kv_len] additive. With a cache (k, v of [b, groups, max_len, d]),
+        the new k/v go to the slots `write` [s, max_len] (one-hot rows) and attention runs over the cache."""
+        b, s, _ = x.shape
+        h, g, d = self.heads, self.groups, self.d
+        qkv = self.query_key_value(x)
+        q = rotate(qkv[..., :h * d].reshape(b, s, h, d), cos, sin)
+        k = rotate(qkv[..., h * d:(h + g) * d].reshape(b, s, g, d), cos, sin)
+        v = qkv[..., (h + g) * d:].reshape(b, s, g, d)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, g, s, d]
+        if cache is not None:
+            keep = (1 - write.sum(0)).reshape(1, 1, -1, 1)
+            place = write.transpose(1, 0).reshape(1, 1, write.shape[1], s).broadcast_to((b, g, -1, -1))
+            k = cache[0] * keep + self.bmm(place, k)
+            v = cache[1] * keep + self.bmm(place, v)
+        # queries of one kv group side by side: [b, g, (h/g)·s, d]
+        qg = q.transpose(0, 2, 1, 3).reshape(b, g, (h // g) * s, d)
+        scores = self.bmm_t(qg, k).astype(ms.float32) * self.scale
+        scores = scores.reshape(b, g, h // g, s, -1) + mask.reshape(b, 1, 1, s, -1)
+        probs = ops.softmax(scores, -1).astype(x.dtype).reshape(b, g, (h // g) * s, -1)
+        ctx = self.bmm(probs, v).reshape(b, h, s, d).transpose(0, 2, 1, 3).reshape(b, s, h * d)
+        return self.dense(ctx), (k, v)
+
+
+class MLP(nn.Cell):
+    def __init__(self, cfg: GLM2Config, dtype):
+        super().__init__()
+        self.ffn = cfg.ffn_hidden_size
+        self.dense_h_to_4h = Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, False, dtype)
+        self.dense_4h_to_h = Linear(cfg.ffn_hidden_size, cfg.hidden_size, False, dtype)
+
+    def construct(self, x):
+        gate_up = self.dense_h_to_4h(x)
+        return self.dense_4h_to_h(ops.silu(gate_up[..., :self.ffn]) * gate_up[..., self.ffn:])
+
+
+class Block(nn.Cell):
+    def __init__(self, cfg: GLM2Config, dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype)
+        self.self_attention = SelfAttention(cfg, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype)
+        self.mlp = MLP(cfg, dtype)
+
+    def construct(self, x, cos, sin, mask, cache=None, write=None):
+        attn, kv = self.self_attention(self.input_layernorm(x), cos, sin, mask, cache, write)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Embedding(nn.Cell):
+    def __init__(self, cfg: GLM2Config, dtype):
+        super().__init__()
+        self.embedding_weight = _param((cfg.padded_vocab_size, cfg.hidden_size), dtype)
+
+    def construct(self, ids):
+        w = self.embedding_weight
+        if w.dtype == ms.bfloat16:  # no bfloat16 Gather on CPU: gather the bits (PyNative only: view is not in jit)
+            return ops.gather(w.view(ms.uint16), ids, 0).view(ms.bfloat16)
+        return ops.gather(w, ids, 0)
+
+
+class Encoder(nn.Cell):
+    def __init__(self, cfg: GLM2Config, dtype):
+        super().__init__()
+        self.layers = nn.CellList([Block(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype)
+
+
+class GLM2Model(nn.Cell):
+    def __init__(self, cfg: GLM2Config, dtype, compute_dtype):
+        super().__init__()
+        self.embedding = Embedding(cfg, dtype)
+        self.encoder = Encoder(cfg, dtype)
+        self.output_layer = Linear(cfg.hidden_size, cfg.padded_vocab_size, False, dtype)
+        self.compute_dtype = compute_dtype
+        rot = cfg.kv_channels // 2
+        self.inv_freq = Tensor(1.0 / cfg.rope_base ** (np.arange(0, rot, 2, dtype=np.float64) / rot), ms.float32)
+
+    def construct(self, input_ids, position_ids, mask, caches=None, write=None):
+        """Hidden states after the final norm, and the layers' k/v (the updated caches when given)."""
+        return self.body(self.embedding(input_ids), position_ids, mask, caches, write)
+
+    def body(self, x, position_ids, mask, caches=None, write=None):
+        """Everything after the embedding lookup (what the jit-compiled decode step runs)."""
+        x = x.astype(self.compute_dtype)
+        angles = position_ids.astype(ms.float32).expand_dims(-1) * self.inv_freq  # fp32 angles
+        b, s = position_ids.shape
+        cos = ops.cos(angles).astype(self.compute_dtype).reshape(b, s, 1, -1)
+        sin = ops.sin(angles).astype(self.compute_dtype).reshape(b, s, 1, -1)
+        kvs = ()
+        for i, layer in enumerate(self.encoder.layers):
+            x, kv = layer(x, cos, sin, mask, None if caches is None else caches[i], write)
+            kvs = kvs + (kv,)
+        return self.encoder.final_layernorm(x), kvs
+
+
+class GLM2ForCausalLM(nn.Cell):
+    """`model(input_ids)` → logits [batch, seq, vocab] (float32), without a cache.
+
+    `attention_mask` [batch, seq] marks real tokens (left padding); position ids default to 0.. per row's first
+    real token, as the original tokenizer makes them."""
+
+    def __init__(self, cfg: GLM2Config, dtype=ms.float32, compute_dtype=None):
+        super().__init__()
+        self.config = cfg
+        self.param_dtype = dtype
+        self.compute_dtype = compute_dtype or (ms.float32 if dtype == ms.bfloat16 else dtype)
+        self.transformer = GLM2Model(cfg, dtype, self.compute_dtype)
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None):
+        b, s = input_ids.shape
+        if attention_mask is None:
+            attention_mask = ops.ones((b, s), ms.int32)
+        if position_ids is None:
+            position_ids = ops.relu(ops.cumsum(attention_mask.astype(ms.int32), 1) - 1)
+        causal = ops.tril(ops.ones((s, s), ms.float32))
+        allowed = causal.reshape(1, s, s) * attention_mask.astype(ms.float32).reshape(b, 1, s)
+        mask = (1 - allowed) * MASKED
+        hidden, _ = self.transformer(input_ids, position_ids, mask)
+        return self.transformer.output_layer(hidden).astype(ms.float32)
+
+    def hidden_states(self, input_ids, position_ids, mask, caches=None, write=None):
+        return self.transformer(input_ids, position_ids, mask, caches, write)

@@ -1,0 +1,96 @@
+"""Converted checkpoints load into the runtime and generate; the cache, padding and sampling behave."""
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+
+from converters.convert import convert  # noqa: E402
+from converters.names import Layout  # noqa: E402
+from glm2_ms.generation import Decoder, SamplingConfig  # noqa: E402
+from glm2_ms.loading import from_pretrained  # noqa: E402
+from glm2_ms.tokenizer import GLM2Tokenizer  # noqa: E402
+
+ms.set_device("CPU")
+LAYOUTS = [Layout("mindformers"), Layout("mindformers-legacy"), Layout("mindformers", True, True, True)]
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ms") / "tiny"
+    convert(hf_tiny(dtype="float32"), out, target=Layout("mindformers"), fmt="ckpt", progress=False)
+    return from_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def dec(tiny):
+    return Decoder(tiny)  # one compiled step for the module: shapes seen once are not compiled again
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return GLM2Tokenizer()
+
+
+def test_every_layout_loads_to_identical_logits(hf_tiny, tmp_path, tok):
+    ids = ms.Tensor([tok.build_chat_input("你好")], ms.int32)
+    src = hf_tiny(dtype="bfloat16")
+    reference = from_pretrained(src, dtype="float32")(ids).asnumpy()  # straight from the HF folder
+    for i, layout in enumerate(LAYOUTS):
+        convert(src, tmp_path / f"m{i}", target=layout, fmt="ckpt" if i % 2 else "safetensors", progress=False)
+        got = from_pretrained(tmp_path / f"m{i}", dtype="float32")(ids).asnumpy()
+        np.testing.assert_array_equal(got, reference, err_msg=layout.describe())
+
+
+def test_bf16_weights_stay_bf16_and_compute_in_fp32(hf_tiny, tok):
+    model = from_pretrained(hf_tiny(dtype="bfloat16"))
+    assert model.transformer.embedding.embedding_weight.dtype == ms.bfloat16
+    assert model.compute_dtype == ms.float32
+    assert model(ms.Tensor([tok.encode("你好")], ms.int32)).shape == (1, 4, 65024)
+
+
+def test_cached_steps_equal_recomputing_the_whole_sequence(tiny, dec, tok):
+    prompt = np.array([tok.build_chat_input("晚上睡不着应该怎么办")], np.int32)
+    out = dec.generate(prompt, max_new_tokens=6)
+    n = prompt.shape[1]
+    full = tiny(ms.Tensor(out, ms.int32)).asnumpy()[0]
+    # every generated token is the argmax of the uncached logits one position earlier
+    assert (full[n - 1:-1].argmax(-1) == out[0, n:]).all()
+    valid = np.zeros((1, 64), np.int32)
+    valid[0, :n] = 1
+    logits, caches = dec.forward(prompt, np.arange(n, dtype=np.int32)[None], valid, 0, dec.new_cache(1, 64))
+    np.testing.assert_allclose(logits[0], full[n - 1], atol=1e-5)
+    for t in range(3):
+        valid[0, n + t] = 1
+        logits, caches = dec.forward(out[:, n + t:n + t + 1], np.array([[n + t]], np.int32), valid, n + t, caches)
+        np.testing.assert_allclose(logits[0], full[n + t], atol=1e-5)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(tiny, dec, tok):
+    prompts = [tok.build_chat_input("你好"), tok.build_chat_input("请介绍一下华为"), tok.encode("Hello world")]
+    batch = tok.batch(prompts)
+    together = dec.generate(batch.input_ids, batch.attention_mask, max_new_tokens=5)
+    width = batch.input_ids.shape[1]
+    for row, p in enumerate(prompts):
+        alone = dec.generate(np.array([p], np.int32), max_new_tokens=5)
+        assert together[row, width:].tolist() == alone[0, len(p):].tolist()
+    unpadded = [tiny(ms.Tensor([p], ms.int32)).asnumpy()[0, -1] for p in prompts]
+    padded = tiny(ms.Tensor(batch.input_ids), ms.Tensor(batch.attention_mask)).asnumpy()[:, -1]
+    np.testing.assert_allclose(padded, np.stack(unpadded), atol=1e-5)
+
+
+def test_greedy_is_deterministic_and_sampling_reproducible(dec, tok):
+    prompt = np.array([tok.build_chat_input("你好")], np.int32)
+    assert (dec.generate(prompt, max_new_tokens=6) == dec.generate(prompt, max_new_tokens=6)).all()
+    cfg = dict(greedy=False, temperature=1.5, top_k=50, top_p=0.9)
+    a = dec.generate(prompt, max_new_tokens=8, sampling=SamplingConfig(**cfg, seed=1))
+    b = dec.generate(prompt, max_new_tokens=8, sampling=SamplingConfig(**cfg, seed=1))
+    c = dec.generate(prompt, max_new_tokens=8, sampling=SamplingConfig(**cfg, seed=2))
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_stops_on_eos_and_respects_max_length(dec, tok):
+    prompt = np.array([tok.build_chat_input("你好")], np.int32)
+    first = dec.generate(prompt, max_new_tokens=1)[0, -1]
+    out = dec.generate(prompt, max_new_tokens=10, eos_token_id=int(first))
+    assert out.shape[1] == prompt.shape[1] + 1
+    assert dec.generate(prompt, max_new_tokens=50, max_length=prompt.shape[1] + 3).shape[1] == prompt.shape[1] + 3
