@@ -5,6 +5,7 @@ compares two of them. Only the tensors of one canonical weight are in memory at 
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -162,14 +163,21 @@ class Source:
 
     def stream(self, groups: list[Group], dtype: str = "keep", allow_overflow: bool = False,
                on_done=lambda nbytes: None) -> Iterator[tuple[str, np.ndarray, str]]:
-        """(target name, array, dtype) for every target tensor of `groups`, in order."""
-        for i, g in enumerate(groups):
-            for name in groups[i + 1].src_names() if i + 1 < len(groups) else []:
-                self.ckpt.tensors[name].prefetch()
+        """(target name, array, dtype) for every target tensor of `groups`, in order.
+
+        The next group is read on a second thread while the caller writes this one, so reading and writing
+        overlap as they do in `cp` (file reads and numpy release the GIL). At most two groups are in memory."""
+        def load(g: Group):
             arr, src_dtype = self.canonical(g)
             dst_dtype = out_dtype(src_dtype, dtype)
-            arr = apply_dtype(arr, g.source.canonical, src_dtype, dst_dtype, allow_overflow)
-            for (name, _), part in zip(g.dst(), g.target.gather(arr)):
-                yield name, part, dst_dtype
-            del arr
-            on_done(self.release(g))
+            return apply_dtype(arr, g.source.canonical, src_dtype, dst_dtype, allow_overflow), dst_dtype
+
+        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+            pending = pool.submit(load, groups[0]) if groups else None
+            for i, g in enumerate(groups):
+                arr, dst_dtype = pending.result()
+                pending = pool.submit(load, groups[i + 1]) if i + 1 < len(groups) else None
+                for (name, _), part in zip(g.dst(), g.target.gather(arr)):
+                    yield name, part, dst_dtype
+                del arr
+                on_done(self.release(g))

@@ -186,6 +186,11 @@ class GLM2ForCausalLM(nn.Cell):
         self.transformer = GLM2Model(cfg, dtype, self.compute_dtype)
 
     def construct(self, input_ids, attention_mask=None, position_ids=None):
+        mask, position_ids = self._mask_and_positions(input_ids, attention_mask, position_ids)
+        hidden, _ = self.transformer(input_ids, position_ids, mask)
+        return self.transformer.output_layer(hidden).astype(ms.float32)
+
+    def _mask_and_positions(self, input_ids, attention_mask, position_ids):
         b, s = input_ids.shape
         if attention_mask is None:
             attention_mask = ops.ones((b, s), ms.int32)
@@ -193,9 +198,24 @@ class GLM2ForCausalLM(nn.Cell):
             position_ids = ops.relu(ops.cumsum(attention_mask.astype(ms.int32), 1) - 1)
         causal = ops.tril(ops.ones((s, s), ms.float32))
         allowed = causal.reshape(1, s, s) * attention_mask.astype(ms.float32).reshape(b, 1, s)
-        mask = (1 - allowed) * MASKED
-        hidden, _ = self.transformer(input_ids, position_ids, mask)
-        return self.transformer.output_layer(hidden).astype(ms.float32)
+        return (1 - allowed) * MASKED, position_ids
 
-    def hidden_states(self, input_ids, position_ids, mask, caches=None, write=None):
-        return self.transformer(input_ids, position_ids, mask, caches, write)
+    def trace(self, input_ids, attention_mask=None) -> list[tuple[str, Tensor]]:
+        """The forward, step by step (PyNative): the residual stream after each layer's attention and MLP, the
+        final norm and the logits — what a parity check compares against a reference."""
+        t = self.transformer
+        mask, position_ids = self._mask_and_positions(input_ids, attention_mask, None)
+        x = t.embedding(input_ids).astype(self.compute_dtype)
+        angles = position_ids.astype(ms.float32).expand_dims(-1) * t.inv_freq
+        b, s = input_ids.shape
+        cos = ops.cos(angles).astype(self.compute_dtype).reshape(b, s, 1, -1)
+        sin = ops.sin(angles).astype(self.compute_dtype).reshape(b, s, 1, -1)
+        out = [("embedding", x)]
+        for i, layer in enumerate(t.encoder.layers):
+            attn, _ = layer.self_attention(layer.input_layernorm(x), cos, sin, mask)
+            x = x + attn
+            out.append((f"layer {i} attention", x))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            out.append((f"layer {i} mlp", x))
+        x = t.encoder.final_layernorm(x)
+        return out + [("final norm", x), ("logits", t.output_layer(x).astype(ms.float32))]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,6 @@ class TensorRef:
     file: Path
     reader: Callable[[], np.ndarray] = field(repr=False)
     release: Callable[[], None] = field(default=lambda: None, repr=False)
-    prefetch: Callable[[], None] = field(default=lambda: None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -33,13 +31,6 @@ class TensorRef:
     def read(self) -> np.ndarray:
         """The tensor as a numpy array of the storage dtype (bfloat16 as uint16 bits)."""
         return self.reader()
-
-
-def fadvise_willneed(f, spans) -> None:
-    """Ask the kernel to start reading byte ranges now, so the next tensor's I/O overlaps this one's work."""
-    if hasattr(os, "posix_fadvise"):
-        for offset, n in spans:
-            os.posix_fadvise(f.fileno(), offset, n, os.POSIX_FADV_WILLNEED)
 
 
 def read_exact(f, offset: int, arr: np.ndarray, path: Path, what: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..dtypes import BY_CKPT, BY_NAME
 from ..errors import CheckpointError
-from .base import TensorRef, fadvise_willneed, read_exact
+from .base import TensorRef, read_exact
 
 CHUNK_BYTES = 512 * 1024 * 1024
 CRC_MARK = b"crc_num"
@@ -177,8 +177,7 @@ class CkptFile:
         if math.prod(shape) * dt.itemsize != total:
             raise CheckpointError(f"{self.path}: tensor {tag!r} holds {total} bytes, but shape {list(shape)} of "
                                   f"{dt.name} needs {math.prod(shape) * dt.itemsize}")
-        self.tensors[tag] = TensorRef(tag, shape, dt.name, self.path, lambda: self._read(tag, shape, dt.name, segments),
-                                      prefetch=lambda: fadvise_willneed(self._f, segments))
+        self.tensors[tag] = TensorRef(tag, shape, dt.name, self.path, lambda: self._read(tag, shape, dt.name, segments))
 
     def _read_bytes(self, offset: int, n: int, what: str) -> bytes:
         arr = np.empty(n, np.uint8)

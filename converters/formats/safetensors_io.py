@@ -16,7 +16,7 @@ import numpy as np
 
 from ..dtypes import BY_NAME, BY_SAFETENSORS
 from ..errors import CheckpointError
-from .base import TensorRef, fadvise_willneed, read_exact
+from .base import TensorRef, read_exact
 
 MAX_HEADER = 100 << 20
 
@@ -75,9 +75,7 @@ class SafetensorsFile:
                                       f"the file has {size}")
             spans.append((begin, end, name))
             self.tensors[name] = TensorRef(name, shape, dt.name, self.path,
-                                           lambda o=base + begin, s=shape, d=dt, k=name: self._read(o, s, d, k),
-                                           prefetch=lambda o=base + begin, n=end - begin:
-                                           fadvise_willneed(self._f, [(o, n)]))
+                                           lambda o=base + begin, s=shape, d=dt, k=name: self._read(o, s, d, k))
         spans.sort()
         for (_, e1, a), (b2, _, b) in zip(spans, spans[1:]):
             if b2 < e1:

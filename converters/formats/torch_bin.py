@@ -45,8 +45,8 @@ _PAGE = mmap.PAGESIZE
 
 
 def _advise(t, advice: int) -> None:
-    """madvise the pages mapping tensor `t`: DONTNEED after use (they are clean and private, so a later read
-    refaults them from the file), WILLNEED before, to start the read early."""
+    """madvise the pages mapping tensor `t` (DONTNEED after use: they are clean and private, so a later read
+    refaults them from the file)."""
     if _MADVISE is None or t.numel() == 0:
         return
     start = t.data_ptr()
@@ -90,8 +90,7 @@ class TorchBinFile:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
             mapped = self._mapped
             self.tensors[name] = TensorRef(name, tuple(t.shape), dtype, self.path, lambda t=t: to_numpy(t),
-                                           lambda t=t: mapped and _advise(t, mmap.MADV_DONTNEED),
-                                           lambda t=t: mapped and _advise(t, mmap.MADV_WILLNEED))
+                                           lambda t=t: mapped and _advise(t, mmap.MADV_DONTNEED))
 
     def close(self) -> None:
         self.tensors = {}

@@ -1,0 +1,82 @@
+"""glm2-parity: passes on every correct conversion, fails (and says where) on a broken one."""
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mindspore")
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+
+from converters.convert import convert  # noqa: E402
+from converters.names import Layout  # noqa: E402
+from validation.cli import main as parity_cli  # noqa: E402
+from validation.parity import Thresholds, run_parity  # noqa: E402
+from validation.references import glm_reference, torch_reference  # noqa: E402
+
+PROMPTS = ["你好", "Write a short poem about the sea."]
+LAYOUTS = [Layout("mindformers"), Layout("mindformers-legacy"), Layout("mindformers", qkv_split=True),
+           Layout("mindformers", mlp_split=True), Layout("mindformers", rearrange_rope=True),
+           Layout("mindformers", True, True, True)]
+
+
+def test_torch_reference_equals_transformers_glm(hf_tiny):
+    src = hf_tiny(dtype="float32")
+    ours, theirs = torch_reference(src, "float32"), glm_reference(src, "float32")
+    ids = [64790, 64792, 790, 30951, 517, 30910, 30939, 30996, 13, 13, 54761, 31211, 36474, 54591]
+    a, b = dict(ours.trace(ids)), dict(theirs.trace(ids))
+    assert list(a) == list(b)
+    for name in a:
+        assert np.abs(a[name] - b[name]).max() <= 1e-5, name
+    assert ours.generate(ids, 8) == theirs.generate(ids, 8)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.describe())
+def test_parity_passes_for_every_layout(hf_tiny, tmp_path, layout):
+    src = hf_tiny(dtype="float32")
+    convert(src, tmp_path / "ms", target=layout, fmt="ckpt", progress=False)
+    report = run_parity(src, tmp_path / "ms", PROMPTS, "float32", new_tokens=8)
+    assert report["passed"], json.dumps(report["prompts"][0]["stages"][-1])
+    for p in report["prompts"]:
+        assert p["logits_max_abs"] <= 1e-4 and p["top1_agreement"] == 1.0 and p["greedy_agreement"] == 1.0
+        assert p["first_divergence"] is None
+
+
+def test_broken_conversion_fails_at_layer_0_attention(hf_tiny, tmp_path):
+    """RoPE rows rearranged, but the manifest says they are not: the runtime loads them as plain rows."""
+    src = hf_tiny(dtype="float32")
+    convert(src, tmp_path / "ms", target=Layout("mindformers", rearrange_rope=True), fmt="ckpt", progress=False)
+    manifest = json.loads((tmp_path / "ms" / "manifest.json").read_text())
+    manifest["layout"]["rearrange_rope"] = False
+    (tmp_path / "ms" / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--max-new-tokens", "4",
+                                             "--report", str(tmp_path / "report")])
+    assert result.exit_code == 1, result.output
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert not report["passed"]
+    assert {p["first_divergence"] for p in report["prompts"]} == {"layer 0 attention"}
+    assert "First divergence: **layer 0 attention**" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_reference_glm_and_report_files(hf_tiny, tmp_path):
+    src = hf_tiny(dtype="float32")
+    convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True), fmt="safetensors", progress=False)
+    result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--reference", "glm",
+                                             "--max-new-tokens", "4", "--report", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert "Logits parity: PASS" in result.output
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.json", "report.md", "parity.png"}
+
+
+def test_remote_code_reference_without_code_is_a_clear_error(hf_tiny, tmp_path):
+    src = hf_tiny(dtype="float32")
+    convert(src, tmp_path / "ms", target=Layout(), fmt="ckpt", progress=False)
+    result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--reference", "remote-code"])
+    assert result.exit_code == 1 and "no modeling_chatglm.py" in result.output
+
+
+def test_thresholds_are_overridable():
+    th = Thresholds.for_dtype("float16", logits_max_abs=0.5)
+    assert th.logits_max_abs == 0.5 and th.top1 == Thresholds.for_dtype("float16").top1

@@ -1,0 +1,182 @@
+"""Logits parity between the MindSpore runtime on a converted folder and a reference on the HF folder.
+
+For each prompt (through the chat format) both sides run the same token ids. Compared: the residual stream
+after every layer's attention and MLP (max/mean abs diff; the first place it exceeds the threshold is where a
+broken conversion shows), the final logits (max abs and relative diff, top-1 agreement, KL divergence), and a
+greedy generation (token agreement, first divergence). Thresholds are per compute dtype.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from converters.errors import CheckpointError
+
+DEFAULT_PROMPTS = ["你好", "请介绍一下华为", "晚上睡不着应该怎么办",
+                   "类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣*衣样式#外套*衣款式#破洞",
+                   "Write a short poem about the sea."]
+
+
+@dataclass
+class Thresholds:
+    logits_max_abs: float    # on the final logits
+    layer_max_abs: float     # on the residual stream after any attention or MLP
+    top1: float              # fraction of positions whose argmax agrees
+    greedy: float            # fraction of generated tokens that agree
+
+    @classmethod
+    def for_dtype(cls, dtype: str, **overrides) -> "Thresholds":
+        base = {
+            # float32: both sides compute in fp32; measured differences are ~1e-6 (README)
+            "float32": cls(logits_max_abs=1e-4, layer_max_abs=1e-4, top1=1.0, greedy=1.0),
+            # float16: each side rounds its fp16 matmuls differently (MindSpore vs oneDNN); bounds from the
+            # measured spread on random-weight models (README, "Parity"), with headroom
+            "float16": cls(logits_max_abs=5e-2, layer_max_abs=5e-2, top1=0.98, greedy=0.9),
+        }[dtype]
+        return cls(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def _kl(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
+    """Mean over positions of KL(reference || MindSpore), in nats."""
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = log_softmax(ref_logits), log_softmax(got_logits)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def compare_prompt(prompt: str, ids: list[int], ms_side, ref, new_tokens: int, th: Thresholds) -> dict:
+    from .references import timed
+
+    ms_trace, ms_s = timed(ms_side.trace, ids)
+    ref_trace, ref_s = timed(ref.trace, ids)
+    ms_by_name = dict(ms_trace)
+    stages, first_bad = [], None
+    for name, want in ref_trace:
+        got = ms_by_name[name]
+        diff = np.abs(got.astype(np.float64) - want)
+        row = {"stage": name, "max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+        stages.append(row)
+        limit = th.logits_max_abs if name == "logits" else th.layer_max_abs
+        if first_bad is None and row["max_abs"] > limit:
+            first_bad = name
+    ref_logits, ms_logits = dict(ref_trace)["logits"], ms_by_name["logits"]
+    top1 = float((ref_logits.argmax(-1) == ms_logits.argmax(-1)).mean())
+    (ms_tokens, ms_gen_s), (ref_tokens, ref_gen_s) = timed(ms_side.generate, ids, new_tokens), \
+        timed(ref.generate, ids, new_tokens)
+    agree = [a == b for a, b in zip(ms_tokens, ref_tokens)]
+    first_diff = agree.index(False) if not all(agree) else None
+    logits_row = stages[-1]
+    result = {
+        "prompt": prompt, "tokens": len(ids), "stages": stages, "first_divergence": first_bad,
+        "logits_max_abs": logits_row["max_abs"],
+        "logits_rel": logits_row["max_abs"] / max(float(np.abs(ref_logits).max()), 1e-30),
+        "top1_agreement": top1, "kl": _kl(ref_logits, ms_logits),
+        "greedy_agreement": float(np.mean(agree)) if agree else 1.0, "greedy_first_diff": first_diff,
+        "ms_tokens": ms_tokens, "ref_tokens": ref_tokens,
+        "seconds": {"ms_forward": ms_s, "ref_forward": ref_s, "ms_generate": ms_gen_s, "ref_generate": ref_gen_s},
+    }
+    result["passed"] = (first_bad is None and top1 >= th.top1 and result["greedy_agreement"] >= th.greedy)
+    return result
+
+
+class MindSporeSide:
+    def __init__(self, ms_dir: Path, dtype: str):
+        import mindspore as ms
+
+        from glm2_ms.generation import Decoder
+        from glm2_ms.loading import from_pretrained
+
+        ms.set_device("CPU")
+        self.ms = ms
+        self.model = from_pretrained(ms_dir, dtype=dtype, compute_dtype=dtype)
+        self.decoder = Decoder(self.model)
+
+    def trace(self, ids):
+        x = self.ms.Tensor([ids], self.ms.int32)
+        return [(name, t.asnumpy().astype(np.float32).reshape(len(ids), -1)) for name, t in self.model.trace(x)]
+
+    def generate(self, ids, n):
+        return self.decoder.generate(np.array([ids], np.int32), max_new_tokens=n, eos_token_id=-1)[0, len(ids):] \
+            .tolist()
+
+
+def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "float32", new_tokens: int = 32,
+               reference: str = "torch", thresholds: Thresholds | None = None) -> dict:
+    from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt
+
+    from .references import REFERENCES, timed
+
+    if reference not in REFERENCES:
+        raise CheckpointError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCES)}")
+    th = thresholds or Thresholds.for_dtype(dtype)
+    tok_dir = Path(ms_dir) if (Path(ms_dir) / "tokenizer.model").is_file() else Path(hf_dir)
+    tok = GLM2Tokenizer(tok_dir) if (tok_dir / "tokenizer.model").is_file() else GLM2Tokenizer()
+    ms_side, ms_load = timed(MindSporeSide, ms_dir, dtype)
+    ref, ref_load = timed(REFERENCES[reference], hf_dir, dtype)
+    results = [compare_prompt(p, tok.build_chat_input(p), ms_side, ref, new_tokens, th) for p in prompts]
+    cfg = ms_side.model.config
+    return {
+        "hf_dir": str(hf_dir), "ms_dir": str(ms_dir), "reference": ref.name, "dtype": dtype,
+        "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "vocab": cfg.padded_vocab_size},
+        "thresholds": asdict(th), "new_tokens": new_tokens, "load_seconds": {"ms": ms_load, "ref": ref_load},
+        "prompts": results, "passed": all(r["passed"] for r in results),
+    }
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    plot(report, out / "parity.png")
+
+
+def markdown(r: dict) -> str:
+    th = r["thresholds"]
+    lines = [f"# Logits parity: {'PASS' if r['passed'] else 'FAIL'}", "",
+             f"- MindSpore: `{r['ms_dir']}`; reference: {r['reference']} on `{r['hf_dir']}`; compute {r['dtype']}",
+             f"- model: {r['model']['layers']} layers, hidden {r['model']['hidden']}, vocab {r['model']['vocab']}",
+             f"- thresholds: logits max abs ≤ {th['logits_max_abs']:g}, every layer max abs ≤ "
+             f"{th['layer_max_abs']:g}, top-1 ≥ {th['top1']:.0%}, greedy agreement ≥ {th['greedy']:.0%} over "
+             f"{r['new_tokens']} tokens", "",
+             "| prompt | tokens | worst layer max abs | logits max abs | rel | top-1 | KL | greedy | first divergence "
+             "| MS / ref forward s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in r["prompts"]:
+        worst = max(s["max_abs"] for s in p["stages"][:-1])
+        where = p["first_divergence"] or ("token " + str(p["greedy_first_diff"]) if p["greedy_first_diff"]
+                                          is not None else "none")
+        sec = p["seconds"]
+        lines.append(f"| {p['prompt'][:24]} | {p['tokens']} | {worst:.2e} | {p['logits_max_abs']:.2e} | "
+                     f"{p['logits_rel']:.1e} | {p['top1_agreement']:.0%} | {p['kl']:.1e} | "
+                     f"{p['greedy_agreement']:.0%} | {where} | {sec['ms_forward']:.2f} / {sec['ref_forward']:.2f} |")
+    bad = [p for p in r["prompts"] if not p["passed"]]
+    if bad:
+        lines += ["", f"First divergence: **{bad[0]['first_divergence'] or 'greedy tokens'}** "
+                      f"(prompt {bad[0]['prompt']!r})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for p in r["prompts"]:
+        stages = p["stages"]
+        ax.semilogy(range(len(stages)), [max(s["max_abs"], 1e-12) for s in stages], marker="o", ms=3,
+                    label=p["prompt"][:16])
+    names = [s["stage"] for s in r["prompts"][0]["stages"]]
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.axhline(r["thresholds"]["layer_max_abs"], color="red", ls="--", lw=1, label="threshold")
+    ax.set_ylabel("max |MindSpore − reference|")
+    ax.set_title(f"{r['reference']} vs MindSpore, {r['dtype']}: {'PASS' if r['passed'] else 'FAIL'}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
