@@ -1,0 +1,76 @@
+"""Training checkpoints in MindFormers' layout, written atomically, and saving a model as a converter folder.
+
+`OUT/checkpoint/rank_{r}/glm2_rank_{r}-{epoch}_{step}.ckpt` holds the network, the AdamW moments as `adam_m.*` /
+`adam_v.*` and the step counters; `OUT/checkpoint_network/rank_{r}/…` the network only. A `.json` beside each
+training file keeps what MindFormers' names have no place for (the position in the epoch, the loss scaler).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from converters.formats.ckpt import CkptFile, CkptWriter
+
+NAME = re.compile(r"glm2_rank_(\d+)-(\d+)_(\d+)\.ckpt$")
+
+
+def _bits(arr: np.ndarray) -> tuple[np.ndarray, str]:
+    if arr.dtype.name == "bfloat16":  # MindSpore's registered numpy bfloat16
+        return arr.view(np.uint16), "bfloat16"
+    return arr, arr.dtype.name
+
+
+def write_ckpt(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """All or nothing: a temporary file beside `path`, fsync'ed, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            writer = CkptWriter(f)
+            for name, arr in tensors.items():
+                data, dtype = _bits(np.ascontiguousarray(arr))
+                writer.write(name, data, dtype)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def ckpt_path(out: Path, kind: str, rank: int, epoch: int, step: int) -> Path:
+    return out / kind / f"rank_{rank}" / f"glm2_rank_{rank}-{epoch}_{step}.ckpt"
+
+
+def latest(out: Path, rank: int) -> Path | None:
+    """The newest complete training checkpoint of a rank, by (epoch, step) as MindSpore orders them."""
+    folder = out / "checkpoint" / f"rank_{rank}"
+    found = [(int(m.group(2)), int(m.group(3)), p) for p in folder.glob("*.ckpt") if (m := NAME.search(p.name))
+             and p.with_suffix(".json").is_file()]
+    return max(found)[2] if found else None
+
+
+def read_ckpt(path: Path) -> dict[str, np.ndarray]:
+    with CkptFile(path) as f:
+        return {name: ref.read() for name, ref in f.tensors.items()}
+
+
+def save_pretrained(params: dict[str, np.ndarray], cfg, out: Path, tokenizer_from: Path | None) -> None:
+    """A folder the converters and `from_pretrained` read: weights (MindFormers names), config.json, tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_ckpt(out / "mindspore_model.ckpt", params)
+    dtype = _bits(next(iter(params.values())))[1]
+    (out / "config.json").write_text(json.dumps(cfg.chatglm_json(dtype), indent=2))
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        if tokenizer_from is not None and (Path(tokenizer_from) / name).is_file():
+            shutil.copyfile(Path(tokenizer_from) / name, out / name)

@@ -1,0 +1,160 @@
+"""LoRA as MindSpore cells, named as mindpet names them, so MindFormers reads our adapters and we read theirs.
+
+y = x Wᵀ + b + dropout(x) Aᵀ Bᵀ · alpha/r, with A [r, in] initialised HeUniform(√5) (mindpet's choice, i.e.
+U(±1/√in)) and B [out, r] zeros, so training starts from the base model exactly. Base weights are frozen.
+
+Dropout: CPU MindSpore has no dropout kernel usable inside a jit graph whose randomness can be saved and
+restored, and `--resume` must reproduce an uninterrupted run exactly. So each LoRA cell holds its dropout mask
+as a non-trainable parameter that the trainer refills before every step from a generator seeded by the step.
+"""
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, ops
+from mindspore.common.initializer import initializer
+
+from .model import GLM2ForCausalLM, Linear
+
+A_SUFFIX, B_SUFFIX = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
+OLD_SUFFIXES = {"tk_delta_lora_a": A_SUFFIX, "tk_delta_lora_b": B_SUFFIX}  # mindpet < 1.0.2, MindFormers r0.7
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """The MindFormers GLM2 LoRA recipe by default."""
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.1
+    target_modules: str = "query_key_value"  # a regex over cell names
+    seed: int = 0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(Linear):
+    def __init__(self, base: Linear, name: str, cfg: LoRAConfig):
+        n_out, n_in = base.weight.shape
+        super().__init__(n_in, n_out, base.bias is not None, base.weight.dtype)
+        self.weight, self.bias = base.weight, base.bias  # the same (frozen) parameters
+        self.weight.requires_grad = False
+        if self.bias is not None:
+            self.bias.requires_grad = False
+        # HeUniform(negative_slope=√5) is U(±1/√in); drawn from a generator seeded by (seed, name) so that a run
+        # is reproducible (and resumable) whatever MindSpore's global seed is
+        bound = 1.0 / math.sqrt(n_in)
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
+        self.mindpet_delta_lora_a = Parameter(Tensor(rng.uniform(-bound, bound, (cfg.rank, n_in)).astype(np.float32)),
+                                              name=f"{name}.{A_SUFFIX}")
+        self.mindpet_delta_lora_b = Parameter(initializer("zeros", (n_out, cfg.rank), ms.float32),
+                                              name=f"{name}.{B_SUFFIX}")
+        self.scaling = cfg.scaling
+        self.use_dropout = cfg.dropout > 0
+        self.dropout_mask = Parameter(Tensor(np.ones((1, 1, n_in), np.float32)), name=f"{name}.lora_dropout_mask",
+                                      requires_grad=False)
+        self.lora_mm = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        y = super().construct(x)
+        shape = x.shape
+        if self.training and self.use_dropout:
+            x = x * self.dropout_mask.astype(x.dtype)
+        flat = x.reshape(-1, shape[-1])
+        delta = self.lora_mm(self.lora_mm(flat, self.mindpet_delta_lora_a.astype(x.dtype)),
+                             self.mindpet_delta_lora_b.astype(x.dtype))
+        return y + (delta * self.scaling).reshape(y.shape)
+
+
+def _targets(model: GLM2ForCausalLM, pattern: str):
+    regex = re.compile(pattern)
+    found = []
+    for name, cell in model.cells_and_names():
+        if type(cell) is Linear and regex.search(name):
+            parent_name, _, attr = name.rpartition(".")
+            found.append((name, dict(model.cells_and_names())[parent_name], attr, cell))
+    return found
+
+
+def apply_lora(model: GLM2ForCausalLM, cfg: LoRAConfig) -> list[str]:
+    """Wrap every Linear whose name matches cfg.target_modules; freeze everything but the LoRA factors."""
+    targets = _targets(model, cfg.target_modules)
+    if not targets:
+        raise ValueError(f"no Linear cell matches target_modules {cfg.target_modules!r}")
+    for p in model.get_parameters():
+        p.requires_grad = False
+    for name, parent, attr, cell in targets:
+        setattr(parent, attr, LoRALinear(cell, name, cfg))
+        _rename(getattr(parent, attr), name)
+    model.lora_config = cfg
+    return [name for name, *_ in targets]
+
+
+def _rename(cell, name: str) -> None:
+    """Assigning a cell to a parent re-prefixes its parameters with the attribute name alone; restore full names."""
+    for attr, p in cell.parameters_and_names():
+        p.name = f"{name}.{attr}"
+
+
+def lora_cells(model: GLM2ForCausalLM) -> list[tuple[str, LoRALinear]]:
+    return [(n, c) for n, c in model.cells_and_names() if isinstance(c, LoRALinear)]
+
+
+def size_dropout_masks(model: GLM2ForCausalLM, batch: int, seq: int) -> None:
+    """Give the mask parameters the training batch's shape (before the train step is compiled)."""
+    for _, cell in lora_cells(model):
+        cell.dropout_mask.set_data(Tensor(np.ones((batch, seq, cell.weight.shape[1]), np.float32)))
+
+
+def dropout_masks(model: GLM2ForCausalLM, rng: np.random.Generator, batch: int, seq: int, p: float) -> list[Tensor]:
+    """Fresh inverted-dropout masks for every LoRA cell, drawn in a fixed order from `rng` (the train step
+    assigns them to the cells' dropout_mask parameters inside its graph)."""
+    masks = []
+    for _, cell in lora_cells(model):
+        keep = rng.random((batch, seq, cell.weight.shape[1]), dtype=np.float32) >= p
+        masks.append(Tensor(keep.astype(np.float32) / np.float32(1 - p)))
+    return masks
+
+
+def lora_state(model: GLM2ForCausalLM) -> dict[str, np.ndarray]:
+    """The adapter: {name.mindpet_delta_lora_a/_b: float32 array}."""
+    out = {}
+    for _, cell in lora_cells(model):
+        for p in (cell.mindpet_delta_lora_a, cell.mindpet_delta_lora_b):
+            out[p.name] = p.asnumpy()
+    return out
+
+
+def load_lora_state(model: GLM2ForCausalLM, state: dict[str, np.ndarray]) -> None:
+    params = {p.name: p for _, c in lora_cells(model) for p in (c.mindpet_delta_lora_a, c.mindpet_delta_lora_b)}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ValueError(f"adapter does not fit the model: missing {missing[:2]}, unexpected {extra[:2]}")
+    for name, arr in state.items():
+        if tuple(params[name].shape) != arr.shape:
+            raise ValueError(f"adapter tensor {name} has shape {list(arr.shape)}, the model needs "
+                             f"{list(params[name].shape)}")
+        params[name].set_data(Tensor(np.asarray(arr, np.float32)))
+
+
+def merge_lora(model: GLM2ForCausalLM) -> None:
+    """Fold W += (alpha/r)·B·A into the base weights (in float32, then the weight's dtype) and drop the adapters."""
+    cells = dict(model.cells_and_names())
+    for name, cell in lora_cells(model):
+        a, b = cell.mindpet_delta_lora_a.asnumpy(), cell.mindpet_delta_lora_b.asnumpy()
+        w = cell.weight
+        merged = w.astype(ms.float32).asnumpy() + cell.scaling * (b @ a)
+        w.set_data(Tensor(merged).astype(w.dtype))
+        plain = Linear(w.shape[1], w.shape[0], cell.bias is not None, w.dtype)
+        plain.weight, plain.bias = w, cell.bias
+        parent_name, _, attr = name.rpartition(".")
+        setattr(cells[parent_name], attr, plain)
+        _rename(plain, name)
+    model.lora_config = None

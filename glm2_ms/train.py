@@ -1,0 +1,266 @@
+"""Full and LoRA finetuning of GLM2 on MindSpore: AdamW with bias correction, warmup + polynomial decay,
+gradient clipping and accumulation, float16 compute with dynamic loss scaling, a jit-compiled step, exact resume.
+
+The step is two jit graphs: `micro` (forward, backward, gradients added into accumulators) and `apply` (unscale,
+clip, AdamW, zero the accumulators). The loss scaler lives on the host and enters `micro` as an input, so the
+whole training state is the parameters, the optimizer and a few numbers in the checkpoint's sidecar.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import mindspore as ms
+from mindspore import Tensor, ops
+from mindspore.experimental.optim import AdamW
+
+from converters.errors import CheckpointError
+
+from . import checkpointing as ckpt
+from .data import IGNORE, Lengths, TrainData, read_jsonl
+from .lora import LoRAConfig, apply_lora, dropout_masks, lora_cells, size_dropout_masks
+from .loading import from_pretrained
+from .model import GLM2ForCausalLM
+from .tokenizer import GLM2Tokenizer
+from .train_config import TrainConfig
+
+MOMENTS = {"exp_avg.": "adam_m.", "exp_avg_sq.": "adam_v."}  # experimental AdamW names → MindFormers names
+
+
+def causal_lm_loss(logits, labels):
+    """Mean cross entropy of position t predicting labels[t+1], over labels that are not −100 (fp32)."""
+    v = logits.shape[-1]
+    return ops.cross_entropy(logits[:, :-1].reshape(-1, v).astype(ms.float32), labels[:, 1:].reshape(-1),
+                             ignore_index=IGNORE, reduction="mean")
+
+
+@dataclass
+class State:
+    step: int = 0           # optimizer steps taken
+    epoch: int = 0
+    in_epoch: int = 0       # optimizer steps taken in this epoch
+    loss_scale: float = 1.0
+    good_steps: int = 0
+    losses: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, model_dir, train_file, out_dir, cfg: TrainConfig, resume: bool = False,
+                 progress: bool = True, rank: int = 0, world: int = 1, model: GLM2ForCausalLM | None = None):
+        self.cfg, self.out, self.rank, self.world = cfg, Path(out_dir), rank, world
+        self.model_dir, self.progress = Path(model_dir), progress
+        lengths = Lengths(cfg.max_source_length, cfg.max_target_length, cfg.seq_length)
+        self.tok = GLM2Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.model").is_file() \
+            else GLM2Tokenizer()
+        lines = read_jsonl(train_file, cfg.prompt_column, cfg.response_column)
+        self.skipped = lines.skipped
+        self.data = TrainData(self.tok, lines, lengths)
+        self.seq = lengths.total
+        self.model = model or from_pretrained(self.model_dir, dtype="float32", compute_dtype=cfg.compute_dtype)
+        if cfg.method == "lora":
+            apply_lora(self.model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                                              cfg.seed))
+            size_dropout_masks(self.model, cfg.batch_size, lengths.total)
+        self.model.set_train(True)
+        trainable = self.model.trainable_params()
+        decay = [p for p in trainable if len(p.shape) > 1]
+        no_decay = [p for p in trainable if len(p.shape) <= 1]  # norms and biases, as MindFormers' filter
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        self.opt = AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.accu = self.opt.parameters.clone(prefix="accu_grads", init="zeros")
+        per_epoch = len(self.data) // (cfg.batch_size * world) // cfg.gradient_accumulation_steps
+        if per_epoch == 0:
+            raise CheckpointError(f"{train_file}: {len(self.data)} examples do not fill one step of "
+                                  f"{cfg.batch_size * world * cfg.gradient_accumulation_steps}")
+        self.steps_per_epoch = per_epoch
+        self.total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+        self.state = State(loss_scale=cfg.loss_scale if cfg.compute_dtype == "float16" else 1.0)
+        self._build_steps()
+        if resume:
+            self._resume()
+
+    # ---- the two jit graphs
+    def _build_steps(self):
+        model, opt, accu, cfg = self.model, self.opt, self.accu, self.cfg
+        k = float(cfg.gradient_accumulation_steps)
+        check_finite = cfg.compute_dtype == "float16"
+        reducer = self._grad_reducer()
+
+        def forward(ids, labels, scale):
+            loss = causal_lm_loss(model(ids), labels)
+            return loss * scale, loss
+
+        grad_fn = ms.value_and_grad(forward, None, opt.parameters, has_aux=True)
+
+        masks = [cell.dropout_mask for _, cell in lora_cells(model)] if cfg.method == "lora" else []
+
+        def micro(ids, labels, scale, *fresh_masks):
+            for param, value in zip(masks, fresh_masks):
+                ops.assign(param, value)
+            (_, loss), grads = grad_fn(ids, labels, scale)
+            for a, g in zip(accu, grads):
+                ops.assign_add(a, g)
+            return loss
+
+        def apply(scale, lr):
+            for group_lr in opt.lrs:
+                ops.assign(group_lr, lr)
+            grads = tuple(a / (scale * k) for a in accu)
+            grads = reducer(grads)
+            finite = ms.amp.all_finite(grads) if check_finite else Tensor(True)
+            grads = ops.clip_by_global_norm(grads, cfg.max_grad_norm)
+            if finite:
+                opt(grads)
+            for a in accu:
+                ops.assign(a, ops.zeros_like(a))
+            return finite
+
+        # Every value that changes between steps enters as an input: on this MindSpore a parameter changed with
+        # set_data after its graph was compiled keeps its old value inside the graph.
+        self._micro, self._apply = ms.jit(micro), ms.jit(apply)
+
+    def _grad_reducer(self):
+        if self.world == 1:
+            return lambda grads: grads
+        from mindspore import nn
+
+        return nn.DistributedGradReducer(self.opt.parameters, mean=True)
+
+    # ---- the loop
+    def train(self, stop_after: int | None = None) -> list[float]:
+        """Train to the end (or for `stop_after` more steps, as an interrupted run would); returns all losses."""
+        cfg, st = self.cfg, self.state
+        stop = min(self.total, st.step + stop_after) if stop_after else self.total
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = (self.out / "train_log.jsonl").open("a") if self.rank == 0 else None
+        bar = self._bar()
+        try:
+            while st.step < stop:
+                batches = self.data.batches(cfg.batch_size, cfg.seed, st.epoch, rank=self.rank, world=self.world)
+                for _ in range(st.in_epoch * cfg.gradient_accumulation_steps):
+                    next(batches)  # resume inside an epoch: skip what was already trained on
+                while st.in_epoch < self.steps_per_epoch and st.step < stop:
+                    t0 = time.perf_counter()
+                    loss = self._one_step(batches)
+                    self._record(loss, time.perf_counter() - t0, log, bar)
+                    if cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < self.total:
+                        self.save()
+                if st.in_epoch >= self.steps_per_epoch:
+                    st.epoch, st.in_epoch = st.epoch + 1, 0
+            self.save()
+        finally:
+            if log:
+                log.close()
+            if bar is not None:
+                bar.close()
+        return st.losses
+
+    def _one_step(self, batches) -> float:
+        cfg, st = self.cfg, self.state
+        lr = cfg.lr_at(st.step, self.total)
+        scale = Tensor(st.loss_scale, ms.float32)
+        losses = []
+        for micro in range(cfg.gradient_accumulation_steps):
+            ids, labels = next(batches)
+            masks = []
+            if cfg.method == "lora" and cfg.lora_dropout > 0:
+                rng = np.random.default_rng([cfg.seed, st.step, micro, self.rank])
+                masks = dropout_masks(self.model, rng, *ids.shape, cfg.lora_dropout)
+            losses.append(float(self._micro(Tensor(ids), Tensor(labels), scale, *masks).asnumpy()))
+        finite = bool(self._apply(scale, Tensor(lr, ms.float32)).asnumpy())
+        if cfg.compute_dtype == "float16":
+            self._adjust_scale(finite)
+        st.step += 1
+        st.in_epoch += 1
+        self.lr = lr
+        return float(np.mean(losses))
+
+    def _adjust_scale(self, finite: bool) -> None:
+        st, cfg = self.state, self.cfg
+        if not finite:
+            st.loss_scale, st.good_steps = max(st.loss_scale / cfg.loss_scale_factor, 1.0), 0
+            return
+        st.good_steps += 1
+        if st.good_steps >= cfg.loss_scale_window:
+            st.loss_scale, st.good_steps = st.loss_scale * cfg.loss_scale_factor, 0
+
+    def _record(self, loss: float, seconds: float, log, bar) -> None:
+        st, cfg = self.state, self.cfg
+        st.losses.append(loss)
+        tokens = cfg.batch_size * self.world * cfg.gradient_accumulation_steps * self.seq
+        row = {"step": st.step, "epoch": st.epoch, "loss": loss, "lr": self.lr, "tokens_per_s": tokens / seconds,
+               "rss_mb": _rss_mb(), "loss_scale": st.loss_scale}
+        if log and st.step % cfg.log_steps == 0:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+    def _bar(self):
+        if self.rank != 0 or not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total, initial=self.state.step, desc=f"{self.cfg.method} finetune", unit="step",
+                    disable=None)
+
+    # ---- checkpoints
+    def network_state(self) -> dict[str, np.ndarray]:
+        return {p.name: p.asnumpy() for p in self.model.get_parameters() if not p.name.endswith("dropout_mask")}
+
+    def save(self) -> Path:
+        st = self.state
+        net = self.network_state()
+        full = dict(net)
+        for prefix, moments in (("exp_avg.", self.opt.exp_avg), ("exp_avg_sq.", self.opt.exp_avg_sq)):
+            for p in moments:
+                full[MOMENTS[prefix] + p.name[len(prefix):]] = p.asnumpy()
+        full.update({"global_step": np.array(st.step, np.int32), "epoch_num": np.array(st.epoch, np.int32),
+                     "step_num": np.array(st.step, np.int32), "loss_scale": np.array(st.loss_scale, np.float32)})
+        path = ckpt.ckpt_path(self.out, "checkpoint", self.rank, st.epoch, st.step)
+        ckpt.write_ckpt(ckpt.ckpt_path(self.out, "checkpoint_network", self.rank, st.epoch, st.step), net)
+        ckpt.write_ckpt(path, full)
+        ckpt.write_json_atomic(path.with_suffix(".json"), {
+            "step": st.step, "epoch": st.epoch, "in_epoch": st.in_epoch, "loss_scale": st.loss_scale,
+            "good_steps": st.good_steps, "world": self.world, "config": self.cfg.as_dict(), "losses": st.losses})
+        return path
+
+    def _resume(self) -> None:
+        path = ckpt.latest(self.out, self.rank)
+        if path is None:
+            raise CheckpointError(f"{self.out}: --resume, but no complete checkpoint under checkpoint/rank_{self.rank}")
+        side = json.loads(path.with_suffix(".json").read_text())
+        if side["world"] != self.world:
+            raise CheckpointError(f"{path}: saved by {side['world']} processes, resumed with {self.world}; resume "
+                                  f"with the same number of processes")
+        saved = ckpt.read_ckpt(path)
+        params = {p.name: p for p in self.model.get_parameters()}
+        for prefix, moments in (("exp_avg.", self.opt.exp_avg), ("exp_avg_sq.", self.opt.exp_avg_sq)):
+            for p in moments:
+                params[p.name] = p
+                saved[p.name] = saved.pop(MOMENTS[prefix] + p.name[len(prefix):])
+        for name, p in params.items():
+            if name.endswith("dropout_mask"):
+                continue
+            if name not in saved:
+                raise CheckpointError(f"{path}: has no {name}; it was written by another run")
+            p.set_data(Tensor(saved[name]).astype(p.dtype))
+        self.opt.state_step.set_data(Tensor(int(saved["global_step"]), ms.int32))
+        st = self.state
+        st.step, st.epoch, st.in_epoch = side["step"], side["epoch"], side["in_epoch"]
+        st.loss_scale, st.good_steps, st.losses = side["loss_scale"], side["good_steps"], side["losses"]
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+    except OSError:
+        return 0.0
