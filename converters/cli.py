@@ -129,6 +129,40 @@ def ms2hf(src, dst, target, fmt, max_shard_size, dtype, overwrite, allow_overflo
     _print_summary(summary, as_json)
 
 
+@main.command("merge-lora")
+@click.argument("base", type=PATH)
+@click.argument("adapter", type=PATH)
+@click.argument("dst", type=PATH)
+@click.option("--lora-alpha", type=float, help="The run's lora_alpha, when ADAPTER has no adapter_config.json.")
+@click.option("--hf", "hf_target", type=click.Choice(["chatglm", "glm"]), default=None,
+              help="Write a HF folder of this naming instead of a MindSpore one.")
+@click.option("--layout", type=click.Choice(["mindformers", "mindformers-legacy"]), default="mindformers",
+              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["ckpt", "safetensors", "bin"]), default=None,
+              help="Default: ckpt for MindSpore, safetensors for HF.")
+@with_common
+@user_errors
+def merge_lora(base, adapter, dst, lora_alpha, hf_target, layout, fmt, dtype, overwrite, allow_overflow, config,
+               rearranged_rope, quiet, as_json):
+    """Fold a LoRA adapter (PEFT folder or mindpet .ckpt) into BASE; W += (alpha/r)·B·A."""
+    from .adapters import read_adapter
+    from .convert import convert
+    from .names import Layout
+
+    fmt = fmt or ("safetensors" if hf_target else "ckpt")
+    if (fmt == "bin") != bool(hf_target and fmt == "bin"):
+        raise CheckpointError("--format bin is for HF output (--hf)")
+    lora = read_adapter(adapter, lora_alpha)
+    target = Layout(hf_target) if hf_target else Layout(layout)
+    summary = convert(base, dst, target=target, fmt=fmt, dtype=dtype, hf_folder=bool(hf_target), overwrite=overwrite,
+                      allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config,
+                      progress=not quiet, adapter=lora)
+    _print_summary(summary, as_json)
+    if not as_json:
+        click.echo(f"  merged LoRA r={lora.rank} alpha={lora.alpha:g} (scaling {lora.scaling:g}) into "
+                   f"{len(lora.deltas)} modules")
+
+
 @main.command()
 @click.argument("path", type=PATH)
 @click.option("--json", "as_json", is_flag=True)

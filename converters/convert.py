@@ -65,8 +65,9 @@ def _nbytes(shape, dtype) -> int:
 def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folder: bool = False,
             max_shard_bytes: int | None = None, overwrite: bool = False, allow_overflow: bool = False,
             keep_optimizer: bool = False, rearranged_rope: bool | None = None, config: Path | None = None,
-            progress: bool = True) -> Summary:
-    """Convert the checkpoint at `src` into a new folder `dst` (MindSpore, or a HF folder when `hf_folder`)."""
+            progress: bool = True, adapter=None) -> Summary:
+    """Convert the checkpoint at `src` into a new folder `dst` (MindSpore, or a HF folder when `hf_folder`);
+    with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged into the weights."""
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if keep_optimizer and hf_folder:
@@ -77,6 +78,10 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folde
         raise CheckpointError(f"{dst}: the destination must not be the source or lie inside it")
     with Source.open(src, rearranged_rope, config) as source:
         cfg, tensors = source.cfg, source.ckpt.tensors
+        lora = source.dropped["LoRA adapters"]
+        if lora and adapter is None:
+            raise CheckpointError(f"{src}: holds LoRA adapters ({lora[0]}, …): merge them with "
+                                  f"`glm2-convert merge-lora {src} {src} DST`, or convert the base alone")
         groups, extras = source.groups(target, keep_optimizer)
         if keep_optimizer:
             source.dropped["optimizer state"] = []
@@ -96,7 +101,7 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folde
             writer = WeightsWriter(tmp, fmt, shards, metadata)
             try:
                 with _progress(total, progress, f"{src.name} -> {dst.name}") as bar:
-                    for name, arr, dt in source.stream(groups, dtype, allow_overflow, bar.update):
+                    for name, arr, dt in source.stream(groups, dtype, allow_overflow, bar.update, adapter):
                         writer.write(name, arr, dt)
                         if restore_inv_freq and name == plan[0][0]:  # the buffer follows the embedding
                             writer.write(INV_FREQ, inv_freq(cfg, model_dtype), model_dtype)
@@ -114,6 +119,8 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folde
             index = hf_index(shards, fmt) if hf_folder else None
             if index:
                 write_json(tmp / index[0], index[1])
+            if adapter is not None:
+                source.dropped["LoRA adapters"] = []  # merged, not dropped
             dropped = {k: v for k, v in source.dropped.items() if v}
             summary = Summary(str(src), str(dst), source.layout.describe(), target.describe(), fmt, model_dtype,
                               len(writer.records), total, 0.0, [f for f, _ in shards], dropped, source.nonfinite)
@@ -121,6 +128,8 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folde
                 "tool": "glm2-toolkit", "version": __version__, "source": str(src.resolve()),
                 "source_layout": source.layout.as_dict(), "layout": target.as_dict(), "format": fmt,
                 "dtype": model_dtype, "config": asdict(cfg), "files": [f for f, _ in shards],
+                "merged_lora": None if adapter is None else {"r": adapter.rank, "lora_alpha": adapter.alpha,
+                                                             "modules": len(adapter.deltas)},
                 "dropped": dropped, "tensors": writer.records})
     summary.seconds = time.perf_counter() - started
     return summary

@@ -49,6 +49,7 @@ OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.
 OPTIMIZER_SCALARS = {"global_step", "epoch_num", "step_num", "loss_scale", "learning_rate", "current_iterator_step",
                      "last_overflow_iterator_step", "scale_sense", "beta1_power", "beta2_power"}
 _CACHE = re.compile(r"(key_past|value_past|kvcache_mgr\.)")
+_LORA = re.compile(r"\.(mindpet_delta|tk_delta)_lora_[ab]$")
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,11 @@ def weight_map(layout: Layout, cfg: GLM2Config) -> list[Mapping]:
 
 
 def classify(name: str) -> str:
-    """'optimizer', 'cache', 'buffer' or 'weight' (the last only says: not one of the others)."""
+    """'optimizer', 'cache', 'buffer', 'lora' or 'weight' (the last only says: not one of the others)."""
     if name.startswith(OPTIMIZER_PREFIXES) or name in OPTIMIZER_SCALARS:
         return "optimizer"
+    if _LORA.search(name):
+        return "lora"
     if _CACHE.search(name):
         return "cache"
     if name.endswith("rotary_pos_emb.inv_freq"):

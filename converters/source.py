@@ -14,11 +14,12 @@ import numpy as np
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import GLM2Config
-from .dtypes import BY_NAME, cast, count_nonfinite, float16_overflow
+from .dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, to_float32
 from .errors import CheckpointError
 from .names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
 
-NON_WEIGHTS = {"optimizer": "optimizer state", "cache": "KV-cache entries", "buffer": "buffers"}
+NON_WEIGHTS = {"optimizer": "optimizer state", "cache": "KV-cache entries", "buffer": "buffers",
+               "lora": "LoRA adapters"}
 DTYPES = ("keep", "float32", "float16", "bfloat16")
 
 
@@ -162,13 +163,27 @@ class Source:
         return sum(r.nbytes for r in refs)
 
     def stream(self, groups: list[Group], dtype: str = "keep", allow_overflow: bool = False,
-               on_done=lambda nbytes: None) -> Iterator[tuple[str, np.ndarray, str]]:
-        """(target name, array, dtype) for every target tensor of `groups`, in order.
+               on_done=lambda nbytes: None, adapter=None) -> Iterator[tuple[str, np.ndarray, str]]:
+        """(target name, array, dtype) for every target tensor of `groups`, in order; with an `adapter`, its
+        LoRA deltas are folded into the canonical weights they belong to (in float32, then the source dtype).
 
         The next group is read on a second thread while the caller writes this one, so reading and writing
         overlap as they do in `cp` (file reads and numpy release the GIL). At most two groups are in memory."""
+        if adapter is not None:
+            modules = {g.source.canonical.rsplit(".", 1)[0] for g in groups if not g.prefix}
+            stray = sorted(set(adapter.deltas) - modules)
+            if stray:
+                raise CheckpointError(f"adapter modules not in the model: {', '.join(stray[:3])}")
+
         def load(g: Group):
             arr, src_dtype = self.canonical(g)
+            delta = adapter.delta(g.source.canonical.removesuffix(".weight")) \
+                if adapter is not None and not g.prefix and g.source.canonical.endswith(".weight") else None
+            if delta is not None:
+                if delta.shape != arr.shape:
+                    raise CheckpointError(f"adapter delta for {g.source.canonical} has shape {list(delta.shape)}, "
+                                          f"the weight {list(arr.shape)}")
+                arr = cast(to_float32(arr, src_dtype) + delta, "float32", src_dtype)
             dst_dtype = out_dtype(src_dtype, dtype)
             return apply_dtype(arr, g.source.canonical, src_dtype, dst_dtype, allow_overflow), dst_dtype
 

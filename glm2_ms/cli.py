@@ -46,13 +46,11 @@ def _sampling_options(fn):
 
 
 def _setup(model_dir, dtype, greedy, temperature, top_k, top_p, repetition_penalty, seed):
-    import mindspore as ms
-
     from .generation import Decoder, SamplingConfig
-    from .loading import from_pretrained
+    from .loading import from_pretrained, use_cpu
     from .tokenizer import GLM2Tokenizer
 
-    ms.set_device("CPU")
+    use_cpu()
     try:
         sampling = SamplingConfig(greedy, temperature, top_k, top_p, repetition_penalty, seed)
     except ValueError as exc:

@@ -17,6 +17,16 @@ RUNTIME_LAYOUT = Layout("mindformers")  # the runtime's parameter names
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
+def use_cpu() -> None:
+    """Select MindSpore's CPU device; a no-op when this process already runs kernels there (the device can be
+    chosen only once)."""
+    try:
+        ms.set_device("CPU")
+    except RuntimeError:
+        if ms.get_context("device_target") != "CPU":
+            raise
+
+
 def to_tensor(arr: np.ndarray, dtype: str) -> ms.Tensor:
     """A MindSpore tensor owning a copy of `arr` (bfloat16 arrives as uint16 bits)."""
     if dtype == "bfloat16":

@@ -258,6 +258,37 @@ class Trainer:
         st.loss_scale, st.good_steps, st.losses = side["loss_scale"], side["good_steps"], side["losses"]
 
 
+def export(trainer: "Trainer", merge: bool = False) -> dict[str, str]:
+    """What a finished run leaves besides its checkpoints. LoRA: a PEFT adapter (ChatGLM names, and transformers-GLM
+    names), a mindpet adapter, and with `merge` the base checkpoint with the adapter folded in (streamed from the
+    base on disk). Full: the model as a converter folder."""
+    from converters.adapters import Adapter, write_mindpet, write_peft
+    from converters.convert import convert
+    from converters.names import Layout
+
+    from .lora import lora_state
+
+    out, cfg, mcfg = trainer.out, trainer.cfg, trainer.model.config
+    if cfg.method == "full":
+        ckpt.save_pretrained(trainer.network_state(), mcfg, out / "model", trainer.model_dir)
+        return {"model": str(out / "model")}
+    deltas = {}
+    for name, arr in lora_state(trainer.model).items():
+        module, kind = name.rsplit(".", 1)
+        deltas.setdefault(module, {})[kind] = arr
+    adapter = Adapter(cfg.lora_rank, cfg.lora_alpha, {m: (d["mindpet_delta_lora_a"], d["mindpet_delta_lora_b"])
+                                                      for m, d in deltas.items()}, cfg.lora_dropout)
+    paths = {"adapter": out / "adapter", "adapter-glm": out / "adapter-glm", "mindpet": out / "mindpet"}
+    write_peft(adapter, paths["adapter"], "chatglm", mcfg.q_rows, mcfg.kv_rows, str(trainer.model_dir))
+    write_peft(adapter, paths["adapter-glm"], "glm", mcfg.q_rows, mcfg.kv_rows, str(trainer.model_dir))
+    write_mindpet(adapter, paths["mindpet"])
+    if merge:
+        paths["merged"] = out / "merged"
+        convert(trainer.model_dir, paths["merged"], target=Layout("mindformers"), fmt="ckpt", overwrite=True,
+                progress=False, adapter=adapter)
+    return {k: str(v) for k, v in paths.items()}
+
+
 def _rss_mb() -> float:
     try:
         with open("/proc/self/statm") as f:

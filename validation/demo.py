@@ -48,13 +48,11 @@ def main(workdir: Path | None):
 
 
 def _generate(model_dir: Path) -> str:
-    import mindspore as ms
-
     from glm2_ms.chat import chat
     from glm2_ms.generation import Decoder
-    from glm2_ms.loading import from_pretrained
+    from glm2_ms.loading import from_pretrained, use_cpu
     from glm2_ms.tokenizer import GLM2Tokenizer
 
-    ms.set_device("CPU")
+    use_cpu()
     reply, _ = chat(Decoder(from_pretrained(model_dir)), GLM2Tokenizer(model_dir), "你好", max_new_tokens=8)
     return reply

@@ -89,9 +89,9 @@ class MindSporeSide:
         import mindspore as ms
 
         from glm2_ms.generation import Decoder
-        from glm2_ms.loading import from_pretrained
+        from glm2_ms.loading import from_pretrained, use_cpu
 
-        ms.set_device("CPU")
+        use_cpu()
         self.ms = ms
         self.model = from_pretrained(ms_dir, dtype=dtype, compute_dtype=dtype)
         self.decoder = Decoder(self.model)

@@ -187,3 +187,13 @@ def load_reference(path, dtype: str | None = None, config: Path | None = None) -
             state[name].copy_(t.view(torch.bfloat16) if dt == "bfloat16" else t)
         assert INV_FREQ not in state  # computed in the forward from the config, never read from files
     return model.eval()
+
+
+def with_peft_adapter(model: TorchGLM2, adapter_dir) -> nn.Module:
+    """The reference with a PEFT LoRA adapter applied by peft itself. The adapter's task type (CAUSAL_LM) asks
+    for a transformers model; the reference is a plain module, so it is wrapped as one."""
+    import peft
+
+    config = peft.PeftConfig.from_pretrained(str(adapter_dir))
+    config.task_type = None
+    return peft.PeftModel.from_pretrained(model, str(adapter_dir), config=config).eval()

@@ -1,0 +1,14 @@
+"""This process's place among msrun's workers (rank 0 of 1 when not launched by msrun)."""
+from __future__ import annotations
+
+import os
+
+
+def world() -> tuple[int, int]:
+    """(rank, size); initialises MindSpore's communication when msrun started us."""
+    if "MS_WORKER_NUM" not in os.environ and "RANK_SIZE" not in os.environ:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    return get_rank(), get_group_size()

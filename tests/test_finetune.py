@@ -1,0 +1,176 @@
+"""Finetuning on real ADGEN lines: loss goes down, LoRA touches only its factors, adapters go out and back in
+(PEFT on torch and transformers, mindpet), merging is exact, and resume reproduces an uninterrupted run."""
+import json
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+
+from conftest import DATA  # noqa: E402
+from converters.adapters import read_adapter, write_mindpet  # noqa: E402
+from converters.cli import main as convert_cli  # noqa: E402
+from converters.formats.ckpt import CkptFile, CkptWriter  # noqa: E402
+from glm2_ms.finetune_cli import main as finetune_cli  # noqa: E402
+from glm2_ms.loading import from_pretrained  # noqa: E402
+from glm2_ms.lora import LoRAConfig, apply_lora, load_lora_state, lora_state, merge_lora  # noqa: E402
+from glm2_ms.train import Trainer, export  # noqa: E402
+from glm2_ms.train_config import TrainConfig  # noqa: E402
+
+TRAIN = DATA / "adgen_train_head200.json"
+IDS = [64790, 64792, 790, 30951, 517, 30910, 30939, 30996, 13, 13, 54761, 31211, 36474, 54591, 13, 13, 55437, 31211]
+SMALL = dict(batch_size=4, max_source_length=32, max_target_length=32, seed=0)
+
+
+def logits(model, ids=IDS):
+    model.set_train(False)
+    return model(ms.Tensor([ids], ms.int32)).asnumpy()[0]
+
+
+@pytest.fixture(scope="module")
+def base(hf_tiny):
+    return hf_tiny("safetensors", "float32")
+
+
+@pytest.fixture(scope="module")
+def lora_run(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora")
+    cfg = TrainConfig.load(None, method="lora", max_steps=12, learning_rate=2e-2, lr_end=1e-3, warmup_steps=2,
+                           **SMALL)
+    trainer = Trainer(base, TRAIN, out, cfg, progress=False)
+    losses = trainer.train()
+    paths = export(trainer, merge=True)
+    return trainer, losses, paths
+
+
+def test_lora_loss_decreases_and_only_lora_changes(lora_run, base):
+    trainer, losses, _ = lora_run
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05, losses
+    before = {p.name: p.asnumpy() for p in from_pretrained(base).get_parameters()}
+    after = {p.name: p.asnumpy() for p in trainer.model.get_parameters() if "dropout_mask" not in p.name}
+    lora = {n for n in after if "mindpet_delta_lora" in n}
+    assert len(lora) == 2 * 2  # A and B of query_key_value in both layers
+    for name, value in before.items():
+        assert value.tobytes() == after[name].tobytes(), name  # frozen base: bit-identical
+    assert all(np.abs(after[n]).max() > 0 for n in lora if n.endswith("lora_b"))  # B moved off zero
+
+
+def test_full_finetune_loss_decreases(base, tmp_path):
+    cfg = TrainConfig.load(None, method="full", max_steps=10, learning_rate=2e-3, warmup_steps=1, **SMALL)
+    losses = Trainer(base, TRAIN, tmp_path, cfg, progress=False).train()
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses
+
+
+def test_merged_model_equals_the_lora_model(lora_run):
+    trainer, _, paths = lora_run
+    want = logits(trainer.model)
+    np.testing.assert_allclose(logits(from_pretrained(paths["merged"])), want, atol=1e-5)
+    merged = from_pretrained(trainer.model_dir)  # in memory too
+    apply_lora(merged, LoRAConfig(seed=0))
+    load_lora_state(merged, lora_state(trainer.model))
+    merge_lora(merged)
+    assert not [p for p in merged.get_parameters() if "lora" in p.name]
+    np.testing.assert_allclose(logits(merged), want, atol=1e-5)
+
+
+def test_peft_adapter_on_torch_reference_and_transformers_glm(lora_run, base, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from converters.convert import convert
+    from converters.names import Layout
+    from validation.torch_reference import load_reference, with_peft_adapter
+
+    trainer, _, paths = lora_run
+    want = logits(trainer.model)
+    from pathlib import Path
+
+    config = json.loads((Path(paths["adapter"]) / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 32 and config["target_modules"] == ["query_key_value"]
+    ref = with_peft_adapter(load_reference(base), paths["adapter"])
+    with torch.no_grad():
+        got = ref(torch.tensor([IDS]))[0][0].numpy()
+    assert np.abs(got - want).max() <= 1e-5
+    convert(base, tmp_path / "glm", target=Layout("glm"), fmt="safetensors", hf_folder=True, progress=False)
+    glm = transformers.GlmForCausalLM.from_pretrained(tmp_path / "glm", dtype=torch.float32)
+    glm = peft.PeftModel.from_pretrained(glm, paths["adapter-glm"]).eval()
+    with torch.no_grad():
+        got = glm(torch.tensor([IDS])).logits[0].numpy()
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_adapters_round_trip(lora_run, tmp_path):
+    trainer, _, paths = lora_run
+    state = lora_state(trainer.model)
+    for form in ("adapter", "adapter-glm", "mindpet"):
+        adapter = read_adapter(paths[form])
+        assert (adapter.rank, adapter.scaling) == (8, 4.0), form
+        for module, (a, b) in adapter.deltas.items():
+            np.testing.assert_array_equal(a, state[f"{module}.mindpet_delta_lora_a"])
+            np.testing.assert_array_equal(b, state[f"{module}.mindpet_delta_lora_b"])
+    # an imported PEFT adapter loaded into a fresh MindSpore LoRA model computes the same logits
+    fresh = from_pretrained(trainer.model_dir)
+    apply_lora(fresh, LoRAConfig(seed=1))
+    imported = read_adapter(paths["adapter"])
+    load_lora_state(fresh, {f"{m}.mindpet_delta_lora_{k}": v for m, (a, b) in imported.deltas.items()
+                            for k, v in (("a", a), ("b", b))})
+    np.testing.assert_allclose(logits(fresh), logits(trainer.model), atol=1e-6)
+    # and written again as mindpet, it reads back the same
+    write_mindpet(imported, tmp_path / "again")
+    again = read_adapter(tmp_path / "again" / "adapter.ckpt")
+    assert again.deltas.keys() == imported.deltas.keys() and again.alpha == imported.alpha
+
+
+def test_merge_lora_cli_reads_every_form(lora_run, base, tmp_path):
+    trainer, _, paths = lora_run
+    want = logits(trainer.model)
+    # old mindpet names, no adapter_config.json: alpha must be given
+    old = tmp_path / "old" / "lora.ckpt"
+    old.parent.mkdir()
+    with CkptFile(paths["mindpet"] + "/adapter.ckpt") as f, open(old, "wb") as out:
+        w = CkptWriter(out)
+        for name, ref in f.tensors.items():
+            w.write(name.replace("mindpet_delta", "tk_delta"), ref.read(), ref.dtype)
+    run = CliRunner().invoke
+    refused = run(convert_cli, ["merge-lora", str(base), str(old), str(tmp_path / "m0")])
+    assert refused.exit_code == 1 and "--lora-alpha" in refused.output and not (tmp_path / "m0").exists()
+    for i, (adapter, extra) in enumerate([(paths["adapter"], []), (paths["adapter-glm"], []),
+                                          (str(old), ["--lora-alpha", "32"])]):
+        res = run(convert_cli, ["merge-lora", str(base), adapter, str(tmp_path / f"m{i + 1}"), "--quiet", *extra])
+        assert res.exit_code == 0, res.output
+        np.testing.assert_allclose(logits(from_pretrained(tmp_path / f"m{i + 1}")), want, atol=1e-5)
+    # a LoRA run's network checkpoint (base + adapters) is not converted as if it were a plain model
+    net = sorted((trainer.out / "checkpoint_network" / "rank_0").glob("*.ckpt"))[-1]
+    res = run(convert_cli, ["ms2hf", str(net), str(tmp_path / "h"), "--config", str(base / "config.json")])
+    assert res.exit_code == 1 and "holds LoRA adapters" in res.output
+
+
+def test_resume_reproduces_the_uninterrupted_run(base, tmp_path):
+    cfg = TrainConfig.load(None, method="lora", max_steps=6, learning_rate=2e-2, gradient_accumulation_steps=2,
+                           save_steps=2, **SMALL)
+    whole = Trainer(base, TRAIN, tmp_path / "a", cfg, progress=False).train()
+    Trainer(base, TRAIN, tmp_path / "b", cfg, progress=False).train(stop_after=3)
+    resumed = Trainer(base, TRAIN, tmp_path / "b", cfg, progress=False, resume=True).train()
+    assert len(whole) == len(resumed) == 6
+    np.testing.assert_allclose(resumed, whole, rtol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoint" / "rank_0").glob("*.ckpt")) == \
+        ["glm2_rank_0-0_2.ckpt", "glm2_rank_0-0_4.ckpt", "glm2_rank_0-0_6.ckpt"]
+    saved = ms.load_checkpoint(str(tmp_path / "a" / "checkpoint" / "rank_0" / "glm2_rank_0-0_6.ckpt"))
+    assert int(saved["global_step"].asnumpy()) == 6
+    assert any(n.startswith("adam_m.") and n.endswith("mindpet_delta_lora_a") for n in saved)
+
+
+def test_cli_refuses_disagreeing_lengths_and_writes_logs(base, tmp_path):
+    res = CliRunner().invoke(finetune_cli, ["--model", str(base), "--train-data", str(TRAIN), "--out",
+                                            str(tmp_path / "o"), "--seq-length", "100", "--max-steps", "1"])
+    assert res.exit_code == 1 and "seq_length 100 disagrees" in res.output
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("method: full\nbatch_size: 2\nmax_source_length: 16\nmax_target_length: 16\nlearning_rate: 0.001\n")
+    res = CliRunner().invoke(finetune_cli, ["--model", str(base), "--train-data", str(TRAIN), "--out",
+                                            str(tmp_path / "o"), "--config", str(cfg), "--max-steps", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 and r["rss_mb"] > 0 for r in rows)
+    assert (tmp_path / "o" / "model" / "mindspore_model.ckpt").is_file()
