@@ -1,9 +1,9 @@
 """Full and LoRA finetuning of GLM2 on MindSpore: AdamW with bias correction, warmup + polynomial decay,
 gradient clipping and accumulation, float16 compute with dynamic loss scaling, a jit-compiled step, exact resume.
 
-The step is two jit graphs: `micro` (forward, backward, gradients added into accumulators) and `apply` (unscale,
-clip, AdamW, zero the accumulators). The loss scaler lives on the host and enters `micro` as an input, so the
-whole training state is the parameters, the optimizer and a few numbers in the checkpoint's sidecar.
+The step is one jit graph (forward, backward, unscale, clip, AdamW), or with gradient accumulation two: `micro`
+(gradients added into accumulators) and `apply`. The loss scaler lives on the host and enters as an input, so
+the whole training state is the parameters, the optimizer and a few numbers in the checkpoint's sidecar.
 """
 from __future__ import annotations
 
@@ -73,7 +73,6 @@ class Trainer:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         self.opt = AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        self.accu = self.opt.parameters.clone(prefix="accu_grads", init="zeros")
         per_epoch = len(self.data) // (cfg.batch_size * world) // cfg.gradient_accumulation_steps
         if per_epoch == 0:
             raise CheckpointError(f"{train_file}: {len(self.data)} examples do not fill one step of "
@@ -85,12 +84,16 @@ class Trainer:
         if resume:
             self._resume()
 
-    # ---- the two jit graphs
+    # ---- the jit graphs
     def _build_steps(self):
-        model, opt, accu, cfg = self.model, self.opt, self.accu, self.cfg
-        k = float(cfg.gradient_accumulation_steps)
+        """`micro` (forward + backward, gradients into accumulators) and `apply` (unscale, clip, AdamW, zero the
+        accumulators); without accumulation one fused graph does both and needs no accumulators."""
+        model, opt, cfg = self.model, self.opt, self.cfg
+        k = cfg.gradient_accumulation_steps
         check_finite = cfg.compute_dtype == "float16"
         reducer = self._grad_reducer()
+        masks = [cell.dropout_mask for _, cell in lora_cells(model)] if cfg.method == "lora" else []
+        accu = self.opt.parameters.clone(prefix="accu_grads", init="zeros") if k > 1 else ()
 
         def forward(ids, labels, scale):
             loss = causal_lm_loss(model(ids), labels)
@@ -98,32 +101,41 @@ class Trainer:
 
         grad_fn = ms.value_and_grad(forward, None, opt.parameters, has_aux=True)
 
-        masks = [cell.dropout_mask for _, cell in lora_cells(model)] if cfg.method == "lora" else []
-
-        def micro(ids, labels, scale, *fresh_masks):
+        def backward(ids, labels, scale, fresh_masks):
             for param, value in zip(masks, fresh_masks):
                 ops.assign(param, value)
             (_, loss), grads = grad_fn(ids, labels, scale)
+            return loss, grads
+
+        def update(grads, scale, lr):
+            for group_lr in opt.lrs:
+                ops.assign(group_lr, lr)
+            grads = reducer(tuple(g / (scale * k) for g in grads))
+            finite = ms.amp.all_finite(grads) if check_finite else Tensor(True)
+            grads = ops.clip_by_global_norm(grads, cfg.max_grad_norm)
+            if finite:
+                opt(grads)
+            return finite
+
+        def fused(ids, labels, scale, lr, *fresh_masks):
+            loss, grads = backward(ids, labels, scale, fresh_masks)
+            return loss, update(grads, scale, lr)
+
+        def micro(ids, labels, scale, *fresh_masks):
+            loss, grads = backward(ids, labels, scale, fresh_masks)
             for a, g in zip(accu, grads):
                 ops.assign_add(a, g)
             return loss
 
         def apply(scale, lr):
-            for group_lr in opt.lrs:
-                ops.assign(group_lr, lr)
-            grads = tuple(a / (scale * k) for a in accu)
-            grads = reducer(grads)
-            finite = ms.amp.all_finite(grads) if check_finite else Tensor(True)
-            grads = ops.clip_by_global_norm(grads, cfg.max_grad_norm)
-            if finite:
-                opt(grads)
+            finite = update(tuple(accu), scale, lr)
             for a in accu:
                 ops.assign(a, ops.zeros_like(a))
             return finite
 
         # Every value that changes between steps enters as an input: on this MindSpore a parameter changed with
         # set_data after its graph was compiled keeps its old value inside the graph.
-        self._micro, self._apply = ms.jit(micro), ms.jit(apply)
+        self._fused, self._micro, self._apply = ms.jit(fused), ms.jit(micro), ms.jit(apply)
 
     def _grad_reducer(self):
         if self.world == 1:
@@ -163,22 +175,29 @@ class Trainer:
 
     def _one_step(self, batches) -> float:
         cfg, st = self.cfg, self.state
-        lr = cfg.lr_at(st.step, self.total)
+        lr = Tensor(cfg.lr_at(st.step, self.total), ms.float32)
         scale = Tensor(st.loss_scale, ms.float32)
-        losses = []
-        for micro in range(cfg.gradient_accumulation_steps):
+        k = cfg.gradient_accumulation_steps
+        losses, finite = [], True
+        for micro in range(k):
             ids, labels = next(batches)
             masks = []
             if cfg.method == "lora" and cfg.lora_dropout > 0:
                 rng = np.random.default_rng([cfg.seed, st.step, micro, self.rank])
                 masks = dropout_masks(self.model, rng, *ids.shape, cfg.lora_dropout)
-            losses.append(float(self._micro(Tensor(ids), Tensor(labels), scale, *masks).asnumpy()))
-        finite = bool(self._apply(scale, Tensor(lr, ms.float32)).asnumpy())
+            if k == 1:
+                loss, finite = self._fused(Tensor(ids), Tensor(labels), scale, lr, *masks)
+            else:
+                loss = self._micro(Tensor(ids), Tensor(labels), scale, *masks)
+            losses.append(float(loss.asnumpy()))
+        if k > 1:
+            finite = self._apply(scale, lr)
+        finite = bool(finite.asnumpy())
         if cfg.compute_dtype == "float16":
             self._adjust_scale(finite)
         st.step += 1
         st.in_epoch += 1
-        self.lr = lr
+        self.lr = float(lr.asnumpy())
         return float(np.mean(losses))
 
     def _adjust_scale(self, finite: bool) -> None:
