@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
-from .formats.base import TensorRef
+from .formats.base import Closing, TensorRef
 
 INDEX_FILES = {"model.safetensors.index.json": "safetensors", "pytorch_model.bin.index.json": "bin"}
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -43,7 +43,7 @@ def open_file(path: Path):
 
 
 @dataclass
-class Checkpoint:
+class Checkpoint(Closing):
     path: Path
     files: list[Path]
     format: str
@@ -68,12 +68,6 @@ class Checkpoint:
 
     def close(self) -> None:
         self._stack.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _inside(folder: Path, name: str, index: Path) -> Path:

@@ -13,6 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from .checkpoint import Checkpoint, open_checkpoint
+from .formats.base import Closing
 from .config import GLM2Config
 from .dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, to_float32
 from .errors import CheckpointError
@@ -67,7 +68,7 @@ def _config(ckpt: Checkpoint, layout: Layout, config_path: Path | None) -> GLM2C
 
 
 @dataclass
-class Source:
+class Source(Closing):
     ckpt: Checkpoint
     layout: Layout
     cfg: GLM2Config
@@ -113,12 +114,6 @@ class Source:
 
     def close(self) -> None:
         self.ckpt.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     @property
     def dtype(self) -> str:

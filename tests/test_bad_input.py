@@ -125,8 +125,9 @@ def test_index_naming_bad_shards(copy_of, tmp_path, bad):
     assert_refused(run("hf2ms", src, tmp_path / "out"), "pytorch_model.bin.index.json", why, dst=tmp_path / "out")
 
 
-def _rewrite_single(src, drop=None, add=None, reshape=None):
-    """Replace a sharded safetensors folder by one model.safetensors with a tensor dropped, added or reshaped."""
+def _rewrite_single(src, drop=None, add=None, reshape=None, patch=None):
+    """Replace a sharded safetensors folder by one model.safetensors with a tensor dropped, added, reshaped, or
+    one value changed (patch=(name, index, value))."""
     from converters.checkpoint import open_checkpoint
 
     with open_checkpoint(src) as c:
@@ -136,6 +137,9 @@ def _rewrite_single(src, drop=None, add=None, reshape=None):
     if reshape:
         a, d = tensors[reshape]
         tensors[reshape] = (a.reshape(-1)[: a.size // 2].reshape(a.shape[0] // 2, -1), d)
+    if patch:
+        name, index, value = patch
+        tensors[name][0].reshape(-1)[index] = value
     for p in list(src.glob("model*.safetensors*")):
         p.unlink()
     with open(src / "model.safetensors", "wb") as f:
@@ -144,43 +148,23 @@ def _rewrite_single(src, drop=None, add=None, reshape=None):
             w.write(n, a, d)
 
 
-def test_missing_key(copy_of, tmp_path):
+@pytest.mark.parametrize("change, needles", [
+    (dict(drop="transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"),
+     ("missing", "layers.1.mlp.dense_4h_to_h.weight")),
+    (dict(add="transformer.encoder.layers.0.mystery.weight"), ("unexpected", "mystery")),
+    (dict(reshape="transformer.encoder.layers.0.self_attention.dense.weight"),
+     ("layers.0.self_attention.dense.weight", "config")),
+], ids=["missing key", "unexpected key", "shape disagrees with config"])
+def test_names_and_shapes_must_fit_the_config(copy_of, tmp_path, change, needles):
     src = copy_of("safetensors")
-    _rewrite_single(src, drop="transformer.encoder.layers.1.mlp.dense_4h_to_h.weight")
-    assert_refused(run("hf2ms", src, tmp_path / "out"), "missing", "layers.1.mlp.dense_4h_to_h.weight",
-                   dst=tmp_path / "out")
-
-
-def test_unexpected_key(copy_of, tmp_path):
-    src = copy_of("safetensors")
-    _rewrite_single(src, add="transformer.encoder.layers.0.mystery.weight")
-    assert_refused(run("hf2ms", src, tmp_path / "out"), "unexpected", "mystery", dst=tmp_path / "out")
-
-
-def test_shape_disagrees_with_config(copy_of, tmp_path):
-    src = copy_of("safetensors")
-    _rewrite_single(src, reshape="transformer.encoder.layers.0.self_attention.dense.weight")
-    assert_refused(run("hf2ms", src, tmp_path / "out"), "layers.0.self_attention.dense.weight", "config",
-                   dst=tmp_path / "out")
+    _rewrite_single(src, **change)
+    assert_refused(run("hf2ms", src, tmp_path / "out"), *needles, dst=tmp_path / "out")
 
 
 def test_float16_overflow(copy_of, tmp_path):
     src = copy_of("safetensors", "float32")
-    from converters.checkpoint import open_checkpoint
-
     name = "transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"
-    with open_checkpoint(src) as c:
-        ref = c.tensors[name]
-        shard, arr = ref.file, ref.read()
-    arr.reshape(-1)[5] = 1e6
-    _rewrite_single(src)  # one file, then patch the value in place
-    with open_checkpoint(src) as c:
-        tensors = {n: (t.read(), t.dtype) for n, t in c.tensors.items()}
-    tensors[name] = (arr, "float32")
-    with open(src / "model.safetensors", "wb") as f:
-        w = SafetensorsWriter(f, [(n, a.shape, d) for n, (a, d) in tensors.items()])
-        for n, (a, d) in tensors.items():
-            w.write(n, a, d)
+    _rewrite_single(src, patch=(name, 5, 1e6))
     assert_refused(run("hf2ms", src, tmp_path / "out", "--dtype", "float16"), name, "overflows float16",
                    dst=tmp_path / "out")
     ok = run("hf2ms", src, tmp_path / "out", "--dtype", "float16", "--allow-overflow", "--quiet")

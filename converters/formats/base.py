@@ -11,6 +11,16 @@ import numpy as np
 from ..dtypes import BY_NAME
 
 
+class Closing:
+    """`with` support for anything that has close()."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 @dataclass
 class TensorRef:
     name: str

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..dtypes import BY_CKPT, BY_NAME
 from ..errors import CheckpointError
-from .base import TensorRef, read_exact
+from .base import Closing, TensorRef, read_exact
 
 CHUNK_BYTES = 512 * 1024 * 1024
 CRC_MARK = b"crc_num"
@@ -58,7 +58,7 @@ def _text(buf: bytes, pos: int, length: int) -> str:
     return buf[pos:pos + length].decode()
 
 
-class CkptFile:
+class CkptFile(Closing):
     """Index of a .ckpt: tensors (name → TensorRef) and string entries (name → str). Use as a context manager."""
 
     HEADER_PEEK = 4096  # a Value's tag, dims and type fit in far less; the content is never read here
@@ -80,12 +80,6 @@ class CkptFile:
 
     def close(self) -> None:
         self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _index(self) -> None:
         f, size = self._f, self.path.stat().st_size

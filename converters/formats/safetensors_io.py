@@ -16,12 +16,12 @@ import numpy as np
 
 from ..dtypes import BY_NAME, BY_SAFETENSORS
 from ..errors import CheckpointError
-from .base import TensorRef, read_exact
+from .base import Closing, TensorRef, read_exact
 
 MAX_HEADER = 100 << 20
 
 
-class SafetensorsFile:
+class SafetensorsFile(Closing):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.tensors: dict[str, TensorRef] = {}
@@ -34,12 +34,6 @@ class SafetensorsFile:
 
     def close(self) -> None:
         self._f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _bad(self, why: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: not a valid safetensors file ({why})")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from .base import TensorRef
+from .base import Closing, TensorRef
 
 _TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64",
                  "int8": "int8", "uint8": "uint8", "int16": "int16", "int32": "int32", "int64": "int64",
@@ -55,7 +55,7 @@ def _advise(t, advice: int) -> None:
     _MADVISE(lo, hi - lo, advice)
 
 
-class TorchBinFile:
+class TorchBinFile(Closing):
     def __init__(self, path: Path):
         self.path = Path(path)
         torch = _torch()
@@ -94,12 +94,6 @@ class TorchBinFile:
 
     def close(self) -> None:
         self.tensors = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def to_numpy(t) -> np.ndarray:
