@@ -23,18 +23,18 @@ DEFAULT_PROMPTS = ["你好", "请介绍一下华为", "晚上睡不着应该怎�
 @dataclass
 class Thresholds:
     logits_max_abs: float    # on the final logits
-    layer_max_abs: float     # on the residual stream after any attention or MLP
+    layer_rel: float         # max abs diff / max |reference| of the residual stream after any attention or MLP
     top1: float              # fraction of positions whose argmax agrees
     greedy: float            # fraction of generated tokens that agree
 
     @classmethod
     def for_dtype(cls, dtype: str, **overrides) -> "Thresholds":
         base = {
-            # float32: both sides compute in fp32; measured differences are ~1e-6 (README)
-            "float32": cls(logits_max_abs=1e-4, layer_max_abs=1e-4, top1=1.0, greedy=1.0),
-            # float16: each side rounds its fp16 matmuls differently (MindSpore vs oneDNN); bounds from the
-            # measured spread on random-weight models (README, "Parity"), with headroom
-            "float16": cls(logits_max_abs=5e-2, layer_max_abs=5e-2, top1=0.98, greedy=0.9),
+            # float32: both sides compute in fp32 (README, "Parity": measured relative layer differences ~1e-6)
+            "float32": cls(logits_max_abs=1e-4, layer_rel=1e-5, top1=1.0, greedy=1.0),
+            # float16: each side rounds its fp16 matmuls its own way (MindSpore's kernels vs torch's); bounds from
+            # the spread measured on the tiny and the 6B-shaped models (README, "Parity"), with headroom
+            "float16": cls(logits_max_abs=5e-2, layer_rel=1e-2, top1=0.98, greedy=0.9),
         }[dtype]
         return cls(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -59,10 +59,11 @@ def compare_prompt(prompt: str, ids: list[int], ms_side, ref, new_tokens: int, t
     for name, want in ref_trace:
         got = ms_by_name[name]
         diff = np.abs(got.astype(np.float64) - want)
-        row = {"stage": name, "max_abs": float(diff.max()), "mean_abs": float(diff.mean())}
+        row = {"stage": name, "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+               "rel": float(diff.max() / max(float(np.abs(want).max()), 1e-30))}
         stages.append(row)
-        limit = th.logits_max_abs if name == "logits" else th.layer_max_abs
-        if first_bad is None and row["max_abs"] > limit:
+        bad = row["max_abs"] > th.logits_max_abs if name == "logits" else row["rel"] > th.layer_rel
+        if first_bad is None and bad:
             first_bad = name
     ref_logits, ms_logits = dict(ref_trace)["logits"], ms_by_name["logits"]
     top1 = float((ref_logits.argmax(-1) == ms_logits.argmax(-1)).mean())
@@ -140,17 +141,18 @@ def markdown(r: dict) -> str:
     lines = [f"# Logits parity: {'PASS' if r['passed'] else 'FAIL'}", "",
              f"- MindSpore: `{r['ms_dir']}`; reference: {r['reference']} on `{r['hf_dir']}`; compute {r['dtype']}",
              f"- model: {r['model']['layers']} layers, hidden {r['model']['hidden']}, vocab {r['model']['vocab']}",
-             f"- thresholds: logits max abs ≤ {th['logits_max_abs']:g}, every layer max abs ≤ "
-             f"{th['layer_max_abs']:g}, top-1 ≥ {th['top1']:.0%}, greedy agreement ≥ {th['greedy']:.0%} over "
-             f"{r['new_tokens']} tokens", "",
-             "| prompt | tokens | worst layer max abs | logits max abs | rel | top-1 | KL | greedy | first divergence "
-             "| MS / ref forward s |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"- thresholds: logits max abs ≤ {th['logits_max_abs']:g}, every layer's max abs diff ≤ "
+             f"{th['layer_rel']:g} × its max |value|, top-1 ≥ {th['top1']:.0%}, greedy agreement ≥ "
+             f"{th['greedy']:.0%} over {r['new_tokens']} tokens", "",
+             "| prompt | tokens | worst layer max abs (rel) | logits max abs | rel | top-1 | KL | greedy "
+             "| first divergence | MS / ref forward s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in r["prompts"]:
-        worst = max(s["max_abs"] for s in p["stages"][:-1])
+        worst_row = max(p["stages"][:-1], key=lambda s: s["rel"])
+        worst = f"{worst_row['max_abs']:.2e} ({worst_row['rel']:.1e})"
         where = p["first_divergence"] or ("token " + str(p["greedy_first_diff"]) if p["greedy_first_diff"]
                                           is not None else "none")
         sec = p["seconds"]
-        lines.append(f"| {p['prompt'][:24]} | {p['tokens']} | {worst:.2e} | {p['logits_max_abs']:.2e} | "
+        lines.append(f"| {p['prompt'][:24]} | {p['tokens']} | {worst} | {p['logits_max_abs']:.2e} | "
                      f"{p['logits_rel']:.1e} | {p['top1_agreement']:.0%} | {p['kl']:.1e} | "
                      f"{p['greedy_agreement']:.0%} | {where} | {sec['ms_forward']:.2f} / {sec['ref_forward']:.2f} |")
     bad = [p for p in r["prompts"] if not p["passed"]]
@@ -169,12 +171,12 @@ def plot(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for p in r["prompts"]:
         stages = p["stages"]
-        ax.semilogy(range(len(stages)), [max(s["max_abs"], 1e-12) for s in stages], marker="o", ms=3,
+        ax.semilogy(range(len(stages)), [max(s["rel"], 1e-12) for s in stages], marker="o", ms=3,
                     label=p["prompt"][:16])
     names = [s["stage"] for s in r["prompts"][0]["stages"]]
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.axhline(r["thresholds"]["layer_max_abs"], color="red", ls="--", lw=1, label="threshold")
-    ax.set_ylabel("max |MindSpore − reference|")
+    ax.axhline(r["thresholds"]["layer_rel"], color="red", ls="--", lw=1, label="layer threshold")
+    ax.set_ylabel("max |MindSpore − reference| / max |reference|")
     ax.set_title(f"{r['reference']} vs MindSpore, {r['dtype']}: {'PASS' if r['passed'] else 'FAIL'}")
     ax.legend(fontsize=7)
     fig.tight_layout()
