@@ -36,7 +36,6 @@ def best(fn, repeat=3):
 
 
 def bench_config(name: str, prompt: int, new: int, threads: int) -> dict:
-    import mindspore as ms
     import torch
 
     from converters.config import GLM2Config

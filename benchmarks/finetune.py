@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", default="lora,full")
     ap.add_argument("--child", nargs=3, metavar=("SIDE", "METHOD", "MODEL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -121,7 +122,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "hf"
             synthesize(model, GLM2Config.preset("tiny", **CONFIGS[name]), "float32", "safetensors", seed=0)
-            for method in ("lora", "full"):
+            for method in args.methods.split(","):
                 common = ["--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
                 (m, m_rss), (t, t_rss) = (measure(["--child", side, method, str(model), *common])
                                           for side in ("ms", "torch"))

@@ -13,10 +13,10 @@ from typing import Iterator
 import numpy as np
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .formats.base import Closing
 from .config import GLM2Config
 from .dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, to_float32
 from .errors import CheckpointError
+from .formats.base import Closing
 from .names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
 
 NON_WEIGHTS = {"optimizer": "optimizer state", "cache": "KV-cache entries", "buffer": "buffers",

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .model import MASKED, GLM2ForCausalLM

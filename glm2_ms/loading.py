@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 
 from converters.errors import CheckpointError
 from converters.names import Layout

@@ -14,9 +14,8 @@ import re
 import zlib
 from dataclasses import dataclass
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import initializer
 

@@ -7,10 +7,9 @@ dtype where used (CPU MindSpore has no bfloat16 matmul).
 """
 from __future__ import annotations
 
-import numpy as np
-
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn, ops
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from converters.config import GLM2Config

@@ -12,9 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor, ops
 from mindspore.experimental.optim import AdamW
 
@@ -22,8 +21,8 @@ from converters.errors import CheckpointError
 
 from . import checkpointing as ckpt
 from .data import IGNORE, Lengths, TrainData, read_jsonl
-from .lora import LoRAConfig, apply_lora, dropout_masks, lora_cells, size_dropout_masks
 from .loading import from_pretrained
+from .lora import LoRAConfig, apply_lora, dropout_masks, lora_cells, size_dropout_masks
 from .model import GLM2ForCausalLM
 from .tokenizer import GLM2Tokenizer
 from .train_config import TrainConfig

@@ -10,7 +10,8 @@ CONFIG = GLM2Config(num_layers=1, hidden_size=32, ffn_hidden_size=48, num_attent
                     multi_query_group_num=2, kv_channels=4, padded_vocab_size=5, torch_dtype="float32")
 _L = "transformer.encoder.layers.0."
 _WEIGHTS = [("transformer.embedding.word_embeddings.weight", (5, 32)), (_L + "input_layernorm.weight", (32,)),
-            (_L + "self_attention.query_key_value.weight", (48, 32)), (_L + "self_attention.query_key_value.bias", (48,)),
+            (_L + "self_attention.query_key_value.weight", (48, 32)),
+            (_L + "self_attention.query_key_value.bias", (48,)),
             (_L + "self_attention.dense.weight", (32, 32)), (_L + "post_attention_layernorm.weight", (32,)),
             (_L + "mlp.dense_h_to_4h.weight", (96, 32)), (_L + "mlp.dense_4h_to_h.weight", (32, 48)),
             ("transformer.encoder.final_layernorm.weight", (32,))]

@@ -1,7 +1,6 @@
 """Every bad input: a one-line error naming the file or tensor, exit 1, no DST left behind, the source untouched."""
 import json
 import os
-import pickle
 import shutil
 import struct
 import subprocess
@@ -10,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import tree_digest
+
 from converters.cli import main
 from converters.formats.safetensors_io import SafetensorsWriter
 

@@ -2,10 +2,10 @@
 import json
 
 import pytest
+from conftest import DATA
 
 from converters.config import GLM2Config
 from converters.errors import CheckpointError
-from conftest import DATA
 
 
 def test_real_config_json_is_the_6b_preset():

@@ -5,6 +5,7 @@ import pytest
 pytest.importorskip("sentencepiece")
 
 from conftest import DATA  # noqa: E402
+
 from converters.errors import CheckpointError  # noqa: E402
 from glm2_ms.data import IGNORE, Lengths, TrainData, eval_example, read_jsonl, train_example  # noqa: E402
 from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt  # noqa: E402

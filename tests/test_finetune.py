@@ -9,8 +9,8 @@ ms = pytest.importorskip("mindspore")
 torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
-
 from conftest import DATA  # noqa: E402
+
 from converters.adapters import read_adapter, write_mindpet  # noqa: E402
 from converters.cli import main as convert_cli  # noqa: E402
 from converters.formats.ckpt import CkptFile, CkptWriter  # noqa: E402

@@ -1,6 +1,5 @@
 """The NumPy oracle used by converter tests reproduces the original HF code's outputs."""
 import numpy as np
-
 import reference_data
 from numpy_glm2 import NumpyGLM2
 

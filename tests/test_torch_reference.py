@@ -5,6 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import reference_data  # noqa: E402
+
 from validation.torch_reference import TorchGLM2, load_reference  # noqa: E402
 
 

@@ -108,7 +108,7 @@ class MindSporeSide:
 
 def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "float32", new_tokens: int = 32,
                reference: str = "torch", thresholds: Thresholds | None = None) -> dict:
-    from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt
+    from glm2_ms.tokenizer import GLM2Tokenizer
 
     from .references import REFERENCES, timed
 
