@@ -123,11 +123,12 @@ def dropout_masks(model: GLM2ForCausalLM, rng: np.random.Generator, batch: int, 
 
 
 def lora_state(model: GLM2ForCausalLM) -> dict[str, np.ndarray]:
-    """The adapter: {name.mindpet_delta_lora_a/_b: float32 array}."""
+    """The adapter: {name.mindpet_delta_lora_a/_b: float32 array}, copied (asnumpy may share the parameter's
+    memory, so a saved state would follow later training)."""
     out = {}
     for _, cell in lora_cells(model):
         for p in (cell.mindpet_delta_lora_a, cell.mindpet_delta_lora_b):
-            out[p.name] = p.asnumpy()
+            out[p.name] = p.asnumpy().copy()
     return out
 
 

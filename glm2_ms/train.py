@@ -86,13 +86,16 @@ class Trainer:
     # ---- the jit graphs
     def _build_steps(self):
         """`micro` (forward + backward, gradients into accumulators) and `apply` (unscale, clip, AdamW, zero the
-        accumulators); without accumulation one fused graph does both and needs no accumulators."""
+        accumulators); in float32 without accumulation one fused graph does both and needs no accumulators.
+        With float16 the host looks at `finite` between the two and calls `discard` instead of `apply` on an
+        overflow, so a skipped step leaves the optimizer untouched."""
         model, opt, cfg = self.model, self.opt, self.cfg
         k = cfg.gradient_accumulation_steps
         check_finite = cfg.compute_dtype == "float16"
+        self._accumulate = k > 1 or check_finite
         reducer = self._grad_reducer()
         masks = [cell.dropout_mask for _, cell in lora_cells(model)] if cfg.method == "lora" else []
-        accu = self.opt.parameters.clone(prefix="accu_grads", init="zeros") if k > 1 else ()
+        accu = self.opt.parameters.clone(prefix="accu_grads", init="zeros") if self._accumulate else ()
 
         def forward(ids, labels, scale):
             loss = causal_lm_loss(model(ids), labels)
@@ -109,16 +112,16 @@ class Trainer:
         def update(grads, scale, lr):
             for group_lr in opt.lrs:
                 ops.assign(group_lr, lr)
-            grads = reducer(tuple(g / (scale * k) for g in grads))
-            finite = ms.amp.all_finite(grads) if check_finite else Tensor(True)
-            grads = ops.clip_by_global_norm(grads, cfg.max_grad_norm)
-            if finite:
-                opt(grads)
-            return finite
+            if self._accumulate:  # (static) no extra copy of every gradient when there is nothing to undo
+                grads = tuple(g / (scale * k) for g in grads)
+            grads = ops.clip_by_global_norm(reducer(grads), cfg.max_grad_norm)
+            opt(grads)
+            return True
 
         def fused(ids, labels, scale, lr, *fresh_masks):
             loss, grads = backward(ids, labels, scale, fresh_masks)
-            return loss, update(grads, scale, lr)
+            update(grads, scale, lr)
+            return loss
 
         def micro(ids, labels, scale, *fresh_masks):
             loss, grads = backward(ids, labels, scale, fresh_masks)
@@ -126,15 +129,22 @@ class Trainer:
                 ops.assign_add(a, g)
             return loss
 
-        def apply(scale, lr):
-            finite = update(tuple(accu), scale, lr)
+        def discard():
             for a in accu:
                 ops.assign(a, ops.zeros_like(a))
-            return finite
+            return True
+
+        def apply(scale, lr):
+            update(tuple(accu), scale, lr)
+            return discard()
+
+        def finite():
+            return ms.amp.all_finite(tuple(accu))
 
         # Every value that changes between steps enters as an input: on this MindSpore a parameter changed with
         # set_data after its graph was compiled keeps its old value inside the graph.
         self._fused, self._micro, self._apply = ms.jit(fused), ms.jit(micro), ms.jit(apply)
+        self._discard, self._finite = ms.jit(discard), ms.jit(finite)
 
     def _grad_reducer(self):
         if self.world == 1:
@@ -176,22 +186,20 @@ class Trainer:
         cfg, st = self.cfg, self.state
         lr = Tensor(cfg.lr_at(st.step, self.total), ms.float32)
         scale = Tensor(st.loss_scale, ms.float32)
-        k = cfg.gradient_accumulation_steps
-        losses, finite = [], True
-        for micro in range(k):
+        losses = []
+        for micro in range(cfg.gradient_accumulation_steps):
             ids, labels = next(batches)
             masks = []
             if cfg.method == "lora" and cfg.lora_dropout > 0:
                 rng = np.random.default_rng([cfg.seed, st.step, micro, self.rank])
                 masks = dropout_masks(self.model, rng, *ids.shape, cfg.lora_dropout)
-            if k == 1:
-                loss, finite = self._fused(Tensor(ids), Tensor(labels), scale, lr, *masks)
-            else:
-                loss = self._micro(Tensor(ids), Tensor(labels), scale, *masks)
-            losses.append(float(loss.asnumpy()))
-        if k > 1:
-            finite = self._apply(scale, lr)
-        finite = bool(finite.asnumpy())
+            step = self._micro if self._accumulate else self._fused
+            extra = () if self._accumulate else (lr,)
+            losses.append(float(step(Tensor(ids), Tensor(labels), scale, *extra, *masks).asnumpy()))
+        finite = True
+        if self._accumulate:
+            finite = cfg.compute_dtype != "float16" or bool(self._finite().asnumpy())
+            self._apply(scale, lr) if finite else self._discard()
         if cfg.compute_dtype == "float16":
             self._adjust_scale(finite)
         st.step += 1

@@ -108,3 +108,38 @@ def test_bin_we_write_loads_in_torch_with_and_without_mmap(hf_tiny, tmp_path):
                 assert t.is_contiguous() and t.dtype == torch.bfloat16
                 seen[name] = t.view(torch.int16).numpy().tobytes()
     assert seen == {n: b for n, (_, _, b) in original.items()}
+
+
+def test_hf_safetensors_output_reads_in_the_safetensors_library(hf_tiny, tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch = pytest.importorskip("torch")
+    src = hf_tiny("bin", "bfloat16")
+    convert(src, tmp_path / "ms", target=Layout(), fmt="safetensors", progress=False)
+    convert(tmp_path / "ms", tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors", hf_folder=True,
+            max_shard_bytes=6 * 10**6, progress=False)
+    original = tensors_bytes(src)
+    seen = {}
+    for f in sorted((tmp_path / "hf").glob("*.safetensors")):
+        for name, t in safetensors_torch.load_file(f).items():
+            assert t.dtype == torch.bfloat16
+            seen[name] = t.view(torch.int16).numpy().tobytes()
+    assert seen == {n: b for n, (_, _, b) in original.items()}
+
+
+def test_nan_and_inf_in_a_source_are_reported(hf_tiny, tmp_path):
+    from converters.formats.safetensors_io import SafetensorsWriter
+
+    with open_checkpoint(hf_tiny("safetensors", "float32")) as c:
+        tensors = {n: (t.read(), t.dtype) for n, t in c.tensors.items()}
+    name = "transformer.encoder.layers.1.self_attention.dense.weight"
+    tensors[name][0].reshape(-1)[[3, 7, 9]] = [np.nan, np.inf, -np.inf]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_bytes((hf_tiny("safetensors", "float32") / "config.json").read_bytes())
+    with open(src / "model.safetensors", "wb") as f:
+        w = SafetensorsWriter(f, [(n, a.shape, d) for n, (a, d) in tensors.items()])
+        for n, (a, d) in tensors.items():
+            w.write(n, a, d)
+    summary = convert(src, tmp_path / "out", target=Layout(), fmt="ckpt", progress=False)
+    assert summary.nonfinite == {name: 3}
+    assert f"  warning: source tensor {name} holds 3 NaN/Inf values" in summary.lines()

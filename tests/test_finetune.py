@@ -174,3 +174,19 @@ def test_cli_refuses_disagreeing_lengths_and_writes_logs(base, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 and r["rss_mb"] > 0 for r in rows)
     assert (tmp_path / "o" / "model" / "mindspore_model.ckpt").is_file()
+
+
+def test_float16_compute_with_dynamic_loss_scaling(base, tmp_path):
+    """fp16 compute: a scale of 2^30 overflows the fp16 gradients, so the step is skipped and the scale drops (by 64
+    here) until the gradients are finite; training then proceeds with finite losses."""
+    cfg = TrainConfig.load(None, method="lora", max_steps=6, learning_rate=1e-2, compute_dtype="float16",
+                           loss_scale=2.0 ** 30, loss_scale_factor=64.0, loss_scale_window=2, lora_dropout=0.0,
+                           **SMALL)
+    trainer = Trainer(base, TRAIN, tmp_path, cfg, progress=False)
+    before = lora_state(trainer.model)
+    losses = trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    scales = [r["loss_scale"] for r in rows]
+    assert all(np.isfinite(losses)) and scales[0] == 2.0 ** 24 and min(scales) >= 1.0
+    after = lora_state(trainer.model)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # some step was applied

@@ -78,10 +78,16 @@ def test_eval_resumes_and_metric_parity_passes(hf_tiny, tmp_path):
     first = CliRunner().invoke(eval_cli, [str(tmp_path / "ms"), *common, "--out", str(out)])
     assert first.exit_code == 0, first.output
     lines = (out / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == 6 and json.loads((out / "metrics.json").read_text())["samples"] == 6
+    whole = (out / "metrics.json").read_text()
+    assert len(lines) == 6 and json.loads(whole)["samples"] == 6
+    refused = CliRunner().invoke(eval_cli, [str(tmp_path / "ms"), *common, "--out", str(out)])
+    assert refused.exit_code == 1 and "--resume" in refused.output
     (out / "predictions.jsonl").write_text("\n".join(lines[:3]) + "\n")  # as if interrupted after one batch
-    again = CliRunner().invoke(eval_cli, [str(tmp_path / "ms"), *common, "--out", str(out)])
-    assert again.exit_code == 0 and (out / "predictions.jsonl").read_text().splitlines() == lines
+    (out / "metrics.json").unlink()
+    again = CliRunner().invoke(eval_cli, [str(tmp_path / "ms"), *common, "--out", str(out), "--resume"])
+    assert again.exit_code == 0, again.output
+    assert (out / "predictions.jsonl").read_text().splitlines() == lines
+    assert (out / "metrics.json").read_text() == whole
 
     res = CliRunner().invoke(eval_cli, ["--parity", str(src), str(tmp_path / "ms"), *common,
                                         "--out", str(tmp_path / "par")])

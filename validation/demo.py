@@ -53,10 +53,25 @@ def main(workdir: Path | None):
     click.echo(f"7. logits parity, MindSpore vs PyTorch reference, float32, {len(parity['prompts'])} prompts: "
                f"max |Δlogits| {worst:.2e}, greedy agreement "
                f"{min(p['greedy_agreement'] for p in parity['prompts']):.0%}")
-    ok = report["ok"] and parity["passed"]
-    click.echo(f"round trip: {'PASS' if report['ok'] else 'FAIL'}   parity: {'PASS' if parity['passed'] else 'FAIL'}"
-               f"   (outputs in {root})")
+    metrics = _metric_parity(hf, ms_dir, root / "eval-parity")
+    click.echo(f"8. ADGEN metric parity on {metrics['samples']} real dev lines, greedy: "
+               f"{metrics['agreement']:.0%} identical predictions; rouge-l torch {metrics['torch']['rouge-l']:.4f} / "
+               f"MindSpore {metrics['ms']['rouge-l']:.4f}")
+    ok = report["ok"] and parity["passed"] and metrics["passed"]
+    verdicts = [("round trip", report["ok"]), ("logits parity", parity["passed"]), ("metric parity", metrics["passed"])]
+    click.echo("   ".join(f"{name}: {'PASS' if v else 'FAIL'}" for name, v in verdicts) + f"   (outputs in {root})")
     sys.exit(0 if ok else 1)
+
+
+def _metric_parity(hf: Path, ms_dir: Path, out: Path) -> dict:
+    import shutil
+
+    from .evaluate import EvalSettings, metric_parity
+
+    shutil.rmtree(out, ignore_errors=True)
+    dev = Path(__file__).resolve().parent / "assets" / "adgen_dev_head20.json"
+    return metric_parity(hf, ms_dir, dev, out, EvalSettings(max_samples=4, batch_size=4, max_new_tokens=8),
+                         progress=False)
 
 
 def _generate(model_dir: Path) -> str:

@@ -33,10 +33,12 @@ from converters.errors import CheckpointError
               help="--parity: fraction of samples whose predictions must be identical.")
 @click.option("--max-metric-diff", type=float, default=0.0, show_default=True,
               help="--parity: largest allowed |MindSpore − torch| per metric (points).")
+@click.option("--resume", is_flag=True, help="Keep the predictions already in --out and predict the rest.")
 @click.option("--quiet", is_flag=True)
 @user_errors
 def main(args, data, parity, runtime, max_samples, batch_size, max_source_length, max_target_length,
-         max_new_tokens, sample, top_p, temperature, seed, variant, out, min_agreement, max_metric_diff, quiet):
+         max_new_tokens, sample, top_p, temperature, seed, variant, out, min_agreement, max_metric_diff, resume,
+         quiet):
     """ADGEN evaluation; predictions.jsonl is written as it goes and a rerun resumes it."""
     from .evaluate import EvalSettings, evaluate, metric_parity
     from .metrics import adgen_scores
@@ -54,7 +56,8 @@ def main(args, data, parity, runtime, max_samples, batch_size, max_source_length
     if parity:
         if sample:
             raise CheckpointError("--parity compares greedy predictions; drop --sample")
-        report = metric_parity(*parity, data, out, s, min_agreement, max_metric_diff, progress=not quiet)
+        report = metric_parity(*parity, data, out, s, min_agreement, max_metric_diff, progress=not quiet,
+                               resume=resume)
         from .evaluate import parity_markdown
 
         click.echo(parity_markdown(report))
@@ -64,5 +67,5 @@ def main(args, data, parity, runtime, max_samples, batch_size, max_source_length
     from glm2_ms.sampling import SamplingConfig
 
     sampling = SamplingConfig(greedy=False, temperature=temperature, top_p=top_p, seed=seed) if sample else None
-    result = evaluate(Path(args[0]), data, out, runtime, s, sampling, progress=not quiet)
+    result = evaluate(Path(args[0]), data, out, runtime, s, sampling, progress=not quiet, resume=resume)
     click.echo(json.dumps(result, indent=2, ensure_ascii=False))

@@ -58,8 +58,12 @@ class Runtime:
                                      sampling=self.sampling, eos_token_id=eos)
 
 
-def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progress: bool = True) -> list[dict]:
-    """Predictions for `items`, appended to `out_file` batch by batch; lines already there are kept (resume)."""
+def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progress: bool = True,
+            resume: bool = False) -> list[dict]:
+    """Predictions for `items`, appended to `out_file` batch by batch; with `resume`, lines already there are kept
+    and only the rest is predicted."""
+    if out_file.is_file() and not resume:
+        raise CheckpointError(f"{out_file}: exists; pass --resume to continue it, or choose another --out")
     done = [json.loads(line) for line in out_file.read_text().splitlines()] if out_file.is_file() else []
     if [d["content"] for d in done] != [c for c, _, _ in items[:len(done)]]:
         raise CheckpointError(f"{out_file}: holds predictions for other samples; use another --out")
@@ -87,7 +91,7 @@ def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progr
 
 
 def evaluate(model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: EvalSettings | None = None,
-             sampling=None, progress: bool = True) -> dict:
+             sampling=None, progress: bool = True, resume: bool = False) -> dict:
     from glm2_ms.tokenizer import GLM2Tokenizer
 
     s = s or EvalSettings()
@@ -95,19 +99,21 @@ def evaluate(model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: Eva
     tok = GLM2Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.model").is_file() else GLM2Tokenizer()
     items = samples(data, tok, s)
     t = time.perf_counter()
-    preds = predict(Runtime(runtime, model_dir, sampling), tok, items, s, out / "predictions.jsonl", progress)
+    preds = predict(Runtime(runtime, model_dir, sampling), tok, items, s, out / "predictions.jsonl", progress,
+                    resume)
     metrics = adgen_scores([p["prediction"] for p in preds], [p["reference"] for p in preds], s.variant)
+    seconds = time.perf_counter() - t
     result = {"model": str(model_dir), "runtime": runtime, "samples": len(preds), "variant": s.variant,
-              "metrics": metrics, "seconds": time.perf_counter() - t}
+              "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    return result
+    return {**result, "seconds": seconds, "samples_per_s": len(items) / seconds}
 
 
 def metric_parity(hf_dir: Path, ms_dir: Path, data: Path, out: Path, s: EvalSettings, min_agreement: float = 1.0,
-                  max_metric_diff: float = 0.0, progress: bool = True) -> dict:
+                  max_metric_diff: float = 0.0, progress: bool = True, resume: bool = False) -> dict:
     """Greedy predictions of the torch reference on `hf_dir` and MindSpore on `ms_dir` over the same samples."""
-    ref = evaluate(hf_dir, data, out / "torch", "torch", s, progress=progress)
-    got = evaluate(ms_dir, data, out / "ms", "ms", s, progress=progress)
+    ref = evaluate(hf_dir, data, out / "torch", "torch", s, progress=progress, resume=resume)
+    got = evaluate(ms_dir, data, out / "ms", "ms", s, progress=progress, resume=resume)
     read = lambda p: [json.loads(x) for x in (p / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
     a, b = read(out / "torch"), read(out / "ms")
     rows, agree = [], 0
