@@ -212,3 +212,18 @@ def test_cli_process_prints_one_line_and_exits_nonzero(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_conversion_needs_neither_torch_nor_mindspore(hf_tiny, tmp_path):
+    """safetensors and .ckpt convert with torch and mindspore unimportable; .bin says what to install."""
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['mindspore'] = None; sys.modules['safetensors'] = None\n"
+        "from converters.cli import main; main()")
+    src = hf_tiny("safetensors", "bfloat16")
+    for args in (["hf2ms", src, tmp_path / "ms"], ["ms2hf", tmp_path / "ms", tmp_path / "hf"],
+                 ["verify", src, tmp_path / "hf"]):
+        proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code, "hf2ms", str(hf_tiny("bin")), str(tmp_path / "b")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "needs torch" in proc.stderr and not (tmp_path / "b").exists()
