@@ -4,8 +4,9 @@
 
 Each step runs in its own process under /usr/bin/time -v (wall time, peak RSS), with the page cache dropped
 before it when we are allowed to (root), and `sync` inside the timed command so that write-back is counted.
-The disk of a shared VM varies from minute to minute, so cp, hf2ms and ms2hf run in turn --repeat times and
-the best time of each is reported.
+Each conversion's anchor is `cp -r` of its own source (the HF folder for hf2ms, the MindSpore folder for
+ms2hf). The disk of a shared VM varies from minute to minute, so the copies and conversions run in turn
+--repeat times and the best time of each is reported.
 The naive recipe users follow today (load the whole state dict, then mindspore.save_checkpoint) runs at the
 sizes given by --naive-layers. Needs about 40 GB of free disk for the full size.
 """
@@ -63,12 +64,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--naive-layers", default="2,8,14")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--formats", default="bin,safetensors")
     args = ap.parse_args()
     work, py, cli = args.workdir, sys.executable, f"{sys.executable} -m converters"
     work.mkdir(parents=True, exist_ok=True)
     print(f"page cache dropped before each step: {drop_caches()}")
     rows = []
-    for fmt in ("bin", "safetensors"):
+    for fmt in args.formats.split(","):
         src = work / f"hf-6b-{fmt}"
         if not src.exists():
             subprocess.run([*cli.split(), "synth", str(src), "--preset", "6b", "--num-layers", str(args.layers),
@@ -79,27 +81,27 @@ def main() -> None:
         for _ in range(args.repeat):
             for d in (ms_dir, back, work / "cp-copy"):
                 shutil.rmtree(d, ignore_errors=True)
-            cp = timed(f"cp -r {src} {work}/cp-copy")
+            cp = timed(f"cp -r {src} {work}/cp-copy")  # the anchor of hf2ms: its source's bytes
             shutil.rmtree(work / "cp-copy")
-            runs.append((cp, timed(f"{cli} hf2ms {src} {ms_dir} --quiet"),
-                         timed(f"{cli} ms2hf {ms_dir} {back} --format {fmt} --quiet")))
-        (cp_wall, _), (h_wall, h_rss), (m_wall, m_rss) = [(min(r[k][0] for r in runs), max(r[k][1] for r in runs))
-                                                           for k in range(3)]
-        rows.append((fmt, gb, cp_wall, h_wall, h_rss, m_wall, m_rss))
+            hf2ms = timed(f"{cli} hf2ms {src} {ms_dir} --quiet")
+            cp_ms = timed(f"cp -r {ms_dir} {work}/cp-copy")  # the anchor of ms2hf: its source's bytes
+            shutil.rmtree(work / "cp-copy")
+            runs.append((cp, hf2ms, cp_ms, timed(f"{cli} ms2hf {ms_dir} {back} --format {fmt} --quiet")))
+        (cp_wall, _), (h_wall, h_rss), (cpm_wall, _), (m_wall, m_rss) = [
+            (min(r[k][0] for r in runs), max(r[k][1] for r in runs)) for k in range(4)]
+        rows.append((fmt, gb, cp_wall, h_wall, h_rss, cpm_wall, m_wall, m_rss))
         print(f"{fmt}: {gb:.2f} GB  cp -r {cp_wall:.1f} s | hf2ms {h_wall:.1f} s ({h_wall / cp_wall:.2f}x cp), "
-              f"peak RSS {h_rss:.0f} MB | ms2hf {m_wall:.1f} s ({m_wall / cp_wall:.2f}x cp), peak RSS {m_rss:.0f} MB",
-              flush=True)
+              f"peak RSS {h_rss:.0f} MB | cp -r of the MindSpore folder {cpm_wall:.1f} s | ms2hf {m_wall:.1f} s "
+              f"({m_wall / cpm_wall:.2f}x that cp), peak RSS {m_rss:.0f} MB", flush=True)
         verdict = subprocess.run([*cli.split(), "verify", str(src), str(back)], capture_output=True, text=True)
         print(f"   verify {src.name} vs {back.name}: {verdict.stdout.strip()}", flush=True)
         shutil.rmtree(back)
         shutil.rmtree(ms_dir)
-        if fmt == "bin":
-            shutil.rmtree(work / "naive", ignore_errors=True)
-    print("\n| source | size | cp -r | hf2ms | hf2ms / cp | hf2ms peak RSS | ms2hf | ms2hf / cp | ms2hf peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for fmt, gb, cp_wall, h_wall, h_rss, m_wall, m_rss in rows:
+    print("\n| source | size | cp -r HF | hf2ms | ratio | peak RSS | cp -r MS | ms2hf | ratio | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for fmt, gb, cp_wall, h_wall, h_rss, cpm_wall, m_wall, m_rss in rows:
         print(f"| {fmt} | {gb:.2f} GB | {cp_wall:.1f} s | {h_wall:.1f} s | {h_wall / cp_wall:.2f}x | {h_rss:.0f} MB "
-              f"| {m_wall:.1f} s | {m_wall / cp_wall:.2f}x | {m_rss:.0f} MB |")
+              f"| {cpm_wall:.1f} s | {m_wall:.1f} s | {m_wall / cpm_wall:.2f}x | {m_rss:.0f} MB |")
 
     print("\nnaive recipe (torch.load everything, then mindspore.save_checkpoint):")
     print("| layers | checkpoint | naive wall | naive peak RSS | RSS / checkpoint | hf2ms wall | hf2ms peak RSS |")
