@@ -92,19 +92,27 @@ def _pairs(names_arrays, pattern: re.Pattern, where: str) -> dict[str, dict[str,
     return pairs
 
 
-def read_adapter(path, alpha: float | None = None) -> Adapter:
-    """A PEFT folder, a mindpet .ckpt (or its folder), or any MindSpore checkpoint holding mindpet tensors."""
-    from .checkpoint import open_checkpoint
+def _lora_arrays(ckpt) -> list[tuple[str, np.ndarray]]:
     from .dtypes import to_float32
+
+    return [(n, to_float32(t.read(), t.dtype)) for n, t in ckpt.tensors.items() if MINDPET.match(n) or PEFT.match(n)]
+
+
+def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
+    """A PEFT folder, a mindpet .ckpt (or its folder), or any MindSpore checkpoint holding mindpet tensors (also
+    one already `opened`, e.g. merged rank shards)."""
+    from .checkpoint import open_checkpoint
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    config = _config(folder)
+    config = _config(folder) if opened is None else None
     peft_file = folder / "adapter_model.safetensors"
     source = peft_file if path.is_dir() and peft_file.is_file() else path
-    with open_checkpoint(source) as ckpt:
-        arrays = [(n, to_float32(t.read(), t.dtype)) for n, t in ckpt.tensors.items()
-                  if MINDPET.match(n) or PEFT.match(n)]
+    if opened is not None:
+        arrays = _lora_arrays(opened)
+    else:
+        with open_checkpoint(source) as ckpt:
+            arrays = _lora_arrays(ckpt)
     if not arrays:
         raise CheckpointError(f"{path}: holds no LoRA tensors (mindpet_delta_lora_*, tk_delta_lora_*, or PEFT "
                               f"lora_A/lora_B)")

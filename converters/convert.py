@@ -65,9 +65,10 @@ def _nbytes(shape, dtype) -> int:
 def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folder: bool = False,
             max_shard_bytes: int | None = None, overwrite: bool = False, allow_overflow: bool = False,
             keep_optimizer: bool = False, rearranged_rope: bool | None = None, config: Path | None = None,
-            progress: bool = True, adapter=None) -> Summary:
-    """Convert the checkpoint at `src` into a new folder `dst` (MindSpore, or a HF folder when `hf_folder`);
-    with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged into the weights."""
+            progress: bool = True, adapter=None, opened=None) -> Summary:
+    """Convert the checkpoint at `src` (or the Checkpoint `opened` from it) into a new folder `dst` (MindSpore, or
+    a HF folder when `hf_folder`); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
+    into the weights."""
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if keep_optimizer and hf_folder:
@@ -76,7 +77,7 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folde
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise CheckpointError(f"{dst}: the destination must not be the source or lie inside it")
-    with Source.open(src, rearranged_rope, config) as source:
+    with Source.open(src, rearranged_rope, config, opened) as source:
         cfg, tensors = source.cfg, source.ckpt.tensors
         lora = source.dropped["LoRA adapters"]
         if lora and adapter is None:

@@ -77,8 +77,10 @@ class Source(Closing):
     nonfinite: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path, rearranged_rope: bool | None = None, config: Path | None = None) -> "Source":
-        ckpt = open_checkpoint(path)
+    def open(cls, path, rearranged_rope: bool | None = None, config: Path | None = None,
+             opened: Checkpoint | None = None) -> "Source":
+        """The checkpoint at `path` (or the already `opened` one, which the Source then owns)."""
+        ckpt = opened if opened is not None else open_checkpoint(path)
         try:
             weights, dropped = [], {kind: [] for kind in NON_WEIGHTS.values()}
             for name in ckpt.tensors:

@@ -20,36 +20,12 @@ import numpy as np
 from ..dtypes import BY_CKPT, BY_NAME
 from ..errors import CheckpointError
 from .base import Closing, TensorRef, read_exact
+from .protowire import encode_varint as _encode_varint
+from .protowire import varint as _varint
 
 CHUNK_BYTES = 512 * 1024 * 1024
 CRC_MARK = b"crc_num"
 CRC_TRAILER = len(CRC_MARK) + 10
-
-
-def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while pos < end:
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            break
-    raise ValueError("bad varint")
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def _text(buf: bytes, pos: int, length: int) -> str:

@@ -1,0 +1,293 @@
+"""Per-rank MindSpore checkpoints of a distributed run: found, checked against the strategy, and seen as one
+checkpoint whose tensors are assembled from their slices on read; and the other way, a full checkpoint cut into
+rank files for a strategy.
+
+Each parameter's slices are read once per distinct slice (replicas are skipped), straight into the full tensor,
+so memory is bounded by the largest parameter.
+"""
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .dtypes import BY_NAME
+from .errors import CheckpointError
+from .formats.base import TensorRef
+from .formats.ckpt import CkptFile, CkptWriter
+from .names import OPTIMIZER_PREFIXES, classify
+from .output import staged_folder
+from .strategy import ParamLayout, Strategy, load_strategy
+
+RANK_DIR = re.compile(r"^rank_(\d+)$")
+EPOCH_STEP = re.compile(r"-(\d+)_(\d+)\.ckpt$")
+
+
+@dataclass
+class MergeStats:
+    ranks: int
+    files: dict[int, str]
+    notes: list[str] = field(default_factory=list)
+    parameters: int = 0
+    bytes_read: int = 0
+    replicas_skipped: int = 0
+    copied: list[str] = field(default_factory=list)  # bookkeeping entries outside the strategy, taken from one rank
+
+    def lines(self) -> list[str]:
+        out = [f"  {self.ranks} ranks, {self.parameters} parameters assembled, {self.bytes_read / 1e6:.1f} MB of "
+               f"slices read, {self.replicas_skipped} replica slices skipped"]
+        out += [f"  {n}" for n in self.notes]
+        if self.copied:
+            out.append(f"  not in the strategy, taken from the first rank holding them: {', '.join(self.copied)}")
+        return out
+
+
+def _step_key(path: Path) -> tuple[int, int] | None:
+    m = EPOCH_STEP.search(path.name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _rank_dirs(src: Path) -> dict[int, Path]:
+    for root in (src, src / "checkpoint"):  # a MindFormers output folder holds checkpoint/rank_{r}
+        if root.is_dir():
+            found = {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := RANK_DIR.match(p.name))}
+            if found:
+                return found
+    raise CheckpointError(f"{src}: no rank_N folders (expected SRC/rank_0/…ckpt as MindSpore and MindFormers "
+                          f"lay them out)")
+
+
+def discover(sources: list[Path], ranks: int) -> tuple[dict[int, Path], list[str]]:
+    """The checkpoint file of every rank 0…ranks-1, and notes on how they were chosen.
+
+    SRC is one folder of rank_N subfolders (or a MindFormers output folder), or the rank files in rank order. In a
+    rank folder the newest `-{epoch}_{step}.ckpt` that every rank has is used — a rank that died while saving
+    leaves the previous complete set — and files without that suffix go by name, as MindSpore picks them."""
+    if len(sources) > 1 or sources[0].is_file():
+        if len(sources) != ranks:
+            raise CheckpointError(f"the strategy lays out {ranks} ranks, {len(sources)} files were given")
+        for p in sources:
+            if not p.is_file():
+                raise CheckpointError(f"{p}: no such rank file")
+        return dict(enumerate(sources)), []
+    src = sources[0]
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such folder")
+    dirs = _rank_dirs(src)
+    missing = [r for r in range(ranks) if r not in dirs]
+    if missing:
+        raise CheckpointError(f"{src}: rank {missing[0]} is missing (rank_{missing[0]}/): the strategy lays out "
+                              f"{ranks} ranks")
+    extra = sorted(r for r in dirs if r >= ranks)
+    if extra:
+        raise CheckpointError(f"{src}: rank_{extra[0]}/ lies beyond the strategy's {ranks} ranks (wrong strategy?)")
+    candidates = {}
+    for r in range(ranks):
+        files = sorted(p for p in dirs[r].glob("*.ckpt") if p.is_file())
+        if not files:
+            raise CheckpointError(f"{dirs[r]}: rank {r} has no .ckpt file")
+        candidates[r] = files
+    notes = []
+    keyed = {r: {_step_key(p): p for p in files} for r, files in candidates.items()}
+    if all(None not in k for k in keyed.values()):
+        common = set.intersection(*(set(k) for k in keyed.values()))
+        if not common:
+            raise CheckpointError(f"{src}: the ranks share no epoch/step: no complete checkpoint set")
+        best = max(common)
+        newest = max(max(k) for k in keyed.values())
+        if newest != best:
+            notes.append(f"epoch {newest[0]} step {newest[1]} is incomplete (not on every rank); using epoch "
+                         f"{best[0]} step {best[1]}")
+        chosen = {r: k[best] for r, k in keyed.items()}
+    else:
+        chosen = {r: files[-1] for r, files in candidates.items()}
+    for r, files in candidates.items():
+        if len(files) > 1:
+            notes.append(f"rank {r}: using {chosen[r].name} of {len(files)} checkpoints")
+    return chosen, notes
+
+
+def layout_of(strategy: Strategy, name: str) -> ParamLayout | None:
+    """A parameter's layout; optimizer moments (`adam_m.X`, …) follow their weight when the file lists only it."""
+    if name in strategy.layouts:
+        return strategy.layouts[name]
+    for prefix in OPTIMIZER_PREFIXES:
+        if name.startswith(prefix) and name[len(prefix):] in strategy.layouts:
+            return strategy.layouts[name[len(prefix):]]
+    return None
+
+
+def _uncovered(name: str) -> CheckpointError:
+    return CheckpointError(f"the strategy does not cover parameter {name!r} (a strategy of another run? LoRA runs "
+                           f"must save strategies with only_trainable_params: False)")
+
+
+def _assembler(name: str, full: tuple[int, ...], dtype: str, pieces: list[tuple[tuple[slice, ...], TensorRef]],
+               stats: MergeStats):
+    def read() -> np.ndarray:
+        out = np.empty(full, BY_NAME[dtype].storage)
+        for box, ref in pieces:
+            out[box] = ref.read()
+            ref.release()
+            stats.bytes_read += ref.nbytes
+        return out
+    return read
+
+
+def _pieces(name: str, lay: ParamLayout, by_rank: dict[int, dict[str, TensorRef]],
+            stats: MergeStats) -> tuple[tuple[int, ...], str, list]:
+    holders = lay.ranks()
+    lacking = [r for r in holders if name not in by_rank[r]]
+    if lacking:
+        raise CheckpointError(f"{stats.files[lacking[0]]}: lacks {name!r}, which the strategy places on rank "
+                              f"{lacking[0]} (a file of another run?)")
+    first = by_rank[holders[0]][name]
+    full = lay.full_shape(first.shape, name)
+    distinct: dict[tuple, TensorRef] = {}
+    for r in holders:
+        ref = by_rank[r][name]
+        box = lay.box(r - holders[0], full)
+        want = tuple(s.stop - s.start for s in box)
+        if ref.shape != want or ref.dtype != first.dtype:
+            raise CheckpointError(f"{ref.file}: {name!r} is {ref.dtype} {list(ref.shape)}, the strategy gives rank "
+                                  f"{r} a {first.dtype} slice {list(want)} (a file of another run?)")
+        key = tuple((s.start, s.stop) for s in box)
+        if key in distinct:
+            stats.replicas_skipped += 1
+        else:
+            distinct[key] = ref
+    covered = sum(math.prod(b - a for a, b in key) for key in distinct)
+    if covered != math.prod(full):
+        raise CheckpointError(f"{name!r}: the rank slices cover {covered} of {math.prod(full)} values")
+    return full, first.dtype, [(tuple(slice(a, b) for a, b in key), ref) for key, ref in distinct.items()]
+
+
+def open_sharded(sources: list[Path], strategy_path: Path) -> tuple[Checkpoint, MergeStats]:
+    """The rank files of a run as one lazy Checkpoint (use it as a context manager)."""
+    strategy = load_strategy(strategy_path)
+    files, notes = discover([Path(s) for s in sources], strategy.ranks)
+    stats = MergeStats(strategy.ranks, {r: str(p) for r, p in files.items()}, notes)
+    ckpt = Checkpoint(Path(sources[0]), list(files.values()), "ckpt")
+    try:
+        by_rank = {}
+        for r, p in files.items():
+            opened = ckpt._stack.enter_context(CkptFile(p))
+            ckpt.handles.append(opened)
+            by_rank[r] = opened.tensors
+            if r == 0:
+                ckpt.strings.update(opened.strings)
+        order = list(dict.fromkeys(n for r in sorted(by_rank) for n in by_rank[r]))
+        for name in order:
+            lay = layout_of(strategy, name)
+            if lay is None:
+                if classify(name) in ("weight", "lora"):
+                    raise _uncovered(name)
+                ckpt.tensors[name] = by_rank[min(r for r in by_rank if name in by_rank[r])][name]
+                stats.copied.append(name)
+                continue
+            full, dtype, pieces = _pieces(name, lay, by_rank, stats)
+            ckpt.tensors[name] = TensorRef(name, full, dtype, pieces[0][1].file,
+                                           _assembler(name, full, dtype, pieces, stats))
+            stats.parameters += 1
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt, stats
+
+
+@dataclass
+class SplitSummary:
+    src: str
+    dst: str
+    ranks: int
+    parameters: int
+    replicated: list[str]
+    bytes_written: int
+    seconds: float
+
+    def lines(self) -> list[str]:
+        rate = self.bytes_written / self.seconds / 1e6 if self.seconds else 0.0
+        out = [f"{self.src} -> {self.dst}: {self.ranks} rank files, {self.parameters} parameters laid out, "
+               f"{self.bytes_written / 1e6:.1f} MB written in {self.seconds:.2f} s ({rate:.0f} MB/s)"]
+        if self.replicated:
+            out.append(f"  not in the strategy, copied to every rank: {', '.join(self.replicated)}")
+        return out
+
+
+def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_rank_", overwrite: bool = False,
+          progress: bool = True) -> SplitSummary:
+    """Cut a full MindSpore checkpoint into `dst/rank_{r}/{prefix}{r}.ckpt` for the strategy; the strategy
+    files are copied to `dst/strategy/`. Each tensor is read once and its slices go to every rank's file."""
+    from .convert import _progress
+
+    started = time.perf_counter()
+    strategy = load_strategy(strategy_path)
+    with open_checkpoint(full) as ckpt:
+        if ckpt.format != "ckpt":
+            raise CheckpointError(f"{full}: split reads a MindSpore .ckpt checkpoint, not {ckpt.format}")
+        plan, replicated = [], []
+        for name, ref in ckpt.tensors.items():
+            lay = layout_of(strategy, name)
+            if lay is None and classify(name) in ("weight", "lora"):
+                raise _uncovered(name)
+            if lay is None:
+                replicated.append(name)
+                plan.append((ref, None, range(strategy.ranks)))
+                continue
+            lay.check_full(ref.shape, name)
+            plan.append((ref, lay, lay.ranks()))
+        missing = [n for n in strategy.layouts if classify(n) == "weight" and n not in ckpt.tensors]
+        if missing:
+            raise CheckpointError(f"{full}: lacks {missing[0]!r}, which the strategy lays out")
+        written = 0
+        with staged_folder(dst, overwrite) as tmp, _progress(ckpt.nbytes, progress, f"split {full.name}") as bar:
+            handles, writers = [], {}
+            try:
+                for r in range(strategy.ranks):
+                    (tmp / f"rank_{r}").mkdir()
+                    handles.append(open(tmp / f"rank_{r}" / f"{prefix}{r}.ckpt", "wb"))
+                    writers[r] = CkptWriter(handles[-1])
+                for ref, lay, holders in plan:
+                    arr = ref.read()
+                    for r in holders:
+                        part = arr if lay is None else arr[lay.box(r - holders[0], ref.shape)]
+                        writers[r].write(ref.name, np.ascontiguousarray(part), ref.dtype)
+                        written += part.nbytes
+                    ref.release()
+                    bar.update(ref.nbytes)
+            finally:
+                for h in handles:
+                    h.close()
+            (tmp / "strategy").mkdir()
+            sources = sorted(Path(strategy_path).iterdir()) if Path(strategy_path).is_dir() else [Path(strategy_path)]
+            for s in sources:
+                if s.is_file():
+                    shutil.copyfile(s, tmp / "strategy" / s.name)
+    return SplitSummary(str(full), str(dst), strategy.ranks, len(plan) - len(replicated), replicated, written,
+                        time.perf_counter() - started)
+
+
+def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, hf_folder: bool, fmt: str,
+          lora_alpha: float | None = None, **options):
+    """Rank shards → one checkpoint at `dst` (MindSpore, or a HF folder), through the converter; LoRA adapters
+    found in the shards are folded into the weights (their alpha must be given: it is not in the files)."""
+    from .adapters import MINDPET, read_adapter
+    from .convert import convert
+
+    ckpt, stats = open_sharded(sources, strategy_path)
+    with ckpt:
+        adapter = None
+        if any(MINDPET.match(n) for n in ckpt.tensors):
+            if lora_alpha is None:
+                raise CheckpointError(f"{sources[0]}: the shards hold LoRA adapters; pass the run's --lora-alpha to "
+                                      f"fold them into the merged weights")
+            adapter = read_adapter(sources[0], lora_alpha, opened=ckpt)
+        summary = convert(sources[0], dst, target=target, fmt=fmt, hf_folder=hf_folder, adapter=adapter,
+                          opened=ckpt, **options)
+    return summary, stats
