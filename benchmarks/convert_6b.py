@@ -13,11 +13,12 @@ sizes given by --naive-layers. Needs about 40 GB of free disk for the full size.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from measure import drop_caches, size_of, timed
 
 NAIVE = """
 import sys, glob, torch, mindspore as ms, numpy as np
@@ -31,31 +32,6 @@ for name, t in state.items():
     params.append({"name": name.replace("word_embeddings.weight", "embedding_weight"), "data": ms.Tensor(a)})
 ms.save_checkpoint(params, dst)
 """
-
-
-def drop_caches() -> bool:
-    try:
-        subprocess.run(["sync"], check=True)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def timed(cmd: str) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of a shell command, write-back included."""
-    drop_caches()
-    proc = subprocess.run(["/usr/bin/time", "-v", "bash", "-c", f"{cmd} && sync"], capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"failed: {cmd}\n{proc.stderr[-2000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
-    h, m, s = wall.groups()
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return int(h or 0) * 3600 + int(m) * 60 + float(s), int(rss.group(1)) / 1024
-
-
-def size_of(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def main() -> None:
