@@ -42,22 +42,43 @@ def write_ckpt(path: Path, tensors: dict[str, np.ndarray]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2).encode())
+
+
+def write_strategy(out: Path, layouts: dict) -> Path:
+    """`OUT/strategy/ckpt_strategy_rank_0.ckpt`, MindSpore's protobuf strategy of the rank checkpoints."""
+    from converters.strategy import strategy_bytes
+
+    path = out / "strategy" / "ckpt_strategy_rank_0.ckpt"
+    write_atomic(path, strategy_bytes(layouts))
+    return path
 
 
 def ckpt_path(out: Path, kind: str, rank: int, epoch: int, step: int) -> Path:
     return out / kind / f"rank_{rank}" / f"glm2_rank_{rank}-{epoch}_{step}.ckpt"
 
 
-def latest(out: Path, rank: int) -> Path | None:
-    """The newest complete training checkpoint of a rank, by (epoch, step) as MindSpore orders them."""
-    folder = out / "checkpoint" / f"rank_{rank}"
-    found = [(int(m.group(2)), int(m.group(3)), p) for p in folder.glob("*.ckpt") if (m := NAME.search(p.name))
-             and p.with_suffix(".json").is_file()]
-    return max(found)[2] if found else None
+def latest(out: Path, rank: int, world: int = 1) -> Path | None:
+    """This rank's file of the newest training checkpoint that every rank completed (file and sidecar), by
+    (epoch, step) as MindSpore orders them: a rank that died while saving leaves the previous set."""
+    common = None
+    for r in range(world):
+        folder = out / "checkpoint" / f"rank_{r}"
+        steps = {(int(m.group(2)), int(m.group(3))) for p in folder.glob("*.ckpt") if (m := NAME.search(p.name))
+                 and p.with_suffix(".json").is_file()}
+        common = steps if common is None else common & steps
+    if not common:
+        return None
+    epoch, step = max(common)
+    return ckpt_path(out, "checkpoint", rank, epoch, step)
 
 
 def read_ckpt(path: Path) -> dict[str, np.ndarray]:

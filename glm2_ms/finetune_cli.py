@@ -34,10 +34,13 @@ def _overrides(fn):
 @click.option("--max-steps", type=int, default=None)
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in OUT.")
 @click.option("--merge", is_flag=True, help="LoRA: also write the base model with the adapter merged.")
+@click.option("--shard-optimizer", is_flag=True, default=None,
+              help="Under msrun: shard AdamW state and update across the ranks (each holds 1/N).")
 @click.option("--quiet", is_flag=True)
 @_overrides
 @user_errors
-def main(model_dir, train_data, method, out_dir, config_file, max_steps, resume, merge, quiet, **overrides):
+def main(model_dir, train_data, method, out_dir, config_file, max_steps, resume, merge, shard_optimizer, quiet,
+         **overrides):
     """Finetune a converted ChatGLM2 on MindSpore; write checkpoints, adapters (PEFT and mindpet), logs."""
     from .distributed import world
     from .loading import use_cpu
@@ -46,8 +49,9 @@ def main(model_dir, train_data, method, out_dir, config_file, max_steps, resume,
 
     use_cpu()
     rank, size = world()
-    cfg = TrainConfig.load(config_file, method=method, max_steps=max_steps, **overrides)
-    if not resume and rank == 0 and (out_dir / "checkpoint").exists():
+    cfg = TrainConfig.load(config_file, method=method, max_steps=max_steps, shard_optimizer=shard_optimizer,
+                           **overrides)
+    if not resume and (out_dir / "checkpoint").exists():  # every rank sees it: none starts a collective
         raise click.ClickException(f"{out_dir} holds checkpoints already: pass --resume, or another --out")
     trainer = Trainer(model_dir, train_data, out_dir, cfg, resume=resume, progress=not quiet, rank=rank, world=size)
     if rank == 0:

@@ -24,6 +24,7 @@ from .data import IGNORE, Lengths, TrainData, read_jsonl
 from .loading import from_pretrained
 from .lora import LoRAConfig, apply_lora, dropout_masks, lora_cells, size_dropout_masks
 from .model import GLM2ForCausalLM
+from .optimizer_shards import PREFIX, OptimizerShards
 from .tokenizer import GLM2Tokenizer
 from .train_config import TrainConfig
 
@@ -66,8 +67,11 @@ class Trainer:
             size_dropout_masks(self.model, cfg.batch_size, lengths.total)
         self.model.set_train(True)
         trainable = self.model.trainable_params()
+        # in the optimizer's order: the decayed matrices, then norms and biases (MindFormers' filter)
         decay = [p for p in trainable if len(p.shape) > 1]
-        no_decay = [p for p in trainable if len(p.shape) <= 1]  # norms and biases, as MindFormers' filter
+        self.weights = ms.ParameterTuple(decay + [p for p in trainable if len(p.shape) <= 1])
+        self.shards = OptimizerShards(list(self.weights), rank, world, cfg.shard_optimizer)
+        decay, no_decay = self.shards.updated[:len(decay)], self.shards.updated[len(decay):]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -95,18 +99,22 @@ class Trainer:
         self._accumulate = k > 1 or check_finite
         reducer = self._grad_reducer()
         masks = [cell.dropout_mask for _, cell in lora_cells(model)] if cfg.method == "lora" else []
-        accu = self.opt.parameters.clone(prefix="accu_grads", init="zeros") if self._accumulate else ()
+        accu = self.weights.clone(prefix="accu_grads", init="zeros") if self._accumulate else ()
+        world, shards = self.world, self.shards
+        all_reduce = ops.AllReduce() if world > 1 else None
 
         def forward(ids, labels, scale):
             loss = causal_lm_loss(model(ids), labels)
             return loss * scale, loss
 
-        grad_fn = ms.value_and_grad(forward, None, opt.parameters, has_aux=True)
+        grad_fn = ms.value_and_grad(forward, None, self.weights, has_aux=True)
 
         def backward(ids, labels, scale, fresh_masks):
             for param, value in zip(masks, fresh_masks):
                 ops.assign(param, value)
             (_, loss), grads = grad_fn(ids, labels, scale)
+            if world > 1:  # the reported loss is the global batch's (each rank's mean, averaged)
+                loss = all_reduce(loss) / world
             return loss, grads
 
         def update(grads, scale, lr):
@@ -115,8 +123,8 @@ class Trainer:
             if self._accumulate:  # (static) no extra copy of every gradient when there is nothing to undo
                 grads = tuple(g / (scale * k) for g in grads)
             grads = ops.clip_by_global_norm(reducer(grads), cfg.max_grad_norm)
-            opt(grads)
-            return True
+            opt(shards.take(grads))
+            return shards.gather()
 
         def fused(ids, labels, scale, lr, *fresh_masks):
             loss, grads = backward(ids, labels, scale, fresh_masks)
@@ -139,19 +147,27 @@ class Trainer:
             return discard()
 
         def finite():
-            return ms.amp.all_finite(tuple(accu))
+            ok = ms.amp.all_finite(tuple(accu))
+            if world > 1:  # every rank must take the same decision
+                return all_reduce(ok.astype(ms.float32)) == world
+            return ok
 
         # Every value that changes between steps enters as an input: on this MindSpore a parameter changed with
         # set_data after its graph was compiled keeps its old value inside the graph.
         self._fused, self._micro, self._apply = ms.jit(fused), ms.jit(micro), ms.jit(apply)
         self._discard, self._finite = ms.jit(discard), ms.jit(finite)
 
+        def gather():
+            return shards.gather()
+
+        self._gather = ms.jit(gather)
+
     def _grad_reducer(self):
         if self.world == 1:
             return lambda grads: grads
         from mindspore import nn
 
-        return nn.DistributedGradReducer(self.opt.parameters, mean=True)
+        return nn.DistributedGradReducer(self.weights, mean=True)
 
     # ---- the loop
     def train(self, stop_after: int | None = None) -> list[float]:
@@ -191,7 +207,9 @@ class Trainer:
             ids, labels = next(batches)
             masks = []
             if cfg.method == "lora" and cfg.lora_dropout > 0:
-                rng = np.random.default_rng([cfg.seed, st.step, micro, self.rank])
+                # indexed by the micro-batch's place in the global batch: N ranks × k micro-batches draw the
+                # masks one process with N·k micro-batches would
+                rng = np.random.default_rng([cfg.seed, st.step, micro * self.world + self.rank])
                 masks = dropout_masks(self.model, rng, *ids.shape, cfg.lora_dropout)
             step = self._micro if self._accumulate else self._fused
             extra = () if self._accumulate else (lr,)
@@ -242,12 +260,16 @@ class Trainer:
         return {p.name: p.asnumpy() for p in self.model.get_parameters() if not p.name.endswith("dropout_mask")}
 
     def save(self) -> Path:
+        """This rank's checkpoint files (and, from rank 0 of several, the strategy that lays them out)."""
         st = self.state
-        net = self.network_state()
+        net = {n: self.shards.saved(n, a) for n, a in self.network_state().items()}
         full = dict(net)
         for prefix, moments in (("exp_avg.", self.opt.exp_avg), ("exp_avg_sq.", self.opt.exp_avg_sq)):
             for p in moments:
-                full[MOMENTS[prefix] + p.name[len(prefix):]] = p.asnumpy()
+                full[MOMENTS[prefix] + p.name[len(prefix):].removeprefix(PREFIX)] = p.asnumpy()
+        if self.world > 1 and self.rank == 0:
+            ckpt.write_strategy(self.out, {n: self.shards.layout(n.split(".", 1)[1] if n.startswith(
+                tuple(MOMENTS.values())) else n, a.ndim) for n, a in full.items()})
         full.update({"global_step": np.array(st.step, np.int32), "epoch_num": np.array(st.epoch, np.int32),
                      "step_num": np.array(st.step, np.int32), "loss_scale": np.array(st.loss_scale, np.float32)})
         path = ckpt.ckpt_path(self.out, "checkpoint", self.rank, st.epoch, st.step)
@@ -255,29 +277,39 @@ class Trainer:
         ckpt.write_ckpt(path, full)
         ckpt.write_json_atomic(path.with_suffix(".json"), {
             "step": st.step, "epoch": st.epoch, "in_epoch": st.in_epoch, "loss_scale": st.loss_scale,
-            "good_steps": st.good_steps, "world": self.world, "config": self.cfg.as_dict(), "losses": st.losses})
+            "good_steps": st.good_steps, "world": self.world, "shard_optimizer": bool(self.shards.slices),
+            "config": self.cfg.as_dict(), "losses": st.losses})
         return path
 
     def _resume(self) -> None:
-        path = ckpt.latest(self.out, self.rank)
-        if path is None:
-            raise CheckpointError(f"{self.out}: --resume, but no complete checkpoint under checkpoint/rank_{self.rank}")
-        side = json.loads(path.with_suffix(".json").read_text())
-        if side["world"] != self.world:
-            raise CheckpointError(f"{path}: saved by {side['world']} processes, resumed with {self.world}; resume "
+        newest = ckpt.latest(self.out, 0)
+        side = json.loads(newest.with_suffix(".json").read_text()) if newest else None
+        if side is not None and side["world"] != self.world:
+            raise CheckpointError(f"{newest}: saved by {side['world']} processes, resumed with {self.world}; resume "
                                   f"with the same number of processes")
+        path = ckpt.latest(self.out, self.rank, self.world)
+        if path is None:
+            raise CheckpointError(f"{self.out}: --resume, but no checkpoint that all {self.world} ranks completed "
+                                  f"under checkpoint/rank_*")
+        side = json.loads(path.with_suffix(".json").read_text())
+        if side.get("shard_optimizer", False) != bool(self.shards.slices):
+            raise CheckpointError(f"{path}: saved with shard_optimizer={side.get('shard_optimizer', False)}; resume "
+                                  f"with the same setting")
         saved = ckpt.read_ckpt(path)
         params = {p.name: p for p in self.model.get_parameters()}
         for prefix, moments in (("exp_avg.", self.opt.exp_avg), ("exp_avg_sq.", self.opt.exp_avg_sq)):
             for p in moments:
                 params[p.name] = p
-                saved[p.name] = saved.pop(MOMENTS[prefix] + p.name[len(prefix):])
+                saved[p.name] = saved.pop(MOMENTS[prefix] + p.name[len(prefix):].removeprefix(PREFIX))
         for name, p in params.items():
             if name.endswith("dropout_mask"):
                 continue
             if name not in saved:
                 raise CheckpointError(f"{path}: has no {name}; it was written by another run")
-            p.set_data(Tensor(saved[name]).astype(p.dtype))
+            if not self.shards.restore(name, saved[name]):
+                p.set_data(Tensor(saved[name]).astype(p.dtype))
+        if self.shards.slices:
+            self._gather()
         self.opt.state_step.set_data(Tensor(int(saved["global_step"]), ms.int32))
         st = self.state
         st.step, st.epoch, st.in_epoch = side["step"], side["epoch"], side["in_epoch"]

@@ -43,6 +43,8 @@ class TrainConfig:
     loss_scale: float = 2.0 ** 16
     loss_scale_factor: float = 2.0
     loss_scale_window: int = 1000
+    # distributed (MindFormers: parallel.enable_parallel_optimizer)
+    shard_optimizer: bool = False        # AdamW state and update sharded across data-parallel ranks
     # bookkeeping
     save_steps: int = 0                 # 0: only at the end
     log_steps: int = 1

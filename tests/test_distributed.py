@@ -1,0 +1,180 @@
+"""glm2-finetune under msrun with 2 CPU workers: data parallel = one process on the same global batch, sharded
+optimizer = unsharded, rank checkpoints that our merge and MindSpore's transform_checkpoints both reassemble,
+resume, and a killed worker."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converters.checkpoint import open_checkpoint
+from converters.convert import convert
+from converters.formats.ckpt import CkptFile
+from converters.names import Layout
+
+BIN = Path(sys.executable).parent
+DATA = Path(__file__).parent / "data" / "adgen_train_head200.json"
+STEPS = 6
+
+
+def tensors(path) -> dict[str, np.ndarray]:
+    with open_checkpoint(path) as c:
+        return {n: t.read() for n, t in c.tensors.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finetune_args(model: Path, out: Path, *extra) -> list[str]:
+    return [str(BIN / "glm2-finetune"), "--model", str(model), "--train-data", str(DATA), "--method", "full",
+            "--max-steps", str(STEPS), "--save-steps", "2", "--max-source-length", "16", "--max-target-length", "16",
+            "--learning-rate", "1e-3", "--out", str(out), "--quiet", *extra]
+
+
+def msrun_cmd(log_dir: Path, args: list[str]) -> list[str]:
+    return [str(BIN / "msrun"), "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
+            f"--log_dir={log_dir}", "--join=True", *args]
+
+
+def env() -> dict:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}  # msrun's workers run `python` from PATH
+
+
+def msrun(log_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
+    r = subprocess.run(msrun_cmd(log_dir, args), capture_output=True, text=True, env=env(), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(hf_tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    model = root / "model"
+    convert(hf_tiny("safetensors", "float32"), model, target=Layout("mindformers"), fmt="ckpt", progress=False)
+    r = subprocess.run(finetune_args(model, root / "single", "--batch-size", "2", "--gradient-accumulation-steps",
+                                     "2"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    msrun(root / "log-dp", finetune_args(model, root / "dp", "--batch-size", "2"))
+    killed_then_resumed(root / "zero", finetune_args(model, root / "zero", "--batch-size", "2", "--shard-optimizer"))
+    return root
+
+
+def killed_then_resumed(out: Path, args: list[str]) -> None:
+    """The sharded-optimizer run: rank 1 is killed after its step-2 checkpoint, then the run is resumed under
+    msrun. What the failure left is recorded in OUT/killed.json for the test that checks it."""
+    proc = subprocess.Popen(msrun_cmd(out.parent / "log-killed", args), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env())
+    side = out / "checkpoint" / "rank_1" / "glm2_rank_1-0_2.json"
+    deadline = time.time() + 240
+    while not side.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    pid = _worker_pid(out, 1)
+    assert side.exists() and pid, "rank 1 never saved step 2"
+    os.kill(pid, signal.SIGKILL)
+    text, _ = proc.communicate(timeout=240)
+    left = {}
+    for f in sorted((out / "checkpoint").rglob("*.ckpt")):  # every rank file that exists must be whole
+        with CkptFile(f) as c:
+            left[str(f.relative_to(out))] = sum(t.read().nbytes for t in c.tensors.values())
+    (out / "killed.json").write_text(json.dumps({"returncode": proc.returncode, "output": text[-5000:],
+                                                 "files": left}))
+    msrun(out.parent / "log-resume", [*args, "--resume"])
+
+
+def test_data_parallel_equals_one_process_on_the_global_batch(runs):
+    single, dp = losses(runs / "single"), losses(runs / "dp")
+    assert len(single) == len(dp) == STEPS
+    np.testing.assert_allclose(dp, single, rtol=1e-5)
+    a, b = tensors(runs / "dp" / "model"), tensors(runs / "single" / "model")
+    for n in a:
+        np.testing.assert_allclose(a[n], b[n], rtol=1e-5, atol=1e-6, err_msg=n)
+    ranks = [tensors(runs / "dp" / "checkpoint" / f"rank_{r}" / f"glm2_rank_{r}-0_{STEPS}.ckpt") for r in (0, 1)]
+    assert all(np.array_equal(ranks[0][n], ranks[1][n]) for n in ranks[0])  # identical on both ranks
+    assert len((runs / "dp" / "train_log.jsonl").read_text().splitlines()) == STEPS  # rank 0 logs alone
+
+
+def test_sharded_optimizer_halves_state_and_changes_nothing(runs):
+    done = json.loads((runs / "zero" / "checkpoint" / "rank_0" / f"glm2_rank_0-0_{STEPS}.json").read_text())
+    np.testing.assert_array_equal(done["losses"], losses(runs / "dp"))
+    a, b = tensors(runs / "zero" / "model"), tensors(runs / "dp" / "model")
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+    name = f"glm2_rank_0-0_{STEPS}.ckpt"
+    with CkptFile(runs / "zero" / "checkpoint" / "rank_0" / name) as z, \
+            CkptFile(runs / "dp" / "checkpoint" / "rank_0" / name) as d:
+        moments = [n for n in d.tensors if n.startswith(("adam_m.", "adam_v."))]
+        assert moments and sum(z.tensors[n].nbytes for n in moments) * 2 == sum(d.tensors[n].nbytes for n in moments)
+
+
+@pytest.mark.parametrize("run", ["dp", "zero"])
+def test_rank_checkpoints_merge_ours_and_mindspores(runs, run, tmp_path):
+    import mindspore as ms
+
+    from glm2_ms.loading import from_pretrained
+
+    out = runs / run
+    r = subprocess.run([BIN / "glm2-merge-shards", out / "checkpoint", "--strategy", out / "strategy",
+                        tmp_path / "merged", "--keep-optimizer", "--config", runs / "model" / "config.json",
+                        "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ours = tensors(tmp_path / "merged")
+    ms.transform_checkpoints(str(out / "checkpoint"), str(tmp_path / "ms"), "m",
+                             str(out / "strategy" / "ckpt_strategy_rank_0.ckpt"), None)
+    theirs = tensors(next((tmp_path / "ms").rglob("*.ckpt")))
+    assert set(ours) == set(theirs)
+    assert all(np.array_equal(ours[n], theirs[n]) for n in ours)
+    final = tensors(out / "model")
+    assert all(np.array_equal(ours[n], a) for n, a in final.items())
+
+    shutil.copyfile(runs / "model" / "config.json", tmp_path / "merged" / "config.json")
+    ids = ms.Tensor(np.array([[64790, 64792, 36474, 54591, 13, 30910]], np.int32))
+    merged_logits = from_pretrained(tmp_path / "merged")(ids).asnumpy()
+    single_logits = from_pretrained(runs / "single" / "model")(ids).asnumpy()
+    np.testing.assert_allclose(merged_logits, single_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resume_needs_the_same_world(runs, tmp_path):
+    shutil.copytree(runs / "dp", tmp_path / "dp")
+    r = subprocess.run(finetune_args(runs / "model", tmp_path / "dp", "--batch-size", "2", "--resume"),
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "saved by 2 processes, resumed with 1" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def _worker_pid(out: Path, rank: int) -> int | None:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(out) in cmd and "glm2-finetune" in cmd and f"RANK_ID={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_killed_worker_then_resume(runs):
+    """Rank 1 killed after the step-2 checkpoint: msrun exits non-zero and says so, the rank files on disk are
+    whole, and --resume under msrun finished the run exactly as an uninterrupted one (the unsharded run, which
+    the sharded one equals bit for bit)."""
+    killed = json.loads((runs / "zero" / "killed.json").read_text())
+    assert killed["returncode"] != 0
+    assert "exit with exception" in killed["output"] and "Distributed job exited with exception" in killed["output"]
+    assert {"checkpoint/rank_0/glm2_rank_0-0_2.ckpt", "checkpoint/rank_1/glm2_rank_1-0_2.ckpt"} <= set(killed["files"])
+    done = json.loads((runs / "zero" / "checkpoint" / "rank_0" / f"glm2_rank_0-0_{STEPS}.json").read_text())
+    np.testing.assert_array_equal(done["losses"], losses(runs / "dp"))
