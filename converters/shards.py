@@ -133,7 +133,11 @@ def _assembler(name: str, full: tuple[int, ...], dtype: str, pieces: list[tuple[
     def read() -> np.ndarray:
         out = np.empty(full, BY_NAME[dtype].storage)
         for box, ref in pieces:
-            out[box] = ref.read()
+            target = out[box]
+            if ref.into is not None and target.flags.c_contiguous:  # a run of whole rows: straight from disk
+                ref.into(target)
+            else:
+                target[...] = ref.read()
             ref.release()
             stats.bytes_read += ref.nbytes
         return out

@@ -76,8 +76,9 @@ def runs(hf_tiny, tmp_path_factory):
 def killed_then_resumed(out: Path, args: list[str]) -> None:
     """The sharded-optimizer run: rank 1 is killed after its step-2 checkpoint, then the run is resumed under
     msrun. What the failure left is recorded in OUT/killed.json for the test that checks it."""
+    # MS_NODE_TIMEOUT: how long the scheduler waits for a lost worker before it gives up (30 s by default)
     proc = subprocess.Popen(msrun_cmd(out.parent / "log-killed", args), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env())
+                            stderr=subprocess.STDOUT, text=True, env={**env(), "MS_NODE_TIMEOUT": "10"})
     side = out / "checkpoint" / "rank_1" / "glm2_rank_1-0_2.json"
     deadline = time.time() + 240
     while not side.exists() and time.time() < deadline and proc.poll() is None:

@@ -29,6 +29,7 @@ class TensorRef:
     file: Path
     reader: Callable[[], np.ndarray] = field(repr=False)
     release: Callable[[], None] = field(default=lambda: None, repr=False)
+    into: Callable[[np.ndarray], object] | None = field(default=None, repr=False)  # read into a C-contiguous buffer
 
     @property
     def numel(self) -> int:

@@ -147,15 +147,16 @@ class CkptFile(Closing):
         if math.prod(shape) * dt.itemsize != total:
             raise CheckpointError(f"{self.path}: tensor {tag!r} holds {total} bytes, but shape {list(shape)} of "
                                   f"{dt.name} needs {math.prod(shape) * dt.itemsize}")
-        self.tensors[tag] = TensorRef(tag, shape, dt.name, self.path, lambda: self._read(tag, shape, dt.name, segments))
+        self.tensors[tag] = TensorRef(tag, shape, dt.name, self.path, lambda: self._read(tag, shape, dt.name, segments),
+                                      into=lambda out: self._read(tag, shape, dt.name, segments, out))
 
     def _read_bytes(self, offset: int, n: int, what: str) -> bytes:
         arr = np.empty(n, np.uint8)
         read_exact(self._f, offset, arr, self.path, what)
         return arr.tobytes()
 
-    def _read(self, tag, shape, dtype, segments) -> np.ndarray:
-        arr = np.empty(shape, BY_NAME[dtype].storage)
+    def _read(self, tag, shape, dtype, segments, out: np.ndarray | None = None) -> np.ndarray:
+        arr = np.empty(shape, BY_NAME[dtype].storage) if out is None else out
         flat = arr.reshape(-1).view(np.uint8)
         at = 0
         for offset, n in segments:
