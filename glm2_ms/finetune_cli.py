@@ -36,18 +36,20 @@ def _overrides(fn):
 @click.option("--merge", is_flag=True, help="LoRA: also write the base model with the adapter merged.")
 @click.option("--shard-optimizer", is_flag=True, default=None,
               help="Under msrun: shard AdamW state and update across the ranks (each holds 1/N).")
+@click.option("--device", type=click.Choice(["CPU", "Ascend", "GPU"]), default="CPU", show_default=True,
+              help="MindSpore device (CPU is what this project tests).")
 @click.option("--quiet", is_flag=True)
 @_overrides
 @user_errors
-def main(model_dir, train_data, method, out_dir, config_file, max_steps, resume, merge, shard_optimizer, quiet,
-         **overrides):
+def main(model_dir, train_data, method, out_dir, config_file, max_steps, resume, merge, shard_optimizer, device,
+         quiet, **overrides):
     """Finetune a converted ChatGLM2 on MindSpore; write checkpoints, adapters (PEFT and mindpet), logs."""
     from .distributed import world
-    from .loading import use_cpu
+    from .loading import use_device
     from .train import Trainer, export
     from .train_config import TrainConfig
 
-    use_cpu()
+    use_device(device)
     rank, size = world()
     cfg = TrainConfig.load(config_file, method=method, max_steps=max_steps, shard_optimizer=shard_optimizer,
                            **overrides)

@@ -16,14 +16,18 @@ RUNTIME_LAYOUT = Layout("mindformers")  # the runtime's parameter names
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
-def use_cpu() -> None:
-    """Select MindSpore's CPU device; a no-op when this process already runs kernels there (the device can be
-    chosen only once)."""
+def use_device(target: str = "CPU") -> None:
+    """Select MindSpore's device (CPU, Ascend or GPU); a no-op when this process already runs kernels there (the
+    device can be chosen only once)."""
     try:
-        ms.set_device("CPU")
+        ms.set_device(target)
     except RuntimeError:
-        if ms.get_context("device_target") != "CPU":
+        if ms.get_context("device_target") != target:
             raise
+
+
+def use_cpu() -> None:
+    use_device("CPU")
 
 
 def to_tensor(arr: np.ndarray, dtype: str) -> ms.Tensor:
