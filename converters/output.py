@@ -82,6 +82,7 @@ class WeightsWriter:
         self._queue = [(file, plan) for file, plan in shards]
         self._open = None  # (file name, handle, writer, remaining names)
         self._pool: ThreadPoolExecutor | None = None
+        self._pending = None  # the digest of the last tensor written, still being computed
 
     def _hash(self, arr: np.ndarray):
         """sha256 of the tensor's bytes on a second thread (hashlib releases the GIL) while this one writes."""
@@ -126,13 +127,20 @@ class WeightsWriter:
         arr = np.ascontiguousarray(arr)
         digest = self._hash(arr)
         writer.write(name, arr, dtype)
-        self.records.append({"name": name, "shape": list(arr.shape), "dtype": dtype, "file": file,
-                             "sha256": digest.result().hexdigest()})
+        self._settle()  # the previous tensor's digest; this one's overlaps the next write
+        self.records.append({"name": name, "shape": list(arr.shape), "dtype": dtype, "file": file})
+        self._pending = digest
         remaining.pop(0)
         if not remaining:
             self._finish_file()
 
+    def _settle(self) -> None:
+        if self._pending is not None:
+            self.records[-1]["sha256"] = self._pending.result().hexdigest()
+            self._pending = None
+
     def close(self) -> None:
+        self._settle()
         self._shutdown()
         if self._open is not None or self._queue:
             raise AssertionError("not every planned tensor was written")
