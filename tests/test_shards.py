@@ -355,3 +355,15 @@ def test_keep_optimizer(full, tmp_path, moments_in_strategy):
     for n, a in theirs.items():
         assert np.array_equal(ours[n], a), n
     assert ours["global_step"].tolist() == [42]
+
+
+def test_merge_and_split_need_neither_mindspore_nor_protobuf(full, run, tmp_path):
+    code = ("import sys\n"
+            "for m in ('torch', 'mindspore', 'safetensors', 'google', 'google.protobuf'): sys.modules[m] = None\n"
+            "from converters.shards_cli import main; main()")
+    shards, strategy = run
+    for args in ([shards, "--strategy", strategy, tmp_path / "merged", "--config", full["config"], "--quiet"],
+                 ["split", full["float16"], tmp_path / "split", "--strategy", strategy, "--quiet"]):
+        proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert all(np.array_equal(a, tensors(full["float16"])[n]) for n, a in tensors(tmp_path / "merged").items())
