@@ -165,7 +165,8 @@ class Source(Closing):
         LoRA deltas are folded into the canonical weights they belong to (in float32, then the source dtype).
 
         The next group is read on a second thread while the caller writes this one, so reading and writing
-        overlap as they do in `cp` (file reads and numpy release the GIL). At most two groups are in memory."""
+        overlap as they do in `cp` (file reads and numpy release the GIL). At most three groups are in memory:
+        the one read ahead, the one being written, and the one before it while its hash finishes."""
         if adapter is not None:
             modules = {g.source.canonical.rsplit(".", 1)[0] for g in groups if not g.prefix}
             stray = sorted(set(adapter.deltas) - modules)
@@ -192,4 +193,7 @@ class Source(Closing):
                 for (name, _), part in zip(g.dst(), g.target.gather(arr)):
                     yield name, part, dst_dtype
                 del arr
-                on_done(self.release(g))
+                if i:  # one group late: the writer may still be hashing the last bytes it was given
+                    on_done(self.release(groups[i - 1]))
+            if groups:
+                on_done(self.release(groups[-1]))
