@@ -128,8 +128,9 @@ def _uncovered(name: str) -> CheckpointError:
                            f"must save strategies with only_trainable_params: False)")
 
 
-def _assembler(name: str, full: tuple[int, ...], dtype: str, pieces: list[tuple[tuple[slice, ...], TensorRef]],
+def _assembler(full: tuple[int, ...], dtype: str, pieces: list[tuple[tuple[slice, ...], TensorRef]],
                stats: MergeStats):
+    """Reads a parameter's distinct slices into one new array of the full shape."""
     def read() -> np.ndarray:
         out = np.empty(full, BY_NAME[dtype].storage)
         for box, ref in pieces:
@@ -197,7 +198,7 @@ def open_sharded(sources: list[Path], strategy_path: Path) -> tuple[Checkpoint, 
                 continue
             full, dtype, pieces = _pieces(name, lay, by_rank, stats)
             ckpt.tensors[name] = TensorRef(name, full, dtype, pieces[0][1].file,
-                                           _assembler(name, full, dtype, pieces, stats))
+                                           _assembler(full, dtype, pieces, stats))
             stats.parameters += 1
     except BaseException:
         ckpt.close()
