@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -275,8 +275,8 @@ def load_strategy(path) -> Strategy:
         stage, layouts = _read_file(f)
         if not layouts:
             raise CheckpointError(f"{f}: the strategy has no parameter layouts")
-        prefixed = all(_split_stage(n)[1] != n for n in layouts)
-        if len(files) == 1 and stage and not prefixed:
+        merged_already = all(_split_stage(n)[1] != n for n in layouts)  # names carry "{stage}-"
+        if len(files) == 1 and stage and not merged_already:
             raise CheckpointError(f"{f}: is the strategy of pipeline stage {stage} alone; pass the folder that "
                                   f"holds every stage's file (or their merge)")
         if len(files) > 1:
@@ -285,10 +285,9 @@ def load_strategy(path) -> Strategy:
                 continue  # per-rank copies of one stage's strategy
             stages_seen[stage] = f
             layouts = {f"{stage}-{n}": lay for n, lay in layouts.items()}
-        for prefixed, lay in layouts.items():
-            stage_of, name = _split_stage(prefixed)
-            lay = ParamLayout(lay.dev_matrix, lay.tensor_map, lay.split_shape, lay.opt_step, lay.opt_size,
-                              lay.field, stage_of)
+        for full_name, lay in layouts.items():
+            stage_of, name = _split_stage(full_name)
+            lay = replace(lay, stage=stage_of)
             lay.check(name)
             if name not in merged or stage_of < merged[name].stage:  # shared across stages: the first stage's
                 merged[name] = lay
