@@ -40,8 +40,8 @@ class MergeStats:
     copied: list[str] = field(default_factory=list)  # bookkeeping entries outside the strategy, taken from one rank
 
     def lines(self) -> list[str]:
-        out = [f"  {self.ranks} ranks, {self.parameters} parameters assembled, {self.bytes_read / 1e6:.1f} MB of "
-               f"slices read, {self.replicas_skipped} replica slices skipped"]
+        out = [f"  {self.ranks} ranks, {self.parameters} parameters laid out by the strategy, "
+               f"{self.bytes_read / 1e6:.1f} MB of slices read, {self.replicas_skipped} replica slices skipped"]
         out += [f"  {n}" for n in self.notes]
         if self.copied:
             out.append(f"  not in the strategy, taken from the first rank holding them: {', '.join(self.copied)}")
@@ -295,4 +295,6 @@ def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, hf_fol
             adapter = read_adapter(sources[0], lora_alpha, opened=ckpt)
         summary = convert(sources[0], dst, target=target, fmt=fmt, hf_folder=hf_folder, adapter=adapter,
                           opened=ckpt, **options)
+    if not options.get("keep_optimizer"):  # the converter dropped them, and its summary says so
+        stats.copied = [n for n in stats.copied if classify(n) != "optimizer"]
     return summary, stats

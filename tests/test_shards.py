@@ -264,7 +264,7 @@ def test_cli_merge_split_roundtrip(full, run, tmp_path):
     shards, strategy = run
     r = cli(shards, "--strategy", strategy, tmp_path / "hf", "--to", "hf", "--config", full["config"])
     assert r.returncode == 0, r.stderr
-    assert "8 ranks, 17 parameters assembled" in r.stdout
+    assert "8 ranks, 17 parameters laid out by the strategy" in r.stdout
     r = cli("split", full["float16"], tmp_path / "split", "--strategy", strategy)
     assert r.returncode == 0 and "8 rank files" in r.stdout, r.stderr
     r = subprocess.run([BIN / "glm2-convert", "verify", tmp_path / "hf", full["float16"]], capture_output=True,
