@@ -102,7 +102,7 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folde
             writer = WeightsWriter(tmp, fmt, shards, metadata)
             try:
                 with _progress(total, progress, f"{src.name} -> {dst.name}") as bar:
-                    for name, arr, dt in source.stream(groups, dtype, allow_overflow, bar.update, adapter):
+                    for name, arr, dt in source.stream(groups, dtype, allow_overflow, bar.update, adapter, spans=True):
                         writer.write(name, arr, dt)
                         if restore_inv_freq and name == plan[0][0]:  # the buffer follows the embedding
                             writer.write(INV_FREQ, inv_freq(cfg, model_dtype), model_dtype)

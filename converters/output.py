@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +18,8 @@ import numpy as np
 
 from .dtypes import BY_NAME
 from .errors import CheckpointError
+from .formats.base import FileSpan, byte_blocks
 
-HASH_BLOCK = 16 << 20
 PLAN = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in write order
 
 
@@ -84,17 +85,19 @@ class WeightsWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._pending = None  # the digest of the last tensor written, still being computed
 
-    def _hash(self, arr: np.ndarray):
-        """sha256 of the tensor's bytes on a second thread (hashlib releases the GIL) while this one writes."""
+    def _checksums(self, data: np.ndarray | FileSpan, crc: bool):
+        """sha256 (and the CRC-32 a zip record needs) of the tensor's bytes on a second thread (hashlib and zlib
+        release the GIL) while this one writes."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
-        data = memoryview(arr).cast("B")
 
         def digest():
-            h = hashlib.sha256()
-            for at in range(0, len(data), HASH_BLOCK):
-                h.update(data[at:at + HASH_BLOCK])
-            return h
+            h, c = hashlib.sha256(), 0
+            for block in byte_blocks(data):
+                h.update(block)
+                if crc:
+                    c = zlib.crc32(block, c)
+            return h.hexdigest(), c
         return self._pool.submit(digest)
 
     def _start(self):
@@ -112,31 +115,37 @@ class WeightsWriter:
         self._open = (file, handle, writer, [n for n, _, _ in plan])
 
     def _finish_file(self):
+        self._settle()
         file, handle, writer, _ = self._open
         if hasattr(writer, "finish"):
             writer.finish()
         handle.close()
         self._open = None
 
-    def write(self, name: str, arr: np.ndarray, dtype: str) -> None:
+    def write(self, name: str, arr: np.ndarray | FileSpan, dtype: str) -> None:
         if self._open is None:
             self._start()
         file, handle, writer, remaining = self._open
         if remaining[0] != name:
             raise AssertionError(f"write order broken: {name} before {remaining[0]}")
-        arr = np.ascontiguousarray(arr)
-        digest = self._hash(arr)
+        if not isinstance(arr, FileSpan):
+            arr = np.ascontiguousarray(arr)
+        set_crc = getattr(writer, "crc", None)  # a zip record's CRC-32, patched in before the file is finished
+        digest = self._checksums(arr, set_crc is not None)
         writer.write(name, arr, dtype)
-        self._settle()  # the previous tensor's digest; this one's overlaps the next write
+        self._settle()  # the previous tensor's checksums; this one's overlap the next write
         self.records.append({"name": name, "shape": list(arr.shape), "dtype": dtype, "file": file})
-        self._pending = digest
+        self._pending = (digest, set_crc, name)
         remaining.pop(0)
         if not remaining:
             self._finish_file()
 
     def _settle(self) -> None:
         if self._pending is not None:
-            self.records[-1]["sha256"] = self._pending.result().hexdigest()
+            digest, set_crc, name = self._pending
+            self.records[-1]["sha256"], crc = digest.result()
+            if set_crc is not None:
+                set_crc(name, crc)
             self._pending = None
 
     def close(self) -> None:

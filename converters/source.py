@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .config import GLM2Config
 from .dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, to_float32
 from .errors import CheckpointError
-from .formats.base import Closing
+from .formats.base import Closing, FileSpan
 from .names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
 
 NON_WEIGHTS = {"optimizer": "optimizer state", "cache": "KV-cache entries", "buffer": "buffers",
@@ -159,10 +159,27 @@ class Source(Closing):
             r.release()
         return sum(r.nbytes for r in refs)
 
+    def unchanged(self, group: Group, dtype: str) -> FileSpan | None:
+        """The group's one target tensor as it lies in the source file, when the target stores exactly those
+        bytes; its NaN/Inf are counted as the writer reads it back to hash it."""
+        refs = [self.ckpt.tensors[n] for n in group.src_names()]
+        if len(refs) != 1 or len(group.target.pieces) != 1 or group.source.pieces[0].rows is not None \
+                or group.target.pieces[0].rows is not None or out_dtype(refs[0].dtype, dtype) != refs[0].dtype:
+            return None
+        ref, storage = refs[0], BY_NAME[refs[0].dtype].storage
+
+        def count(block: memoryview) -> None:
+            bad = count_nonfinite(np.frombuffer(block, storage), ref.dtype)
+            if bad:
+                self.nonfinite[ref.name] = self.nonfinite.get(ref.name, 0) + bad
+        return ref.span(count)
+
     def stream(self, groups: list[Group], dtype: str = "keep", allow_overflow: bool = False,
-               on_done=lambda nbytes: None, adapter=None) -> Iterator[tuple[str, np.ndarray, str]]:
+               on_done=lambda nbytes: None, adapter=None,
+               spans: bool = False) -> Iterator[tuple[str, np.ndarray | FileSpan, str]]:
         """(target name, array, dtype) for every target tensor of `groups`, in order; with an `adapter`, its
         LoRA deltas are folded into the canonical weights they belong to (in float32, then the source dtype).
+        With `spans`, a tensor whose bytes the target keeps as they are comes as a FileSpan instead of an array.
 
         The next group is read on a second thread while the caller writes this one, so reading and writing
         overlap as they do in `cp` (file reads and numpy release the GIL). At most three groups are in memory:
@@ -174,9 +191,12 @@ class Source(Closing):
                 raise CheckpointError(f"adapter modules not in the model: {', '.join(stray[:3])}")
 
         def load(g: Group):
-            arr, src_dtype = self.canonical(g)
             delta = adapter.delta(g.source.canonical.removesuffix(".weight")) \
                 if adapter is not None and not g.prefix and g.source.canonical.endswith(".weight") else None
+            span = self.unchanged(g, dtype) if spans and delta is None else None
+            if span is not None:
+                return span, span.dtype
+            arr, src_dtype = self.canonical(g)
             if delta is not None:
                 if delta.shape != arr.shape:
                     raise CheckpointError(f"adapter delta for {g.source.canonical} has shape {list(delta.shape)}, "

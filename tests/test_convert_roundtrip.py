@@ -1,5 +1,10 @@
 """hf2ms → ms2hf gives back the same bytes, for every source format, dtype and MindFormers layout."""
+import io
 import json
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +37,27 @@ def test_roundtrip_every_layout_is_bit_identical(hf_tiny, tmp_path, fmt, dtype):
         assert tensors_bytes(back) == original, layout.describe()
         manifest = json.loads((back / "manifest.json").read_text())
         assert manifest["source_layout"] == layout.as_dict()
+
+
+def test_unchanged_tensors_copied_file_to_file_within_and_across_file_systems(hf_tiny, tmp_path):
+    """Tensors the target keeps byte for byte go file to file: copy_file_range within a file system; across
+    (ext4 → tmpfs, where the kernel answers EXDEV) plain reads and writes. Both give the same bytes."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system to copy across")
+    src = hf_tiny("safetensors", "float16")
+    across = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        for fmt in ("ckpt", "safetensors"):
+            convert(src, tmp_path / fmt, target=Layout(), fmt=fmt, progress=False)
+            convert(src, across / fmt, target=Layout(), fmt=fmt, progress=False)
+            for f in (tmp_path / fmt).iterdir():
+                assert f.read_bytes() == (across / fmt / f.name).read_bytes(), f.name
+        convert(tmp_path / "ckpt", across / "back", target=Layout("chatglm"), fmt="bin", hf_folder=True,
+                progress=False)
+        assert tensors_bytes(across / "back") == tensors_bytes(src)
+    finally:
+        shutil.rmtree(across)
 
 
 def test_ms_output_has_the_layout_names(hf_tiny, tmp_path):
@@ -94,6 +120,7 @@ def test_output_is_deterministic(hf_tiny, tmp_path):
 
 
 def test_bin_we_write_loads_in_torch_with_and_without_mmap(hf_tiny, tmp_path):
+    """Our own zip framing (CRCs patched in after the fact, zip64 fields) against torch and zipfile."""
     torch = pytest.importorskip("torch")
     src = hf_tiny("safetensors", "bfloat16")
     convert(src, tmp_path / "b", target=Layout("chatglm"), fmt="bin", hf_folder=True, max_shard_bytes=6 * 10**6,
@@ -107,6 +134,12 @@ def test_bin_we_write_loads_in_torch_with_and_without_mmap(hf_tiny, tmp_path):
             for name, t in state.items():
                 assert t.is_contiguous() and t.dtype == torch.bfloat16
                 seen[name] = t.view(torch.int16).numpy().tobytes()
+        with zipfile.ZipFile(tmp_path / "b" / shard) as ours:
+            assert ours.testzip() is None  # every record's CRC-32 checks
+            records = {n.split("/", 1)[1] for n in ours.namelist()}
+        theirs = io.BytesIO()
+        torch.save(state, theirs)
+        assert records == {n.split("/", 1)[1] for n in zipfile.ZipFile(theirs).namelist()}
     assert seen == {n: b for n, (_, _, b) in original.items()}
 
 

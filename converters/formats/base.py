@@ -1,7 +1,10 @@
 """What every reader hands out: a tensor's name, shape and dtype, and a way to read its bytes later."""
 from __future__ import annotations
 
+import errno
 import math
+import mmap
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,6 +33,7 @@ class TensorRef:
     reader: Callable[[], np.ndarray] = field(repr=False)
     release: Callable[[], None] = field(default=lambda: None, repr=False)
     into: Callable[[np.ndarray], object] | None = field(default=None, repr=False)  # read into a C-contiguous buffer
+    offset: int | None = None  # where the bytes lie contiguous and as stored in `file`, when they do
 
     @property
     def numel(self) -> int:
@@ -42,6 +46,85 @@ class TensorRef:
     def read(self) -> np.ndarray:
         """The tensor as a numpy array of the storage dtype (bfloat16 as uint16 bits)."""
         return self.reader()
+
+    def span(self, on_block=None) -> FileSpan | None:
+        return None if self.offset is None else FileSpan(self.file, self.offset, self.shape, self.dtype, on_block)
+
+
+BLOCK = 1 << 20  # bytes per step when a tensor is hashed: small enough that the second checksum reads from cache
+WINDOW = 64 << 20  # bytes of a file mapped at a time
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    """A tensor that stays in its file: writers copy it file to file (`copy_file_range`, in the kernel, as `cp`
+    does) and hashing reads it back from the page cache, so its bytes never pass through a numpy array."""
+    file: Path
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+    on_block: Callable[[memoryview], object] | None = field(default=None, compare=False, repr=False)  # sees each
+    # block read back for hashing: the source counts NaN/Inf there, in the same pass
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * BY_NAME[self.dtype].itemsize
+
+    def blocks(self):
+        """The bytes, BLOCK at a time, mapped from the page cache (no copy): a window of the file is mapped at a
+        time and unmapped as soon as its last block is let go."""
+        with open(self.file, "rb", buffering=0) as f:
+            for start in range(0, self.nbytes, WINDOW):
+                n = min(WINDOW, self.nbytes - start)
+                at = self.offset + start
+                skip = at % mmap.ALLOCATIONGRANULARITY
+                window = memoryview(mmap.mmap(f.fileno(), skip + n, prot=mmap.PROT_READ, offset=at - skip))
+                for b in range(skip, skip + n, BLOCK):
+                    yield window[b:min(b + BLOCK, skip + n)]
+                del window
+
+    def copy_to(self, out, start: int, n: int) -> None:
+        """Append bytes [start, start + n) to the open file `out`."""
+        out.flush()
+        at = out.tell()
+        with open(self.file, "rb", buffering=0) as f:
+            done = 0
+            try:
+                while done < n:
+                    step = os.copy_file_range(f.fileno(), out.fileno(), n - done, self.offset + start + done,
+                                              at + done)
+                    if step == 0:
+                        raise OSError(errno.EIO, f"{self.file}: changed while being converted")
+                    done += step
+            except OSError as exc:  # another file system, or one without it: plain reads and writes
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                out.seek(at + done)
+                for view in FileSpan(self.file, self.offset + start + done, (n - done,), "uint8").blocks():
+                    out.write(view)
+        out.seek(at + n)
+
+
+def byte_blocks(data: np.ndarray | FileSpan):
+    """A tensor's bytes BLOCK at a time, wherever they are."""
+    if isinstance(data, FileSpan):
+        for block in data.blocks():
+            if data.on_block is not None:
+                data.on_block(block)
+            yield block
+        return
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    for at in range(0, len(view), BLOCK):
+        yield view[at:at + BLOCK]
+
+
+def write_bytes(out, data: np.ndarray | FileSpan, start: int = 0, n: int | None = None) -> None:
+    """Append bytes [start, start + n) of a tensor to `out`."""
+    n = data.nbytes - start if n is None else n
+    if isinstance(data, FileSpan):
+        data.copy_to(out, start, n)
+    else:
+        out.write(memoryview(np.ascontiguousarray(data)).cast("B")[start:start + n])
 
 
 def read_exact(f, offset: int, arr: np.ndarray, path: Path, what: str) -> None:

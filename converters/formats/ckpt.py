@@ -19,7 +19,7 @@ import numpy as np
 
 from ..dtypes import BY_CKPT, BY_NAME
 from ..errors import CheckpointError
-from .base import Closing, TensorRef, read_exact
+from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
 from .protowire import encode_varint as _encode_varint
 from .protowire import varint as _varint
 
@@ -148,7 +148,8 @@ class CkptFile(Closing):
             raise CheckpointError(f"{self.path}: tensor {tag!r} holds {total} bytes, but shape {list(shape)} of "
                                   f"{dt.name} needs {math.prod(shape) * dt.itemsize}")
         self.tensors[tag] = TensorRef(tag, shape, dt.name, self.path, lambda: self._read(tag, shape, dt.name, segments),
-                                      into=lambda out: self._read(tag, shape, dt.name, segments, out))
+                                      into=lambda out: self._read(tag, shape, dt.name, segments, out),
+                                      offset=segments[0][0] if len(segments) == 1 else None)
 
     def _read_bytes(self, offset: int, n: int, what: str) -> bytes:
         arr = np.empty(n, np.uint8)
@@ -194,11 +195,9 @@ class CkptWriter:
     def __init__(self, f: BinaryIO):
         self._f = f
 
-    def write(self, name: str, arr: np.ndarray, dtype: str) -> None:
-        data = memoryview(np.ascontiguousarray(arr)).cast("B")
+    def write(self, name: str, data: np.ndarray | FileSpan, dtype: str) -> None:
         ttype = BY_NAME[dtype].ckpt
-        starts = range(0, len(data), CHUNK_BYTES) if len(data) else [0]
-        for at in starts:
-            piece = data[at:at + CHUNK_BYTES]
-            self._f.write(_record_header(name, arr.shape, ttype, len(piece)))
-            self._f.write(piece)
+        for at in range(0, data.nbytes, CHUNK_BYTES) if data.nbytes else [0]:
+            n = min(CHUNK_BYTES, data.nbytes - at)
+            self._f.write(_record_header(name, data.shape, ttype, n))
+            write_bytes(self._f, data, at, n)

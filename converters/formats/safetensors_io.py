@@ -16,7 +16,7 @@ import numpy as np
 
 from ..dtypes import BY_NAME, BY_SAFETENSORS
 from ..errors import CheckpointError
-from .base import Closing, TensorRef, read_exact
+from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
 
 MAX_HEADER = 100 << 20
 
@@ -69,7 +69,8 @@ class SafetensorsFile(Closing):
                                       f"the file has {size}")
             spans.append((begin, end, name))
             self.tensors[name] = TensorRef(name, shape, dt.name, self.path,
-                                           lambda o=base + begin, s=shape, d=dt, k=name: self._read(o, s, d, k))
+                                           lambda o=base + begin, s=shape, d=dt, k=name: self._read(o, s, d, k),
+                                           offset=base + begin)
         spans.sort()
         for (_, e1, a), (b2, _, b) in zip(spans, spans[1:]):
             if b2 < e1:
@@ -102,12 +103,12 @@ class SafetensorsWriter:
         f.write(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
 
-    def write(self, name: str, arr: np.ndarray, dtype: str) -> None:
+    def write(self, name: str, data: np.ndarray | FileSpan, dtype: str) -> None:
         want = self._expected[self._next]
-        if want != (name, tuple(arr.shape), dtype):
+        if want != (name, tuple(data.shape), dtype):
             raise AssertionError(f"write order broken: got {name}, planned {want}")
         self._next += 1
-        self._f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        write_bytes(self._f, data)
 
     def finish(self) -> None:
         if self._next != len(self._expected):

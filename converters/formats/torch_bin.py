@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from .base import Closing, TensorRef
+from .base import Closing, FileSpan, TensorRef, write_bytes
+from .zipstore import ZipStoreWriter
 
 _TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64",
                  "int8": "int8", "uint8": "uint8", "int16": "int16", "int32": "int32", "int64": "int64",
@@ -77,10 +78,10 @@ class TorchBinFile(Closing):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint (truncated or corrupt: "
                                   f"{first[:160]})") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
+        state = _unwrap(state)
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: expected a dict of tensors, found {type(state).__name__}")
+        offsets = self._offsets(torch) if self._mapped else {}
         self.tensors: dict[str, TensorRef] = {}
         for name, t in state.items():
             if not isinstance(t, torch.Tensor):
@@ -90,10 +91,35 @@ class TorchBinFile(Closing):
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
             mapped = self._mapped
             self.tensors[name] = TensorRef(name, tuple(t.shape), dtype, self.path, lambda t=t: to_numpy(t),
-                                           lambda t=t: mapped and _advise(t, mmap.MADV_DONTNEED))
+                                           lambda t=t: mapped and _advise(t, mmap.MADV_DONTNEED),
+                                           offset=offsets.get(name))
+
+    def _offsets(self, torch) -> dict[str, int]:
+        """Where each contiguous tensor's bytes start in the file, from a load onto the meta device (torch notes
+        each storage's record offset there; nothing is read)."""
+        import sys
+        import zipfile
+
+        with zipfile.ZipFile(self.path) as z:
+            order = [z.read(n).decode() for n in z.namelist() if n.endswith("/byteorder")]
+        if order and order[0] != sys.byteorder:  # torch swaps these bytes as it loads them
+            return {}
+        out = {}
+        for name, t in _unwrap(torch.load(self.path, map_location="meta", weights_only=True)).items():
+            base = getattr(t.untyped_storage(), "_checkpoint_offset", None) if isinstance(t, torch.Tensor) else None
+            if base is not None and t.is_contiguous():
+                out[name] = base + t.storage_offset() * t.element_size()
+        return out
 
     def close(self) -> None:
         self.tensors = {}
+
+
+def _unwrap(state):
+    """A training checkpoint's weights, or the state dict itself."""
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        return state["state_dict"]
+    return state
 
 
 def to_numpy(t) -> np.ndarray:
@@ -139,50 +165,36 @@ class _Pickler(pickle.Pickler):
 
 class BinWriter:
     """Streams a torch.save-compatible zip: the pickle first (known from the plan), then each tensor's bytes in
-    its own 64-byte-aligned stored record. torch.save itself needs every tensor in memory at once."""
+    its own 64-byte-aligned stored record. torch.save itself needs every tensor in memory at once.
+
+    A tensor's CRC-32 comes later through `crc` (the caller computes it beside the sha256 on its hash thread)."""
 
     def __init__(self, f, plan: list[tuple[str, tuple[int, ...], str]], archive: str):
         import io
-        import zipfile
 
-        self._zipfile = zipfile
-        self._zip = zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._zip = ZipStoreWriter(f, ALIGN)
         self._f, self._archive = f, archive
         self._keys = {}
         state = {}
         for i, (name, shape, dtype) in enumerate(plan):
             if dtype not in _STORAGE_TYPES:
                 raise CheckpointError(f"tensor {name!r}: dtype {dtype} cannot be written to a .bin file")
-            self._keys[name] = str(i)
+            self._keys[name] = f"{archive}/data/{i}"
             state[name] = _Tensor(_Storage(str(i), dtype, int(np.prod(shape, dtype=np.int64))), shape)
         buf = io.BytesIO()
         _Pickler(buf, protocol=2).dump(state)
-        self._record("data.pkl", buf.getvalue())
-        self._record(".format_version", b"1")
-        self._record(".storage_alignment", str(ALIGN).encode())
-        self._record("byteorder", b"little")
+        for record, data in (("data.pkl", buf.getvalue()), (".format_version", b"1"),
+                             (".storage_alignment", str(ALIGN).encode()), ("byteorder", b"little")):
+            self._zip.add(f"{archive}/{record}", data)
 
-    def _info(self, name: str, size: int):
-        info = self._zipfile.ZipInfo(f"{self._archive}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
-        info.compress_type = self._zipfile.ZIP_STORED
-        info.file_size = size
-        zip64 = size * 1.05 > self._zipfile.ZIP64_LIMIT
-        header = self._f.tell() + 30 + len(info.filename.encode()) + (20 if zip64 else 0)
-        pad = -(header + 4) % ALIGN
-        info.extra = b"FB" + pad.to_bytes(2, "little") + b"Z" * pad
-        return info
+    def write(self, name: str, data: np.ndarray | FileSpan, dtype: str) -> None:
+        self._zip.begin(self._keys[name], data.nbytes)
+        write_bytes(self._f, data)
 
-    def _record(self, name: str, data: bytes) -> None:
-        with self._zip.open(self._info(name, len(data)), "w") as w:
-            w.write(data)
-
-    def write(self, name: str, arr: np.ndarray, dtype: str) -> None:
-        data = memoryview(np.ascontiguousarray(arr)).cast("B")
-        with self._zip.open(self._info(f"data/{self._keys[name]}", len(data)), "w") as w:
-            for at in range(0, len(data), 64 << 20):
-                w.write(data[at:at + (64 << 20)])
+    def crc(self, name: str, value: int) -> None:
+        self._zip.crc(self._keys[name], value)
 
     def finish(self) -> None:
-        self._record("version", b"3\n")
-        self._record(".data/serialization_id", b"0" * 40)
-        self._zip.close()
+        self._zip.add(f"{self._archive}/version", b"3\n")
+        self._zip.add(f"{self._archive}/.data/serialization_id", b"0" * 40)
+        self._zip.finish()
