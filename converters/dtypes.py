@@ -104,7 +104,8 @@ def count_nonfinite(a: np.ndarray, name: str) -> int:
     for start in range(0, bits.size, step):
         block = bits[start:start + step]
         t = np.bitwise_and(block, mask, out=tmp[:block.size])
-        count += int(np.count_nonzero(t == mask))
+        if t.max() == mask:  # rare: count only where there is something to count
+            count += int(np.count_nonzero(t == mask))
     return count
 
 

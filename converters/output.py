@@ -86,19 +86,23 @@ class WeightsWriter:
         self._pending = None  # the digest of the last tensor written, still being computed
 
     def _checksums(self, data: np.ndarray | FileSpan, crc: bool):
-        """sha256 (and the CRC-32 a zip record needs) of the tensor's bytes on a second thread (hashlib and zlib
-        release the GIL) while this one writes."""
+        """sha256 of the tensor's bytes, and the CRC-32 a zip record needs, each on a thread of its own (hashlib
+        and zlib release the GIL) while this one writes."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="checksum")
 
-        def digest():
-            h, c = hashlib.sha256(), 0
+        def sha256():
+            h = hashlib.sha256()
             for block in byte_blocks(data):
                 h.update(block)
-                if crc:
-                    c = zlib.crc32(block, c)
-            return h.hexdigest(), c
-        return self._pool.submit(digest)
+            return h.hexdigest()
+
+        def crc32():
+            c = 0
+            for block in byte_blocks(data, observed=False):
+                c = zlib.crc32(block, c)
+            return c
+        return self._pool.submit(sha256), self._pool.submit(crc32) if crc else None
 
     def _start(self):
         file, plan = self._queue.pop(0)
@@ -142,10 +146,10 @@ class WeightsWriter:
 
     def _settle(self) -> None:
         if self._pending is not None:
-            digest, set_crc, name = self._pending
-            self.records[-1]["sha256"], crc = digest.result()
+            (sha256, crc32), set_crc, name = self._pending
+            self.records[-1]["sha256"] = sha256.result()
             if set_crc is not None:
-                set_crc(name, crc)
+                set_crc(name, crc32.result())
             self._pending = None
 
     def close(self) -> None:

@@ -215,15 +215,21 @@ def test_cli_process_prints_one_line_and_exits_nonzero(tmp_path):
 
 
 def test_conversion_needs_neither_torch_nor_mindspore(hf_tiny, tmp_path):
-    """safetensors and .ckpt convert with torch and mindspore unimportable; .bin says what to install."""
+    """safetensors and .ckpt convert with torch and mindspore unimportable, and .bin is written without them;
+    reading a .bin says what to install."""
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['mindspore'] = None; sys.modules['safetensors'] = None\n"
         "from converters.cli import main; main()")
     src = hf_tiny("safetensors", "bfloat16")
     for args in (["hf2ms", src, tmp_path / "ms"], ["ms2hf", tmp_path / "ms", tmp_path / "hf"],
-                 ["verify", src, tmp_path / "hf"]):
+                 ["verify", src, tmp_path / "hf"], ["ms2hf", tmp_path / "ms", tmp_path / "hf-bin", "--format", "bin"]):
         proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
     proc = subprocess.run([sys.executable, "-c", code, "hf2ms", str(hf_tiny("bin")), str(tmp_path / "b")],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "needs torch" in proc.stderr and not (tmp_path / "b").exists()
+    torch = pytest.importorskip("torch")
+    for f in (tmp_path / "hf-bin").glob("*.bin"):
+        assert torch.load(f, weights_only=True)  # written without torch, loads in torch
+    assert subprocess.run([sys.executable, "-m", "converters", "verify", str(src), str(tmp_path / "hf-bin")],
+                          capture_output=True).returncode == 0

@@ -176,3 +176,13 @@ def test_nan_and_inf_in_a_source_are_reported(hf_tiny, tmp_path):
     summary = convert(src, tmp_path / "out", target=Layout(), fmt="ckpt", progress=False)
     assert summary.nonfinite == {name: 3}
     assert f"  warning: source tensor {name} holds 3 NaN/Inf values" in summary.lines()
+
+
+def test_bin_pickle_integers_of_every_width():
+    """The hand-written data.pkl encodes shapes, strides and element counts of any size as pickle reads them."""
+    import pickle
+
+    from converters.formats.torch_bin import _int
+
+    for v in (0, 1, 255, 256, 65535, 65536, 2**31 - 1, 2**31, 2**40 + 7, 12 * 2**33, -1):
+        assert pickle.loads(b"\x80\x02" + _int(v) + b".") == v

@@ -1,4 +1,5 @@
-"""PyTorch `.bin` (torch.save zip) files. torch is imported only here, and only when a .bin is touched.
+"""PyTorch `.bin` (torch.save zip) files. torch is imported only here, and only when a .bin is read; writing one
+needs no torch (the pickle and the zip are framed here).
 
 Reading uses `torch.load(weights_only=True, mmap=True)`: no code in the pickle runs, and tensors stay on disk
 until read. Pages of a tensor are handed back to the kernel once it has been used, so reading a 2 GB shard
@@ -7,8 +8,10 @@ does not leave 2 GB resident. Writing frames the zip here, one tensor at a time 
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -136,31 +139,39 @@ _STORAGE_TYPES = {"float32": "FloatStorage", "float16": "HalfStorage", "bfloat16
 ALIGN = 64  # torch aligns every storage record to 64 bytes (its .storage_alignment)
 
 
-class _Storage:
-    def __init__(self, key: str, dtype: str, numel: int):
-        self.key, self.dtype, self.numel = key, dtype, numel
+def _int(v: int) -> bytes:
+    if 0 <= v < 1 << 8:
+        return b"K" + bytes([v])  # BININT1
+    if 0 <= v < 1 << 16:
+        return b"M" + struct.pack("<H", v)  # BININT2
+    if -(1 << 31) <= v < 1 << 31:
+        return b"J" + struct.pack("<i", v)  # BININT
+    raw = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw  # LONG1
 
 
-class _Tensor:
-    """Pickles as torch.save pickles a contiguous tensor: _rebuild_tensor_v2 over a persistent storage id."""
-
-    def __init__(self, storage: _Storage, shape: tuple[int, ...]):
-        self.storage, self.shape = storage, tuple(shape)
-
-    def __reduce_ex__(self, protocol):
-        import collections
-
-        torch = _torch()
-        stride = tuple(int(np.prod(self.shape[i + 1:], dtype=np.int64)) for i in range(len(self.shape)))
-        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False,
-                                                 collections.OrderedDict())
+def _str(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw  # BINUNICODE
 
 
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        if isinstance(obj, _Storage):
-            return ("storage", getattr(_torch(), _STORAGE_TYPES[obj.dtype]), obj.key, "cpu", obj.numel)
-        return None
+def _tuple(values) -> bytes:
+    return b"(" + b"".join(_int(v) for v in values) + b"t"  # MARK … TUPLE
+
+
+def state_pickle(plan: list[tuple[str, tuple[int, ...], str]]) -> bytes:
+    """The data.pkl torch.save writes for a dict of contiguous tensors, opcode by opcode (protocol 2), so that
+    writing a .bin needs no torch: each value is `_rebuild_tensor_v2` over persistent storage record i."""
+    out = [b"\x80\x02}("]  # PROTO 2, EMPTY_DICT, MARK
+    for i, (name, shape, dtype) in enumerate(plan):
+        if dtype not in _STORAGE_TYPES:
+            raise CheckpointError(f"tensor {name!r}: dtype {dtype} cannot be written to a .bin file")
+        stride = [math.prod(shape[j + 1:]) for j in range(len(shape))]
+        storage = (b"(" + _str("storage") + f"ctorch\n{_STORAGE_TYPES[dtype]}\n".encode() + _str(str(i))
+                   + _str("cpu") + _int(math.prod(shape)) + b"tQ")  # the persistent id, BINPERSID
+        out += [_str(name), b"ctorch._utils\n_rebuild_tensor_v2\n(", storage, _int(0), _tuple(shape),
+                _tuple(stride), b"\x89ccollections\nOrderedDict\n)RtR"]  # False, OrderedDict(); REDUCE
+    return b"".join(out) + b"u."  # SETITEMS, STOP
 
 
 class BinWriter:
@@ -170,20 +181,10 @@ class BinWriter:
     A tensor's CRC-32 comes later through `crc` (the caller computes it beside the sha256 on its hash thread)."""
 
     def __init__(self, f, plan: list[tuple[str, tuple[int, ...], str]], archive: str):
-        import io
-
         self._zip = ZipStoreWriter(f, ALIGN)
         self._f, self._archive = f, archive
-        self._keys = {}
-        state = {}
-        for i, (name, shape, dtype) in enumerate(plan):
-            if dtype not in _STORAGE_TYPES:
-                raise CheckpointError(f"tensor {name!r}: dtype {dtype} cannot be written to a .bin file")
-            self._keys[name] = f"{archive}/data/{i}"
-            state[name] = _Tensor(_Storage(str(i), dtype, int(np.prod(shape, dtype=np.int64))), shape)
-        buf = io.BytesIO()
-        _Pickler(buf, protocol=2).dump(state)
-        for record, data in (("data.pkl", buf.getvalue()), (".format_version", b"1"),
+        self._keys = {name: f"{archive}/data/{i}" for i, (name, _, _) in enumerate(plan)}
+        for record, data in (("data.pkl", state_pickle(plan)), (".format_version", b"1"),
                              (".storage_alignment", str(ALIGN).encode()), ("byteorder", b"little")):
             self._zip.add(f"{archive}/{record}", data)
 
