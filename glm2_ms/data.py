@@ -81,6 +81,25 @@ def train_example(tok: GLM2Tokenizer, prompt: str, answer: str, lengths: Lengths
     return ids + [tok.pad_id] * pad, labels + [IGNORE] * pad
 
 
+def answer_windows(labels: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the loss looks: for each row, the `width` positions from the one before its first label, as flat
+    indices into [batch·seq], and the labels those positions predict (the next token's, −100 past the answer).
+
+    A causal LM's loss only needs logits where the next token is a label; in the recipe's rows the labels are
+    one run of at most max_target_length + 1 tokens, so a fixed width keeps the graph's shapes static and the
+    output layer (hidden × 65,024 per position) runs on that window instead of the whole sequence."""
+    batch, seq = labels.shape
+    labelled = labels != IGNORE
+    first = np.where(labelled.any(1), labelled.argmax(1), 1)
+    last = np.where(labelled.any(1), seq - 1 - labelled[:, ::-1].argmax(1), 0)
+    if (last - first + 1 > width).any():
+        raise CheckpointError(f"a row's labels span more than {width} positions")
+    start = np.minimum(np.maximum(first - 1, 0), seq - 1 - width)
+    pos = start[:, None] + np.arange(width)
+    targets = np.take_along_axis(labels, pos + 1, 1)
+    return (pos + np.arange(batch)[:, None] * seq).reshape(-1).astype(np.int32), targets.reshape(-1).astype(np.int32)
+
+
 def eval_example(tok: GLM2Tokenizer, prompt: str, answer: str, max_source_length: int = 256,
                  max_target_length: int = 256) -> tuple[list[int], str]:
     """(prompt ids, reference text) as MindFormers' evaluation cuts them: by characters, to max − 1."""

@@ -184,9 +184,12 @@ class GLM2ForCausalLM(nn.Cell):
         self.compute_dtype = compute_dtype or (ms.float32 if dtype == ms.bfloat16 else dtype)
         self.transformer = GLM2Model(cfg, dtype, self.compute_dtype)
 
-    def construct(self, input_ids, attention_mask=None, position_ids=None):
+    def construct(self, input_ids, attention_mask=None, position_ids=None, picks=None):
+        """With `picks` (flat indices into [batch·seq]), the logits of those positions only: [len(picks), vocab]."""
         mask, position_ids = self._mask_and_positions(input_ids, attention_mask, position_ids)
         hidden, _ = self.transformer(input_ids, position_ids, mask)
+        if picks is not None:
+            hidden = ops.gather(hidden.reshape(-1, hidden.shape[-1]), picks, 0)
         return self.transformer.output_layer(hidden).astype(ms.float32)
 
     def _mask_and_positions(self, input_ids, attention_mask, position_ids):

@@ -20,7 +20,7 @@ from mindspore.experimental.optim import AdamW
 from converters.errors import CheckpointError
 
 from . import checkpointing as ckpt
-from .data import IGNORE, Lengths, TrainData, read_jsonl
+from .data import IGNORE, Lengths, TrainData, answer_windows, read_jsonl
 from .loading import from_pretrained
 from .lora import LoRAConfig, apply_lora, dropout_masks, lora_cells, size_dropout_masks
 from .model import GLM2ForCausalLM
@@ -31,11 +31,19 @@ from .train_config import TrainConfig
 MOMENTS = {"exp_avg.": "adam_m.", "exp_avg_sq.": "adam_v."}  # experimental AdamW names → MindFormers names
 
 
-def causal_lm_loss(logits, labels):
-    """Mean cross entropy of position t predicting labels[t+1], over labels that are not −100 (fp32)."""
-    v = logits.shape[-1]
-    return ops.cross_entropy(logits[:, :-1].reshape(-1, v).astype(ms.float32), labels[:, 1:].reshape(-1),
-                             ignore_index=IGNORE, reduction="mean")
+def token_loss(logits, targets):
+    """Mean cross entropy over the targets that are not −100 (logits [n, vocab] float32, targets [n]).
+
+    Written out (log-sum-exp minus the target's logit) rather than ops.cross_entropy, whose graph keeps about
+    twice as many vocabulary-wide buffers alive through the backward pass (measured: +2.4–3.2 GB against +1.7 GB
+    for one 516 × 65,024 output layer)."""
+    valid = targets != IGNORE
+    safe = ops.where(valid, targets, ops.zeros_like(targets))
+    peak = ops.stop_gradient(logits.max(axis=-1, keepdims=True))
+    log_total = ops.log(ops.exp(logits - peak).sum(-1)) + peak.squeeze(-1)
+    picked = ops.gather_elements(logits, 1, safe.reshape(-1, 1)).squeeze(-1)
+    weight = valid.astype(ms.float32)
+    return ((log_total - picked) * weight).sum() / weight.sum()
 
 
 @dataclass
@@ -103,16 +111,16 @@ class Trainer:
         world, shards = self.world, self.shards
         all_reduce = ops.AllReduce() if world > 1 else None
 
-        def forward(ids, labels, scale):
-            loss = causal_lm_loss(model(ids), labels)
+        def forward(ids, picks, targets, scale):
+            loss = token_loss(model(ids, picks=picks), targets)
             return loss * scale, loss
 
         grad_fn = ms.value_and_grad(forward, None, self.weights, has_aux=True)
 
-        def backward(ids, labels, scale, fresh_masks):
+        def backward(ids, picks, targets, scale, fresh_masks):
             for param, value in zip(masks, fresh_masks):
                 ops.assign(param, value)
-            (_, loss), grads = grad_fn(ids, labels, scale)
+            (_, loss), grads = grad_fn(ids, picks, targets, scale)
             if world > 1:  # the reported loss is the global batch's (each rank's mean, averaged)
                 loss = all_reduce(loss) / world
             return loss, grads
@@ -126,13 +134,13 @@ class Trainer:
             opt(shards.take(grads))
             return shards.gather()
 
-        def fused(ids, labels, scale, lr, *fresh_masks):
-            loss, grads = backward(ids, labels, scale, fresh_masks)
+        def fused(ids, picks, targets, scale, lr, *fresh_masks):
+            loss, grads = backward(ids, picks, targets, scale, fresh_masks)
             update(grads, scale, lr)
             return loss
 
-        def micro(ids, labels, scale, *fresh_masks):
-            loss, grads = backward(ids, labels, scale, fresh_masks)
+        def micro(ids, picks, targets, scale, *fresh_masks):
+            loss, grads = backward(ids, picks, targets, scale, fresh_masks)
             for a, g in zip(accu, grads):
                 ops.assign_add(a, g)
             return loss
@@ -213,7 +221,8 @@ class Trainer:
                 masks = dropout_masks(self.model, rng, *ids.shape, cfg.lora_dropout)
             step = self._micro if self._accumulate else self._fused
             extra = () if self._accumulate else (lr,)
-            losses.append(float(step(Tensor(ids), Tensor(labels), scale, *extra, *masks).asnumpy()))
+            picks, targets = answer_windows(labels, cfg.max_target_length + 1)
+            losses.append(float(step(Tensor(ids), Tensor(picks), Tensor(targets), scale, *extra, *masks).asnumpy()))
         finite = True
         if self._accumulate:
             finite = cfg.compute_dtype != "float16" or bool(self._finite().asnumpy())

@@ -190,3 +190,36 @@ def test_float16_compute_with_dynamic_loss_scaling(base, tmp_path):
     assert all(np.isfinite(losses)) and scales[0] == 2.0 ** 24 and min(scales) >= 1.0
     after = lora_state(trainer.model)
     assert any(not np.array_equal(before[k], after[k]) for k in before)  # some step was applied
+
+
+def test_loss_on_answer_windows_equals_the_whole_sequence_loss(base):
+    """The trainer computes logits only where the next token is a label; on real lines (long prompts, short
+    answers, answers cut at the limit) that gives MindSpore's own cross entropy over the whole sequence."""
+    from glm2_ms.data import Lengths, TrainData, answer_windows, read_jsonl
+    from glm2_ms.tokenizer import GLM2Tokenizer
+    from glm2_ms.train import token_loss
+
+    model = from_pretrained(base, dtype="float32")
+    model.set_train(False)
+    data = TrainData(GLM2Tokenizer(), read_jsonl(TRAIN), Lengths(24, 16))
+    ids, labels = data.input_ids[:6], data.labels[:6]
+    picks, targets = answer_windows(labels, 17)
+    assert picks.shape == targets.shape == (6 * 17,)
+    assert sorted(targets[targets != -100]) == sorted(labels[:, 1:][labels[:, 1:] != -100])
+    full = model(ms.Tensor(ids)).asnumpy()
+    whole = ms.ops.cross_entropy(ms.Tensor(full[:, :-1].reshape(-1, full.shape[-1])),
+                                 ms.Tensor(labels[:, 1:].reshape(-1)), ignore_index=-100).asnumpy()
+    windowed = token_loss(model(ms.Tensor(ids), picks=ms.Tensor(picks)), ms.Tensor(targets)).asnumpy()
+    assert abs(float(windowed) - float(whole)) <= 1e-5 * abs(float(whole))
+
+
+def test_answer_windows_refuse_labels_wider_than_the_window():
+    from converters.errors import CheckpointError
+    from glm2_ms.data import answer_windows
+
+    labels = np.full((1, 10), -100, np.int32)
+    labels[0, 2:8] = 5
+    picks, targets = answer_windows(labels, 6)
+    assert list(picks) == [1, 2, 3, 4, 5, 6] and list(targets) == [5] * 6
+    with pytest.raises(CheckpointError, match="span more than 5"):
+        answer_windows(labels, 5)
