@@ -1,7 +1,8 @@
 """Finetuning speed and memory: this MindSpore trainer against torch (+ PEFT for LoRA) on the same model, data and
 batch, each run in its own process under /usr/bin/time -v.
 
-    python benchmarks/finetune.py [--configs small,medium] [--steps 6] [--batch 4]
+    python benchmarks/finetune.py [--configs small,medium] [--steps 6] [--batch 4] [--optimizers adamw,fused-adamw]
+                                  [--skip medium:full:adamw]
 
 Both sides: real ADGEN lines, the recipe's preprocessing (64 + 64 + 1 tokens here), float32, AdamW
 (0.9, 0.95, 1e-8, weight decay 0.1), gradient clipping at 1.0, LoRA r 8 / alpha 32 / dropout 0.1 on
@@ -27,14 +28,14 @@ CONFIGS = {
 WARMUP = 2
 
 
-def child_ms(model: Path, method: str, steps: int, batch: int) -> dict:
+def child_ms(model: Path, method: str, steps: int, batch: int, optimizer: str) -> dict:
     from glm2_ms.loading import use_cpu
     from glm2_ms.train import Trainer
     from glm2_ms.train_config import TrainConfig
 
     use_cpu()
     cfg = TrainConfig(method=method, max_steps=steps + WARMUP, batch_size=batch, max_source_length=64,
-                      max_target_length=64, learning_rate=1e-4)
+                      max_target_length=64, learning_rate=1e-4, optimizer=optimizer)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, DATA, out, cfg, progress=False)
         stamps = []
@@ -103,11 +104,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="lora,full")
-    ap.add_argument("--child", nargs=3, metavar=("SIDE", "METHOD", "MODEL"), help=argparse.SUPPRESS)
+    ap.add_argument("--optimizers", default="adamw,fused-adamw",
+                    help="MindSpore's: adamw (experimental.optim.AdamW) and/or fused-adamw")
+    ap.add_argument("--skip", default="", help="config:method:optimizer rows not to run (e.g. known to exceed RAM)")
+    ap.add_argument("--child", nargs=4, metavar=("SIDE", "METHOD", "MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        side, method, model = args.child
-        res = child_ms(Path(model), method, args.steps, args.batch) if side == "ms" else \
+        side, method, model, optimizer = args.child
+        res = child_ms(Path(model), method, args.steps, args.batch, optimizer) if side == "ms" else \
             child_torch(Path(model), method, args.steps, args.batch, args.threads)
         print("RESULT " + json.dumps(res))
         return
@@ -116,19 +120,27 @@ def main() -> None:
 
     print(f"batch {args.batch} x 129 tokens, {args.steps} timed steps after {WARMUP} warm-up, float32, "
           f"{args.threads} threads\n")
-    print("| config | method | MindSpore tok/s | torch tok/s | ratio | MindSpore peak RSS | torch peak RSS |")
-    print("|---|---|---|---|---|---|---|")
+    print("| config | method | MindSpore optimizer | MindSpore tok/s | torch tok/s | ratio | MindSpore peak RSS | "
+          "torch peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    skip = set(args.skip.split(","))
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "hf"
             synthesize(model, GLM2Config.preset("tiny", **CONFIGS[name]), "float32", "safetensors", seed=0)
             for method in args.methods.split(","):
                 common = ["--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
-                (m, m_rss), (t, t_rss) = (measure(["--child", side, method, str(model), *common])
-                                          for side in ("ms", "torch"))
-                ms_rate, pt_rate = m["tokens"] / m["seconds"], t["tokens"] / t["seconds"]
-                print(f"| {name} | {method} | {ms_rate:.0f} | {pt_rate:.0f} | {ms_rate / pt_rate:.2f}x | "
-                      f"{m_rss:.0f} MB | {t_rss:.0f} MB |", flush=True)
+                t, t_rss = measure(["--child", "torch", method, str(model), "-", *common])
+                pt_rate = t["tokens"] / t["seconds"]
+                for optimizer in args.optimizers.split(","):
+                    if f"{name}:{method}:{optimizer}" in skip:
+                        print(f"| {name} | {method} | {optimizer} | not run (--skip) | {pt_rate:.0f} | | | "
+                              f"{t_rss:.0f} MB |", flush=True)
+                        continue
+                    m, m_rss = measure(["--child", "ms", method, str(model), optimizer, *common])
+                    ms_rate = m["tokens"] / m["seconds"]
+                    print(f"| {name} | {method} | {optimizer} | {ms_rate:.0f} | {pt_rate:.0f} | "
+                          f"{ms_rate / pt_rate:.2f}x | {m_rss:.0f} MB | {t_rss:.0f} MB |", flush=True)
 
 
 if __name__ == "__main__":

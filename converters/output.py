@@ -86,23 +86,25 @@ class WeightsWriter:
         self._pending = None  # the digest of the last tensor written, still being computed
 
     def _checksums(self, data: np.ndarray | FileSpan, crc: bool):
-        """sha256 of the tensor's bytes, and the CRC-32 a zip record needs, each on a thread of its own (hashlib
-        and zlib release the GIL) while this one writes."""
+        """sha256 of the tensor's bytes on one thread; on another, the CRC-32 a zip record needs and the look a
+        FileSpan's `on_block` takes (hashlib and zlib release the GIL) — all while this thread writes."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(2, thread_name_prefix="checksum")
 
         def sha256():
             h = hashlib.sha256()
-            for block in byte_blocks(data):
+            for block in byte_blocks(data, observed=False):
                 h.update(block)
             return h.hexdigest()
 
-        def crc32():
+        def crc_and_scan():
             c = 0
-            for block in byte_blocks(data, observed=False):
-                c = zlib.crc32(block, c)
+            for block in byte_blocks(data):
+                if crc:
+                    c = zlib.crc32(block, c)
             return c
-        return self._pool.submit(sha256), self._pool.submit(crc32) if crc else None
+        observed = isinstance(data, FileSpan) and data.on_block is not None
+        return self._pool.submit(sha256), self._pool.submit(crc_and_scan) if crc or observed else None
 
     def _start(self):
         file, plan = self._queue.pop(0)
@@ -146,10 +148,11 @@ class WeightsWriter:
 
     def _settle(self) -> None:
         if self._pending is not None:
-            (sha256, crc32), set_crc, name = self._pending
+            (sha256, scan), set_crc, name = self._pending
             self.records[-1]["sha256"] = sha256.result()
+            crc = scan.result() if scan is not None else None  # also waits for the NaN/Inf count
             if set_crc is not None:
-                set_crc(name, crc32.result())
+                set_crc(name, crc)
             self._pending = None
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ OVERRIDES = [("learning_rate", float), ("lr_end", float), ("warmup_steps", int),
              ("lora_dropout", float), ("target_modules", str), ("max_source_length", int),
              ("max_target_length", int), ("seq_length", int), ("compute_dtype", str), ("save_steps", int),
              ("seed", int), ("weight_decay", float), ("max_grad_norm", float), ("prompt_column", str),
-             ("response_column", str)]
+             ("response_column", str), ("optimizer", click.Choice(["adamw", "fused-adamw"]))]
 
 
 def _overrides(fn):

@@ -21,6 +21,7 @@ from converters.errors import CheckpointError
 
 from . import checkpointing as ckpt
 from .data import IGNORE, Lengths, TrainData, answer_windows, read_jsonl
+from .fused_adamw import FusedAdamW
 from .loading import from_pretrained
 from .lora import LoRAConfig, apply_lora, dropout_masks, lora_cells, size_dropout_masks
 from .model import GLM2ForCausalLM
@@ -83,7 +84,8 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
-        self.opt = AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        optimizer = FusedAdamW if cfg.optimizer == "fused-adamw" else AdamW
+        self.opt = optimizer(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         per_epoch = len(self.data) // (cfg.batch_size * world) // cfg.gradient_accumulation_steps
         if per_epoch == 0:
             raise CheckpointError(f"{train_file}: {len(self.data)} examples do not fill one step of "

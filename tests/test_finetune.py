@@ -147,9 +147,10 @@ def test_merge_lora_cli_reads_every_form(lora_run, base, tmp_path):
     assert res.exit_code == 1 and "holds LoRA adapters" in res.output
 
 
-def test_resume_reproduces_the_uninterrupted_run(base, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "fused-adamw"])
+def test_resume_reproduces_the_uninterrupted_run(base, tmp_path, optimizer):
     cfg = TrainConfig.load(None, method="lora", max_steps=6, learning_rate=2e-2, gradient_accumulation_steps=2,
-                           save_steps=2, **SMALL)
+                           save_steps=2, optimizer=optimizer, **SMALL)
     whole = Trainer(base, TRAIN, tmp_path / "a", cfg, progress=False).train()
     Trainer(base, TRAIN, tmp_path / "b", cfg, progress=False).train(stop_after=3)
     resumed = Trainer(base, TRAIN, tmp_path / "b", cfg, progress=False, resume=True).train()
@@ -223,3 +224,44 @@ def test_answer_windows_refuse_labels_wider_than_the_window():
     assert list(picks) == [1, 2, 3, 4, 5, 6] and list(targets) == [5] * 6
     with pytest.raises(CheckpointError, match="span more than 5"):
         answer_windows(labels, 5)
+
+
+def test_fused_adamw_is_adamw_with_bias_correction():
+    """The fused optimizer against AdamW written out in float64 (two groups: decayed and not), and against
+    mindspore.experimental.optim.AdamW on the same gradients."""
+    from mindspore import Parameter
+    from mindspore.experimental.optim import AdamW
+
+    from glm2_ms.fused_adamw import FusedAdamW
+
+    rng = np.random.default_rng(0)
+    shapes, decays = [(64, 32), (32,)], [0.1, 0.0]
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(4)]
+    lr, b1, b2, eps = 1e-2, 0.9, 0.95, 1e-8
+    results = {}
+    for cls in (FusedAdamW, AdamW):
+        params = [Parameter(ms.Tensor(a.copy()), f"p{i}") for i, a in enumerate(start)]
+        opt = cls([{"params": [p], "weight_decay": d} for p, d in zip(params, decays)], lr=lr, betas=(b1, b2),
+                  eps=eps)
+        for g in grads:
+            ms.jit(opt.construct)(tuple(ms.Tensor(x) for x in g))
+        results[cls.__name__] = [p.asnumpy() for p in params]
+    for i, d in enumerate(decays):
+        p, m, v = start[i].astype(np.float64), 0.0, 0.0
+        for t, g in enumerate(grads, 1):
+            m, v = b1 * m + (1 - b1) * g[i], b2 * v + (1 - b2) * g[i] ** 2
+            p = p * (1 - lr * d) - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        assert np.abs(results["FusedAdamW"][i] - p).max() < 2e-6
+        assert np.abs(results["FusedAdamW"][i] - results["AdamW"][i]).max() < 4e-6
+
+
+def test_full_finetune_with_the_fused_optimizer_matches_adamw(base, tmp_path):
+    runs = {}
+    for name in ("adamw", "fused-adamw"):
+        cfg = TrainConfig.load(None, method="full", max_steps=4, learning_rate=1e-3, optimizer=name, **SMALL)
+        trainer = Trainer(base, TRAIN, tmp_path / name, cfg, progress=False)
+        runs[name] = (trainer.train(), {p.name: p.asnumpy() for p in trainer.model.trainable_params()})
+    (a_losses, a_weights), (f_losses, f_weights) = runs["adamw"], runs["fused-adamw"]
+    assert np.allclose(f_losses, a_losses, rtol=1e-5, atol=0)
+    assert max(np.abs(f_weights[n] - a_weights[n]).max() for n in a_weights) < 1e-5
