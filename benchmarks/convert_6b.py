@@ -46,7 +46,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"page cache dropped before each step: {drop_caches()}")
     rows = []
-    for fmt in args.formats.split(","):
+    for fmt in [f for f in args.formats.split(",") if f]:  # --formats "" runs the naive recipe alone
         src = work / f"hf-6b-{fmt}"
         if not src.exists():
             subprocess.run([*cli.split(), "synth", str(src), "--preset", "6b", "--num-layers", str(args.layers),

@@ -51,7 +51,7 @@ class TensorRef:
         return None if self.offset is None else FileSpan(self.file, self.offset, self.shape, self.dtype, on_block)
 
 
-BLOCK = 1 << 20  # bytes per step when a tensor is hashed: small enough to stay in cache for `on_block`
+BLOCK = 1 << 20  # bytes per checksum step: small enough to stay in cache between the CRC and `on_block`
 WINDOW = 64 << 20  # bytes of a file mapped at a time
 
 
@@ -64,7 +64,7 @@ class FileSpan:
     shape: tuple[int, ...]
     dtype: str
     on_block: Callable[[memoryview], object] | None = field(default=None, compare=False, repr=False)  # sees each
-    # block read back for hashing: the source counts NaN/Inf there, in the same pass
+    # block as the writer reads it back (beside the CRC): the source counts NaN/Inf there
 
     @property
     def nbytes(self) -> int:
