@@ -83,7 +83,7 @@ class WeightsWriter:
         self._queue = [(file, plan) for file, plan in shards]
         self._open = None  # (file name, handle, writer, remaining names)
         self._pool: ThreadPoolExecutor | None = None
-        self._pending = None  # the digest of the last tensor written, still being computed
+        self._pending = None  # the checksums of the last tensor written, still being computed
 
     def _checksums(self, data: np.ndarray | FileSpan, crc: bool):
         """sha256 of the tensor's bytes on one thread; on another, the CRC-32 a zip record needs and the look a

@@ -161,7 +161,7 @@ class Source(Closing):
 
     def unchanged(self, group: Group, dtype: str) -> FileSpan | None:
         """The group's one target tensor as it lies in the source file, when the target stores exactly those
-        bytes; its NaN/Inf are counted as the writer reads it back to hash it."""
+        bytes; its NaN/Inf are counted as the writer reads it back for its checksums."""
         refs = [self.ckpt.tensors[n] for n in group.src_names()]
         if len(refs) != 1 or len(group.target.pieces) != 1 or group.source.pieces[0].rows is not None \
                 or group.target.pieces[0].rows is not None or out_dtype(refs[0].dtype, dtype) != refs[0].dtype:
