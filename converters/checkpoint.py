@@ -2,13 +2,13 @@
 lazy map of tensors, with the config, tokenizer files and manifest that sit beside it."""
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError
 from .formats.base import Closing, TensorRef
+from .jsonio import read_json
 
 INDEX_FILES = {"model.safetensors.index.json": "safetensors", "pytorch_model.bin.index.json": "bin"}
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -28,18 +28,19 @@ def format_of(path: Path) -> str:
                           f".safetensors or .bin")
 
 
-def open_file(path: Path):
+def open_file(path: Path, verify_checksums: bool = True):
+    """One weights file; `verify_checksums`: hold what is read or copied to the checksums the file carries."""
     fmt = format_of(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if fmt == "ckpt":
         from .formats.ckpt import CkptFile
-        return CkptFile(path)
+        return CkptFile(path, verify_checksums)
     if fmt == "safetensors":
         from .formats.safetensors_io import SafetensorsFile
-        return SafetensorsFile(path)
+        return SafetensorsFile(path)  # the format carries no checksum
     from .formats.torch_bin import TorchBinFile
-    return TorchBinFile(path)
+    return TorchBinFile(path, verify_checksums)
 
 
 @dataclass
@@ -58,37 +59,56 @@ class Checkpoint(Closing):
 
     @property
     def tokenizer_files(self) -> list[Path]:
+        """The tokenizer files to carry into a converted folder (see `_trusted`)."""
         if self.folder is None:
             return []
-        return [self.folder / n for n in TOKENIZER_FILES if (self.folder / n).is_file()]
+        return [p for n in TOKENIZER_FILES for p in [self.folder / n] if p.is_file() and _trusted(p)]
+
+    @property
+    def untrusted_files(self) -> list[str]:
+        """Tokenizer files left out: symlinks that lead out of the checkpoint (`_trusted`)."""
+        if self.folder is None:
+            return []
+        return [f"{n} -> {p.resolve()}" for n in TOKENIZER_FILES for p in [self.folder / n]
+                if p.is_file() and not _trusted(p)]
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def check_complete(self) -> None:
+        """After a full pass over the tensors: checksums that cover whole files (a .ckpt's CRC trailer) must hold."""
+        for h in self.handles:
+            getattr(h, "check_complete", lambda: None)()
+
     def close(self) -> None:
         self._stack.close()
 
 
-def _inside(folder: Path, name: str, index: Path) -> Path:
-    """The shard an index names, refused when the name leaves the folder."""
+def _trusted(path: Path) -> bool:
+    """A file copied verbatim into the output may be a symlink only into the checkpoint folder or, for a
+    Hugging Face hub cache snapshot (…/models--ORG--NAME/snapshots/REV/), into that model's cache folder (its
+    blobs/). A link to anywhere else — a key, a config file — would put that file's bytes into a folder users
+    publish, so it is left out and said so."""
+    if not path.is_symlink():
+        return True
+    folder = path.parent.resolve()
+    roots = [folder] + ([folder.parent.parent] if folder.parent.name == "snapshots" else [])
+    target = path.resolve()
+    return any(root in target.parents for root in roots)
+
+
+def _inside(folder: Path, name, listed_in: Path) -> Path:
+    """The shard an index or manifest names: a relative path that stays in the folder by its name. The file may
+    be a symlink, as every file of a Hugging Face hub cache snapshot is (into ../../blobs/)."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{listed_in}: a shard name is {name!r}, not a file name")
     p = Path(name)
-    target = (folder / p).resolve()
-    if p.is_absolute() or ".." in p.parts or folder.resolve() not in target.parents:
-        raise CheckpointError(f"{index}: shard path {name!r} points outside the checkpoint folder")
-    if not target.is_file():
-        raise CheckpointError(f"{index}: names shard {name!r}, which does not exist")
-    return target
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    if p.is_absolute() or ".." in p.parts:
+        raise CheckpointError(f"{listed_in}: shard path {name!r} points outside the checkpoint folder")
+    if not (folder / p).is_file():
+        raise CheckpointError(f"{listed_in}: names shard {name!r}, which does not exist")
+    return folder / p
 
 
 def _weights_files(folder: Path) -> tuple[list[Path], Path | None, dict | None]:
@@ -96,14 +116,16 @@ def _weights_files(folder: Path) -> tuple[list[Path], Path | None, dict | None]:
     indexes = [folder / n for n in INDEX_FILES if (folder / n).is_file()]
     if indexes:
         index = indexes[0]
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index, "index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: has no weight_map")
         files = sorted({_inside(folder, v, index) for v in weight_map.values()})
         return files, index, weight_map
     if (folder / MANIFEST).is_file():
-        manifest = _read_json(folder / MANIFEST)
-        return [_inside(folder, n, folder / MANIFEST) for n in manifest.get("files", [])], None, None
+        listed = read_json(folder / MANIFEST, "manifest").get("files", [])
+        if not isinstance(listed, list):
+            raise CheckpointError(f"{folder / MANIFEST}: 'files' is not a list of file names")
+        return [_inside(folder, n, folder / MANIFEST) for n in listed], None, None
     singles = [folder / n for n in SINGLE_FILES if (folder / n).is_file()]
     if not singles:
         singles = sorted(p for p in folder.iterdir() if p.suffix in (".ckpt", ".safetensors", ".bin") and p.is_file())
@@ -114,7 +136,7 @@ def _weights_files(folder: Path) -> tuple[list[Path], Path | None, dict | None]:
     return singles, None, None
 
 
-def open_checkpoint(path) -> Checkpoint:
+def open_checkpoint(path, verify_checksums: bool = True) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -126,13 +148,12 @@ def open_checkpoint(path) -> Checkpoint:
     ckpt = Checkpoint(path, files, formats.pop(), folder=folder)
     try:
         for f in files:
-            opened = ckpt._stack.enter_context(open_file(f))
+            opened = ckpt._stack.enter_context(open_file(f, verify_checksums))
             ckpt.handles.append(opened)
             for name, ref in opened.tensors.items():
                 if name in ckpt.tensors:
                     raise CheckpointError(f"{f}: tensor {name!r} also appears in {ckpt.tensors[name].file.name}")
-                if weight_map is not None and weight_map.get(name) is not None and \
-                        (folder / weight_map[name]).resolve() != f.resolve():
+                if weight_map is not None and weight_map.get(name) is not None and folder / weight_map[name] != f:
                     raise CheckpointError(f"{index}: maps {name!r} to {weight_map[name]}, but it is in {f.name}")
                 ckpt.tensors[name] = ref
             ckpt.strings.update(getattr(opened, "strings", {}))
@@ -142,9 +163,9 @@ def open_checkpoint(path) -> Checkpoint:
             extra = sorted(set(ckpt.tensors) - set(weight_map))
             raise CheckpointError(f"{index}: index and shards disagree: missing {missing[:3]}, unlisted {extra[:3]}")
         if (folder / "config.json").is_file():
-            ckpt.config = _read_json(folder / "config.json")
+            ckpt.config = read_json(folder / "config.json", "config")
         if (folder / MANIFEST).is_file():
-            ckpt.manifest = _read_json(folder / MANIFEST)
+            ckpt.manifest = read_json(folder / MANIFEST, "manifest")
     except BaseException:
         ckpt.close()
         raise

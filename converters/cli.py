@@ -35,7 +35,11 @@ def _print_summary(summary, as_json: bool) -> None:
 
 
 PATH = click.Path(path_type=Path)
+no_crc_check = click.option("--no-crc-check", is_flag=True,
+                            help="Read data whose checksum (a .bin record's CRC-32, a .ckpt's CRC trailer) does not "
+                                 "match, for forensics. Off by default: a mismatch is an error.")
 common = [
+    no_crc_check,
     click.option("--dtype", default="keep", show_default=True,
                  type=click.Choice(["keep", "float32", "float16", "bfloat16"]), help="Output dtype of float tensors."),
     click.option("--overwrite", is_flag=True, help="Replace DST if it exists."),
@@ -94,15 +98,16 @@ def synth(out_dir, preset, num_layers, dtype, fmt, seed, max_shard_size, overwri
 @click.option("--keep-optimizer", is_flag=True, help="Keep optimizer state (when SRC is a training checkpoint).")
 @with_common
 @user_errors
-def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_optimizer, dtype, overwrite,
-          allow_overflow, config, rearranged_rope, quiet, as_json):
+def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_optimizer, no_crc_check, dtype,
+          overwrite, allow_overflow, config, rearranged_rope, quiet, as_json):
     """Convert a HF ChatGLM2 checkpoint (folder or file) into a MindSpore folder."""
     from .convert import convert
     from .names import Layout
 
     summary = convert(src, dst, target=Layout(layout, qkv_split, mlp_split, rearrange_rope), fmt=fmt, dtype=dtype,
                       overwrite=overwrite, allow_overflow=allow_overflow, keep_optimizer=keep_optimizer,
-                      rearranged_rope=rearranged_rope, config=config, progress=not quiet)
+                      rearranged_rope=rearranged_rope, config=config, progress=not quiet,
+                      verify_checksums=not no_crc_check)
     _print_summary(summary, as_json)
 
 
@@ -115,8 +120,8 @@ def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_opti
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @with_common
 @user_errors
-def ms2hf(src, dst, target, fmt, max_shard_size, dtype, overwrite, allow_overflow, config, rearranged_rope, quiet,
-          as_json):
+def ms2hf(src, dst, target, fmt, max_shard_size, no_crc_check, dtype, overwrite, allow_overflow, config,
+          rearranged_rope, quiet, as_json):
     """Convert a MindSpore checkpoint (any MindFormers layout) into a HF folder."""
     from .convert import convert
     from .names import Layout
@@ -125,7 +130,7 @@ def ms2hf(src, dst, target, fmt, max_shard_size, dtype, overwrite, allow_overflo
     summary = convert(src, dst, target=Layout(target), fmt=fmt, dtype=dtype, hf_folder=True,
                       max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite,
                       allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config,
-                      progress=not quiet)
+                      progress=not quiet, verify_checksums=not no_crc_check)
     _print_summary(summary, as_json)
 
 
@@ -142,8 +147,8 @@ def ms2hf(src, dst, target, fmt, max_shard_size, dtype, overwrite, allow_overflo
               help="Default: ckpt for MindSpore, safetensors for HF.")
 @with_common
 @user_errors
-def merge_lora(base, adapter, dst, lora_alpha, hf_target, layout, fmt, dtype, overwrite, allow_overflow, config,
-               rearranged_rope, quiet, as_json):
+def merge_lora(base, adapter, dst, lora_alpha, hf_target, layout, fmt, no_crc_check, dtype, overwrite,
+               allow_overflow, config, rearranged_rope, quiet, as_json):
     """Fold a LoRA adapter (PEFT folder or mindpet .ckpt) into BASE; W += (alpha/r)·B·A."""
     from .adapters import read_adapter
     from .convert import convert
@@ -156,7 +161,7 @@ def merge_lora(base, adapter, dst, lora_alpha, hf_target, layout, fmt, dtype, ov
     target = Layout(hf_target) if hf_target else Layout(layout)
     summary = convert(base, dst, target=target, fmt=fmt, dtype=dtype, hf_folder=bool(hf_target), overwrite=overwrite,
                       allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config,
-                      progress=not quiet, adapter=lora)
+                      progress=not quiet, adapter=lora, verify_checksums=not no_crc_check)
     _print_summary(summary, as_json)
     if not as_json:
         click.echo(f"  merged LoRA r={lora.rank} alpha={lora.alpha:g} (scaling {lora.scaling:g}) into "
@@ -166,19 +171,20 @@ def merge_lora(base, adapter, dst, lora_alpha, hf_target, layout, fmt, dtype, ov
 @main.command()
 @click.argument("path", type=PATH)
 @click.option("--json", "as_json", is_flag=True)
+@no_crc_check
 @user_errors
-def inspect(path, as_json):
-    """List the tensors of a checkpoint file or folder, with its detected layout."""
+def inspect(path, as_json, no_crc_check):
+    """List the tensors of a checkpoint file or folder, with its detected layout, after checking the checksums
+    its files carry (which reads every tensor; --no-crc-check lists without reading)."""
     from .inspect_verify import inspect as run
 
-    info = run(path)
+    info = run(path, verify_checksums=not no_crc_check)
     if as_json:
         click.echo(json.dumps(info, indent=2, ensure_ascii=False))
         return
     click.echo(f"{info['path']}: {info['format']}, {len(info['files'])} file(s), layout {info['layout']}")
     click.echo(f"{info['count']} tensors, {info['bytes'] / 1e6:.1f} MB, dtypes {info['dtypes']}")
-    if info["crc_ok"]:
-        click.echo(f"CRC trailer: {'ok' if all(info['crc_ok']) else 'MISMATCH'}")
+    click.echo(f"checksums: {info['checksums']}")
     for kind, names in info["non_weights"].items():
         click.echo(f"non-weights ({kind}): {len(names)}")
     for t in info["tensors"]:
@@ -192,12 +198,13 @@ def inspect(path, as_json):
 @click.option("--a-rearranged-rope", is_flag=True)
 @click.option("--b-rearranged-rope", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
+@no_crc_check
 @user_errors
-def verify(a, b, atol, a_rearranged_rope, b_rearranged_rope, as_json):
+def verify(a, b, atol, a_rearranged_rope, b_rearranged_rope, as_json, no_crc_check):
     """Compare two checkpoints of any formats/layouts tensor by tensor; exit 1 on a mismatch."""
     from .inspect_verify import verify as run
 
-    report = run(a, b, atol, a_rearranged_rope, b_rearranged_rope)
+    report = run(a, b, atol, a_rearranged_rope, b_rearranged_rope, verify_checksums=not no_crc_check)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

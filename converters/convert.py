@@ -14,8 +14,9 @@ from pathlib import Path
 from . import __version__
 from .dtypes import BY_NAME
 from .errors import CheckpointError
+from .jsonio import write_json
 from .names import EMBEDDING, INV_FREQ, Layout, inv_freq
-from .output import WeightsWriter, hf_index, plan_shards, staged_folder, write_json
+from .output import WeightsWriter, hf_index, plan_shards, staged_folder
 from .source import DTYPES, Source, out_dtype
 
 MS_WEIGHTS = {"ckpt": "mindspore_model.ckpt", "safetensors": "mindspore_model.safetensors"}
@@ -65,7 +66,7 @@ def _nbytes(shape, dtype) -> int:
 def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folder: bool = False,
             max_shard_bytes: int | None = None, overwrite: bool = False, allow_overflow: bool = False,
             keep_optimizer: bool = False, rearranged_rope: bool | None = None, config: Path | None = None,
-            progress: bool = True, adapter=None, opened=None) -> Summary:
+            progress: bool = True, adapter=None, opened=None, verify_checksums: bool = True) -> Summary:
     """Convert the checkpoint at `src` (or the Checkpoint `opened` from it) into a new folder `dst` (MindSpore, or
     a HF folder when `hf_folder`); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
     into the weights."""
@@ -77,7 +78,7 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folde
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise CheckpointError(f"{dst}: the destination must not be the source or lie inside it")
-    with Source.open(src, rearranged_rope, config, opened) as source:
+    with Source.open(src, rearranged_rope, config, opened, verify_checksums) as source:
         cfg, tensors = source.cfg, source.ckpt.tensors
         lora = source.dropped["LoRA adapters"]
         if lora and adapter is None:
@@ -110,6 +111,7 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folde
                         writer.write(name, tensors[name].read(), tensors[name].dtype)
                         tensors[name].release()
                 writer.close()
+                source.ckpt.check_complete()
             except BaseException:
                 writer.abort()
                 raise

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CheckpointError
-
 
 @dataclass(frozen=True)
 class DType:
@@ -18,6 +16,7 @@ class DType:
     storage: np.dtype  # what numpy arrays of this type hold
     safetensors: str
     ckpt: str          # MindSpore TensorProto.tensor_type
+    torch_storage: str | None = None  # the typed-storage class torch.save pickles for it
 
     @property
     def itemsize(self) -> int:
@@ -29,31 +28,25 @@ class DType:
 
 
 _TABLE = [
-    DType("float32", np.dtype("<f4"), "F32", "Float32"),
-    DType("float16", np.dtype("<f2"), "F16", "Float16"),
-    DType("bfloat16", np.dtype("<u2"), "BF16", "BFloat16"),
-    DType("float64", np.dtype("<f8"), "F64", "Float64"),
-    DType("int8", np.dtype("i1"), "I8", "Int8"),
-    DType("uint8", np.dtype("u1"), "U8", "UInt8"),
-    DType("int16", np.dtype("<i2"), "I16", "Int16"),
+    DType("float32", np.dtype("<f4"), "F32", "Float32", "FloatStorage"),
+    DType("float16", np.dtype("<f2"), "F16", "Float16", "HalfStorage"),
+    DType("bfloat16", np.dtype("<u2"), "BF16", "BFloat16", "BFloat16Storage"),
+    DType("float64", np.dtype("<f8"), "F64", "Float64", "DoubleStorage"),
+    DType("int8", np.dtype("i1"), "I8", "Int8", "CharStorage"),
+    DType("uint8", np.dtype("u1"), "U8", "UInt8", "ByteStorage"),
+    DType("int16", np.dtype("<i2"), "I16", "Int16", "ShortStorage"),
     DType("uint16", np.dtype("<u2"), "U16", "UInt16"),
-    DType("int32", np.dtype("<i4"), "I32", "Int32"),
+    DType("int32", np.dtype("<i4"), "I32", "Int32", "IntStorage"),
     DType("uint32", np.dtype("<u4"), "U32", "UInt32"),
-    DType("int64", np.dtype("<i8"), "I64", "Int64"),
+    DType("int64", np.dtype("<i8"), "I64", "Int64", "LongStorage"),
     DType("uint64", np.dtype("<u8"), "U64", "UInt64"),
-    DType("bool", np.dtype("?"), "BOOL", "Bool"),
+    DType("bool", np.dtype("?"), "BOOL", "Bool", "BoolStorage"),
 ]
 FLOATS = ("float32", "float16", "bfloat16", "float64")
 BY_NAME = {d.name: d for d in _TABLE}
 BY_SAFETENSORS = {d.safetensors: d for d in _TABLE}
 BY_CKPT = {d.ckpt: d for d in _TABLE}
-
-
-def dtype(name: str) -> DType:
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        raise CheckpointError(f"unknown dtype {name!r}; expected one of {', '.join(BY_NAME)}") from None
+BY_TORCH_STORAGE = {d.torch_storage: d for d in _TABLE if d.torch_storage}
 
 
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:

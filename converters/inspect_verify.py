@@ -13,8 +13,18 @@ from .names import classify, detect_layout
 from .source import NON_WEIGHTS, Source
 
 
-def inspect(path: Path) -> dict:
-    with open_checkpoint(path) as ckpt:
+def _checksums(ckpt) -> str:
+    """Read every tensor once, which holds each to its file's checksums, then the whole-file ones."""
+    for ref in ckpt.tensors.values():
+        ref.read()
+        ref.release()
+    ckpt.check_complete()
+    n = sum(getattr(h, "has_crc", False) for h in ckpt.handles)
+    return f"ok ({n} of {len(ckpt.handles)} files carry checksums, all match)" if n else "none in these files"
+
+
+def inspect(path: Path, verify_checksums: bool = True) -> dict:
+    with open_checkpoint(path, verify_checksums) as ckpt:
         weights, others = [], {}
         for name in ckpt.tensors:
             kind = classify(name)
@@ -33,13 +43,15 @@ def inspect(path: Path) -> dict:
                         for t in ckpt.tensors.values()],
             "strings": ckpt.strings, "count": len(ckpt.tensors), "bytes": ckpt.nbytes,
             "dtypes": dict(Counter(t.dtype for t in ckpt.tensors.values())), "non_weights": others,
-            "crc_ok": [ok for h in ckpt.handles if hasattr(h, "crc_ok") for ok in [h.crc_ok()] if ok is not None],
+            "checksums": _checksums(ckpt) if verify_checksums else "not checked (--no-crc-check)",
         }
 
 
-def verify(a: Path, b: Path, atol: float = 0.0, a_rearranged: bool = False, b_rearranged: bool = False) -> dict:
+def verify(a: Path, b: Path, atol: float = 0.0, a_rearranged: bool = False, b_rearranged: bool = False,
+           verify_checksums: bool = True) -> dict:
     """Compare the canonical tensors of two checkpoints: bit-exact when dtypes match, else max abs difference."""
-    with Source.open(a, a_rearranged or None) as sa, Source.open(b, b_rearranged or None) as sb:
+    with Source.open(a, a_rearranged or None, verify_checksums=verify_checksums) as sa, \
+            Source.open(b, b_rearranged or None, verify_checksums=verify_checksums) as sb:
         if sa.cfg.canonical_shapes() != sb.cfg.canonical_shapes():
             raise CheckpointError(f"{a} and {b} hold models of different shapes")
         rows, failed = [], 0
@@ -56,5 +68,7 @@ def verify(a: Path, b: Path, atol: float = 0.0, a_rearranged: bool = False, b_re
                          "max_abs_diff": diff, "ok": ok})
             sa.release(x)
             sb.release(y)
+        sa.ckpt.check_complete()
+        sb.ckpt.check_complete()
         return {"a": str(a), "b": str(b), "a_layout": sa.layout.describe(), "b_layout": sb.layout.describe(),
                 "atol": atol, "tensors": rows, "compared": len(rows), "mismatched": failed, "ok": failed == 0}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -29,9 +28,11 @@ def staged_folder(dst: Path, overwrite: bool = False):
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.parent.is_dir():
+        raise CheckpointError(f"{dst}: the folder {dst.parent} does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's mode
         yield tmp
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
@@ -50,8 +51,10 @@ def staged_folder(dst: Path, overwrite: bool = False):
         raise
 
 
-def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def parse_size(text: str) -> int:
@@ -103,7 +106,9 @@ class WeightsWriter:
                 if crc:
                     c = zlib.crc32(block, c)
             return c
-        observed = isinstance(data, FileSpan) and data.on_block is not None
+        span = data if isinstance(data, FileSpan) else None
+        crc = crc or span is not None and span.check is not None  # a span is proven by the CRC of what was copied
+        observed = span is not None and span.on_block is not None
         return self._pool.submit(sha256), self._pool.submit(crc_and_scan) if crc or observed else None
 
     def _start(self):
@@ -141,19 +146,21 @@ class WeightsWriter:
         writer.write(name, arr, dtype)
         self._settle()  # the previous tensor's checksums; this one's overlap the next write
         self.records.append({"name": name, "shape": list(arr.shape), "dtype": dtype, "file": file})
-        self._pending = (digest, set_crc, name)
+        self._pending = (digest, set_crc, name, arr.check if isinstance(arr, FileSpan) else None)
         remaining.pop(0)
         if not remaining:
             self._finish_file()
 
     def _settle(self) -> None:
         if self._pending is not None:
-            (sha256, scan), set_crc, name = self._pending
+            (sha256, scan), set_crc, name, check = self._pending
+            self._pending = None
             self.records[-1]["sha256"] = sha256.result()
             crc = scan.result() if scan is not None else None  # also waits for the NaN/Inf count
+            if check is not None:
+                check(crc)  # the bytes copied are the ones the source's checksum covers, or this raises
             if set_crc is not None:
                 set_crc(name, crc)
-            self._pending = None
 
     def close(self) -> None:
         self._settle()

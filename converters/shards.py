@@ -266,6 +266,7 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
                         written += part.nbytes
                     ref.release()
                     bar.update(ref.nbytes)
+                ckpt.check_complete()
             finally:
                 for h in handles:
                     h.close()

@@ -78,15 +78,16 @@ class Source(Closing):
 
     @classmethod
     def open(cls, path, rearranged_rope: bool | None = None, config: Path | None = None,
-             opened: Checkpoint | None = None) -> "Source":
+             opened: Checkpoint | None = None, verify_checksums: bool = True) -> "Source":
         """The checkpoint at `path` (or the already `opened` one, which the Source then owns)."""
-        ckpt = opened if opened is not None else open_checkpoint(path)
+        ckpt = opened if opened is not None else open_checkpoint(path, verify_checksums)
         try:
             weights, dropped = [], {kind: [] for kind in NON_WEIGHTS.values()}
             for name in ckpt.tensors:
                 kind = classify(name)
                 (weights if kind == "weight" else dropped[NON_WEIGHTS[kind]]).append(name)
             dropped["non-tensor entries"] = list(ckpt.strings)
+            dropped["tokenizer files linking outside the checkpoint"] = ckpt.untrusted_files
             if rearranged_rope is None:
                 rearranged_rope = bool((ckpt.manifest or {}).get("layout", {}).get("rearrange_rope", False))
             layout = detect_layout(weights, rearranged_rope)

@@ -10,8 +10,9 @@ import numpy as np
 from .config import GLM2Config
 from .dtypes import BY_NAME, cast
 from .errors import CheckpointError
+from .jsonio import write_json
 from .names import EMBEDDING, INV_FREQ, inv_freq
-from .output import WeightsWriter, hf_index, plan_shards, staged_folder, write_json
+from .output import WeightsWriter, hf_index, plan_shards, staged_folder
 
 ASSETS = Path(__file__).parent / "assets"
 BLOCK_ELEMENTS = 1 << 24  # generate 16M values at a time: memory stays near one tensor

@@ -56,6 +56,7 @@ def from_pretrained(path, dtype: str | None = None, compute_dtype: str | None = 
         groups, _ = src.groups(RUNTIME_LAYOUT)
         for name, arr, dt in src.stream(groups, storage):
             params.pop(name).set_data(to_tensor(arr, dt))
+        src.ckpt.check_complete()
         if params:
             raise AssertionError(f"parameters left unset: {sorted(params)[:3]}")
     model.set_train(False)

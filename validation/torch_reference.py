@@ -185,6 +185,7 @@ def load_reference(path, dtype: str | None = None, config: Path | None = None) -
         for name, arr, dt in src.stream(groups, storage):
             t = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16) if dt == "bfloat16" else arr.copy())
             state[name].copy_(t.view(torch.bfloat16) if dt == "bfloat16" else t)
+        src.ckpt.check_complete()
         assert INV_FREQ not in state  # computed in the forward from the config, never read from files
     return model.eval()
 

@@ -34,6 +34,8 @@ class TensorRef:
     release: Callable[[], None] = field(default=lambda: None, repr=False)
     into: Callable[[np.ndarray], object] | None = field(default=None, repr=False)  # read into a C-contiguous buffer
     offset: int | None = None  # where the bytes lie contiguous and as stored in `file`, when they do
+    check: Callable[[int], None] | None = field(default=None, repr=False)  # given the CRC-32 of the bytes at
+    # `offset` once a writer has copied them: raises when they are not what the file's checksum says
 
     @property
     def numel(self) -> int:
@@ -48,7 +50,8 @@ class TensorRef:
         return self.reader()
 
     def span(self, on_block=None) -> FileSpan | None:
-        return None if self.offset is None else FileSpan(self.file, self.offset, self.shape, self.dtype, on_block)
+        return None if self.offset is None else FileSpan(self.file, self.offset, self.shape, self.dtype, on_block,
+                                                         self.check)
 
 
 BLOCK = 1 << 20  # bytes per checksum step: small enough to stay in cache between the CRC and `on_block`
@@ -65,6 +68,8 @@ class FileSpan:
     dtype: str
     on_block: Callable[[memoryview], object] | None = field(default=None, compare=False, repr=False)  # sees each
     # block as the writer reads it back (beside the CRC): the source counts NaN/Inf there
+    check: Callable[[int], None] | None = field(default=None, compare=False, repr=False)  # the source's proof:
+    # given the CRC-32 of the bytes copied, raises when the file's checksum disagrees
 
     @property
     def nbytes(self) -> int:

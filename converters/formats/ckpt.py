@@ -10,8 +10,8 @@ tensor's bytes are read on demand by offset.
 """
 from __future__ import annotations
 
-import binascii
 import math
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,6 +20,7 @@ import numpy as np
 from ..dtypes import BY_CKPT, BY_NAME
 from ..errors import CheckpointError
 from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
+from .checksums import FileCrc
 from .protowire import encode_varint as _encode_varint
 from .protowire import varint as _varint
 
@@ -39,14 +40,15 @@ class CkptFile(Closing):
 
     HEADER_PEEK = 4096  # a Value's tag, dims and type fit in far less; the content is never read here
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, verify: bool = True):
         self.path = Path(path)
         self.tensors: dict[str, TensorRef] = {}
         self.strings: dict[str, str] = {}
         self.has_crc = False
+        self._crc: FileCrc | None = None  # with a CRC trailer: the checksum, assembled from what is read
         self._f: BinaryIO = open(self.path, "rb")
         try:
-            self._index()
+            self._index(verify)
         except CheckpointError:
             self.close()
             raise
@@ -57,7 +59,7 @@ class CkptFile(Closing):
     def close(self) -> None:
         self._f.close()
 
-    def _index(self) -> None:
+    def _index(self, verify: bool) -> None:
         f, size = self._f, self.path.stat().st_size
         segments: dict[str, list[tuple[int, int]]] = {}
         meta: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -87,6 +89,8 @@ class CkptFile(Closing):
                 segments[tag] = []
             segments[tag].append(content)
             pos = record_end
+        if self.has_crc and verify:
+            self._crc = FileCrc(self.path, size - CRC_TRAILER)
         for tag in order:
             self._add(tag, *meta[tag], segments[tag])
 
@@ -136,9 +140,14 @@ class CkptFile(Closing):
 
     def _add(self, tag: str, dims: tuple[int, ...], ttype: str, segments: list[tuple[int, int]]) -> None:
         total = sum(n for _, n in segments)
-        if ttype == "str":
+        if ttype == "str":  # numpy's fixed-width unicode: UTF-32, padded with NULs
+            if total > 1 << 20:
+                raise CheckpointError(f"{self.path}: string entry {tag!r} of {total} bytes is implausibly long")
             data = b"".join(self._read_bytes(off, n, tag) for off, n in segments)
-            self.strings[tag] = np.frombuffer(data, f"<U{len(data) // 4}")[0] if data else ""
+            try:
+                self.strings[tag] = data.decode("utf-32-le").rstrip("\0")
+            except UnicodeDecodeError:
+                raise CheckpointError(f"{self.path}: string entry {tag!r} is not valid UTF-32 text") from None
             return
         if ttype not in BY_CKPT:
             raise CheckpointError(f"{self.path}: tensor {tag!r} has unsupported type {ttype!r}")
@@ -147,9 +156,11 @@ class CkptFile(Closing):
         if math.prod(shape) * dt.itemsize != total:
             raise CheckpointError(f"{self.path}: tensor {tag!r} holds {total} bytes, but shape {list(shape)} of "
                                   f"{dt.name} needs {math.prod(shape) * dt.itemsize}")
+        single = segments[0] if len(segments) == 1 else None
+        check = None if self._crc is None or single is None else lambda crc: self._crc.add(*single, crc)
         self.tensors[tag] = TensorRef(tag, shape, dt.name, self.path, lambda: self._read(tag, shape, dt.name, segments),
                                       into=lambda out: self._read(tag, shape, dt.name, segments, out),
-                                      offset=segments[0][0] if len(segments) == 1 else None)
+                                      offset=single and single[0], check=check)
 
     def _read_bytes(self, offset: int, n: int, what: str) -> bytes:
         arr = np.empty(n, np.uint8)
@@ -162,22 +173,22 @@ class CkptFile(Closing):
         at = 0
         for offset, n in segments:
             read_exact(self._f, offset, flat[at:at + n], self.path, tag)
+            if self._crc is not None:
+                self._crc.add(offset, n, zlib.crc32(flat[at:at + n]))
             at += n
         return arr
 
-    def crc_ok(self) -> bool | None:
-        """Check the CRC trailer when there is one (None when the file has none)."""
-        if not self.has_crc:
-            return None
-        size = self.path.stat().st_size
-        crc, left, block = 0, size - CRC_TRAILER, 64 << 20
-        self._f.seek(0)
-        while left:
-            chunk = self._f.read(min(block, left))
-            crc = binascii.crc32(chunk, crc)
-            left -= len(chunk)
-        self._f.seek(size - 10)
-        return crc == int.from_bytes(self._f.read(10), "big")
+    def check_complete(self) -> None:
+        """After the tensors were read or copied: the file's CRC trailer must match its contents (the pieces
+        nobody read — record headers, dropped entries — are read now)."""
+        if self._crc is None:
+            return
+        self._f.seek(self._crc.end + len(CRC_MARK))
+        stored = int.from_bytes(self._f.read(10), "big")
+        computed = self._crc.value()
+        if computed != stored:
+            raise CheckpointError(f"{self.path}: contents do not match the file's CRC trailer (stored {stored:08x}, "
+                                  f"computed {computed:08x}): the file is corrupt (--no-crc-check reads it anyway)")
 
 
 def _record_header(tag: str, shape: tuple[int, ...], ttype: str, content_len: int) -> bytes:

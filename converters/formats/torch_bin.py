@@ -1,121 +1,138 @@
-"""PyTorch `.bin` (torch.save zip) files. torch is imported only here, and only when a .bin is read; writing one
-needs no torch (the pickle and the zip are framed here).
+"""PyTorch `.bin` files (torch.save's zip archive, and its legacy pre-1.6 stream), read and written without torch.
 
-Reading uses `torch.load(weights_only=True, mmap=True)`: no code in the pickle runs, and tensors stay on disk
-until read. Pages of a tensor are handed back to the kernel once it has been used, so reading a 2 GB shard
-does not leave 2 GB resident. Writing frames the zip here, one tensor at a time (see BinWriter).
+Reading parses the zip's own directory (zipstore.read_zip) and the pickle with an unpickler that knows only the
+globals a state dict of tensors uses (as torch's weights_only loader does): anything else is refused, nothing in
+the file runs. A tensor's bytes are located from its storage record's local header and checked against the
+record's CRC-32 — when read here, and when copied file to file (the writer's checksum thread reports the CRC of
+what it copied to `TensorRef.check`). Writing frames the pickle and the zip here too (see BinWriter).
 """
 from __future__ import annotations
 
-import ctypes
+import io
 import math
-import mmap
 import pickle
+import pickletools
 import struct
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..dtypes import BY_NAME, BY_TORCH_STORAGE, DType
 from ..errors import CheckpointError
 from .base import Closing, FileSpan, TensorRef, write_bytes
-from .zipstore import ZipStoreWriter
+from .zipstore import STORED, ZipError, ZipRecord, ZipStoreWriter, read_record, read_zip
 
-_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "float64": "float64",
-                 "int8": "int8", "uint8": "uint8", "int16": "int16", "int32": "int32", "int64": "int64",
-                 "bool": "bool"}
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError("reading or writing PyTorch .bin files needs torch: pip install 'glm2-toolkit[torch]'") \
-            from None
-    return torch
+MAX_PICKLE = 64 << 20  # a 6B state dict's pickle is ~30 KB
+MAX_DIM = 1 << 48
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
 
 
-def _libc_madvise():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return fn
-    except (OSError, AttributeError):
-        return None
+class _Refused(Exception):
+    pass
 
 
-_MADVISE = _libc_madvise()
-_PAGE = mmap.PAGESIZE
+@dataclass(frozen=True)
+class _Storage:
+    key: str
+    dtype: DType
+    numel: int
 
 
-def _advise(t, advice: int) -> None:
-    """madvise the pages mapping tensor `t` (DONTNEED after use: they are clean and private, so a later read
-    refaults them from the file)."""
-    if _MADVISE is None or t.numel() == 0:
-        return
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    lo, hi = start - start % _PAGE, end + (-end % _PAGE)
-    _MADVISE(lo, hi - lo, advice)
+@dataclass(frozen=True)
+class _Tensor:
+    storage: _Storage
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def contiguous(self) -> bool:
+        want = 1
+        for n, s in zip(reversed(self.shape), reversed(self.stride)):
+            if n != 1 and s != want:
+                return False
+            want *= n
+        return True
 
 
-class TorchBinFile(Closing):
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        torch = _torch()
+class _OrderedDict(dict):
+    def __setstate__(self, state):  # the state dict's `_metadata` attribute: not needed
+        pass
+
+
+def _ints(value, what: str, low: int = 0, high: int = MAX_DIM) -> tuple[int, ...]:
+    if not isinstance(value, tuple) or not all(type(v) is int and low <= v <= high for v in value):
+        raise ValueError(f"{what} must be a tuple of integers in [{low}, {high}], got {value!r:.80}")
+    return value
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_):
+    if not isinstance(storage, _Storage):
+        raise ValueError("a tensor's storage is not a storage record")
+    shape, stride = _ints(size, "shape"), _ints(stride, "stride")
+    (offset,) = _ints((storage_offset,), "storage offset")
+    if len(stride) != len(shape):
+        raise ValueError(f"shape {list(shape)} and stride {list(stride)} differ in length")
+    t = _Tensor(storage, offset, shape, stride)
+    last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+    if math.prod(shape) and last >= storage.numel:
+        raise ValueError(f"a tensor of shape {list(shape)} runs past its storage of {storage.numel} elements")
+    return t
+
+
+def _rebuild_parameter(data, *_):
+    if not isinstance(data, _Tensor):
+        raise ValueError("a parameter that holds no tensor")
+    return data
+
+
+_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+            ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+            ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+            ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+            ("collections", "OrderedDict"): _OrderedDict,
+            **{("torch", d.torch_storage): d for d in BY_TORCH_STORAGE.values()}}
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Builds storage and tensor descriptions; any other global is refused."""
+
+    def __init__(self, data: io.BytesIO):
+        super().__init__(data)
+        self.storages: dict[str, _Storage] = {}
+
+    def find_class(self, module, name):
         try:
-            try:
-                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-                self._mapped = True
-            except RuntimeError as exc:
-                if "mmap" not in str(exc) and "zip" not in str(exc).lower():
-                    raise
-                # legacy (pre-zip) torch.save files cannot be mapped
-                state = torch.load(self.path, map_location="cpu", weights_only=True)
-                self._mapped = False
-        except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{self.path}: refused to unpickle: the file holds more than tensors and would run "
-                                  f"code ({first[:160]})") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint (truncated or corrupt: "
-                                  f"{first[:160]})") from None
-        state = _unwrap(state)
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{self.path}: expected a dict of tensors, found {type(state).__name__}")
-        offsets = self._offsets(torch) if self._mapped else {}
-        self.tensors: dict[str, TensorRef] = {}
-        for name, t in state.items():
-            if not isinstance(t, torch.Tensor):
-                raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
-            dtype = str(t.dtype).removeprefix("torch.")
-            if dtype not in _TORCH_DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype}")
-            mapped = self._mapped
-            self.tensors[name] = TensorRef(name, tuple(t.shape), dtype, self.path, lambda t=t: to_numpy(t),
-                                           lambda t=t: mapped and _advise(t, mmap.MADV_DONTNEED),
-                                           offset=offsets.get(name))
+            return _GLOBALS[(module, name)]
+        except (KeyError, TypeError):
+            raise _Refused(f"{module}.{name}") from None
 
-    def _offsets(self, torch) -> dict[str, int]:
-        """Where each contiguous tensor's bytes start in the file, from a load onto the meta device (torch notes
-        each storage's record offset there; nothing is read)."""
-        import sys
-        import zipfile
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage" \
+                or not isinstance(pid[1], DType) or not isinstance(pid[2], str) or type(pid[4]) is not int:
+            raise ValueError(f"unexpected persistent id {pid!r:.80}")
+        if len(pid) == 6 and pid[5] is not None:
+            raise ValueError("legacy storage views are not supported")
+        storage = _Storage(pid[2], pid[1], pid[4])
+        if not 0 <= storage.numel <= MAX_DIM or self.storages.setdefault(storage.key, storage) != storage:
+            raise ValueError(f"storage {storage.key!r} is described inconsistently")
+        return storage
 
-        with zipfile.ZipFile(self.path) as z:
-            order = [z.read(n).decode() for n in z.namelist() if n.endswith("/byteorder")]
-        if order and order[0] != sys.byteorder:  # torch swaps these bytes as it loads them
-            return {}
-        out = {}
-        for name, t in _unwrap(torch.load(self.path, map_location="meta", weights_only=True)).items():
-            base = getattr(t.untyped_storage(), "_checkpoint_offset", None) if isinstance(t, torch.Tensor) else None
-            if base is not None and t.is_contiguous():
-                out[name] = base + t.storage_offset() * t.element_size()
-        return out
 
-    def close(self) -> None:
-        self.tensors = {}
+def _unpickle(data: io.BytesIO):
+    """One pickle from `data`, after a scan of its opcodes (which also bounds the memo the C unpickler sizes)."""
+    start, ops = data.tell(), 0
+    for op, arg, _ in pickletools.genops(data):
+        ops += 1
+        if op.name in _MEMO_OPS and not 0 <= arg <= 1 << 20:
+            raise ValueError(f"memo index {arg} out of range")
+    data.seek(start)
+    unpickler = _Unpickler(data)
+    return unpickler.load(), unpickler.storages
 
 
 def _unwrap(state):
@@ -125,17 +142,157 @@ def _unwrap(state):
     return state
 
 
-def to_numpy(t) -> np.ndarray:
-    torch = _torch()
-    t = t.contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
+class TorchBinFile(Closing):
+    """The tensors of a torch.save file. `verify` checks every record read or copied against its CRC-32."""
+
+    def __init__(self, path: Path, verify: bool = True):
+        self.path, self.verify = Path(path), verify
+        self.tensors: dict[str, TensorRef] = {}
+        self._f = open(self.path, "rb")
+        try:
+            zipped = self.has_crc = self._f.read(2) == b"PK"  # the legacy stream carries no checksums
+            self._f.seek(0)
+            self._index_zip() if zipped else self._index_legacy()
+        except _Refused as exc:
+            self.close()
+            raise CheckpointError(f"{self.path}: refused to unpickle: the file holds more than tensors and would "
+                                  f"run code (it names {exc})") from None
+        except CheckpointError:
+            self.close()
+            raise
+        except Exception as exc:  # anything the zip reader or the unpickler met in a malformed file
+            self.close()
+            what = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{self.path}: not a readable PyTorch checkpoint (truncated or corrupt: "
+                                  f"{what})") from None
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def _error(self, name: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {name}: {what}")
+
+    def _state(self, obj, storages) -> dict[str, _Tensor]:
+        state = _unwrap(obj)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.path}: expected a dict of tensors, found {type(state).__name__}")
+        for name, t in state.items():
+            if not isinstance(name, str):
+                raise CheckpointError(f"{self.path}: a key of the state dict is a {type(name).__name__}, not a name")
+            if not isinstance(t, _Tensor):
+                raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+            if t.storage.dtype.name not in BY_NAME:
+                raise self._error(name, f"unsupported dtype {t.storage.dtype.name}")
+        return state
+
+    # ---- the zip archive torch.save writes
+    def _index_zip(self) -> None:
+        records = read_zip(self.path)
+        pickles = [n for n in records if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pickles) != 1:
+            raise ZipError(f"expected one data.pkl record, found {len(pickles)}")
+        archive = pickles[0][:-len("data.pkl")]
+        order = self._small_record(records.get(archive + "byteorder"), 16, b"little").decode(errors="replace")
+        if order not in ("little", "big"):
+            raise ZipError(f"byteorder record says {order[:20]!r}")
+        obj, storages = _unpickle(io.BytesIO(self._small_record(records[pickles[0]], MAX_PICKLE)))
+        for name, t in self._state(obj, storages).items():
+            rec = records.get(f"{archive}data/{t.storage.key}")
+            if rec is None:
+                raise self._error(name, f"its storage record data/{t.storage.key} is missing from the archive")
+            if rec.size != t.storage.numel * t.storage.dtype.itemsize:
+                raise self._error(name, f"storage record data/{t.storage.key} holds {rec.size} bytes, its "
+                                        f"{t.storage.numel} {t.storage.dtype.name} elements need "
+                                        f"{t.storage.numel * t.storage.dtype.itemsize}")
+            self.tensors[name] = self._zip_ref(name, t, rec, order == sys.byteorder)
+
+    def _small_record(self, rec: ZipRecord | None, limit: int, default: bytes | None = None) -> bytes:
+        if rec is None and default is not None:
+            return default
+        if rec.size > limit:
+            raise ZipError(f"record {rec.name!r} of {rec.size} bytes is larger than {limit}")
+        buf = bytearray(rec.size)
+        self._checked(read_record(self._f, rec, memoryview(buf)), rec, rec.name)
+        return bytes(buf)
+
+    def _checked(self, crc: int, rec: ZipRecord, name: str) -> None:
+        if self.verify and crc != rec.crc:
+            raise self._error(name, f"bytes do not match the CRC-32 the archive records for {rec.name} "
+                                    f"(stored {rec.crc:08x}, read {crc:08x}): the file is corrupt "
+                                    f"(--no-crc-check converts it anyway)")
+
+    def _zip_ref(self, name: str, t: _Tensor, rec: ZipRecord, native: bool) -> TensorRef:
+        dt, shape = t.storage.dtype, t.shape
+        whole = native and rec.method == STORED and t.offset == 0 and t.contiguous \
+            and math.prod(shape) * dt.itemsize == rec.size
+
+        def read(out: np.ndarray | None = None) -> np.ndarray:
+            if whole:
+                arr = np.empty(shape, dt.storage) if out is None else out
+                self._checked(read_record(self._f, rec, memoryview(arr.reshape(-1).view(np.uint8))), rec, name)
+                return arr
+            raw = np.empty(rec.size, np.uint8)
+            self._checked(read_record(self._f, rec, memoryview(raw)), rec, name)
+            storage = raw.view(dt.storage.newbyteorder("=" if native else "S"))
+            view = np.lib.stride_tricks.as_strided(storage[t.offset:], shape,
+                                                   tuple(s * dt.itemsize for s in t.stride), writeable=False)
+            arr = np.empty(shape, dt.storage) if out is None else out
+            arr[...] = view
+            return arr
+
+        check = (lambda crc: self._checked(crc, rec, name)) if self.verify else None
+        return TensorRef(name, shape, dt.name, self.path, read, into=read,
+                         offset=rec.data_offset if whole else None, check=check)
+
+    # ---- the legacy stream: magic, protocol, system info, the state pickle, storage keys, then each storage as
+    # an int64 element count and its bytes
+    def _index_legacy(self) -> None:
+        size = self.path.stat().st_size
+        head = io.BytesIO(self._f.read(MAX_PICKLE))
+        magic, protocol = _unpickle(head)[0], _unpickle(head)[0]
+        if magic != _LEGACY_MAGIC or protocol != _LEGACY_PROTOCOL:
+            raise ZipError("neither a zip archive nor a legacy torch.save stream")
+        info = _unpickle(head)[0]
+        if not isinstance(info, dict) or info.get("little_endian") is not True:
+            raise ValueError("only little-endian legacy files are supported")
+        obj, storages = _unpickle(head)
+        keys = _unpickle(head)[0]
+        if not isinstance(keys, list) or sorted(keys) != sorted(storages):
+            raise ValueError("the storage key list disagrees with the storages the state names")
+        at, places = head.tell(), {}
+        for key in keys:
+            s = storages[key]
+            self._f.seek(at)
+            count = self._f.read(8)
+            if len(count) != 8 or struct.unpack("<q", count)[0] != s.numel:
+                raise ValueError(f"storage {key!r}: element count does not match the state's {s.numel}")
+            places[key] = at + 8
+            at += 8 + s.numel * s.dtype.itemsize
+            if at > size:
+                raise CheckpointError(f"{self.path}: truncated file: storage {key!r} ends at byte {at}, the file "
+                                      f"has {size}")
+        for name, t in self._state(obj, storages).items():
+            self.tensors[name] = self._legacy_ref(name, t, places[t.storage.key])
+
+    def _legacy_ref(self, name: str, t: _Tensor, at: int) -> TensorRef:
+        dt, shape = t.storage.dtype, t.shape
+
+        def read(out: np.ndarray | None = None) -> np.ndarray:
+            raw = np.empty(t.storage.numel * dt.itemsize, np.uint8)
+            self._f.seek(at)
+            if self._f.readinto(memoryview(raw)) != raw.size:
+                raise CheckpointError(f"{self.path}: truncated file: tensor {name!r}")
+            view = np.lib.stride_tricks.as_strided(raw.view(dt.storage)[t.offset:], shape,
+                                                   tuple(s * dt.itemsize for s in t.stride), writeable=False)
+            arr = np.empty(shape, dt.storage) if out is None else out
+            arr[...] = view
+            return arr
+
+        return TensorRef(name, shape, dt.name, self.path, read, into=read)
 
 
-_STORAGE_TYPES = {"float32": "FloatStorage", "float16": "HalfStorage", "bfloat16": "BFloat16Storage",
-                  "float64": "DoubleStorage", "int8": "CharStorage", "uint8": "ByteStorage", "int16": "ShortStorage",
-                  "int32": "IntStorage", "int64": "LongStorage", "bool": "BoolStorage"}
 ALIGN = 64  # torch aligns every storage record to 64 bytes (its .storage_alignment)
 
 
@@ -164,10 +321,11 @@ def state_pickle(plan: list[tuple[str, tuple[int, ...], str]]) -> bytes:
     writing a .bin needs no torch: each value is `_rebuild_tensor_v2` over persistent storage record i."""
     out = [b"\x80\x02}("]  # PROTO 2, EMPTY_DICT, MARK
     for i, (name, shape, dtype) in enumerate(plan):
-        if dtype not in _STORAGE_TYPES:
+        storage_type = BY_NAME[dtype].torch_storage
+        if storage_type is None:
             raise CheckpointError(f"tensor {name!r}: dtype {dtype} cannot be written to a .bin file")
         stride = [math.prod(shape[j + 1:]) for j in range(len(shape))]
-        storage = (b"(" + _str("storage") + f"ctorch\n{_STORAGE_TYPES[dtype]}\n".encode() + _str(str(i))
+        storage = (b"(" + _str("storage") + f"ctorch\n{storage_type}\n".encode() + _str(str(i))
                    + _str("cpu") + _int(math.prod(shape)) + b"tQ")  # the persistent id, BINPERSID
         out += [_str(name), b"ctorch._utils\n_rebuild_tensor_v2\n(", storage, _int(0), _tuple(shape),
                 _tuple(stride), b"\x89ccollections\nOrderedDict\n)RtR"]  # False, OrderedDict(); REDUCE
