@@ -11,6 +11,11 @@ import click
 from .errors import CheckpointError
 
 
+def one_line(text: str) -> str:
+    """Names and values from a hostile file can hold line breaks and control characters: escape them."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def user_errors(fn):
     """Print a user error as one line on stderr and exit 1 — no traceback."""
     @functools.wraps(fn)
@@ -18,7 +23,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except CheckpointError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(str(exc))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written", err=True)

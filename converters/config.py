@@ -1,11 +1,12 @@
 """ChatGLM2 model configuration: read from a HF `config.json`, presets, and the config files we write."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields, replace
+import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import CheckpointError
+from .jsonio import read_json
 
 # Fields of the real THUDM config.json (and of its 32k/later variants) that do not change the weights or math.
 _PASSIVE = {"_name_or_path", "model_type", "architectures", "auto_map", "apply_query_key_layer_scaling",
@@ -17,6 +18,14 @@ _PASSIVE = {"_name_or_path", "model_type", "architectures", "auto_map", "apply_q
 # Fields whose other values describe a different network than ChatGLM2.
 _REQUIRED = {"add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True, "original_rope": True,
              "apply_residual_connection_post_layernorm": False, "tie_word_embeddings": False}
+
+
+# Upper bounds far above any GLM (GLM-4-9B: 40 layers, vocab 151552, seq 131072), checked before anything loops
+# over layers or allocates by these sizes.
+_LIMITS = {"num_layers": 1024, "hidden_size": 1 << 17, "ffn_hidden_size": 1 << 19, "num_attention_heads": 4096,
+           "multi_query_group_num": 4096, "kv_channels": 4096, "padded_vocab_size": 1 << 23, "seq_length": 1 << 24,
+           "eos_token_id": 1 << 23, "pad_token_id": 1 << 23}
+_LOW = {"eos_token_id": 0, "pad_token_id": 0}
 
 
 @dataclass(frozen=True)
@@ -50,16 +59,30 @@ class GLM2Config:
         return 10000.0 * self.rope_ratio
 
     def __post_init__(self):
+        """Types and ranges first: every later check and loop relies on them."""
+        for f, high in _LIMITS.items():
+            v, low = getattr(self, f), _LOW.get(f, 1)
+            if type(v) is not int or not low <= v <= high:
+                raise ValueError(f"{f} must be an integer from {low} to {high}, got {v!r:.40}")
+        for f in ("layernorm_epsilon", "rope_ratio"):
+            v = getattr(self, f)
+            if type(v) not in (int, float) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{f} must be a positive number, got {v!r:.40}")
+        if type(self.add_qkv_bias) is not bool or not isinstance(self.torch_dtype, str):
+            raise ValueError("add_qkv_bias must be true or false, torch_dtype a string")
         if self.num_attention_heads % self.multi_query_group_num:
-            raise CheckpointError(f"config: num_attention_heads {self.num_attention_heads} is not a multiple of "
-                                  f"multi_query_group_num {self.multi_query_group_num}")
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"multi_query_group_num {self.multi_query_group_num}")
         if self.kv_channels % 4:
-            raise CheckpointError(f"config: kv_channels {self.kv_channels} must be a multiple of 4 (RoPE pairs on "
-                                  f"half of each head)")
-        for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
-                  "padded_vocab_size", "multi_query_group_num"):
-            if getattr(self, f) <= 0:
-                raise CheckpointError(f"config: {f} must be positive, got {getattr(self, f)}")
+            raise ValueError(f"kv_channels {self.kv_channels} must be a multiple of 4 (RoPE pairs on half of each "
+                             f"head)")
+
+    @classmethod
+    def _build(cls, source: str, **kw) -> "GLM2Config":
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "GLM2Config":
@@ -77,41 +100,42 @@ class GLM2Config:
         if d.get("multi_query_attention") is False:
             if "multi_query_group_num" in d and d["multi_query_group_num"] != d.get("num_attention_heads"):
                 raise CheckpointError(f"{source}: multi_query_attention is false but multi_query_group_num is "
-                                      f"{d['multi_query_group_num']}")
+                                      f"{d['multi_query_group_num']!r:.40}")
             kw["multi_query_group_num"] = d.get("num_attention_heads", cls.num_attention_heads)
-        try:
-            return cls(**kw)
-        except TypeError as exc:
-            raise CheckpointError(f"{source}: {exc}") from None
+        return cls._build(source, **kw)
 
     @classmethod
     def from_glm_dict(cls, d: dict, source: str = "config.json") -> "GLM2Config":
         """From the config of transformers' native GlmForCausalLM (as `ms2hf --target glm` writes it)."""
         rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"{source}: rope_parameters is not an object")
         theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
         if d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5)) != 0.5:
             raise CheckpointError(f"{source}: partial_rotary_factor must be 0.5 for ChatGLM2")
+        if type(theta) not in (int, float):
+            raise CheckpointError(f"{source}: rope_theta must be a number, got {theta!r:.40}")
         try:
-            return cls(num_layers=d["num_hidden_layers"], hidden_size=d["hidden_size"],
-                       ffn_hidden_size=d["intermediate_size"], num_attention_heads=d["num_attention_heads"],
-                       multi_query_group_num=d["num_key_value_heads"], kv_channels=d["head_dim"],
-                       padded_vocab_size=d["vocab_size"], layernorm_epsilon=d.get("rms_norm_eps", 1e-5),
-                       rope_ratio=theta / 10000.0, add_qkv_bias=d.get("attention_bias", True),
-                       seq_length=d.get("max_position_embeddings", 32768),
-                       torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
-                       eos_token_id=d.get("eos_token_id", 2), pad_token_id=d.get("pad_token_id", 0))
+            sizes = dict(num_layers=d["num_hidden_layers"], hidden_size=d["hidden_size"],
+                         ffn_hidden_size=d["intermediate_size"], num_attention_heads=d["num_attention_heads"],
+                         multi_query_group_num=d["num_key_value_heads"], kv_channels=d["head_dim"],
+                         padded_vocab_size=d["vocab_size"])
         except KeyError as exc:
             raise CheckpointError(f"{source}: GLM config lacks {exc}") from None
+        return cls._build(source, **sizes, layernorm_epsilon=d.get("rms_norm_eps", 1e-5),
+                          rope_ratio=theta / 10000.0, add_qkv_bias=d.get("attention_bias", True),
+                          seq_length=d.get("max_position_embeddings", 32768),
+                          torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
+                          eos_token_id=d.get("eos_token_id", 2), pad_token_id=d.get("pad_token_id", 0))
 
     @classmethod
-    def from_file(cls, path: Path) -> "GLM2Config":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: cannot read config ({exc})") from None
-        if not isinstance(data, dict):
-            raise CheckpointError(f"{path}: config is not a JSON object")
-        return cls.from_dict(data, str(path))
+    def from_mapping(cls, d: dict, source: str = "config.json") -> "GLM2Config":
+        """Either field set: transformers' GlmForCausalLM (model_type "glm") or THUDM's ChatGLM."""
+        return cls.from_glm_dict(d, source) if d.get("model_type") == "glm" else cls.from_dict(d, source)
+
+    @classmethod
+    def from_file(cls, path) -> "GLM2Config":
+        return cls.from_mapping(read_json(path, "config"), str(path))
 
     @classmethod
     def from_pretrained(cls, path) -> "GLM2Config":
@@ -120,9 +144,6 @@ class GLM2Config:
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise CheckpointError(f"{path}: no config.json")
-        data = json.loads(file.read_text()) if file.suffix == ".json" else None
-        if isinstance(data, dict) and data.get("model_type") == "glm":
-            return cls.from_glm_dict(data, str(file))
         return cls.from_file(file)
 
     @classmethod
@@ -131,7 +152,7 @@ class GLM2Config:
             base = PRESETS[name]
         except KeyError:
             raise CheckpointError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}") from None
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        return cls._build(f"preset {name}", **{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
 
     def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every weight of the HF ChatGLM2 layout (our canonical names) with its shape, in the release's order."""

@@ -10,7 +10,7 @@ from .checkpoint import open_checkpoint
 from .dtypes import to_float32
 from .errors import CheckpointError
 from .names import classify, detect_layout
-from .source import NON_WEIGHTS, Source
+from .source import NON_WEIGHTS, Source, manifest_layout
 
 
 def _checksums(ckpt) -> str:
@@ -32,9 +32,9 @@ def inspect(path: Path, verify_checksums: bool = True) -> dict:
                 weights.append(name)
             else:
                 others.setdefault(NON_WEIGHTS[kind], []).append(name)
-        rearranged = bool((ckpt.manifest or {}).get("layout", {}).get("rearrange_rope", False))
+        rearranged = manifest_layout(ckpt).get("rearrange_rope", False) is True
         try:
-            layout = detect_layout(weights, rearranged).describe()
+            layout = detect_layout(weights, rearranged, str(path)).describe()
         except CheckpointError as exc:
             layout = f"unknown ({exc})"
         return {

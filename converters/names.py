@@ -172,7 +172,7 @@ def classify(name: str) -> str:
     return "weight"
 
 
-def detect_layout(names, rearrange_rope: bool = False) -> Layout:
+def detect_layout(names, rearrange_rope: bool = False, where: str = "checkpoint") -> Layout:
     """The layout a set of tensor names is in. Rearranged RoPE leaves no trace in names: it must be told."""
     names = set(names)
     families = [f for f, key in (("chatglm", EMBEDDING), ("mindformers", "transformer.embedding.embedding_weight"),
@@ -180,7 +180,7 @@ def detect_layout(names, rearrange_rope: bool = False) -> Layout:
                                  ("glm", "model.embed_tokens.weight")) if key in names]
     if len(families) != 1:
         found = "several embeddings" if families else "no embedding"
-        raise CheckpointError(f"cannot tell the checkpoint's layout: {found} among its names "
+        raise CheckpointError(f"{where}: cannot tell the checkpoint's layout: {found} among its names "
                               f"(expected one of {EMBEDDING}, transformer.embedding.embedding_weight, "
                               f"transformer.embedding.embedding_table, model.embed_tokens.weight)")
     family = families[0]
@@ -190,30 +190,34 @@ def detect_layout(names, rearrange_rope: bool = False) -> Layout:
                   rearrange_rope=mf and rearrange_rope)
 
 
-def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, kv_channels: int = 128) -> GLM2Config:
+def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, where: str = "checkpoint",
+                 kv_channels: int = 128) -> GLM2Config:
     """Model sizes from the tensor shapes alone, for a bare checkpoint without config.json.
 
     Head size is not visible in the shapes; ChatGLM2's 128 is assumed (pass a config.json otherwise).
     """
+    refused = CheckpointError(f"{where}: cannot infer the model sizes from the tensor shapes; give the model's "
+                              f"config.json (--config)")
     by_canon = {}
     for m in weight_map(layout, GLM2Config.preset("tiny", num_layers=1)):
         for piece in m.pieces:
             by_canon[piece.name] = m.canonical
-    emb = [n for n in shapes if by_canon.get(n) == EMBEDDING]
-    vocab, hidden = shapes[emb[0]]
-    layers = {int(m.group(1)) for n in shapes for m in [re.search(r"layers\.(\d+)\.", n)] if m}
-    down = next(s for n, s in shapes.items() if n.endswith(("dense_4h_to_h.weight", "down_proj.weight")))
-    qkv_rows = sum(s[0] for n, s in shapes.items() if re.search(r"layers\.0\.self_att\w*\.(query_key_value|wq|wk|wv|"
-                                                                 r"[qkv]_proj)\.weight$", n))
+    emb = [shapes[n] for n in shapes if by_canon.get(n) == EMBEDDING]
+    down = [s for n, s in shapes.items() if n.endswith(("dense_4h_to_h.weight", "down_proj.weight"))]
+    qkv = [s for n, s in shapes.items()
+           if re.search(r"layers\.0\.self_att\w*\.(query_key_value|wq|wk|wv|[qkv]_proj)\.weight$", n)]
+    if len(emb) != 1 or len(emb[0]) != 2 or not down or len(down[0]) != 2 or not qkv or any(len(s) != 2 for s in qkv):
+        raise refused
+    (vocab, hidden), qkv_rows = emb[0], sum(s[0] for s in qkv)
+    layers = {int(m.group(1)) for n in shapes for m in [re.search(r"layers\.(\d{1,6})\.", n)] if m}
     heads = hidden // kv_channels
     groups = (qkv_rows - hidden) // (2 * kv_channels)
     has_bias = any(n.endswith(("query_key_value.bias", "wq.bias", "q_proj.bias")) for n in shapes)
     if hidden % kv_channels or groups <= 0 or heads * kv_channels + 2 * groups * kv_channels != qkv_rows:
-        raise CheckpointError("cannot infer the model sizes from the tensor shapes; give the model's config.json "
-                              "(--config)")
-    return GLM2Config(num_layers=len(layers), hidden_size=hidden, ffn_hidden_size=down[1], num_attention_heads=heads,
-                      multi_query_group_num=groups, kv_channels=kv_channels, padded_vocab_size=vocab,
-                      add_qkv_bias=has_bias)
+        raise refused
+    return GLM2Config._build(f"{where} (sizes inferred from its shapes)", num_layers=len(layers), hidden_size=hidden,
+                             ffn_hidden_size=down[0][1], num_attention_heads=heads, multi_query_group_num=groups,
+                             kv_channels=kv_channels, padded_vocab_size=vocab, add_qkv_bias=has_bias)
 
 
 def inv_freq(cfg: GLM2Config, dtype: str) -> np.ndarray:

@@ -123,9 +123,9 @@ def layout_of(strategy: Strategy, name: str) -> ParamLayout | None:
     return None
 
 
-def _uncovered(name: str) -> CheckpointError:
-    return CheckpointError(f"the strategy does not cover parameter {name!r} (a strategy of another run? LoRA runs "
-                           f"must save strategies with only_trainable_params: False)")
+def _uncovered(name: str, strategy: Strategy) -> CheckpointError:
+    return CheckpointError(f"{strategy.source}: the strategy does not cover parameter {name!r} (a strategy of another "
+                           f"run? LoRA runs must save strategies with only_trainable_params: False)")
 
 
 def _assembler(full: tuple[int, ...], dtype: str, pieces: list[tuple[tuple[slice, ...], TensorRef]],
@@ -145,19 +145,27 @@ def _assembler(full: tuple[int, ...], dtype: str, pieces: list[tuple[tuple[slice
     return read
 
 
+def _geometry(compute, where: str):
+    """A layout computation; what it refuses is the strategy file's fault, so the message names it."""
+    try:
+        return compute()
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
 def _pieces(name: str, lay: ParamLayout, by_rank: dict[int, dict[str, TensorRef]],
-            stats: MergeStats) -> tuple[tuple[int, ...], str, list]:
+            stats: MergeStats, where: str) -> tuple[tuple[int, ...], str, list]:
     holders = lay.ranks()
     lacking = [r for r in holders if name not in by_rank[r]]
     if lacking:
         raise CheckpointError(f"{stats.files[lacking[0]]}: lacks {name!r}, which the strategy places on rank "
                               f"{lacking[0]} (a file of another run?)")
     first = by_rank[holders[0]][name]
-    full = lay.full_shape(first.shape, name)
+    full = _geometry(lambda: lay.full_shape(first.shape, name), where)
     distinct: dict[tuple, TensorRef] = {}
     for r in holders:
         ref = by_rank[r][name]
-        box = lay.box(r - holders[0], full)
+        box = _geometry(lambda: lay.box(r - holders[0], full), where)
         want = tuple(s.stop - s.start for s in box)
         if ref.shape != want or ref.dtype != first.dtype:
             raise CheckpointError(f"{ref.file}: {name!r} is {ref.dtype} {list(ref.shape)}, the strategy gives rank "
@@ -169,7 +177,7 @@ def _pieces(name: str, lay: ParamLayout, by_rank: dict[int, dict[str, TensorRef]
             distinct[key] = ref
     covered = sum(math.prod(b - a for a, b in key) for key in distinct)
     if covered != math.prod(full):
-        raise CheckpointError(f"{name!r}: the rank slices cover {covered} of {math.prod(full)} values")
+        raise CheckpointError(f"{where}: {name!r}: the rank slices cover {covered} of {math.prod(full)} values")
     return full, first.dtype, [(tuple(slice(a, b) for a, b in key), ref) for key, ref in distinct.items()]
 
 
@@ -192,11 +200,11 @@ def open_sharded(sources: list[Path], strategy_path: Path) -> tuple[Checkpoint, 
             lay = layout_of(strategy, name)
             if lay is None:
                 if classify(name) in ("weight", "lora"):
-                    raise _uncovered(name)
+                    raise _uncovered(name, strategy)
                 ckpt.tensors[name] = by_rank[min(r for r in by_rank if name in by_rank[r])][name]
                 stats.copied.append(name)
                 continue
-            full, dtype, pieces = _pieces(name, lay, by_rank, stats)
+            full, dtype, pieces = _pieces(name, lay, by_rank, stats, strategy.source)
             ckpt.tensors[name] = TensorRef(name, full, dtype, pieces[0][1].file,
                                            _assembler(full, dtype, pieces, stats))
             stats.parameters += 1
@@ -240,12 +248,12 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
         for name, ref in ckpt.tensors.items():
             lay = layout_of(strategy, name)
             if lay is None and classify(name) in ("weight", "lora"):
-                raise _uncovered(name)
+                raise _uncovered(name, strategy)
             if lay is None:
                 replicated.append(name)
                 plan.append((ref, None, range(strategy.ranks)))
                 continue
-            lay.check_full(ref.shape, name)
+            _geometry(lambda: lay.check_full(ref.shape, name), strategy.source)
             plan.append((ref, lay, lay.ranks()))
         missing = [n for n in strategy.layouts if classify(n) == "weight" and n not in ckpt.tensors]
         if missing:

@@ -54,17 +54,24 @@ class Group:
         return [(self.prefix + p.name, self.target.piece_shape(p)) for p in self.target.pieces]
 
 
+def manifest_layout(ckpt: Checkpoint) -> dict:
+    layout = (ckpt.manifest or {}).get("layout", {})
+    if not isinstance(layout, dict):
+        raise CheckpointError(f"{ckpt.folder / 'manifest.json'}: 'layout' is not an object")
+    return layout
+
+
 def _config(ckpt: Checkpoint, layout: Layout, config_path: Path | None) -> GLM2Config:
     if config_path is not None:
         return GLM2Config.from_file(config_path)
     if ckpt.config is not None:
-        where = str(ckpt.folder / "config.json")
-        if ckpt.config.get("model_type") == "glm":
-            return GLM2Config.from_glm_dict(ckpt.config, where)
-        return GLM2Config.from_dict(ckpt.config, where)
+        return GLM2Config.from_mapping(ckpt.config, str(ckpt.folder / "config.json"))
     if ckpt.manifest and "config" in ckpt.manifest:
-        return GLM2Config.from_dict(ckpt.manifest["config"], str(ckpt.folder / "manifest.json"))
-    return infer_config({n: t.shape for n, t in ckpt.tensors.items()}, layout)
+        where = str(ckpt.folder / "manifest.json")
+        if not isinstance(ckpt.manifest["config"], dict):
+            raise CheckpointError(f"{where}: 'config' is not an object")
+        return GLM2Config.from_dict(ckpt.manifest["config"], where)
+    return infer_config({n: t.shape for n, t in ckpt.tensors.items()}, layout, str(ckpt.path))
 
 
 @dataclass
@@ -89,8 +96,8 @@ class Source(Closing):
             dropped["non-tensor entries"] = list(ckpt.strings)
             dropped["tokenizer files linking outside the checkpoint"] = ckpt.untrusted_files
             if rearranged_rope is None:
-                rearranged_rope = bool((ckpt.manifest or {}).get("layout", {}).get("rearrange_rope", False))
-            layout = detect_layout(weights, rearranged_rope)
+                rearranged_rope = manifest_layout(ckpt).get("rearrange_rope", False) is True
+            layout = detect_layout(weights, rearranged_rope, str(path))
             cfg = _config(ckpt, layout, config)
             mappings = weight_map(layout, cfg)
             cls._check(ckpt, weights, mappings, str(path))

@@ -13,14 +13,17 @@ pipeline run leaves one file per stage, which are merged by prefixing every name
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import CheckpointError
 from .formats.protowire import LEN, fields, int_field, len_field, repeated_ints, signed
+from .jsonio import parse_json
 
+MAX_DEVICES = 1 << 16  # devices of one pipeline stage; checked before anything enumerates ranks
+MAX_DIMS = 16
+MAX_STAGES = 1 << 10
 # field numbers of node_strategy.proto
 MAP_STAGE, MAP_STRATEGY_ITEM, MAP_LAYOUT_ITEM = 1, 2, 3
 DEV_MATRIX, TENSOR_MAP, SPLIT_SHAPE, INDICES_OFFSET, FIELD, OPT_STEP, OPT_SIZE = 1, 2, 3, 4, 5, 6, 7
@@ -88,22 +91,33 @@ class ParamLayout:
         return math.prod(r for _, r in self.opt_parts())
 
     def check(self, name: str) -> None:
-        if not self.dev_matrix or any(n < 1 for n in self.dev_matrix):
-            raise CheckpointError(f"strategy for {name!r}: bad device matrix {list(self.dev_matrix)}")
+        """Refuse a layout that is malformed or out of range; sizes first, since the later checks loop on them."""
+        dev = self.dev_matrix
+        if not 0 < len(dev) <= MAX_DIMS or any(type(n) is not int or n < 1 for n in dev) \
+                or math.prod(dev) > MAX_DEVICES:
+            raise CheckpointError(f"parameter {name!r}: bad device matrix {list(dev)[:MAX_DIMS]} (at most "
+                                  f"{MAX_DEVICES} devices in {MAX_DIMS} dims)")
+        if len(self.tensor_map) > MAX_DIMS or len(self.split_shape) > MAX_DEVICES \
+                or any(not -MAX_DEVICES <= v <= MAX_DEVICES for v in (self.opt_step, self.opt_size, self.field)):
+            raise CheckpointError(f"parameter {name!r}: tensor map, split shape or optimizer fields out of range")
         for a in range(len(self.tensor_map)):
             m = self.tensor_map[a]
-            if any(v >= len(self.dev_matrix) or v < -1 for v in (m if isinstance(m, tuple) else (m,))):
-                raise CheckpointError(f"strategy for {name!r}: tensor map {list(self.tensor_map)} names a device "
-                                      f"dim beyond device matrix {list(self.dev_matrix)}")
+            values = m if isinstance(m, tuple) else (m,)
+            if len(values) > MAX_DIMS or any(type(v) is not int or v >= len(dev) or v < -1 for v in values):
+                raise CheckpointError(f"parameter {name!r}: tensor map {list(self.tensor_map)} names a device "
+                                      f"dim beyond device matrix {list(dev)}")
+        if any(type(v) is not int or not 0 <= v < 1 << 40 for v in self.split_shape):
+            raise CheckpointError(f"parameter {name!r}: param_split_shape {list(self.split_shape)[:8]} is not a "
+                                  f"list of sizes")
         if self.field > 0:
-            raise CheckpointError(f"strategy for {name!r}: field-sliced layouts (field={self.field}, host/device "
+            raise CheckpointError(f"parameter {name!r}: field-sliced layouts (field={self.field}, host/device "
                                   f"embedding caches) are not GLM layouts and are not supported")
         if self.split_shape:
             if len(self.split_shape) != math.prod(self.cuts()):
-                raise CheckpointError(f"strategy for {name!r}: param_split_shape has {len(self.split_shape)} "
+                raise CheckpointError(f"parameter {name!r}: param_split_shape has {len(self.split_shape)} "
                                       f"entries for {math.prod(self.cuts())} slices")
             if self.opt_parts():
-                raise CheckpointError(f"strategy for {name!r}: uneven splits with optimizer sharding")
+                raise CheckpointError(f"parameter {name!r}: uneven splits with optimizer sharding")
         self.opt_parts()
 
     def ranks(self) -> range:
@@ -225,17 +239,37 @@ def _parse_pb(data: bytes) -> tuple[int | None, dict[str, ParamLayout]]:
     return stage, layouts
 
 
-def _parse_json(data: bytes) -> tuple[int | None, dict[str, ParamLayout]]:
-    doc = json.loads(data)
-    items = doc.get("parallel_strategy_item") or {}
-    stage = next(iter(items.values())).get("stage") if items else None
+def _json_ints(value, what: str, nested: bool = False) -> tuple:
+    """A JSON list of integers (or, when `nested`, of integers and lists of integers) as a tuple."""
+    if not isinstance(value, list) or len(value) > MAX_DEVICES:
+        raise ValueError(f"{what} is not a list")
+    if nested:
+        return tuple(_json_ints(v, what) if isinstance(v, list) else _json_int(v, what) for v in value)
+    return tuple(_json_int(v, what) for v in value)
+
+
+def _json_int(value, what: str) -> int:
+    if type(value) is not int or abs(value) >= 1 << 62:
+        raise ValueError(f"{what} holds {value!r:.40}, not an integer")
+    return value
+
+
+def _parse_json(data: bytes, where) -> tuple[int | None, dict[str, ParamLayout]]:
+    doc = parse_json(data, where)
+    items = doc.get("parallel_strategy_item") or {} if isinstance(doc, dict) else None
+    layout_items = doc.get("parallel_layout_item") or {} if isinstance(doc, dict) else None
+    if not isinstance(items, dict) or not isinstance(layout_items, dict):
+        raise ValueError("expected an object with parallel_strategy_item and parallel_layout_item objects")
+    first = next(iter(items.values()), {})
+    stage = _json_int(first.get("stage", 0), "stage") if isinstance(first, dict) and items else None
     layouts = {}
-    for name, item in (doc.get("parallel_layout_item") or {}).items():
-        raw = item["tensor_map"]
-        tensor_map = tuple(tuple(m) if isinstance(m, list) else m for m in raw)
-        layouts[name] = ParamLayout(tuple(item["dev_matrix"]), tensor_map, tuple(item.get("param_split_shape", ())),
-                                    int(item.get("opt_weight_shard_step", 0)),
-                                    int(item.get("opt_weight_shard_size", 0)), int(item.get("field", 0)))
+    for name, item in layout_items.items():
+        if not isinstance(item, dict):
+            raise ValueError(f"layout of {name!r} is not an object")
+        scalars = [_json_int(item.get(k, 0), k) for k in ("opt_weight_shard_step", "opt_weight_shard_size", "field")]
+        layouts[name] = ParamLayout(_json_ints(item["dev_matrix"], "dev_matrix"),
+                                    _json_ints(item["tensor_map"], "tensor_map", nested=True),
+                                    _json_ints(item.get("param_split_shape", []), "param_split_shape"), *scalars)
     return stage, layouts
 
 
@@ -247,7 +281,10 @@ def _read_file(path: Path) -> tuple[int | None, dict[str, ParamLayout]]:
     if not data:
         raise CheckpointError(f"{path}: empty strategy file")
     try:
-        return _parse_json(data) if path.suffix == ".json" else _parse_pb(data)
+        stage, layouts = _parse_json(data, path) if path.suffix == ".json" else _parse_pb(data)
+        if stage is not None and not 0 <= stage < MAX_STAGES:
+            raise ValueError(f"pipeline stage {stage} out of range")
+        return stage, layouts
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, StopIteration) as exc:
         kind = "JSON" if path.suffix == ".json" else "protobuf ParallelStrategyMap"
         raise CheckpointError(f"{path}: not a valid {kind} strategy file ({exc})") from None
@@ -255,7 +292,7 @@ def _read_file(path: Path) -> tuple[int | None, dict[str, ParamLayout]]:
 
 def _split_stage(name: str) -> tuple[int, str]:
     head, sep, rest = name.partition("-")
-    return (int(head), rest) if sep and head.isdigit() else (0, name)
+    return (int(head), rest) if sep and head.isdecimal() and len(head) <= 4 else (0, name)
 
 
 def load_strategy(path) -> Strategy:
@@ -288,7 +325,10 @@ def load_strategy(path) -> Strategy:
         for full_name, lay in layouts.items():
             stage_of, name = _split_stage(full_name)
             lay = replace(lay, stage=stage_of)
-            lay.check(name)
+            try:
+                lay.check(name)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{f}: {exc}") from None
             if name not in merged or stage_of < merged[name].stage:  # shared across stages: the first stage's
                 merged[name] = lay
     stages = {lay.stage for lay in merged.values()}

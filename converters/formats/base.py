@@ -37,6 +37,14 @@ class TensorRef:
     check: Callable[[int], None] | None = field(default=None, repr=False)  # given the CRC-32 of the bytes at
     # `offset` once a writer has copied them: raises when they are not what the file's checksum says
 
+    def __post_init__(self):
+        from ..errors import CheckpointError
+
+        try:
+            self.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointError(f"{self.file}: tensor name {self.name!r} is not valid UTF-8 text") from None
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)

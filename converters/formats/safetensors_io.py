@@ -16,9 +16,11 @@ import numpy as np
 
 from ..dtypes import BY_NAME, BY_SAFETENSORS
 from ..errors import CheckpointError
+from ..jsonio import parse_json
 from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
 
-MAX_HEADER = 100 << 20
+MAX_HEADER = 16 << 20  # the safetensors library allows 100 MB; a 6B model's header is ~20 KB, and a 100 MB one
+# takes seconds and gigabytes to parse
 
 
 class SafetensorsFile(Closing):
@@ -44,21 +46,21 @@ class SafetensorsFile(Closing):
         if len(raw) < 8:
             raise self._bad("shorter than its 8-byte header length")
         (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER or 8 + n > size:
+        if n > MAX_HEADER:
+            raise self._bad(f"a header of {n} bytes is larger than the {MAX_HEADER >> 20} MiB this reader accepts")
+        if 8 + n > size:
             raise self._bad(f"header length {n} does not fit in a {size}-byte file")
-        try:
-            header = json.loads(self._f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise self._bad(f"header is not JSON: {exc}") from None
+        header = parse_json(self._f.read(n), f"{self.path}: safetensors header")
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._bad("__metadata__ is not an object of strings")
         base, spans = 8 + n, []
         for name, entry in header.items():
             try:
                 dt = BY_SAFETENSORS[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(x) for x in entry["data_offsets"])
+                shape, (begin, end) = _ints(entry["shape"]), _ints(entry["data_offsets"], 2)
             except (KeyError, TypeError, ValueError):
                 raise self._bad(f"entry {name!r} lacks a known dtype, a shape or two data_offsets") from None
             if end - begin != math.prod(shape) * dt.itemsize or begin < 0:
@@ -83,6 +85,14 @@ class SafetensorsFile(Closing):
         arr = np.empty(shape, dt.storage)
         read_exact(self._f, offset, arr, self.path, name)
         return arr
+
+
+def _ints(value, count: int | None = None) -> tuple[int, ...]:
+    """A JSON list of non-negative integers below 2^63 (bools, floats and 1e400 are not sizes)."""
+    if not isinstance(value, list) or count is not None and len(value) != count or len(value) > 64 \
+            or not all(type(v) is int and 0 <= v < 1 << 63 for v in value):
+        raise ValueError(value)
+    return tuple(value)
 
 
 class SafetensorsWriter:

@@ -109,7 +109,7 @@ class _Unpickler(pickle.Unpickler):
         try:
             return _GLOBALS[(module, name)]
         except (KeyError, TypeError):
-            raise _Refused(f"{module}.{name}") from None
+            raise _Refused(f"{module!s:.60}.{name!s:.60}".encode("unicode_escape").decode()) from None
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage" \
