@@ -1,9 +1,11 @@
 """Convert a checkpoint of the real ChatGLM2-6B shapes (12.5 GB fp16) both ways, against `cp -r` of the same bytes.
 
-    python benchmarks/convert_6b.py [--workdir bench-work] [--layers 28] [--naive-layers 2,8,14]
+    python benchmarks/convert_6b.py [--workdir bench-work] [--layers 28] [--naive-layers 2,8,14] [--cache cold,hot]
 
 Each step runs in its own process under /usr/bin/time -v (wall time, peak RSS), with the page cache dropped
 before it when we are allowed to (root), and `sync` inside the timed command so that write-back is counted.
+`--cache hot` reads the step's source back into the page cache after the drop, as right after a download or
+a previous step wrote it; cold and hot rows are measured in turn.
 Each conversion's anchor is `cp -r` of its own source (the HF folder for hf2ms, the MindSpore folder for
 ms2hf). The disk of a shared VM varies from minute to minute, so the copies and conversions run in turn
 --repeat times and the best time of each is reported.
@@ -34,6 +36,35 @@ ms.save_checkpoint(params, dst)
 """
 
 
+def measure_round_trip(cli: str, work: Path, src: Path, fmt: str, cache: str, repeat: int) -> tuple:
+    """hf2ms and ms2hf of `src`, each against `cp -r` of its own source, best of `repeat`, then verified."""
+    gb = size_of(src) / 1e9
+    ms_dir, back, copy = work / f"ms-from-{fmt}", work / f"hf-back-{fmt}", work / "cp-copy"
+
+    def hot(path: Path) -> tuple[Path, ...]:
+        return (path,) if cache == "hot" else ()
+    runs = []
+    for _ in range(repeat):
+        for d in (ms_dir, back, copy):
+            shutil.rmtree(d, ignore_errors=True)
+        cp = timed(f"cp -r {src} {copy}", hot(src))  # the anchor of hf2ms: its source's bytes
+        shutil.rmtree(copy)
+        hf2ms = timed(f"{cli} hf2ms {src} {ms_dir} --quiet", hot(src))
+        cp_ms = timed(f"cp -r {ms_dir} {copy}", hot(ms_dir))  # the anchor of ms2hf: its source's bytes
+        shutil.rmtree(copy)
+        runs.append((cp, hf2ms, cp_ms, timed(f"{cli} ms2hf {ms_dir} {back} --format {fmt} --quiet", hot(ms_dir))))
+    (cp_wall, _), (h_wall, h_rss), (cpm_wall, _), (m_wall, m_rss) = [
+        (min(r[k][0] for r in runs), max(r[k][1] for r in runs)) for k in range(4)]
+    print(f"{fmt}, {cache} cache: {gb:.2f} GB  cp -r {cp_wall:.1f} s | hf2ms {h_wall:.1f} s ({h_wall / cp_wall:.2f}x "
+          f"cp), peak RSS {h_rss:.0f} MB | cp -r of the MindSpore folder {cpm_wall:.1f} s | ms2hf {m_wall:.1f} s "
+          f"({m_wall / cpm_wall:.2f}x that cp), peak RSS {m_rss:.0f} MB", flush=True)
+    verdict = subprocess.run([*cli.split(), "verify", str(src), str(back)], capture_output=True, text=True)
+    print(f"   verify {src.name} vs {back.name}: {verdict.stdout.strip()}", flush=True)
+    shutil.rmtree(back)
+    shutil.rmtree(ms_dir)
+    return fmt, cache, gb, cp_wall, h_wall, h_rss, cpm_wall, m_wall, m_rss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("bench-work"))
@@ -41,6 +72,7 @@ def main() -> None:
     ap.add_argument("--naive-layers", default="2,8,14")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--formats", default="bin,safetensors")
+    ap.add_argument("--cache", default="cold,hot", help="cold: page cache dropped; hot: the source read back in")
     args = ap.parse_args()
     work, py, cli = args.workdir, sys.executable, f"{sys.executable} -m converters"
     work.mkdir(parents=True, exist_ok=True)
@@ -51,33 +83,13 @@ def main() -> None:
         if not src.exists():
             subprocess.run([*cli.split(), "synth", str(src), "--preset", "6b", "--num-layers", str(args.layers),
                             "--dtype", "float16", "--format", fmt], check=True)
-        gb = size_of(src) / 1e9
-        ms_dir, back = work / f"ms-from-{fmt}", work / f"hf-back-{fmt}"
-        runs = []
-        for _ in range(args.repeat):
-            for d in (ms_dir, back, work / "cp-copy"):
-                shutil.rmtree(d, ignore_errors=True)
-            cp = timed(f"cp -r {src} {work}/cp-copy")  # the anchor of hf2ms: its source's bytes
-            shutil.rmtree(work / "cp-copy")
-            hf2ms = timed(f"{cli} hf2ms {src} {ms_dir} --quiet")
-            cp_ms = timed(f"cp -r {ms_dir} {work}/cp-copy")  # the anchor of ms2hf: its source's bytes
-            shutil.rmtree(work / "cp-copy")
-            runs.append((cp, hf2ms, cp_ms, timed(f"{cli} ms2hf {ms_dir} {back} --format {fmt} --quiet")))
-        (cp_wall, _), (h_wall, h_rss), (cpm_wall, _), (m_wall, m_rss) = [
-            (min(r[k][0] for r in runs), max(r[k][1] for r in runs)) for k in range(4)]
-        rows.append((fmt, gb, cp_wall, h_wall, h_rss, cpm_wall, m_wall, m_rss))
-        print(f"{fmt}: {gb:.2f} GB  cp -r {cp_wall:.1f} s | hf2ms {h_wall:.1f} s ({h_wall / cp_wall:.2f}x cp), "
-              f"peak RSS {h_rss:.0f} MB | cp -r of the MindSpore folder {cpm_wall:.1f} s | ms2hf {m_wall:.1f} s "
-              f"({m_wall / cpm_wall:.2f}x that cp), peak RSS {m_rss:.0f} MB", flush=True)
-        verdict = subprocess.run([*cli.split(), "verify", str(src), str(back)], capture_output=True, text=True)
-        print(f"   verify {src.name} vs {back.name}: {verdict.stdout.strip()}", flush=True)
-        shutil.rmtree(back)
-        shutil.rmtree(ms_dir)
-    print("\n| source | size | cp -r HF | hf2ms | ratio | peak RSS | cp -r MS | ms2hf | ratio | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for fmt, gb, cp_wall, h_wall, h_rss, cpm_wall, m_wall, m_rss in rows:
-        print(f"| {fmt} | {gb:.2f} GB | {cp_wall:.1f} s | {h_wall:.1f} s | {h_wall / cp_wall:.2f}x | {h_rss:.0f} MB "
-              f"| {cpm_wall:.1f} s | {m_wall:.1f} s | {m_wall / cpm_wall:.2f}x | {m_rss:.0f} MB |")
+        for cache in args.cache.split(","):
+            rows.append(measure_round_trip(cli, work, src, fmt, cache, args.repeat))
+    print("\n| source | cache | size | cp -r HF | hf2ms | ratio | peak RSS | cp -r MS | ms2hf | ratio | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for fmt, cache, gb, cp_wall, h_wall, h_rss, cpm_wall, m_wall, m_rss in rows:
+        print(f"| {fmt} | {cache} | {gb:.2f} GB | {cp_wall:.1f} s | {h_wall:.1f} s | {h_wall / cp_wall:.2f}x "
+              f"| {h_rss:.0f} MB | {cpm_wall:.1f} s | {m_wall:.1f} s | {m_wall / cpm_wall:.2f}x | {m_rss:.0f} MB |")
 
     print("\nnaive recipe (torch.load everything, then mindspore.save_checkpoint):")
     print("| layers | checkpoint | naive wall | naive peak RSS | RSS / checkpoint | hf2ms wall | hf2ms peak RSS |")

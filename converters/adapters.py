@@ -12,6 +12,7 @@ The delta is scaling · B · A with scaling = lora_alpha / r taken from the adap
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError
+from .jsonio import read_json
 
 MINDPET = re.compile(r"^(.*)\.(?:mindpet_delta|tk_delta)_lora_([ab])$")
 PEFT = re.compile(r"^base_model\.model\.(.*)\.lora_([AB])(?:\.default)?\.weight$")
@@ -50,10 +52,7 @@ def _config(folder: Path) -> dict | None:
     path = folder / "adapter_config.json"
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(path, "adapter config")
 
 
 def _fuse_glm(parts: dict[str, dict[str, tuple]], rank: int) -> tuple[dict, int]:
@@ -113,6 +112,7 @@ def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
     else:
         with open_checkpoint(source) as ckpt:
             arrays = _lora_arrays(ckpt)
+            ckpt.check_complete()
     if not arrays:
         raise CheckpointError(f"{path}: holds no LoRA tensors (mindpet_delta_lora_*, tk_delta_lora_*, or PEFT "
                               f"lora_A/lora_B)")
@@ -126,10 +126,11 @@ def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
         if config is None or "lora_alpha" not in config:
             raise CheckpointError(f"{path}: no adapter_config.json with lora_alpha beside it; pass the run's "
                                   f"alpha (--lora-alpha): the scaling alpha/r is never assumed")
-        alpha = float(config["lora_alpha"])
-        if int(config.get("r", rank)) != rank:
-            raise CheckpointError(f"{folder / 'adapter_config.json'}: r={config['r']}, but the tensors have rank "
-                                  f"{rank}")
+        alpha, r = config["lora_alpha"], config.get("r", rank)
+        if type(alpha) not in (int, float) or not math.isfinite(alpha) or type(r) is not int:
+            raise CheckpointError(f"{folder / 'adapter_config.json'}: lora_alpha must be a number and r an integer")
+        if r != rank:
+            raise CheckpointError(f"{folder / 'adapter_config.json'}: r={r}, but the tensors have rank {rank}")
     deltas = {m: (ab["a"], ab["b"]) for m, ab in pairs.items()}
     glm = {m: GLM_QKV.match(m) for m in deltas}
     if all(glm.values()):
