@@ -8,7 +8,6 @@ import math
 import os
 import shutil
 import tempfile
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from .dtypes import BY_NAME
 from .errors import CheckpointError
 from .formats.base import FileSpan, byte_blocks
+from .formats.checksums import crc32
 
 PLAN = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in write order
 
@@ -104,7 +104,7 @@ class WeightsWriter:
             c = 0
             for block in byte_blocks(data):
                 if crc:
-                    c = zlib.crc32(block, c)
+                    c = crc32(block, c)
             return c
         span = data if isinstance(data, FileSpan) else None
         crc = crc or span is not None and span.check is not None  # a span is proven by the CRC of what was copied

@@ -6,7 +6,10 @@ instead of reading the file a second time in order.
 """
 from __future__ import annotations
 
-import zlib
+try:  # ISA-L's CRC-32 (carry-less multiply): ~4x zlib's, same values; zlib's where the wheel is missing
+    from isal.isal_zlib import crc32
+except ImportError:
+    from zlib import crc32
 
 _POLY = 0xEDB88320  # reflected CRC-32 polynomial
 _ONE = 1 << 31  # x^0 in the reflected representation
@@ -75,6 +78,6 @@ def _crc_of_range(f, offset: int, n: int, crc: int = 0, block: int = 16 << 20) -
         chunk = f.read(min(block, n))
         if not chunk:
             raise EOFError(f"file ends {n} bytes early")
-        crc = zlib.crc32(chunk, crc)
+        crc = crc32(chunk, crc)
         n -= len(chunk)
     return crc

@@ -11,7 +11,6 @@ tensor's bytes are read on demand by offset.
 from __future__ import annotations
 
 import math
-import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,7 +19,7 @@ import numpy as np
 from ..dtypes import BY_CKPT, BY_NAME
 from ..errors import CheckpointError
 from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
-from .checksums import FileCrc
+from .checksums import FileCrc, crc32
 from .protowire import encode_varint as _encode_varint
 from .protowire import varint as _varint
 
@@ -174,7 +173,7 @@ class CkptFile(Closing):
         for offset, n in segments:
             read_exact(self._f, offset, flat[at:at + n], self.path, tag)
             if self._crc is not None:
-                self._crc.add(offset, n, zlib.crc32(flat[at:at + n]))
+                self._crc.add(offset, n, crc32(flat[at:at + n]))
             at += n
         return arr
 

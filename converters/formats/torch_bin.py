@@ -125,9 +125,8 @@ class _Unpickler(pickle.Unpickler):
 
 def _unpickle(data: io.BytesIO):
     """One pickle from `data`, after a scan of its opcodes (which also bounds the memo the C unpickler sizes)."""
-    start, ops = data.tell(), 0
+    start = data.tell()
     for op, arg, _ in pickletools.genops(data):
-        ops += 1
         if op.name in _MEMO_OPS and not 0 <= arg <= 1 << 20:
             raise ValueError(f"memo index {arg} out of range")
     data.seek(start)
@@ -174,7 +173,7 @@ class TorchBinFile(Closing):
     def _error(self, name: str, what: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: {name}: {what}")
 
-    def _state(self, obj, storages) -> dict[str, _Tensor]:
+    def _state(self, obj) -> dict[str, _Tensor]:
         state = _unwrap(obj)
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: expected a dict of tensors, found {type(state).__name__}")
@@ -183,8 +182,6 @@ class TorchBinFile(Closing):
                 raise CheckpointError(f"{self.path}: a key of the state dict is a {type(name).__name__}, not a name")
             if not isinstance(t, _Tensor):
                 raise CheckpointError(f"{self.path}: entry {name!r} is a {type(t).__name__}, not a tensor")
-            if t.storage.dtype.name not in BY_NAME:
-                raise self._error(name, f"unsupported dtype {t.storage.dtype.name}")
         return state
 
     # ---- the zip archive torch.save writes
@@ -197,8 +194,8 @@ class TorchBinFile(Closing):
         order = self._small_record(records.get(archive + "byteorder"), 16, b"little").decode(errors="replace")
         if order not in ("little", "big"):
             raise ZipError(f"byteorder record says {order[:20]!r}")
-        obj, storages = _unpickle(io.BytesIO(self._small_record(records[pickles[0]], MAX_PICKLE)))
-        for name, t in self._state(obj, storages).items():
+        obj, _ = _unpickle(io.BytesIO(self._small_record(records[pickles[0]], MAX_PICKLE)))
+        for name, t in self._state(obj).items():
             rec = records.get(f"{archive}data/{t.storage.key}")
             if rec is None:
                 raise self._error(name, f"its storage record data/{t.storage.key} is missing from the archive")
@@ -273,7 +270,7 @@ class TorchBinFile(Closing):
             if at > size:
                 raise CheckpointError(f"{self.path}: truncated file: storage {key!r} ends at byte {at}, the file "
                                       f"has {size}")
-        for name, t in self._state(obj, storages).items():
+        for name, t in self._state(obj).items():
             self.tensors[name] = self._legacy_ref(name, t, places[t.storage.key])
 
     def _legacy_ref(self, name: str, t: _Tensor, at: int) -> TensorRef:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from .checksums import crc32
+
 _LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 _ZIP64_END = struct.Struct("<IQHHIIQQQQ")
@@ -53,7 +55,7 @@ class ZipStoreWriter:
     def add(self, name: str, data: bytes) -> None:
         self.begin(name, len(data))
         self._f.write(data)
-        self.crc(name, zlib.crc32(data))
+        self.crc(name, crc32(data))
 
     def finish(self) -> None:
         end = self._f.tell()
@@ -218,7 +220,7 @@ def read_record(f: BinaryIO, rec: ZipRecord, out: memoryview) -> int:
         got = f.readinto(out)
         if got != rec.size:
             raise ZipError(f"record {rec.name!r} is cut off: {got} of {rec.size} bytes")
-        return zlib.crc32(out)
+        return crc32(out)
     inflate, at, left, crc = zlib.decompressobj(-15), 0, rec.compressed_size, 0
     while not inflate.eof:
         chunk = inflate.unconsumed_tail
@@ -234,7 +236,7 @@ def read_record(f: BinaryIO, rec: ZipRecord, out: memoryview) -> int:
         if at + len(piece) > rec.size:
             raise ZipError(f"record {rec.name!r} inflates past its stated size {rec.size}")
         out[at:at + len(piece)] = piece
-        crc = zlib.crc32(piece, crc)
+        crc = crc32(piece, crc)
         at += len(piece)
     if at != rec.size:
         raise ZipError(f"record {rec.name!r} inflates to {at} bytes, its header says {rec.size}")
