@@ -58,6 +58,13 @@ class GLM2Config:
     def rope_base(self) -> float:
         return 10000.0 * self.rope_ratio
 
+    def rope_inv_freq(self):
+        """RoPE's inverse frequencies in float64: one per pair of the rotated half of a head."""
+        import numpy as np
+
+        rot = self.kv_channels // 2
+        return 1.0 / self.rope_base ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
+
     def __post_init__(self):
         """Types and ranges first: every later check and loop relies on them."""
         for f, high in _LIMITS.items():

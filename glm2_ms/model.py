@@ -117,11 +117,17 @@ class Block(nn.Cell):
         self.self_attention = SelfAttention(cfg, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype)
         self.mlp = MLP(cfg, dtype)
+        self.record = None  # the tracing hook (see GLM2ForCausalLM.trace)
 
     def construct(self, x, cos, sin, mask, cache=None, write=None):
         attn, kv = self.self_attention(self.input_layernorm(x), cos, sin, mask, cache, write)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        if self.record is not None:
+            self.record("attention", x)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        if self.record is not None:
+            self.record("mlp", x)
+        return x, kv
 
 
 class Embedding(nn.Cell):
@@ -150,8 +156,8 @@ class GLM2Model(nn.Cell):
         self.encoder = Encoder(cfg, dtype)
         self.output_layer = Linear(cfg.hidden_size, cfg.padded_vocab_size, False, dtype)
         self.compute_dtype = compute_dtype
-        rot = cfg.kv_channels // 2
-        self.inv_freq = Tensor(1.0 / cfg.rope_base ** (np.arange(0, rot, 2, dtype=np.float64) / rot), ms.float32)
+        self.inv_freq = Tensor(cfg.rope_inv_freq(), ms.float32)
+        self.record = None  # the tracing hook (see GLM2ForCausalLM.trace)
 
     def construct(self, input_ids, position_ids, mask, caches=None, write=None):
         """Hidden states after the final norm, and the layers' k/v (the updated caches when given)."""
@@ -160,6 +166,8 @@ class GLM2Model(nn.Cell):
     def body(self, x, position_ids, mask, caches=None, write=None):
         """Everything after the embedding lookup (what the jit-compiled decode step runs)."""
         x = x.astype(self.compute_dtype)
+        if self.record is not None:
+            self.record("embedding", x)
         angles = position_ids.astype(ms.float32).expand_dims(-1) * self.inv_freq  # fp32 angles
         b, s = position_ids.shape
         cos = ops.cos(angles).astype(self.compute_dtype).reshape(b, s, 1, -1)
@@ -168,7 +176,10 @@ class GLM2Model(nn.Cell):
         for i, layer in enumerate(self.encoder.layers):
             x, kv = layer(x, cos, sin, mask, None if caches is None else caches[i], write)
             kvs = kvs + (kv,)
-        return self.encoder.final_layernorm(x), kvs
+        x = self.encoder.final_layernorm(x)
+        if self.record is not None:
+            self.record("final norm", x)
+        return x, kvs
 
 
 class GLM2ForCausalLM(nn.Cell):
@@ -204,20 +215,17 @@ class GLM2ForCausalLM(nn.Cell):
 
     def trace(self, input_ids, attention_mask=None) -> list[tuple[str, Tensor]]:
         """The forward, step by step (PyNative): the residual stream after each layer's attention and MLP, the
-        final norm and the logits — what a parity check compares against a reference."""
-        t = self.transformer
-        mask, position_ids = self._mask_and_positions(input_ids, attention_mask, None)
-        x = t.embedding(input_ids).astype(self.compute_dtype)
-        angles = position_ids.astype(ms.float32).expand_dims(-1) * t.inv_freq
-        b, s = input_ids.shape
-        cos = ops.cos(angles).astype(self.compute_dtype).reshape(b, s, 1, -1)
-        sin = ops.sin(angles).astype(self.compute_dtype).reshape(b, s, 1, -1)
-        out = [("embedding", x)]
-        for i, layer in enumerate(t.encoder.layers):
-            attn, _ = layer.self_attention(layer.input_layernorm(x), cos, sin, mask)
-            x = x + attn
-            out.append((f"layer {i} attention", x))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-            out.append((f"layer {i} mlp", x))
-        x = t.encoder.final_layernorm(x)
-        return out + [("final norm", x), ("logits", t.output_layer(x).astype(ms.float32))]
+        final norm and the logits — what a parity check compares against a reference. The same forward as
+        `construct`, recorded through its hook."""
+        t, out = self.transformer, []
+        hooked = [t, *t.encoder.layers]
+        for i, cell in enumerate(hooked):  # cell.record(stage, x) is called where the forward passes that stage
+            cell.record = (lambda stage, x: out.append((stage, x))) if i == 0 else \
+                (lambda stage, x, i=i: out.append((f"layer {i - 1} {stage}", x)))
+        try:
+            mask, position_ids = self._mask_and_positions(input_ids, attention_mask, None)
+            hidden, _ = t(input_ids, position_ids, mask)
+        finally:
+            for cell in hooked:
+                cell.record = None
+        return out + [("logits", t.output_layer(hidden).astype(ms.float32))]

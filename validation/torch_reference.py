@@ -126,8 +126,7 @@ class TorchGLM2(nn.Module):
             attention_mask = torch.ones(b, n_past + s, dtype=torch.long)
         if position_ids is None:
             position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)[:, n_past:]
-        rot = self.config.kv_channels // 2
-        inv_freq = 1.0 / self.config.rope_base ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+        inv_freq = torch.from_numpy(self.config.rope_inv_freq())
         angles = position_ids.double()[..., None] * inv_freq  # exact angles whatever the model dtype
         x = t.embedding.word_embeddings(input_ids)
         cos = torch.cos(angles).float().to(x.dtype)[:, :, None]
