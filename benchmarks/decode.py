@@ -76,7 +76,8 @@ def bench_config(name: str, prompt: int, new: int, threads: int) -> dict:
     # per-token decode time early vs late in a long generation (after one run that compiles its cache length)
     dec.generate(ids, max_new_tokens=8 * new, eos_token_id=never)
     stamps = []
-    dec.generate(ids, max_new_tokens=8 * new, eos_token_id=never, on_token=lambda t: stamps.append(time.perf_counter()))
+    for _ in dec.stream(ids, max_new_tokens=8 * new, eos_token_id=never):
+        stamps.append(time.perf_counter())
     steps = np.diff(stamps)
     out["early_ms"], out["late_ms"] = steps[:new // 2].mean() * 1e3, steps[-new // 2:].mean() * 1e3
     return out

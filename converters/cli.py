@@ -1,34 +1,17 @@
 """`glm2-convert`: synth, hf2ms, ms2hf, inspect, verify."""
 from __future__ import annotations
 
-import functools
 import json
+import math
 import sys
-from pathlib import Path
 
 import click
 
+from .config import PRESETS, GLM2Config
+from .dtypes import WEIGHT_DTYPES
 from .errors import CheckpointError
-
-
-def one_line(text: str) -> str:
-    """Names and values from a hostile file can hold line breaks and control characters: escape them."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
-
-
-def user_errors(fn):
-    """Print a user error as one line on stderr and exit 1 — no traceback."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except CheckpointError as exc:
-            click.echo(f"error: {one_line(str(exc))}", err=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
-            sys.exit(130)
-    return wrapper
+from .names import HF_FAMILIES
+from .options import MS_LAYOUTS, PATH, ExistingPath, ToolGroup, option, options
 
 
 def _print_summary(summary, as_json: bool) -> None:
@@ -39,31 +22,21 @@ def _print_summary(summary, as_json: bool) -> None:
         click.echo("\n".join(summary.lines()))
 
 
-PATH = click.Path(path_type=Path)
-no_crc_check = click.option("--no-crc-check", is_flag=True,
-                            help="Read data whose checksum (a .bin record's CRC-32, a .ckpt's CRC trailer) does not "
-                                 "match, for forensics. Off by default: a mismatch is an error.")
-common = [
-    no_crc_check,
-    click.option("--dtype", default="keep", show_default=True,
-                 type=click.Choice(["keep", "float32", "float16", "bfloat16"]), help="Output dtype of float tensors."),
-    click.option("--overwrite", is_flag=True, help="Replace DST if it exists."),
-    click.option("--allow-overflow", is_flag=True, help="Write values too large for float16 as inf."),
-    click.option("--config", "config", type=PATH, help="config.json to use when SRC has none."),
-    click.option("--rearranged-rope", is_flag=True, default=None,
-                 help="SRC has MindFormers' rearranged RoPE rows (read from its manifest when it has one)."),
-    click.option("--quiet", is_flag=True, help="No progress bar."),
-    click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
-]
+def common(src: str = "SRC"):
+    """The options of every conversion (`src`: the input argument's name, for the help)."""
+    return options(option("--no-crc-check"), option("--dtype"), option("--overwrite"), option("--allow-overflow"),
+                   option("--config", src=src), option("--rearranged-rope", src=src), option("--quiet"),
+                   option("--json"))
 
 
-def with_common(fn):
-    for opt in reversed(common):
-        fn = opt(fn)
-    return fn
+def _preset_help() -> str:
+    sizes = [f"{name} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+             f"{sum(map(math.prod, cfg.canonical_shapes().values())) / 1e6:,.0f}M parameters)"
+             for name, cfg in PRESETS.items()]
+    return f"Model size: {' or '.join(sizes)}; every preset has the real 65,024-token vocabulary."
 
 
-@click.group()
+@click.group("glm2-convert", cls=ToolGroup, interrupted="interrupted; nothing was written")
 @click.version_option(package_name="glm2-toolkit")
 def main():
     """Convert ChatGLM2 checkpoints between HF/PyTorch and MindSpore, streaming tensor by tensor."""
@@ -71,17 +44,16 @@ def main():
 
 @main.command()
 @click.argument("out_dir", type=PATH)
-@click.option("--preset", type=click.Choice(["tiny", "6b"]), default="tiny", show_default=True)
-@click.option("--num-layers", type=int, help="Override the preset's layer count.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["bin", "safetensors"]), default="bin", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-shard-size", default=None, help="Shard size (default 2GB, as the release; 10MB for tiny).")
-@click.option("--overwrite", is_flag=True)
-@user_errors
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True, help=_preset_help())
+@click.option("--num-layers", type=int, default=None, show_default="the preset's", help="Override the preset's "
+                                                                                       "layer count.")
+@option("--dtype", choices=WEIGHT_DTYPES, default="float16")
+@option("--format", choices=("bin", "safetensors"), default="bin")
+@option("--seed")
+@option("--max-shard-size", default=None, show_default="2GB; 10MB for --preset tiny")
+@option("--overwrite")
 def synth(out_dir, preset, num_layers, dtype, fmt, seed, max_shard_size, overwrite):
     """Write a random ChatGLM2 checkpoint laid out exactly like the THUDM release."""
-    from .config import GLM2Config
     from .output import parse_size
     from .synth import synthesize
 
@@ -94,15 +66,13 @@ def synth(out_dir, preset, num_layers, dtype, fmt, seed, max_shard_size, overwri
 @main.command()
 @click.argument("src", type=PATH)
 @click.argument("dst", type=PATH)
-@click.option("--layout", type=click.Choice(["mindformers", "mindformers-legacy"]), default="mindformers",
-              show_default=True, help="MindFormers names: current (embedding_weight) or r0.8–r1.1 (embedding_table).")
+@option("--layout", choices=MS_LAYOUTS)
 @click.option("--qkv-split", is_flag=True, help="Store query_key_value as wq/wk/wv (qkv_concat=False).")
 @click.option("--mlp-split", is_flag=True, help="Store dense_h_to_4h as dense_left/dense_right (mlp_concat=False).")
 @click.option("--rearrange-rope", is_flag=True, help="Permute q/k rows per head (use_rearrange_rope=True).")
-@click.option("--format", "fmt", type=click.Choice(["ckpt", "safetensors"]), default="ckpt", show_default=True)
-@click.option("--keep-optimizer", is_flag=True, help="Keep optimizer state (when SRC is a training checkpoint).")
-@with_common
-@user_errors
+@option("--format", choices=("ckpt", "safetensors"), default="ckpt")
+@option("--keep-optimizer")
+@common()
 def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_optimizer, no_crc_check, dtype,
           overwrite, allow_overflow, config, rearranged_rope, quiet, as_json):
     """Convert a HF ChatGLM2 checkpoint (folder or file) into a MindSpore folder."""
@@ -116,57 +86,58 @@ def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_opti
     _print_summary(summary, as_json)
 
 
-@main.command()
+@main.command(aliases={"--target": "--layout"})
 @click.argument("src", type=PATH)
 @click.argument("dst", type=PATH)
-@click.option("--target", type=click.Choice(["chatglm", "glm"]), default="chatglm", show_default=True,
-              help="chatglm: THUDM names; glm: transformers' native GlmForCausalLM.")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "bin"]), default="safetensors", show_default=True)
-@click.option("--max-shard-size", default="2GB", show_default=True)
-@with_common
-@user_errors
-def ms2hf(src, dst, target, fmt, max_shard_size, no_crc_check, dtype, overwrite, allow_overflow, config,
+@option("--layout", choices=HF_FAMILIES, default="chatglm")
+@option("--format", choices=("safetensors", "bin"), default="safetensors")
+@option("--max-shard-size")
+@common()
+def ms2hf(src, dst, layout, fmt, max_shard_size, no_crc_check, dtype, overwrite, allow_overflow, config,
           rearranged_rope, quiet, as_json):
     """Convert a MindSpore checkpoint (any MindFormers layout) into a HF folder."""
     from .convert import convert
     from .names import Layout
     from .output import parse_size
 
-    summary = convert(src, dst, target=Layout(target), fmt=fmt, dtype=dtype, hf_folder=True,
+    summary = convert(src, dst, target=Layout(layout), fmt=fmt, dtype=dtype, hf_folder=True,
                       max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite,
                       allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config,
                       progress=not quiet, verify_checksums=not no_crc_check)
     _print_summary(summary, as_json)
 
 
-@main.command("merge-lora")
+def check_format(fmt: str | None, layout: str) -> str:
+    """The weights format of an output in `layout` (default: ckpt for MindSpore names, safetensors for HF)."""
+    hf = layout in HF_FAMILIES
+    fmt = fmt or ("safetensors" if hf else "ckpt")
+    if fmt != "safetensors" and (fmt == "bin") != hf:
+        raise CheckpointError(f"--format {fmt} does not go with --layout {layout} (ckpt is for MindSpore names, "
+                              f"bin for HF names)")
+    return fmt
+
+
+@main.command("merge-lora", aliases={"--hf": "--layout"})
 @click.argument("base", type=PATH)
 @click.argument("adapter", type=PATH)
 @click.argument("dst", type=PATH)
-@click.option("--lora-alpha", type=float, help="The run's lora_alpha, when ADAPTER has no adapter_config.json.")
-@click.option("--hf", "hf_target", type=click.Choice(["chatglm", "glm"]), default=None,
-              help="Write a HF folder of this naming instead of a MindSpore one.")
-@click.option("--layout", type=click.Choice(["mindformers", "mindformers-legacy"]), default="mindformers",
-              show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["ckpt", "safetensors", "bin"]), default=None,
-              help="Default: ckpt for MindSpore, safetensors for HF.")
-@with_common
-@user_errors
-def merge_lora(base, adapter, dst, lora_alpha, hf_target, layout, fmt, no_crc_check, dtype, overwrite,
-               allow_overflow, config, rearranged_rope, quiet, as_json):
-    """Fold a LoRA adapter (PEFT folder or mindpet .ckpt) into BASE; W += (alpha/r)·B·A."""
+@option("--lora-alpha", show_default="from ADAPTER's adapter_config.json")
+@option("--layout")
+@option("--format", default=None, show_default="ckpt, or safetensors for a HF --layout")
+@common(src="BASE")
+def merge_lora(base, adapter, dst, lora_alpha, layout, fmt, no_crc_check, dtype, overwrite, allow_overflow, config,
+               rearranged_rope, quiet, as_json):
+    """Fold the LoRA ADAPTER (PEFT folder, mindpet .ckpt or a LoRA run's checkpoint) into BASE, writing DST;
+    W += (alpha/r)·B·A."""
     from .adapters import read_adapter
     from .convert import convert
     from .names import Layout
 
-    fmt = fmt or ("safetensors" if hf_target else "ckpt")
-    if (fmt == "bin") != bool(hf_target and fmt == "bin"):
-        raise CheckpointError("--format bin is for HF output (--hf)")
+    fmt = check_format(fmt, layout)
     lora = read_adapter(adapter, lora_alpha)
-    target = Layout(hf_target) if hf_target else Layout(layout)
-    summary = convert(base, dst, target=target, fmt=fmt, dtype=dtype, hf_folder=bool(hf_target), overwrite=overwrite,
-                      allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config,
-                      progress=not quiet, adapter=lora, verify_checksums=not no_crc_check)
+    summary = convert(base, dst, target=Layout(layout), fmt=fmt, dtype=dtype, hf_folder=layout in HF_FAMILIES,
+                      overwrite=overwrite, allow_overflow=allow_overflow, rearranged_rope=rearranged_rope,
+                      config=config, progress=not quiet, adapter=lora, verify_checksums=not no_crc_check)
     _print_summary(summary, as_json)
     if not as_json:
         click.echo(f"  merged LoRA r={lora.rank} alpha={lora.alpha:g} (scaling {lora.scaling:g}) into "
@@ -174,10 +145,9 @@ def merge_lora(base, adapter, dst, lora_alpha, hf_target, layout, fmt, no_crc_ch
 
 
 @main.command()
-@click.argument("path", type=PATH)
-@click.option("--json", "as_json", is_flag=True)
-@no_crc_check
-@user_errors
+@click.argument("path", type=ExistingPath())
+@option("--json")
+@option("--no-crc-check")
 def inspect(path, as_json, no_crc_check):
     """List the tensors of a checkpoint file or folder, with its detected layout, after checking the checksums
     its files carry (which reads every tensor; --no-crc-check lists without reading)."""
@@ -197,14 +167,13 @@ def inspect(path, as_json, no_crc_check):
 
 
 @main.command()
-@click.argument("a", type=PATH)
-@click.argument("b", type=PATH)
+@click.argument("a", type=ExistingPath())
+@click.argument("b", type=ExistingPath())
 @click.option("--atol", type=float, default=0.0, show_default=True, help="Allowed max abs difference.")
-@click.option("--a-rearranged-rope", is_flag=True)
-@click.option("--b-rearranged-rope", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-@no_crc_check
-@user_errors
+@click.option("--a-rearranged-rope", is_flag=True, help="A has MindFormers' rearranged RoPE rows.")
+@click.option("--b-rearranged-rope", is_flag=True, help="B has MindFormers' rearranged RoPE rows.")
+@option("--json")
+@option("--no-crc-check")
 def verify(a, b, atol, a_rearranged_rope, b_rearranged_rope, as_json, no_crc_check):
     """Compare two checkpoints of any formats/layouts tensor by tensor; exit 1 on a mismatch."""
     from .inspect_verify import verify as run

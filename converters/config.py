@@ -113,7 +113,7 @@ class GLM2Config:
 
     @classmethod
     def from_glm_dict(cls, d: dict, source: str = "config.json") -> "GLM2Config":
-        """From the config of transformers' native GlmForCausalLM (as `ms2hf --target glm` writes it)."""
+        """From the config of transformers' native GlmForCausalLM (as `ms2hf --layout glm` writes it)."""
         rope = d.get("rope_parameters") or {}
         if not isinstance(rope, dict):
             raise CheckpointError(f"{source}: rope_parameters is not an object")

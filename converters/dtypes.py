@@ -43,6 +43,8 @@ _TABLE = [
     DType("bool", np.dtype("?"), "BOOL", "Bool", "BoolStorage"),
 ]
 FLOATS = ("float32", "float16", "bfloat16", "float64")
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")  # what ChatGLM2 weights are stored in
+COMPUTE_DTYPES = ("float32", "float16")  # the runtimes' arithmetic (MindSpore on CPU has no bfloat16 matmul)
 BY_NAME = {d.name: d for d in _TABLE}
 BY_SAFETENSORS = {d.safetensors: d for d in _TABLE}
 BY_CKPT = {d.ckpt: d for d in _TABLE}

@@ -21,6 +21,7 @@ EMBEDDING = "transformer.embedding.word_embeddings.weight"
 INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
 
 FAMILIES = ("chatglm", "mindformers", "mindformers-legacy", "glm")
+HF_FAMILIES = ("chatglm", "glm")  # written as HF folders; the others as MindSpore checkpoints
 
 # canonical template: {family: target template, or [(target template, rows)] for a split}. Absent = same name.
 _QKV = {"q", "k", "v"}

@@ -14,14 +14,14 @@ import numpy as np
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import GLM2Config
-from .dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, to_float32
+from .dtypes import BY_NAME, WEIGHT_DTYPES, cast, count_nonfinite, float16_overflow, to_float32
 from .errors import CheckpointError
 from .formats.base import Closing, FileSpan
 from .names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
 
 NON_WEIGHTS = {"optimizer": "optimizer state", "cache": "KV-cache entries", "buffer": "buffers",
                "lora": "LoRA adapters"}
-DTYPES = ("keep", "float32", "float16", "bfloat16")
+DTYPES = ("keep", *WEIGHT_DTYPES)
 
 
 def out_dtype(src: str, want: str) -> str:

@@ -1,9 +1,13 @@
-"""The MindSpore ChatGLM2 runtime. Model classes import MindSpore on first use; config and tokenizer do not."""
+"""The MindSpore ChatGLM2 runtime. Model classes import MindSpore on first use; config and tokenizer do not.
+
+No submodule is named like an export: `from glm2_ms import chat` would otherwise give the module once it is
+imported (the import system sets the attribute, and this module's `__getattr__` is never asked again)."""
 from converters.config import GLM2Config
 
-__all__ = ["GLM2Config", "GLM2Tokenizer", "GLM2ForCausalLM", "Decoder", "SamplingConfig", "from_pretrained", "chat"]
+__all__ = ["GLM2Config", "GLM2Tokenizer", "GLM2ForCausalLM", "Decoder", "SamplingConfig", "from_pretrained", "chat",
+           "stream_chat"]
 _LAZY = {"GLM2Tokenizer": "tokenizer", "GLM2ForCausalLM": "model", "Decoder": "generation",
-         "SamplingConfig": "sampling", "from_pretrained": "loading", "chat": "chat"}
+         "SamplingConfig": "sampling", "from_pretrained": "loading", "chat": "dialogue", "stream_chat": "dialogue"}
 
 
 def __getattr__(name):

@@ -1,91 +1,77 @@
 """`glm2-generate` and `glm2-chat`: text in, text out, streamed as it is generated."""
 from __future__ import annotations
 
-import sys
-
 import click
 
-from converters.cli import user_errors
+from converters.options import ExistingPath, Tool, option, options, sampling_options
+
+from .sampling import SamplingConfig
 
 
-class _Streamer:
-    """Prints the new text of one row as tokens arrive (decoding the whole reply each time keeps multi-token
-    characters intact)."""
-
-    def __init__(self, tok, echo=True):
-        self.tok, self.ids, self.shown, self.echo = tok, [], "", echo
-
-    def __call__(self, token):
-        tid = int(token[0])
-        if tid in (self.tok.eos_id, self.tok.pad_id):
-            return
-        self.ids.append(tid)
-        text = self.tok.decode(self.ids)
-        if self.echo and not text.endswith("\ufffd"):
-            click.echo(text[len(self.shown):], nl=False)
-            self.shown = text
-
-    def text(self) -> str:
-        return self.tok.decode(self.ids)
+def sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed) -> SamplingConfig:
+    """The vocabulary's sampling options as a SamplingConfig (a bad value is a user error naming the options)."""
+    try:
+        return SamplingConfig(not sample, temperature, top_k, top_p, repetition_penalty, seed)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
-def _sampling_options(fn):
-    for opt in reversed([
-        click.option("--max-new-tokens", type=int, default=64, show_default=True),
-        click.option("--greedy/--sample", default=True, show_default=True, help="Greedy decoding or sampling."),
-        click.option("--temperature", type=float, default=0.95, show_default=True),
-        click.option("--top-k", type=int, default=0, show_default=True),
-        click.option("--top-p", type=float, default=0.7, show_default=True),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
-        click.option("--seed", type=int, default=None),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-                     help="Parameter dtype (default: the checkpoint's)."),
-    ]):
-        fn = opt(fn)
-    return fn
+runtime_options = options(sampling_options(max_new_tokens=64), option("--dtype"),
+                          option("--compute-dtype", default=None, show_default="the weights' dtype; float32 for "
+                                                                               "bfloat16"))
 
 
-def _setup(model_dir, dtype, greedy, temperature, top_k, top_p, repetition_penalty, seed):
-    from .generation import Decoder, SamplingConfig
+def _load(model_dir, dtype, compute_dtype):
+    """The model (on CPU) and its tokenizer."""
     from .loading import from_pretrained, use_cpu
     from .tokenizer import GLM2Tokenizer
 
     use_cpu()
-    try:
-        sampling = SamplingConfig(greedy, temperature, top_k, top_p, repetition_penalty, seed)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-    tok = GLM2Tokenizer(model_dir)
-    return tok, Decoder(from_pretrained(model_dir, dtype)), sampling
+    tok = GLM2Tokenizer.from_pretrained(model_dir)
+    return from_pretrained(model_dir, None if dtype == "keep" else dtype, compute_dtype), tok
 
 
-@click.command()
-@click.argument("model_dir", type=click.Path(exists=True))
+def _echo_growing(texts) -> str:
+    """Print each text's new end as it grows; returns the last one."""
+    shown = ""
+    for text in texts:
+        click.echo(text[len(shown):], nl=False)
+        shown = text
+    return shown
+
+
+@click.command("glm2-generate", cls=Tool)
+@click.argument("model_dir", type=ExistingPath())
 @click.option("--prompt", required=True, help="The text to continue (wrap it in the chat format with --chat).")
 @click.option("--chat", is_flag=True, help="Format the prompt as a first chat round (build_prompt).")
-@_sampling_options
-@user_errors
-def generate(model_dir, prompt, chat, max_new_tokens, greedy, temperature, top_k, top_p, repetition_penalty, seed,
-             dtype):
-    """Generate a continuation of PROMPT with the MindSpore runtime."""
+@runtime_options
+def generate(model_dir, prompt, chat, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed,
+             dtype, compute_dtype):
+    """Generate a continuation of PROMPT with the MindSpore runtime of the model in MODEL_DIR."""
     from .tokenizer import build_prompt
 
-    tok, dec, sampling = _setup(model_dir, dtype, greedy, temperature, top_k, top_p, repetition_penalty, seed)
-    stream = _Streamer(tok)
+    sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
+    model, tok = _load(model_dir, dtype, compute_dtype)
     ids = tok.encode(build_prompt(prompt) if chat else prompt)
-    dec.generate([ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.eos_id, on_token=stream)
+    tokens = model.decoder.stream([ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.eos_id,
+                                  pad_token_id=tok.pad_id)
+    _echo_growing(tok.decode_stream(tokens))
     click.echo()
 
 
-@click.command()
-@click.argument("model_dir", type=click.Path(exists=True))
-@_sampling_options
-@user_errors
-def chat(model_dir, max_new_tokens, greedy, temperature, top_k, top_p, repetition_penalty, seed, dtype):
-    """Chat with the model; `clear` forgets the history, `exit` quits."""
-    from .chat import chat as reply
+@click.command("glm2-chat", cls=Tool)
+@click.argument("model_dir", type=ExistingPath())
+@runtime_options
+def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, dtype,
+         compute_dtype):
+    """Chat with the model in MODEL_DIR, the history kept: `clear` forgets it, `exit` (or Ctrl-D) quits, Ctrl-C
+    stops. The line is edited with readline (arrows, history)."""
+    import readline  # noqa: F401  (imported for its effect: input() edits lines and keeps a history)
 
-    tok, dec, sampling = _setup(model_dir, dtype, greedy, temperature, top_k, top_p, repetition_penalty, seed)
+    from .dialogue import stream_chat
+
+    sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
+    model, tok = _load(model_dir, dtype, compute_dtype)
     history: list[tuple[str, str]] = []
     click.echo("glm2-chat: type a message; 'clear' forgets the history, 'exit' quits.")
     while True:
@@ -102,6 +88,6 @@ def chat(model_dir, max_new_tokens, greedy, temperature, top_k, top_p, repetitio
         if not query:
             continue
         click.echo("ChatGLM2: ", nl=False)
-        _, history = reply(dec, tok, query, history, max_new_tokens, sampling, _Streamer(tok))
+        reply = _echo_growing(r for r, _ in stream_chat(model.decoder, tok, query, history, max_new_tokens, sampling))
+        history = history + [(query, reply)]
         click.echo()
-    sys.exit(0)

@@ -51,6 +51,9 @@ def read_jsonl(path, prompt_column: str = "content", response_column: str = "sum
             out.skipped["blank"] += 1
             continue
         out.pairs.append((prompt, answer))
+    if not out.pairs:
+        why = ", ".join(f"{n} {reason}" for reason, n in out.skipped.items() if n) or "empty"
+        raise CheckpointError(f"{path}: no usable lines with {prompt_column!r} and {response_column!r} ({why})")
     return out
 
 
@@ -111,8 +114,6 @@ class TrainData:
     """Tokenized ADGEN examples served in seeded, resumable batches."""
 
     def __init__(self, tok: GLM2Tokenizer, lines: Lines, lengths: Lengths):
-        if not lines.pairs:
-            raise CheckpointError("no usable training lines")
         rows = [train_example(tok, p, a, lengths) for p, a in lines.pairs]
         self.input_ids = np.array([r[0] for r in rows], np.int32)
         self.labels = np.array([r[1] for r in rows], np.int32)

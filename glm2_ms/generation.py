@@ -6,14 +6,14 @@ start at 0 on its first real token, as in the original ChatGLM2.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Iterator
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
 from .model import MASKED, GLM2ForCausalLM
-from .sampling import SamplingConfig, choose
+from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig, choose
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to this, so calls of similar length share a compiled step
 
@@ -70,20 +70,27 @@ class Decoder:
                                     Tensor(write, self.model.compute_dtype), *caches)
         return logits.asnumpy(), tuple(caches)
 
-    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, max_new_tokens: int = 32,
-                 sampling: SamplingConfig | None = None, eos_token_id: int | tuple = 2, pad_token_id: int = 0,
-                 max_length: int | None = None, on_token: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                 max_new_tokens: int = DEFAULT_NEW_TOKENS, sampling: SamplingConfig | None = None,
+                 eos_token_id: int | tuple = 2, pad_token_id: int = 0, max_length: int | None = None) -> np.ndarray:
         """Continue each left-padded row; returns [batch, prompt + new] ids (finished rows padded with pad id)."""
+        ids = _rows(input_ids)
+        new = list(self.stream(ids, attention_mask, max_new_tokens, sampling, eos_token_id, pad_token_id, max_length))
+        return np.concatenate([ids] + [t[:, None] for t in new], 1)
+
+    def stream(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+               max_new_tokens: int = DEFAULT_NEW_TOKENS, sampling: SamplingConfig | None = None,
+               eos_token_id: int | tuple = 2, pad_token_id: int = 0,
+               max_length: int | None = None) -> Iterator[np.ndarray]:
+        """The generation loop: yields each step's new token of every row ([batch] int32) as soon as it is chosen."""
         sampling = sampling or SamplingConfig()
-        ids = np.asarray(input_ids, np.int32)
-        if ids.ndim == 1:
-            ids = ids[None]
+        ids = _rows(input_ids)
         b, n = ids.shape
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32).reshape(b, n)
         if max_length is not None:
             max_new_tokens = min(max_new_tokens, max_length - n)
         if max_new_tokens <= 0:
-            return ids
+            return
         length = -(-(n + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
         valid = np.zeros((b, length), np.int32)
         valid[:, :n] = mask
@@ -97,12 +104,16 @@ class Decoder:
             token = choose(logits, np.concatenate(out, 1), sampling, rng)
             token = np.where(done, pad_token_id, token).astype(np.int32)
             out.append(token[:, None])
-            if on_token is not None:
-                on_token(token)
+            yield token
             done |= np.isin(token, list(eos))
             if done.all() or t == max_new_tokens - 1:
                 break
             valid[:, n + t] = 1
             last_pos = last_pos + 1
             logits, caches = self.forward(token[:, None], last_pos[:, None].astype(np.int32), valid, n + t, caches)
-        return np.concatenate(out, 1)
+
+
+def _rows(input_ids) -> np.ndarray:
+    """Token ids as an int32 [batch, seq] array (one row when given a flat list)."""
+    ids = np.asarray(input_ids, np.int32)
+    return ids[None] if ids.ndim == 1 else ids

@@ -6,6 +6,7 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 
+from converters.dtypes import COMPUTE_DTYPES
 from converters.errors import CheckpointError
 from converters.names import Layout
 from converters.source import Source
@@ -45,8 +46,8 @@ def from_pretrained(path, dtype: str | None = None, compute_dtype: str | None = 
     (default: the storage dtype, float32 for bfloat16). Memory: the parameters plus one tensor in flight."""
     if dtype is not None and dtype not in MS_DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(MS_DTYPES)}")
-    if compute_dtype not in (None, "float32", "float16"):
-        raise CheckpointError(f"compute dtype must be float32 or float16, not {compute_dtype!r}")
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise CheckpointError(f"compute dtype must be {' or '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
     with Source.open(path, rearranged_rope, config) as src:
         storage = dtype or src.dtype
         if storage not in MS_DTYPES:

@@ -14,6 +14,8 @@ from mindspore.common.initializer import initializer
 
 from converters.config import GLM2Config
 
+from .api import PretrainedMixin
+
 MASKED = -1e9  # added to the scores of positions a query may not see (finite: fully padded rows stay finite)
 
 
@@ -182,8 +184,9 @@ class GLM2Model(nn.Cell):
         return x, kvs
 
 
-class GLM2ForCausalLM(nn.Cell):
-    """`model(input_ids)` → logits [batch, seq, vocab] (float32), without a cache.
+class GLM2ForCausalLM(nn.Cell, PretrainedMixin):
+    """`model(input_ids)` → logits [batch, seq, vocab] (float32), without a cache; `from_pretrained`, `generate`,
+    `chat` and `stream_chat` as in transformers and THUDM's code (glm2_ms/api.py).
 
     `attention_mask` [batch, seq] marks real tokens (left padding); position ids default to 0.. per row's first
     real token, as the original tokenizer makes them."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+DEFAULT_NEW_TOKENS = 32  # when a caller of generate gives no limit
+
 
 @dataclass
 class SamplingConfig:

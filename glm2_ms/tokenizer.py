@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -47,6 +48,11 @@ class GLM2Tokenizer:
         self.vocab_size = self.n_words + len(SPECIAL_TOKENS)
         self.gmask_id, self.sop_id = self.special["[gMASK]"], self.special["sop"]
 
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "GLM2Tokenizer":
+        """The tokenizer of a model folder (its tokenizer.model), as transformers' AutoTokenizer is loaded."""
+        return cls(path)
+
     def prefix(self) -> list[int]:
         return [self.gmask_id, self.sop_id]
 
@@ -72,6 +78,16 @@ class GLM2Tokenizer:
             else:
                 run.append(i)
         return "".join(out) + self.sp.decode(run)
+
+    def decode_stream(self, tokens: Iterable) -> Iterator[str]:
+        """The text of the tokens so far, after each new token (an id, or a one-element array) that ends on a
+        complete character, as THUDM's stream_chat shows a reply growing."""
+        ids: list[int] = []
+        for token in tokens:
+            ids.append(int(np.asarray(token).reshape(-1)[0]))
+            text = self.decode(ids)
+            if text and not text.endswith("\ufffd"):
+                yield text
 
     def build_chat_input(self, query: str, history=None) -> list[int]:
         return self.encode(build_prompt(query, history))

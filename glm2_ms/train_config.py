@@ -2,62 +2,74 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from converters.dtypes import COMPUTE_DTYPES
 from converters.errors import CheckpointError
+
+SHARED = None  # the help of a setting whose flag other tools share too: the CLI vocabulary's (converters/options.py)
+
+
+def setting(default, help: str | None, choices: tuple[str, ...] | None = None, none: str | None = None):
+    """A field with its help, allowed values, and what a default of None means: glm2-finetune makes a flag of
+    every field from these."""
+    return field(default=default, metadata={"help": help, "choices": choices, "none": none})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    method: str = "lora"                 # lora | full
+    method: str = setting("lora", "lora: train LoRA factors on a frozen base; full: train every weight.",
+                          ("lora", "full"))
     # LoRA (the MindFormers GLM2 recipe)
-    lora_rank: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
-    target_modules: str = "query_key_value"
+    lora_rank: int = setting(8, "LoRA rank r.")
+    lora_alpha: float = setting(32.0, SHARED)
+    lora_dropout: float = setting(0.1, "Dropout on the LoRA branch's input, in [0, 1).")
+    target_modules: str = setting("query_key_value", "Modules that get LoRA factors (comma-separated).")
     # optimizer: AdamW with bias correction — adamw (mindspore.experimental.optim.AdamW) or fused-adamw (the same
     # update on MindSpore's fused kernel: faster, no per-step temporaries; see glm2_ms/fused_adamw.py)
-    optimizer: str = "adamw"
-    learning_rate: float = 5e-5
-    lr_end: float = 1e-6
-    warmup_steps: int = 0
-    lr_power: float = 1.0               # polynomial decay exponent (1 = linear)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
+    optimizer: str = setting("adamw", "AdamW with bias correction: MindSpore's experimental AdamW, or the same "
+                                      "update on its fused kernel (faster, less memory).", ("adamw", "fused-adamw"))
+    learning_rate: float = setting(5e-5, "Peak learning rate (after warmup).")
+    lr_end: float = setting(1e-6, "Learning rate at the last step (polynomial decay).")
+    warmup_steps: int = setting(0, "Steps of linear warmup from 0 to --learning-rate.")
+    lr_power: float = setting(1.0, "Exponent of the polynomial decay (1: linear).")
+    weight_decay: float = setting(0.1, "AdamW weight decay (not on norms and biases).")
+    beta1: float = setting(0.9, "AdamW β1.")
+    beta2: float = setting(0.95, "AdamW β2.")
+    eps: float = setting(1e-8, "AdamW ε.")
+    max_grad_norm: float = setting(1.0, "Clip the gradients' global norm to this.")
     # schedule and batches
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    seed: int = 0
+    batch_size: int = setting(8, SHARED)
+    gradient_accumulation_steps: int = setting(1, "Batches whose gradients are added up per optimizer step.")
+    epochs: int = setting(1, "Passes over the training data.")
+    max_steps: int | None = setting(None, "Stop after this many optimizer steps.", none="all epochs")
+    seed: int = setting(0, SHARED)
     # data
-    max_source_length: int = 64
-    max_target_length: int = 128
-    seq_length: int | None = None
-    prompt_column: str = "content"
-    response_column: str = "summary"
+    max_source_length: int = setting(64, "Prompt tokens kept (longer prompts are cut).")
+    max_target_length: int = setting(128, "Answer tokens kept (longer answers are cut).")
+    seq_length: int | None = setting(None, "Sequence length: max_source_length + max_target_length + 1 (another "
+                                           "value is refused).", none="that sum")
+    prompt_column: str = setting("content", "JSON key of the prompt in the training lines.")
+    response_column: str = setting("summary", "JSON key of the answer in the training lines.")
     # numerics
-    compute_dtype: str = "float32"      # float32 | float16 (then dynamic loss scaling)
-    loss_scale: float = 2.0 ** 16
-    loss_scale_factor: float = 2.0
-    loss_scale_window: int = 1000
+    compute_dtype: str = setting("float32", SHARED, COMPUTE_DTYPES)  # float16: dynamic loss scaling
+    loss_scale: float = setting(2.0 ** 16, "float16: the initial loss scale.")
+    loss_scale_factor: float = setting(2.0, "float16: the loss scale is divided by this on an overflow and "
+                                            "multiplied by it after --loss-scale-window good steps.")
+    loss_scale_window: int = setting(1000, "float16: good steps before the loss scale grows.")
     # distributed (MindFormers: parallel.enable_parallel_optimizer)
-    shard_optimizer: bool = False        # AdamW state and update sharded across data-parallel ranks
+    shard_optimizer: bool = setting(False, "Under msrun: shard the AdamW state and update across the ranks (each "
+                                           "holds 1/N).")
     # bookkeeping
-    save_steps: int = 0                 # 0: only at the end
-    log_steps: int = 1
+    save_steps: int = setting(0, "Save a checkpoint every this many steps (0: only at the end).")
+    log_steps: int = setting(1, "Write a train_log.jsonl row every this many steps.")
 
     def __post_init__(self):
-        if self.method not in ("lora", "full"):
-            raise CheckpointError(f"method must be lora or full, not {self.method!r}")
-        if self.optimizer not in ("adamw", "fused-adamw"):
-            raise CheckpointError(f"optimizer must be adamw or fused-adamw, not {self.optimizer!r}")
-        if self.compute_dtype not in ("float32", "float16"):
-            raise CheckpointError(f"compute_dtype must be float32 or float16, not {self.compute_dtype!r}")
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                raise CheckpointError(f"{f.name} must be {' or '.join(choices)}, not {getattr(self, f.name)!r}")
         for f in ("batch_size", "gradient_accumulation_steps", "epochs", "lora_rank", "max_source_length",
                   "max_target_length"):
             if getattr(self, f) < 1:

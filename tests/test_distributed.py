@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def finetune_args(model: Path, out: Path, *extra) -> list[str]:
-    return [str(BIN / "glm2-finetune"), "--model", str(model), "--train-data", str(DATA), "--method", "full",
+    return [str(BIN / "glm2-finetune"), str(model), "--train-data", str(DATA), "--method", "full",
             "--max-steps", str(STEPS), "--save-steps", "2", "--max-source-length", "16", "--max-target-length", "16",
             "--learning-rate", "1e-3", "--out", str(out), "--quiet", *extra]
 

@@ -164,13 +164,13 @@ def test_resume_reproduces_the_uninterrupted_run(base, tmp_path, optimizer):
 
 
 def test_cli_refuses_disagreeing_lengths_and_writes_logs(base, tmp_path):
-    res = CliRunner().invoke(finetune_cli, ["--model", str(base), "--train-data", str(TRAIN), "--out",
+    res = CliRunner().invoke(finetune_cli, [str(base), "--train-data", str(TRAIN), "--out",
                                             str(tmp_path / "o"), "--seq-length", "100", "--max-steps", "1"])
     assert res.exit_code == 1 and "seq_length 100 disagrees" in res.output
     cfg = tmp_path / "run.yaml"
     cfg.write_text("method: full\nbatch_size: 2\nmax_source_length: 16\nmax_target_length: 16\nlearning_rate: 0.001\n")
-    res = CliRunner().invoke(finetune_cli, ["--model", str(base), "--train-data", str(TRAIN), "--out",
-                                            str(tmp_path / "o"), "--config", str(cfg), "--max-steps", "2", "--quiet"])
+    res = CliRunner().invoke(finetune_cli, [str(base), "--train-data", str(TRAIN), "--out", str(tmp_path / "o"),
+                                            "--train-config", str(cfg), "--max-steps", "2", "--quiet"])
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 and r["rss_mb"] > 0 for r in rows)

@@ -1,4 +1,4 @@
-"""`ms2hf --target glm` writes a folder transformers' native GlmForCausalLM loads and runs as ChatGLM2 does."""
+"""`ms2hf --layout glm` writes a folder transformers' native GlmForCausalLM loads and runs as ChatGLM2 does."""
 import numpy as np
 import pytest
 

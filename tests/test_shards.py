@@ -202,7 +202,7 @@ def test_to_hf_and_lora_folded(full, tmp_path):
     merge([shards], strategy, tmp_path / "hf", target=Layout("chatglm"), hf_folder=True, fmt="safetensors",
           lora_alpha=32.0, config=full["config"], progress=False)
     r = subprocess.run([BIN / "glm2-convert", "merge-lora", tmp_path / "lora-full.ckpt", tmp_path / "lora-full.ckpt",
-                        tmp_path / "ref", "--hf", "chatglm", "--lora-alpha", "32", "--config", full["config"],
+                        tmp_path / "ref", "--layout", "chatglm", "--lora-alpha", "32", "--config", full["config"],
                         "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([BIN / "glm2-convert", "verify", tmp_path / "hf", tmp_path / "ref"], capture_output=True,
@@ -262,7 +262,7 @@ def copy_run(run, tmp_path) -> Path:
 
 def test_cli_merge_split_roundtrip(full, run, tmp_path):
     shards, strategy = run
-    r = cli(shards, "--strategy", strategy, tmp_path / "hf", "--to", "hf", "--config", full["config"])
+    r = cli(shards, "--strategy", strategy, tmp_path / "hf", "--layout", "chatglm", "--config", full["config"])
     assert r.returncode == 0, r.stderr
     assert "8 ranks, 17 parameters laid out by the strategy" in r.stdout
     r = cli("split", full["float16"], tmp_path / "split", "--strategy", strategy)

@@ -13,15 +13,19 @@ from pathlib import Path
 
 import click
 
-from converters.cli import user_errors
+from converters.options import PATH, Tool
 
 ADGEN_LINES = Path(__file__).resolve().parent / "assets" / "adgen_train_head200.json"
 
 
-@click.command()
-@click.option("--workdir", type=click.Path(path_type=Path), help="Keep the outputs here (default: a temp folder).")
-@user_errors
+@click.command("glm2-demo", cls=Tool)
+@click.option("--workdir", type=PATH, show_default="a temporary folder",
+              help="Write the outputs into this folder and keep them.")
 def main(workdir: Path | None):
+    """The main job on a small generated checkpoint, no download (about a minute on 2 cores): synthesize a tiny
+    ChatGLM2 (real tokenizer, the release's sharded layout), convert it HF → MindSpore → HF and verify the round
+    trip bit-exact, generate with the MindSpore runtime, LoRA-finetune on real ADGEN lines, and check logits and
+    ADGEN-metric parity against the PyTorch reference. Exit 1 when a check fails."""
     from converters.config import GLM2Config
     from converters.convert import convert
     from converters.inspect_verify import verify
@@ -75,7 +79,7 @@ def _metric_parity(hf: Path, ms_dir: Path, out: Path) -> dict:
 
 
 def _generate(model_dir: Path) -> str:
-    from glm2_ms.chat import chat
+    from glm2_ms.dialogue import chat
     from glm2_ms.generation import Decoder
     from glm2_ms.loading import from_pretrained, use_cpu
 

@@ -2,7 +2,7 @@
 stream after each layer's attention and MLP, the final norm and the logits; `generate(ids, n)` → greedy tokens.
 
 - torch:       our PyTorch ChatGLM2 (validation/torch_reference.py) on the HF folder.
-- glm:         transformers' native GlmForCausalLM on a `ms2hf --target glm` export of the HF folder's weights.
+- glm:         transformers' native GlmForCausalLM on a `ms2hf --layout glm` export of the HF folder's weights.
 - remote-code: the HF folder's own modeling_chatglm.py through transformers (trust_remote_code), when present.
 
 Intermediate values are taken with forward hooks, one layer at a time: nothing beyond the weights is kept but a

@@ -146,7 +146,7 @@ class TorchGLM2(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, sampling=None, eos_token_id=2,
-                 pad_token_id=0, on_token=None) -> np.ndarray:
+                 pad_token_id=0) -> np.ndarray:
         """Same contract as the MindSpore Decoder.generate (shared sampling code)."""
         from glm2_ms.sampling import SamplingConfig, choose
 
@@ -162,8 +162,6 @@ class TorchGLM2(nn.Module):
             token = choose(logits[:, -1].numpy(), np.concatenate(out, 1), sampling, rng)
             token = np.where(done, pad_token_id, token)
             out.append(token[:, None])
-            if on_token is not None:
-                on_token(token)
             done |= token == eos_token_id
             if done.all() or t == max_new_tokens - 1:
                 break

@@ -39,7 +39,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from converters.cli import main as convert_cli  # noqa: E402
 from converters.config import GLM2Config  # noqa: E402
-from converters.shards_cli import merge_command  # noqa: E402
+from converters.shards_cli import main as merge_command  # noqa: E402
 
 CORPUS = Path(__file__).parent / "corpus"
 CASE_SECONDS = 10

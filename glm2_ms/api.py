@@ -1,0 +1,76 @@
+"""The forms users know from transformers and THUDM's remote code, on `GLM2ForCausalLM`: `from_pretrained`,
+`generate`, `chat`, `stream_chat`. Each is a thin layer over `loading.from_pretrained` and the model's `Decoder`
+(built on first use and kept, so its compiled step is reused)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig
+
+CHAT_MAX_LENGTH = 8192  # THUDM's ChatGLM2 chat/stream_chat default (prompt + reply)
+
+
+class PretrainedMixin:
+    """Mixed into `GLM2ForCausalLM` (kept apart from the network itself)."""
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """`glm2_ms.from_pretrained(path, dtype=…, compute_dtype=…, config=…, rearranged_rope=…)`: any folder or
+        file glm2-convert reads, streamed into the parameters."""
+        from .loading import from_pretrained
+
+        return from_pretrained(path, **kwargs)
+
+    @property
+    def decoder(self):
+        """The static-cache `Decoder` of this model (one per model: its compiled steps are kept)."""
+        if "_decoder" not in self.__dict__:
+            from .generation import Decoder
+
+            self.__dict__["_decoder"] = Decoder(self)
+        return self.__dict__["_decoder"]
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = DEFAULT_NEW_TOKENS,
+                 max_length: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None):
+        """Prompt + new tokens per row, as transformers returns them: a MindSpore tensor for a tensor input, a numpy
+        array otherwise. Rows are left-padded (`attention_mask` marks real tokens); finished rows are padded."""
+        as_tensor = hasattr(input_ids, "asnumpy")
+        ids = input_ids.asnumpy() if as_tensor else input_ids
+        mask = attention_mask.asnumpy() if hasattr(attention_mask, "asnumpy") else attention_mask
+        cfg = self.config
+        out = self.decoder.generate(ids, mask, max_new_tokens,
+                                    sampling(do_sample, temperature, top_k, top_p, repetition_penalty, seed),
+                                    cfg.eos_token_id if eos_token_id is None else eos_token_id,
+                                    cfg.pad_token_id if pad_token_id is None else pad_token_id, max_length)
+        if as_tensor:
+            import mindspore as ms
+
+            return ms.Tensor(out, ms.int32)
+        return out
+
+    def chat(self, tokenizer, query: str, history=None, max_length: int = CHAT_MAX_LENGTH,
+             max_new_tokens: int | None = None, do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8,
+             **kwargs) -> tuple[str, list[tuple[str, str]]]:
+        """(response, history + [(query, response)]), with THUDM's defaults (sampling, top_p 0.8, temperature 0.8,
+        prompt + reply ≤ 8192 tokens). `kwargs`: top_k, repetition_penalty, seed."""
+        from .dialogue import chat
+
+        return chat(self.decoder, tokenizer, query, history, max_new_tokens or max_length,
+                    sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length)
+
+    def stream_chat(self, tokenizer, query: str, history=None, max_length: int = CHAT_MAX_LENGTH,
+                    max_new_tokens: int | None = None, do_sample: bool = True, top_p: float = 0.8,
+                    temperature: float = 0.8, **kwargs) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+        """Yields (response so far, history + [(query, response so far)]) as tokens arrive; arguments as `chat`."""
+        from .dialogue import stream_chat
+
+        yield from stream_chat(self.decoder, tokenizer, query, history, max_new_tokens or max_length,
+                               sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length)
+
+
+def sampling(do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, seed: int | None = None) -> SamplingConfig:
+    """transformers' generation arguments as a SamplingConfig (`do_sample=False`: greedy)."""
+    return SamplingConfig(not do_sample, temperature, top_k, top_p, repetition_penalty, seed)

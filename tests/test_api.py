@@ -1,0 +1,89 @@
+"""The forms users know from transformers and THUDM's code (`from_pretrained`, `generate`, `chat`, `stream_chat`)
+give what the Decoder underneath gives."""
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+
+from converters.convert import convert  # noqa: E402
+from converters.names import Layout  # noqa: E402
+from glm2_ms import GLM2ForCausalLM, GLM2Tokenizer, SamplingConfig  # noqa: E402
+from glm2_ms.dialogue import chat, stream_chat  # noqa: E402
+from glm2_ms.loading import from_pretrained  # noqa: E402
+
+QUERY = "晚上睡不着应该怎么办"
+
+
+@pytest.fixture(scope="module")
+def folder(hf_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("api") / "ms"
+    convert(hf_tiny(dtype="float32"), out, target=Layout("mindformers"), fmt="ckpt", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return GLM2ForCausalLM.from_pretrained(folder, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tok(folder):
+    return GLM2Tokenizer.from_pretrained(folder)
+
+
+def test_from_pretrained_is_the_loader(folder, model, tok):
+    assert isinstance(model, GLM2ForCausalLM) and tok.encode(QUERY) == GLM2Tokenizer(folder).encode(QUERY)
+    ids = ms.Tensor([tok.encode(QUERY)], ms.int32)
+    np.testing.assert_array_equal(model(ids).asnumpy(), from_pretrained(folder, dtype="float32")(ids).asnumpy())
+    half = GLM2ForCausalLM.from_pretrained(folder, dtype="float16")
+    assert half.transformer.embedding.embedding_weight.dtype == ms.float16
+
+
+def test_generate_returns_prompt_and_new_tokens_as_the_decoder_does(model, tok):
+    prompt = np.array([tok.build_chat_input(QUERY)], np.int32)  # the chat test's prompt: its compiled steps serve both
+    mask = np.ones_like(prompt)
+    want = model.decoder.generate(prompt, mask, max_new_tokens=6)
+    got = model.generate(ms.Tensor(prompt), ms.Tensor(mask), max_new_tokens=6)
+    assert isinstance(got, ms.Tensor) and got.dtype == ms.int32
+    np.testing.assert_array_equal(got.asnumpy(), want)
+    np.testing.assert_array_equal(got.asnumpy()[:, :prompt.shape[1]], prompt)
+    sampled = model.generate(prompt.tolist(), max_new_tokens=6, do_sample=True, top_p=0.9, temperature=1.5,
+                             top_k=40, seed=3)
+    assert isinstance(sampled, np.ndarray)
+    np.testing.assert_array_equal(sampled, model.decoder.generate(
+        prompt, max_new_tokens=6, sampling=SamplingConfig(greedy=False, temperature=1.5, top_k=40, top_p=0.9, seed=3)))
+    assert model.generate(prompt, max_length=prompt.shape[1] + 2).shape == (1, prompt.shape[1] + 2)
+
+
+def test_chat_and_stream_chat_as_thudm_return_them(model, tok):
+    greedy = SamplingConfig()
+    reply, history = model.chat(tok, QUERY, history=[], max_new_tokens=6, do_sample=False)
+    prompt = np.array([tok.build_chat_input(QUERY)], np.int32)
+    out = model.decoder.generate(prompt, max_new_tokens=6, eos_token_id=tok.eos_id)
+    assert reply == tok.decode(out[0, prompt.shape[1]:]).strip() and history == [(QUERY, reply)]
+    assert (reply, history) == chat(model.decoder, tok, QUERY, [], 6, greedy)
+    again, longer = model.chat(tok, "你好", history=history, max_new_tokens=6, do_sample=False)
+    assert longer[0] == (QUERY, reply) and longer[1] == ("你好", again)
+    steps = list(model.stream_chat(tok, QUERY, history=[], max_new_tokens=6, do_sample=False))
+    assert steps == list(stream_chat(model.decoder, tok, QUERY, [], 6, greedy))
+    assert steps[-1] == (reply, history) and all(r.startswith(steps[0][0]) for r, _ in steps)
+    assert all(h == [(QUERY, r)] for r, h in steps)
+    sampled = model.chat(tok, QUERY, max_new_tokens=6, seed=5)  # THUDM's defaults: sampling, top_p 0.8, temp 0.8
+    assert sampled == chat(model.decoder, tok, QUERY, None, 6, SamplingConfig(False, 0.8, 0, 0.8, seed=5))
+
+
+def test_every_export_of_glm2_ms_is_what_it_names():
+    """`from glm2_ms import chat` gave the submodule glm2_ms.chat once that was imported (the import system sets
+    the attribute, and the package's lazy __getattr__ is never asked): no submodule may be named like an export."""
+    import inspect
+    import pkgutil
+
+    import glm2_ms
+    import glm2_ms.api  # noqa: F401  (every submodule imported, as in a session that used them)
+    import glm2_ms.cli  # noqa: F401
+
+    assert not {m.name for m in pkgutil.iter_modules(glm2_ms.__path__)} & set(glm2_ms.__all__)
+    names: dict = {}
+    exec(f"from glm2_ms import {', '.join(glm2_ms.__all__)}", names)
+    assert not [n for n in glm2_ms.__all__ if inspect.ismodule(names[n])]
+    assert names["chat"] is chat and names["stream_chat"] is stream_chat
