@@ -102,6 +102,27 @@ def test_dtype_conversion_and_manifest(hf_tiny, tmp_path):
     assert back == original
 
 
+def test_verify_after_a_dtype_change_compares_the_cast_values(hf_tiny, tmp_path):
+    """float32 → float16/bfloat16: verify casts the wider side to the narrower dtype (either argument order) and
+    says so; two roundings of the same values that disagree (float16 vs bfloat16) are still caught."""
+    from click.testing import CliRunner
+
+    from converters.cli import main as convert_cli
+
+    src = hf_tiny("safetensors", "float32")
+    for dtype in ("float16", "bfloat16"):
+        convert(src, tmp_path / dtype, target=Layout(), fmt="ckpt", dtype=dtype, progress=False)
+    for a, b, cast in ((src, tmp_path / "float16", "float32 vs float16: cast to float16"),
+                       (tmp_path / "bfloat16", src, "bfloat16 vs float32: cast to bfloat16")):
+        res = CliRunner().invoke(convert_cli, ["verify", str(a), str(b)])
+        assert res.exit_code == 0, res.output
+        assert f"17 tensors, dtypes differ ({cast}), so the values were compared after the cast: 17 equal, " \
+               f"max abs diff 0, 0 mismatched" in res.output
+    res = CliRunner().invoke(convert_cli, ["verify", str(tmp_path / "float16"), str(tmp_path / "bfloat16")])
+    assert res.exit_code == 1 and "17 mismatched" in res.output
+    assert "MISMATCH transformer.output_layer.weight: max abs diff" in res.output and "(in bfloat16)" in res.output
+
+
 def test_manifest_hashes_match_the_written_bytes(hf_tiny, tmp_path):
     import hashlib
 
