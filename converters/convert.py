@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from .dtypes import BY_NAME
 from .errors import CheckpointError
+from .mindformers_yaml import MINDFORMERS_YAML, mindformers_yaml
 from .names import EMBEDDING, INV_FREQ, Layout, inv_freq
 from .output import WeightsWriter, hf_index, plan_shards, staged_folder, write_json
 from .source import DTYPES, Source, out_dtype
@@ -115,6 +116,8 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folde
                 raise
             write_json(tmp / "config.json",
                        cfg.glm_json(model_dtype) if target.family == "glm" else cfg.chatglm_json(model_dtype))
+            if not hf_folder and target.family == "mindformers":
+                (tmp / MINDFORMERS_YAML).write_text(mindformers_yaml(cfg, target, model_dtype, MS_WEIGHTS[fmt], fmt))
             for f in source.ckpt.tokenizer_files:
                 shutil.copyfile(f, tmp / f.name)
             index = hf_index(shards, fmt) if hf_folder else None
