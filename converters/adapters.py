@@ -46,14 +46,18 @@ class Adapter:
         return (np.float32(self.scaling) * (b @ a)).astype(np.float32)
 
 
-def _config(folder: Path) -> dict | None:
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+def _settings(path: Path, folder: Path) -> tuple[Path, dict] | None:
+    """(where, {r, lora_alpha, …}): `adapter_config.json` beside the adapter, or for a checkpoint of one of our
+    LoRA runs, what the run recorded (converters/runs.py)."""
+    from .runs import recorded_lora
+
+    config = folder / "adapter_config.json"
+    if config.is_file():
+        try:
+            return config, json.loads(config.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{config}: not valid JSON ({exc})") from None
+    return recorded_lora(path) if path.is_file() else None
 
 
 def _fuse_glm(parts: dict[str, dict[str, tuple]], rank: int) -> tuple[dict, int]:
@@ -93,9 +97,12 @@ def _pairs(names_arrays, pattern: re.Pattern, where: str) -> dict[str, dict[str,
 
 
 def _lora_arrays(ckpt) -> list[tuple[str, np.ndarray]]:
+    """The LoRA factors of a checkpoint (not the optimizer's moments of them, which a training checkpoint holds)."""
     from .dtypes import to_float32
+    from .names import OPTIMIZER_PREFIXES
 
-    return [(n, to_float32(t.read(), t.dtype)) for n, t in ckpt.tensors.items() if MINDPET.match(n) or PEFT.match(n)]
+    return [(n, to_float32(t.read(), t.dtype)) for n, t in ckpt.tensors.items()
+            if (MINDPET.match(n) or PEFT.match(n)) and not n.startswith(OPTIMIZER_PREFIXES)]
 
 
 def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
@@ -105,7 +112,7 @@ def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    config = _config(folder) if opened is None else None
+    where, config = (_settings(path, folder) if opened is None else None) or (None, None)
     peft_file = folder / "adapter_model.safetensors"
     source = peft_file if path.is_dir() and peft_file.is_file() else path
     if opened is not None:
@@ -124,12 +131,12 @@ def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
     rank = ranks.pop()
     if alpha is None:
         if config is None or "lora_alpha" not in config:
-            raise CheckpointError(f"{path}: no adapter_config.json with lora_alpha beside it; pass the run's "
-                                  f"alpha (--lora-alpha): the scaling alpha/r is never assumed")
+            raise CheckpointError(f"{path}: no adapter_config.json with lora_alpha beside it, and no record of the "
+                                  f"run that wrote it; pass the run's alpha (--lora-alpha): the scaling alpha/r is "
+                                  f"never assumed")
         alpha = float(config["lora_alpha"])
         if int(config.get("r", rank)) != rank:
-            raise CheckpointError(f"{folder / 'adapter_config.json'}: r={config['r']}, but the tensors have rank "
-                                  f"{rank}")
+            raise CheckpointError(f"{where}: r={config['r']}, but the tensors have rank {rank}")
     deltas = {m: (ab["a"], ab["b"]) for m, ab in pairs.items()}
     glm = {m: GLM_QKV.match(m) for m in deltas}
     if all(glm.values()):

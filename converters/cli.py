@@ -133,7 +133,8 @@ def ms2hf(src, dst, target, fmt, max_shard_size, dtype, overwrite, allow_overflo
 @click.argument("base", type=PATH)
 @click.argument("adapter", type=PATH)
 @click.argument("dst", type=PATH)
-@click.option("--lora-alpha", type=float, help="The run's lora_alpha, when ADAPTER has no adapter_config.json.")
+@click.option("--lora-alpha", type=float, help="The run's lora_alpha, when ADAPTER has no adapter_config.json and "
+                                                "is no checkpoint of a glm2-finetune run (whose record gives it).")
 @click.option("--hf", "hf_target", type=click.Choice(["chatglm", "glm"]), default=None,
               help="Write a HF folder of this naming instead of a MindSpore one.")
 @click.option("--layout", type=click.Choice(["mindformers", "mindformers-legacy"]), default="mindformers",

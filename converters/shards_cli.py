@@ -22,11 +22,13 @@ LAYOUTS = {"ms": ("mindformers", "mindformers-legacy"), "hf": ("chatglm", "glm")
 @click.option("--format", "fmt", type=click.Choice(["ckpt", "safetensors", "bin"]), default=None,
               help="Default: ckpt for ms, safetensors for hf.")
 @click.option("--keep-optimizer", is_flag=True, help="Keep the optimizer state (MindSpore output only).")
-@click.option("--lora-alpha", type=float, help="The run's lora_alpha, to fold LoRA adapters into the weights.")
+@click.option("--lora-alpha", type=float, help="The run's lora_alpha, to fold LoRA adapters into the weights "
+                                                "(default: what a glm2-finetune run recorded).")
 @click.option("--dtype", default="keep", show_default=True, type=click.Choice(["keep", "float32", "float16",
                                                                                 "bfloat16"]))
 @click.option("--max-shard-size", default="2GB", show_default=True, help="HF output shard size.")
-@click.option("--config", type=PATH, help="config.json of the model (the shapes are inferred otherwise).")
+@click.option("--config", type=PATH, help="config.json of the model (default: the one beside the rank folders, "
+                                         "as glm2-finetune and split write it; else inferred from the shapes).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -40,7 +42,8 @@ def merge_command(paths, strategy, to, layout, fmt, keep_optimizer, lora_alpha, 
     glm2-merge-shards RANK0.ckpt RANK1.ckpt … --strategy FILE DST
     glm2-merge-shards split FULL_CKPT --strategy FILE DST_DIR   (the other way; see split --help)
 
-    SRC_DIR holds rank_{r}/ folders (or is a MindFormers output folder with checkpoint/rank_{r}/)."""
+    SRC_DIR holds rank_{r}/ folders of .ckpt or .safetensors files (or is a glm2-finetune or MindFormers output
+    folder with checkpoint/rank_{r}/)."""
     from .names import Layout
     from .output import parse_size
     from .shards import merge
@@ -72,7 +75,8 @@ def merge_command(paths, strategy, to, layout, fmt, keep_optimizer, lora_alpha, 
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def split_command(full, dst, strategy, prefix, overwrite, quiet):
-    """Cut a full MindSpore checkpoint into DST/rank_{r}/ files laid out by the strategy."""
+    """Cut a full MindSpore checkpoint into DST/rank_{r}/ files laid out by the strategy (config.json and the
+    tokenizer beside FULL go to DST too)."""
     from .shards import split
 
     click.echo("\n".join(split(full, strategy, dst, prefix=prefix, overwrite=overwrite, progress=not quiet).lines()))
