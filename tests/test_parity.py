@@ -60,7 +60,18 @@ def test_broken_conversion_fails_at_layer_0_attention(hf_tiny, tmp_path):
     assert (tmp_path / "report" / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_reference_glm_and_report_files(hf_tiny, tmp_path):
+@pytest.fixture
+def fresh_temp_dir(tmp_path, monkeypatch):
+    """An empty folder as this process's temp dir, to see what a tool leaves there."""
+    import tempfile
+
+    (tmp_path / "system-temp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system-temp"))
+    return tmp_path / "system-temp"
+
+
+def test_reference_glm_and_report_files(hf_tiny, tmp_path, fresh_temp_dir):
+    """--reference glm exports a full model copy to the temp dir (12.5 GB at 6B): removed once loaded."""
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True), fmt="safetensors", progress=False)
     result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--reference", "glm",
@@ -68,6 +79,30 @@ def test_reference_glm_and_report_files(hf_tiny, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Logits parity: PASS" in result.output
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.json", "report.md", "parity.png"}
+    assert list(fresh_temp_dir.iterdir()) == []
+
+
+def test_reference_glm_export_is_removed_on_failure(hf_tiny, tmp_path, fresh_temp_dir):
+    """The export refuses a weight beyond float16's range: the error is one line and the temp dir stays empty."""
+    from converters.checkpoint import open_checkpoint
+    from converters.formats.safetensors_io import SafetensorsWriter
+
+    src = hf_tiny("safetensors", "float32")
+    big = tmp_path / "big"  # the tiny model with one weight beyond float16's range
+    big.mkdir()
+    with open_checkpoint(src) as c:
+        arrays = {n: (t.read(), t.dtype) for n, t in c.tensors.items()}
+    arrays["transformer.output_layer.weight"][0][0, 0] = 1e6
+    with open(big / "model.safetensors", "wb") as f:
+        w = SafetensorsWriter(f, [(n, a.shape, d) for n, (a, d) in arrays.items()])
+        for n, (a, d) in arrays.items():
+            w.write(n, a, d)
+    (big / "config.json").write_bytes((src / "config.json").read_bytes())
+    convert(big, tmp_path / "ms", target=Layout(), fmt="ckpt", dtype="float16", allow_overflow=True, progress=False)
+    result = CliRunner().invoke(parity_cli, [str(big), str(tmp_path / "ms"), "--reference", "glm", "--dtype",
+                                             "float16"])
+    assert result.exit_code == 1 and "overflows float16" in result.output, result.output
+    assert list(fresh_temp_dir.iterdir()) == []
 
 
 def test_remote_code_reference_without_code_is_a_clear_error(hf_tiny, tmp_path):
@@ -80,3 +115,4 @@ def test_remote_code_reference_without_code_is_a_clear_error(hf_tiny, tmp_path):
 def test_thresholds_are_overridable():
     th = Thresholds.for_dtype("float16", logits_max_abs=0.5)
     assert th.logits_max_abs == 0.5 and th.top1 == Thresholds.for_dtype("float16").top1
+
