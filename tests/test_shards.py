@@ -316,9 +316,12 @@ def test_cli_merge_split_roundtrip(full, run, tmp_path):
     assert r.returncode == 0 and f"config.json from {tmp_path / 'split'}" in r.stdout, r.stderr
     assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == \
         (full["float16"].parent / "tokenizer.model").read_bytes()
-    r = subprocess.run([BIN / "glm2-generate", tmp_path / "merged", "--prompt", "你好", "--max-new-tokens", "2"],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    from click.testing import CliRunner
+
+    from glm2_ms.cli import generate
+
+    res = CliRunner().invoke(generate, [str(tmp_path / "merged"), "--prompt", "你好", "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
 
 
 def test_merged_shards_without_a_tokenizer_get_the_bundled_one(run, full, tmp_path):
