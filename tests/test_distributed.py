@@ -102,15 +102,21 @@ def relay(port: int):
         server.close()
 
 
-def two_launchers(log_dir: Path, args: list[str]) -> None:
-    """The several-machines recipe: a launcher per node (node_rank 0 and 1), one worker each."""
+@contextmanager
+def two_launchers(log_dir: Path, args: list[str]):
+    """The several-machines recipe: a launcher per node (node_rank 0 and 1), one worker each; it runs while the
+    `with` body does (the runs barely use two cores each), and must have succeeded when the body is done."""
     port = free_port()
-    with relay(port):
-        procs = [subprocess.Popen(msrun_cmd(log_dir / f"node{n}", args, port, n, f"127.0.0.{n + 1}"),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
-                 for n in (0, 1)]
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    log_dir.mkdir(parents=True)
+    outputs = [log_dir / f"launcher{n}.txt" for n in (0, 1)]
+    with relay(port), open(outputs[0], "w") as out0, open(outputs[1], "w") as out1:
+        procs = [subprocess.Popen(msrun_cmd(log_dir / f"node{n}", args, port, n, f"127.0.0.{n + 1}"), stdout=out,
+                                  stderr=subprocess.STDOUT, env=env()) for n, out in enumerate((out0, out1))]
+        try:
+            yield
+        finally:
+            codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], "\n".join(f.read_text()[-3000:] for f in outputs)
     assert not (log_dir / "node1" / "scheduler.log").exists()  # the master's launcher alone ran the scheduler
 
 
@@ -123,11 +129,12 @@ def runs(hf_tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     model = root / "model"
     convert(hf_tiny("safetensors", "float32"), model, target=Layout("mindformers"), fmt="ckpt", progress=False)
-    r = subprocess.run(finetune_args(model, root / "single", "--batch-size", "2", "--gradient-accumulation-steps",
-                                     "2"), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    msrun(root / "log-dp", finetune_args(model, root / "dp", "--batch-size", "2"))
-    two_launchers(root / "log-nodes", finetune_args(model, root / "nodes", "--batch-size", "2"))
+    with open(root / "single.log", "w") as log:  # the three runs side by side: none keeps two cores busy
+        single = subprocess.Popen(finetune_args(model, root / "single", "--batch-size", "2",
+                                                "--gradient-accumulation-steps", "2"), stdout=log, stderr=log)
+        with two_launchers(root / "log-nodes", finetune_args(model, root / "nodes", "--batch-size", "2")):
+            msrun(root / "log-dp", finetune_args(model, root / "dp", "--batch-size", "2"))
+        assert single.wait(timeout=300) == 0, (root / "single.log").read_text()[-3000:]
     killed_then_resumed(root / "zero", finetune_args(model, root / "zero", "--batch-size", "2", "--shard-optimizer"))
     return root
 
