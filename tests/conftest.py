@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import validation  # noqa: F401  (first: it sends library caches out of the temp dir, whichever test imports torch)
 from converters.config import GLM2Config
 from converters.synth import synthesize
 
