@@ -351,11 +351,11 @@ class Trainer:
 
     def _truncate_log(self) -> None:
         """Keep train_log.jsonl to the steps the resumed checkpoint holds: a killed run may have logged steps past
-        its last checkpoint, which are trained again now."""
+        its last checkpoint (the last line perhaps half written), which are trained again now."""
         log = self.out / "train_log.jsonl"
         if log.is_file():
-            rows = [line for line in log.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line)["step"] <= self.state.step]
+            rows = log.read_text().splitlines()
+            kept = [line for line in rows if _logged_step(line) <= self.state.step]
             if len(kept) != len(rows):
                 ckpt.write_atomic(log, "".join(line + "\n" for line in kept).encode())
 
@@ -390,6 +390,14 @@ def export(trainer: "Trainer", merge: bool = False) -> dict[str, str]:
         convert(trainer.model_dir, paths["merged"], target=Layout("mindformers"), fmt="ckpt", overwrite=True,
                 progress=False, adapter=adapter)
     return {k: str(v) for k, v in paths.items()}
+
+
+def _logged_step(line: str) -> float:
+    """The step of a train_log.jsonl line; infinity for a line that is not a whole record."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def _rss_mb() -> float:

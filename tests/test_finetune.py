@@ -189,9 +189,11 @@ def test_resume_reproduces_the_uninterrupted_run(base, tmp_path, optimizer):
                            save_steps=2, optimizer=optimizer, **SMALL)
     whole = Trainer(base, TRAIN, tmp_path / "a", cfg, progress=False).train()
     Trainer(base, TRAIN, tmp_path / "b", cfg, progress=False).train(stop_after=3)
-    for kind in ("checkpoint", "checkpoint_network"):  # killed after logging step 3, before its checkpoint
+    for kind in ("checkpoint", "checkpoint_network"):  # killed after logging step 3, before its checkpoint …
         for f in (tmp_path / "b" / kind / "rank_0").glob("glm2_rank_0-0_3.*"):
             f.unlink()
+    with open(tmp_path / "b" / "train_log.jsonl", "a") as log:  # … while writing step 4's row
+        log.write('{"step": 4, "epoch": 0, "lo')
     resumed = Trainer(base, TRAIN, tmp_path / "b", cfg, progress=False, resume=True).train()
     assert len(whole) == len(resumed) == 6
     np.testing.assert_allclose(resumed, whole, rtol=1e-6)
