@@ -48,11 +48,15 @@ class Adapter:
         return (np.float32(self.scaling) * (b @ a)).astype(np.float32)
 
 
-def _config(folder: Path) -> dict | None:
-    path = folder / "adapter_config.json"
-    if not path.is_file():
-        return None
-    return read_json(path, "adapter config")
+def _settings(path: Path, folder: Path) -> tuple[Path, dict] | None:
+    """(where, {r, lora_alpha, …}): `adapter_config.json` beside the adapter, or for a checkpoint of one of our
+    LoRA runs, what the run recorded (converters/runs.py)."""
+    from .runs import recorded_lora
+
+    config = folder / "adapter_config.json"
+    if config.is_file():
+        return config, read_json(config, "adapter config")
+    return recorded_lora(path) if path.is_file() else None
 
 
 def _fuse_glm(parts: dict[str, dict[str, tuple]], rank: int) -> tuple[dict, int]:
@@ -92,9 +96,12 @@ def _pairs(names_arrays, pattern: re.Pattern, where: str) -> dict[str, dict[str,
 
 
 def _lora_arrays(ckpt) -> list[tuple[str, np.ndarray]]:
+    """The LoRA factors of a checkpoint (not the optimizer's moments of them, which a training checkpoint holds)."""
     from .dtypes import to_float32
+    from .names import OPTIMIZER_PREFIXES
 
-    return [(n, to_float32(t.read(), t.dtype)) for n, t in ckpt.tensors.items() if MINDPET.match(n) or PEFT.match(n)]
+    return [(n, to_float32(t.read(), t.dtype)) for n, t in ckpt.tensors.items()
+            if (MINDPET.match(n) or PEFT.match(n)) and not n.startswith(OPTIMIZER_PREFIXES)]
 
 
 def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
@@ -104,7 +111,7 @@ def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    config = _config(folder) if opened is None else None
+    where, config = (_settings(path, folder) if opened is None else None) or (None, None)
     peft_file = folder / "adapter_model.safetensors"
     source = peft_file if path.is_dir() and peft_file.is_file() else path
     if opened is not None:
@@ -124,13 +131,14 @@ def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
     rank = ranks.pop()
     if alpha is None:
         if config is None or "lora_alpha" not in config:
-            raise CheckpointError(f"{path}: no adapter_config.json with lora_alpha beside it; pass the run's "
-                                  f"alpha (--lora-alpha): the scaling alpha/r is never assumed")
+            raise CheckpointError(f"{path}: no adapter_config.json with lora_alpha beside it, and no record of the "
+                                  f"run that wrote it; pass the run's alpha (--lora-alpha): the scaling alpha/r is "
+                                  f"never assumed")
         alpha, r = config["lora_alpha"], config.get("r", rank)
         if type(alpha) not in (int, float) or not math.isfinite(alpha) or type(r) is not int:
-            raise CheckpointError(f"{folder / 'adapter_config.json'}: lora_alpha must be a number and r an integer")
+            raise CheckpointError(f"{where}: lora_alpha must be a number and r an integer")
         if r != rank:
-            raise CheckpointError(f"{folder / 'adapter_config.json'}: r={r}, but the tensors have rank {rank}")
+            raise CheckpointError(f"{where}: r={r}, but the tensors have rank {rank}")
     deltas = {m: (ab["a"], ab["b"]) for m, ab in pairs.items()}
     glm = {m: GLM_QKV.match(m) for m in deltas}
     if all(glm.values()):

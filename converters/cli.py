@@ -177,16 +177,8 @@ def inspect(path, as_json, no_crc_check):
 def verify(a, b, atol, a_rearranged_rope, b_rearranged_rope, as_json, no_crc_check):
     """Compare two checkpoints of any formats/layouts tensor by tensor; exit 1 on a mismatch."""
     from .inspect_verify import verify as run
+    from .inspect_verify import verify_lines
 
     report = run(a, b, atol, a_rearranged_rope, b_rearranged_rope, verify_checksums=not no_crc_check)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        exact = sum(r["bit_exact"] for r in report["tensors"])
-        worst = max((r["max_abs_diff"] for r in report["tensors"]), default=0.0)
-        click.echo(f"{report['a_layout']} vs {report['b_layout']}: {report['compared']} tensors, {exact} bit-exact, "
-                   f"max abs diff {worst:.3g}, {report['mismatched']} mismatched")
-        for r in report["tensors"]:
-            if not r["ok"]:
-                click.echo(f"  MISMATCH {r['name']}: max abs diff {r['max_abs_diff']:.3g}")
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(verify_lines(report)))
     sys.exit(0 if report["ok"] else 1)

@@ -15,6 +15,7 @@ from . import __version__
 from .dtypes import BY_NAME
 from .errors import CheckpointError
 from .jsonio import write_json
+from .mindformers_yaml import MINDFORMERS_YAML, mindformers_yaml
 from .names import EMBEDDING, INV_FREQ, Layout, inv_freq
 from .output import WeightsWriter, hf_index, plan_shards, staged_folder
 from .source import DTYPES, Source, out_dtype
@@ -66,10 +67,11 @@ def _nbytes(shape, dtype) -> int:
 def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folder: bool = False,
             max_shard_bytes: int | None = None, overwrite: bool = False, allow_overflow: bool = False,
             keep_optimizer: bool = False, rearranged_rope: bool | None = None, config: Path | None = None,
-            progress: bool = True, adapter=None, opened=None, verify_checksums: bool = True) -> Summary:
+            progress: bool = True, adapter=None, opened=None, tokenizer: list[Path] | None = None,
+            verify_checksums: bool = True) -> Summary:
     """Convert the checkpoint at `src` (or the Checkpoint `opened` from it) into a new folder `dst` (MindSpore, or
     a HF folder when `hf_folder`); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
-    into the weights."""
+    into the weights. The tokenizer files written are `tokenizer`, by default those beside the source."""
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if keep_optimizer and hf_folder:
@@ -117,7 +119,9 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folde
                 raise
             write_json(tmp / "config.json",
                        cfg.glm_json(model_dtype) if target.family == "glm" else cfg.chatglm_json(model_dtype))
-            for f in source.ckpt.tokenizer_files:
+            if not hf_folder and target.family == "mindformers":
+                (tmp / MINDFORMERS_YAML).write_text(mindformers_yaml(cfg, target, model_dtype, MS_WEIGHTS[fmt], fmt))
+            for f in source.ckpt.tokenizer_files if tokenizer is None else tokenizer:
                 shutil.copyfile(f, tmp / f.name)
             index = hf_index(shards, fmt) if hf_folder else None
             if index:

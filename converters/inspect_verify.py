@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import open_checkpoint
-from .dtypes import to_float32
+from .dtypes import BY_NAME, cast, to_float32
 from .errors import CheckpointError
 from .names import classify, detect_layout
 from .source import NON_WEIGHTS, Source, manifest_layout
@@ -47,9 +47,28 @@ def inspect(path: Path, verify_checksums: bool = True) -> dict:
         }
 
 
+def common_dtype(a: str, b: str) -> str:
+    """The dtype two copies of a tensor are compared in: the narrower one, as a conversion between them rounds to
+    it (b's when both are as wide, e.g. float16 and bfloat16)."""
+    return a if BY_NAME[a].itemsize < BY_NAME[b].itemsize else b
+
+
+def _compare(ta: np.ndarray, da: str, tb: np.ndarray, db: str) -> dict:
+    """Bit-exact when the dtypes agree; otherwise both are cast to their common dtype first (the comparison says
+    so), so a conversion that changed the dtype is judged by what it should have written."""
+    to = common_dtype(da, db)
+    ca, cb = cast(ta, da, to), cast(tb, db, to)
+    equal = np.array_equal(ca.view(np.uint8), cb.view(np.uint8))
+    diff = 0.0 if equal else float(np.max(np.abs(to_float32(ca, to).astype(np.float64) - to_float32(cb, to)),
+                                          initial=0.0))
+    return {"a_dtype": da, "b_dtype": db, "compared_in": to, "bit_exact": equal and da == db, "equal": equal,
+            "max_abs_diff": diff}
+
+
 def verify(a: Path, b: Path, atol: float = 0.0, a_rearranged: bool = False, b_rearranged: bool = False,
            verify_checksums: bool = True) -> dict:
-    """Compare the canonical tensors of two checkpoints: bit-exact when dtypes match, else max abs difference."""
+    """Compare the canonical tensors of two checkpoints: bit-exact when dtypes match; when they differ, the values
+    after casting both to the narrower dtype (bit-exact there, else the max abs difference)."""
     with Source.open(a, a_rearranged or None, verify_checksums=verify_checksums) as sa, \
             Source.open(b, b_rearranged or None, verify_checksums=verify_checksums) as sb:
         if sa.cfg.canonical_shapes() != sb.cfg.canonical_shapes():
@@ -58,17 +77,31 @@ def verify(a: Path, b: Path, atol: float = 0.0, a_rearranged: bool = False, b_re
         ga, _ = sa.groups(sa.layout)
         gb, _ = sb.groups(sb.layout)
         for x, y in zip(ga, gb):
-            (ta, da), (tb, db) = sa.canonical(x), sb.canonical(y)
-            exact = da == db and np.array_equal(ta.view(np.uint8), tb.view(np.uint8))
-            diff = 0.0 if exact else float(np.max(np.abs(to_float32(ta, da).astype(np.float64)
-                                                          - to_float32(tb, db)), initial=0.0))
-            ok = exact or diff <= atol
-            failed += not ok
-            rows.append({"name": x.source.canonical, "a_dtype": da, "b_dtype": db, "bit_exact": exact,
-                         "max_abs_diff": diff, "ok": ok})
+            row = {"name": x.source.canonical, **_compare(*sa.canonical(x), *sb.canonical(y))}
+            row["ok"] = row["equal"] or row["max_abs_diff"] <= atol
+            failed += not row["ok"]
+            rows.append(row)
             sa.release(x)
             sb.release(y)
         sa.ckpt.check_complete()
         sb.ckpt.check_complete()
         return {"a": str(a), "b": str(b), "a_layout": sa.layout.describe(), "b_layout": sb.layout.describe(),
-                "atol": atol, "tensors": rows, "compared": len(rows), "mismatched": failed, "ok": failed == 0}
+                "atol": atol, "tensors": rows, "compared": len(rows), "mismatched": failed, "ok": failed == 0,
+                "casts": sorted({f"{r['a_dtype']} vs {r['b_dtype']}: cast to {r['compared_in']}" for r in rows
+                                 if r["a_dtype"] != r["b_dtype"]})}
+
+
+def verify_lines(report: dict) -> list[str]:
+    """The human summary of `verify`: what was compared how, then every mismatch."""
+    rows = report["tensors"]
+    worst = max((r["max_abs_diff"] for r in rows), default=0.0)
+    head = f"{report['a_layout']} vs {report['b_layout']}: {report['compared']} tensors, "
+    if report["casts"]:
+        head += (f"dtypes differ ({', '.join(report['casts'])}), so the values were compared after the cast: "
+                 f"{sum(r['equal'] for r in rows)} equal, ")
+    else:
+        head += f"{sum(r['bit_exact'] for r in rows)} bit-exact, "
+    out = [head + f"max abs diff {worst:.3g}, {report['mismatched']} mismatched"]
+    out += [f"  MISMATCH {r['name']}: max abs diff {r['max_abs_diff']:.3g} (in {r['compared_in']})"
+            for r in rows if not r["ok"]]
+    return out

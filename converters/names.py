@@ -49,7 +49,9 @@ TABLE: dict[str, dict[str, object]] = {
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "accu_grad.")
 OPTIMIZER_SCALARS = {"global_step", "epoch_num", "step_num", "loss_scale", "learning_rate", "current_iterator_step",
                      "last_overflow_iterator_step", "scale_sense", "beta1_power", "beta2_power"}
-_CACHE = re.compile(r"(key_past|value_past|kvcache_mgr\.)")
+# KV caches: MindFormers' older `key_past`/`kvcache_mgr.*` and 2.x's paged-attention blocks
+# (`….infer_attention.paged_attention_mgr.key_cache` / `value_cache`, which its save_pretrained writes)
+_CACHE = re.compile(r"(key_past|value_past|kvcache_mgr\.|paged_attention_mgr\.(key|value)_cache$)")
 _LORA = re.compile(r"\.(mindpet_delta|tk_delta)_lora_[ab]$")
 
 

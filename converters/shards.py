@@ -16,17 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
 from .dtypes import BY_NAME
 from .errors import CheckpointError
 from .formats.base import TensorRef
-from .formats.ckpt import CkptFile, CkptWriter
+from .formats.ckpt import CkptWriter
 from .names import OPTIMIZER_PREFIXES, classify
 from .output import staged_folder
+from .runs import CONFIG, recorded_lora, run_folder
 from .strategy import ParamLayout, Strategy, load_strategy
+from .synth import bundled_tokenizer
 
 RANK_DIR = re.compile(r"^rank_(\d+)$")
-EPOCH_STEP = re.compile(r"-(\d+)_(\d+)\.ckpt$")
+RANK_FILES = ("*.ckpt", "*.safetensors")  # MindSpore's save_checkpoint formats (format="ckpt" / "safetensors")
+EPOCH_STEP = re.compile(r"-(\d+)_(\d+)\.(?:ckpt|safetensors)$")
 
 
 @dataclass
@@ -38,6 +41,7 @@ class MergeStats:
     bytes_read: int = 0
     replicas_skipped: int = 0
     copied: list[str] = field(default_factory=list)  # bookkeeping entries outside the strategy, taken from one rank
+    run_folder: Path | None = None  # where the model's config.json (and tokenizer) beside the rank folders are
 
     def lines(self) -> list[str]:
         out = [f"  {self.ranks} ranks, {self.parameters} parameters laid out by the strategy, "
@@ -59,8 +63,8 @@ def _rank_dirs(src: Path) -> dict[int, Path]:
             found = {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := RANK_DIR.match(p.name))}
             if found:
                 return found
-    raise CheckpointError(f"{src}: no rank_N folders (expected SRC/rank_0/…ckpt as MindSpore and MindFormers "
-                          f"lay them out)")
+    raise CheckpointError(f"{src}: no rank_N folders (expected SRC/rank_0/…ckpt or …safetensors as MindSpore and "
+                          f"MindFormers lay them out)")
 
 
 def discover(sources: list[Path], ranks: int) -> tuple[dict[int, Path], list[str]]:
@@ -89,9 +93,13 @@ def discover(sources: list[Path], ranks: int) -> tuple[dict[int, Path], list[str
         raise CheckpointError(f"{src}: rank_{extra[0]}/ lies beyond the strategy's {ranks} ranks (wrong strategy?)")
     candidates = {}
     for r in range(ranks):
-        files = sorted(p for p in dirs[r].glob("*.ckpt") if p.is_file())
+        kinds = [sorted(p for p in dirs[r].glob(g) if p.is_file()) for g in RANK_FILES]
+        if all(kinds):
+            raise CheckpointError(f"{dirs[r]}: holds both .ckpt and .safetensors files; give the rank files of one "
+                                  f"checkpoint explicitly")
+        files = kinds[0] or kinds[1]
         if not files:
-            raise CheckpointError(f"{dirs[r]}: rank {r} has no .ckpt file")
+            raise CheckpointError(f"{dirs[r]}: rank {r} has no .ckpt or .safetensors file")
         candidates[r] = files
     notes = []
     keyed = {r: {_step_key(p): p for p in files} for r, files in candidates.items()}
@@ -182,19 +190,25 @@ def _pieces(name: str, lay: ParamLayout, by_rank: dict[int, dict[str, TensorRef]
 
 
 def open_sharded(sources: list[Path], strategy_path: Path) -> tuple[Checkpoint, MergeStats]:
-    """The rank files of a run as one lazy Checkpoint (use it as a context manager)."""
+    """The rank files of a run (.ckpt or .safetensors) as one lazy Checkpoint (use it as a context manager); its
+    folder is the run folder when one holds the model's config.json beside the rank folders."""
     strategy = load_strategy(strategy_path)
     files, notes = discover([Path(s) for s in sources], strategy.ranks)
-    stats = MergeStats(strategy.ranks, {r: str(p) for r, p in files.items()}, notes)
-    ckpt = Checkpoint(Path(sources[0]), list(files.values()), "ckpt")
+    formats = {format_of(p) for p in files.values()}
+    if len(formats) != 1:
+        raise CheckpointError(f"{sources[0]}: the rank files mix formats ({', '.join(sorted(formats))})")
+    first = files[0]
+    folder = run_folder(first.parent.parent if RANK_DIR.match(first.parent.name) else first.parent)
+    stats = MergeStats(strategy.ranks, {r: str(p) for r, p in files.items()}, notes, run_folder=folder)
+    ckpt = Checkpoint(Path(sources[0]), list(files.values()), formats.pop(), folder=folder)
     try:
         by_rank = {}
         for r, p in files.items():
-            opened = ckpt._stack.enter_context(CkptFile(p))
+            opened = ckpt._stack.enter_context(open_file(p))
             ckpt.handles.append(opened)
             by_rank[r] = opened.tensors
             if r == 0:
-                ckpt.strings.update(opened.strings)
+                ckpt.strings.update(getattr(opened, "strings", {}))
         order = list(dict.fromkeys(n for r in sorted(by_rank) for n in by_rank[r]))
         for name in order:
             lay = layout_of(strategy, name)
@@ -278,6 +292,9 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
             finally:
                 for h in handles:
                     h.close()
+            for f in [ckpt.folder / CONFIG, *ckpt.tokenizer_files]:  # so merging DST back needs no --config
+                if f.is_file():
+                    shutil.copyfile(f, tmp / f.name)
             (tmp / "strategy").mkdir()
             sources = sorted(Path(strategy_path).iterdir()) if Path(strategy_path).is_dir() else [Path(strategy_path)]
             for s in sources:
@@ -288,9 +305,11 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
 
 
 def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, hf_folder: bool, fmt: str,
-          lora_alpha: float | None = None, **options):
-    """Rank shards → one checkpoint at `dst` (MindSpore, or a HF folder), through the converter; LoRA adapters
-    found in the shards are folded into the weights (their alpha must be given: it is not in the files)."""
+          lora_alpha: float | None = None, config: Path | None = None, **options):
+    """Rank shards → one checkpoint at `dst` (MindSpore, or a HF folder), through the converter. LoRA adapters
+    found in the shards are folded into the weights, with the alpha given or, for one of our runs, recorded. The
+    model's config and tokenizer come from the run folder when it has them (the tokenizer otherwise is the bundled
+    ChatGLM2 one, which every ChatGLM2-6B checkpoint shares)."""
     from .adapters import MINDPET, read_adapter
     from .convert import convert
 
@@ -298,12 +317,21 @@ def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, hf_fol
     with ckpt:
         adapter = None
         if any(MINDPET.match(n) for n in ckpt.tensors):
-            if lora_alpha is None:
-                raise CheckpointError(f"{sources[0]}: the shards hold LoRA adapters; pass the run's --lora-alpha to "
-                                      f"fold them into the merged weights")
-            adapter = read_adapter(sources[0], lora_alpha, opened=ckpt)
+            recorded = recorded_lora(Path(stats.files[0]))
+            if lora_alpha is None and recorded is None:
+                raise CheckpointError(f"{sources[0]}: the shards hold LoRA adapters and no run record gives their "
+                                      f"alpha; pass the run's --lora-alpha to fold them into the merged weights")
+            adapter = read_adapter(sources[0], lora_alpha if lora_alpha is not None else
+                                   float(recorded[1]["lora_alpha"]), opened=ckpt)
+            stats.notes.append(f"LoRA alpha {adapter.alpha:g} ({'given' if lora_alpha is not None else recorded[0]})")
+        if config is None and stats.run_folder is not None:
+            config = stats.run_folder / CONFIG
+            stats.notes.append(f"config.json from {stats.run_folder}")
+        tokenizer = ckpt.tokenizer_files or bundled_tokenizer()
+        if not ckpt.tokenizer_files:
+            stats.notes.append("no tokenizer beside the shards: wrote the bundled ChatGLM2 tokenizer")
         summary = convert(sources[0], dst, target=target, fmt=fmt, hf_folder=hf_folder, adapter=adapter,
-                          opened=ckpt, **options)
+                          opened=ckpt, config=config, tokenizer=tokenizer, **options)
     if not options.get("keep_optimizer"):  # the converter dropped them, and its summary says so
         stats.copied = [n for n in stats.copied if classify(n) != "optimizer"]
     return summary, stats

@@ -20,7 +20,8 @@ MERGE_USAGE = ("SRC_DIR --strategy FILE_OR_DIR DST [OPTIONS]", "RANK0.ckpt RANK1
 @option("--overwrite")
 @option("--quiet")
 def split_command(full, dst, strategy, prefix, overwrite, quiet):
-    """Cut a full MindSpore checkpoint FULL into DST/rank_{r}/ files laid out by the strategy."""
+    """Cut a full MindSpore checkpoint FULL into DST/rank_{r}/ files laid out by the strategy (config.json and the
+    tokenizer beside FULL go to DST too)."""
     from .shards import split
 
     click.echo("\n".join(split(full, strategy, dst, prefix=prefix, overwrite=overwrite, progress=not quiet).lines()))
@@ -34,10 +35,11 @@ def split_command(full, dst, strategy, prefix, overwrite, quiet):
 @option("--layout")
 @option("--format", default=None, show_default="ckpt, or safetensors for a HF --layout")
 @option("--keep-optimizer")
-@option("--lora-alpha", show_default="needed for the shards of a LoRA run")
+@option("--lora-alpha", show_default="what a glm2-finetune run recorded; needed for other LoRA runs' shards")
 @option("--dtype")
 @option("--max-shard-size")
-@option("--config", src="the shards")
+@option("--config", src="the shards", show_default="the config.json beside the rank folders, as glm2-finetune and "
+                                                  "split write it")
 @option("--overwrite")
 @option("--quiet")
 @option("--json")
@@ -46,7 +48,8 @@ def main(paths, strategy, layout, fmt, keep_optimizer, lora_alpha, dtype, max_sh
     """Merge the rank checkpoints of a distributed run into one model at DST (MindSpore, or HF with a HF
     --layout); `split` goes the other way (see glm2-merge-shards split --help).
 
-    SRC_DIR holds rank_{r}/ folders (or is a MindFormers output folder with checkpoint/rank_{r}/)."""
+    SRC_DIR holds rank_{r}/ folders of .ckpt or .safetensors files (or is a glm2-finetune or MindFormers output
+    folder with checkpoint/rank_{r}/)."""
     from .names import Layout
     from .output import parse_size
     from .shards import merge

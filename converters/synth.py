@@ -15,6 +15,7 @@ from .names import EMBEDDING, INV_FREQ, inv_freq
 from .output import WeightsWriter, hf_index, plan_shards, staged_folder
 
 ASSETS = Path(__file__).parent / "assets"
+TOKENIZER = ("tokenizer.model", "tokenizer_config.json")  # ChatGLM2's, bundled
 BLOCK_ELEMENTS = 1 << 24  # generate 16M values at a time: memory stays near one tensor
 
 
@@ -55,6 +56,11 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
         if index:
             write_json(tmp / index[0], index[1])
         write_json(tmp / "config.json", cfg.chatglm_json(dtype))
-        shutil.copyfile(ASSETS / "tokenizer.model", tmp / "tokenizer.model")
-        shutil.copyfile(ASSETS / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        for f in bundled_tokenizer():
+            shutil.copyfile(f, tmp / f.name)
     return [f for f, _ in shards]
+
+
+def bundled_tokenizer() -> list[Path]:
+    """The ChatGLM2 tokenizer files this package carries (the same for every ChatGLM2-6B checkpoint)."""
+    return [ASSETS / n for n in TOKENIZER]

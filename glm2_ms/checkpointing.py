@@ -2,21 +2,21 @@
 
 `OUT/checkpoint/rank_{r}/glm2_rank_{r}-{epoch}_{step}.ckpt` holds the network, the AdamW moments as `adam_m.*` /
 `adam_v.*` and the step counters; `OUT/checkpoint_network/rank_{r}/…` the network only. A `.json` beside each
-training file keeps what MindFormers' names have no place for (the position in the epoch, the loss scaler).
+training file keeps what MindFormers' names have no place for (the position in the epoch, the loss scaler, the
+run's settings). The folder's layout is described in converters/runs.py, which reads it back.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from converters.checkpoint import TOKENIZER_FILES
 from converters.formats.ckpt import CkptFile, CkptWriter
-
-NAME = re.compile(r"glm2_rank_(\d+)-(\d+)_(\d+)\.ckpt$")
+from converters.runs import CONFIG, NAME, TRAINING, ckpt_path, record_path
 
 
 def _bits(arr: np.ndarray) -> tuple[np.ndarray, str]:
@@ -62,23 +62,19 @@ def write_strategy(out: Path, layouts: dict) -> Path:
     return path
 
 
-def ckpt_path(out: Path, kind: str, rank: int, epoch: int, step: int) -> Path:
-    return out / kind / f"rank_{rank}" / f"glm2_rank_{rank}-{epoch}_{step}.ckpt"
-
-
 def latest(out: Path, rank: int, world: int = 1) -> Path | None:
     """This rank's file of the newest training checkpoint that every rank completed (file and sidecar), by
     (epoch, step) as MindSpore orders them: a rank that died while saving leaves the previous set."""
     common = None
     for r in range(world):
-        folder = out / "checkpoint" / f"rank_{r}"
+        folder = out / TRAINING / f"rank_{r}"
         steps = {(int(m.group(2)), int(m.group(3))) for p in folder.glob("*.ckpt") if (m := NAME.search(p.name))
-                 and p.with_suffix(".json").is_file()}
+                 and record_path(p).is_file()}
         common = steps if common is None else common & steps
     if not common:
         return None
     epoch, step = max(common)
-    return ckpt_path(out, "checkpoint", rank, epoch, step)
+    return ckpt_path(out, TRAINING, rank, epoch, step)
 
 
 def read_ckpt(path: Path) -> dict[str, np.ndarray]:
@@ -86,12 +82,19 @@ def read_ckpt(path: Path) -> dict[str, np.ndarray]:
         return {name: ref.read() for name, ref in f.tensors.items()}
 
 
+def write_model_files(out: Path, cfg, dtype: str, tokenizer_from: Path | None) -> None:
+    """config.json and the tokenizer files (those beside `tokenizer_from`, else the bundled ChatGLM2 ones)."""
+    from converters.synth import bundled_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(json.dumps(cfg.chatglm_json(dtype), indent=2))
+    found = [Path(tokenizer_from) / n for n in TOKENIZER_FILES] if tokenizer_from is not None else []
+    for f in [f for f in found if f.is_file()] or bundled_tokenizer():
+        shutil.copyfile(f, out / f.name)
+
+
 def save_pretrained(params: dict[str, np.ndarray], cfg, out: Path, tokenizer_from: Path | None) -> None:
     """A folder the converters and `from_pretrained` read: weights (MindFormers names), config.json, tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
     write_ckpt(out / "mindspore_model.ckpt", params)
-    dtype = _bits(next(iter(params.values())))[1]
-    (out / "config.json").write_text(json.dumps(cfg.chatglm_json(dtype), indent=2))
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        if tokenizer_from is not None and (Path(tokenizer_from) / name).is_file():
-            shutil.copyfile(Path(tokenizer_from) / name, out / name)
+    write_model_files(out, cfg, _bits(next(iter(params.values())))[1], tokenizer_from)

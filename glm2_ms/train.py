@@ -18,6 +18,7 @@ from mindspore import Tensor, ops
 from mindspore.experimental.optim import AdamW
 
 from converters.errors import CheckpointError
+from converters.runs import NETWORK, TRAINING, ckpt_path, record_path
 
 from . import checkpointing as ckpt
 from .data import IGNORE, Lengths, TrainData, answer_windows, read_jsonl
@@ -30,6 +31,7 @@ from .tokenizer import GLM2Tokenizer
 from .train_config import TrainConfig
 
 MOMENTS = {"exp_avg.": "adam_m.", "exp_avg_sq.": "adam_v."}  # experimental AdamW names → MindFormers names
+SCHEDULE = ("learning_rate", "lr_end", "warmup_steps", "lr_power")  # with the total step count: every step's lr
 
 
 def token_loss(logits, targets):
@@ -185,6 +187,8 @@ class Trainer:
         cfg, st = self.cfg, self.state
         stop = min(self.total, st.step + stop_after) if stop_after else self.total
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:  # what merging the rank checkpoints needs besides them (converters/runs.py)
+            ckpt.write_model_files(self.out, self.model.config, "float32", self.model_dir)
         log = (self.out / "train_log.jsonl").open("a") if self.rank == 0 else None
         bar = self._bar()
         try:
@@ -283,18 +287,18 @@ class Trainer:
                 tuple(MOMENTS.values())) else n, a.ndim) for n, a in full.items()})
         full.update({"global_step": np.array(st.step, np.int32), "epoch_num": np.array(st.epoch, np.int32),
                      "step_num": np.array(st.step, np.int32), "loss_scale": np.array(st.loss_scale, np.float32)})
-        path = ckpt.ckpt_path(self.out, "checkpoint", self.rank, st.epoch, st.step)
-        ckpt.write_ckpt(ckpt.ckpt_path(self.out, "checkpoint_network", self.rank, st.epoch, st.step), net)
+        path = ckpt_path(self.out, TRAINING, self.rank, st.epoch, st.step)
+        ckpt.write_ckpt(ckpt_path(self.out, NETWORK, self.rank, st.epoch, st.step), net)
         ckpt.write_ckpt(path, full)
-        ckpt.write_json_atomic(path.with_suffix(".json"), {
+        ckpt.write_json_atomic(record_path(path), {
             "step": st.step, "epoch": st.epoch, "in_epoch": st.in_epoch, "loss_scale": st.loss_scale,
             "good_steps": st.good_steps, "world": self.world, "shard_optimizer": bool(self.shards.slices),
-            "config": self.cfg.as_dict(), "losses": st.losses})
+            "total_steps": self.total, "config": self.cfg.as_dict(), "losses": st.losses})
         return path
 
     def _resume(self) -> None:
         newest = ckpt.latest(self.out, 0)
-        side = json.loads(newest.with_suffix(".json").read_text()) if newest else None
+        side = json.loads(record_path(newest).read_text()) if newest else None
         if side is not None and side["world"] != self.world:
             raise CheckpointError(f"{newest}: saved by {side['world']} processes, resumed with {self.world}; resume "
                                   f"with the same number of processes")
@@ -302,10 +306,11 @@ class Trainer:
         if path is None:
             raise CheckpointError(f"{self.out}: --resume, but no checkpoint that all {self.world} ranks completed "
                                   f"under checkpoint/rank_*")
-        side = json.loads(path.with_suffix(".json").read_text())
+        side = json.loads(record_path(path).read_text())
         if side.get("shard_optimizer", False) != bool(self.shards.slices):
             raise CheckpointError(f"{path}: saved with shard_optimizer={side.get('shard_optimizer', False)}; resume "
                                   f"with the same setting")
+        self._check_schedule(record_path(path), side)
         saved = ckpt.read_ckpt(path)
         params = {p.name: p for p in self.model.get_parameters()}
         for prefix, moments in (("exp_avg.", self.opt.exp_avg), ("exp_avg_sq.", self.opt.exp_avg_sq)):
@@ -325,6 +330,34 @@ class Trainer:
         st = self.state
         st.step, st.epoch, st.in_epoch = side["step"], side["epoch"], side["in_epoch"]
         st.loss_scale, st.good_steps, st.losses = side["loss_scale"], side["good_steps"], side["losses"]
+        if self.rank == 0:
+            self._truncate_log()
+
+    def _check_schedule(self, where: Path, side: dict) -> None:
+        """The learning rate of every step follows from the total step count and the schedule's settings: a resume
+        that changed them would jump to another curve mid-run (a larger --max-steps raises the lr), so it is
+        refused."""
+        total = side.get("total_steps", self.total)
+        if total != self.total:
+            raise CheckpointError(f"{where}: the run was scheduled for {total} steps; resuming with {self.total} would "
+                                  f"rebuild the learning-rate schedule mid-run: resume with --max-steps {total}, or "
+                                  f"start a new --out")
+        saved = {k: side["config"].get(k) for k in SCHEDULE}
+        now = {k: getattr(self.cfg, k) for k in SCHEDULE}
+        changed = [k for k in SCHEDULE if saved[k] != now[k]]
+        if changed:
+            raise CheckpointError(f"{where}: the run used {changed[0]}={saved[changed[0]]}, resumed with "
+                                  f"{now[changed[0]]}; a resume keeps the learning-rate schedule")
+
+    def _truncate_log(self) -> None:
+        """Keep train_log.jsonl to the steps the resumed checkpoint holds: a killed run may have logged steps past
+        its last checkpoint (the last line perhaps half written), which are trained again now."""
+        log = self.out / "train_log.jsonl"
+        if log.is_file():
+            rows = log.read_text().splitlines()
+            kept = [line for line in rows if _logged_step(line) <= self.state.step]
+            if len(kept) != len(rows):
+                ckpt.write_atomic(log, "".join(line + "\n" for line in kept).encode())
 
 
 def export(trainer: "Trainer", merge: bool = False) -> dict[str, str]:
@@ -348,14 +381,23 @@ def export(trainer: "Trainer", merge: bool = False) -> dict[str, str]:
     adapter = Adapter(cfg.lora_rank, cfg.lora_alpha, {m: (d["mindpet_delta_lora_a"], d["mindpet_delta_lora_b"])
                                                       for m, d in deltas.items()}, cfg.lora_dropout)
     paths = {"adapter": out / "adapter", "adapter-glm": out / "adapter-glm", "mindpet": out / "mindpet"}
-    write_peft(adapter, paths["adapter"], "chatglm", mcfg.q_rows, mcfg.kv_rows, str(trainer.model_dir))
-    write_peft(adapter, paths["adapter-glm"], "glm", mcfg.q_rows, mcfg.kv_rows, str(trainer.model_dir))
+    base = str(trainer.model_dir.resolve())  # PEFT loads the base from here, whatever the current folder
+    write_peft(adapter, paths["adapter"], "chatglm", mcfg.q_rows, mcfg.kv_rows, base)
+    write_peft(adapter, paths["adapter-glm"], "glm", mcfg.q_rows, mcfg.kv_rows, base)
     write_mindpet(adapter, paths["mindpet"])
     if merge:
         paths["merged"] = out / "merged"
         convert(trainer.model_dir, paths["merged"], target=Layout("mindformers"), fmt="ckpt", overwrite=True,
                 progress=False, adapter=adapter)
     return {k: str(v) for k, v in paths.items()}
+
+
+def _logged_step(line: str) -> float:
+    """The step of a train_log.jsonl line; infinity for a line that is not a whole record."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def _rss_mb() -> float:

@@ -1,8 +1,11 @@
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
+import validation  # noqa: F401  (first: it sends library caches out of the temp dir, whichever test imports torch)
 from converters.config import GLM2Config
 from converters.synth import synthesize
 
@@ -13,6 +16,23 @@ def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under `path`: to prove a source was left untouched."""
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def system_temp_dir(tmp_path_factory):
+    """The system temp dir as the code under test sees it (TMPDIR, in this process and every subprocess): a fresh
+    folder, which must be empty when the suite ends, whatever the tests ran."""
+    tmp = tmp_path_factory.mktemp("system-temp")
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = None  # gettempdir() looks at TMPDIR again
+    yield tmp
+    if saved is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = saved
+    tempfile.tempdir = None
+    assert not list(tmp.iterdir()), f"the tests left {sorted(p.name for p in tmp.iterdir())} in the temp dir"
 
 
 @pytest.fixture(scope="session")

@@ -95,3 +95,35 @@ def test_tensor_over_512_mib_is_chunked_like_mindspore(tmp_path):
         for name, ref in f.tensors.items():
             writer.write(name, ref.read(), ref.dtype)
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_mindformers_paged_attention_buffers_are_dropped_and_listed(hf_tiny, tmp_path):
+    """MindFormers 2.x saves each layer's paged-attention KV cache with the weights (`save_pretrained`, or
+    `mindspore.save_checkpoint(net)`): ms2hf and from_pretrained drop them as cache and say so."""
+    from click.testing import CliRunner
+
+    from converters.cli import main as convert_cli
+    from glm2_ms.loading import from_pretrained
+
+    src = hf_tiny(dtype="float32")
+    convert(src, tmp_path / "m", target=Layout("mindformers"), fmt="ckpt", progress=False)
+    params = [ms.Parameter(t, n) for n, t in ms.load_checkpoint(str(tmp_path / "m" / "mindspore_model.ckpt")).items()]
+    caches = [f"transformer.encoder.layers.{i}.self_attention.infer_attention.paged_attention_mgr.{kv}_cache"
+              for i in range(2) for kv in ("key", "value")]
+    for name in caches:  # MindFormers' shape: (num_blocks, block_size, kv heads, head dim), compute dtype
+        params.append(ms.Parameter(ms.Tensor(np.zeros((4, 16, 2, 16), np.float16)), name, requires_grad=False))
+    mf = tmp_path / "mf" / "glm2.ckpt"
+    mf.parent.mkdir()
+    ms.save_checkpoint(params, str(mf))
+
+    res = CliRunner().invoke(convert_cli, ["ms2hf", str(mf), str(tmp_path / "hf"), "--config",
+                                           str(src / "config.json"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert f"dropped 4 KV-cache entries: {caches[0]}" in res.output
+    with open_checkpoint(src) as a, open_checkpoint(tmp_path / "hf") as b:
+        assert set(a.tensors) == set(b.tensors)
+        for name, ref in a.tensors.items():
+            np.testing.assert_array_equal(b.tensors[name].read(), ref.read())
+    ids = ms.Tensor([[64790, 64792, 36474, 54591]], ms.int32)
+    np.testing.assert_array_equal(from_pretrained(mf, config=src / "config.json")(ids).asnumpy(),
+                                  from_pretrained(src)(ids).asnumpy())

@@ -102,6 +102,68 @@ def test_dtype_conversion_and_manifest(hf_tiny, tmp_path):
     assert back == original
 
 
+def test_verify_after_a_dtype_change_compares_the_cast_values(hf_tiny, tmp_path):
+    """float32 → float16/bfloat16: verify casts the wider side to the narrower dtype (either argument order) and
+    says so; two roundings of the same values that disagree (float16 vs bfloat16) are still caught."""
+    from click.testing import CliRunner
+
+    from converters.cli import main as convert_cli
+
+    src = hf_tiny("safetensors", "float32")
+    for dtype in ("float16", "bfloat16"):
+        convert(src, tmp_path / dtype, target=Layout(), fmt="ckpt", dtype=dtype, progress=False)
+    for a, b, cast in ((src, tmp_path / "float16", "float32 vs float16: cast to float16"),
+                       (tmp_path / "bfloat16", src, "bfloat16 vs float32: cast to bfloat16")):
+        res = CliRunner().invoke(convert_cli, ["verify", str(a), str(b)])
+        assert res.exit_code == 0, res.output
+        assert f"17 tensors, dtypes differ ({cast}), so the values were compared after the cast: 17 equal, " \
+               f"max abs diff 0, 0 mismatched" in res.output
+    res = CliRunner().invoke(convert_cli, ["verify", str(tmp_path / "float16"), str(tmp_path / "bfloat16")])
+    assert res.exit_code == 1 and "17 mismatched" in res.output
+    assert "MISMATCH transformer.output_layer.weight: max abs diff" in res.output and "(in bfloat16)" in res.output
+
+
+# MindFormers 2.1.0's ChatGLM2Config.__init__ parameters (mindformers/models/glm2/glm2_config.py), which the
+# written model_config may use ("type" names the class for MindFormers' registry)
+CHATGLM2_CONFIG_FIELDS = set("""type batch_size num_layers padded_vocab_size hidden_size ffn_hidden_size kv_channels
+num_attention_heads seq_length hidden_dropout attention_dropout layernorm_epsilon rope_ratio rmsnorm
+apply_residual_connection_post_layernorm post_layer_norm add_bias_linear add_qkv_bias bias_dropout_fusion
+multi_query_attention multi_query_group_num apply_query_key_layer_scaling attention_softmax_in_fp32
+fp32_residual_connection quantization_bit pre_seq_len prefix_projection param_init_type compute_dtype
+layernorm_compute_type residual_dtype rotary_dtype use_past use_flash_attention enable_high_performance block_size
+num_blocks is_dynamic eos_token_id pad_token_id gmask_token_id bos_token_id repetition_penalty
+checkpoint_name_or_path parallel_config offset pp_interleave_num mlp_concat qkv_concat use_rearrange_rope
+mask_generate fine_grain_interleave use_ring_attention post_self_attn_layernorm post_mlp_layernorm""".split())
+
+
+@pytest.mark.parametrize("layout,dtype,fmt", [(Layout(), "float16", "ckpt"),
+                                              (Layout("mindformers", True, True, True), "bfloat16", "safetensors")],
+                         ids=["plain-fp16", "split-rearranged-bf16"])
+def test_mindformers_model_config_beside_the_weights(hf_tiny, tmp_path, tiny_cfg, layout, dtype, fmt):
+    yaml = pytest.importorskip("yaml")
+    from converters.mindformers_yaml import MINDFORMERS_YAML
+
+    convert(hf_tiny("safetensors", dtype), tmp_path / "ms", target=layout, fmt=fmt, progress=False)
+    doc = yaml.safe_load((tmp_path / "ms" / MINDFORMERS_YAML).read_text())
+    mc = doc["model"]["model_config"]
+    assert set(mc) <= CHATGLM2_CONFIG_FIELDS and doc["model"]["arch"]["type"] == "ChatGLM2ForConditionalGeneration"
+    assert doc["load_ckpt_format"] == fmt and mc["type"] == "ChatGLM2Config"
+    assert {k: mc[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
+                               "multi_query_group_num", "padded_vocab_size", "add_qkv_bias")} == \
+        {k: getattr(tiny_cfg, k) for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                           "kv_channels", "multi_query_group_num", "padded_vocab_size", "add_qkv_bias")}
+    assert mc["layernorm_epsilon"] == tiny_cfg.layernorm_epsilon and isinstance(mc["layernorm_epsilon"], float)
+    assert (mc["qkv_concat"], mc["mlp_concat"], mc["use_rearrange_rope"]) == \
+        (not layout.qkv_split, not layout.mlp_split, layout.rearrange_rope)
+    assert mc["param_init_type"] == dtype and mc["multi_query_attention"] is True
+    names = set(tensors_bytes(tmp_path / "ms"))  # the flags describe the names actually written
+    assert mc["qkv_concat"] == any("query_key_value" in n for n in names)
+    assert mc["mlp_concat"] == any("dense_h_to_4h" in n for n in names)
+    convert(tmp_path / "ms", tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors", hf_folder=True,
+            progress=False)
+    assert not (tmp_path / "hf" / MINDFORMERS_YAML).exists()
+
+
 def test_manifest_hashes_match_the_written_bytes(hf_tiny, tmp_path):
     import hashlib
 

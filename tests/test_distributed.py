@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +43,13 @@ def finetune_args(model: Path, out: Path, *extra) -> list[str]:
             "--learning-rate", "1e-3", "--out", str(out), "--quiet", *extra]
 
 
-def msrun_cmd(log_dir: Path, args: list[str]) -> list[str]:
-    return [str(BIN / "msrun"), "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
-            f"--log_dir={log_dir}", "--join=True", *args]
+def msrun_cmd(log_dir: Path, args: list[str], port: int | None = None, node_rank: int | None = None,
+              master: str = "127.0.0.1") -> list[str]:
+    """One launcher of both workers; or, with a `node_rank`, the launcher of one machine of two, each starting one
+    worker and meeting at the master's address."""
+    nodes = [] if node_rank is None else ["--local_worker_num=1", f"--node_rank={node_rank}", f"--master_addr={master}"]
+    return [str(BIN / "msrun"), "--worker_num=2", *(nodes or ["--local_worker_num=2"]),
+            f"--master_port={port or free_port()}", f"--log_dir={log_dir}", "--join=True", *args]
 
 
 def env() -> dict:
@@ -56,6 +62,64 @@ def msrun(log_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
     return r
 
 
+@contextmanager
+def relay(port: int):
+    """127.0.0.2:port → 127.0.0.1:port, standing in for the network between two machines. msrun starts the
+    scheduler on the launcher whose --master_addr is one of its own addresses; on one host every launcher would
+    (the second fails to bind the port). Node 1 is given 127.0.0.2, which is not this host's address (`ip addr`
+    lists 127.0.0.1; the route to it leaves from 127.0.0.1), so it starts no scheduler and reaches the master's
+    through this relay, as a second machine would over the network."""
+    server = socket.create_server(("127.0.0.2", port))
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+                upstream = socket.create_connection(("127.0.0.1", port))
+            except OSError:  # the server closed (done), or the scheduler not up yet: the worker retries
+                if server.fileno() < 0:
+                    return
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield
+    finally:
+        server.close()
+
+
+@contextmanager
+def two_launchers(log_dir: Path, args: list[str]):
+    """The several-machines recipe: a launcher per node (node_rank 0 and 1), one worker each; it runs while the
+    `with` body does (the runs barely use two cores each), and must have succeeded when the body is done."""
+    port = free_port()
+    log_dir.mkdir(parents=True)
+    outputs = [log_dir / f"launcher{n}.txt" for n in (0, 1)]
+    with relay(port), open(outputs[0], "w") as out0, open(outputs[1], "w") as out1:
+        procs = [subprocess.Popen(msrun_cmd(log_dir / f"node{n}", args, port, n, f"127.0.0.{n + 1}"), stdout=out,
+                                  stderr=subprocess.STDOUT, env=env()) for n, out in enumerate((out0, out1))]
+        try:
+            yield
+        finally:
+            codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0], "\n".join(f.read_text()[-3000:] for f in outputs)
+    assert not (log_dir / "node1" / "scheduler.log").exists()  # the master's launcher alone ran the scheduler
+
+
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
@@ -65,10 +129,12 @@ def runs(hf_tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     model = root / "model"
     convert(hf_tiny("safetensors", "float32"), model, target=Layout("mindformers"), fmt="ckpt", progress=False)
-    r = subprocess.run(finetune_args(model, root / "single", "--batch-size", "2", "--gradient-accumulation-steps",
-                                     "2"), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    msrun(root / "log-dp", finetune_args(model, root / "dp", "--batch-size", "2"))
+    with open(root / "single.log", "w") as log:  # the three runs side by side: none keeps two cores busy
+        single = subprocess.Popen(finetune_args(model, root / "single", "--batch-size", "2",
+                                                "--gradient-accumulation-steps", "2"), stdout=log, stderr=log)
+        with two_launchers(root / "log-nodes", finetune_args(model, root / "nodes", "--batch-size", "2")):
+            msrun(root / "log-dp", finetune_args(model, root / "dp", "--batch-size", "2"))
+        assert single.wait(timeout=300) == 0, (root / "single.log").read_text()[-3000:]
     killed_then_resumed(root / "zero", finetune_args(model, root / "zero", "--batch-size", "2", "--shard-optimizer"))
     return root
 
@@ -128,9 +194,9 @@ def test_rank_checkpoints_merge_ours_and_mindspores(runs, run, tmp_path):
 
     out = runs / run
     r = subprocess.run([BIN / "glm2-merge-shards", out / "checkpoint", "--strategy", out / "strategy",
-                        tmp_path / "merged", "--keep-optimizer", "--config", runs / "model" / "config.json",
-                        "--quiet"], capture_output=True, text=True)
+                        tmp_path / "merged", "--keep-optimizer", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert f"config.json from {out}" in r.stdout  # the run folder's: no --config needed
     ours = tensors(tmp_path / "merged")
     ms.transform_checkpoints(str(out / "checkpoint"), str(tmp_path / "ms"), "m",
                              str(out / "strategy" / "ckpt_strategy_rank_0.ckpt"), None)
@@ -140,11 +206,31 @@ def test_rank_checkpoints_merge_ours_and_mindspores(runs, run, tmp_path):
     final = tensors(out / "model")
     assert all(np.array_equal(ours[n], a) for n, a in final.items())
 
-    shutil.copyfile(runs / "model" / "config.json", tmp_path / "merged" / "config.json")
     ids = ms.Tensor(np.array([[64790, 64792, 36474, 54591, 13, 30910]], np.int32))
     merged_logits = from_pretrained(tmp_path / "merged")(ids).asnumpy()
     single_logits = from_pretrained(runs / "single" / "model")(ids).asnumpy()
     np.testing.assert_allclose(merged_logits, single_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_two_machines_recipe_equals_one_launcher(runs, tmp_path):
+    """Two msrun launchers (node_rank 0 and 1, one worker each, master 127.0.0.1) train exactly as one launcher
+    of two workers: the same losses, and every rank checkpoint, record, the strategy and the exported model byte
+    for byte; the rank checkpoints merge into the final model."""
+    nodes, dp = runs / "nodes", runs / "dp"
+    assert losses(nodes) == losses(dp) and len(losses(nodes)) == STEPS
+    files = sorted(str(p.relative_to(dp)) for kind in ("checkpoint", "checkpoint_network", "strategy", "model")
+                   for p in (dp / kind).rglob("*") if p.is_file())
+    assert len(files) == 2 * (3 * 2 + 3) + 1 + 4  # 2 ranks × (3 steps × (ckpt + record) + 3 network), strategy, model
+    assert files == sorted(str(p.relative_to(nodes)) for kind in ("checkpoint", "checkpoint_network", "strategy",
+                                                                   "model") for p in (nodes / kind).rglob("*")
+                           if p.is_file())
+    for f in files:
+        assert (nodes / f).read_bytes() == (dp / f).read_bytes(), f
+    r = subprocess.run([BIN / "glm2-merge-shards", nodes, "--strategy", nodes / "strategy", tmp_path / "merged",
+                        "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    final = tensors(nodes / "model")
+    assert all(np.array_equal(a, final[n]) for n, a in tensors(tmp_path / "merged").items())
 
 
 def test_resume_needs_the_same_world(runs, tmp_path):
@@ -179,3 +265,4 @@ def test_killed_worker_then_resume(runs):
     assert {"checkpoint/rank_0/glm2_rank_0-0_2.ckpt", "checkpoint/rank_1/glm2_rank_1-0_2.ckpt"} <= set(killed["files"])
     done = json.loads((runs / "zero" / "checkpoint" / "rank_0" / f"glm2_rank_0-0_{STEPS}.json").read_text())
     np.testing.assert_array_equal(done["losses"], losses(runs / "dp"))
+    np.testing.assert_array_equal(losses(runs / "zero"), losses(runs / "dp"))  # each step logged once

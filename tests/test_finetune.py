@@ -1,6 +1,7 @@
 """Finetuning on real ADGEN lines: loss goes down, LoRA touches only its factors, adapters go out and back in
 (PEFT on torch and transformers, mindpet), merging is exact, and resume reproduces an uninterrupted run."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from conftest import DATA  # noqa: E402
 from converters.adapters import read_adapter, write_mindpet  # noqa: E402
 from converters.cli import main as convert_cli  # noqa: E402
 from converters.formats.ckpt import CkptFile, CkptWriter  # noqa: E402
+from converters.names import Layout  # noqa: E402
 from glm2_ms.finetune_cli import main as finetune_cli  # noqa: E402
 from glm2_ms.loading import from_pretrained  # noqa: E402
 from glm2_ms.lora import LoRAConfig, apply_lora, load_lora_state, lora_state, merge_lora  # noqa: E402
@@ -80,13 +82,10 @@ def test_peft_adapter_on_torch_reference_and_transformers_glm(lora_run, base, tm
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     from converters.convert import convert
-    from converters.names import Layout
     from validation.torch_reference import load_reference, with_peft_adapter
 
     trainer, _, paths = lora_run
     want = logits(trainer.model)
-    from pathlib import Path
-
     config = json.loads((Path(paths["adapter"]) / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 32 and config["target_modules"] == ["query_key_value"]
     ref = with_peft_adapter(load_reference(base), paths["adapter"])
@@ -141,10 +140,47 @@ def test_merge_lora_cli_reads_every_form(lora_run, base, tmp_path):
         res = run(convert_cli, ["merge-lora", str(base), adapter, str(tmp_path / f"m{i + 1}"), "--quiet", *extra])
         assert res.exit_code == 0, res.output
         np.testing.assert_allclose(logits(from_pretrained(tmp_path / f"m{i + 1}")), want, atol=1e-5)
-    # a LoRA run's network checkpoint (base + adapters) is not converted as if it were a plain model
+    # a LoRA run's network checkpoint (base + adapters): its alpha is the run's recorded one
     net = sorted((trainer.out / "checkpoint_network" / "rank_0").glob("*.ckpt"))[-1]
+    res = run(convert_cli, ["merge-lora", str(base), str(net), str(tmp_path / "m4"), "--config",
+                            str(base / "config.json"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "alpha=32 (scaling 4)" in res.output
+    np.testing.assert_allclose(logits(from_pretrained(tmp_path / "m4")), want, atol=1e-5)
+    # … and it is not converted as if it were a plain model
     res = run(convert_cli, ["ms2hf", str(net), str(tmp_path / "h"), "--config", str(base / "config.json")])
     assert res.exit_code == 1 and "holds LoRA adapters" in res.output
+
+
+def test_merge_shards_of_a_lora_run_reads_its_record(lora_run, tmp_path):
+    """glm2-merge-shards on our own LoRA run folder: config.json and tokenizer from the run folder, lora_alpha from
+    the checkpoint's record; the merged model computes the LoRA model's logits."""
+    from converters.runs import NAME
+    from converters.shards import merge
+    from converters.strategy import ParamLayout, strategy_bytes
+
+    trainer, _, _ = lora_run
+    newest = sorted((trainer.out / "checkpoint" / "rank_0").glob("*.ckpt"), key=lambda p: int(NAME.search(
+        p.name).group(3)))[-1]
+    with CkptFile(newest) as f:  # one rank: every tensor whole on it
+        layouts = {n: ParamLayout((1,), (-1,) * len(t.shape)) for n, t in f.tensors.items() if t.shape}
+    (tmp_path / "s.ckpt").write_bytes(strategy_bytes(layouts))
+    summary, stats = merge([trainer.out], tmp_path / "s.ckpt", tmp_path / "merged", target=Layout("mindformers"),
+                           hf_folder=False, fmt="ckpt", progress=False)
+    assert f"LoRA alpha 32 ({newest.with_suffix('.json')})" in stats.notes
+    assert f"config.json from {trainer.out}" in stats.notes
+    assert (tmp_path / "merged" / "tokenizer.model").is_file()
+    np.testing.assert_allclose(logits(from_pretrained(tmp_path / "merged")), logits(trainer.model), atol=1e-5)
+
+
+def test_adapter_config_names_the_base_by_its_resolved_path(base, tmp_path, monkeypatch):
+    """PEFT loads the base from base_model_name_or_path: a path relative to where finetuning ran is useless."""
+    monkeypatch.chdir(base.parent)
+    cfg = TrainConfig.load(None, method="lora", max_steps=1, **SMALL)
+    paths = export(Trainer(Path(base.name), TRAIN, tmp_path / "run", cfg, progress=False))  # untrained is enough
+    for form in ("adapter", "adapter-glm"):
+        config = json.loads((Path(paths[form]) / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(base.resolve()), form
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "fused-adamw"])
@@ -153,9 +189,17 @@ def test_resume_reproduces_the_uninterrupted_run(base, tmp_path, optimizer):
                            save_steps=2, optimizer=optimizer, **SMALL)
     whole = Trainer(base, TRAIN, tmp_path / "a", cfg, progress=False).train()
     Trainer(base, TRAIN, tmp_path / "b", cfg, progress=False).train(stop_after=3)
+    for kind in ("checkpoint", "checkpoint_network"):  # killed after logging step 3, before its checkpoint …
+        for f in (tmp_path / "b" / kind / "rank_0").glob("glm2_rank_0-0_3.*"):
+            f.unlink()
+    with open(tmp_path / "b" / "train_log.jsonl", "a") as log:  # … while writing step 4's row
+        log.write('{"step": 4, "epoch": 0, "lo')
     resumed = Trainer(base, TRAIN, tmp_path / "b", cfg, progress=False, resume=True).train()
     assert len(whole) == len(resumed) == 6
     np.testing.assert_allclose(resumed, whole, rtol=1e-6)
+    log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # step 3 of the killed run is gone, trained again
+    np.testing.assert_allclose([r["loss"] for r in log], whole, rtol=1e-6)
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoint" / "rank_0").glob("*.ckpt")) == \
         ["glm2_rank_0-0_2.ckpt", "glm2_rank_0-0_4.ckpt", "glm2_rank_0-0_6.ckpt"]
     saved = ms.load_checkpoint(str(tmp_path / "a" / "checkpoint" / "rank_0" / "glm2_rank_0-0_6.ckpt"))
@@ -175,6 +219,17 @@ def test_cli_refuses_disagreeing_lengths_and_writes_logs(base, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 and r["rss_mb"] > 0 for r in rows)
     assert (tmp_path / "o" / "model" / "mindspore_model.ckpt").is_file()
+    assert json.loads((tmp_path / "o" / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+    assert (tmp_path / "o" / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    # a larger --max-steps on resume would rebuild the lr schedule mid-run (the lr jumps up): refused, one line
+    log = (tmp_path / "o" / "train_log.jsonl").read_text()
+    res = CliRunner().invoke(finetune_cli, ["--model", str(base), "--train-data", str(TRAIN), "--out",
+                                            str(tmp_path / "o"), "--config", str(cfg), "--max-steps", "4", "--resume",
+                                            "--quiet"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+    assert "the run was scheduled for 2 steps; resuming with 4 would rebuild the learning-rate schedule" in res.output
+    assert "resume with --max-steps 2" in res.output
+    assert (tmp_path / "o" / "train_log.jsonl").read_text() == log
 
 
 def test_float16_compute_with_dynamic_loss_scaling(base, tmp_path):

@@ -89,6 +89,26 @@ def test_eval_resumes_and_metric_parity_passes(hf_tiny, tmp_path):
     assert (out / "predictions.jsonl").read_text().splitlines() == lines
     assert (out / "metrics.json").read_text() == whole
 
+    # another model, or other generation settings, are another run: resuming them is refused, one line, nothing
+    # written (the predictions of the first model would be reported under the second's name)
+    convert(src, tmp_path / "other", target=Layout("mindformers"), fmt="ckpt", progress=False)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["model"] == str((tmp_path / "ms").resolve()) and settings["max_new_tokens"] == 6
+    for model, extra, what in ((tmp_path / "other", [], f"model {str((tmp_path / 'ms').resolve())!r}"),
+                               (tmp_path / "ms", ["--max-new-tokens", "7"], "max_new_tokens 6")):
+        args = [str(model), *common, *extra, "--out", str(out), "--resume"]
+        refused = CliRunner().invoke(eval_cli, args)
+        assert refused.exit_code == 1 and refused.output.count("\n") == 1, refused.output
+        assert f"the predictions there are of {what}" in refused.output
+        assert (out / "predictions.jsonl").read_text().splitlines() == lines
+
+    # a model that does not load leaves no --out folder behind
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "mindspore_model.ckpt").write_bytes(b"\x0a\x05trunc")
+    failed = CliRunner().invoke(eval_cli, [str(tmp_path / "broken"), *common, "--out", str(tmp_path / "nothing")])
+    assert failed.exit_code == 1 and failed.output.startswith("error: "), failed.output
+    assert not (tmp_path / "nothing").exists()
+
     res = CliRunner().invoke(eval_cli, ["--parity", str(src), str(tmp_path / "ms"), *common,
                                         "--out", str(tmp_path / "par")])
     assert res.exit_code == 0, res.output

@@ -60,7 +60,18 @@ def test_broken_conversion_fails_at_layer_0_attention(hf_tiny, tmp_path):
     assert (tmp_path / "report" / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_reference_glm_and_report_files(hf_tiny, tmp_path):
+@pytest.fixture
+def fresh_temp_dir(tmp_path, monkeypatch):
+    """An empty folder as this process's temp dir, to see what a tool leaves there."""
+    import tempfile
+
+    (tmp_path / "system-temp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system-temp"))
+    return tmp_path / "system-temp"
+
+
+def test_reference_glm_and_report_files(hf_tiny, tmp_path, fresh_temp_dir):
+    """--reference glm exports a full model copy to the temp dir (12.5 GB at 6B): removed once loaded."""
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True), fmt="safetensors", progress=False)
     result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--reference", "glm",
@@ -68,6 +79,30 @@ def test_reference_glm_and_report_files(hf_tiny, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Logits parity: PASS" in result.output
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.json", "report.md", "parity.png"}
+    assert list(fresh_temp_dir.iterdir()) == []
+
+
+def test_reference_glm_export_is_removed_on_failure(hf_tiny, tmp_path, fresh_temp_dir):
+    """The export refuses a weight beyond float16's range: the error is one line and the temp dir stays empty."""
+    from converters.checkpoint import open_checkpoint
+    from converters.formats.safetensors_io import SafetensorsWriter
+
+    src = hf_tiny("safetensors", "float32")
+    big = tmp_path / "big"  # the tiny model with one weight beyond float16's range
+    big.mkdir()
+    with open_checkpoint(src) as c:
+        arrays = {n: (t.read(), t.dtype) for n, t in c.tensors.items()}
+    arrays["transformer.output_layer.weight"][0][0, 0] = 1e6
+    with open(big / "model.safetensors", "wb") as f:
+        w = SafetensorsWriter(f, [(n, a.shape, d) for n, (a, d) in arrays.items()])
+        for n, (a, d) in arrays.items():
+            w.write(n, a, d)
+    (big / "config.json").write_bytes((src / "config.json").read_bytes())
+    convert(big, tmp_path / "ms", target=Layout(), fmt="ckpt", dtype="float16", allow_overflow=True, progress=False)
+    result = CliRunner().invoke(parity_cli, [str(big), str(tmp_path / "ms"), "--reference", "glm", "--dtype",
+                                             "float16"])
+    assert result.exit_code == 1 and "overflows float16" in result.output, result.output
+    assert list(fresh_temp_dir.iterdir()) == []
 
 
 def test_remote_code_reference_without_code_is_a_clear_error(hf_tiny, tmp_path):
@@ -80,3 +115,39 @@ def test_remote_code_reference_without_code_is_a_clear_error(hf_tiny, tmp_path):
 def test_thresholds_are_overridable():
     th = Thresholds.for_dtype("float16", logits_max_abs=0.5)
     assert th.logits_max_abs == 0.5 and th.top1 == Thresholds.for_dtype("float16").top1
+
+
+
+def test_parity_png_legends_have_every_glyph(tmp_path, capfd):
+    """The default prompts are mostly Chinese, which matplotlib's own font lacks (they were drawn as boxes, with a
+    warning per glyph). Each legend entry is drawn in a font that has its glyphs, or — no such font installed —
+    numbered as the prompts are in report.md; no glyph warning either way."""
+    import warnings
+
+    from validation.parity import DEFAULT_PROMPTS, _font_files, _glyphs, legend_labels, markdown, plot
+
+    numbered = [f"prompt {i}" for i in range(1, 6)]
+    default = _font_files()[0]
+    assert legend_labels(DEFAULT_PROMPTS, fonts=[]) == (numbered, None)
+    assert legend_labels(DEFAULT_PROMPTS, fonts=[default]) == (numbered, None)  # DejaVu Sans has no CJK glyphs
+    assert legend_labels(["Write a short poem about the sea."], fonts=[default]) == (["Write a short po"], default)
+    labels, font = legend_labels(DEFAULT_PROMPTS)  # whatever this machine has installed
+    assert labels == (numbered if font is None else [p[:16] for p in DEFAULT_PROMPTS])
+    assert font is None or {ord(c) for label in labels for c in label} <= _glyphs(font)
+
+    stages = [{"stage": s, "rel": 1e-7 * (i + 1), "max_abs": 0.0, "mean_abs": 0.0}
+              for i, s in enumerate(["layer 0 attention", "layer 0 mlp", "final norm", "logits"])]
+    report = {"prompts": [{"prompt": p, "stages": stages, "tokens": 9, "logits_max_abs": 0.0, "logits_rel": 0.0,
+                           "top1_agreement": 1.0, "kl": 0.0, "greedy_agreement": 1.0, "greedy_first_diff": None,
+                           "first_divergence": None, "passed": True,
+                           "seconds": {"ms_forward": 0.0, "ref_forward": 0.0}} for p in DEFAULT_PROMPTS],
+              "thresholds": {"layer_rel": 1e-5, "logits_max_abs": 1e-4, "top1": 1.0, "greedy": 1.0},
+              "reference": "torch", "dtype": "float32", "passed": True, "hf_dir": "hf", "ms_dir": "ms",
+              "model": {"layers": 2, "hidden": 64, "vocab": 65024}, "new_tokens": 8}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot(report, tmp_path / "parity.png")
+    assert not [str(w.message) for w in caught if "Glyph" in str(w.message)]
+    assert "Glyph" not in capfd.readouterr().err
+    assert (tmp_path / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 1 | 你好 | 9 |" in markdown(report) and "| 5 | Write a short poem about | 9 |" in markdown(report)

@@ -111,6 +111,43 @@ def test_merge_and_split_equal_mindspore(full, tmp_path, kind, dtype):
     assert all(np.array_equal(a, want[n]) for n, a in tensors(tmp_path / "roundtrip").items())
 
 
+def test_rank_safetensors_merge_equals_mindspores_transform(full, tmp_path):
+    """Rank files as `mindspore.save_checkpoint(..., format="safetensors")` writes them (here: MindSpore's own
+    dp2×mp4 split, re-saved per rank as safetensors) merge into what MindSpore's safetensors transform makes of
+    them (`transform_checkpoints` on safetensors, i.e. transform_safetensors.py's path to one rank), which is the
+    original model. (`unified_safetensors` gives the same but sleeps while the machine's memory is over 50 % used,
+    for minutes on a shared machine.)"""
+    import mindspore as ms
+    from safetensors.numpy import load_file
+
+    want = tensors(full["float16"])
+    strategy = write_pb(tmp_path / "s.ckpt", dp_mp(list(want), opt=True))
+    shards = ms_split(full["float16"], strategy, tmp_path / "ckpt-shards")
+    for r in range(8):
+        src = shards / f"rank_{r}" / f"glm2_rank_{r}.ckpt"
+        out = tmp_path / "sf-shards" / f"rank_{r}" / f"glm2_rank_{r}-1_4.safetensors"
+        out.parent.mkdir(parents=True)
+        ms.save_checkpoint(list(ms.load_checkpoint(str(src)).values()), str(out), format="safetensors")
+    sf = tmp_path / "sf-shards"
+    summary, stats = merge([sf], strategy, tmp_path / "ours", target=MS, hf_folder=False, fmt="safetensors",
+                           config=full["config"], progress=False)
+    ours = tensors(tmp_path / "ours")
+    ms.transform_checkpoints(str(sf), str(tmp_path / "theirs"), "merged", str(strategy), None,
+                             output_format="safetensors")
+    theirs = {}
+    for f in sorted((tmp_path / "theirs").rglob("*.safetensors")):
+        theirs.update(load_file(f))
+    assert set(ours) == set(theirs) == set(want) and stats.parameters == len(want)
+    for n in want:
+        assert np.array_equal(ours[n], theirs[n]) and np.array_equal(ours[n], want[n]), n
+    assert stats.files[3].endswith("rank_3/glm2_rank_3-1_4.safetensors")
+
+    (sf / "rank_5" / "glm2_rank_5.ckpt").write_bytes(b"")  # one rank folder holding both kinds is ambiguous
+    with pytest.raises(CheckpointError, match="rank_5: holds both .ckpt and .safetensors files"):
+        merge([sf], strategy, tmp_path / "x", target=MS, hf_folder=False, fmt="ckpt", config=full["config"],
+              progress=False)
+
+
 def test_merge_equals_merge_sliced_parameter(full, tmp_path):
     import mindspore as ms
 
@@ -270,6 +307,31 @@ def test_cli_merge_split_roundtrip(full, run, tmp_path):
     r = subprocess.run([BIN / "glm2-convert", "verify", tmp_path / "hf", full["float16"]], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stdout
+    # split carries config.json and the tokenizer; merging its output needs no --config, and the merged folder
+    # carries them on, so the runtime takes it as it is
+    beside = {p.name for p in full["float16"].parent.iterdir()} & {"config.json", "tokenizer.model",
+                                                                    "tokenizer_config.json"}
+    assert beside <= {p.name for p in (tmp_path / "split").iterdir()} and len(beside) == 3
+    r = cli(tmp_path / "split", "--strategy", strategy, tmp_path / "merged")
+    assert r.returncode == 0 and f"config.json from {tmp_path / 'split'}" in r.stdout, r.stderr
+    assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == \
+        (full["float16"].parent / "tokenizer.model").read_bytes()
+    from click.testing import CliRunner
+
+    from glm2_ms.cli import generate
+
+    res = CliRunner().invoke(generate, [str(tmp_path / "merged"), "--prompt", "你好", "--max-new-tokens", "2"])
+    assert res.exit_code == 0, res.output
+
+
+def test_merged_shards_without_a_tokenizer_get_the_bundled_one(run, full, tmp_path):
+    """MindFormers' output folders hold no tokenizer: the merged model gets ChatGLM2's, and the summary says so."""
+    from converters.synth import bundled_tokenizer
+
+    r = cli(run[0], "--strategy", run[1], tmp_path / "merged", "--config", full["config"])
+    assert r.returncode == 0 and "wrote the bundled ChatGLM2 tokenizer" in r.stdout, r.stderr
+    for f in bundled_tokenizer():
+        assert (tmp_path / "merged" / f.name).read_bytes() == f.read_bytes()
 
 
 def test_refuses_missing_rank(run, tmp_path):

@@ -26,14 +26,22 @@ def main(workdir: Path | None):
     ChatGLM2 (real tokenizer, the release's sharded layout), convert it HF → MindSpore → HF and verify the round
     trip bit-exact, generate with the MindSpore runtime, LoRA-finetune on real ADGEN lines, and check logits and
     ADGEN-metric parity against the PyTorch reference. Exit 1 when a check fails."""
+    if workdir:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        sys.exit(_run(Path(workdir), kept=True))
+    with tempfile.TemporaryDirectory(prefix="glm2-demo-") as root:  # ~160 MB of outputs: removed, also on failure
+        code = _run(Path(root), kept=False)
+    sys.exit(code)
+
+
+def _run(root: Path, kept: bool) -> int:
+    """The demo's steps with their outputs under `root`; the exit status."""
     from converters.config import GLM2Config
     from converters.convert import convert
     from converters.inspect_verify import verify
     from converters.names import Layout
     from converters.synth import synthesize
 
-    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="glm2-demo-"))
-    root.mkdir(parents=True, exist_ok=True)
     hf, ms_dir, back = root / "hf-tiny", root / "ms-tiny", root / "hf-roundtrip"
     cfg = GLM2Config.preset("tiny")
     files = synthesize(hf, cfg, "float32", "bin", seed=0, max_shard_bytes=10 * 10**6, overwrite=True)
@@ -63,8 +71,9 @@ def main(workdir: Path | None):
                f"MindSpore {metrics['ms']['rouge-l']:.4f}")
     ok = report["ok"] and parity["passed"] and metrics["passed"]
     verdicts = [("round trip", report["ok"]), ("logits parity", parity["passed"]), ("metric parity", metrics["passed"])]
-    click.echo("   ".join(f"{name}: {'PASS' if v else 'FAIL'}" for name, v in verdicts) + f"   (outputs in {root})")
-    sys.exit(0 if ok else 1)
+    where = f"outputs in {root}" if kept else "outputs removed; --workdir DIR keeps them"
+    click.echo("   ".join(f"{name}: {'PASS' if v else 'FAIL'}" for name, v in verdicts) + f"   ({where})")
+    return 0 if ok else 1
 
 
 def _metric_parity(hf: Path, ms_dir: Path, out: Path) -> dict:

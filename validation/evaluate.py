@@ -2,6 +2,7 @@
 they come (so a run can resume), the published metrics at the end; and metric parity between the runtimes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import numpy as np
 from converters.errors import CheckpointError
 
 from .metrics import METRICS, adgen_scores
+
+PREDICTIONS, SETTINGS = "predictions.jsonl", "settings.json"  # beside each other in --out
 
 
 @dataclass
@@ -56,12 +59,38 @@ class Runtime:
                                      sampling=self.sampling, eos_token_id=eos)
 
 
-def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progress: bool = True,
-            resume: bool = False) -> list[dict]:
-    """Predictions for `items`, appended to `out_file` batch by batch; with `resume`, lines already there are kept
+def run_settings(model_dir: Path, data: Path, runtime: str, s: EvalSettings, sampling) -> dict:
+    """What the predictions depend on: the model, the data, the runtime and the generation settings. Recorded
+    beside the predictions; a resume with other settings would mix two runs' predictions under one name."""
+    from dataclasses import asdict
+
+    return {"model": str(Path(model_dir).resolve()), "runtime": runtime, "data": str(Path(data).resolve()),
+            "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
+            **{k: v for k, v in asdict(s).items() if k not in ("max_samples", "variant")},
+            "sampling": None if sampling is None else asdict(sampling)}
+
+
+def check_resume(out: Path, settings: dict, resume: bool) -> None:
+    """Refuse an --out whose predictions are not this run's to continue (before anything is loaded or written)."""
+    if not (out / PREDICTIONS).is_file():
+        return
+    if not resume:
+        raise CheckpointError(f"{out / PREDICTIONS}: exists; pass --resume to continue it, or choose another --out")
+    try:
+        recorded = json.loads((out / SETTINGS).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"{out / SETTINGS}: missing or unreadable, so the predictions beside it cannot be "
+                              f"told to be this run's; use another --out") from None
+    changed = [k for k in settings if recorded.get(k) != settings[k]]
+    if changed:
+        key = changed[0]
+        raise CheckpointError(f"{out / SETTINGS}: the predictions there are of {key} {recorded.get(key)!r}, this "
+                              f"run's is {settings[key]!r}; resume only the same run, or use another --out")
+
+
+def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progress: bool = True) -> list[dict]:
+    """Predictions for `items`, appended to `out_file` batch by batch; lines already there (a resumed run) are kept
     and only the rest is predicted."""
-    if out_file.is_file() and not resume:
-        raise CheckpointError(f"{out_file}: exists; pass --resume to continue it, or choose another --out")
     done = [json.loads(line) for line in out_file.read_text().splitlines()] if out_file.is_file() else []
     if [d["content"] for d in done] != [c for c, _, _ in items[:len(done)]]:
         raise CheckpointError(f"{out_file}: holds predictions for other samples; use another --out")
@@ -93,12 +122,15 @@ def evaluate(model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: Eva
     from glm2_ms.tokenizer import GLM2Tokenizer
 
     s = s or EvalSettings()
-    out.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(model_dir, data, runtime, s, sampling)
+    check_resume(out, settings, resume)
     tok = GLM2Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.model").is_file() else GLM2Tokenizer()
     items = samples(data, tok, s)
     t = time.perf_counter()
-    preds = predict(Runtime(runtime, model_dir, sampling), tok, items, s, out / "predictions.jsonl", progress,
-                    resume)
+    engine = Runtime(runtime, model_dir, sampling)  # a model that does not load leaves no --out behind
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SETTINGS).write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    preds = predict(engine, tok, items, s, out / PREDICTIONS, progress)
     metrics = adgen_scores([p["prediction"] for p in preds], [p["reference"] for p in preds], s.variant)
     seconds = time.perf_counter() - t
     result = {"model": str(model_dir), "runtime": runtime, "samples": len(preds), "variant": s.variant,
@@ -112,7 +144,7 @@ def metric_parity(hf_dir: Path, ms_dir: Path, data: Path, out: Path, s: EvalSett
     """Greedy predictions of the torch reference on `hf_dir` and MindSpore on `ms_dir` over the same samples."""
     ref = evaluate(hf_dir, data, out / "torch", "torch", s, progress=progress, resume=resume)
     got = evaluate(ms_dir, data, out / "ms", "ms", s, progress=progress, resume=resume)
-    read = lambda p: [json.loads(x) for x in (p / "predictions.jsonl").read_text().splitlines()]  # noqa: E731
+    read = lambda p: [json.loads(x) for x in (p / PREDICTIONS).read_text().splitlines()]  # noqa: E731
     a, b = read(out / "torch"), read(out / "ms")
     rows, agree = [], 0
     for x, y in zip(a, b):

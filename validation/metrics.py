@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 
+from . import CACHE
+
 METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 VARIANTS = ("thudm", "mindformers")
 
@@ -22,6 +24,8 @@ def _tools():
     from rouge_chinese import Rouge
 
     jieba.setLogLevel(logging.WARNING)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    jieba.dt.tmp_dir = str(CACHE)  # its dictionary cache, else written to the system temp dir
     return jieba, Rouge(), sentence_bleu, SmoothingFunction().method3
 
 

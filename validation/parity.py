@@ -144,15 +144,15 @@ def markdown(r: dict) -> str:
              f"- thresholds: logits max abs ≤ {th['logits_max_abs']:g}, every layer's max abs diff ≤ "
              f"{th['layer_rel']:g} × its max |value|, top-1 ≥ {th['top1']:.0%}, greedy agreement ≥ "
              f"{th['greedy']:.0%} over {r['new_tokens']} tokens", "",
-             "| prompt | tokens | worst layer max abs (rel) | logits max abs | rel | top-1 | KL | greedy "
-             "| first divergence | MS / ref forward s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in r["prompts"]:
+             "| # | prompt | tokens | worst layer max abs (rel) | logits max abs | rel | top-1 | KL | greedy "
+             "| first divergence | MS / ref forward s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, p in enumerate(r["prompts"], 1):
         worst_row = max(p["stages"][:-1], key=lambda s: s["rel"])
         worst = f"{worst_row['max_abs']:.2e} ({worst_row['rel']:.1e})"
         where = p["first_divergence"] or ("token " + str(p["greedy_first_diff"]) if p["greedy_first_diff"]
                                           is not None else "none")
         sec = p["seconds"]
-        lines.append(f"| {p['prompt'][:24]} | {p['tokens']} | {worst} | {p['logits_max_abs']:.2e} | "
+        lines.append(f"| {i} | {p['prompt'][:24]} | {p['tokens']} | {worst} | {p['logits_max_abs']:.2e} | "
                      f"{p['logits_rel']:.1e} | {p['top1_agreement']:.0%} | {p['kl']:.1e} | "
                      f"{p['greedy_agreement']:.0%} | {where} | {sec['ms_forward']:.2f} / {sec['ref_forward']:.2f} |")
     bad = [p for p in r["prompts"] if not p["passed"]]
@@ -162,23 +162,60 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+THRESHOLD_LABEL = "layer threshold"
+
+
+def legend_labels(prompts: list[str], fonts: list[str] | None = None) -> tuple[list[str], str | None]:
+    """The legend's prompt labels and the font file to draw the legend with: the prompts themselves in the first
+    font (of `fonts`; by default matplotlib's own, then every installed one) that has all their glyphs — for
+    Chinese e.g. Noto Sans CJK or WenQuanYi Zen Hei when installed — else "prompt 1", "prompt 2", … in the default
+    font, numbered as in report.md. Either way no glyph is missing, so nothing is drawn as a box or warned about."""
+    labels = [p[:16] for p in prompts]
+    needed = {ord(c) for text in [*labels, THRESHOLD_LABEL] for c in text}
+    for font in _font_files() if fonts is None else fonts:
+        if needed <= _glyphs(font):
+            return labels, font
+    return [f"prompt {i + 1}" for i in range(len(prompts))], None
+
+
+def _font_files() -> list[str]:
+    """matplotlib's default font first, then its other fonts and every font installed on the system (looked up
+    now: matplotlib's font cache does not see fonts installed after it was built)."""
+    from matplotlib import font_manager
+
+    default = font_manager.findfont(font_manager.FontProperties())
+    found = {f.fname for f in font_manager.fontManager.ttflist} | set(font_manager.findSystemFonts())
+    # LastResort (bundled with matplotlib) maps every code point to a placeholder box: it has no real glyphs
+    return [default, *sorted(f for f in found if f != default and "LastResort" not in Path(f).name)]
+
+
+def _glyphs(font: str) -> set[int]:
+    from matplotlib import ft2font
+
+    try:
+        return set(ft2font.FT2Font(font).get_charmap())
+    except (OSError, RuntimeError):
+        return set()
+
+
 def plot(r: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.font_manager import FontProperties
 
+    labels, font = legend_labels([p["prompt"] for p in r["prompts"]])
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    for p in r["prompts"]:
+    for p, label in zip(r["prompts"], labels):
         stages = p["stages"]
-        ax.semilogy(range(len(stages)), [max(s["rel"], 1e-12) for s in stages], marker="o", ms=3,
-                    label=p["prompt"][:16])
+        ax.semilogy(range(len(stages)), [max(s["rel"], 1e-12) for s in stages], marker="o", ms=3, label=label)
     names = [s["stage"] for s in r["prompts"][0]["stages"]]
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.axhline(r["thresholds"]["layer_rel"], color="red", ls="--", lw=1, label="layer threshold")
+    ax.axhline(r["thresholds"]["layer_rel"], color="red", ls="--", lw=1, label=THRESHOLD_LABEL)
     ax.set_ylabel("max |MindSpore − reference| / max |reference|")
     ax.set_title(f"{r['reference']} vs MindSpore, {r['dtype']}: {'PASS' if r['passed'] else 'FAIL'}")
-    ax.legend(fontsize=7)
+    ax.legend(prop=FontProperties(fname=font, size=7) if font else FontProperties(size=7))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -85,10 +85,10 @@ def glm_reference(hf_dir: Path, dtype: str) -> TorchTrace:
     from converters.convert import convert
     from converters.names import Layout
 
-    tmp = Path(tempfile.mkdtemp(prefix="glm2-parity-glm-"))
-    convert(hf_dir, tmp / "glm", target=Layout("glm"), fmt="safetensors", hf_folder=True, dtype=dtype,
-            progress=False)
-    model = transformers.GlmForCausalLM.from_pretrained(tmp / "glm", dtype=TORCH_DTYPES[dtype]).eval()
+    with tempfile.TemporaryDirectory(prefix="glm2-parity-glm-") as tmp:  # a full model copy: gone once loaded
+        convert(hf_dir, Path(tmp) / "glm", target=Layout("glm"), fmt="safetensors", hf_folder=True, dtype=dtype,
+                progress=False)
+        model = transformers.GlmForCausalLM.from_pretrained(Path(tmp) / "glm", dtype=TORCH_DTYPES[dtype]).eval()
 
     def generate(ids, n):
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
