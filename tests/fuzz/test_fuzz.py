@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 FUZZER = Path(__file__).with_name("fuzzer.py")
-SESSION_SECONDS = 40
+SESSION_SECONDS = 25
 
 
 def _run(*args, timeout):
