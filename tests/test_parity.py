@@ -99,7 +99,7 @@ def test_reference_glm_export_is_removed_on_failure(hf_tiny, tmp_path, fresh_tem
             w.write(n, a, d)
     (big / "config.json").write_bytes((src / "config.json").read_bytes())
     convert(big, tmp_path / "ms", target=Layout(), fmt="ckpt", dtype="float16", allow_overflow=True, progress=False)
-    result = CliRunner().invoke(parity_cli, [str(big), str(tmp_path / "ms"), "--reference", "glm", "--dtype",
+    result = CliRunner().invoke(parity_cli, [str(big), str(tmp_path / "ms"), "--reference", "glm", "--compute-dtype",
                                              "float16"])
     assert result.exit_code == 1 and "overflows float16" in result.output, result.output
     assert list(fresh_temp_dir.iterdir()) == []
