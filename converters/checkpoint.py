@@ -57,20 +57,18 @@ class Checkpoint(Closing):
     handles: list = field(default_factory=list)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
+    def _tokenizer_candidates(self) -> list[Path]:
+        return [] if self.folder is None else [p for n in TOKENIZER_FILES for p in [self.folder / n] if p.is_file()]
+
     @property
     def tokenizer_files(self) -> list[Path]:
         """The tokenizer files to carry into a converted folder (see `_trusted`)."""
-        if self.folder is None:
-            return []
-        return [p for n in TOKENIZER_FILES for p in [self.folder / n] if p.is_file() and _trusted(p)]
+        return [p for p in self._tokenizer_candidates() if _trusted(p)]
 
     @property
     def untrusted_files(self) -> list[str]:
         """Tokenizer files left out: symlinks that lead out of the checkpoint (`_trusted`)."""
-        if self.folder is None:
-            return []
-        return [f"{n} -> {p.resolve()}" for n in TOKENIZER_FILES for p in [self.folder / n]
-                if p.is_file() and not _trusted(p)]
+        return [f"{p.name} -> {p.resolve()}" for p in self._tokenizer_candidates() if not _trusted(p)]
 
     @property
     def nbytes(self) -> int:

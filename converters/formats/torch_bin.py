@@ -48,6 +48,16 @@ class _Tensor:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
 
+    def select(self, storage: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """This tensor's elements of its whole `storage` (offset and strides applied), copied C-contiguous into
+        `out` or a new array (in the storage dtype's native byte order)."""
+        dt = self.storage.dtype
+        view = np.lib.stride_tricks.as_strided(storage[self.offset:], self.shape,
+                                               tuple(s * dt.itemsize for s in self.stride), writeable=False)
+        arr = np.empty(self.shape, dt.storage) if out is None else out
+        arr[...] = view
+        return arr
+
     @property
     def contiguous(self) -> bool:
         want = 1
@@ -232,12 +242,7 @@ class TorchBinFile(Closing):
                 return arr
             raw = np.empty(rec.size, np.uint8)
             self._checked(read_record(self._f, rec, memoryview(raw)), rec, name)
-            storage = raw.view(dt.storage.newbyteorder("=" if native else "S"))
-            view = np.lib.stride_tricks.as_strided(storage[t.offset:], shape,
-                                                   tuple(s * dt.itemsize for s in t.stride), writeable=False)
-            arr = np.empty(shape, dt.storage) if out is None else out
-            arr[...] = view
-            return arr
+            return t.select(raw.view(dt.storage.newbyteorder("=" if native else "S")), out)
 
         check = (lambda crc: self._checked(crc, rec, name)) if self.verify else None
         return TensorRef(name, shape, dt.name, self.path, read, into=read,
@@ -281,11 +286,7 @@ class TorchBinFile(Closing):
             self._f.seek(at)
             if self._f.readinto(memoryview(raw)) != raw.size:
                 raise CheckpointError(f"{self.path}: truncated file: tensor {name!r}")
-            view = np.lib.stride_tricks.as_strided(raw.view(dt.storage)[t.offset:], shape,
-                                                   tuple(s * dt.itemsize for s in t.stride), writeable=False)
-            arr = np.empty(shape, dt.storage) if out is None else out
-            arr[...] = view
-            return arr
+            return t.select(raw.view(dt.storage), out)
 
         return TensorRef(name, shape, dt.name, self.path, read, into=read)
 
