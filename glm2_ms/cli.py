@@ -1,6 +1,8 @@
 """`glm2-generate` and `glm2-chat`: text in, text out, streamed as it is generated."""
 from __future__ import annotations
 
+import json
+
 import click
 
 from converters.options import ExistingPath, Tool, option, options, sampling_options
@@ -35,7 +37,7 @@ def _echo_growing(texts) -> str:
     """Print each text's new end as it grows; returns the last one."""
     shown = ""
     for text in texts:
-        click.echo(text[len(shown):], nl=False)
+        click.echo(text[len(shown):] if text.startswith(shown) else "\n" + text, nl=False)
         shown = text
     return shown
 
@@ -43,17 +45,15 @@ def _echo_growing(texts) -> str:
 @click.command("glm2-generate", cls=Tool)
 @click.argument("model_dir", type=ExistingPath())
 @click.option("--prompt", required=True, help="The text to continue (wrap it in the chat format with --chat).")
-@click.option("--chat", is_flag=True, help="Format the prompt as a first chat round (build_prompt).")
+@click.option("--chat", is_flag=True, help="Format the prompt as a first chat round (the model family's format).")
 @runtime_options
 def generate(model_dir, prompt, chat, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed,
              dtype, compute_dtype):
     """Generate a continuation of PROMPT with the MindSpore runtime of the model in MODEL_DIR."""
-    from .tokenizer import build_prompt
-
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
     model, tok = _load(model_dir, dtype, compute_dtype)
-    ids = tok.encode(build_prompt(prompt) if chat else prompt)
-    tokens = model.decoder.stream([ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.eos_id,
+    ids = tok.build_chat_input(prompt) if chat else tok.encode(prompt)
+    tokens = model.decoder.stream([ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.stop_ids,
                                   pad_token_id=tok.pad_id)
     _echo_growing(tok.decode_stream(tokens))
     click.echo()
@@ -72,7 +72,7 @@ def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetitio
 
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
     model, tok = _load(model_dir, dtype, compute_dtype)
-    history: list[tuple[str, str]] = []
+    history: list = []
     click.echo("glm2-chat: type a message; 'clear' forgets the history, 'exit' quits.")
     while True:
         try:
@@ -87,7 +87,15 @@ def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetitio
             continue
         if not query:
             continue
-        click.echo("ChatGLM2: ", nl=False)
-        reply = _echo_growing(r for r, _ in stream_chat(model.decoder, tok, query, history, max_new_tokens, sampling))
-        history = history + [(query, reply)]
+        click.echo(f"{tok.family.title}: ", nl=False)
+        histories = []
+        _echo_growing(_texts(stream_chat(model.decoder, tok, query, history, max_new_tokens, sampling), histories))
+        history = histories[-1] if histories else history
         click.echo()
+
+
+def _texts(rounds, histories: list):
+    """The replies as text (a tool call as JSON), keeping each round's history."""
+    for reply, history in rounds:
+        histories.append(history)
+        yield reply if isinstance(reply, str) else json.dumps(reply, ensure_ascii=False)

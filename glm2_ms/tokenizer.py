@@ -1,11 +1,22 @@
-"""The ChatGLM2 tokenizer on sentencepiece alone, behaving as the original `tokenization_chatglm.py`.
+"""The tokenizers of the GLM family, behaving as the originals' `tokenization_chatglm.py`.
 
-Five special tokens follow the SentencePiece vocabulary ([MASK] [gMASK] [sMASK] sop eop = 64789…64793); every
-prompt starts with `[gMASK] sop`; pad is `<unk>` (0) and batches are padded on the left, with position ids
+A family member's tokenizer is data (`Family`): its base vocabulary (ChatGLM2 and ChatGLM3: the same sentencepiece
+model; GLM-4: a tiktoken BPE ranks file), the special tokens that follow that vocabulary in id order, the prefix
+every prompt starts with, its chat format and the tokens generation stops at.
+
+- ChatGLM2: [MASK] [gMASK] [sMASK] sop eop = 64789…64793; a chat prompt is the text "[Round N]\\n\\n问：…\\n\\n答：".
+- ChatGLM3: the same five, then <|system|> <|user|> <|assistant|> <|observation|> = 64794…64797; a chat prompt is
+  role tokens: `<|role|>` + encode(metadata + "\\n") + encode(content) per message, then `<|assistant|>`.
+- GLM-4: <|endoftext|> [MASK] [gMASK] [sMASK] <sop> <eop> <|system|> … = 151329…; the same role format.
+Pad is the sentencepiece `<unk>` (0) or GLM-4's `<|endoftext|>`; batches are padded on the left, with position ids
 restarting at 0 for each row's first real token.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -14,15 +25,121 @@ import numpy as np
 
 from converters.errors import CheckpointError
 
-SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "converters" / "assets" / "tokenizer.model"
+ROLES = ("system", "user", "assistant", "observation")
+_SP_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+_ROLE_TOKENS = tuple(f"<|{r}|>" for r in ROLES)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str                 # how the model is called in a chat
+    vocabulary: str            # "sentencepiece" or "tiktoken"
+    specials: tuple[str, ...]  # after the base vocabulary, in id order
+    prefix: tuple[str, ...]    # every prompt starts with these
+    chat: str                  # "rounds" (ChatGLM2's text prompt) or "roles" (role tokens)
+    stops: tuple[str, ...] = ()  # generation stops at these as well as at eos
+    eos: str | None = None     # a special token; None: the sentencepiece model's </s>
+    pad: str | None = None     # a special token; None: the sentencepiece model's <unk>
+    tool_arguments: str = "python"  # how a tool call's arguments are written: tool_call(k=v, …) or JSON
+    trained: str = "2023年"    # what the reply's [[训练时间]] placeholder becomes
+
+
+FAMILIES = {f.name: f for f in (
+    Family("chatglm2", "ChatGLM2", "sentencepiece", _SP_SPECIALS, ("[gMASK]", "sop"), "rounds"),
+    Family("chatglm3", "ChatGLM3", "sentencepiece", _SP_SPECIALS + _ROLE_TOKENS, ("[gMASK]", "sop"), "roles",
+           stops=("<|user|>", "<|observation|>")),
+    Family("glm4", "GLM-4", "tiktoken",
+           ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>") + _ROLE_TOKENS
+           + ("<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"),
+           ("[gMASK]", "<sop>"), "roles", stops=("<|user|>", "<|observation|>"), eos="<|endoftext|>",
+           pad="<|endoftext|>", tool_arguments="json", trained="2024年"),
+)}
 
 
 def build_prompt(query: str, history: list[tuple[str, str]] | None = None) -> str:
+    """ChatGLM2's chat prompt (text)."""
     prompt = ""
     for i, (old_query, response) in enumerate(history or []):
         prompt += f"[Round {i + 1}]\n\n问：{old_query}\n\n答：{response}\n\n"
     return prompt + f"[Round {len(history or []) + 1}]\n\n问：{query}\n\n答："
+
+
+class SentencePieceVocab:
+    """ChatGLM2/3's base vocabulary: a sentencepiece model (its <unk>, <s>, </s> are ids 0, 1, 2)."""
+
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a sentencepiece model ({e})") from None
+        self.size = self.sp.vocab_size()
+        self.eos_id, self.pad_id = self.sp.eos_id(), self.sp.unk_id()
+        self.skipped = {self.sp.bos_id(), self.eos_id, self.pad_id}  # dropped by decode(skip_special_tokens)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)
+
+
+# GLM-4's pre-tokenizer (its tokenization_chatglm.py): the cl100k-style split
+GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+MAX_RANKS_BYTES = 64 << 20  # GLM-4's ranks file is 2.6 MB
+
+
+class TiktokenVocab:
+    """GLM-4's base vocabulary: a tiktoken BPE ranks file, one `base64(token) rank` per line, ranks 0…n-1."""
+
+    def __init__(self, path: Path):
+        import tiktoken
+
+        ranks = read_ranks(path)
+        self.enc = tiktoken.Encoding(name=f"glm4:{path}", pat_str=GLM4_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens={})
+        self.size = len(ranks)
+        self.eos_id = self.pad_id = None  # set from the family's special tokens
+        self.skipped: set[int] = set()
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def read_ranks(path: Path) -> dict[bytes, int]:
+    """The ranks file, checked: size bounded, every line two fields, tokens unique, ranks exactly 0…n-1."""
+    if path.stat().st_size > MAX_RANKS_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, more than a BPE ranks file holds")
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        fields = line.split()
+        try:
+            token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+            if len(fields) != 2:
+                raise ValueError
+        except (IndexError, ValueError, binascii.Error):
+            raise CheckpointError(f"{path}: line {number} is not `base64-token rank`") from None
+        if token in ranks or rank != len(ranks):
+            raise CheckpointError(f"{path}: line {number}: ranks must be 0, 1, 2, … with each token once")
+        ranks[token] = rank
+    missing = sum(bytes([b]) not in ranks for b in range(256))
+    if missing:  # byte-level BPE: every text must split into tokens (tiktoken panics otherwise)
+        raise CheckpointError(f"{path}: {missing} of the 256 single bytes have no rank")
+    return ranks
+
+
+def vocabulary_kind(path: Path) -> str:
+    """"tiktoken" when the file starts with a ranks line (`base64 rank`), else "sentencepiece" (a protobuf)."""
+    with open(path, "rb") as f:
+        first = f.read(256).split(b"\n", 1)[0]
+    return "tiktoken" if re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\r?", first) else "sentencepiece"
 
 
 @dataclass
@@ -33,51 +150,52 @@ class Batch:
 
 
 class GLM2Tokenizer:
-    def __init__(self, model_file: str | Path = DEFAULT_MODEL):
-        import sentencepiece as spm
+    """A GLM family tokenizer: `GLM2Tokenizer()` is ChatGLM2's (the bundled model); `from_pretrained(folder)`
+    reads the folder's tokenizer.model and picks the family (see `detect_family`)."""
 
+    def __init__(self, model_file: str | Path = DEFAULT_MODEL, family: str = "chatglm2"):
+        if family not in FAMILIES:
+            raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
         path = Path(model_file)
         if path.is_dir():
             path = path / "tokenizer.model"
         if not path.is_file():
             raise CheckpointError(f"{path}: no tokenizer.model")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.n_words = self.sp.vocab_size()
-        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
-        self.special = {tok: self.n_words + i for i, tok in enumerate(SPECIAL_TOKENS)}
-        self.vocab_size = self.n_words + len(SPECIAL_TOKENS)
-        self.gmask_id, self.sop_id = self.special["[gMASK]"], self.special["sop"]
+        self.family = FAMILIES[family]
+        self.vocab = (TiktokenVocab if self.family.vocabulary == "tiktoken" else SentencePieceVocab)(path)
+        self.n_words = self.vocab.size
+        self.special = {tok: self.n_words + i for i, tok in enumerate(self.family.specials)}
+        self.vocab_size = self.n_words + len(self.special)
+        self.eos_id = self.special[self.family.eos] if self.family.eos else self.vocab.eos_id
+        self.pad_id = self.special[self.family.pad] if self.family.pad else self.vocab.pad_id
+        self.skipped = self.vocab.skipped | {self.eos_id, self.pad_id}
+        self.stop_ids = (self.eos_id, *(self.special[t] for t in self.family.stops))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "GLM2Tokenizer":
+    def from_pretrained(cls, path: str | Path, family: str | None = None) -> "GLM2Tokenizer":
         """The tokenizer of a model folder (its tokenizer.model), as transformers' AutoTokenizer is loaded."""
-        return cls(path)
+        return cls(path, family or detect_family(Path(path)))
 
     def prefix(self) -> list[int]:
-        return [self.gmask_id, self.sop_id]
-
-    def tokenize(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
+        return [self.special[t] for t in self.family.prefix]
 
     def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
-        ids = self.sp.encode(text)
+        ids = self.vocab.encode(text)
         ids = self.prefix() + ids if add_special_tokens else ids
         return ids[:max_length] if max_length else ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
         if skip_special_tokens:
-            skip = {self.bos_id, self.eos_id, self.pad_id}
-            ids = [i for i in ids if i < self.n_words and i not in skip]
-            return self.sp.decode(ids)
+            return self.vocab.decode([i for i in ids if i < self.n_words and i not in self.skipped])
         out, run = [], []
         for i in ids:
             if i >= self.n_words:
-                out.append(self.sp.decode(run) + SPECIAL_TOKENS[i - self.n_words])
+                out.append(self.vocab.decode(run) + self.family.specials[i - self.n_words])
                 run = []
             else:
                 run.append(i)
-        return "".join(out) + self.sp.decode(run)
+        return "".join(out) + self.vocab.decode(run)
 
     def decode_stream(self, tokens: Iterable) -> Iterator[str]:
         """The text of the tokens so far, after each new token (an id, or a one-element array) that ends on a
@@ -89,8 +207,25 @@ class GLM2Tokenizer:
             if text and not text.endswith("\ufffd"):
                 yield text
 
-    def build_chat_input(self, query: str, history=None) -> list[int]:
-        return self.encode(build_prompt(query, history))
+    def message(self, role: str, content: str, metadata: str = "") -> list[int]:
+        """One message of the role format: `<|role|>` + encode(metadata + "\\n") + encode(content)."""
+        if role not in ROLES:
+            raise CheckpointError(f"unknown chat role {role!r}; expected one of {', '.join(ROLES)}")
+        return [self.special[f"<|{role}|>"]] + self.vocab.encode(f"{metadata}\n") + self.vocab.encode(content)
+
+    def build_chat_input(self, query: str, history=None, role: str = "user") -> list[int]:
+        """The prompt of a chat round. ChatGLM2: history is [(query, reply), …]; ChatGLM3/GLM-4: history is
+        [{"role", "content", "metadata"?, "tools"?}, …] as their `chat` keeps it (a system message's tools are
+        appended to its content as indented JSON)."""
+        if self.family.chat == "rounds":
+            return self.encode(build_prompt(query, history))
+        ids = self.prefix()
+        for item in history or []:
+            content = item["content"]
+            if item["role"] == "system" and "tools" in item:
+                content += "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
+            ids += self.message(item["role"], content, item.get("metadata", ""))
+        return ids + self.message(role, query) + [self.special["<|assistant|>"]]
 
     def batch(self, sequences: list[list[int]], max_length: int | None = None) -> Batch:
         """Left-pad token id lists into arrays, truncating each (from the right) to `max_length`."""
@@ -110,3 +245,26 @@ class GLM2Tokenizer:
     def __call__(self, texts: list[str] | str, max_length: int | None = None) -> Batch:
         texts = [texts] if isinstance(texts, str) else texts
         return self.batch([self.encode(t) for t in texts], max_length)
+
+
+def detect_family(folder: Path) -> str:
+    """The family of a model folder: GLM-4 when its tokenizer.model is a ranks file; otherwise ChatGLM3 when the
+    folder says so (config.json's `_name_or_path`, or a tokenizer_config.json chat template with role tokens),
+    else ChatGLM2. Pass the family explicitly where a folder says nothing."""
+    vocab = folder / "tokenizer.model" if folder.is_dir() else folder
+    if vocab.is_file() and vocabulary_kind(vocab) == "tiktoken":
+        return "glm4"
+    for name, key in (("config.json", "_name_or_path"), ("tokenizer_config.json", "chat_template")):
+        value = _json_field(folder / name, key) if folder.is_dir() else None
+        if isinstance(value, str) and ("chatglm3" in value.lower() or "<|user|>" in value):
+            return "chatglm3"
+    return "chatglm2"
+
+
+def _json_field(path: Path, key: str):
+    from converters.jsonio import read_json
+
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    return data.get(key) if isinstance(data, dict) else None

@@ -8,7 +8,7 @@ ms = pytest.importorskip("mindspore")
 from converters.convert import convert  # noqa: E402
 from converters.names import Layout  # noqa: E402
 from glm2_ms import GLM2ForCausalLM, GLM2Tokenizer, SamplingConfig  # noqa: E402
-from glm2_ms.dialogue import chat, stream_chat  # noqa: E402
+from glm2_ms.dialogue import chat, role_response, stream_chat  # noqa: E402
 from glm2_ms.loading import from_pretrained  # noqa: E402
 
 QUERY = "晚上睡不着应该怎么办"
@@ -70,6 +70,21 @@ def test_chat_and_stream_chat_as_thudm_return_them(model, tok):
     assert all(h == [(QUERY, r)] for r, h in steps)
     sampled = model.chat(tok, QUERY, max_new_tokens=6, seed=5)  # THUDM's defaults: sampling, top_p 0.8, temp 0.8
     assert sampled == chat(model.decoder, tok, QUERY, None, 6, SamplingConfig(False, 0.8, 0, 0.8, seed=5))
+
+
+def test_role_family_chat_keeps_message_history(model, folder):
+    """ChatGLM3's format on the same weights: role-token prompt, generation stops at eos, <|user|> or
+    <|observation|>, history as THUDM's ChatGLM3 keeps it (dicts), stream_chat ending where chat ends."""
+    glm3 = GLM2Tokenizer(folder, family="chatglm3")
+    reply, history = model.chat(glm3, QUERY, max_new_tokens=6, do_sample=False)
+    prompt = np.array([glm3.build_chat_input(QUERY)], np.int32)
+    new = model.decoder.generate(prompt, max_new_tokens=6, eos_token_id=glm3.stop_ids)[0, prompt.shape[1]:].tolist()
+    new = new[:-1] if new[-1] in glm3.stop_ids else new
+    asked = [{"role": "user", "content": QUERY}]
+    assert (reply, history) == role_response(glm3, glm3.decode(new, skip_special_tokens=False), asked)
+    assert history[0] == asked[0] and history[1]["role"] == "assistant"
+    steps = list(model.stream_chat(glm3, QUERY, max_new_tokens=6, do_sample=False))
+    assert steps[-1] == (reply, history)
 
 
 def test_every_export_of_glm2_ms_is_what_it_names():

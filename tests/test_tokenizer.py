@@ -1,4 +1,7 @@
-"""The tokenizer reproduces the original ChatGLM2 tokenizer's ids on the real tokenizer.model."""
+"""The tokenizers reproduce the originals' ids: ChatGLM2's and ChatGLM3's on the real tokenizer.model, GLM-4's
+chat format on a ranks file of its size."""
+import base64
+
 import numpy as np
 import pytest
 
@@ -43,3 +46,126 @@ def test_left_padding_with_positions(tok):
     assert batch.position_ids[1].tolist() == list(range(width))
     assert tok(["你好"], max_length=3).input_ids.tolist() == [[64790, 64792, 36474]]
     assert np.issubdtype(batch.input_ids.dtype, np.integer)
+
+
+# --- the GLM family: ChatGLM3 (the same sentencepiece model + role tokens) and GLM-4 (a tiktoken ranks file) ---
+
+GLM3_GREETING = "你好👋！我是人工智能助手 ChatGLM3-6B，很高兴见到你，欢迎问我任何问题。"
+
+
+@pytest.fixture(scope="module")
+def glm3():
+    return GLM2Tokenizer(family="chatglm3")
+
+
+def test_chatglm3_role_tokens_and_published_chat_ids(glm3):
+    """The ids chatglm.cpp's tests publish for the real ChatGLM3 tokenizer."""
+    assert glm3.encode("你好") == [64790, 64792, 36474, 54591]
+    assert [glm3.special[f"<|{r}|>"] for r in ("system", "user", "assistant", "observation")] == \
+        [64794, 64795, 64796, 64797]
+    assert glm3.build_chat_input("你好") == [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]
+    history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": GLM3_GREETING}]
+    assert glm3.build_chat_input("晚上睡不着应该怎么办", history) == [
+        64790, 64792, 64795, 30910, 13, 36474, 54591, 64796, 30910, 13, 36474, 54591, 243, 162, 148, 142, 31404,
+        33030, 34797, 42481, 22011, 10461, 30944, 30966, 30941, 30978, 30949, 31123, 48895, 35214, 54622, 31123,
+        32616, 39905, 31901, 31639, 31155, 64795, 30910, 13, 30910, 32820, 54266, 31876, 35153, 64796]
+    assert glm3.stop_ids == (2, 64795, 64797) and glm3.pad_id == 0
+
+
+def test_chatglm3_system_tools_and_metadata(glm3):
+    tools = [{"name": "track", "parameters": {"symbol": "string"}}]
+    history = [{"role": "system", "content": "Answer.", "tools": tools},
+               {"role": "assistant", "metadata": "track", "content": "x"}]
+    ids = glm3.build_chat_input("ok", history, role="observation")
+    text = glm3.decode(ids, skip_special_tokens=False)
+    assert text.startswith("[gMASK]sop<|system|>\n Answer.\n[\n    {\n        \"name\": \"track\"")
+    assert "<|assistant|>track\n x<|observation|>\n ok<|assistant|>" in text
+    with pytest.raises(Exception, match="unknown chat role"):
+        glm3.build_chat_input("hi", role="robot")
+
+
+def test_role_responses_text_and_tool_calls(glm3):
+    from glm2_ms.dialogue import role_response
+
+    asked = [{"role": "user", "content": "几点了"}]
+    reply, history = role_response(glm3, "\n 现在是[[训练时间]]。 ", asked)
+    assert reply == "现在是2023年。"
+    assert history[-1] == {"role": "assistant", "metadata": "", "content": "现在是[[训练时间]]。"}
+    tools = [{"role": "system", "content": "", "tools": [{"name": "track"}]}]
+    reply, history = role_response(glm3, "track\n ```python\ntool_call(symbol='10111', n=[1, 2])\n```", tools)
+    assert reply == {"name": "track", "parameters": {"symbol": "10111", "n": [1, 2]}} and len(history) == 2
+    reply, _ = role_response(glm3, "track\n ```python\ntool_call(__import__('os').system('x'))\n```", tools)
+    assert reply["name"] == "track" and "raw" in reply["parameters"]  # read as data, never run
+    reply, _ = role_response(glm3, "track\nplain", asked)
+    assert reply == {"name": "track", "content": "plain"}
+
+
+def _glm4_ranks(path, words=("你好",), size=151329):
+    """A ranks file of GLM-4's size: the 256 bytes in the GPT-2 byte order GLM-4 keeps ("\\n" at 198), each of
+    `words` reached by merging its prefixes, with "你好" at its published rank 109377; the rest fillers."""
+    first = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    tokens = [bytes([b]) for b in first + [b for b in range(256) if b not in first]]
+    merges = [w.encode()[:i] for w in words for i in range(2, len(w.encode()) + 1)]
+    fillers = iter(f"<filler {i}>".encode() for i in range(size))
+    while len(tokens) < 109377 - len(merges) + 1:
+        tokens.append(next(fillers))
+    tokens += merges
+    while len(tokens) < size:
+        tokens.append(next(fillers))
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def glm4(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("glm4")
+    _glm4_ranks(folder / "tokenizer.model")
+    return GLM2Tokenizer.from_pretrained(folder)
+
+
+def test_glm4_special_tokens_and_published_chat_ids(glm4):
+    assert glm4.family.name == "glm4" and glm4.n_words == 151329
+    assert [glm4.special[t] for t in ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>")] == \
+        [151331, 151333, 151336, 151337]
+    assert glm4.stop_ids == (151329, 151336, 151338) and glm4.pad_id == 151329
+    assert glm4.build_chat_input("你好") == [151331, 151333, 151336, 198, 109377, 151337]
+    assert glm4.encode("你好", add_special_tokens=False) == [109377]
+    assert glm4.decode([151331, 151333, 109377, 151329]) == "你好"
+    assert glm4.decode(glm4.build_chat_input("你好"), skip_special_tokens=False) == \
+        "[gMASK]<sop><|user|>\n你好<|assistant|>"
+    assert glm4.batch([[109377], [198, 109377]]).input_ids[0, 0] == 151329  # padded with <|endoftext|>
+
+
+def test_glm4_json_tool_calls(glm4):
+    from glm2_ms.dialogue import role_response
+
+    tools = [{"role": "system", "content": "", "tools": [{"name": "weather"}]}]
+    reply, _ = role_response(glm4, 'weather\n{"city": "北京"}', tools)
+    assert reply == {"name": "weather", "parameters": {"city": "北京"}}
+    assert role_response(glm4, "\n今年是[[训练时间]]", [])[0] == "今年是2024年"
+
+
+@pytest.mark.parametrize("text, error", [
+    ("IQ== 0\n", "256 single bytes"), ("IQ== 0\nIg== 2\n", "ranks must be 0, 1, 2"),
+    ("IQ== 0\nIQ== 1\n", "ranks must be"),
+    ("IQ==\n", "line 1 is not"), ("!!! 0\n", "line 1 is not"), ("IQ== 0 7\n", "line 1 is not"),
+    ("IQ== x\n", "line 1 is not")])
+def test_bad_ranks_files_are_one_line_errors(tmp_path, text, error):
+    from converters.errors import CheckpointError
+
+    (tmp_path / "tokenizer.model").write_text(text)
+    with pytest.raises(CheckpointError, match=error):
+        GLM2Tokenizer(tmp_path, family="glm4")
+
+
+def test_family_detected_from_the_folder(tmp_path, tok):
+    import shutil
+
+    from glm2_ms.tokenizer import DEFAULT_MODEL, detect_family
+
+    shutil.copy(DEFAULT_MODEL, tmp_path / "tokenizer.model")
+    assert detect_family(tmp_path) == "chatglm2"
+    (tmp_path / "config.json").write_text('{"_name_or_path": "THUDM/chatglm3-6b"}')
+    assert detect_family(tmp_path) == "chatglm3"
+    assert GLM2Tokenizer.from_pretrained(tmp_path).stop_ids == (2, 64795, 64797)
+    assert GLM2Tokenizer.from_pretrained(tmp_path, family="chatglm2").stop_ids == (2,)
