@@ -1,9 +1,11 @@
 """ADGEN data: a forgiving JSON-lines reader and the published preprocessing for training and evaluation.
 
-Train (THUDM's ptuning recipe, which MindFormers' v2 recipe follows): `[gMASK] sop` + encode(build_prompt(content))
-cut to max_source_length, encode(summary) cut to max_target_length, then eos; right-padded with pad (0) to
-seq_length = source + target + 1. Labels are pad over the prompt, then the answer and eos; pad → −100. Labels
-here are *unshifted* (THUDM): the loss shifts them by one. MindFormers stores them pre-shifted.
+Train (THUDM's ptuning recipe, which MindFormers' v2 recipe follows): the chat prompt of content (ChatGLM2:
+`[gMASK] sop` + encode(build_prompt(content)); ChatGLM3/GLM-4: the role-token prompt ending in `<|assistant|>`, as
+their finetune demos build it) cut to max_source_length, the answer's ids (`tok.answer_ids`) cut to
+max_target_length, then eos; right-padded with pad to seq_length = source + target + 1. Labels are pad over the
+prompt, then the answer and eos; pad → −100. Labels here are *unshifted* (THUDM): the loss shifts them by one.
+MindFormers stores them pre-shifted.
 
 Eval (MindFormers): prompt and answer strings cut to max − 1 characters; the prompt encoded as above.
 """
@@ -17,7 +19,7 @@ import numpy as np
 
 from converters.errors import CheckpointError
 
-from .tokenizer import GLM2Tokenizer, build_prompt
+from .tokenizer import GLM2Tokenizer
 
 IGNORE = -100
 
@@ -76,8 +78,8 @@ class Lengths:
 
 def train_example(tok: GLM2Tokenizer, prompt: str, answer: str, lengths: Lengths) -> tuple[list[int], list[int]]:
     """(input_ids, labels), both of length lengths.total."""
-    a = tok.encode(build_prompt(prompt), max_length=lengths.max_source_length)
-    b = tok.encode(answer, add_special_tokens=False, max_length=lengths.max_target_length)
+    a = tok.build_chat_input(prompt)[:lengths.max_source_length]
+    b = tok.answer_ids(answer)[:lengths.max_target_length]
     ids = a + b + [tok.eos_id]
     labels = [IGNORE] * len(a) + b + [tok.eos_id]
     pad = lengths.total - len(ids)
@@ -107,7 +109,7 @@ def eval_example(tok: GLM2Tokenizer, prompt: str, answer: str, max_source_length
                  max_target_length: int = 256) -> tuple[list[int], str]:
     """(prompt ids, reference text) as MindFormers' evaluation cuts them: by characters, to max − 1."""
     prompt, answer = prompt[:max_source_length - 1], answer[:max_target_length - 1]
-    return tok.encode(build_prompt(prompt)), answer
+    return tok.build_chat_input(prompt), answer
 
 
 class TrainData:

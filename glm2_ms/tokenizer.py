@@ -227,6 +227,12 @@ class GLM2Tokenizer:
             ids += self.message(item["role"], content, item.get("metadata", ""))
         return ids + self.message(role, query) + [self.special["<|assistant|>"]]
 
+    def answer_ids(self, answer: str) -> list[int]:
+        """The ids of a reply as the model writes it after the chat prompt (what finetuning trains on): the text;
+        in the role format the assistant message's metadata line ("\n") first."""
+        return self.vocab.encode(answer) if self.family.chat == "rounds" else \
+            self.vocab.encode("\n") + self.vocab.encode(answer)
+
     def batch(self, sequences: list[list[int]], max_length: int | None = None) -> Batch:
         """Left-pad token id lists into arrays, truncating each (from the right) to `max_length`."""
         if max_length:

@@ -32,6 +32,20 @@ def test_first_train_line_follows_the_recipe():
     assert ids[end:] == [0] * (193 - end) and labels[end:] == [IGNORE] * (193 - end)
 
 
+def test_chatglm3_train_line_follows_its_finetune_format():
+    """ChatGLM3 (THUDM's finetune demo): [gMASK] sop <|user|> "\n" content <|assistant|>, then the assistant
+    message's "\n" + answer and eos, labelled; the prompt is not."""
+    glm3 = GLM2Tokenizer(family="chatglm3")
+    content, summary = read_jsonl(DATA / "adgen_train_head200.json").pairs[0]
+    ids, labels = train_example(glm3, content, summary, Lengths())
+    prompt = [64790, 64792, 64795, 30910, 13, *glm3.vocab.encode(content), 64796]
+    answer = [30910, 13, *glm3.vocab.encode(summary), glm3.eos_id]
+    assert ids[:len(prompt) + len(answer)] == prompt + answer and len(ids) == 64 + 128 + 1
+    assert labels[:len(prompt)] == [IGNORE] * len(prompt) and labels[len(prompt):len(prompt) + len(answer)] == answer
+    assert set(labels[len(prompt) + len(answer):]) == {IGNORE}
+    assert eval_example(glm3, content, summary)[0] == prompt
+
+
 def test_truncation_to_source_and_target_lengths():
     long_prompt, long_answer = "类型#裤" * 100, "很好看的裤子。" * 100
     ids, labels = train_example(tok, long_prompt, long_answer, Lengths(16, 8))
