@@ -33,7 +33,8 @@ def _preset_help() -> str:
     sizes = [f"{name} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
              f"{sum(map(math.prod, cfg.canonical_shapes().values())) / 1e6:,.0f}M parameters)"
              for name, cfg in PRESETS.items()]
-    return f"Model size: {' or '.join(sizes)}; every preset has the real 65,024-token vocabulary."
+    return (f"Model: {', '.join(sizes)}; each with its release's vocabulary (ChatGLM2/3: 65,024 tokens, GLM-4: "
+            f"151,552).")
 
 
 @click.group("glm2-convert", cls=ToolGroup, interrupted="interrupted; nothing was written")

@@ -27,6 +27,21 @@ _LIMITS = {"num_layers": 1024, "hidden_size": 1 << 17, "ffn_hidden_size": 1 << 1
            "eos_token_id": 1 << 23, "pad_token_id": 1 << 23}
 _LOW = {"eos_token_id": 0, "pad_token_id": 0}
 
+# The GLM family members (one architecture, one weight naming): the HF repository each release's config.json names
+# in `_name_or_path`, which is how a folder tells which it is (GLM-4 also by its vocabulary).
+FAMILIES = {"chatglm2": "THUDM/chatglm2-6b", "chatglm3": "THUDM/chatglm3-6b", "glm4": "THUDM/glm-4-9b-chat"}
+GLM4_VOCAB = 151552
+
+
+def family_of(name_or_path, padded_vocab_size: int) -> str:
+    """The family a config describes: named in `_name_or_path` (chatglm3…, glm-4…), else by the vocabulary."""
+    name = name_or_path.lower() if isinstance(name_or_path, str) else ""
+    if "chatglm3" in name:
+        return "chatglm3"
+    if "glm-4" in name or "glm4" in name or padded_vocab_size == GLM4_VOCAB:
+        return "glm4"
+    return "chatglm2"
+
 
 @dataclass(frozen=True)
 class GLM2Config:
@@ -42,8 +57,9 @@ class GLM2Config:
     add_qkv_bias: bool = True
     seq_length: int = 32768
     torch_dtype: str = "float16"
-    eos_token_id: int = 2
+    eos_token_id: int | tuple[int, ...] = 2  # GLM-4: several (<|endoftext|>, <|user|>, <|observation|>)
     pad_token_id: int = 0
+    family: str = "chatglm2"  # which release (FAMILIES): its tokenizer and chat format; the network is the same
 
     # ---- derived sizes used by the name map and the model
     @property
@@ -67,10 +83,16 @@ class GLM2Config:
 
     def __post_init__(self):
         """Types and ranges first: every later check and loop relies on them."""
+        if isinstance(self.eos_token_id, list):  # a JSON list; kept as a tuple (the config is hashable)
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         for f, high in _LIMITS.items():
-            v, low = getattr(self, f), _LOW.get(f, 1)
-            if type(v) is not int or not low <= v <= high:
-                raise ValueError(f"{f} must be an integer from {low} to {high}, got {v!r:.40}")
+            value, low = getattr(self, f), _LOW.get(f, 1)
+            several = f == "eos_token_id" and type(value) is tuple and 0 < len(value) <= 16
+            if any(type(v) is not int or not low <= v <= high for v in (value if several else [value])):
+                some = " (or a list of up to 16)" if f == "eos_token_id" else ""
+                raise ValueError(f"{f} must be an integer from {low} to {high}{some}, got {value!r:.40}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r:.40}")
         for f in ("layernorm_epsilon", "rope_ratio"):
             v = getattr(self, f)
             if type(v) not in (int, float) or not (math.isfinite(v) and v > 0):
@@ -102,6 +124,7 @@ class GLM2Config:
                 raise CheckpointError(f"{source}: {key}={d[key]!r} describes a different network; ChatGLM2 has "
                                       f"{key}={want!r}")
         kw = {k: v for k, v in d.items() if k in own}
+        kw.setdefault("family", family_of(d.get("_name_or_path"), d.get("padded_vocab_size", cls.padded_vocab_size)))
         if "torch_dtype" not in kw and "dtype" in d:
             kw["torch_dtype"] = d["dtype"]
         if d.get("multi_query_attention") is False:
@@ -133,7 +156,8 @@ class GLM2Config:
                           rope_ratio=theta / 10000.0, add_qkv_bias=d.get("attention_bias", True),
                           seq_length=d.get("max_position_embeddings", 32768),
                           torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
-                          eos_token_id=d.get("eos_token_id", 2), pad_token_id=d.get("pad_token_id", 0))
+                          eos_token_id=d.get("eos_token_id", 2), pad_token_id=d.get("pad_token_id", 0),
+                          family=family_of(d.get("_name_or_path"), sizes["padded_vocab_size"]))
 
     @classmethod
     def from_mapping(cls, d: dict, source: str = "config.json") -> "GLM2Config":
@@ -183,7 +207,8 @@ class GLM2Config:
     def chatglm_json(self, dtype: str | None = None) -> dict:
         """The field set of the real THUDM config.json, with this model's values."""
         d = dict(_CHATGLM_TEMPLATE)
-        d.update({k: v for k, v in asdict(self).items() if k != "rope_ratio"})
+        d.update({k: v for k, v in asdict(self).items() if k not in ("rope_ratio", "family")})
+        d["_name_or_path"] = FAMILIES[self.family]
         if self.rope_ratio != 1.0:
             d["rope_ratio"] = self.rope_ratio
         d["multi_query_attention"] = self.multi_query_group_num != self.num_attention_heads
@@ -193,7 +218,7 @@ class GLM2Config:
     def glm_json(self, dtype: str | None = None) -> dict:
         """A config for transformers' native GlmForCausalLM: every field set, since its defaults are GLM-4's."""
         return {
-            "architectures": ["GlmForCausalLM"], "model_type": "glm",
+            "_name_or_path": FAMILIES[self.family], "architectures": ["GlmForCausalLM"], "model_type": "glm",
             "vocab_size": self.padded_vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.ffn_hidden_size, "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.multi_query_group_num,
@@ -207,7 +232,7 @@ class GLM2Config:
 
 
 _CHATGLM_TEMPLATE = {
-    "_name_or_path": "THUDM/chatglm2-6b", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+    "model_type": "chatglm", "architectures": ["ChatGLMModel"],
     "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
                  "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
                  "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
@@ -222,6 +247,11 @@ _CHATGLM_TEMPLATE = {
 
 PRESETS = {
     "6b": GLM2Config(),
+    # the later releases (facts from their config.json files and MindFormers' configs)
+    "chatglm3-6b": GLM2Config(seq_length=8192, family="chatglm3"),
+    "glm4-9b": GLM2Config(num_layers=40, padded_vocab_size=GLM4_VOCAB, layernorm_epsilon=1.5625e-07, rope_ratio=500,
+                          seq_length=131072, torch_dtype="bfloat16", eos_token_id=(151329, 151336, 151338),
+                          pad_token_id=151329, family="glm4"),
     # real vocabulary (the real tokenizer works), everything else small enough for tests on 2 cores
     "tiny": GLM2Config(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
                        multi_query_group_num=2, kv_channels=16, seq_length=2048, torch_dtype="float32"),

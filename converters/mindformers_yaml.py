@@ -2,7 +2,7 @@
 MindFormers' `ChatGLM2Config` (2.1.0, mindformers/models/glm2/glm2_config.py) reads, set to the sizes, layout and
 dtype of the weights in the folder, so a MindFormers run config can point at the folder as it is.
 
-Written by hand (no yaml library is needed to convert); every value is a plain scalar."""
+Written by hand (no yaml library is needed to convert); every value is a plain scalar or a list of them."""
 from __future__ import annotations
 
 import json
@@ -38,6 +38,8 @@ def model_config(cfg: GLM2Config, layout: Layout, dtype: str) -> dict:
 
 
 def _scalar(value) -> str:
+    if isinstance(value, tuple):  # GLM-4's several eos ids: a flow sequence
+        return "[" + ", ".join(_scalar(v) for v in value) + "]"
     if isinstance(value, bool):
         return "True" if value else "False"
     if isinstance(value, str):

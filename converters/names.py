@@ -224,12 +224,13 @@ def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, where: str 
 
 
 def inv_freq(cfg: GLM2Config, dtype: str) -> np.ndarray:
-    """The `rotary_pos_emb.inv_freq` buffer as the original code computes it: in the model's dtype."""
+    """The `rotary_pos_emb.inv_freq` buffer as the original code computes it: in the model's dtype, with base
+    10000 whatever rope_ratio (the releases register it so; their forward computes θ itself, never reading it)."""
     from .dtypes import cast
 
     dim = cfg.kv_channels // 2
     work = np.float16 if dtype == "float16" else np.float32
     exponent = (np.arange(0, dim, 2, dtype=np.float32) / dim).astype(work)
-    power = (np.float32(cfg.rope_base) ** exponent.astype(np.float32)).astype(work)
+    power = (np.float32(10000.0) ** exponent.astype(np.float32)).astype(work)
     value = (np.float32(1.0) / power.astype(np.float32)).astype(work)
     return cast(value, "float16" if work is np.float16 else "float32", dtype)

@@ -16,6 +16,7 @@ from .output import WeightsWriter, hf_index, plan_shards, staged_folder
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER = ("tokenizer.model", "tokenizer_config.json")  # ChatGLM2's, bundled
+SENTENCEPIECE_FAMILIES = ("chatglm2", "chatglm3")  # the bundled tokenizer.model is theirs (GLM-4's is not bundled)
 BLOCK_ELEMENTS = 1 << 24  # generate 16M values at a time: memory stays near one tensor
 
 
@@ -34,7 +35,8 @@ def _values(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> np.ndar
 
 def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "bin", seed: int = 0,
                max_shard_bytes: int | None = None, overwrite: bool = False) -> list[str]:
-    """Write a HF ChatGLM2 folder (config, sharded weights + index, tokenizer); returns the weight files."""
+    """Write a HF ChatGLM2 folder (config, sharded weights + index, tokenizer); returns the weight files. GLM-4's
+    tokenizer is not bundled: its folders get none."""
     if fmt not in ("bin", "safetensors"):
         raise CheckpointError(f"unknown format {fmt!r}; expected bin or safetensors")
     if dtype not in ("float16", "bfloat16", "float32"):
@@ -56,7 +58,7 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
         if index:
             write_json(tmp / index[0], index[1])
         write_json(tmp / "config.json", cfg.chatglm_json(dtype))
-        for f in bundled_tokenizer():
+        for f in bundled_tokenizer() if cfg.family in SENTENCEPIECE_FAMILIES else []:
             shutil.copyfile(f, tmp / f.name)
     return [f for f, _ in shards]
 

@@ -254,16 +254,21 @@ class GLM2Tokenizer:
 
 
 def detect_family(folder: Path) -> str:
-    """The family of a model folder: GLM-4 when its tokenizer.model is a ranks file; otherwise ChatGLM3 when the
-    folder says so (config.json's `_name_or_path`, or a tokenizer_config.json chat template with role tokens),
-    else ChatGLM2. Pass the family explicitly where a folder says nothing."""
+    """The tokenizer family of a model folder: GLM-4 when its tokenizer.model is a ranks file; otherwise ChatGLM3
+    when the folder names it (config.json's `_name_or_path`, as the config's family is read) or its
+    tokenizer_config.json has a chat template with role tokens; else ChatGLM2. Pass the family where a folder
+    says nothing (a finetune saved under a local name)."""
+    from converters.config import family_of
+
     vocab = folder / "tokenizer.model" if folder.is_dir() else folder
     if vocab.is_file() and vocabulary_kind(vocab) == "tiktoken":
         return "glm4"
-    for name, key in (("config.json", "_name_or_path"), ("tokenizer_config.json", "chat_template")):
-        value = _json_field(folder / name, key) if folder.is_dir() else None
-        if isinstance(value, str) and ("chatglm3" in value.lower() or "<|user|>" in value):
-            return "chatglm3"
+    if not folder.is_dir():
+        return "chatglm2"
+    template = _json_field(folder / "tokenizer_config.json", "chat_template")
+    if family_of(_json_field(folder / "config.json", "_name_or_path"), 0) == "chatglm3" or \
+            (isinstance(template, str) and "<|user|>" in template):
+        return "chatglm3"
     return "chatglm2"
 
 

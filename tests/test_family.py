@@ -1,0 +1,93 @@
+"""The GLM family through one toolkit: ChatGLM3 and GLM-4 are config presets (with their tokenizers, tested in
+test_tokenizer.py), read from and written to config.json, converted and run by the same code as ChatGLM2."""
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from numpy_glm2 import NumpyGLM2
+
+from converters.checkpoint import open_checkpoint
+from converters.config import FAMILIES, GLM2Config, family_of
+from converters.convert import convert
+from converters.dtypes import to_float32
+from converters.errors import CheckpointError
+from converters.names import Layout
+from converters.synth import synthesize
+
+IDS = [151331, 151333, 151336, 198, 109377, 151337, 64790, 13]
+
+
+def test_presets_are_the_releases():
+    glm3, glm4 = GLM2Config.preset("chatglm3-6b"), GLM2Config.preset("glm4-9b")
+    assert glm3.family == "chatglm3" and glm3.canonical_shapes() == GLM2Config.preset("6b").canonical_shapes()
+    assert (glm4.num_layers, glm4.padded_vocab_size, glm4.rope_base, glm4.family) == (40, 151552, 5e6, "glm4")
+    assert round(sum(map(math.prod, glm4.canonical_shapes().values())) / 1e9, 2) == 9.40  # GLM-4-9B
+
+
+@pytest.mark.parametrize("name, vocab, family", [
+    ("THUDM/chatglm2-6b", 65024, "chatglm2"), ("THUDM/chatglm3-6b-32k", 65024, "chatglm3"),
+    ("THUDM/glm-4-9b-chat", 151552, "glm4"), ("/data/my-finetune", 151552, "glm4"), (None, 65024, "chatglm2")])
+def test_family_named_or_told_by_the_vocabulary(name, vocab, family):
+    assert family_of(name, vocab) == family
+
+
+def test_configs_keep_family_and_eos_lists(tmp_path):
+    glm4 = GLM2Config.preset("glm4-9b")
+    for written in (glm4.chatglm_json(), glm4.glm_json()):
+        assert written["_name_or_path"] == FAMILIES["glm4"]
+        assert GLM2Config.from_mapping(json.loads(json.dumps(written))) == glm4
+    real_like = {**GLM2Config.preset("6b").chatglm_json(), "_name_or_path": "THUDM/chatglm3-6b", "seq_length": 8192}
+    assert GLM2Config.from_mapping(real_like) == GLM2Config.preset("chatglm3-6b")
+
+
+@pytest.mark.parametrize("eos", [[], [1, "2"], list(range(1, 18)), [1.5], [-1]])
+def test_bad_eos_lists_are_refused(eos):
+    with pytest.raises(CheckpointError, match="eos_token_id must be an integer"):
+        GLM2Config.from_mapping({**GLM2Config.preset("6b").chatglm_json(), "eos_token_id": eos})
+
+
+@pytest.fixture(scope="module")
+def glm4_tiny(tmp_path_factory):
+    """GLM-4's vocabulary, rope_ratio, epsilon and eos list on the tiny sizes, in float32."""
+    cfg = GLM2Config.preset("tiny", padded_vocab_size=151552, rope_ratio=500, layernorm_epsilon=1.5625e-07,
+                            eos_token_id=(151329, 151336, 151338), pad_token_id=151329, family="glm4")
+    out = tmp_path_factory.mktemp("glm4") / "hf"
+    synthesize(out, cfg, "float32", "safetensors", seed=2)
+    return out, cfg
+
+
+def test_glm4_converts_both_ways_bit_exact(glm4_tiny, tmp_path):
+    src, cfg = glm4_tiny
+    convert(src, tmp_path / "ms", target=Layout("mindformers"), fmt="ckpt", progress=False)
+    convert(tmp_path / "ms", tmp_path / "back", target=Layout("chatglm"), fmt="safetensors", hf_folder=True,
+            progress=False)
+    with open_checkpoint(src) as a, open_checkpoint(tmp_path / "back") as b:
+        assert set(a.tensors) == set(b.tensors)
+        assert all(t.read().tobytes() == b.tensors[n].read().tobytes() for n, t in a.tensors.items())
+    assert GLM2Config.from_pretrained(tmp_path / "back") == cfg
+    model_config = yaml.safe_load((tmp_path / "ms" / "mindformers_config.yaml").read_text())["model"]["model_config"]
+    assert model_config["eos_token_id"] == [151329, 151336, 151338] and model_config["rope_ratio"] == 500
+
+
+def test_glm4_logits_agree_in_transformers_glm_mindspore_and_an_independent_forward(glm4_tiny, tmp_path):
+    """The native GLM-4 form (GlmForCausalLM, rope_theta 5e6) and the MindSpore runtime compute what an independent
+    float64 forward computes from the same weights."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    ms = pytest.importorskip("mindspore")
+    from glm2_ms.loading import from_pretrained
+
+    src, cfg = glm4_tiny
+    with open_checkpoint(src) as c:
+        weights = {n: to_float32(t.read(), t.dtype) for n, t in c.tensors.items()}
+    want = NumpyGLM2(weights, cfg).logits(IDS)
+    convert(src, tmp_path / "glm", target=Layout("glm"), fmt="safetensors", hf_folder=True, progress=False)
+    glm = transformers.GlmForCausalLM.from_pretrained(tmp_path / "glm", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got_glm = glm(torch.tensor([IDS])).logits[0].double().numpy()
+    got_ms = from_pretrained(src, dtype="float32")(ms.Tensor([IDS], ms.int32)).asnumpy()[0]
+    for got in (got_glm, got_ms):
+        assert np.abs(got - want).max() < 1e-5 * max(1.0, np.abs(want).max())
+        assert (got.argmax(-1) == want.argmax(-1)).all()
