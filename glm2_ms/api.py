@@ -52,22 +52,25 @@ class PretrainedMixin:
 
     def chat(self, tokenizer, query: str, history=None, max_length: int = CHAT_MAX_LENGTH,
              max_new_tokens: int | None = None, do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8,
-             **kwargs) -> tuple[str, list[tuple[str, str]]]:
-        """(response, history + [(query, response)]), with THUDM's defaults (sampling, top_p 0.8, temperature 0.8,
-        prompt + reply ≤ 8192 tokens). `kwargs`: top_k, repetition_penalty, seed."""
+             role: str = "user", **kwargs):
+        """(response, history with this round), with THUDM's defaults (sampling, top_p 0.8, temperature 0.8,
+        prompt + reply ≤ 8192 tokens). ChatGLM2: history [(query, response), …]; ChatGLM3/GLM-4: history of
+        {"role", "content", …} messages (a system message may carry "tools"), `role` user or observation (a
+        tool's result; by name: ChatGLM2's positional order is kept), and a response that calls a tool is
+        {"name", "parameters"}. `kwargs`: top_k, repetition_penalty, seed."""
         from .dialogue import chat
 
         return chat(self.decoder, tokenizer, query, history, max_new_tokens or max_length,
-                    sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length)
+                    sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length, role)
 
     def stream_chat(self, tokenizer, query: str, history=None, max_length: int = CHAT_MAX_LENGTH,
                     max_new_tokens: int | None = None, do_sample: bool = True, top_p: float = 0.8,
-                    temperature: float = 0.8, **kwargs) -> Iterator[tuple[str, list[tuple[str, str]]]]:
-        """Yields (response so far, history + [(query, response so far)]) as tokens arrive; arguments as `chat`."""
+                    temperature: float = 0.8, role: str = "user", **kwargs) -> Iterator[tuple]:
+        """Yields (response so far, history with this round so far) as tokens arrive; arguments as `chat`."""
         from .dialogue import stream_chat
 
         yield from stream_chat(self.decoder, tokenizer, query, history, max_new_tokens or max_length,
-                               sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length)
+                               sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length, role)
 
 
 def sampling(do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -85,6 +85,8 @@ def test_role_family_chat_keeps_message_history(model, folder):
     assert history[0] == asked[0] and history[1]["role"] == "assistant"
     steps = list(model.stream_chat(glm3, QUERY, max_new_tokens=6, do_sample=False))
     assert steps[-1] == (reply, history)
+    _, after_tool = model.chat(glm3, '{"ok": 1}', history, role="observation", max_new_tokens=2, do_sample=False)
+    assert after_tool[:len(history) + 1] == history + [{"role": "observation", "content": '{"ok": 1}'}]
 
 
 def test_every_export_of_glm2_ms_is_what_it_names():
