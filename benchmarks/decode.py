@@ -38,8 +38,8 @@ def best(fn, repeat=3):
 def bench_config(name: str, prompt: int, new: int, threads: int) -> dict:
     import torch
 
-    from converters.config import GLM2Config
     from converters.synth import synthesize
+    from glm2_core.config import GLM2Config
     from glm2_ms.generation import Decoder
     from glm2_ms.loading import from_pretrained
     from validation.torch_reference import load_reference

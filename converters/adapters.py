@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
-from .jsonio import read_json
+from glm2_core.errors import CheckpointError
+from glm2_core.jsonio import read_json
 
 MINDPET = re.compile(r"^(.*)\.(?:mindpet_delta|tk_delta)_lora_([ab])$")
 PEFT = re.compile(r"^base_model\.model\.(.*)\.lora_([AB])(?:\.default)?\.weight$")
@@ -97,8 +97,8 @@ def _pairs(names_arrays, pattern: re.Pattern, where: str) -> dict[str, dict[str,
 
 def _lora_arrays(ckpt) -> list[tuple[str, np.ndarray]]:
     """The LoRA factors of a checkpoint (not the optimizer's moments of them, which a training checkpoint holds)."""
-    from .dtypes import to_float32
-    from .names import OPTIMIZER_PREFIXES
+    from glm2_core.dtypes import to_float32
+    from glm2_core.names import OPTIMIZER_PREFIXES
 
     return [(n, to_float32(t.read(), t.dtype)) for n, t in ckpt.tensors.items()
             if (MINDPET.match(n) or PEFT.match(n)) and not n.startswith(OPTIMIZER_PREFIXES)]

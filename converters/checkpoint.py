@@ -6,9 +6,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError
+from glm2_core.errors import CheckpointError
+from glm2_core.jsonio import read_json
+
 from .formats.base import Closing, TensorRef
-from .jsonio import read_json
 
 INDEX_FILES = {"model.safetensors.index.json": "safetensors", "pytorch_model.bin.index.json": "bin"}
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")

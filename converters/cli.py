@@ -7,11 +7,11 @@ import sys
 
 import click
 
-from .config import PRESETS, GLM2Config
-from .dtypes import WEIGHT_DTYPES
-from .errors import CheckpointError
-from .names import HF_FAMILIES
-from .options import MS_LAYOUTS, PATH, ExistingPath, ToolGroup, option, options
+from glm2_core.config import PRESETS, GLM2Config
+from glm2_core.dtypes import WEIGHT_DTYPES
+from glm2_core.errors import UserError
+from glm2_core.names import HF_FAMILIES
+from glm2_core.options import MS_LAYOUTS, PATH, ExistingPath, ToolGroup, option, options
 
 
 def _print_summary(summary, as_json: bool) -> None:
@@ -76,8 +76,9 @@ def synth(out_dir, preset, num_layers, dtype, fmt, seed, max_shard_size, overwri
 def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_optimizer, no_crc_check, dtype,
           overwrite, allow_overflow, config, rearranged_rope, quiet, as_json):
     """Convert a HF ChatGLM2 checkpoint (folder or file) into a MindSpore folder."""
+    from glm2_core.names import Layout
+
     from .convert import convert
-    from .names import Layout
 
     summary = convert(src, dst, target=Layout(layout, qkv_split, mlp_split, rearrange_rope), fmt=fmt, dtype=dtype,
                       overwrite=overwrite, allow_overflow=allow_overflow, keep_optimizer=keep_optimizer,
@@ -96,8 +97,9 @@ def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_opti
 def ms2hf(src, dst, layout, fmt, max_shard_size, no_crc_check, dtype, overwrite, allow_overflow, config,
           rearranged_rope, quiet, as_json):
     """Convert a MindSpore checkpoint (any MindFormers layout) into a HF folder."""
+    from glm2_core.names import Layout
+
     from .convert import convert
-    from .names import Layout
     from .output import parse_size
 
     summary = convert(src, dst, target=Layout(layout), fmt=fmt, dtype=dtype, hf_folder=True,
@@ -112,7 +114,7 @@ def check_format(fmt: str | None, layout: str) -> str:
     hf = layout in HF_FAMILIES
     fmt = fmt or ("safetensors" if hf else "ckpt")
     if fmt != "safetensors" and (fmt == "bin") != hf:
-        raise CheckpointError(f"--format {fmt} does not go with --layout {layout} (ckpt is for MindSpore names, "
+        raise UserError(f"--format {fmt} does not go with --layout {layout} (ckpt is for MindSpore names, "
                               f"bin for HF names)")
     return fmt
 
@@ -129,9 +131,10 @@ def merge_lora(base, adapter, dst, lora_alpha, layout, fmt, no_crc_check, dtype,
                rearranged_rope, quiet, as_json):
     """Fold the LoRA ADAPTER (PEFT folder, mindpet .ckpt or a LoRA run's checkpoint) into BASE, writing DST;
     W += (alpha/r)·B·A."""
+    from glm2_core.names import Layout
+
     from .adapters import read_adapter
     from .convert import convert
-    from .names import Layout
 
     fmt = check_format(fmt, layout)
     lora = read_adapter(adapter, lora_alpha)

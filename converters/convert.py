@@ -11,14 +11,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from glm2_core.dtypes import BY_NAME, DTYPES
+from glm2_core.errors import CheckpointError, UserError
+from glm2_core.jsonio import write_json
+from glm2_core.names import EMBEDDING, INV_FREQ, Layout, inv_freq
+
 from . import __version__
-from .dtypes import BY_NAME
-from .errors import CheckpointError
-from .jsonio import write_json
 from .mindformers_yaml import MINDFORMERS_YAML, mindformers_yaml
-from .names import EMBEDDING, INV_FREQ, Layout, inv_freq
 from .output import WeightsWriter, hf_index, plan_shards, staged_folder
-from .source import DTYPES, Source, out_dtype
+from .source import Source, out_dtype
 
 MS_WEIGHTS = {"ckpt": "mindspore_model.ckpt", "safetensors": "mindspore_model.safetensors"}
 
@@ -73,13 +74,13 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folde
     a HF folder when `hf_folder`); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
     into the weights. The tokenizer files written are `tokenizer`, by default those beside the source."""
     if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if keep_optimizer and hf_folder:
-        raise CheckpointError("--keep-optimizer: optimizer state has no place in a HF folder")
+        raise UserError("--keep-optimizer: optimizer state has no place in a HF folder")
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise CheckpointError(f"{dst}: the destination must not be the source or lie inside it")
+        raise UserError(f"{dst}: the destination must not be the source or lie inside it")
     with Source.open(src, rearranged_rope, config, opened, verify_checksums) as source:
         cfg, tensors = source.cfg, source.ckpt.tensors
         lora = source.dropped["LoRA adapters"]

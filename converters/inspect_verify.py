@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from glm2_core.dtypes import BY_NAME, cast, to_float32
+from glm2_core.errors import CheckpointError
+from glm2_core.names import classify, detect_layout
+
 from .checkpoint import open_checkpoint
-from .dtypes import BY_NAME, cast, to_float32
-from .errors import CheckpointError
-from .names import classify, detect_layout
 from .source import NON_WEIGHTS, Source, manifest_layout
 
 

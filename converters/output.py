@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .dtypes import BY_NAME
-from .errors import CheckpointError
+from glm2_core.dtypes import BY_NAME
+from glm2_core.errors import CheckpointError, UserError
+
 from .formats.base import FileSpan, byte_blocks
 from .formats.checksums import crc32
 
@@ -66,9 +67,9 @@ def parse_size(text: str) -> int:
     try:
         value = int(float(num) * units[t[len(num):]])
     except (ValueError, KeyError):
-        raise CheckpointError(f"cannot read size {text!r}; expected e.g. 2GB, 500MB, 1GiB") from None
+        raise UserError(f"cannot read size {text!r}; expected e.g. 2GB, 500MB, 1GiB") from None
     if value <= 0:
-        raise CheckpointError(f"size {text!r} must be positive")
+        raise UserError(f"size {text!r} must be positive")
     return value
 
 

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
+from glm2_core.assets import bundled_tokenizer
+from glm2_core.dtypes import BY_NAME
+from glm2_core.errors import CheckpointError
+from glm2_core.names import OPTIMIZER_PREFIXES, classify
+
 from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
-from .dtypes import BY_NAME
-from .errors import CheckpointError
 from .formats.base import TensorRef
 from .formats.ckpt import CkptWriter
-from .names import OPTIMIZER_PREFIXES, classify
 from .output import staged_folder
 from .runs import CONFIG, recorded_lora, run_folder
 from .strategy import ParamLayout, Strategy, load_strategy
-from .synth import bundled_tokenizer
 
 RANK_DIR = re.compile(r"^rank_(\d+)$")
 RANK_FILES = ("*.ckpt", "*.safetensors")  # MindSpore's save_checkpoint formats (format="ckpt" / "safetensors")

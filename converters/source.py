@@ -12,16 +12,16 @@ from typing import Iterator
 
 import numpy as np
 
+from glm2_core.config import GLM2Config
+from glm2_core.dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, to_float32
+from glm2_core.errors import CheckpointError
+from glm2_core.names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
+
 from .checkpoint import Checkpoint, open_checkpoint
-from .config import GLM2Config
-from .dtypes import BY_NAME, WEIGHT_DTYPES, cast, count_nonfinite, float16_overflow, to_float32
-from .errors import CheckpointError
 from .formats.base import Closing, FileSpan
-from .names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
 
 NON_WEIGHTS = {"optimizer": "optimizer state", "cache": "KV-cache entries", "buffer": "buffers",
                "lora": "LoRA adapters"}
-DTYPES = ("keep", *WEIGHT_DTYPES)
 
 
 def out_dtype(src: str, want: str) -> str:

@@ -17,9 +17,10 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import CheckpointError
+from glm2_core.errors import CheckpointError
+from glm2_core.jsonio import parse_json
+
 from .formats.protowire import LEN, fields, int_field, len_field, repeated_ints, signed
-from .jsonio import parse_json
 
 MAX_DEVICES = 1 << 16  # devices of one pipeline stage; checked before anything enumerates ranks
 MAX_DIMS = 16

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import GLM2Config
-from .dtypes import BY_NAME, cast
-from .errors import CheckpointError
-from .jsonio import write_json
-from .names import EMBEDDING, INV_FREQ, inv_freq
+from glm2_core.assets import bundled_tokenizer
+from glm2_core.config import GLM2Config
+from glm2_core.dtypes import BY_NAME, cast
+from glm2_core.errors import UserError
+from glm2_core.jsonio import write_json
+from glm2_core.names import EMBEDDING, INV_FREQ, inv_freq
+
 from .output import WeightsWriter, hf_index, plan_shards, staged_folder
 
-ASSETS = Path(__file__).parent / "assets"
-TOKENIZER = ("tokenizer.model", "tokenizer_config.json")  # ChatGLM2's, bundled
 BLOCK_ELEMENTS = 1 << 24  # generate 16M values at a time: memory stays near one tensor
 
 
@@ -36,9 +36,9 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
                max_shard_bytes: int | None = None, overwrite: bool = False) -> list[str]:
     """Write a HF ChatGLM2 folder (config, sharded weights + index, tokenizer); returns the weight files."""
     if fmt not in ("bin", "safetensors"):
-        raise CheckpointError(f"unknown format {fmt!r}; expected bin or safetensors")
+        raise UserError(f"unknown format {fmt!r}; expected bin or safetensors")
     if dtype not in ("float16", "bfloat16", "float32"):
-        raise CheckpointError(f"unknown dtype {dtype!r}; expected float16, bfloat16 or float32")
+        raise UserError(f"unknown dtype {dtype!r}; expected float16, bfloat16 or float32")
     plan = [(name, shape, dtype) for name, shape in cfg.canonical_shapes().items()]
     plan.insert(1, (INV_FREQ, (cfg.kv_channels // 4,), dtype))
     assert plan[0][0] == EMBEDDING
@@ -59,8 +59,3 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
         for f in bundled_tokenizer():
             shutil.copyfile(f, tmp / f.name)
     return [f for f, _ in shards]
-
-
-def bundled_tokenizer() -> list[Path]:
-    """The ChatGLM2 tokenizer files this package carries (the same for every ChatGLM2-6B checkpoint)."""
-    return [ASSETS / n for n in TOKENIZER]

@@ -17,6 +17,7 @@ import numpy as np
 from converters.checkpoint import TOKENIZER_FILES
 from converters.formats.ckpt import CkptFile, CkptWriter
 from converters.runs import CONFIG, NAME, TRAINING, ckpt_path, record_path
+from glm2_core.assets import bundled_tokenizer
 
 
 def _bits(arr: np.ndarray) -> tuple[np.ndarray, str]:
@@ -84,8 +85,6 @@ def read_ckpt(path: Path) -> dict[str, np.ndarray]:
 
 def write_model_files(out: Path, cfg, dtype: str, tokenizer_from: Path | None) -> None:
     """config.json and the tokenizer files (those beside `tokenizer_from`, else the bundled ChatGLM2 ones)."""
-    from converters.synth import bundled_tokenizer
-
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps(cfg.chatglm_json(dtype), indent=2))
     found = [Path(tokenizer_from) / n for n in TOKENIZER_FILES] if tokenizer_from is not None else []

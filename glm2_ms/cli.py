@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from converters.options import ExistingPath, Tool, option, options, sampling_options
+from glm2_core.options import ExistingPath, Tool, option, options, sampling_options
 
 from .sampling import SamplingConfig
 

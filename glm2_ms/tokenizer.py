@@ -12,10 +12,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from converters.errors import CheckpointError
+from glm2_core.assets import bundled_tokenizer
+from glm2_core.errors import CheckpointError
 
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "converters" / "assets" / "tokenizer.model"
+DEFAULT_MODEL = bundled_tokenizer()[0]  # the tokenizer.model this toolkit ships
 
 
 def build_prompt(query: str, history: list[tuple[str, str]] | None = None) -> str:

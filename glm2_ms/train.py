@@ -17,8 +17,8 @@ import numpy as np
 from mindspore import Tensor, ops
 from mindspore.experimental.optim import AdamW
 
-from converters.errors import CheckpointError
 from converters.runs import NETWORK, TRAINING, ckpt_path, record_path
+from glm2_core.errors import CheckpointError
 
 from . import checkpointing as ckpt
 from .data import IGNORE, Lengths, TrainData, answer_windows, read_jsonl
@@ -366,7 +366,7 @@ def export(trainer: "Trainer", merge: bool = False) -> dict[str, str]:
     base on disk). Full: the model as a converter folder."""
     from converters.adapters import Adapter, write_mindpet, write_peft
     from converters.convert import convert
-    from converters.names import Layout
+    from glm2_core.names import Layout
 
     from .lora import lora_state
 

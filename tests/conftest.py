@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 import validation  # noqa: F401  (first: it sends library caches out of the temp dir, whichever test imports torch)
-from converters.config import GLM2Config
 from converters.synth import synthesize
+from glm2_core.config import GLM2Config
 
 DATA = Path(__file__).parent / "data"
 

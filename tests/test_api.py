@@ -6,7 +6,7 @@ import pytest
 ms = pytest.importorskip("mindspore")
 
 from converters.convert import convert  # noqa: E402
-from converters.names import Layout  # noqa: E402
+from glm2_core.names import Layout  # noqa: E402
 from glm2_ms import GLM2ForCausalLM, GLM2Tokenizer, SamplingConfig  # noqa: E402
 from glm2_ms.dialogue import chat, stream_chat  # noqa: E402
 from glm2_ms.loading import from_pretrained  # noqa: E402

@@ -12,9 +12,9 @@ from conftest import tree_digest
 
 from converters.checkpoint import open_checkpoint
 from converters.cli import main
-from converters.config import GLM2Config
 from converters.formats.checksums import crc32_combine
 from converters.synth import synthesize
+from glm2_core.config import GLM2Config
 
 torch = pytest.importorskip("torch")
 

@@ -7,7 +7,7 @@ ms = pytest.importorskip("mindspore")
 from converters.checkpoint import open_checkpoint  # noqa: E402
 from converters.convert import convert  # noqa: E402
 from converters.formats.ckpt import CkptFile, CkptWriter  # noqa: E402
-from converters.names import Layout  # noqa: E402
+from glm2_core.names import Layout  # noqa: E402
 
 
 def ms_bits(t) -> np.ndarray:

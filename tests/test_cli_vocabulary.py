@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import DATA
 
-from converters.dtypes import COMPUTE_DTYPES, WEIGHT_DTYPES
-from converters.options import VOCABULARY, VocabularyOption, unalias
+from glm2_core.dtypes import COMPUTE_DTYPES, WEIGHT_DTYPES
+from glm2_core.options import VOCABULARY, VocabularyOption, unalias
 from glm2_ms.train_config import TrainConfig
 
 TOOLS = {ep.name: ep.load() for ep in entry_points(group="console_scripts") if ep.name.startswith("glm2-")}

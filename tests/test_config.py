@@ -4,8 +4,8 @@ import json
 import pytest
 from conftest import DATA
 
-from converters.config import GLM2Config
-from converters.errors import CheckpointError
+from glm2_core.config import GLM2Config
+from glm2_core.errors import CheckpointError
 
 
 def test_real_config_json_is_the_6b_preset():

@@ -11,7 +11,7 @@ import pytest
 
 from converters.checkpoint import open_checkpoint
 from converters.convert import convert
-from converters.names import Layout
+from glm2_core.names import Layout
 
 LAYOUTS = [Layout("mindformers"), Layout("mindformers-legacy"), Layout("mindformers", qkv_split=True),
            Layout("mindformers", mlp_split=True), Layout("mindformers", rearrange_rope=True),

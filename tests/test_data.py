@@ -6,7 +6,7 @@ pytest.importorskip("sentencepiece")
 
 from conftest import DATA  # noqa: E402
 
-from converters.errors import CheckpointError  # noqa: E402
+from glm2_core.errors import UserError  # noqa: E402
 from glm2_ms.data import IGNORE, Lengths, TrainData, eval_example, read_jsonl, train_example  # noqa: E402
 from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt  # noqa: E402
 
@@ -42,7 +42,7 @@ def test_truncation_to_source_and_target_lengths():
 
 
 def test_lengths_that_disagree_are_refused():
-    with pytest.raises(CheckpointError, match="seq_length 192 disagrees"):
+    with pytest.raises(UserError, match="seq_length 192 disagrees"):
         Lengths(64, 128, seq_length=192)
     assert Lengths(64, 128, seq_length=193).total == 193
 

@@ -19,7 +19,7 @@ import pytest
 from converters.checkpoint import open_checkpoint
 from converters.convert import convert
 from converters.formats.ckpt import CkptFile
-from converters.names import Layout
+from glm2_core.names import Layout
 
 BIN = Path(sys.executable).parent
 DATA = Path(__file__).parent / "data" / "adgen_train_head200.json"

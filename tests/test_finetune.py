@@ -15,7 +15,7 @@ from conftest import DATA  # noqa: E402
 from converters.adapters import read_adapter, write_mindpet  # noqa: E402
 from converters.cli import main as convert_cli  # noqa: E402
 from converters.formats.ckpt import CkptFile, CkptWriter  # noqa: E402
-from converters.names import Layout  # noqa: E402
+from glm2_core.names import Layout  # noqa: E402
 from glm2_ms.finetune_cli import main as finetune_cli  # noqa: E402
 from glm2_ms.loading import from_pretrained  # noqa: E402
 from glm2_ms.lora import LoRAConfig, apply_lora, load_lora_state, lora_state, merge_lora  # noqa: E402
@@ -270,14 +270,14 @@ def test_loss_on_answer_windows_equals_the_whole_sequence_loss(base):
 
 
 def test_answer_windows_refuse_labels_wider_than_the_window():
-    from converters.errors import CheckpointError
+    from glm2_core.errors import UserError
     from glm2_ms.data import answer_windows
 
     labels = np.full((1, 10), -100, np.int32)
     labels[0, 2:8] = 5
     picks, targets = answer_windows(labels, 6)
     assert list(picks) == [1, 2, 3, 4, 5, 6] and list(targets) == [5] * 6
-    with pytest.raises(CheckpointError, match="span more than 5"):
+    with pytest.raises(UserError, match="span more than 5"):
         answer_windows(labels, 5)
 
 

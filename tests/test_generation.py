@@ -5,7 +5,7 @@ import pytest
 ms = pytest.importorskip("mindspore")
 
 from converters.convert import convert  # noqa: E402
-from converters.names import Layout  # noqa: E402
+from glm2_core.names import Layout  # noqa: E402
 from glm2_ms.generation import Decoder, SamplingConfig  # noqa: E402
 from glm2_ms.loading import from_pretrained  # noqa: E402
 from glm2_ms.tokenizer import GLM2Tokenizer  # noqa: E402

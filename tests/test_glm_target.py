@@ -8,10 +8,10 @@ transformers = pytest.importorskip("transformers")
 from numpy_glm2 import NumpyGLM2  # noqa: E402
 
 from converters.checkpoint import open_checkpoint  # noqa: E402
-from converters.config import GLM2Config  # noqa: E402
 from converters.convert import convert  # noqa: E402
-from converters.dtypes import to_float32  # noqa: E402
-from converters.names import Layout  # noqa: E402
+from glm2_core.config import GLM2Config  # noqa: E402
+from glm2_core.dtypes import to_float32  # noqa: E402
+from glm2_core.names import Layout  # noqa: E402
 
 
 def test_glm_export_loads_and_matches_an_independent_forward(hf_tiny, tmp_path):

@@ -16,7 +16,7 @@ pytest.importorskip("mindspore")
 from conftest import DATA  # noqa: E402
 
 from converters.convert import convert  # noqa: E402
-from converters.names import Layout  # noqa: E402
+from glm2_core.names import Layout  # noqa: E402
 from glm2_ms.checkpointing import latest  # noqa: E402
 
 BIN = Path(sys.executable).parent

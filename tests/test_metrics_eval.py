@@ -68,7 +68,7 @@ def test_score_cli(tmp_path):
 def test_eval_resumes_and_metric_parity_passes(hf_tiny, tmp_path):
     pytest.importorskip("mindspore")
     from converters.convert import convert
-    from converters.names import Layout
+    from glm2_core.names import Layout
 
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True), fmt="ckpt", progress=False)

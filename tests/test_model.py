@@ -6,7 +6,7 @@ ms = pytest.importorskip("mindspore")
 
 import reference_data  # noqa: E402
 
-from converters.names import Layout, weight_map  # noqa: E402
+from glm2_core.names import Layout, weight_map  # noqa: E402
 from glm2_ms.generation import Decoder, cache_inputs  # noqa: E402
 from glm2_ms.loading import to_tensor  # noqa: E402
 from glm2_ms.model import GLM2ForCausalLM  # noqa: E402

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 
 from converters.convert import convert  # noqa: E402
-from converters.names import Layout  # noqa: E402
+from glm2_core.names import Layout  # noqa: E402
 from validation.cli import main as parity_cli  # noqa: E402
 from validation.parity import Thresholds, run_parity  # noqa: E402
 from validation.references import glm_reference, torch_reference  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("mindspore")
 
 from converters.convert import convert  # noqa: E402
-from converters.names import Layout  # noqa: E402
+from glm2_core.names import Layout  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from strategy_fixtures import REPLICATED, glm2_maps, layout_entry, ms_split, wri
 
 from converters.checkpoint import open_checkpoint
 from converters.convert import convert
-from converters.errors import CheckpointError
-from converters.names import Layout
 from converters.shards import merge, split
 from converters.strategy import ParamLayout, load_strategy, strategy_bytes
+from glm2_core.errors import CheckpointError
+from glm2_core.names import Layout
 
 BIN = Path(sys.executable).parent
 MS = Layout("mindformers")
@@ -198,7 +198,7 @@ def test_uneven_split(full, tmp_path):
 def test_split_loads_in_load_distributed_checkpoint(full, tmp_path):
     import mindspore as ms
 
-    from converters.config import GLM2Config
+    from glm2_core.config import GLM2Config
     from glm2_ms.loading import use_cpu
     from glm2_ms.model import GLM2ForCausalLM
 
@@ -326,7 +326,7 @@ def test_cli_merge_split_roundtrip(full, run, tmp_path):
 
 def test_merged_shards_without_a_tokenizer_get_the_bundled_one(run, full, tmp_path):
     """MindFormers' output folders hold no tokenizer: the merged model gets ChatGLM2's, and the summary says so."""
-    from converters.synth import bundled_tokenizer
+    from glm2_core.assets import bundled_tokenizer
 
     r = cli(run[0], "--strategy", run[1], tmp_path / "merged", "--config", full["config"])
     assert r.returncode == 0 and "wrote the bundled ChatGLM2 tokenizer" in r.stdout, r.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.errors import CheckpointError
+from glm2_core.errors import UserError
 
 from .metrics import METRICS, adgen_scores
 
@@ -52,7 +52,7 @@ class Runtime:
 
             self.decoder = load_reference(model_dir)
         else:
-            raise CheckpointError(f"runtime must be ms or torch, not {kind!r}")
+            raise UserError(f"runtime must be ms or torch, not {kind!r}")
 
     def generate(self, batch, max_new_tokens: int, eos: int) -> np.ndarray:
         return self.decoder.generate(batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens,
@@ -75,16 +75,16 @@ def check_resume(out: Path, settings: dict, resume: bool) -> None:
     if not (out / PREDICTIONS).is_file():
         return
     if not resume:
-        raise CheckpointError(f"{out / PREDICTIONS}: exists; pass --resume to continue it, or choose another --out")
+        raise UserError(f"{out / PREDICTIONS}: exists; pass --resume to continue it, or choose another --out")
     try:
         recorded = json.loads((out / SETTINGS).read_text())
     except (OSError, json.JSONDecodeError):
-        raise CheckpointError(f"{out / SETTINGS}: missing or unreadable, so the predictions beside it cannot be "
+        raise UserError(f"{out / SETTINGS}: missing or unreadable, so the predictions beside it cannot be "
                               f"told to be this run's; use another --out") from None
     changed = [k for k in settings if recorded.get(k) != settings[k]]
     if changed:
         key = changed[0]
-        raise CheckpointError(f"{out / SETTINGS}: the predictions there are of {key} {recorded.get(key)!r}, this "
+        raise UserError(f"{out / SETTINGS}: the predictions there are of {key} {recorded.get(key)!r}, this "
                               f"run's is {settings[key]!r}; resume only the same run, or use another --out")
 
 
@@ -93,7 +93,7 @@ def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progr
     and only the rest is predicted."""
     done = [json.loads(line) for line in out_file.read_text().splitlines()] if out_file.is_file() else []
     if [d["content"] for d in done] != [c for c, _, _ in items[:len(done)]]:
-        raise CheckpointError(f"{out_file}: holds predictions for other samples; use another --out")
+        raise UserError(f"{out_file}: holds predictions for other samples; use another --out")
     todo = items[len(done):]
     from tqdm import tqdm
 

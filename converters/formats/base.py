@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..dtypes import BY_NAME
+from glm2_core.dtypes import BY_NAME
 
 
 class Closing:
@@ -38,7 +38,7 @@ class TensorRef:
     # `offset` once a writer has copied them: raises when they are not what the file's checksum says
 
     def __post_init__(self):
-        from ..errors import CheckpointError
+        from glm2_core.errors import CheckpointError
 
         try:
             self.name.encode("utf-8")
@@ -142,7 +142,7 @@ def write_bytes(out, data: np.ndarray | FileSpan, start: int = 0, n: int | None 
 
 def read_exact(f, offset: int, arr: np.ndarray, path: Path, what: str) -> None:
     """Fill `arr` with the bytes at `offset`; a short read means the file was cut off."""
-    from ..errors import CheckpointError
+    from glm2_core.errors import CheckpointError
 
     f.seek(offset)
     view = memoryview(arr).cast("B")

@@ -16,8 +16,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..dtypes import BY_CKPT, BY_NAME
-from ..errors import CheckpointError
+from glm2_core.dtypes import BY_CKPT, BY_NAME
+from glm2_core.errors import CheckpointError
+
 from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
 from .checksums import FileCrc, crc32
 from .protowire import encode_varint as _encode_varint

@@ -14,9 +14,10 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..dtypes import BY_NAME, BY_SAFETENSORS
-from ..errors import CheckpointError
-from ..jsonio import parse_json
+from glm2_core.dtypes import BY_NAME, BY_SAFETENSORS
+from glm2_core.errors import CheckpointError
+from glm2_core.jsonio import parse_json
+
 from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
 
 MAX_HEADER = 16 << 20  # the safetensors library allows 100 MB; a 6B model's header is ~20 KB, and a 100 MB one

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dtypes import BY_NAME, BY_TORCH_STORAGE, DType
-from ..errors import CheckpointError
+from glm2_core.dtypes import BY_NAME, BY_TORCH_STORAGE, DType
+from glm2_core.errors import CheckpointError
+
 from .base import Closing, FileSpan, TensorRef, write_bytes
 from .zipstore import STORED, ZipError, ZipRecord, ZipStoreWriter, read_record, read_zip
 

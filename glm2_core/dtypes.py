@@ -44,6 +44,7 @@ _TABLE = [
 ]
 FLOATS = ("float32", "float16", "bfloat16", "float64")
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")  # what ChatGLM2 weights are stored in
+DTYPES = ("keep", *WEIGHT_DTYPES)  # what an output's weights may be (keep: as stored)
 COMPUTE_DTYPES = ("float32", "float16")  # the runtimes' arithmetic (MindSpore on CPU has no bfloat16 matmul)
 BY_NAME = {d.name: d for d in _TABLE}
 BY_SAFETENSORS = {d.safetensors: d for d in _TABLE}

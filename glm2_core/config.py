@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UserError
 from .jsonio import read_json
 
 # Fields of the real THUDM config.json (and of its 32k/later variants) that do not change the weights or math.
@@ -158,7 +158,7 @@ class GLM2Config:
         try:
             base = PRESETS[name]
         except KeyError:
-            raise CheckpointError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}") from None
+            raise UserError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}") from None
         return cls._build(f"preset {name}", **{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
 
     def canonical_shapes(self) -> dict[str, tuple[int, ...]]:

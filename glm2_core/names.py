@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import GLM2Config
-from .errors import CheckpointError
+from .errors import CheckpointError, UserError
 
 L = "transformer.encoder.layers.{i}."
 G = "model.layers.{i}."
@@ -64,9 +64,9 @@ class Layout:
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            raise CheckpointError(f"unknown layout {self.family!r}; expected one of {', '.join(FAMILIES)}")
+            raise UserError(f"unknown layout {self.family!r}; expected one of {', '.join(FAMILIES)}")
         if self.family != "mindformers" and (self.qkv_split or self.mlp_split or self.rearrange_rope):
-            raise CheckpointError(f"layout {self.family}: split/rearranged variants exist only for the current "
+            raise UserError(f"layout {self.family}: split/rearranged variants exist only for the current "
                                   f"MindFormers names (--layout mindformers)")
 
     def describe(self) -> str:
