@@ -10,7 +10,7 @@ import click
 from glm2_core.config import PRESETS, GLM2Config
 from glm2_core.dtypes import WEIGHT_DTYPES
 from glm2_core.errors import UserError
-from glm2_core.names import HF_FAMILIES
+from glm2_core.names import HF_FAMILIES, canonical_shapes
 from glm2_core.options import MS_LAYOUTS, PATH, ExistingPath, ToolGroup, option, options
 
 
@@ -31,7 +31,7 @@ def common(src: str = "SRC"):
 
 def _preset_help() -> str:
     sizes = [f"{name} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-             f"{sum(map(math.prod, cfg.canonical_shapes().values())) / 1e6:,.0f}M parameters)"
+             f"{sum(map(math.prod, canonical_shapes(cfg).values())) / 1e6:,.0f}M parameters)"
              for name, cfg in PRESETS.items()]
     return f"Model size: {' or '.join(sizes)}; every preset has the real 65,024-token vocabulary."
 

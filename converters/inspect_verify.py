@@ -8,7 +8,7 @@ import numpy as np
 
 from glm2_core.dtypes import BY_NAME, cast, to_float32
 from glm2_core.errors import CheckpointError
-from glm2_core.names import classify, detect_layout
+from glm2_core.names import canonical_shapes, classify, detect_layout
 
 from .checkpoint import open_checkpoint
 from .source import NON_WEIGHTS, Source, manifest_layout
@@ -72,7 +72,7 @@ def verify(a: Path, b: Path, atol: float = 0.0, a_rearranged: bool = False, b_re
     after casting both to the narrower dtype (bit-exact there, else the max abs difference)."""
     with Source.open(a, a_rearranged or None, verify_checksums=verify_checksums) as sa, \
             Source.open(b, b_rearranged or None, verify_checksums=verify_checksums) as sb:
-        if sa.cfg.canonical_shapes() != sb.cfg.canonical_shapes():
+        if canonical_shapes(sa.cfg) != canonical_shapes(sb.cfg):
             raise CheckpointError(f"{a} and {b} hold models of different shapes")
         rows, failed = [], 0
         ga, _ = sa.groups(sa.layout)

@@ -19,7 +19,7 @@ import numpy as np
 from glm2_core.assets import bundled_tokenizer
 from glm2_core.dtypes import BY_NAME
 from glm2_core.errors import CheckpointError
-from glm2_core.names import OPTIMIZER_PREFIXES, classify
+from glm2_core.names import MINDPET, OPTIMIZER_PREFIXES, classify
 
 from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
 from .formats.base import TensorRef
@@ -311,7 +311,7 @@ def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, hf_fol
     found in the shards are folded into the weights, with the alpha given or, for one of our runs, recorded. The
     model's config and tokenizer come from the run folder when it has them (the tokenizer otherwise is the bundled
     ChatGLM2 one, which every ChatGLM2-6B checkpoint shares)."""
-    from .adapters import MINDPET, read_adapter
+    from .adapters import read_adapter
     from .convert import convert
 
     ckpt, stats = open_sharded(sources, strategy_path)

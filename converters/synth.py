@@ -12,7 +12,7 @@ from glm2_core.config import GLM2Config
 from glm2_core.dtypes import BY_NAME, cast
 from glm2_core.errors import UserError
 from glm2_core.jsonio import write_json
-from glm2_core.names import EMBEDDING, INV_FREQ, inv_freq
+from glm2_core.names import EMBEDDING, INV_FREQ, canonical_shapes, inv_freq
 
 from .output import WeightsWriter, hf_index, plan_shards, staged_folder
 
@@ -39,7 +39,7 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
         raise UserError(f"unknown format {fmt!r}; expected bin or safetensors")
     if dtype not in ("float16", "bfloat16", "float32"):
         raise UserError(f"unknown dtype {dtype!r}; expected float16, bfloat16 or float32")
-    plan = [(name, shape, dtype) for name, shape in cfg.canonical_shapes().items()]
+    plan = [(name, shape, dtype) for name, shape in canonical_shapes(cfg).items()]
     plan.insert(1, (INV_FREQ, (cfg.kv_channels // 4,), dtype))
     assert plan[0][0] == EMBEDDING
     shards = plan_shards(plan, max_shard_bytes or 2 * 10**9, fmt)

@@ -45,7 +45,7 @@ class GLM2Config:
     eos_token_id: int = 2
     pad_token_id: int = 0
 
-    # ---- derived sizes used by the name map and the model
+    # ---- derived sizes used by the weight-name schema and the model
     @property
     def q_rows(self) -> int:
         return self.num_attention_heads * self.kv_channels
@@ -53,6 +53,10 @@ class GLM2Config:
     @property
     def kv_rows(self) -> int:
         return self.multi_query_group_num * self.kv_channels
+
+    @property
+    def qkv_rows(self) -> int:
+        return self.q_rows + 2 * self.kv_rows
 
     @property
     def rope_base(self) -> float:
@@ -160,25 +164,6 @@ class GLM2Config:
         except KeyError:
             raise UserError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}") from None
         return cls._build(f"preset {name}", **{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
-
-    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every weight of the HF ChatGLM2 layout (our canonical names) with its shape, in the release's order."""
-        h, L = self.hidden_size, "transformer.encoder.layers.{}."
-        shapes = {"transformer.embedding.word_embeddings.weight": (self.padded_vocab_size, h)}
-        for i in range(self.num_layers):
-            p = L.format(i)
-            qkv = self.q_rows + 2 * self.kv_rows
-            shapes[p + "input_layernorm.weight"] = (h,)
-            shapes[p + "self_attention.query_key_value.weight"] = (qkv, h)
-            if self.add_qkv_bias:
-                shapes[p + "self_attention.query_key_value.bias"] = (qkv,)
-            shapes[p + "self_attention.dense.weight"] = (h, self.q_rows)
-            shapes[p + "post_attention_layernorm.weight"] = (h,)
-            shapes[p + "mlp.dense_h_to_4h.weight"] = (2 * self.ffn_hidden_size, h)
-            shapes[p + "mlp.dense_4h_to_h.weight"] = (h, self.ffn_hidden_size)
-        shapes["transformer.encoder.final_layernorm.weight"] = (h,)
-        shapes["transformer.output_layer.weight"] = (self.padded_vocab_size, h)
-        return shapes
 
     def chatglm_json(self, dtype: str | None = None) -> dict:
         """The field set of the real THUDM config.json, with this model's values."""

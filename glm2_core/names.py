@@ -1,14 +1,16 @@
-"""The weight map: one table of names per layout, read in both directions.
+"""The weight-name schema: every canonical weight with its shape, and the names that store it in each layout.
 
-Canonical names are the HF ChatGLM2 ones. Every other layout stores each canonical tensor as one or more
-tensors, each a selection of its rows: a rename takes all rows, a q/k/v or gate/up split takes a row range, and
-MindFormers' rearranged RoPE permutes the q and k rows inside every head. A row selection is invertible
-(scatter the rows back), so hf2ms and ms2hf are the same table, gathered one way and scattered the other.
+Canonical names are the HF ChatGLM2 ones (`SCHEMA`). Every other layout stores each canonical tensor as one or
+more tensors, each a selection of its rows: a rename takes all rows, a q/k/v or gate/up split takes a row range,
+and MindFormers' rearranged RoPE permutes the q and k rows inside every head. A row selection is invertible
+(scatter the rows back), so hf2ms and ms2hf are the same table, gathered one way and scattered the other; the
+layout of a set of names and the sizes of a bare checkpoint are read from the same table.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -19,31 +21,85 @@ L = "transformer.encoder.layers.{i}."
 G = "model.layers.{i}."
 EMBEDDING = "transformer.embedding.word_embeddings.weight"
 INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
+QKV_WEIGHT, QKV_BIAS = L + "self_attention.query_key_value.weight", L + "self_attention.query_key_value.bias"
+MLP_DOWN = L + "mlp.dense_4h_to_h.weight"
 
 FAMILIES = ("chatglm", "mindformers", "mindformers-legacy", "glm")
 HF_FAMILIES = ("chatglm", "glm")  # written as HF folders; the others as MindSpore checkpoints
 
-# canonical template: {family: target template, or [(target template, rows)] for a split}. Absent = same name.
-_QKV = {"q", "k", "v"}
-TABLE: dict[str, dict[str, object]] = {
-    EMBEDDING: {"mindformers": "transformer.embedding.embedding_weight",
-                "mindformers-legacy": "transformer.embedding.embedding_table",
-                "glm": "model.embed_tokens.weight"},
-    L + "input_layernorm.weight": {"glm": G + "input_layernorm.weight"},
-    L + "self_attention.query_key_value.{p}": {
-        "mindformers/qkv-split": [(L + "self_attention.wq.{p}", "q"), (L + "self_attention.wk.{p}", "k"),
-                                  (L + "self_attention.wv.{p}", "v")],
-        "glm": [(G + "self_attn.q_proj.{p}", "q"), (G + "self_attn.k_proj.{p}", "k"),
-                (G + "self_attn.v_proj.{p}", "v")]},
-    L + "self_attention.dense.weight": {"glm": G + "self_attn.o_proj.weight"},
-    L + "post_attention_layernorm.weight": {"glm": G + "post_attention_layernorm.weight"},
-    L + "mlp.dense_h_to_4h.weight": {
-        "mindformers/mlp-split": [(L + "mlp.dense_left.weight", "gate"), (L + "mlp.dense_right.weight", "up")],
-        "glm": G + "mlp.gate_up_proj.weight"},
-    L + "mlp.dense_4h_to_h.weight": {"glm": G + "mlp.down_proj.weight"},
-    "transformer.encoder.final_layernorm.weight": {"glm": "model.norm.weight"},
-    "transformer.output_layer.weight": {"glm": "lm_head.weight"},
-}
+
+def _qkv(p: str) -> dict[str, object]:
+    return {"mindformers/qkv-split": [(L + f"self_attention.wq.{p}", "q"), (L + f"self_attention.wk.{p}", "k"),
+                                      (L + f"self_attention.wv.{p}", "v")],
+            "glm": [(G + f"self_attn.q_proj.{p}", "q"), (G + f"self_attn.k_proj.{p}", "k"),
+                    (G + f"self_attn.v_proj.{p}", "v")]}
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One canonical weight: its THUDM name (`{i}`: the layer), its shape from the config's sizes, and how each
+    layout stores it: {family or family/variant: its name, or [(name, rows)] for a split}; absent: the same name."""
+    template: str
+    shape: Callable[[GLM2Config], tuple[int, ...]]
+    layouts: dict[str, object] = field(default_factory=dict)
+    rope: bool = False  # its q/k rows are the ones MindFormers' rearranged RoPE permutes
+    present: Callable[[GLM2Config], bool] = lambda cfg: True
+
+
+# The schema, in the release's order (the layer's entries repeat for every layer).
+SCHEMA = (
+    Weight(EMBEDDING, lambda c: (c.padded_vocab_size, c.hidden_size),
+           {"mindformers": "transformer.embedding.embedding_weight",
+            "mindformers-legacy": "transformer.embedding.embedding_table", "glm": "model.embed_tokens.weight"}),
+    Weight(L + "input_layernorm.weight", lambda c: (c.hidden_size,), {"glm": G + "input_layernorm.weight"}),
+    Weight(QKV_WEIGHT, lambda c: (c.qkv_rows, c.hidden_size), _qkv("weight"), rope=True),
+    Weight(QKV_BIAS, lambda c: (c.qkv_rows,), _qkv("bias"), rope=True, present=lambda c: c.add_qkv_bias),
+    Weight(L + "self_attention.dense.weight", lambda c: (c.hidden_size, c.q_rows),
+           {"glm": G + "self_attn.o_proj.weight"}),
+    Weight(L + "post_attention_layernorm.weight", lambda c: (c.hidden_size,),
+           {"glm": G + "post_attention_layernorm.weight"}),
+    Weight(L + "mlp.dense_h_to_4h.weight", lambda c: (2 * c.ffn_hidden_size, c.hidden_size),
+           {"mindformers/mlp-split": [(L + "mlp.dense_left.weight", "gate"), (L + "mlp.dense_right.weight", "up")],
+            "glm": G + "mlp.gate_up_proj.weight"}),
+    Weight(MLP_DOWN, lambda c: (c.hidden_size, c.ffn_hidden_size), {"glm": G + "mlp.down_proj.weight"}),
+    Weight("transformer.encoder.final_layernorm.weight", lambda c: (c.hidden_size,), {"glm": "model.norm.weight"}),
+    Weight("transformer.output_layer.weight", lambda c: (c.padded_vocab_size, c.hidden_size),
+           {"glm": "lm_head.weight"}),
+)
+BY_TEMPLATE = {w.template: w for w in SCHEMA}
+VARIANTS = {"qkv_split": (QKV_WEIGHT, "mindformers/qkv-split"), "mlp_split": (L + "mlp.dense_h_to_4h.weight",
+                                                                              "mindformers/mlp-split")}
+
+# LoRA factors as mindpet names them: `<module>.mindpet_delta_lora_a` [r, in] and `…_lora_b` [out, r]
+# (mindpet < 1.0.2, MindFormers r0.7: `tk_delta_lora_a/_b`)
+LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
+MINDPET = re.compile(r"^(.*)\.(?:mindpet_delta|tk_delta)_lora_([ab])$")
+
+_LAYER = re.compile(r"(?<=\blayers\.)\d{1,6}(?=\.)")
+
+
+def layer_template(name: str) -> tuple[str, int | None]:
+    """`….layers.3.mlp…` → (`….layers.{i}.mlp…`, 3); a name outside the layers → (name, None)."""
+    m = _LAYER.search(name)
+    if m is None:
+        return name, None
+    return f"{name[:m.start()]}{{i}}{name[m.end():]}", int(m.group())
+
+
+def canonical_weights(cfg: GLM2Config) -> list[tuple[str, Weight]]:
+    """Every canonical weight of a model as (name, schema entry), in the release's order."""
+    present = [w for w in SCHEMA if w.present(cfg)]
+    layered = [w for w in present if "{i}" in w.template]
+    first = present.index(layered[0])
+    return ([(w.template, w) for w in present[:first]]
+            + [(w.template.format(i=i), w) for i in range(cfg.num_layers) for w in layered]
+            + [(w.template, w) for w in present[first + len(layered):]])
+
+
+def canonical_shapes(cfg: GLM2Config) -> dict[str, tuple[int, ...]]:
+    """Every weight of the HF ChatGLM2 layout (the canonical names) with its shape, in the release's order."""
+    return {name: w.shape(cfg) for name, w in canonical_weights(cfg)}
+
 
 # Entries of MindSpore training checkpoints that are not model weights.
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "accu_grad.")
@@ -52,7 +108,6 @@ OPTIMIZER_SCALARS = {"global_step", "epoch_num", "step_num", "loss_scale", "lear
 # KV caches: MindFormers' older `key_past`/`kvcache_mgr.*` and 2.x's paged-attention blocks
 # (`….infer_attention.paged_attention_mgr.key_cache` / `value_cache`, which its save_pretrained writes)
 _CACHE = re.compile(r"(key_past|value_past|kvcache_mgr\.|paged_attention_mgr\.(key|value)_cache$)")
-_LORA = re.compile(r"\.(mindpet_delta|tk_delta)_lora_[ab]$")
 
 
 @dataclass(frozen=True)
@@ -78,15 +133,20 @@ class Layout:
         return {"family": self.family, "qkv_split": self.qkv_split, "mlp_split": self.mlp_split,
                 "rearrange_rope": self.rearrange_rope}
 
-    def targets(self, template: str) -> list[tuple[str, str]]:
-        """The target templates of one canonical template, with the part of the rows each takes."""
-        rules = TABLE.get(template, {})
+    def targets(self, weight: Weight) -> list[tuple[str, str]]:
+        """The names (templates) that store a canonical weight in this layout, with the part of its rows each
+        takes."""
+        rules = weight.layouts
         for key in (f"{self.family}/qkv-split" if self.qkv_split else None,
                     f"{self.family}/mlp-split" if self.mlp_split else None, self.family):
             if key in rules:
                 rule = rules[key]
                 return rule if isinstance(rule, list) else [(rule, "all")]
-        return [(template, "all")]
+        return [(weight.template, "all")]
+
+    def pieces(self) -> dict[str, tuple[Weight, str]]:
+        """Every name (template) of this layout → the canonical weight it stores and the part of its rows."""
+        return {name: (w, part) for w in SCHEMA for name, part in self.targets(w)}
 
 
 def _rope_perm(d: int) -> np.ndarray:
@@ -94,12 +154,11 @@ def _rope_perm(d: int) -> np.ndarray:
     return np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)])
 
 
-def _rows(part: str, template: str, layout: Layout, cfg: GLM2Config):
+def _rows(part: str, weight: Weight, layout: Layout, cfg: GLM2Config):
     """A slice (contiguous rows) or an index array selecting the rows of the canonical tensor."""
     q, kv, ffn = cfg.q_rows, cfg.kv_rows, cfg.ffn_hidden_size
     spans = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "gate": (0, ffn), "up": (ffn, 2 * ffn)}
-    is_qkv = "query_key_value" in template
-    if not (layout.rearrange_rope and is_qkv):
+    if not (layout.rearrange_rope and weight.rope):
         if part == "all":
             return None
         return slice(*spans[part])
@@ -149,16 +208,10 @@ class Mapping:
 def weight_map(layout: Layout, cfg: GLM2Config) -> list[Mapping]:
     """Every canonical weight with the tensors that store it in `layout`, in the release's order."""
     out = []
-    for name, shape in cfg.canonical_shapes().items():
-        layer = re.search(r"layers\.(\d+)\.", name)
-        template = re.sub(r"layers\.\d+\.", "layers.{i}.", name)
-        p = None
-        if "query_key_value" in template:
-            template, p = template.rsplit(".", 1)
-            template += ".{p}"
-        pieces = tuple(Piece(t.format(i=layer and layer.group(1), p=p), _rows(part, template, layout, cfg))
-                       for t, part in layout.targets(template))
-        out.append(Mapping(name, shape, pieces))
+    for name, weight in canonical_weights(cfg):
+        layer = layer_template(name)[1]
+        pieces = tuple(Piece(t.format(i=layer), _rows(part, weight, layout, cfg)) for t, part in layout.targets(weight))
+        out.append(Mapping(name, weight.shape(cfg), pieces))
     return out
 
 
@@ -166,7 +219,7 @@ def classify(name: str) -> str:
     """'optimizer', 'cache', 'buffer', 'lora' or 'weight' (the last only says: not one of the others)."""
     if name.startswith(OPTIMIZER_PREFIXES) or name in OPTIMIZER_SCALARS:
         return "optimizer"
-    if _LORA.search(name):
+    if MINDPET.match(name):
         return "lora"
     if _CACHE.search(name):
         return "cache"
@@ -176,21 +229,20 @@ def classify(name: str) -> str:
 
 
 def detect_layout(names, rearrange_rope: bool = False, where: str = "checkpoint") -> Layout:
-    """The layout a set of tensor names is in. Rearranged RoPE leaves no trace in names: it must be told."""
-    names = set(names)
-    families = [f for f, key in (("chatglm", EMBEDDING), ("mindformers", "transformer.embedding.embedding_weight"),
-                                 ("mindformers-legacy", "transformer.embedding.embedding_table"),
-                                 ("glm", "model.embed_tokens.weight")) if key in names]
+    """The layout a set of tensor names is in: the family by the name of its embedding, the split variants by
+    their names. Rearranged RoPE leaves no trace in names: it must be told."""
+    templates = {layer_template(n)[0] for n in names}
+    embeddings = {Layout(f).targets(BY_TEMPLATE[EMBEDDING])[0][0]: f for f in FAMILIES}
+    families = [f for name, f in embeddings.items() if name in templates]
     if len(families) != 1:
         found = "several embeddings" if families else "no embedding"
         raise CheckpointError(f"{where}: cannot tell the checkpoint's layout: {found} among its names "
-                              f"(expected one of {EMBEDDING}, transformer.embedding.embedding_weight, "
-                              f"transformer.embedding.embedding_table, model.embed_tokens.weight)")
+                              f"(expected one of {', '.join(embeddings)})")
     family = families[0]
     mf = family == "mindformers"
-    return Layout(family, qkv_split=mf and any(n.endswith("self_attention.wq.weight") for n in names),
-                  mlp_split=mf and any(n.endswith("mlp.dense_left.weight") for n in names),
-                  rearrange_rope=mf and rearrange_rope)
+    split = {flag: mf and BY_TEMPLATE[canonical].layouts[variant][0][0] in templates
+             for flag, (canonical, variant) in VARIANTS.items()}
+    return Layout(family, **split, rearrange_rope=mf and rearrange_rope)
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, where: str = "checkpoint",
@@ -201,26 +253,24 @@ def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, where: str 
     """
     refused = CheckpointError(f"{where}: cannot infer the model sizes from the tensor shapes; give the model's "
                               f"config.json (--config)")
-    by_canon = {}
-    for m in weight_map(layout, GLM2Config.preset("tiny", num_layers=1)):
-        for piece in m.pieces:
-            by_canon[piece.name] = m.canonical
-    emb = [shapes[n] for n in shapes if by_canon.get(n) == EMBEDDING]
-    down = [s for n, s in shapes.items() if n.endswith(("dense_4h_to_h.weight", "down_proj.weight"))]
-    qkv = [s for n, s in shapes.items()
-           if re.search(r"layers\.0\.self_att\w*\.(query_key_value|wq|wk|wv|[qkv]_proj)\.weight$", n)]
-    if len(emb) != 1 or len(emb[0]) != 2 or not down or len(down[0]) != 2 or not qkv or any(len(s) != 2 for s in qkv):
+    pieces, found, layers = layout.pieces(), {}, set()
+    for name, shape in shapes.items():
+        template, layer = layer_template(name)
+        if template in pieces:
+            found.setdefault((pieces[template][0].template, layer), []).append(shape)
+            layers.add(layer)
+    emb, down, qkv = (found.get(key, []) for key in ((EMBEDDING, None), (MLP_DOWN, 0), (QKV_WEIGHT, 0)))
+    if len(emb) != 1 or len(down) != 1 or not qkv or any(len(s) != 2 for s in emb + down + qkv):
         raise refused
     (vocab, hidden), qkv_rows = emb[0], sum(s[0] for s in qkv)
-    layers = {int(m.group(1)) for n in shapes for m in [re.search(r"layers\.(\d{1,6})\.", n)] if m}
     heads = hidden // kv_channels
     groups = (qkv_rows - hidden) // (2 * kv_channels)
-    has_bias = any(n.endswith(("query_key_value.bias", "wq.bias", "q_proj.bias")) for n in shapes)
     if hidden % kv_channels or groups <= 0 or heads * kv_channels + 2 * groups * kv_channels != qkv_rows:
         raise refused
-    return GLM2Config._build(f"{where} (sizes inferred from its shapes)", num_layers=len(layers), hidden_size=hidden,
-                             ffn_hidden_size=down[0][1], num_attention_heads=heads, multi_query_group_num=groups,
-                             kv_channels=kv_channels, padded_vocab_size=vocab, add_qkv_bias=has_bias)
+    return GLM2Config._build(f"{where} (sizes inferred from its shapes)", num_layers=len(layers - {None}),
+                             hidden_size=hidden, ffn_hidden_size=down[0][1], num_attention_heads=heads,
+                             multi_query_group_num=groups, kv_channels=kv_channels, padded_vocab_size=vocab,
+                             add_qkv_bias=any(t == QKV_BIAS for t, _ in found))
 
 
 def inv_freq(cfg: GLM2Config, dtype: str) -> np.ndarray:

@@ -19,10 +19,9 @@ import numpy as np
 from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import initializer
 
-from .model import GLM2ForCausalLM, Linear
+from glm2_core.names import LORA_A, LORA_B
 
-A_SUFFIX, B_SUFFIX = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
-OLD_SUFFIXES = {"tk_delta_lora_a": A_SUFFIX, "tk_delta_lora_b": B_SUFFIX}  # mindpet < 1.0.2, MindFormers r0.7
+from .model import GLM2ForCausalLM, Linear
 
 
 @dataclass(frozen=True)
@@ -52,9 +51,9 @@ class LoRALinear(Linear):
         bound = 1.0 / math.sqrt(n_in)
         rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
         self.mindpet_delta_lora_a = Parameter(Tensor(rng.uniform(-bound, bound, (cfg.rank, n_in)).astype(np.float32)),
-                                              name=f"{name}.{A_SUFFIX}")
+                                              name=f"{name}.{LORA_A}")
         self.mindpet_delta_lora_b = Parameter(initializer("zeros", (n_out, cfg.rank), ms.float32),
-                                              name=f"{name}.{B_SUFFIX}")
+                                              name=f"{name}.{LORA_B}")
         self.scaling = cfg.scaling
         self.use_dropout = cfg.dropout > 0
         self.dropout_mask = Parameter(Tensor(np.ones((1, 1, n_in), np.float32)), name=f"{name}.lora_dropout_mask",

@@ -382,8 +382,8 @@ def export(trainer: "Trainer", merge: bool = False) -> dict[str, str]:
                                                       for m, d in deltas.items()}, cfg.lora_dropout)
     paths = {"adapter": out / "adapter", "adapter-glm": out / "adapter-glm", "mindpet": out / "mindpet"}
     base = str(trainer.model_dir.resolve())  # PEFT loads the base from here, whatever the current folder
-    write_peft(adapter, paths["adapter"], "chatglm", mcfg.q_rows, mcfg.kv_rows, base)
-    write_peft(adapter, paths["adapter-glm"], "glm", mcfg.q_rows, mcfg.kv_rows, base)
+    write_peft(adapter, paths["adapter"], "chatglm", mcfg, base)
+    write_peft(adapter, paths["adapter-glm"], "glm", mcfg, base)
     write_mindpet(adapter, paths["mindpet"])
     if merge:
         paths["merged"] = out / "merged"
