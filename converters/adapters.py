@@ -73,7 +73,7 @@ def _fuse(parts: dict[str, tuple], order: list[str], module: str, rank: int) -> 
     B is block diagonal, which is the same delta exactly."""
     if set(parts) != set(order):
         raise CheckpointError(f"adapter: {module} has LoRA on {sorted(parts)} only; need {', '.join(order)}")
-    a_s, b_s = zip(*(parts[p] for p in order))
+    a_s, b_s = zip(*(parts[p] for p in order), strict=True)
     if all(np.array_equal(a_s[0], a) for a in a_s):
         return (a_s[0], np.concatenate(b_s)), rank
     b = np.zeros((sum(x.shape[0] for x in b_s), len(b_s) * rank), np.float32)
@@ -121,6 +121,14 @@ def _lora_arrays(ckpt) -> list[tuple[str, np.ndarray]]:
 
     return [(n, to_float32(t.read(), t.dtype)) for n, t in ckpt.tensors.items()
             if (MINDPET.match(n) or PEFT.match(n)) and not n.startswith(OPTIMIZER_PREFIXES)]
+
+
+def adapter_from_mindpet(tensors: dict[str, np.ndarray], alpha: float, dropout: float = 0.0,
+                         where: str = "the model") -> Adapter:
+    """An adapter from its mindpet-named factors in memory (a LoRA model's state), with the run's alpha."""
+    pairs = _pairs(tensors.items(), MINDPET, where)
+    rank = next(iter(pairs.values()))["a"].shape[0]
+    return Adapter(rank, alpha, {m: (ab["a"], ab["b"]) for m, ab in pairs.items()}, dropout)
 
 
 def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:

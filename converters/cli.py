@@ -9,7 +9,6 @@ import click
 
 from glm2_core.config import PRESETS, GLM2Config
 from glm2_core.dtypes import WEIGHT_DTYPES
-from glm2_core.errors import UserError
 from glm2_core.names import HF_FAMILIES, canonical_shapes
 from glm2_core.options import MS_LAYOUTS, PATH, ExistingPath, ToolGroup, option, options
 
@@ -102,21 +101,11 @@ def ms2hf(src, dst, layout, fmt, max_shard_size, no_crc_check, dtype, overwrite,
     from .convert import convert
     from .output import parse_size
 
-    summary = convert(src, dst, target=Layout(layout), fmt=fmt, dtype=dtype, hf_folder=True,
-                      max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite,
-                      allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config,
-                      progress=not quiet, verify_checksums=not no_crc_check)
+    summary = convert(src, dst, target=Layout(layout), fmt=fmt, dtype=dtype,
+                      max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, allow_overflow=allow_overflow,
+                      rearranged_rope=rearranged_rope, config=config, progress=not quiet,
+                      verify_checksums=not no_crc_check)
     _print_summary(summary, as_json)
-
-
-def check_format(fmt: str | None, layout: str) -> str:
-    """The weights format of an output in `layout` (default: ckpt for MindSpore names, safetensors for HF)."""
-    hf = layout in HF_FAMILIES
-    fmt = fmt or ("safetensors" if hf else "ckpt")
-    if fmt != "safetensors" and (fmt == "bin") != hf:
-        raise UserError(f"--format {fmt} does not go with --layout {layout} (ckpt is for MindSpore names, "
-                              f"bin for HF names)")
-    return fmt
 
 
 @main.command("merge-lora", aliases={"--hf": "--layout"})
@@ -135,12 +124,13 @@ def merge_lora(base, adapter, dst, lora_alpha, layout, fmt, no_crc_check, dtype,
 
     from .adapters import read_adapter
     from .convert import convert
+    from .model_folder import weights_format
 
-    fmt = check_format(fmt, layout)
+    fmt = weights_format(fmt, layout)
     lora = read_adapter(adapter, lora_alpha)
-    summary = convert(base, dst, target=Layout(layout), fmt=fmt, dtype=dtype, hf_folder=layout in HF_FAMILIES,
-                      overwrite=overwrite, allow_overflow=allow_overflow, rearranged_rope=rearranged_rope,
-                      config=config, progress=not quiet, adapter=lora, verify_checksums=not no_crc_check)
+    summary = convert(base, dst, target=Layout(layout), fmt=fmt, dtype=dtype, overwrite=overwrite,
+                      allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config, progress=not quiet,
+                      adapter=lora, verify_checksums=not no_crc_check)
     _print_summary(summary, as_json)
     if not as_json:
         click.echo(f"  merged LoRA r={lora.rank} alpha={lora.alpha:g} (scaling {lora.scaling:g}) into "

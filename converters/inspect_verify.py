@@ -77,7 +77,7 @@ def verify(a: Path, b: Path, atol: float = 0.0, a_rearranged: bool = False, b_re
         rows, failed = [], 0
         ga, _ = sa.groups(sa.layout)
         gb, _ = sb.groups(sb.layout)
-        for x, y in zip(ga, gb):
+        for x, y in zip(ga, gb, strict=True):
             row = {"name": x.source.canonical, **_compare(*sa.canonical(x), *sb.canonical(y))}
             row["ok"] = row["equal"] or row["max_abs_diff"] <= atol
             failed += not row["ok"]

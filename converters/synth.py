@@ -1,7 +1,6 @@
 """Synthetic ChatGLM2 checkpoints laid out exactly like the THUDM release, at any size, streamed to disk."""
 from __future__ import annotations
 
-import shutil
 import zlib
 from pathlib import Path
 
@@ -11,10 +10,10 @@ from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
 from glm2_core.dtypes import BY_NAME, cast
 from glm2_core.errors import UserError
-from glm2_core.jsonio import write_json
-from glm2_core.names import EMBEDDING, INV_FREQ, canonical_shapes, inv_freq
+from glm2_core.names import EMBEDDING, INV_FREQ, Layout, canonical_shapes, inv_freq
 
-from .output import WeightsWriter, hf_index, plan_shards, staged_folder
+from .model_folder import weight_files, write_beside_weights
+from .output import WeightsWriter, staged_folder
 
 BLOCK_ELEMENTS = 1 << 24  # generate 16M values at a time: memory stays near one tensor
 
@@ -42,20 +41,10 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
     plan = [(name, shape, dtype) for name, shape in canonical_shapes(cfg).items()]
     plan.insert(1, (INV_FREQ, (cfg.kv_channels // 4,), dtype))
     assert plan[0][0] == EMBEDDING
-    shards = plan_shards(plan, max_shard_bytes or 2 * 10**9, fmt)
+    shards = weight_files(plan, fmt, "chatglm", max_shard_bytes)
     with staged_folder(Path(out), overwrite) as tmp:
-        writer = WeightsWriter(tmp, fmt, shards, {"format": "pt"} if fmt == "safetensors" else None)
-        try:
+        with WeightsWriter(tmp, fmt, shards, {"format": "pt"} if fmt == "safetensors" else None) as writer:
             for name, shape, dt in plan:
                 writer.write(name, inv_freq(cfg, dt) if name == INV_FREQ else _values(name, shape, dt, seed), dt)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        index = hf_index(shards, fmt)
-        if index:
-            write_json(tmp / index[0], index[1])
-        write_json(tmp / "config.json", cfg.chatglm_json(dtype))
-        for f in bundled_tokenizer():
-            shutil.copyfile(f, tmp / f.name)
+        write_beside_weights(tmp, cfg, Layout("chatglm"), dtype, fmt, shards, bundled_tokenizer())
     return [f for f, _ in shards]

@@ -89,14 +89,14 @@ class GLM2Config:
                              f"head)")
 
     @classmethod
-    def _build(cls, source: str, **kw) -> "GLM2Config":
+    def _build(cls, source: str, **kw) -> GLM2Config:
         try:
             return cls(**kw)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{source}: {exc}") from None
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "GLM2Config":
+    def from_dict(cls, d: dict, source: str = "config.json") -> GLM2Config:
         own = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - own - _PASSIVE)
         if unknown:
@@ -116,7 +116,7 @@ class GLM2Config:
         return cls._build(source, **kw)
 
     @classmethod
-    def from_glm_dict(cls, d: dict, source: str = "config.json") -> "GLM2Config":
+    def from_glm_dict(cls, d: dict, source: str = "config.json") -> GLM2Config:
         """From the config of transformers' native GlmForCausalLM (as `ms2hf --layout glm` writes it)."""
         rope = d.get("rope_parameters") or {}
         if not isinstance(rope, dict):
@@ -140,16 +140,16 @@ class GLM2Config:
                           eos_token_id=d.get("eos_token_id", 2), pad_token_id=d.get("pad_token_id", 0))
 
     @classmethod
-    def from_mapping(cls, d: dict, source: str = "config.json") -> "GLM2Config":
+    def from_mapping(cls, d: dict, source: str = "config.json") -> GLM2Config:
         """Either field set: transformers' GlmForCausalLM (model_type "glm") or THUDM's ChatGLM."""
         return cls.from_glm_dict(d, source) if d.get("model_type") == "glm" else cls.from_dict(d, source)
 
     @classmethod
-    def from_file(cls, path) -> "GLM2Config":
+    def from_file(cls, path) -> GLM2Config:
         return cls.from_mapping(read_json(path, "config"), str(path))
 
     @classmethod
-    def from_pretrained(cls, path) -> "GLM2Config":
+    def from_pretrained(cls, path) -> GLM2Config:
         """From a folder (its config.json) or a config file, in the chatglm or the transformers-GLM field set."""
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
@@ -158,7 +158,7 @@ class GLM2Config:
         return cls.from_file(file)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GLM2Config":
+    def preset(cls, name: str, **overrides) -> GLM2Config:
         try:
             base = PRESETS[name]
         except KeyError:

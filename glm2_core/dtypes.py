@@ -5,6 +5,7 @@ everything that only moves bytes (renames, row splits, writing) never needs the 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,19 @@ BY_NAME = {d.name: d for d in _TABLE}
 BY_SAFETENSORS = {d.safetensors: d for d in _TABLE}
 BY_CKPT = {d.ckpt: d for d in _TABLE}
 BY_TORCH_STORAGE = {d.torch_storage: d for d in _TABLE if d.torch_storage}
+
+
+def nbytes(shape, dtype: str) -> int:
+    """The bytes of a tensor of `shape` stored as `dtype`."""
+    return math.prod(shape) * BY_NAME[dtype].itemsize
+
+
+def stored(a: np.ndarray) -> tuple[np.ndarray, str]:
+    """An array as this module stores it, with its dtype's name: bfloat16 (MindSpore registers one with numpy)
+    as its uint16 bits."""
+    if a.dtype.name == "bfloat16":
+        return a.view(np.uint16), "bfloat16"
+    return a, a.dtype.name
 
 
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:

@@ -9,8 +9,8 @@ layout of a set of names and the sizes of a bare checkpoint are read from the sa
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -200,7 +200,7 @@ class Mapping:
         if len(parts) == 1 and self.pieces[0].rows is None:
             return parts[0]
         out = np.empty(self.shape, parts[0].dtype)
-        for p, a in zip(self.pieces, parts):
+        for p, a in zip(self.pieces, parts, strict=True):
             out[p.rows] = a
         return out
 

@@ -3,7 +3,7 @@
 (The module is not named `chat`: a submodule of that name would shadow the `chat` function `glm2_ms` exports.)"""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -91,7 +91,6 @@ def apply_lora(model: GLM2ForCausalLM, cfg: LoRAConfig) -> list[str]:
     for name, parent, attr, cell in targets:
         setattr(parent, attr, LoRALinear(cell, name, cfg))
         _rename(getattr(parent, attr), name)
-    model.lora_config = cfg
     return [name for name, *_ in targets]
 
 
@@ -129,31 +128,3 @@ def lora_state(model: GLM2ForCausalLM) -> dict[str, np.ndarray]:
         for p in (cell.mindpet_delta_lora_a, cell.mindpet_delta_lora_b):
             out[p.name] = p.asnumpy().copy()
     return out
-
-
-def load_lora_state(model: GLM2ForCausalLM, state: dict[str, np.ndarray]) -> None:
-    params = {p.name: p for _, c in lora_cells(model) for p in (c.mindpet_delta_lora_a, c.mindpet_delta_lora_b)}
-    if set(params) != set(state):
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise ValueError(f"adapter does not fit the model: missing {missing[:2]}, unexpected {extra[:2]}")
-    for name, arr in state.items():
-        if tuple(params[name].shape) != arr.shape:
-            raise ValueError(f"adapter tensor {name} has shape {list(arr.shape)}, the model needs "
-                             f"{list(params[name].shape)}")
-        params[name].set_data(Tensor(np.asarray(arr, np.float32)))
-
-
-def merge_lora(model: GLM2ForCausalLM) -> None:
-    """Fold W += (alpha/r)·B·A into the base weights (in float32, then the weight's dtype) and drop the adapters."""
-    cells = dict(model.cells_and_names())
-    for name, cell in lora_cells(model):
-        a, b = cell.mindpet_delta_lora_a.asnumpy(), cell.mindpet_delta_lora_b.asnumpy()
-        w = cell.weight
-        merged = w.astype(ms.float32).asnumpy() + cell.scaling * (b @ a)
-        w.set_data(Tensor(merged).astype(w.dtype))
-        plain = Linear(w.shape[1], w.shape[0], cell.bias is not None, w.dtype)
-        plain.weight, plain.bias = w, cell.bias
-        parent_name, _, attr = name.rpartition(".")
-        setattr(cells[parent_name], attr, plain)
-        _rename(plain, name)
-    model.lora_config = None

@@ -6,9 +6,9 @@ restarting at 0 for each row's first real token.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -50,15 +50,12 @@ class GLM2Tokenizer:
         self.gmask_id, self.sop_id = self.special["[gMASK]"], self.special["sop"]
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "GLM2Tokenizer":
+    def from_pretrained(cls, path: str | Path) -> GLM2Tokenizer:
         """The tokenizer of a model folder (its tokenizer.model), as transformers' AutoTokenizer is loaded."""
         return cls(path)
 
     def prefix(self) -> list[int]:
         return [self.gmask_id, self.sop_id]
-
-    def tokenize(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
 
     def encode(self, text: str, add_special_tokens: bool = True, max_length: int | None = None) -> list[int]:
         ids = self.sp.encode(text)

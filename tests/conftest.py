@@ -54,3 +54,13 @@ def hf_tiny(tmp_path_factory):
         return made[key]
 
     return get
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say which optional extras were missing, so that their skipped tests are not mistaken for passes."""
+    from helpers import MISSING
+
+    if MISSING:
+        terminalreporter.write_sep("-", "optional extras not installed")
+        terminalreporter.write_line(f"tests skipped for want of: {', '.join(sorted(MISSING))} "
+                                    f"(pip install -e '.[test]' installs them)")

@@ -48,3 +48,28 @@ def test_glm_adapter_without_every_part_is_refused(tmp_path, tiny_cfg):
     write_glm_adapter(tmp_path / "glm", tiny_cfg, "qk")
     with pytest.raises(CheckpointError, match=r"query_key_value has LoRA on \['k', 'q'\] only"):
         read_adapter(tmp_path / "glm")
+
+
+@pytest.mark.parametrize("spelling", [["--hf", "chatglm"], ["--layout", "chatglm"]])
+def test_merge_lora_refuses_a_format_the_layout_cannot_take(hf_tiny, tiny_cfg, tmp_path, spelling):
+    """A HF layout is never written as a MindSpore .ckpt: one line, exit 1, nothing written."""
+    from click.testing import CliRunner
+
+    from converters.cli import main
+
+    write_glm_adapter(tmp_path / "adapter", tiny_cfg, "qkv")
+    res = CliRunner().invoke(main, ["merge-lora", str(hf_tiny()), str(tmp_path / "adapter"), str(tmp_path / "out"),
+                                    *spelling, "--format", "ckpt"])
+    assert res.exit_code == 1 and not (tmp_path / "out").exists()
+    assert res.output == ("error: --format ckpt does not go with --layout chatglm (ckpt is for MindSpore names, bin "
+                          "for HF names)\n")
+
+
+def test_convert_refuses_a_format_the_layout_cannot_take(hf_tiny, tmp_path):
+    from converters.convert import convert
+    from glm2_core.errors import UserError
+    from glm2_core.names import Layout
+
+    with pytest.raises(UserError, match="--format ckpt does not go with --layout glm"):
+        convert(hf_tiny(), tmp_path / "out", target=Layout("glm"), fmt="ckpt", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import optional
 
 from converters.checkpoint import open_checkpoint
 from converters.convert import convert
@@ -32,7 +33,7 @@ def test_roundtrip_every_layout_is_bit_identical(hf_tiny, tmp_path, fmt, dtype):
         ms_fmt = "safetensors" if i % 2 else "ckpt"
         ms_dir, back = tmp_path / f"ms{i}", tmp_path / f"hf{i}"
         convert(src, ms_dir, target=layout, fmt=ms_fmt, progress=False)
-        convert(ms_dir, back, target=Layout("chatglm"), fmt=fmt, hf_folder=True, max_shard_bytes=6 * 10**6,
+        convert(ms_dir, back, target=Layout("chatglm"), fmt=fmt, max_shard_bytes=6 * 10**6,
                 progress=False)
         assert tensors_bytes(back) == original, layout.describe()
         manifest = json.loads((back / "manifest.json").read_text())
@@ -53,7 +54,7 @@ def test_unchanged_tensors_copied_file_to_file_within_and_across_file_systems(hf
             convert(src, across / fmt, target=Layout(), fmt=fmt, progress=False)
             for f in (tmp_path / fmt).iterdir():
                 assert f.read_bytes() == (across / fmt / f.name).read_bytes(), f.name
-        convert(tmp_path / "ckpt", across / "back", target=Layout("chatglm"), fmt="bin", hf_folder=True,
+        convert(tmp_path / "ckpt", across / "back", target=Layout("chatglm"), fmt="bin",
                 progress=False)
         assert tensors_bytes(across / "back") == tensors_bytes(src)
     finally:
@@ -97,7 +98,7 @@ def test_dtype_conversion_and_manifest(hf_tiny, tmp_path):
     assert manifest["source"] == str(src.resolve()) and manifest["dtype"] == "float32"
     # bf16 → fp32 is exact, so going back to bf16 restores the bytes
     convert(tmp_path / "f32", tmp_path / "bf", target=Layout("chatglm"), fmt="safetensors", dtype="bfloat16",
-            hf_folder=True, progress=False)
+            progress=False)
     back, original = tensors_bytes(tmp_path / "bf"), tensors_bytes(src)
     assert back == original
 
@@ -133,14 +134,15 @@ fp32_residual_connection quantization_bit pre_seq_len prefix_projection param_in
 layernorm_compute_type residual_dtype rotary_dtype use_past use_flash_attention enable_high_performance block_size
 num_blocks is_dynamic eos_token_id pad_token_id gmask_token_id bos_token_id repetition_penalty
 checkpoint_name_or_path parallel_config offset pp_interleave_num mlp_concat qkv_concat use_rearrange_rope
-mask_generate fine_grain_interleave use_ring_attention post_self_attn_layernorm post_mlp_layernorm""".split())
+mask_generate fine_grain_interleave use_ring_attention post_self_attn_layernorm post_mlp_layernorm""".split())  # noqa: SIM905 (the words as MindFormers' source lists them)
 
 
 @pytest.mark.parametrize("layout,dtype,fmt", [(Layout(), "float16", "ckpt"),
                                               (Layout("mindformers", True, True, True), "bfloat16", "safetensors")],
                          ids=["plain-fp16", "split-rearranged-bf16"])
 def test_mindformers_model_config_beside_the_weights(hf_tiny, tmp_path, tiny_cfg, layout, dtype, fmt):
-    yaml = pytest.importorskip("yaml")
+    import yaml
+
     from converters.mindformers_yaml import MINDFORMERS_YAML
 
     convert(hf_tiny("safetensors", dtype), tmp_path / "ms", target=layout, fmt=fmt, progress=False)
@@ -159,7 +161,7 @@ def test_mindformers_model_config_beside_the_weights(hf_tiny, tmp_path, tiny_cfg
     names = set(tensors_bytes(tmp_path / "ms"))  # the flags describe the names actually written
     assert mc["qkv_concat"] == any("query_key_value" in n for n in names)
     assert mc["mlp_concat"] == any("dense_h_to_4h" in n for n in names)
-    convert(tmp_path / "ms", tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors", hf_folder=True,
+    convert(tmp_path / "ms", tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors",
             progress=False)
     assert not (tmp_path / "hf" / MINDFORMERS_YAML).exists()
 
@@ -183,9 +185,9 @@ def test_output_is_deterministic(hf_tiny, tmp_path):
 
 def test_bin_we_write_loads_in_torch_with_and_without_mmap(hf_tiny, tmp_path):
     """Our own zip framing (CRCs patched in after the fact, zip64 fields) against torch and zipfile."""
-    torch = pytest.importorskip("torch")
+    import torch
     src = hf_tiny("safetensors", "bfloat16")
-    convert(src, tmp_path / "b", target=Layout("chatglm"), fmt="bin", hf_folder=True, max_shard_bytes=6 * 10**6,
+    convert(src, tmp_path / "b", target=Layout("chatglm"), fmt="bin", max_shard_bytes=6 * 10**6,
             progress=False)
     original = tensors_bytes(src)
     index = json.loads((tmp_path / "b" / "pytorch_model.bin.index.json").read_text())
@@ -206,11 +208,11 @@ def test_bin_we_write_loads_in_torch_with_and_without_mmap(hf_tiny, tmp_path):
 
 
 def test_hf_safetensors_output_reads_in_the_safetensors_library(hf_tiny, tmp_path):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
-    torch = pytest.importorskip("torch")
+    safetensors_torch = optional("safetensors.torch")
+    import torch
     src = hf_tiny("bin", "bfloat16")
     convert(src, tmp_path / "ms", target=Layout(), fmt="safetensors", progress=False)
-    convert(tmp_path / "ms", tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors", hf_folder=True,
+    convert(tmp_path / "ms", tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors",
             max_shard_bytes=6 * 10**6, progress=False)
     original = tensors_bytes(src)
     seen = {}

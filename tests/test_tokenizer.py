@@ -2,9 +2,7 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("sentencepiece")
-
-from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt  # noqa: E402
+from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,7 @@ def _run(root: Path, kept: bool) -> int:
                f"({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.padded_vocab_size}, float32)")
     s1 = convert(hf, ms_dir, target=Layout("mindformers"), fmt="ckpt", overwrite=True, progress=False)
     click.echo("2. hf2ms  " + "\n   ".join(s1.lines()))
-    s2 = convert(ms_dir, back, target=Layout("chatglm"), fmt="safetensors", hf_folder=True, overwrite=True,
+    s2 = convert(ms_dir, back, target=Layout("chatglm"), fmt="safetensors", overwrite=True,
                  progress=False)
     click.echo("3. ms2hf  " + "\n   ".join(s2.lines()))
     report = verify(hf, back)

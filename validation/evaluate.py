@@ -105,7 +105,7 @@ def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progr
             batch = tok.batch([ids for _, ids, _ in chunk])
             out = runtime.generate(batch, s.max_new_tokens, tok.eos_id)
             width = batch.input_ids.shape[1]
-            for (content, _, ref), row in zip(chunk, out):
+            for (content, _, ref), row in zip(chunk, out, strict=True):
                 tokens = [int(t) for t in row[width:]]
                 record = {"content": content, "reference": ref, "prediction": tok.decode(tokens).strip(),
                           "tokens": tokens}
@@ -144,14 +144,14 @@ def metric_parity(hf_dir: Path, ms_dir: Path, data: Path, out: Path, s: EvalSett
     """Greedy predictions of the torch reference on `hf_dir` and MindSpore on `ms_dir` over the same samples."""
     ref = evaluate(hf_dir, data, out / "torch", "torch", s, progress=progress, resume=resume)
     got = evaluate(ms_dir, data, out / "ms", "ms", s, progress=progress, resume=resume)
-    read = lambda p: [json.loads(x) for x in (p / PREDICTIONS).read_text().splitlines()]  # noqa: E731
+    read = lambda p: [json.loads(x) for x in (p / PREDICTIONS).read_text().splitlines()]
     a, b = read(out / "torch"), read(out / "ms")
     rows, agree = [], 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         same = x["tokens"] == y["tokens"]
         agree += same
         if not same:
-            first = next((i for i, (u, v) in enumerate(zip(x["tokens"], y["tokens"])) if u != v),
+            first = next((i for i, (u, v) in enumerate(zip(x["tokens"], y["tokens"], strict=False)) if u != v),
                          min(len(x["tokens"]), len(y["tokens"])))
             rows.append({"content": x["content"], "first_diff": first, "torch": x["prediction"],
                          "ms": y["prediction"]})

@@ -86,7 +86,7 @@ def glm_reference(hf_dir: Path, dtype: str) -> TorchTrace:
     from glm2_core.names import Layout
 
     with tempfile.TemporaryDirectory(prefix="glm2-parity-glm-") as tmp:  # a full model copy: gone once loaded
-        convert(hf_dir, Path(tmp) / "glm", target=Layout("glm"), fmt="safetensors", hf_folder=True, dtype=dtype,
+        convert(hf_dir, Path(tmp) / "glm", target=Layout("glm"), fmt="safetensors", dtype=dtype,
                 progress=False)
         model = transformers.GlmForCausalLM.from_pretrained(Path(tmp) / "glm", dtype=TORCH_DTYPES[dtype]).eval()
 

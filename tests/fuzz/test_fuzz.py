@@ -47,7 +47,7 @@ def test_a_huge_safetensors_header_is_refused_at_once(tmp_path):
 def test_the_fuzzers_memory_bound_is_real():
     """An allocation beyond the limit the fuzzer sets fails in that process (so unbounded ones are caught)."""
     limit = 2 << 30
-    code = ("import sys; sys.path.insert(0, %r); import fuzzer; fuzzer.limit_memory(%d); "
-            "import numpy as np; np.ones(%d, np.uint8)" % (str(FUZZER.parent), limit, 2 * limit))
+    code = (f"import sys; sys.path.insert(0, {str(FUZZER.parent)!r}); import fuzzer; fuzzer.limit_memory({limit}); "
+            f"import numpy as np; np.ones({2 * limit}, np.uint8)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0 and "MemoryError" in proc.stderr
