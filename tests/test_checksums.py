@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import tree_digest
+from helpers import tensor_bytes
 
 from converters.checkpoint import open_checkpoint
 from converters.cli import main
@@ -20,11 +21,6 @@ from glm2_core.config import GLM2Config
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def tensors_of(path):
-    with open_checkpoint(path) as c:
-        return {n: (t.dtype, t.shape, t.read().tobytes()) for n, t in c.tensors.items()}
 
 
 def test_crc32_combine_equals_the_crc_of_the_concatenation():
@@ -77,18 +73,18 @@ def test_every_zip_layout_converts_bit_exact(tmp_path, seed):
                             ffn_hidden_size=rng.choice([40, 24, 72]), padded_vocab_size=rng.choice([128, 100]))
     dtype = ["float16", "bfloat16", "float32", "float16"][seed]
     synthesize(tmp_path / "base", cfg, dtype, "bin", seed=seed, max_shard_bytes=10**9)
-    original = tensors_of(tmp_path / "base")
+    original = tensor_bytes(tmp_path / "base")
     for name, make in ZIP_LAYOUTS.items():
         src = tmp_path / name.replace(" ", "-")
         shutil.copytree(tmp_path / "base", src)
         make(tmp_path / "base" / "pytorch_model.bin", src / "pytorch_model.bin", rng)
-        assert tensors_of(src) == original, name
+        assert tensor_bytes(src) == original, name
         for ms_fmt in ("ckpt", "safetensors"):
             dst = tmp_path / f"{src.name}-{ms_fmt}"
             result = run("hf2ms", src, dst, "--format", ms_fmt)
             assert result.exit_code == 0, (name, result.output)
             assert run("verify", src, dst).exit_code == 0, name
-            assert tensors_of(dst).keys() and run("verify", tmp_path / "base", dst).exit_code == 0, name
+            assert tensor_bytes(dst).keys() and run("verify", tmp_path / "base", dst).exit_code == 0, name
 
 
 # ---- a flipped bit is refused, naming the file (and the tensor where the format can tell)

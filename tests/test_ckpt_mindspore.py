@@ -77,6 +77,7 @@ def test_mindspore_training_checkpoint_converts_back(hf_tiny, tmp_path):
     assert int(kept["global_step"].asnumpy()[0]) == 7
 
 
+@pytest.mark.heavy  # a 540 MB tensor
 def test_tensor_over_512_mib_is_chunked_like_mindspore(tmp_path):
     """MindSpore cuts a tensor over 512 MiB into several records; we read those and write the same bytes."""
     rows = 16500  # 16500 x 8192 fp32 = 540.7 MB > 512 MiB

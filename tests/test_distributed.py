@@ -15,20 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tensors
 
-from converters.checkpoint import open_checkpoint
 from converters.convert import convert
 from converters.formats.ckpt import CkptFile
 from glm2_core.names import Layout
 
+pytestmark = pytest.mark.heavy  # msrun runs
 BIN = Path(sys.executable).parent
 DATA = Path(__file__).parent / "data" / "adgen_train_head200.json"
 STEPS = 6
-
-
-def tensors(path) -> dict[str, np.ndarray]:
-    with open_checkpoint(path) as c:
-        return {n: t.read() for n, t in c.tensors.items()}
 
 
 def free_port() -> int:

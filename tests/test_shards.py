@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tensors
 from strategy_fixtures import REPLICATED, glm2_maps, layout_entry, ms_split, write_json, write_pb
 
-from converters.checkpoint import open_checkpoint
 from converters.convert import convert
 from converters.shards import merge, split
 from converters.strategy import ParamLayout, load_strategy, strategy_bytes
@@ -20,11 +20,6 @@ from glm2_core.names import Layout
 
 BIN = Path(sys.executable).parent
 MS = Layout("mindformers")
-
-
-def tensors(path) -> dict[str, np.ndarray]:
-    with open_checkpoint(path) as c:
-        return {n: t.read() for n, t in c.tensors.items()}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +78,7 @@ def ms_strategy_file(strategy: Path, tmp: Path) -> Path:
     return tmp / "merged-strategy.ckpt"
 
 
+@pytest.mark.heavy  # 8-rank transforms against MindSpore's
 @pytest.mark.parametrize("kind,dtype", [("dp2xmp4", "float16"), ("dp2xmp4-opt-json", "bfloat16"),
                                         ("dp4xmp2-opt", "float16"), ("pipeline2-dp2xmp2-opt", "bfloat16")])
 def test_merge_and_split_equal_mindspore(full, tmp_path, kind, dtype):
@@ -297,6 +293,7 @@ def copy_run(run, tmp_path) -> Path:
     return shards
 
 
+@pytest.mark.heavy  # 8 ranks split and merged through the CLIs, in subprocesses
 def test_cli_merge_split_roundtrip(full, run, tmp_path):
     shards, strategy = run
     r = cli(shards, "--strategy", strategy, tmp_path / "hf", "--layout", "chatglm", "--config", full["config"])

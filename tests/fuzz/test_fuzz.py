@@ -5,6 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 FUZZER = Path(__file__).with_name("fuzzer.py")
 SESSION_SECONDS = 25
 
@@ -15,6 +17,7 @@ def _run(*args, timeout):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.heavy  # 25 s of fuzzing
 def test_mutation_fuzzing_holds_the_contract():
     """Every reader and file kind, round-robin, for SESSION_SECONDS; the counts are printed (pytest -s)."""
     code, out = _run("--seconds", str(SESSION_SECONDS), "--seed", "0", timeout=SESSION_SECONDS + 180)
