@@ -99,6 +99,11 @@ def tokenizer_or_bundled(folder: Path | None) -> tuple[list[Path], bool]:
     return bundled_tokenizer(), True
 
 
+def tokenizer_model(folder: Path | None) -> Path:
+    """The tokenizer.model to load for a model: its own, else the bundled one (`tokenizer_or_bundled`)."""
+    return tokenizer_or_bundled(folder)[0][0]
+
+
 # ---- writing
 def write_config(folder: Path, cfg: GLM2Config, family: str, dtype: str) -> None:
     """config.json in the field set of the layout's family: transformers' GLM, or THUDM's for the others."""

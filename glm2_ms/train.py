@@ -17,7 +17,7 @@ import numpy as np
 from mindspore import Tensor, ops
 from mindspore.experimental.optim import AdamW
 
-from converters.model_folder import tokenizer_or_bundled
+from converters.model_folder import tokenizer_model
 from converters.runs import NETWORK, TRAINING, ckpt_path, record_path
 from glm2_core.errors import CheckpointError
 
@@ -66,7 +66,7 @@ class Trainer:
         self.cfg, self.out, self.rank, self.world = cfg, Path(out_dir), rank, world
         self.model_dir, self.progress = Path(model_dir), progress
         lengths = Lengths(cfg.max_source_length, cfg.max_target_length, cfg.seq_length)
-        self.tok = GLM2Tokenizer(tokenizer_or_bundled(self.model_dir)[0][0])
+        self.tok = GLM2Tokenizer(tokenizer_model(self.model_dir))
         lines = read_jsonl(train_file, cfg.prompt_column, cfg.response_column)
         self.skipped = lines.skipped
         self.data = TrainData(self.tok, lines, lengths)

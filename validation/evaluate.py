@@ -119,12 +119,13 @@ def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progr
 
 def evaluate(model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: EvalSettings | None = None,
              sampling=None, progress: bool = True, resume: bool = False) -> dict:
+    from converters.model_folder import tokenizer_model
     from glm2_ms.tokenizer import GLM2Tokenizer
 
     s = s or EvalSettings()
     settings = run_settings(model_dir, data, runtime, s, sampling)
     check_resume(out, settings, resume)
-    tok = GLM2Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.model").is_file() else GLM2Tokenizer()
+    tok = GLM2Tokenizer(tokenizer_model(model_dir))
     items = samples(data, tok, s)
     t = time.perf_counter()
     engine = Runtime(runtime, model_dir, sampling)  # a model that does not load leaves no --out behind
