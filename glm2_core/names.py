@@ -22,7 +22,7 @@ G = "model.layers.{i}."
 EMBEDDING = "transformer.embedding.word_embeddings.weight"
 INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
 QKV_WEIGHT, QKV_BIAS = L + "self_attention.query_key_value.weight", L + "self_attention.query_key_value.bias"
-MLP_DOWN = L + "mlp.dense_4h_to_h.weight"
+MLP_UP, MLP_DOWN = L + "mlp.dense_h_to_4h.weight", L + "mlp.dense_4h_to_h.weight"
 
 FAMILIES = ("chatglm", "mindformers", "mindformers-legacy", "glm")
 HF_FAMILIES = ("chatglm", "glm")  # written as HF folders; the others as MindSpore checkpoints
@@ -58,7 +58,7 @@ SCHEMA = (
            {"glm": G + "self_attn.o_proj.weight"}),
     Weight(L + "post_attention_layernorm.weight", lambda c: (c.hidden_size,),
            {"glm": G + "post_attention_layernorm.weight"}),
-    Weight(L + "mlp.dense_h_to_4h.weight", lambda c: (2 * c.ffn_hidden_size, c.hidden_size),
+    Weight(MLP_UP, lambda c: (2 * c.ffn_hidden_size, c.hidden_size),
            {"mindformers/mlp-split": [(L + "mlp.dense_left.weight", "gate"), (L + "mlp.dense_right.weight", "up")],
             "glm": G + "mlp.gate_up_proj.weight"}),
     Weight(MLP_DOWN, lambda c: (c.hidden_size, c.ffn_hidden_size), {"glm": G + "mlp.down_proj.weight"}),
@@ -67,8 +67,7 @@ SCHEMA = (
            {"glm": "lm_head.weight"}),
 )
 BY_TEMPLATE = {w.template: w for w in SCHEMA}
-VARIANTS = {"qkv_split": (QKV_WEIGHT, "mindformers/qkv-split"), "mlp_split": (L + "mlp.dense_h_to_4h.weight",
-                                                                              "mindformers/mlp-split")}
+VARIANTS = {"qkv_split": (QKV_WEIGHT, "mindformers/qkv-split"), "mlp_split": (MLP_UP, "mindformers/mlp-split")}
 
 # LoRA factors as mindpet names them: `<module>.mindpet_delta_lora_a` [r, in] and `…_lora_b` [out, r]
 # (mindpet < 1.0.2, MindFormers r0.7: `tk_delta_lora_a/_b`)
