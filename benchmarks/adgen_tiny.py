@@ -26,8 +26,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-work" / "adgen-tiny")
     args = ap.parse_args()
 
-    from converters.config import GLM2Config
     from converters.synth import synthesize
+    from glm2_core.config import GLM2Config
     from glm2_ms.loading import use_cpu
     from glm2_ms.train import Trainer, export
     from glm2_ms.train_config import TrainConfig

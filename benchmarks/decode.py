@@ -38,15 +38,16 @@ def best(fn, repeat=3):
 def bench_config(name: str, prompt: int, new: int, threads: int) -> dict:
     import torch
 
-    from converters.config import GLM2Config
     from converters.synth import synthesize
+    from glm2_core.config import GLM2Config
+    from glm2_core.names import canonical_shapes
     from glm2_ms.generation import Decoder
     from glm2_ms.loading import from_pretrained
     from validation.torch_reference import load_reference
 
     torch.set_num_threads(threads)
     cfg = GLM2Config.preset("tiny", multi_query_group_num=2, **CONFIGS[name])
-    params = sum(int(np.prod(s)) for s in cfg.canonical_shapes().values())
+    params = sum(int(np.prod(s)) for s in canonical_shapes(cfg).values())
     with tempfile.TemporaryDirectory() as tmp:
         synthesize(Path(tmp) / "hf", cfg, "float32", "safetensors", seed=0)
         ms_model = from_pretrained(Path(tmp) / "hf")

@@ -115,8 +115,8 @@ def main() -> None:
             child_torch(Path(model), method, args.steps, args.batch, args.threads)
         print("RESULT " + json.dumps(res))
         return
-    from converters.config import GLM2Config
     from converters.synth import synthesize
+    from glm2_core.config import GLM2Config
 
     print(f"batch {args.batch} x 129 tokens, {args.steps} timed steps after {WARMUP} warm-up, float32, "
           f"{args.threads} threads\n")

@@ -11,7 +11,6 @@ The delta is scaling · B · A with scaling = lora_alpha / r taken from the adap
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
-from .jsonio import read_json
+from glm2_core.errors import CheckpointError
+from glm2_core.jsonio import read_json, write_json
+from glm2_core.names import BY_TEMPLATE, LORA_A, LORA_B, MINDPET, Layout, layer_template, weight_map
 
-MINDPET = re.compile(r"^(.*)\.(?:mindpet_delta|tk_delta)_lora_([ab])$")
 PEFT = re.compile(r"^base_model\.model\.(.*)\.lora_([AB])(?:\.default)?\.weight$")
-GLM_QKV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj$")
-QKV = "transformer.encoder.layers.{}.self_attention.query_key_value"
+PEFT_PREFIX = "base_model.model."
+GLM = Layout("glm")  # the names of transformers' GLM, whose q/k/v projections are three modules
 
 
 @dataclass
@@ -59,24 +58,44 @@ def _settings(path: Path, folder: Path) -> tuple[Path, dict] | None:
     return recorded_lora(path) if path.is_file() else None
 
 
-def _fuse_glm(parts: dict[str, dict[str, tuple]], rank: int) -> tuple[dict, int]:
-    """transformers-GLM LoRAs on q/k/v → one LoRA on the fused query_key_value (rows q, k, v). When the three A
-    matrices are equal (as we export them) the fused rank is r; otherwise A's are stacked (rank 3r) and B is block
-    diagonal, which is the same delta exactly."""
+def _glm_module(module: str) -> tuple[str, int, str] | None:
+    """A transformers-GLM module → (the canonical weight holding it, the layer, the part of its rows), e.g.
+    `model.layers.3.self_attn.k_proj` → (`transformer.encoder.layers.{i}.self_attention.query_key_value.weight`,
+    3, "k"); None for another name."""
+    template, layer = layer_template(f"{module}.weight")
+    found = GLM.pieces().get(template)
+    return None if found is None else (found[0].template, layer, found[1])
+
+
+def _fuse(parts: dict[str, tuple], order: list[str], module: str, rank: int) -> tuple[tuple, int]:
+    """LoRAs on the row blocks of one canonical module (transformers-GLM's q/k/v) → one LoRA on the whole. When
+    their A matrices are equal (as we export them) the fused rank is r; otherwise A's are stacked (rank n·r) and
+    B is block diagonal, which is the same delta exactly."""
+    if set(parts) != set(order):
+        raise CheckpointError(f"adapter: {module} has LoRA on {sorted(parts)} only; need {', '.join(order)}")
+    a_s, b_s = zip(*(parts[p] for p in order), strict=True)
+    if all(np.array_equal(a_s[0], a) for a in a_s):
+        return (a_s[0], np.concatenate(b_s)), rank
+    b = np.zeros((sum(x.shape[0] for x in b_s), len(b_s) * rank), np.float32)
+    row = 0
+    for k, x in enumerate(b_s):
+        b[row:row + x.shape[0], k * rank:(k + 1) * rank] = x
+        row += x.shape[0]
+    return (np.concatenate(a_s), b), len(b_s) * rank
+
+
+def _from_glm(deltas: dict[str, tuple], rank: int) -> tuple[dict, int]:
+    """Deltas keyed by transformers-GLM modules → keyed by the canonical modules (q/k/v fused), and the rank."""
+    by_weight: dict[tuple[str, int], dict[str, tuple]] = {}
+    for module, ab in deltas.items():
+        template, layer, part = _glm_module(module)
+        by_weight.setdefault((template, layer), {})[part] = ab
     fused, out_rank = {}, rank
-    for layer, qkv in parts.items():
-        if set(qkv) != {"q", "k", "v"}:
-            raise CheckpointError(f"adapter: layer {layer} has LoRA on {sorted(qkv)} only; need q, k and v")
-        (aq, bq), (ak, bk), (av, bv) = qkv["q"], qkv["k"], qkv["v"]
-        if np.array_equal(aq, ak) and np.array_equal(aq, av):
-            fused[QKV.format(layer)] = (aq, np.concatenate([bq, bk, bv]))
-        else:
-            b = np.zeros((bq.shape[0] + bk.shape[0] + bv.shape[0], 3 * rank), np.float32)
-            b[:bq.shape[0], :rank] = bq
-            b[bq.shape[0]:bq.shape[0] + bk.shape[0], rank:2 * rank] = bk
-            b[bq.shape[0] + bk.shape[0]:, 2 * rank:] = bv
-            fused[QKV.format(layer)] = (np.concatenate([aq, ak, av]), b)
-            out_rank = 3 * rank
+    for (template, layer), parts in by_weight.items():
+        module = template.format(i=layer).removesuffix(".weight")
+        order = [part for _, part in GLM.targets(BY_TEMPLATE[template])]
+        fused[module], r = _fuse(parts, order, module, rank)
+        out_rank = max(out_rank, r)
     return fused, out_rank
 
 
@@ -97,11 +116,19 @@ def _pairs(names_arrays, pattern: re.Pattern, where: str) -> dict[str, dict[str,
 
 def _lora_arrays(ckpt) -> list[tuple[str, np.ndarray]]:
     """The LoRA factors of a checkpoint (not the optimizer's moments of them, which a training checkpoint holds)."""
-    from .dtypes import to_float32
-    from .names import OPTIMIZER_PREFIXES
+    from glm2_core.dtypes import to_float32
+    from glm2_core.names import OPTIMIZER_PREFIXES
 
     return [(n, to_float32(t.read(), t.dtype)) for n, t in ckpt.tensors.items()
             if (MINDPET.match(n) or PEFT.match(n)) and not n.startswith(OPTIMIZER_PREFIXES)]
+
+
+def adapter_from_mindpet(tensors: dict[str, np.ndarray], alpha: float, dropout: float = 0.0,
+                         where: str = "the model") -> Adapter:
+    """An adapter from its mindpet-named factors in memory (a LoRA model's state), with the run's alpha."""
+    pairs = _pairs(tensors.items(), MINDPET, where)
+    rank = next(iter(pairs.values()))["a"].shape[0]
+    return Adapter(rank, alpha, {m: (ab["a"], ab["b"]) for m, ab in pairs.items()}, dropout)
 
 
 def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
@@ -140,52 +167,56 @@ def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
         if r != rank:
             raise CheckpointError(f"{where}: r={r}, but the tensors have rank {rank}")
     deltas = {m: (ab["a"], ab["b"]) for m, ab in pairs.items()}
-    glm = {m: GLM_QKV.match(m) for m in deltas}
-    if all(glm.values()):
-        by_layer: dict[str, dict[str, tuple]] = {}
-        for m, hit in glm.items():
-            by_layer.setdefault(hit.group(1), {})[hit.group(2)] = deltas[m]
-        fused, fused_rank = _fuse_glm(by_layer, rank)
+    glm = [_glm_module(m) is not None for m in deltas]
+    if all(glm):
+        fused, fused_rank = _from_glm(deltas, rank)
         # keep the delta exact: scaling is alpha/r of the original rank
         return Adapter(fused_rank, alpha * fused_rank / rank, fused, float((config or {}).get("lora_dropout", 0)))
-    if any(glm.values()):
+    if any(glm):
         raise CheckpointError(f"{path}: mixes transformers-GLM and ChatGLM module names")
     return Adapter(rank, alpha, deltas, float((config or {}).get("lora_dropout", 0)))
 
 
-def peft_config(adapter: Adapter, target: str, base_model: str = "") -> dict:
-    modules = ["query_key_value"] if target == "chatglm" else ["q_proj", "k_proj", "v_proj"]
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank, "lora_alpha": adapter.alpha,
-            "lora_dropout": adapter.dropout, "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
-            "inference_mode": True, "base_model_name_or_path": base_model, "modules_to_save": None}
+def _short_names(modules) -> list[str]:
+    """The modules' last names, as PEFT's target_modules lists them (`query_key_value`, `q_proj`…)."""
+    return list(dict.fromkeys(m.rsplit(".", 1)[-1] for m in modules))
 
 
-def peft_tensors(adapter: Adapter, target: str, q_rows: int, kv_rows: int) -> dict[str, np.ndarray]:
+def layout_modules(adapter: Adapter, target: str, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The adapter's LoRA per module of the `target` layout's names: for transformers-GLM's q/k/v, the same A for
+    each and the row blocks of B (which carry the split), as the weight map splits query_key_value."""
+    maps = {m.canonical: m for m in weight_map(Layout(target), cfg)}
     out = {}
     for module, (a, b) in adapter.deltas.items():
-        if target == "chatglm":
-            out[f"base_model.model.{module}.lora_A.weight"] = a
-            out[f"base_model.model.{module}.lora_B.weight"] = b
-            continue
-        layer = re.search(r"layers\.(\d+)\.", module).group(1)
-        for part, rows in (("q", slice(0, q_rows)), ("k", slice(q_rows, q_rows + kv_rows)),
-                           ("v", slice(q_rows + kv_rows, q_rows + 2 * kv_rows))):
-            name = f"base_model.model.model.layers.{layer}.self_attn.{part}_proj"
-            out[f"{name}.lora_A.weight"] = a  # the same A for q, k and v: B's row blocks carry the split
-            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[rows])
+        mapping = maps.get(f"{module}.weight")
+        if mapping is None:
+            raise CheckpointError(f"adapter: {module} is not a module of the model")
+        for piece in mapping.pieces:
+            rows = b if piece.rows is None else np.ascontiguousarray(b[piece.rows])
+            out[piece.name.removesuffix(".weight")] = (a, rows)
     return out
 
 
-def write_peft(adapter: Adapter, out: Path, target: str, q_rows: int, kv_rows: int, base_model: str = "") -> None:
+def peft_config(adapter: Adapter, modules, base_model: str = "") -> dict:
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank, "lora_alpha": adapter.alpha,
+            "lora_dropout": adapter.dropout, "target_modules": _short_names(modules), "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": base_model,
+            "modules_to_save": None}
+
+
+def write_peft(adapter: Adapter, out: Path, target: str, cfg, base_model: str = "") -> None:
+    """A PEFT adapter folder (adapter_model.safetensors, adapter_config.json) in the `target` layout's names
+    (chatglm or glm)."""
     from .formats.safetensors_io import SafetensorsWriter
 
     out.mkdir(parents=True, exist_ok=True)
-    tensors = peft_tensors(adapter, target, q_rows, kv_rows)
+    modules = layout_modules(adapter, target, cfg)
+    tensors = {f"{PEFT_PREFIX}{m}.lora_{k}.weight": x for m, (a, b) in modules.items() for k, x in (("A", a), ("B", b))}
     with open(out / "adapter_model.safetensors", "wb") as f:
         w = SafetensorsWriter(f, [(n, a.shape, "float32") for n, a in tensors.items()], {"format": "pt"})
         for n, a in tensors.items():
             w.write(n, np.ascontiguousarray(a, np.float32), "float32")
-    (out / "adapter_config.json").write_text(json.dumps(peft_config(adapter, target, base_model), indent=2))
+    write_json(out / "adapter_config.json", peft_config(adapter, modules, base_model))
 
 
 def write_mindpet(adapter: Adapter, out: Path) -> None:
@@ -196,8 +227,8 @@ def write_mindpet(adapter: Adapter, out: Path) -> None:
     with open(out / "adapter.ckpt", "wb") as f:
         w = CkptWriter(f)
         for module, (a, b) in adapter.deltas.items():
-            w.write(f"{module}.mindpet_delta_lora_a", np.ascontiguousarray(a, np.float32), "float32")
-            w.write(f"{module}.mindpet_delta_lora_b", np.ascontiguousarray(b, np.float32), "float32")
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"format": "mindpet", "r": adapter.rank, "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout,
-         "target_modules": ["query_key_value"]}, indent=2))
+            w.write(f"{module}.{LORA_A}", np.ascontiguousarray(a, np.float32), "float32")
+            w.write(f"{module}.{LORA_B}", np.ascontiguousarray(b, np.float32), "float32")
+    write_json(out / "adapter_config.json", {"format": "mindpet", "r": adapter.rank, "lora_alpha": adapter.alpha,
+                                             "lora_dropout": adapter.dropout,
+                                             "target_modules": _short_names(adapter.deltas)})

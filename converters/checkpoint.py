@@ -6,14 +6,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CheckpointError
-from .formats.base import Closing, TensorRef
-from .jsonio import read_json
+from glm2_core.errors import CheckpointError
+from glm2_core.jsonio import read_json
 
-INDEX_FILES = {"model.safetensors.index.json": "safetensors", "pytorch_model.bin.index.json": "bin"}
-SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenization_chatglm.py")
-MANIFEST = "manifest.json"
+from .formats.base import Closing, TensorRef
+from .model_folder import CONFIG, HF_WEIGHTS, INDEX_FILES, MANIFEST, tokenizer_candidates, trusted
 
 
 def format_of(path: Path) -> str:
@@ -57,18 +54,15 @@ class Checkpoint(Closing):
     handles: list = field(default_factory=list)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
-    def _tokenizer_candidates(self) -> list[Path]:
-        return [] if self.folder is None else [p for n in TOKENIZER_FILES for p in [self.folder / n] if p.is_file()]
-
     @property
     def tokenizer_files(self) -> list[Path]:
-        """The tokenizer files to carry into a converted folder (see `_trusted`)."""
-        return [p for p in self._tokenizer_candidates() if _trusted(p)]
+        """The tokenizer files to carry into a converted folder (see `model_folder.trusted`)."""
+        return [p for p in tokenizer_candidates(self.folder) if trusted(p)]
 
     @property
     def untrusted_files(self) -> list[str]:
-        """Tokenizer files left out: symlinks that lead out of the checkpoint (`_trusted`)."""
-        return [f"{p.name} -> {p.resolve()}" for p in self._tokenizer_candidates() if not _trusted(p)]
+        """Tokenizer files left out: symlinks that lead out of the checkpoint (`model_folder.trusted`)."""
+        return [f"{p.name} -> {p.resolve()}" for p in tokenizer_candidates(self.folder) if not trusted(p)]
 
     @property
     def nbytes(self) -> int:
@@ -81,19 +75,6 @@ class Checkpoint(Closing):
 
     def close(self) -> None:
         self._stack.close()
-
-
-def _trusted(path: Path) -> bool:
-    """A file copied verbatim into the output may be a symlink only into the checkpoint folder or, for a
-    Hugging Face hub cache snapshot (…/models--ORG--NAME/snapshots/REV/), into that model's cache folder (its
-    blobs/). A link to anywhere else — a key, a config file — would put that file's bytes into a folder users
-    publish, so it is left out and said so."""
-    if not path.is_symlink():
-        return True
-    folder = path.parent.resolve()
-    roots = [folder] + ([folder.parent.parent] if folder.parent.name == "snapshots" else [])
-    target = path.resolve()
-    return any(root in target.parents for root in roots)
 
 
 def _inside(folder: Path, name, listed_in: Path) -> Path:
@@ -124,7 +105,7 @@ def _weights_files(folder: Path) -> tuple[list[Path], Path | None, dict | None]:
         if not isinstance(listed, list):
             raise CheckpointError(f"{folder / MANIFEST}: 'files' is not a list of file names")
         return [_inside(folder, n, folder / MANIFEST) for n in listed], None, None
-    singles = [folder / n for n in SINGLE_FILES if (folder / n).is_file()]
+    singles = [folder / n for n in HF_WEIGHTS.values() if (folder / n).is_file()]
     if not singles:
         singles = sorted(p for p in folder.iterdir() if p.suffix in (".ckpt", ".safetensors", ".bin") and p.is_file())
     if len(singles) != 1:
@@ -160,8 +141,8 @@ def open_checkpoint(path, verify_checksums: bool = True) -> Checkpoint:
             missing = sorted(set(weight_map) - set(ckpt.tensors))
             extra = sorted(set(ckpt.tensors) - set(weight_map))
             raise CheckpointError(f"{index}: index and shards disagree: missing {missing[:3]}, unlisted {extra[:3]}")
-        if (folder / "config.json").is_file():
-            ckpt.config = read_json(folder / "config.json", "config")
+        if (folder / CONFIG).is_file():
+            ckpt.config = read_json(folder / CONFIG, "config")
         if (folder / MANIFEST).is_file():
             ckpt.manifest = read_json(folder / MANIFEST, "manifest")
     except BaseException:

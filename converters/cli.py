@@ -7,11 +7,10 @@ import sys
 
 import click
 
-from .config import PRESETS, GLM2Config
-from .dtypes import WEIGHT_DTYPES
-from .errors import CheckpointError
-from .names import HF_FAMILIES
-from .options import MS_LAYOUTS, PATH, ExistingPath, ToolGroup, option, options
+from glm2_core.config import PRESETS, GLM2Config
+from glm2_core.dtypes import WEIGHT_DTYPES
+from glm2_core.names import HF_FAMILIES, canonical_shapes
+from glm2_core.options import MS_LAYOUTS, PATH, ExistingPath, ToolGroup, option, options
 
 
 def _print_summary(summary, as_json: bool) -> None:
@@ -31,7 +30,7 @@ def common(src: str = "SRC"):
 
 def _preset_help() -> str:
     sizes = [f"{name} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-             f"{sum(map(math.prod, cfg.canonical_shapes().values())) / 1e6:,.0f}M parameters)"
+             f"{sum(map(math.prod, canonical_shapes(cfg).values())) / 1e6:,.0f}M parameters)"
              for name, cfg in PRESETS.items()]
     return (f"Model: {', '.join(sizes)}; each with its release's vocabulary (ChatGLM2/3: 65,024 tokens, GLM-4: "
             f"151,552).")
@@ -77,8 +76,9 @@ def synth(out_dir, preset, num_layers, dtype, fmt, seed, max_shard_size, overwri
 def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_optimizer, no_crc_check, dtype,
           overwrite, allow_overflow, config, rearranged_rope, quiet, as_json):
     """Convert a HF ChatGLM2 checkpoint (folder or file) into a MindSpore folder."""
+    from glm2_core.names import Layout
+
     from .convert import convert
-    from .names import Layout
 
     summary = convert(src, dst, target=Layout(layout, qkv_split, mlp_split, rearrange_rope), fmt=fmt, dtype=dtype,
                       overwrite=overwrite, allow_overflow=allow_overflow, keep_optimizer=keep_optimizer,
@@ -97,25 +97,16 @@ def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_opti
 def ms2hf(src, dst, layout, fmt, max_shard_size, no_crc_check, dtype, overwrite, allow_overflow, config,
           rearranged_rope, quiet, as_json):
     """Convert a MindSpore checkpoint (any MindFormers layout) into a HF folder."""
+    from glm2_core.names import Layout
+
     from .convert import convert
-    from .names import Layout
     from .output import parse_size
 
-    summary = convert(src, dst, target=Layout(layout), fmt=fmt, dtype=dtype, hf_folder=True,
-                      max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite,
-                      allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config,
-                      progress=not quiet, verify_checksums=not no_crc_check)
+    summary = convert(src, dst, target=Layout(layout), fmt=fmt, dtype=dtype,
+                      max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, allow_overflow=allow_overflow,
+                      rearranged_rope=rearranged_rope, config=config, progress=not quiet,
+                      verify_checksums=not no_crc_check)
     _print_summary(summary, as_json)
-
-
-def check_format(fmt: str | None, layout: str) -> str:
-    """The weights format of an output in `layout` (default: ckpt for MindSpore names, safetensors for HF)."""
-    hf = layout in HF_FAMILIES
-    fmt = fmt or ("safetensors" if hf else "ckpt")
-    if fmt != "safetensors" and (fmt == "bin") != hf:
-        raise CheckpointError(f"--format {fmt} does not go with --layout {layout} (ckpt is for MindSpore names, "
-                              f"bin for HF names)")
-    return fmt
 
 
 @main.command("merge-lora", aliases={"--hf": "--layout"})
@@ -130,15 +121,17 @@ def merge_lora(base, adapter, dst, lora_alpha, layout, fmt, no_crc_check, dtype,
                rearranged_rope, quiet, as_json):
     """Fold the LoRA ADAPTER (PEFT folder, mindpet .ckpt or a LoRA run's checkpoint) into BASE, writing DST;
     W += (alpha/r)·B·A."""
+    from glm2_core.names import Layout
+
     from .adapters import read_adapter
     from .convert import convert
-    from .names import Layout
+    from .model_folder import weights_format
 
-    fmt = check_format(fmt, layout)
+    fmt = weights_format(fmt, layout)
     lora = read_adapter(adapter, lora_alpha)
-    summary = convert(base, dst, target=Layout(layout), fmt=fmt, dtype=dtype, hf_folder=layout in HF_FAMILIES,
-                      overwrite=overwrite, allow_overflow=allow_overflow, rearranged_rope=rearranged_rope,
-                      config=config, progress=not quiet, adapter=lora, verify_checksums=not no_crc_check)
+    summary = convert(base, dst, target=Layout(layout), fmt=fmt, dtype=dtype, overwrite=overwrite,
+                      allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config, progress=not quiet,
+                      adapter=lora, verify_checksums=not no_crc_check)
     _print_summary(summary, as_json)
     if not as_json:
         click.echo(f"  merged LoRA r={lora.rank} alpha={lora.alpha:g} (scaling {lora.scaling:g}) into "

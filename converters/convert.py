@@ -1,26 +1,24 @@
-"""`hf2ms` / `ms2hf`: a Source streamed through the weight map into a new folder of weights files.
+"""`hf2ms` / `ms2hf` / `merge-lora`: a Source streamed through the weight map into a new model folder, in three
+steps: plan (which tensors go into which files), write (the weights, then what the folder holds beside them), and
+the manifest (what was written, tensor by tensor).
 
 Any supported layout converts to any other; the source layout is read from the names.
 """
 from __future__ import annotations
 
-import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import __version__
-from .dtypes import BY_NAME
-from .errors import CheckpointError
-from .jsonio import write_json
-from .mindformers_yaml import MINDFORMERS_YAML, mindformers_yaml
-from .names import EMBEDDING, INV_FREQ, Layout, inv_freq
-from .output import WeightsWriter, hf_index, plan_shards, staged_folder
-from .source import DTYPES, Source, out_dtype
+from glm2_core.dtypes import DTYPES, nbytes
+from glm2_core.errors import CheckpointError, UserError
+from glm2_core.names import EMBEDDING, HF_FAMILIES, INV_FREQ, Layout, inv_freq
 
-MS_WEIGHTS = {"ckpt": "mindspore_model.ckpt", "safetensors": "mindspore_model.safetensors"}
+from . import __version__
+from .model_folder import weight_files, weights_format, write_beside_weights, write_manifest
+from .output import PLAN, WeightsWriter, staged_folder
+from .source import Group, Source, out_dtype
 
 
 @dataclass
@@ -60,83 +58,108 @@ def _progress(total: int, enabled: bool, desc: str):
                 disable=None if enabled else True, file=sys.stderr, leave=False, mininterval=0.5)
 
 
-def _nbytes(shape, dtype) -> int:
-    return math.prod(shape) * BY_NAME[dtype].itemsize
+@dataclass
+class Plan:
+    """What a conversion writes: the source's weight groups in order, the optimizer entries that keep their
+    names, the weights files with the tensors each holds, and the model's dtype in the output."""
+    groups: list[Group]
+    extras: list[str]
+    shards: list[tuple[str, PLAN]]
+    dtype: str
+    restore_inv_freq: bool  # THUDM's folders hold the RoPE buffer after the embedding
+
+    @property
+    def files(self) -> list[str]:
+        return [f for f, _ in self.shards]
+
+    @property
+    def total(self) -> int:
+        return sum(nbytes(s, d) for _, plan in self.shards for _, s, d in plan)
 
 
-def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", hf_folder: bool = False,
-            max_shard_bytes: int | None = None, overwrite: bool = False, allow_overflow: bool = False,
-            keep_optimizer: bool = False, rearranged_rope: bool | None = None, config: Path | None = None,
-            progress: bool = True, adapter=None, opened=None, tokenizer: list[Path] | None = None,
-            verify_checksums: bool = True) -> Summary:
-    """Convert the checkpoint at `src` (or the Checkpoint `opened` from it) into a new folder `dst` (MindSpore, or
-    a HF folder when `hf_folder`); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
-    into the weights. The tokenizer files written are `tokenizer`, by default those beside the source."""
+def _check_request(src: Path, dst: Path, target: Layout, fmt: str, dtype: str, keep_optimizer: bool,
+                   reads_src: bool) -> None:
+    """Refuse what cannot be done before anything is opened."""
     if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    if keep_optimizer and hf_folder:
-        raise CheckpointError("--keep-optimizer: optimizer state has no place in a HF folder")
+        raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if keep_optimizer and target.family in HF_FAMILIES:
+        raise UserError("--keep-optimizer: optimizer state has no place in a HF folder")
+    weights_format(fmt, target.family)
+    if reads_src and (dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents):
+        raise UserError(f"{dst}: the destination must not be the source or lie inside it")
+
+
+def plan(source: Source, target: Layout, fmt: str, dtype: str, keep_optimizer: bool,
+         max_shard_bytes: int | None) -> Plan:
+    """Every tensor of the output, in write order, with its shape and dtype, grouped into its files."""
+    tensors = source.ckpt.tensors
+    groups, extras = source.groups(target, keep_optimizer)
+    model_dtype = out_dtype(source.dtype, dtype)
+    restore = target.family == "chatglm"
+    items = []
+    for g in groups:
+        items += [(name, shape, out_dtype(tensors[g.src_names()[0]].dtype, dtype)) for name, shape in g.dst()]
+        if restore and g.source.canonical == EMBEDDING and not g.prefix:
+            items.append((INV_FREQ, (source.cfg.kv_channels // 4,), model_dtype))
+    items += [(n, tensors[n].shape, tensors[n].dtype) for n in extras]
+    return Plan(groups, extras, weight_files(items, fmt, target.family, max_shard_bytes), model_dtype, restore)
+
+
+def write_weights(source: Source, planned: Plan, folder: Path, fmt: str, family: str, *, dtype: str,
+                  allow_overflow: bool, adapter, progress: bool, desc: str) -> list[dict]:
+    """The weights files of the plan (with an `adapter`, its deltas merged); returns the records of every tensor
+    written (name, shape, dtype, file, sha256), after the source's whole-file checksums held."""
+    metadata = None if fmt != "safetensors" else {"format": "pt" if family in HF_FAMILIES else "ms"}
+    tensors, first = source.ckpt.tensors, planned.shards[0][1][0][0]
+    with WeightsWriter(folder, fmt, planned.shards, metadata) as writer, \
+            _progress(planned.total, progress, desc) as bar:
+        for name, arr, dt in source.stream(planned.groups, dtype, allow_overflow, bar.update, adapter, spans=True):
+            writer.write(name, arr, dt)
+            if planned.restore_inv_freq and name == first:  # the buffer follows the embedding
+                writer.write(INV_FREQ, inv_freq(source.cfg, planned.dtype), planned.dtype)
+        for name in planned.extras:
+            writer.write(name, tensors[name].read(), tensors[name].dtype)
+            tensors[name].release()
+    source.ckpt.check_complete()
+    return writer.records
+
+
+def manifest(src: Path, source: Source, target: Layout, fmt: str, planned: Plan, records: list[dict], adapter,
+             dropped: dict[str, list[str]]) -> dict:
+    """What manifest.json records: the source, both layouts, the config, and every tensor with its sha256."""
+    merged = None if adapter is None else {"r": adapter.rank, "lora_alpha": adapter.alpha,
+                                           "modules": len(adapter.deltas)}
+    return {"version": __version__, "source": str(src.resolve()), "source_layout": source.layout.as_dict(),
+            "layout": target.as_dict(), "format": fmt, "dtype": planned.dtype, "config": asdict(source.cfg),
+            "files": planned.files, "merged_lora": merged, "dropped": dropped, "tensors": records}
+
+
+def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shard_bytes: int | None = None,
+            overwrite: bool = False, allow_overflow: bool = False, keep_optimizer: bool = False,
+            rearranged_rope: bool | None = None, config: Path | None = None, progress: bool = True, adapter=None,
+            opened=None, tokenizer: list[Path] | None = None, verify_checksums: bool = True) -> Summary:
+    """Convert the checkpoint at `src` (or the Checkpoint `opened` from it) into a new folder `dst` (MindSpore, or
+    a HF folder for a HF layout); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
+    into the weights. The tokenizer files written are `tokenizer`, by default those beside the source."""
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
-        raise CheckpointError(f"{dst}: the destination must not be the source or lie inside it")
+    _check_request(src, dst, target, fmt, dtype, keep_optimizer, reads_src=opened is None or bool(opened.files))
     with Source.open(src, rearranged_rope, config, opened, verify_checksums) as source:
-        cfg, tensors = source.cfg, source.ckpt.tensors
         lora = source.dropped["LoRA adapters"]
         if lora and adapter is None:
             raise CheckpointError(f"{src}: holds LoRA adapters ({lora[0]}, …): merge them with "
                                   f"`glm2-convert merge-lora {src} {src} DST`, or convert the base alone")
-        groups, extras = source.groups(target, keep_optimizer)
-        if keep_optimizer:
-            source.dropped["optimizer state"] = []
-        model_dtype = out_dtype(source.dtype, dtype)
-        restore_inv_freq = hf_folder and target.family == "chatglm"
-        plan = []
-        for g in groups:
-            plan += [(name, shape, out_dtype(tensors[g.src_names()[0]].dtype, dtype)) for name, shape in g.dst()]
-            if restore_inv_freq and g.source.canonical == EMBEDDING and not g.prefix:
-                plan.append((INV_FREQ, (cfg.kv_channels // 4,), model_dtype))
-        plan += [(n, tensors[n].shape, tensors[n].dtype) for n in extras]
-        shards = plan_shards(plan, max_shard_bytes or 2 * 10**9, fmt) if hf_folder else [(MS_WEIGHTS[fmt], plan)]
-        metadata = None if fmt != "safetensors" else {"format": "pt" if hf_folder else "ms"}
-        total = sum(_nbytes(s, d) for _, s, d in plan)
-
+        planned = plan(source, target, fmt, dtype, keep_optimizer, max_shard_bytes)
         with staged_folder(dst, overwrite) as tmp:
-            writer = WeightsWriter(tmp, fmt, shards, metadata)
-            try:
-                with _progress(total, progress, f"{src.name} -> {dst.name}") as bar:
-                    for name, arr, dt in source.stream(groups, dtype, allow_overflow, bar.update, adapter, spans=True):
-                        writer.write(name, arr, dt)
-                        if restore_inv_freq and name == plan[0][0]:  # the buffer follows the embedding
-                            writer.write(INV_FREQ, inv_freq(cfg, model_dtype), model_dtype)
-                    for name in extras:
-                        writer.write(name, tensors[name].read(), tensors[name].dtype)
-                        tensors[name].release()
-                writer.close()
-                source.ckpt.check_complete()
-            except BaseException:
-                writer.abort()
-                raise
-            write_json(tmp / "config.json",
-                       cfg.glm_json(model_dtype) if target.family == "glm" else cfg.chatglm_json(model_dtype))
-            if not hf_folder and target.family == "mindformers":
-                (tmp / MINDFORMERS_YAML).write_text(mindformers_yaml(cfg, target, model_dtype, MS_WEIGHTS[fmt], fmt))
-            for f in source.ckpt.tokenizer_files if tokenizer is None else tokenizer:
-                shutil.copyfile(f, tmp / f.name)
-            index = hf_index(shards, fmt) if hf_folder else None
-            if index:
-                write_json(tmp / index[0], index[1])
-            if adapter is not None:
-                source.dropped["LoRA adapters"] = []  # merged, not dropped
-            dropped = {k: v for k, v in source.dropped.items() if v}
-            summary = Summary(str(src), str(dst), source.layout.describe(), target.describe(), fmt, model_dtype,
-                              len(writer.records), total, 0.0, [f for f, _ in shards], dropped, source.nonfinite)
-            write_json(tmp / "manifest.json", {
-                "tool": "glm2-toolkit", "version": __version__, "source": str(src.resolve()),
-                "source_layout": source.layout.as_dict(), "layout": target.as_dict(), "format": fmt,
-                "dtype": model_dtype, "config": asdict(cfg), "files": [f for f, _ in shards],
-                "merged_lora": None if adapter is None else {"r": adapter.rank, "lora_alpha": adapter.alpha,
-                                                             "modules": len(adapter.deltas)},
-                "dropped": dropped, "tensors": writer.records})
-    summary.seconds = time.perf_counter() - started
-    return summary
+            records = write_weights(source, planned, tmp, fmt, target.family, dtype=dtype,
+                                    allow_overflow=allow_overflow, adapter=adapter, progress=progress,
+                                    desc=f"{src.name} -> {dst.name}")
+            write_beside_weights(tmp, source.cfg, target, planned.dtype, fmt, planned.shards,
+                                 source.ckpt.tokenizer_files if tokenizer is None else tokenizer)
+            kept = {"optimizer state"} if keep_optimizer else set()
+            kept |= {"LoRA adapters"} if adapter is not None else set()  # merged, not dropped
+            dropped = {k: v for k, v in source.dropped.items() if v and k not in kept}
+            write_manifest(tmp, manifest(src, source, target, fmt, planned, records, adapter, dropped))
+    return Summary(str(src), str(dst), source.layout.describe(), target.describe(), fmt, planned.dtype,
+                   len(records), planned.total, time.perf_counter() - started, planned.files, dropped,
+                   source.nonfinite)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
+from glm2_core.dtypes import BY_NAME, cast, to_float32
+from glm2_core.errors import CheckpointError
+from glm2_core.names import canonical_shapes, classify, detect_layout
+
 from .checkpoint import open_checkpoint
-from .dtypes import BY_NAME, cast, to_float32
-from .errors import CheckpointError
-from .names import classify, detect_layout
 from .source import NON_WEIGHTS, Source, manifest_layout
 
 
@@ -71,12 +72,12 @@ def verify(a: Path, b: Path, atol: float = 0.0, a_rearranged: bool = False, b_re
     after casting both to the narrower dtype (bit-exact there, else the max abs difference)."""
     with Source.open(a, a_rearranged or None, verify_checksums=verify_checksums) as sa, \
             Source.open(b, b_rearranged or None, verify_checksums=verify_checksums) as sb:
-        if sa.cfg.canonical_shapes() != sb.cfg.canonical_shapes():
+        if canonical_shapes(sa.cfg) != canonical_shapes(sb.cfg):
             raise CheckpointError(f"{a} and {b} hold models of different shapes")
         rows, failed = [], 0
         ga, _ = sa.groups(sa.layout)
         gb, _ = sb.groups(sb.layout)
-        for x, y in zip(ga, gb):
+        for x, y in zip(ga, gb, strict=True):
             row = {"name": x.source.canonical, **_compare(*sa.canonical(x), *sb.canonical(y))}
             row["ok"] = row["equal"] or row["max_abs_diff"] <= atol
             failed += not row["ok"]

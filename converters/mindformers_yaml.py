@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-from .config import GLM2Config
-from .names import Layout
+from glm2_core.config import GLM2Config
+from glm2_core.names import Layout
 
 MINDFORMERS_YAML = "mindformers_config.yaml"
 # MindFormers' sequence length is a run setting (its default; ADGEN finetunes use 193), not a property of the

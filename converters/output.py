@@ -1,10 +1,9 @@
-"""Where converted tensors go: an output folder that appears only when complete, weights files that take one tensor
-at a time, and the manifest that records what was written."""
+"""Where converted tensors go: an output folder that appears only when complete, and weights files that take one
+tensor at a time, each hashed as it is written (the manifest's records)."""
 from __future__ import annotations
 
 import errno
 import hashlib
-import math
 import os
 import shutil
 import tempfile
@@ -14,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .dtypes import BY_NAME
-from .errors import CheckpointError
+from glm2_core.errors import CheckpointError, UserError
+
 from .formats.base import FileSpan, byte_blocks
 from .formats.checksums import crc32
 
@@ -66,16 +65,17 @@ def parse_size(text: str) -> int:
     try:
         value = int(float(num) * units[t[len(num):]])
     except (ValueError, KeyError):
-        raise CheckpointError(f"cannot read size {text!r}; expected e.g. 2GB, 500MB, 1GiB") from None
+        raise UserError(f"cannot read size {text!r}; expected e.g. 2GB, 500MB, 1GiB") from None
     if value <= 0:
-        raise CheckpointError(f"size {text!r} must be positive")
+        raise UserError(f"size {text!r} must be positive")
     return value
 
 
 class WeightsWriter:
-    """Writes a planned list of tensors into one or more files of one format, hashing each tensor's bytes.
+    """Writes a planned list of tensors into one or more files of one format, hashing each tensor's bytes; used
+    as a context manager.
 
-    `shards` groups the plan into files; every format streams tensor by tensor.
+    `shards` groups the plan into files (`model_folder.weight_files`); every format streams tensor by tensor.
     """
 
     def __init__(self, folder: Path, fmt: str, shards: list[tuple[str, PLAN]], metadata: dict | None = None):
@@ -113,7 +113,7 @@ class WeightsWriter:
 
     def _start(self):
         file, plan = self._queue.pop(0)
-        handle = open(self.folder / file, "wb")
+        handle = open(self.folder / file, "wb")  # noqa: SIM115 (closed by _finish_file or abort)
         if self.fmt == "bin":
             from .formats.torch_bin import BinWriter
             writer = BinWriter(handle, plan, Path(file).stem.split(".")[0])
@@ -162,6 +162,16 @@ class WeightsWriter:
             if set_crc is not None:
                 set_crc(name, crc)
 
+    def __enter__(self) -> WeightsWriter:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        """Closed when every planned tensor was written, aborted (files closed, threads stopped) on a failure."""
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
     def close(self) -> None:
         self._settle()
         self._shutdown()
@@ -177,30 +187,3 @@ class WeightsWriter:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-
-
-def plan_shards(plan: PLAN, max_bytes: int, fmt: str) -> list[tuple[str, PLAN]]:
-    """Split a plan into HF shards of at most `max_bytes` (a tensor larger than that gets a shard of its own)."""
-    groups: list[PLAN] = [[]]
-    size = 0
-    for item in plan:
-        n = math.prod(item[1]) * BY_NAME[item[2]].itemsize
-        if groups[-1] and size + n > max_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(item)
-        size += n
-    stem, suffix = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
-    if len(groups) == 1:
-        return [(f"{stem}.{suffix}", groups[0])]
-    k = len(groups)
-    return [(f"{stem}-{i + 1:05d}-of-{k:05d}.{suffix}", g) for i, g in enumerate(groups)]
-
-
-def hf_index(shards: list[tuple[str, PLAN]], fmt: str) -> tuple[str, dict] | None:
-    if len(shards) == 1:
-        return None
-    total = sum(math.prod(s) * BY_NAME[d].itemsize for _, plan in shards for _, s, d in plan)
-    weight_map = {name: file for file, plan in shards for name, _, _ in plan}
-    name = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
-    return name, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

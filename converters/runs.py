@@ -13,9 +13,24 @@ import json
 import re
 from pathlib import Path
 
+from .model_folder import CONFIG
+
 TRAINING, NETWORK = "checkpoint", "checkpoint_network"
 NAME = re.compile(r"glm2_rank_(\d+)-(\d+)_(\d+)\.ckpt$")
-CONFIG = "config.json"
+EPOCH_STEP = re.compile(r"-(\d+)_(\d+)\.(?:ckpt|safetensors)$")  # MindSpore's `{prefix}-{epoch}_{step}` files
+
+
+def epoch_step(path: Path) -> tuple[int, int] | None:
+    """(epoch, step) of a checkpoint file named as MindSpore's callback names them; None for another name."""
+    m = EPOCH_STEP.search(Path(path).name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def newest_complete(steps: dict[int, set[tuple[int, int]]]) -> tuple[int, int] | None:
+    """The newest (epoch, step) that every rank holds, by MindSpore's order: a rank that died while saving leaves
+    the previous complete set. None when the ranks share none."""
+    common = set.intersection(*steps.values()) if steps else set()
+    return max(common, default=None)
 
 
 def ckpt_path(out: Path, kind: str, rank: int, epoch: int, step: int) -> Path:

@@ -9,27 +9,28 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from glm2_core.config import GLM2Config, family_of
+from glm2_core.dtypes import BY_NAME
+from glm2_core.errors import CheckpointError
+from glm2_core.names import MINDPET, OPTIMIZER_PREFIXES, classify
+
 from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
-from .dtypes import BY_NAME
-from .errors import CheckpointError
 from .formats.base import TensorRef
 from .formats.ckpt import CkptWriter
-from .names import OPTIMIZER_PREFIXES, classify
+from .model_folder import CONFIG, copy_files, tokenizer_or_bundled
 from .output import staged_folder
-from .runs import CONFIG, recorded_lora, run_folder
+from .runs import epoch_step, newest_complete, recorded_lora, run_folder
 from .strategy import ParamLayout, Strategy, load_strategy
-from .synth import bundled_tokenizer
 
 RANK_DIR = re.compile(r"^rank_(\d+)$")
 RANK_FILES = ("*.ckpt", "*.safetensors")  # MindSpore's save_checkpoint formats (format="ckpt" / "safetensors")
-EPOCH_STEP = re.compile(r"-(\d+)_(\d+)\.(?:ckpt|safetensors)$")
 
 
 @dataclass
@@ -50,11 +51,6 @@ class MergeStats:
         if self.copied:
             out.append(f"  not in the strategy, taken from the first rank holding them: {', '.join(self.copied)}")
         return out
-
-
-def _step_key(path: Path) -> tuple[int, int] | None:
-    m = EPOCH_STEP.search(path.name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def _rank_dirs(src: Path) -> dict[int, Path]:
@@ -80,7 +76,16 @@ def discover(sources: list[Path], ranks: int) -> tuple[dict[int, Path], list[str
             if not p.is_file():
                 raise CheckpointError(f"{p}: no such rank file")
         return dict(enumerate(sources)), []
-    src = sources[0]
+    candidates = _rank_candidates(sources[0], ranks)
+    chosen, notes = _newest_set(sources[0], candidates)
+    for r, files in candidates.items():
+        if len(files) > 1:
+            notes.append(f"rank {r}: using {chosen[r].name} of {len(files)} checkpoints")
+    return chosen, notes
+
+
+def _rank_candidates(src: Path, ranks: int) -> dict[int, list[Path]]:
+    """The checkpoint files of each rank's folder, by name."""
     if not src.exists():
         raise CheckpointError(f"{src}: no such folder")
     dirs = _rank_dirs(src)
@@ -97,28 +102,25 @@ def discover(sources: list[Path], ranks: int) -> tuple[dict[int, Path], list[str
         if all(kinds):
             raise CheckpointError(f"{dirs[r]}: holds both .ckpt and .safetensors files; give the rank files of one "
                                   f"checkpoint explicitly")
-        files = kinds[0] or kinds[1]
-        if not files:
+        candidates[r] = kinds[0] or kinds[1]
+        if not candidates[r]:
             raise CheckpointError(f"{dirs[r]}: rank {r} has no .ckpt or .safetensors file")
-        candidates[r] = files
-    notes = []
-    keyed = {r: {_step_key(p): p for p in files} for r, files in candidates.items()}
-    if all(None not in k for k in keyed.values()):
-        common = set.intersection(*(set(k) for k in keyed.values()))
-        if not common:
-            raise CheckpointError(f"{src}: the ranks share no epoch/step: no complete checkpoint set")
-        best = max(common)
-        newest = max(max(k) for k in keyed.values())
-        if newest != best:
-            notes.append(f"epoch {newest[0]} step {newest[1]} is incomplete (not on every rank); using epoch "
-                         f"{best[0]} step {best[1]}")
-        chosen = {r: k[best] for r, k in keyed.items()}
-    else:
-        chosen = {r: files[-1] for r, files in candidates.items()}
-    for r, files in candidates.items():
-        if len(files) > 1:
-            notes.append(f"rank {r}: using {chosen[r].name} of {len(files)} checkpoints")
-    return chosen, notes
+    return candidates
+
+
+def _newest_set(src: Path, candidates: dict[int, list[Path]]) -> tuple[dict[int, Path], list[str]]:
+    """Each rank's file of the newest epoch/step every rank holds (runs.newest_complete), or its last by name
+    when the files carry no epoch/step."""
+    keyed = {r: {epoch_step(p): p for p in files} for r, files in candidates.items()}
+    if any(None in k for k in keyed.values()):
+        return {r: files[-1] for r, files in candidates.items()}, []
+    best = newest_complete({r: set(k) for r, k in keyed.items()})
+    if best is None:
+        raise CheckpointError(f"{src}: the ranks share no epoch/step: no complete checkpoint set")
+    newest = max(max(k) for k in keyed.values())
+    notes = [] if newest == best else [f"epoch {newest[0]} step {newest[1]} is incomplete (not on every rank); "
+                                       f"using epoch {best[0]} step {best[1]}"]
+    return {r: k[best] for r, k in keyed.items()}, notes
 
 
 def layout_of(strategy: Strategy, name: str) -> ParamLayout | None:
@@ -153,10 +155,10 @@ def _assembler(full: tuple[int, ...], dtype: str, pieces: list[tuple[tuple[slice
     return read
 
 
-def _geometry(compute, where: str):
+def _geometry(where: str, compute, *args):
     """A layout computation; what it refuses is the strategy file's fault, so the message names it."""
     try:
-        return compute()
+        return compute(*args)
     except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 
@@ -169,11 +171,11 @@ def _pieces(name: str, lay: ParamLayout, by_rank: dict[int, dict[str, TensorRef]
         raise CheckpointError(f"{stats.files[lacking[0]]}: lacks {name!r}, which the strategy places on rank "
                               f"{lacking[0]} (a file of another run?)")
     first = by_rank[holders[0]][name]
-    full = _geometry(lambda: lay.full_shape(first.shape, name), where)
+    full = _geometry(where, lay.full_shape, first.shape, name)
     distinct: dict[tuple, TensorRef] = {}
     for r in holders:
         ref = by_rank[r][name]
-        box = _geometry(lambda: lay.box(r - holders[0], full), where)
+        box = _geometry(where, lay.box, r - holders[0], full)
         want = tuple(s.stop - s.start for s in box)
         if ref.shape != want or ref.dtype != first.dtype:
             raise CheckpointError(f"{ref.file}: {name!r} is {ref.dtype} {list(ref.shape)}, the strategy gives rank "
@@ -258,59 +260,70 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
     with open_checkpoint(full) as ckpt:
         if ckpt.format != "ckpt":
             raise CheckpointError(f"{full}: split reads a MindSpore .ckpt checkpoint, not {ckpt.format}")
-        plan, replicated = [], []
-        for name, ref in ckpt.tensors.items():
-            lay = layout_of(strategy, name)
-            if lay is None and classify(name) in ("weight", "lora"):
-                raise _uncovered(name, strategy)
-            if lay is None:
-                replicated.append(name)
-                plan.append((ref, None, range(strategy.ranks)))
-                continue
-            _geometry(lambda: lay.check_full(ref.shape, name), strategy.source)
-            plan.append((ref, lay, lay.ranks()))
-        missing = [n for n in strategy.layouts if classify(n) == "weight" and n not in ckpt.tensors]
-        if missing:
-            raise CheckpointError(f"{full}: lacks {missing[0]!r}, which the strategy lays out")
-        written = 0
+        plan = _split_plan(ckpt, strategy, full)
         with staged_folder(dst, overwrite) as tmp, _progress(ckpt.nbytes, progress, f"split {full.name}") as bar:
-            handles, writers = [], {}
-            try:
-                for r in range(strategy.ranks):
-                    (tmp / f"rank_{r}").mkdir()
-                    handles.append(open(tmp / f"rank_{r}" / f"{prefix}{r}.ckpt", "wb"))
-                    writers[r] = CkptWriter(handles[-1])
-                for ref, lay, holders in plan:
-                    arr = ref.read()
-                    for r in holders:
-                        part = arr if lay is None else arr[lay.box(r - holders[0], ref.shape)]
-                        writers[r].write(ref.name, np.ascontiguousarray(part), ref.dtype)
-                        written += part.nbytes
-                    ref.release()
-                    bar.update(ref.nbytes)
-                ckpt.check_complete()
-            finally:
-                for h in handles:
-                    h.close()
-            for f in [ckpt.folder / CONFIG, *ckpt.tokenizer_files]:  # so merging DST back needs no --config
-                if f.is_file():
-                    shutil.copyfile(f, tmp / f.name)
+            written = _write_ranks(tmp, plan, strategy.ranks, prefix, bar.update)
+            ckpt.check_complete()
+            beside = [ckpt.folder / CONFIG, *ckpt.tokenizer_files]  # so merging DST back needs no --config
+            copy_files(tmp, [f for f in beside if f.is_file()])
             (tmp / "strategy").mkdir()
-            sources = sorted(Path(strategy_path).iterdir()) if Path(strategy_path).is_dir() else [Path(strategy_path)]
-            for s in sources:
-                if s.is_file():
-                    shutil.copyfile(s, tmp / "strategy" / s.name)
+            strategy_path = Path(strategy_path)
+            given = sorted(strategy_path.iterdir()) if strategy_path.is_dir() else [strategy_path]
+            copy_files(tmp / "strategy", [s for s in given if s.is_file()])
+    replicated = [ref.name for ref, lay, _ in plan if lay is None]
     return SplitSummary(str(full), str(dst), strategy.ranks, len(plan) - len(replicated), replicated, written,
                         time.perf_counter() - started)
 
 
-def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, hf_folder: bool, fmt: str,
+def _split_plan(ckpt: Checkpoint, strategy: Strategy, full: Path) -> list[tuple[TensorRef, ParamLayout | None, range]]:
+    """Every tensor with its layout (None: copied whole to every rank) and the ranks that hold it."""
+    plan = []
+    for name, ref in ckpt.tensors.items():
+        lay = layout_of(strategy, name)
+        if lay is None and classify(name) in ("weight", "lora"):
+            raise _uncovered(name, strategy)
+        if lay is not None:
+            _geometry(strategy.source, lay.check_full, ref.shape, name)
+        plan.append((ref, lay, range(strategy.ranks) if lay is None else lay.ranks()))
+    missing = [n for n in strategy.layouts if classify(n) == "weight" and n not in ckpt.tensors]
+    if missing:
+        raise CheckpointError(f"{full}: lacks {missing[0]!r}, which the strategy lays out")
+    return plan
+
+
+def _write_ranks(folder: Path, plan, ranks: int, prefix: str, on_done) -> int:
+    """`folder/rank_{r}/{prefix}{r}.ckpt` for every rank, each tensor read once; returns the bytes written."""
+    written = 0
+    with ExitStack() as files:
+        writers = {}
+        for r in range(ranks):
+            (folder / f"rank_{r}").mkdir()
+            writers[r] = CkptWriter(files.enter_context(open(folder / f"rank_{r}" / f"{prefix}{r}.ckpt", "wb")))
+        for ref, lay, holders in plan:
+            arr = ref.read()
+            for r in holders:
+                part = arr if lay is None else arr[lay.box(r - holders[0], ref.shape)]
+                writers[r].write(ref.name, np.ascontiguousarray(part), ref.dtype)
+                written += part.nbytes
+            ref.release()
+            on_done(ref.nbytes)
+    return written
+
+
+def _family(ckpt: Checkpoint, config: Path | None) -> str:
+    """The model family of merged shards: their config's, else told by the vocabulary (GLM's largest rows)."""
+    if config is not None:
+        return GLM2Config.from_file(config).family
+    return family_of(None, max((t.shape[0] for t in ckpt.tensors.values() if len(t.shape) == 2), default=0))
+
+
+def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, fmt: str,
           lora_alpha: float | None = None, config: Path | None = None, **options):
     """Rank shards → one checkpoint at `dst` (MindSpore, or a HF folder), through the converter. LoRA adapters
     found in the shards are folded into the weights, with the alpha given or, for one of our runs, recorded. The
     model's config and tokenizer come from the run folder when it has them (the tokenizer otherwise is the bundled
     ChatGLM2 one, which every ChatGLM2-6B checkpoint shares)."""
-    from .adapters import MINDPET, read_adapter
+    from .adapters import read_adapter
     from .convert import convert
 
     ckpt, stats = open_sharded(sources, strategy_path)
@@ -327,10 +340,11 @@ def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, hf_fol
         if config is None and stats.run_folder is not None:
             config = stats.run_folder / CONFIG
             stats.notes.append(f"config.json from {stats.run_folder}")
-        tokenizer = ckpt.tokenizer_files or bundled_tokenizer()
-        if not ckpt.tokenizer_files:
-            stats.notes.append("no tokenizer beside the shards: wrote the bundled ChatGLM2 tokenizer")
-        summary = convert(sources[0], dst, target=target, fmt=fmt, hf_folder=hf_folder, adapter=adapter,
+        tokenizer, bundled = tokenizer_or_bundled(ckpt.folder, _family(ckpt, config))
+        if bundled:
+            stats.notes.append("no tokenizer beside the shards: " + ("wrote the bundled ChatGLM2 tokenizer"
+                                                                     if tokenizer else "none written"))
+        summary = convert(sources[0], dst, target=target, fmt=fmt, adapter=adapter,
                           opened=ckpt, config=config, tokenizer=tokenizer, **options)
     if not options.get("keep_optimizer"):  # the converter dropped them, and its summary says so
         stats.copied = [n for n in stats.copied if classify(n) != "optimizer"]

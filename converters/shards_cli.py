@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from .cli import _print_summary, check_format
-from .errors import CheckpointError
-from .names import HF_FAMILIES
-from .options import PATH, ExistingPath, Tool, option
+from glm2_core.errors import UserError
+from glm2_core.options import PATH, ExistingPath, Tool, option
+
+from .cli import _print_summary
 
 MERGE_USAGE = ("SRC_DIR --strategy FILE_OR_DIR DST [OPTIONS]", "RANK0.ckpt RANK1.ckpt … --strategy FILE DST [OPTIONS]",
                "split FULL_CKPT --strategy FILE DST_DIR [OPTIONS]")
@@ -50,16 +50,18 @@ def main(paths, strategy, layout, fmt, keep_optimizer, lora_alpha, dtype, max_sh
 
     SRC_DIR holds rank_{r}/ folders of .ckpt or .safetensors files (or is a glm2-finetune or MindFormers output
     folder with checkpoint/rank_{r}/)."""
-    from .names import Layout
+    from glm2_core.names import Layout
+
+    from .model_folder import weights_format
     from .output import parse_size
     from .shards import merge
 
     if len(paths) < 2:
-        raise CheckpointError("expected SRC_DIR (or rank files) and DST")
+        raise UserError("expected SRC_DIR (or rank files) and DST")
     *sources, dst = paths
-    summary, stats = merge(list(sources), strategy, dst, target=Layout(layout), hf_folder=layout in HF_FAMILIES,
-                           fmt=check_format(fmt, layout), lora_alpha=lora_alpha, dtype=dtype, overwrite=overwrite,
-                           keep_optimizer=keep_optimizer, max_shard_bytes=parse_size(max_shard_size), config=config,
+    summary, stats = merge(list(sources), strategy, dst, target=Layout(layout), fmt=weights_format(fmt, layout),
+                           lora_alpha=lora_alpha, dtype=dtype, overwrite=overwrite, keep_optimizer=keep_optimizer,
+                           max_shard_bytes=parse_size(max_shard_size), config=config,
                            progress=not quiet)
     _print_summary(summary, as_json)
     if not as_json:

@@ -5,23 +5,24 @@ compares two of them. Only the tensors of one canonical weight are in memory at 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
+from glm2_core.config import GLM2Config
+from glm2_core.dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, to_float32
+from glm2_core.errors import CheckpointError
+from glm2_core.names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
+
 from .checkpoint import Checkpoint, open_checkpoint
-from .config import GLM2Config
-from .dtypes import BY_NAME, WEIGHT_DTYPES, cast, count_nonfinite, float16_overflow, to_float32
-from .errors import CheckpointError
 from .formats.base import Closing, FileSpan
-from .names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
+from .model_folder import CONFIG, MANIFEST
 
 NON_WEIGHTS = {"optimizer": "optimizer state", "cache": "KV-cache entries", "buffer": "buffers",
                "lora": "LoRA adapters"}
-DTYPES = ("keep", *WEIGHT_DTYPES)
 
 
 def out_dtype(src: str, want: str) -> str:
@@ -57,7 +58,7 @@ class Group:
 def manifest_layout(ckpt: Checkpoint) -> dict:
     layout = (ckpt.manifest or {}).get("layout", {})
     if not isinstance(layout, dict):
-        raise CheckpointError(f"{ckpt.folder / 'manifest.json'}: 'layout' is not an object")
+        raise CheckpointError(f"{ckpt.folder / MANIFEST}: 'layout' is not an object")
     return layout
 
 
@@ -65,9 +66,9 @@ def _config(ckpt: Checkpoint, layout: Layout, config_path: Path | None) -> GLM2C
     if config_path is not None:
         return GLM2Config.from_file(config_path)
     if ckpt.config is not None:
-        return GLM2Config.from_mapping(ckpt.config, str(ckpt.folder / "config.json"))
+        return GLM2Config.from_mapping(ckpt.config, str(ckpt.folder / CONFIG))
     if ckpt.manifest and "config" in ckpt.manifest:
-        where = str(ckpt.folder / "manifest.json")
+        where = str(ckpt.folder / MANIFEST)
         if not isinstance(ckpt.manifest["config"], dict):
             raise CheckpointError(f"{where}: 'config' is not an object")
         return GLM2Config.from_dict(ckpt.manifest["config"], where)
@@ -85,7 +86,7 @@ class Source(Closing):
 
     @classmethod
     def open(cls, path, rearranged_rope: bool | None = None, config: Path | None = None,
-             opened: Checkpoint | None = None, verify_checksums: bool = True) -> "Source":
+             opened: Checkpoint | None = None, verify_checksums: bool = True) -> Source:
         """The checkpoint at `path` (or the already `opened` one, which the Source then owns)."""
         ckpt = opened if opened is not None else open_checkpoint(path, verify_checksums)
         try:
@@ -133,12 +134,12 @@ class Source(Closing):
         """Groups of weights (and, when asked, of optimizer moments); also the optimizer entries that follow no
         weight (step counters…), which keep their names."""
         tgt = weight_map(target, self.cfg)
-        groups = [Group(s, t) for s, t in zip(self.mappings, tgt)]
+        groups = [Group(s, t) for s, t in zip(self.mappings, tgt, strict=True)]
         if not with_optimizer:
             return groups, []
         consumed = set()
         for prefix in OPTIMIZER_PREFIXES:
-            for s, t in zip(self.mappings, tgt):
+            for s, t in zip(self.mappings, tgt, strict=True):
                 names = [prefix + p.name for p in s.pieces]
                 if all(n in self.ckpt.tensors for n in names):
                     groups.append(Group(s, t, prefix))
@@ -154,7 +155,7 @@ class Source(Closing):
             raise CheckpointError(f"{refs[0].file}: the pieces of {group.source.canonical} have different dtypes "
                                   f"({', '.join(f'{r.name}: {r.dtype}' for r in refs)})")
         parts = [r.read() for r in refs]
-        for r, a in zip(refs, parts):
+        for r, a in zip(refs, parts, strict=True):
             bad = count_nonfinite(a, r.dtype)
             if bad:
                 self.nonfinite[r.name] = bad
@@ -218,7 +219,7 @@ class Source(Closing):
             for i, g in enumerate(groups):
                 arr, dst_dtype = pending.result()
                 pending = pool.submit(load, groups[i + 1]) if i + 1 < len(groups) else None
-                for (name, _), part in zip(g.dst(), g.target.gather(arr)):
+                for (name, _), part in zip(g.dst(), g.target.gather(arr), strict=True):
                     yield name, part, dst_dtype
                 del arr
                 if i:  # one group late: the writer may still be hashing the last bytes it was given

@@ -17,16 +17,17 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import CheckpointError
+from glm2_core.errors import CheckpointError
+from glm2_core.jsonio import parse_json
+
 from .formats.protowire import LEN, fields, int_field, len_field, repeated_ints, signed
-from .jsonio import parse_json
 
 MAX_DEVICES = 1 << 16  # devices of one pipeline stage; checked before anything enumerates ranks
 MAX_DIMS = 16
 MAX_STAGES = 1 << 10
 # field numbers of node_strategy.proto
 MAP_STAGE, MAP_STRATEGY_ITEM, MAP_LAYOUT_ITEM = 1, 2, 3
-DEV_MATRIX, TENSOR_MAP, SPLIT_SHAPE, INDICES_OFFSET, FIELD, OPT_STEP, OPT_SIZE = 1, 2, 3, 4, 5, 6, 7
+DEV_MATRIX, TENSOR_MAP, SPLIT_SHAPE, FIELD, OPT_STEP, OPT_SIZE = 1, 2, 3, 5, 6, 7  # 4 (indices_offset) is not read
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class ParamLayout:
 
     def _slice_index(self, pieces: list[int]) -> int:
         index = 0
-        for p, n in zip(pieces, self.cuts()):
+        for p, n in zip(pieces, self.cuts(), strict=False):
             index = index * n + p
         return index
 
@@ -145,7 +146,7 @@ class ParamLayout:
         """The whole tensor's shape from the shape rank 0 of the stage holds."""
         if len(local) != len(self.tensor_map):
             raise CheckpointError(f"tensor {name!r} has {len(local)} dims, its strategy maps {len(self.tensor_map)}")
-        shape = [n * c for n, c in zip(local, self.cuts())]
+        shape = [n * c for n, c in zip(local, self.cuts(), strict=True)]
         if shape:
             shape[0] *= self.opt_shards()
         if self.split_shape:
@@ -158,7 +159,7 @@ class ParamLayout:
         coord = self._coordinate(rank)
         pieces = [self._piece(coord, a) for a in range(len(full))]
         box = []
-        for a, (n, cut, p) in enumerate(zip(full, self.cuts(), pieces)):
+        for a, (n, cut, p) in enumerate(zip(full, self.cuts(), pieces, strict=False)):
             if a == 0 and self.split_shape:
                 sizes = [self.split_shape[self._slice_index([k] + pieces[1:])] for k in range(cut)]
                 box.append(slice(sum(sizes[:p]), sum(sizes[:p + 1])))
@@ -295,33 +296,43 @@ def _split_stage(name: str) -> tuple[int, str]:
     return (int(head), rest) if sep and head.isdecimal() and len(head) <= 4 else (0, name)
 
 
-def load_strategy(path) -> Strategy:
-    """One strategy file, or a folder of per-stage (or per-rank) files merged the way MindSpore merges them."""
-    path = Path(path)
+def _strategy_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".ckpt", ".json") and p.is_file())
         if not files:
             raise CheckpointError(f"{path}: no strategy files (.ckpt or .json) in the folder")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise CheckpointError(f"{path}: no such strategy file or folder")
-    merged: dict[str, ParamLayout] = {}
-    stages_seen: dict[int, Path] = {}
+        return files
+    if path.is_file():
+        return [path]
+    raise CheckpointError(f"{path}: no such strategy file or folder")
+
+
+def _stage_layouts(files: list[Path]):
+    """Each file with its layouts, named `{stage}-{name}` when several files hold the stages (per-rank copies of
+    one stage's strategy are skipped)."""
+    stages_seen = set()
     for f in files:
         stage, layouts = _read_file(f)
         if not layouts:
             raise CheckpointError(f"{f}: the strategy has no parameter layouts")
-        merged_already = all(_split_stage(n)[1] != n for n in layouts)  # names carry "{stage}-"
-        if len(files) == 1 and stage and not merged_already:
-            raise CheckpointError(f"{f}: is the strategy of pipeline stage {stage} alone; pass the folder that "
-                                  f"holds every stage's file (or their merge)")
-        if len(files) > 1:
-            stage = stage or 0
-            if stage in stages_seen:
-                continue  # per-rank copies of one stage's strategy
-            stages_seen[stage] = f
-            layouts = {f"{stage}-{n}": lay for n, lay in layouts.items()}
+        if len(files) == 1:
+            merged_already = all(_split_stage(n)[1] != n for n in layouts)  # names carry "{stage}-"
+            if stage and not merged_already:
+                raise CheckpointError(f"{f}: is the strategy of pipeline stage {stage} alone; pass the folder that "
+                                      f"holds every stage's file (or their merge)")
+            yield f, layouts
+            continue
+        stage = stage or 0
+        if stage not in stages_seen:
+            stages_seen.add(stage)
+            yield f, {f"{stage}-{n}": lay for n, lay in layouts.items()}
+
+
+def load_strategy(path) -> Strategy:
+    """One strategy file, or a folder of per-stage (or per-rank) files merged the way MindSpore merges them."""
+    path = Path(path)
+    merged: dict[str, ParamLayout] = {}
+    for f, layouts in _stage_layouts(_strategy_files(path)):
         for full_name, lay in layouts.items():
             stage_of, name = _split_stage(full_name)
             lay = replace(lay, stage=stage_of)

@@ -1,22 +1,20 @@
 """Synthetic ChatGLM2 checkpoints laid out exactly like the THUDM release, at any size, streamed to disk."""
 from __future__ import annotations
 
-import shutil
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from .config import GLM2Config
-from .dtypes import BY_NAME, cast
-from .errors import CheckpointError
-from .jsonio import write_json
-from .names import EMBEDDING, INV_FREQ, inv_freq
-from .output import WeightsWriter, hf_index, plan_shards, staged_folder
+from glm2_core.assets import bundled_tokenizer
+from glm2_core.config import GLM2Config
+from glm2_core.dtypes import BY_NAME, cast
+from glm2_core.errors import UserError
+from glm2_core.names import EMBEDDING, INV_FREQ, Layout, canonical_shapes, inv_freq
 
-ASSETS = Path(__file__).parent / "assets"
-TOKENIZER = ("tokenizer.model", "tokenizer_config.json")  # ChatGLM2's, bundled
-SENTENCEPIECE_FAMILIES = ("chatglm2", "chatglm3")  # the bundled tokenizer.model is theirs (GLM-4's is not bundled)
+from .model_folder import weight_files, write_beside_weights
+from .output import WeightsWriter, staged_folder
+
 BLOCK_ELEMENTS = 1 << 24  # generate 16M values at a time: memory stays near one tensor
 
 
@@ -38,31 +36,16 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
     """Write a HF ChatGLM2 folder (config, sharded weights + index, tokenizer); returns the weight files. GLM-4's
     tokenizer is not bundled: its folders get none."""
     if fmt not in ("bin", "safetensors"):
-        raise CheckpointError(f"unknown format {fmt!r}; expected bin or safetensors")
+        raise UserError(f"unknown format {fmt!r}; expected bin or safetensors")
     if dtype not in ("float16", "bfloat16", "float32"):
-        raise CheckpointError(f"unknown dtype {dtype!r}; expected float16, bfloat16 or float32")
-    plan = [(name, shape, dtype) for name, shape in cfg.canonical_shapes().items()]
+        raise UserError(f"unknown dtype {dtype!r}; expected float16, bfloat16 or float32")
+    plan = [(name, shape, dtype) for name, shape in canonical_shapes(cfg).items()]
     plan.insert(1, (INV_FREQ, (cfg.kv_channels // 4,), dtype))
     assert plan[0][0] == EMBEDDING
-    shards = plan_shards(plan, max_shard_bytes or 2 * 10**9, fmt)
+    shards = weight_files(plan, fmt, "chatglm", max_shard_bytes)
     with staged_folder(Path(out), overwrite) as tmp:
-        writer = WeightsWriter(tmp, fmt, shards, {"format": "pt"} if fmt == "safetensors" else None)
-        try:
+        with WeightsWriter(tmp, fmt, shards, {"format": "pt"} if fmt == "safetensors" else None) as writer:
             for name, shape, dt in plan:
                 writer.write(name, inv_freq(cfg, dt) if name == INV_FREQ else _values(name, shape, dt, seed), dt)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        index = hf_index(shards, fmt)
-        if index:
-            write_json(tmp / index[0], index[1])
-        write_json(tmp / "config.json", cfg.chatglm_json(dtype))
-        for f in bundled_tokenizer() if cfg.family in SENTENCEPIECE_FAMILIES else []:
-            shutil.copyfile(f, tmp / f.name)
+        write_beside_weights(tmp, cfg, Layout("chatglm"), dtype, fmt, shards, bundled_tokenizer(cfg.family))
     return [f for f, _ in shards]
-
-
-def bundled_tokenizer() -> list[Path]:
-    """The ChatGLM2 tokenizer files this package carries (the same for every ChatGLM2-6B checkpoint)."""
-    return [ASSETS / n for n in TOKENIZER]

@@ -2,7 +2,7 @@
 
 No submodule is named like an export: `from glm2_ms import chat` would otherwise give the module once it is
 imported (the import system sets the attribute, and this module's `__getattr__` is never asked again)."""
-from converters.config import GLM2Config
+from glm2_core.config import GLM2Config
 
 __all__ = ["GLM2Config", "GLM2Tokenizer", "GLM2ForCausalLM", "Decoder", "SamplingConfig", "from_pretrained", "chat",
            "stream_chat"]

@@ -3,7 +3,7 @@
 (built on first use and kept, so its compiled step is reused)."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig
 

@@ -1,4 +1,4 @@
-"""Training checkpoints in MindFormers' layout, written atomically, and saving a model as a converter folder.
+"""Training checkpoints in MindFormers' layout, written atomically, and the model's files beside them.
 
 `OUT/checkpoint/rank_{r}/glm2_rank_{r}-{epoch}_{step}.ckpt` holds the network, the AdamW moments as `adam_m.*` /
 `adam_v.*` and the step counters; `OUT/checkpoint_network/rank_{r}/…` the network only. A `.json` beside each
@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from converters.checkpoint import TOKENIZER_FILES
 from converters.formats.ckpt import CkptFile, CkptWriter
-from converters.runs import CONFIG, NAME, TRAINING, ckpt_path, record_path
-
-
-def _bits(arr: np.ndarray) -> tuple[np.ndarray, str]:
-    if arr.dtype.name == "bfloat16":  # MindSpore's registered numpy bfloat16
-        return arr.view(np.uint16), "bfloat16"
-    return arr, arr.dtype.name
+from converters.model_folder import copy_files, tokenizer_or_bundled, write_config
+from converters.runs import NAME, TRAINING, ckpt_path, newest_complete, record_path
+from glm2_core.dtypes import stored
 
 
 def write_ckpt(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -33,7 +27,7 @@ def write_ckpt(path: Path, tensors: dict[str, np.ndarray]) -> None:
         with open(tmp, "wb") as f:
             writer = CkptWriter(f)
             for name, arr in tensors.items():
-                data, dtype = _bits(np.ascontiguousarray(arr))
+                data, dtype = stored(np.ascontiguousarray(arr))
                 writer.write(name, data, dtype)
             f.flush()
             os.fsync(f.fileno())
@@ -65,16 +59,10 @@ def write_strategy(out: Path, layouts: dict) -> Path:
 def latest(out: Path, rank: int, world: int = 1) -> Path | None:
     """This rank's file of the newest training checkpoint that every rank completed (file and sidecar), by
     (epoch, step) as MindSpore orders them: a rank that died while saving leaves the previous set."""
-    common = None
-    for r in range(world):
-        folder = out / TRAINING / f"rank_{r}"
-        steps = {(int(m.group(2)), int(m.group(3))) for p in folder.glob("*.ckpt") if (m := NAME.search(p.name))
-                 and record_path(p).is_file()}
-        common = steps if common is None else common & steps
-    if not common:
-        return None
-    epoch, step = max(common)
-    return ckpt_path(out, TRAINING, rank, epoch, step)
+    steps = {r: {(int(m.group(2)), int(m.group(3))) for p in (out / TRAINING / f"rank_{r}").glob("*.ckpt")
+                 if (m := NAME.search(p.name)) and record_path(p).is_file()} for r in range(world)}
+    best = newest_complete(steps)
+    return None if best is None else ckpt_path(out, TRAINING, rank, *best)
 
 
 def read_ckpt(path: Path) -> dict[str, np.ndarray]:
@@ -84,17 +72,6 @@ def read_ckpt(path: Path) -> dict[str, np.ndarray]:
 
 def write_model_files(out: Path, cfg, dtype: str, tokenizer_from: Path | None) -> None:
     """config.json and the tokenizer files (those beside `tokenizer_from`, else the bundled ChatGLM2 ones)."""
-    from converters.synth import bundled_tokenizer
-
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG).write_text(json.dumps(cfg.chatglm_json(dtype), indent=2))
-    found = [Path(tokenizer_from) / n for n in TOKENIZER_FILES] if tokenizer_from is not None else []
-    for f in [f for f in found if f.is_file()] or bundled_tokenizer():
-        shutil.copyfile(f, out / f.name)
-
-
-def save_pretrained(params: dict[str, np.ndarray], cfg, out: Path, tokenizer_from: Path | None) -> None:
-    """A folder the converters and `from_pretrained` read: weights (MindFormers names), config.json, tokenizer."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_ckpt(out / "mindspore_model.ckpt", params)
-    write_model_files(out, cfg, _bits(next(iter(params.values())))[1], tokenizer_from)
+    write_config(out, cfg, "chatglm", dtype)
+    copy_files(out, tokenizer_or_bundled(tokenizer_from, cfg.family)[0])

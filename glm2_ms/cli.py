@@ -5,7 +5,7 @@ import json
 
 import click
 
-from converters.options import ExistingPath, Tool, option, options, sampling_options
+from glm2_core.options import ExistingPath, Tool, option, options, sampling_options
 
 from .sampling import SamplingConfig
 

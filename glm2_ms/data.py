@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.errors import CheckpointError
+from glm2_core.errors import UserError
 
 from .tokenizer import GLM2Tokenizer
 
@@ -36,7 +36,7 @@ def read_jsonl(path, prompt_column: str = "content", response_column: str = "sum
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read data ({exc})") from None
+        raise UserError(f"{path}: cannot read data ({exc})") from None
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -55,7 +55,7 @@ def read_jsonl(path, prompt_column: str = "content", response_column: str = "sum
         out.pairs.append((prompt, answer))
     if not out.pairs:
         why = ", ".join(f"{n} {reason}" for reason, n in out.skipped.items() if n) or "empty"
-        raise CheckpointError(f"{path}: no usable lines with {prompt_column!r} and {response_column!r} ({why})")
+        raise UserError(f"{path}: no usable lines with {prompt_column!r} and {response_column!r} ({why})")
     return out
 
 
@@ -68,7 +68,7 @@ class Lengths:
     def __post_init__(self):
         want = self.max_source_length + self.max_target_length + 1
         if self.seq_length is not None and self.seq_length != want:
-            raise CheckpointError(f"seq_length {self.seq_length} disagrees with max_source_length "
+            raise UserError(f"seq_length {self.seq_length} disagrees with max_source_length "
                                   f"{self.max_source_length} + max_target_length {self.max_target_length} + 1 = {want}")
 
     @property
@@ -98,7 +98,7 @@ def answer_windows(labels: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarr
     first = np.where(labelled.any(1), labelled.argmax(1), 1)
     last = np.where(labelled.any(1), seq - 1 - labelled[:, ::-1].argmax(1), 0)
     if (last - first + 1 > width).any():
-        raise CheckpointError(f"a row's labels span more than {width} positions")
+        raise UserError(f"a row's labels span more than {width} positions")
     start = np.minimum(np.maximum(first - 1, 0), seq - 1 - width)
     pos = start[:, None] + np.arange(width)
     targets = np.take_along_axis(labels, pos + 1, 1)

@@ -8,8 +8,8 @@ from dataclasses import fields
 import click
 from click.core import ParameterSource
 
-from converters.errors import CheckpointError
-from converters.options import VOCABULARY, ExistingPath, Interrupted, Tool, option
+from glm2_core.errors import UserError
+from glm2_core.options import VOCABULARY, ExistingPath, Interrupted, Tool, option
 
 from .train_config import TrainConfig
 
@@ -74,7 +74,7 @@ def main(model_dir, train_data, out_dir, config_file, resume, merge, device, qui
     rank, size = world()
     cfg = train_config(config_file, settings)
     if not resume and (out_dir / "checkpoint").exists():  # every rank sees it: none starts a collective
-        raise CheckpointError(f"{out_dir}: holds checkpoints already; pass --resume, or another --out")
+        raise UserError(f"{out_dir}: holds checkpoints already; pass --resume, or another --out")
     trainer = Trainer(model_dir, train_data, out_dir, cfg, resume=resume, progress=not quiet, rank=rank, world=size)
     if rank == 0:
         skipped = {k: v for k, v in trainer.skipped.items() if v}

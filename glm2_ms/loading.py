@@ -6,10 +6,10 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 
-from converters.dtypes import COMPUTE_DTYPES
-from converters.errors import CheckpointError
-from converters.names import Layout
 from converters.source import Source
+from glm2_core.dtypes import COMPUTE_DTYPES
+from glm2_core.errors import CheckpointError
+from glm2_core.names import Layout
 
 from .model import GLM2ForCausalLM
 

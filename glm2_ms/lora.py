@@ -19,10 +19,9 @@ import numpy as np
 from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import initializer
 
-from .model import GLM2ForCausalLM, Linear
+from glm2_core.names import LORA_A, LORA_B
 
-A_SUFFIX, B_SUFFIX = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
-OLD_SUFFIXES = {"tk_delta_lora_a": A_SUFFIX, "tk_delta_lora_b": B_SUFFIX}  # mindpet < 1.0.2, MindFormers r0.7
+from .model import GLM2ForCausalLM, Linear
 
 
 @dataclass(frozen=True)
@@ -52,9 +51,9 @@ class LoRALinear(Linear):
         bound = 1.0 / math.sqrt(n_in)
         rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
         self.mindpet_delta_lora_a = Parameter(Tensor(rng.uniform(-bound, bound, (cfg.rank, n_in)).astype(np.float32)),
-                                              name=f"{name}.{A_SUFFIX}")
+                                              name=f"{name}.{LORA_A}")
         self.mindpet_delta_lora_b = Parameter(initializer("zeros", (n_out, cfg.rank), ms.float32),
-                                              name=f"{name}.{B_SUFFIX}")
+                                              name=f"{name}.{LORA_B}")
         self.scaling = cfg.scaling
         self.use_dropout = cfg.dropout > 0
         self.dropout_mask = Parameter(Tensor(np.ones((1, 1, n_in), np.float32)), name=f"{name}.lora_dropout_mask",
@@ -92,7 +91,6 @@ def apply_lora(model: GLM2ForCausalLM, cfg: LoRAConfig) -> list[str]:
     for name, parent, attr, cell in targets:
         setattr(parent, attr, LoRALinear(cell, name, cfg))
         _rename(getattr(parent, attr), name)
-    model.lora_config = cfg
     return [name for name, *_ in targets]
 
 
@@ -130,31 +128,3 @@ def lora_state(model: GLM2ForCausalLM) -> dict[str, np.ndarray]:
         for p in (cell.mindpet_delta_lora_a, cell.mindpet_delta_lora_b):
             out[p.name] = p.asnumpy().copy()
     return out
-
-
-def load_lora_state(model: GLM2ForCausalLM, state: dict[str, np.ndarray]) -> None:
-    params = {p.name: p for _, c in lora_cells(model) for p in (c.mindpet_delta_lora_a, c.mindpet_delta_lora_b)}
-    if set(params) != set(state):
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise ValueError(f"adapter does not fit the model: missing {missing[:2]}, unexpected {extra[:2]}")
-    for name, arr in state.items():
-        if tuple(params[name].shape) != arr.shape:
-            raise ValueError(f"adapter tensor {name} has shape {list(arr.shape)}, the model needs "
-                             f"{list(params[name].shape)}")
-        params[name].set_data(Tensor(np.asarray(arr, np.float32)))
-
-
-def merge_lora(model: GLM2ForCausalLM) -> None:
-    """Fold W += (alpha/r)·B·A into the base weights (in float32, then the weight's dtype) and drop the adapters."""
-    cells = dict(model.cells_and_names())
-    for name, cell in lora_cells(model):
-        a, b = cell.mindpet_delta_lora_a.asnumpy(), cell.mindpet_delta_lora_b.asnumpy()
-        w = cell.weight
-        merged = w.astype(ms.float32).asnumpy() + cell.scaling * (b @ a)
-        w.set_data(Tensor(merged).astype(w.dtype))
-        plain = Linear(w.shape[1], w.shape[0], cell.bias is not None, w.dtype)
-        plain.weight, plain.bias = w, cell.bias
-        parent_name, _, attr = name.rpartition(".")
-        setattr(cells[parent_name], attr, plain)
-        _rename(plain, name)
-    model.lora_config = None

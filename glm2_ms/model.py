@@ -12,7 +12,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from converters.config import GLM2Config
+from glm2_core.config import GLM2Config
 
 from .api import PretrainedMixin
 

@@ -17,15 +17,16 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
-from converters.errors import CheckpointError
+from glm2_core.assets import bundled_tokenizer
+from glm2_core.errors import CheckpointError
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "converters" / "assets" / "tokenizer.model"
+DEFAULT_MODEL = bundled_tokenizer()[0]  # the tokenizer.model this toolkit ships (ChatGLM2's and ChatGLM3's)
 ROLES = ("system", "user", "assistant", "observation")
 _SP_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 _ROLE_TOKENS = tuple(f"<|{r}|>" for r in ROLES)
@@ -172,9 +173,13 @@ class GLM2Tokenizer:
         self.stop_ids = (self.eos_id, *(self.special[t] for t in self.family.stops))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, family: str | None = None) -> "GLM2Tokenizer":
-        """The tokenizer of a model folder (its tokenizer.model), as transformers' AutoTokenizer is loaded."""
-        return cls(path, family or detect_family(Path(path)))
+    def from_pretrained(cls, path: str | Path, family: str | None = None) -> GLM2Tokenizer:
+        """The tokenizer of a model folder, as transformers' AutoTokenizer is loaded: its tokenizer.model (else the
+        bundled one, for the families it belongs to), of the family the folder tells (`detect_family`)."""
+        from converters.model_folder import tokenizer_model
+
+        family = family or detect_family(Path(path))
+        return cls(tokenizer_model(Path(path), family), family)
 
     def prefix(self) -> list[int]:
         return [self.special[t] for t in self.family.prefix]
@@ -254,28 +259,28 @@ class GLM2Tokenizer:
 
 
 def detect_family(folder: Path) -> str:
-    """The tokenizer family of a model folder: GLM-4 when its tokenizer.model is a ranks file; otherwise ChatGLM3
-    when the folder names it (config.json's `_name_or_path`, as the config's family is read) or its
-    tokenizer_config.json has a chat template with role tokens; else ChatGLM2. Pass the family where a folder
-    says nothing (a finetune saved under a local name)."""
-    from converters.config import family_of
+    """The tokenizer family of a model folder: GLM-4 when its tokenizer.model is a ranks file; for a sentencepiece
+    model, ChatGLM3 when the folder names it (config.json's `_name_or_path`, or a tokenizer_config.json chat
+    template with role tokens), else ChatGLM2; without a tokenizer.model, its config's family. Pass the family
+    where a folder says nothing (a finetune saved under a local name)."""
+    from glm2_core.config import family_of
 
     vocab = folder / "tokenizer.model" if folder.is_dir() else folder
     if vocab.is_file() and vocabulary_kind(vocab) == "tiktoken":
         return "glm4"
     if not folder.is_dir():
         return "chatglm2"
-    template = _json_field(folder / "tokenizer_config.json", "chat_template")
-    if family_of(_json_field(folder / "config.json", "_name_or_path"), 0) == "chatglm3" or \
-            (isinstance(template, str) and "<|user|>" in template):
-        return "chatglm3"
-    return "chatglm2"
+    config = _json(folder / "config.json")
+    named = family_of(config.get("_name_or_path"), config.get("padded_vocab_size", config.get("vocab_size")))
+    if not vocab.is_file():
+        return named
+    template = _json(folder / "tokenizer_config.json").get("chat_template")
+    return "chatglm3" if named == "chatglm3" or (isinstance(template, str) and "<|user|>" in template) else \
+        "chatglm2"
 
 
-def _json_field(path: Path, key: str):
-    from converters.jsonio import read_json
+def _json(path: Path) -> dict:
+    from glm2_core.jsonio import read_json
 
-    if not path.is_file():
-        return None
-    data = read_json(path)
-    return data.get(key) if isinstance(data, dict) else None
+    data = read_json(path) if path.is_file() else None
+    return data if isinstance(data, dict) else {}

@@ -17,8 +17,8 @@ import numpy as np
 from mindspore import Tensor, ops
 from mindspore.experimental.optim import AdamW
 
-from converters.errors import CheckpointError
 from converters.runs import NETWORK, TRAINING, ckpt_path, record_path
+from glm2_core.errors import CheckpointError
 
 from . import checkpointing as ckpt
 from .data import IGNORE, Lengths, TrainData, answer_windows, read_jsonl
@@ -65,8 +65,7 @@ class Trainer:
         self.cfg, self.out, self.rank, self.world = cfg, Path(out_dir), rank, world
         self.model_dir, self.progress = Path(model_dir), progress
         lengths = Lengths(cfg.max_source_length, cfg.max_target_length, cfg.seq_length)
-        self.tok = GLM2Tokenizer(self.model_dir) if (self.model_dir / "tokenizer.model").is_file() \
-            else GLM2Tokenizer()
+        self.tok = GLM2Tokenizer.from_pretrained(self.model_dir)
         lines = read_jsonl(train_file, cfg.prompt_column, cfg.response_column)
         self.skipped = lines.skipped
         self.data = TrainData(self.tok, lines, lengths)
@@ -364,26 +363,23 @@ def export(trainer: "Trainer", merge: bool = False) -> dict[str, str]:
     """What a finished run leaves besides its checkpoints. LoRA: a PEFT adapter (ChatGLM names, and transformers-GLM
     names), a mindpet adapter, and with `merge` the base checkpoint with the adapter folded in (streamed from the
     base on disk). Full: the model as a converter folder."""
-    from converters.adapters import Adapter, write_mindpet, write_peft
+    from converters.adapters import adapter_from_mindpet, write_mindpet, write_peft
     from converters.convert import convert
-    from converters.names import Layout
+    from converters.model_folder import write_model_folder
+    from glm2_core.names import Layout
 
     from .lora import lora_state
 
     out, cfg, mcfg = trainer.out, trainer.cfg, trainer.model.config
     if cfg.method == "full":
-        ckpt.save_pretrained(trainer.network_state(), mcfg, out / "model", trainer.model_dir)
+        write_model_folder(trainer.network_state(), mcfg, out / "model", source=out, tokenizer_from=trainer.model_dir,
+                           overwrite=True)
         return {"model": str(out / "model")}
-    deltas = {}
-    for name, arr in lora_state(trainer.model).items():
-        module, kind = name.rsplit(".", 1)
-        deltas.setdefault(module, {})[kind] = arr
-    adapter = Adapter(cfg.lora_rank, cfg.lora_alpha, {m: (d["mindpet_delta_lora_a"], d["mindpet_delta_lora_b"])
-                                                      for m, d in deltas.items()}, cfg.lora_dropout)
+    adapter = adapter_from_mindpet(lora_state(trainer.model), cfg.lora_alpha, cfg.lora_dropout)
     paths = {"adapter": out / "adapter", "adapter-glm": out / "adapter-glm", "mindpet": out / "mindpet"}
     base = str(trainer.model_dir.resolve())  # PEFT loads the base from here, whatever the current folder
-    write_peft(adapter, paths["adapter"], "chatglm", mcfg.q_rows, mcfg.kv_rows, base)
-    write_peft(adapter, paths["adapter-glm"], "glm", mcfg.q_rows, mcfg.kv_rows, base)
+    write_peft(adapter, paths["adapter"], "chatglm", mcfg, base)
+    write_peft(adapter, paths["adapter-glm"], "glm", mcfg, base)
     write_mindpet(adapter, paths["mindpet"])
     if merge:
         paths["merged"] = out / "merged"

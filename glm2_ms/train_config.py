@@ -5,10 +5,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from converters.dtypes import COMPUTE_DTYPES
-from converters.errors import CheckpointError
+from glm2_core.dtypes import COMPUTE_DTYPES
+from glm2_core.errors import UserError
 
-SHARED = None  # the help of a setting whose flag other tools share too: the CLI vocabulary's (converters/options.py)
+SHARED = None  # the help of a setting whose flag other tools share too: the CLI vocabulary's (glm2_core/options.py)
 
 
 def setting(default, help: str | None, choices: tuple[str, ...] | None = None, none: str | None = None):
@@ -69,13 +69,13 @@ class TrainConfig:
         for f in fields(self):
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
-                raise CheckpointError(f"{f.name} must be {' or '.join(choices)}, not {getattr(self, f.name)!r}")
+                raise UserError(f"{f.name} must be {' or '.join(choices)}, not {getattr(self, f.name)!r}")
         for f in ("batch_size", "gradient_accumulation_steps", "epochs", "lora_rank", "max_source_length",
                   "max_target_length"):
             if getattr(self, f) < 1:
-                raise CheckpointError(f"{f} must be at least 1, got {getattr(self, f)}")
+                raise UserError(f"{f} must be at least 1, got {getattr(self, f)}")
         if not 0 <= self.lora_dropout < 1:
-            raise CheckpointError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides) -> "TrainConfig":
@@ -90,13 +90,13 @@ class TrainConfig:
                 else:
                     data = json.loads(text)
             except Exception as exc:  # yaml and json raise their own families; either way the file is bad
-                raise CheckpointError(f"{path}: cannot parse config ({exc})") from None
+                raise UserError(f"{path}: cannot parse config ({exc})") from None
             if not isinstance(data, dict):
-                raise CheckpointError(f"{path}: config must be a mapping")
+                raise UserError(f"{path}: config must be a mapping")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise CheckpointError(f"{path}: unknown fields {', '.join(unknown)}")
+            raise UserError(f"{path}: unknown fields {', '.join(unknown)}")
         cfg = cls(**data)
         return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 import validation  # noqa: F401  (first: it sends library caches out of the temp dir, whichever test imports torch)
-from converters.config import GLM2Config
 from converters.synth import synthesize
+from glm2_core.config import GLM2Config
 
 DATA = Path(__file__).parent / "data"
 
@@ -54,3 +54,13 @@ def hf_tiny(tmp_path_factory):
         return made[key]
 
     return get
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say which optional extras were missing, so that their skipped tests are not mistaken for passes."""
+    from helpers import MISSING
+
+    if MISSING:
+        terminalreporter.write_sep("-", "optional extras not installed")
+        terminalreporter.write_line(f"tests skipped for want of: {', '.join(sorted(MISSING))} "
+                                    f"(pip install -e '.[test]' installs them)")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.config import GLM2Config
+from glm2_core.config import GLM2Config
 
 PATH = Path(__file__).parent / "data" / "glm2_tiny_reference.data"
 CONFIG = GLM2Config(num_layers=1, hidden_size=32, ffn_hidden_size=48, num_attention_heads=8,

@@ -1,13 +1,12 @@
 """Our .ckpt reader and writer against MindSpore's own save_checkpoint / load_checkpoint."""
+import mindspore as ms
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
-
-from converters.checkpoint import open_checkpoint  # noqa: E402
-from converters.convert import convert  # noqa: E402
-from converters.formats.ckpt import CkptFile, CkptWriter  # noqa: E402
-from converters.names import Layout  # noqa: E402
+from converters.checkpoint import open_checkpoint
+from converters.convert import convert
+from converters.formats.ckpt import CkptFile, CkptWriter
+from glm2_core.names import Layout
 
 
 def ms_bits(t) -> np.ndarray:
@@ -61,7 +60,7 @@ def test_mindspore_training_checkpoint_converts_back(hf_tiny, tmp_path):
         for ref in f.tensors.values():
             ref.read()
         f.check_complete()  # the trailer matches what was read
-    summary = convert(train, tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors", hf_folder=True,
+    summary = convert(train, tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors",
                       config=src / "config.json", progress=False)
     assert summary.dropped["optimizer state"] == ["adam_m.transformer.embedding.embedding_weight", "global_step"]
     assert summary.dropped["KV-cache entries"] == ["transformer.encoder.layers.0.self_attention.key_past"]
@@ -78,6 +77,7 @@ def test_mindspore_training_checkpoint_converts_back(hf_tiny, tmp_path):
     assert int(kept["global_step"].asnumpy()[0]) == 7
 
 
+@pytest.mark.heavy  # a 540 MB tensor
 def test_tensor_over_512_mib_is_chunked_like_mindspore(tmp_path):
     """MindSpore cuts a tensor over 512 MiB into several records; we read those and write the same bytes."""
     rows = 16500  # 16500 x 8192 fp32 = 540.7 MB > 512 MiB

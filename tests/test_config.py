@@ -4,14 +4,15 @@ import json
 import pytest
 from conftest import DATA
 
-from converters.config import GLM2Config
-from converters.errors import CheckpointError
+from glm2_core.config import GLM2Config
+from glm2_core.errors import CheckpointError
+from glm2_core.names import canonical_shapes
 
 
 def test_real_config_json_is_the_6b_preset():
     cfg = GLM2Config.from_pretrained(DATA / "chatglm2-6b_config.json")
     assert cfg == GLM2Config.preset("6b")
-    shapes = cfg.canonical_shapes()
+    shapes = canonical_shapes(cfg)
     assert len(shapes) == 199  # the release's 200 keys less inv_freq
     assert shapes["transformer.encoder.layers.27.self_attention.query_key_value.weight"] == (4608, 4096)
     assert shapes["transformer.encoder.layers.0.mlp.dense_h_to_4h.weight"] == (27392, 4096)
@@ -41,3 +42,23 @@ def test_contradictions_are_refused(change, needle):
     data.update(change)
     with pytest.raises(CheckpointError, match=needle):
         GLM2Config.from_dict(data)
+
+
+def test_sizes_inferred_from_the_shapes_of_every_layout():
+    """A bare weights file without config.json: the sizes come from its shapes, in any layout (head size given)."""
+    from glm2_core.names import FAMILIES, Layout, detect_layout, infer_config, weight_map
+
+    cfg = GLM2Config.preset("tiny", add_qkv_bias=False, num_layers=3)
+    layouts = [Layout(f) for f in FAMILIES] + [Layout("mindformers", True, True, True)]
+    for layout in layouts:
+        shapes = {p.name: m.piece_shape(p) for m in weight_map(layout, cfg) for p in m.pieces}
+        assert detect_layout(shapes, layout.rearrange_rope) == layout
+        got = infer_config(shapes, layout, kv_channels=cfg.kv_channels)
+        sizes = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "multi_query_group_num",
+                 "kv_channels", "padded_vocab_size", "add_qkv_bias")
+        assert [getattr(got, f) for f in sizes] == [getattr(cfg, f) for f in sizes], layout
+    shapes = {p.name: m.piece_shape(p) for m in weight_map(Layout("glm"), cfg) for p in m.pieces}
+    with pytest.raises(CheckpointError, match="cannot infer the model sizes"):
+        infer_config(shapes, Layout("glm"), kv_channels=5)
+    with pytest.raises(CheckpointError, match="no embedding among its names"):
+        detect_layout([n for n in shapes if "embed" not in n])

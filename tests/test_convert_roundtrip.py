@@ -8,33 +8,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import LAYOUTS, optional, tensor_bytes
 
 from converters.checkpoint import open_checkpoint
 from converters.convert import convert
-from converters.names import Layout
-
-LAYOUTS = [Layout("mindformers"), Layout("mindformers-legacy"), Layout("mindformers", qkv_split=True),
-           Layout("mindformers", mlp_split=True), Layout("mindformers", rearrange_rope=True),
-           Layout("mindformers", True, True, True)]
-
-
-def tensors_bytes(path):
-    with open_checkpoint(path) as c:
-        return {n: (t.dtype, t.shape, t.read().tobytes()) for n, t in c.tensors.items()}
+from glm2_core.names import Layout
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_roundtrip_every_layout_is_bit_identical(hf_tiny, tmp_path, fmt, dtype):
     src = hf_tiny(fmt, dtype)
-    original = tensors_bytes(src)
+    original = tensor_bytes(src)
     for i, layout in enumerate(LAYOUTS):
         ms_fmt = "safetensors" if i % 2 else "ckpt"
         ms_dir, back = tmp_path / f"ms{i}", tmp_path / f"hf{i}"
         convert(src, ms_dir, target=layout, fmt=ms_fmt, progress=False)
-        convert(ms_dir, back, target=Layout("chatglm"), fmt=fmt, hf_folder=True, max_shard_bytes=6 * 10**6,
+        convert(ms_dir, back, target=Layout("chatglm"), fmt=fmt, max_shard_bytes=6 * 10**6,
                 progress=False)
-        assert tensors_bytes(back) == original, layout.describe()
+        assert tensor_bytes(back) == original, layout.describe()
         manifest = json.loads((back / "manifest.json").read_text())
         assert manifest["source_layout"] == layout.as_dict()
 
@@ -53,9 +45,9 @@ def test_unchanged_tensors_copied_file_to_file_within_and_across_file_systems(hf
             convert(src, across / fmt, target=Layout(), fmt=fmt, progress=False)
             for f in (tmp_path / fmt).iterdir():
                 assert f.read_bytes() == (across / fmt / f.name).read_bytes(), f.name
-        convert(tmp_path / "ckpt", across / "back", target=Layout("chatglm"), fmt="bin", hf_folder=True,
+        convert(tmp_path / "ckpt", across / "back", target=Layout("chatglm"), fmt="bin",
                 progress=False)
-        assert tensors_bytes(across / "back") == tensors_bytes(src)
+        assert tensor_bytes(across / "back") == tensor_bytes(src)
     finally:
         shutil.rmtree(across)
 
@@ -63,19 +55,19 @@ def test_unchanged_tensors_copied_file_to_file_within_and_across_file_systems(hf
 def test_ms_output_has_the_layout_names(hf_tiny, tmp_path):
     src = hf_tiny()
     convert(src, tmp_path / "a", target=Layout("mindformers", True, True, True), fmt="ckpt", progress=False)
-    names = set(tensors_bytes(tmp_path / "a"))
+    names = set(tensor_bytes(tmp_path / "a"))
     assert "transformer.embedding.embedding_weight" in names
     assert "transformer.encoder.layers.1.self_attention.wk.bias" in names
     assert "transformer.encoder.layers.0.mlp.dense_right.weight" in names
     assert not any("query_key_value" in n or "dense_h_to_4h" in n or "inv_freq" in n for n in names)
     convert(src, tmp_path / "b", target=Layout("mindformers-legacy"), fmt="ckpt", progress=False)
-    assert "transformer.embedding.embedding_table" in set(tensors_bytes(tmp_path / "b"))
+    assert "transformer.embedding.embedding_table" in set(tensor_bytes(tmp_path / "b"))
 
 
 def test_rearranged_rope_permutes_rows_as_mindformers_does(hf_tiny, tmp_path, tiny_cfg):
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "r", target=Layout("mindformers", rearrange_rope=True), fmt="ckpt", progress=False)
-    a, b = tensors_bytes(src), tensors_bytes(tmp_path / "r")
+    a, b = tensor_bytes(src), tensor_bytes(tmp_path / "r")
     name = "transformer.encoder.layers.0.self_attention.query_key_value.weight"
     orig = np.frombuffer(a[name][2], np.float32).reshape(a[name][1])
     rearr = np.frombuffer(b[name][2], np.float32).reshape(b[name][1])
@@ -97,8 +89,8 @@ def test_dtype_conversion_and_manifest(hf_tiny, tmp_path):
     assert manifest["source"] == str(src.resolve()) and manifest["dtype"] == "float32"
     # bf16 → fp32 is exact, so going back to bf16 restores the bytes
     convert(tmp_path / "f32", tmp_path / "bf", target=Layout("chatglm"), fmt="safetensors", dtype="bfloat16",
-            hf_folder=True, progress=False)
-    back, original = tensors_bytes(tmp_path / "bf"), tensors_bytes(src)
+            progress=False)
+    back, original = tensor_bytes(tmp_path / "bf"), tensor_bytes(src)
     assert back == original
 
 
@@ -133,14 +125,15 @@ fp32_residual_connection quantization_bit pre_seq_len prefix_projection param_in
 layernorm_compute_type residual_dtype rotary_dtype use_past use_flash_attention enable_high_performance block_size
 num_blocks is_dynamic eos_token_id pad_token_id gmask_token_id bos_token_id repetition_penalty
 checkpoint_name_or_path parallel_config offset pp_interleave_num mlp_concat qkv_concat use_rearrange_rope
-mask_generate fine_grain_interleave use_ring_attention post_self_attn_layernorm post_mlp_layernorm""".split())
+mask_generate fine_grain_interleave use_ring_attention post_self_attn_layernorm post_mlp_layernorm""".split())  # noqa: SIM905 (the words as MindFormers' source lists them)
 
 
 @pytest.mark.parametrize("layout,dtype,fmt", [(Layout(), "float16", "ckpt"),
                                               (Layout("mindformers", True, True, True), "bfloat16", "safetensors")],
                          ids=["plain-fp16", "split-rearranged-bf16"])
 def test_mindformers_model_config_beside_the_weights(hf_tiny, tmp_path, tiny_cfg, layout, dtype, fmt):
-    yaml = pytest.importorskip("yaml")
+    import yaml
+
     from converters.mindformers_yaml import MINDFORMERS_YAML
 
     convert(hf_tiny("safetensors", dtype), tmp_path / "ms", target=layout, fmt=fmt, progress=False)
@@ -156,10 +149,10 @@ def test_mindformers_model_config_beside_the_weights(hf_tiny, tmp_path, tiny_cfg
     assert (mc["qkv_concat"], mc["mlp_concat"], mc["use_rearrange_rope"]) == \
         (not layout.qkv_split, not layout.mlp_split, layout.rearrange_rope)
     assert mc["param_init_type"] == dtype and mc["multi_query_attention"] is True
-    names = set(tensors_bytes(tmp_path / "ms"))  # the flags describe the names actually written
+    names = set(tensor_bytes(tmp_path / "ms"))  # the flags describe the names actually written
     assert mc["qkv_concat"] == any("query_key_value" in n for n in names)
     assert mc["mlp_concat"] == any("dense_h_to_4h" in n for n in names)
-    convert(tmp_path / "ms", tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors", hf_folder=True,
+    convert(tmp_path / "ms", tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors",
             progress=False)
     assert not (tmp_path / "hf" / MINDFORMERS_YAML).exists()
 
@@ -169,7 +162,7 @@ def test_manifest_hashes_match_the_written_bytes(hf_tiny, tmp_path):
 
     convert(hf_tiny(), tmp_path / "m", target=Layout(), fmt="ckpt", progress=False)
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    written = tensors_bytes(tmp_path / "m")
+    written = tensor_bytes(tmp_path / "m")
     assert len(manifest["tensors"]) == len(written)
     for rec in manifest["tensors"]:
         assert hashlib.sha256(written[rec["name"]][2]).hexdigest() == rec["sha256"]
@@ -183,11 +176,11 @@ def test_output_is_deterministic(hf_tiny, tmp_path):
 
 def test_bin_we_write_loads_in_torch_with_and_without_mmap(hf_tiny, tmp_path):
     """Our own zip framing (CRCs patched in after the fact, zip64 fields) against torch and zipfile."""
-    torch = pytest.importorskip("torch")
+    import torch
     src = hf_tiny("safetensors", "bfloat16")
-    convert(src, tmp_path / "b", target=Layout("chatglm"), fmt="bin", hf_folder=True, max_shard_bytes=6 * 10**6,
+    convert(src, tmp_path / "b", target=Layout("chatglm"), fmt="bin", max_shard_bytes=6 * 10**6,
             progress=False)
-    original = tensors_bytes(src)
+    original = tensor_bytes(src)
     index = json.loads((tmp_path / "b" / "pytorch_model.bin.index.json").read_text())
     seen = {}
     for shard in sorted(set(index["weight_map"].values())):
@@ -206,13 +199,13 @@ def test_bin_we_write_loads_in_torch_with_and_without_mmap(hf_tiny, tmp_path):
 
 
 def test_hf_safetensors_output_reads_in_the_safetensors_library(hf_tiny, tmp_path):
-    safetensors_torch = pytest.importorskip("safetensors.torch")
-    torch = pytest.importorskip("torch")
+    safetensors_torch = optional("safetensors.torch")
+    import torch
     src = hf_tiny("bin", "bfloat16")
     convert(src, tmp_path / "ms", target=Layout(), fmt="safetensors", progress=False)
-    convert(tmp_path / "ms", tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors", hf_folder=True,
+    convert(tmp_path / "ms", tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors",
             max_shard_bytes=6 * 10**6, progress=False)
-    original = tensors_bytes(src)
+    original = tensor_bytes(src)
     seen = {}
     for f in sorted((tmp_path / "hf").glob("*.safetensors")):
         for name, t in safetensors_torch.load_file(f).items():

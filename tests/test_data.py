@@ -1,14 +1,11 @@
 """ADGEN preprocessing on real lines: the recipe's ids, masks and lengths; bad lines skipped and counted."""
 import numpy as np
 import pytest
+from conftest import DATA
 
-pytest.importorskip("sentencepiece")
-
-from conftest import DATA  # noqa: E402
-
-from converters.errors import CheckpointError  # noqa: E402
-from glm2_ms.data import IGNORE, Lengths, TrainData, eval_example, read_jsonl, train_example  # noqa: E402
-from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt  # noqa: E402
+from glm2_core.errors import UserError
+from glm2_ms.data import IGNORE, Lengths, TrainData, eval_example, read_jsonl, train_example
+from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt
 
 tok = GLM2Tokenizer()
 
@@ -56,7 +53,7 @@ def test_truncation_to_source_and_target_lengths():
 
 
 def test_lengths_that_disagree_are_refused():
-    with pytest.raises(CheckpointError, match="seq_length 192 disagrees"):
+    with pytest.raises(UserError, match="seq_length 192 disagrees"):
         Lengths(64, 128, seq_length=192)
     assert Lengths(64, 128, seq_length=193).total == 193
 
@@ -85,5 +82,5 @@ def test_batches_are_seeded_and_resumable():
     assert a == b and a != c and len(a) == 25
     assert len(list(data.batches(7, seed=3))) == 28 and len(list(data.batches(7, seed=3, drop_remainder=False))) == 29
     halves = [list(data.batches(4, seed=3, rank=r, world=2)) for r in (0, 1)]
-    glued = [np.concatenate([x[0], y[0]]).tolist() for x, y in zip(*halves)]
+    glued = [np.concatenate([x[0], y[0]]).tolist() for x, y in zip(*halves, strict=True)]
     assert glued == a  # two ranks of 4 = one process of 8

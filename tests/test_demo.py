@@ -2,14 +2,9 @@
 lived in the system temp dir and stayed there after every run)."""
 import tempfile
 
-import pytest
+from click.testing import CliRunner
 
-pytest.importorskip("mindspore")
-pytest.importorskip("torch")
-
-from click.testing import CliRunner  # noqa: E402
-
-from validation.demo import main as demo  # noqa: E402
+from validation.demo import main as demo
 
 
 def test_demo_passes_and_leaves_nothing_in_the_temp_dir(tmp_path, monkeypatch):

@@ -15,20 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tensors
 
-from converters.checkpoint import open_checkpoint
 from converters.convert import convert
 from converters.formats.ckpt import CkptFile
-from converters.names import Layout
+from glm2_core.names import Layout
 
+pytestmark = pytest.mark.heavy  # msrun runs
 BIN = Path(sys.executable).parent
 DATA = Path(__file__).parent / "data" / "adgen_train_head200.json"
 STEPS = 6
-
-
-def tensors(path) -> dict[str, np.ndarray]:
-    with open_checkpoint(path) as c:
-        return {n: t.read() for n, t in c.tensors.items()}
 
 
 def free_port() -> int:
@@ -220,11 +216,17 @@ def test_two_machines_recipe_equals_one_launcher(runs, tmp_path):
     assert losses(nodes) == losses(dp) and len(losses(nodes)) == STEPS
     files = sorted(str(p.relative_to(dp)) for kind in ("checkpoint", "checkpoint_network", "strategy", "model")
                    for p in (dp / kind).rglob("*") if p.is_file())
-    assert len(files) == 2 * (3 * 2 + 3) + 1 + 4  # 2 ranks × (3 steps × (ckpt + record) + 3 network), strategy, model
+    # 2 ranks × (3 steps × (ckpt + record) + 3 network), strategy, the model (weights, config, MindFormers yaml, two
+    # tokenizer files, manifest)
+    assert len(files) == 2 * (3 * 2 + 3) + 1 + 6
     assert files == sorted(str(p.relative_to(nodes)) for kind in ("checkpoint", "checkpoint_network", "strategy",
                                                                    "model") for p in (nodes / kind).rglob("*")
                            if p.is_file())
     for f in files:
+        if f.endswith("manifest.json"):  # it names the run it came from: the rest is the same
+            a, b = (json.loads((run / f).read_text()) for run in (nodes, dp))
+            assert a.pop("source") == str(nodes.resolve()) and b.pop("source") == str(dp.resolve()) and a == b
+            continue
         assert (nodes / f).read_bytes() == (dp / f).read_bytes(), f
     r = subprocess.run([BIN / "glm2-merge-shards", nodes, "--strategy", nodes / "strategy", tmp_path / "merged",
                         "--quiet"], capture_output=True, text=True)

@@ -3,24 +3,24 @@
 import json
 from pathlib import Path
 
+import mindspore as ms
 import numpy as np
 import pytest
+import torch
+from click.testing import CliRunner
+from conftest import DATA
+from helpers import optional
 
-ms = pytest.importorskip("mindspore")
-torch = pytest.importorskip("torch")
-
-from click.testing import CliRunner  # noqa: E402
-from conftest import DATA  # noqa: E402
-
-from converters.adapters import read_adapter, write_mindpet  # noqa: E402
-from converters.cli import main as convert_cli  # noqa: E402
-from converters.formats.ckpt import CkptFile, CkptWriter  # noqa: E402
-from converters.names import Layout  # noqa: E402
-from glm2_ms.finetune_cli import main as finetune_cli  # noqa: E402
-from glm2_ms.loading import from_pretrained  # noqa: E402
-from glm2_ms.lora import LoRAConfig, apply_lora, load_lora_state, lora_state, merge_lora  # noqa: E402
-from glm2_ms.train import Trainer, export  # noqa: E402
-from glm2_ms.train_config import TrainConfig  # noqa: E402
+from converters.adapters import read_adapter, write_mindpet
+from converters.cli import main as convert_cli
+from converters.convert import convert
+from converters.formats.ckpt import CkptFile, CkptWriter
+from glm2_core.names import Layout
+from glm2_ms.finetune_cli import main as finetune_cli
+from glm2_ms.loading import from_pretrained
+from glm2_ms.lora import lora_state
+from glm2_ms.train import Trainer, export
+from glm2_ms.train_config import TrainConfig
 
 TRAIN = DATA / "adgen_train_head200.json"
 IDS = [64790, 64792, 790, 30951, 517, 30910, 30939, 30996, 13, 13, 54761, 31211, 36474, 54591, 13, 13, 55437, 31211]
@@ -62,26 +62,30 @@ def test_lora_loss_decreases_and_only_lora_changes(lora_run, base):
 
 def test_full_finetune_loss_decreases(base, tmp_path):
     cfg = TrainConfig.load(None, method="full", max_steps=10, learning_rate=2e-3, warmup_steps=1, **SMALL)
-    losses = Trainer(base, TRAIN, tmp_path, cfg, progress=False).train()
+    trainer = Trainer(base, TRAIN, tmp_path, cfg, progress=False)
+    losses = trainer.train()
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses
+    # the export is a converter folder: its manifest lists every tensor, and it loads as the trained model
+    model = Path(export(trainer)["model"])
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["layout"]["family"] == "mindformers" and manifest["files"] == ["mindspore_model.ckpt"]
+    assert {t["name"] for t in manifest["tensors"]} == {p.name for p in trainer.model.get_parameters()}
+    assert (model / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
+    np.testing.assert_allclose(logits(from_pretrained(model)), logits(trainer.model), atol=1e-6)
 
 
 def test_merged_model_equals_the_lora_model(lora_run):
     trainer, _, paths = lora_run
     want = logits(trainer.model)
-    np.testing.assert_allclose(logits(from_pretrained(paths["merged"])), want, atol=1e-5)
-    merged = from_pretrained(trainer.model_dir)  # in memory too
-    apply_lora(merged, LoRAConfig(seed=0))
-    load_lora_state(merged, lora_state(trainer.model))
-    merge_lora(merged)
+    merged = from_pretrained(paths["merged"])
     assert not [p for p in merged.get_parameters() if "lora" in p.name]
     np.testing.assert_allclose(logits(merged), want, atol=1e-5)
 
 
 def test_peft_adapter_on_torch_reference_and_transformers_glm(lora_run, base, tmp_path):
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    from converters.convert import convert
+    peft = optional("peft")
+    import transformers
+
     from validation.torch_reference import load_reference, with_peft_adapter
 
     trainer, _, paths = lora_run
@@ -92,7 +96,7 @@ def test_peft_adapter_on_torch_reference_and_transformers_glm(lora_run, base, tm
     with torch.no_grad():
         got = ref(torch.tensor([IDS]))[0][0].numpy()
     assert np.abs(got - want).max() <= 1e-5
-    convert(base, tmp_path / "glm", target=Layout("glm"), fmt="safetensors", hf_folder=True, progress=False)
+    convert(base, tmp_path / "glm", target=Layout("glm"), fmt="safetensors", progress=False)
     glm = transformers.GlmForCausalLM.from_pretrained(tmp_path / "glm", dtype=torch.float32)
     glm = peft.PeftModel.from_pretrained(glm, paths["adapter-glm"]).eval()
     with torch.no_grad():
@@ -109,13 +113,11 @@ def test_adapters_round_trip(lora_run, tmp_path):
         for module, (a, b) in adapter.deltas.items():
             np.testing.assert_array_equal(a, state[f"{module}.mindpet_delta_lora_a"])
             np.testing.assert_array_equal(b, state[f"{module}.mindpet_delta_lora_b"])
-    # an imported PEFT adapter loaded into a fresh MindSpore LoRA model computes the same logits
-    fresh = from_pretrained(trainer.model_dir)
-    apply_lora(fresh, LoRAConfig(seed=1))
+    # an imported PEFT adapter merged into the base computes the LoRA model's logits
     imported = read_adapter(paths["adapter"])
-    load_lora_state(fresh, {f"{m}.mindpet_delta_lora_{k}": v for m, (a, b) in imported.deltas.items()
-                            for k, v in (("a", a), ("b", b))})
-    np.testing.assert_allclose(logits(fresh), logits(trainer.model), atol=1e-6)
+    convert(trainer.model_dir, tmp_path / "merged", target=Layout("mindformers"), fmt="ckpt", adapter=imported,
+            progress=False)
+    np.testing.assert_allclose(logits(from_pretrained(tmp_path / "merged")), logits(trainer.model), atol=1e-5)
     # and written again as mindpet, it reads back the same
     write_mindpet(imported, tmp_path / "again")
     again = read_adapter(tmp_path / "again" / "adapter.ckpt")
@@ -166,7 +168,7 @@ def test_merge_shards_of_a_lora_run_reads_its_record(lora_run, tmp_path):
         layouts = {n: ParamLayout((1,), (-1,) * len(t.shape)) for n, t in f.tensors.items() if t.shape}
     (tmp_path / "s.ckpt").write_bytes(strategy_bytes(layouts))
     summary, stats = merge([trainer.out], tmp_path / "s.ckpt", tmp_path / "merged", target=Layout("mindformers"),
-                           hf_folder=False, fmt="ckpt", progress=False)
+                           fmt="ckpt", progress=False)
     assert f"LoRA alpha 32 ({newest.with_suffix('.json')})" in stats.notes
     assert f"config.json from {trainer.out}" in stats.notes
     assert (tmp_path / "merged" / "tokenizer.model").is_file()
@@ -270,14 +272,14 @@ def test_loss_on_answer_windows_equals_the_whole_sequence_loss(base):
 
 
 def test_answer_windows_refuse_labels_wider_than_the_window():
-    from converters.errors import CheckpointError
+    from glm2_core.errors import UserError
     from glm2_ms.data import answer_windows
 
     labels = np.full((1, 10), -100, np.int32)
     labels[0, 2:8] = 5
     picks, targets = answer_windows(labels, 6)
     assert list(picks) == [1, 2, 3, 4, 5, 6] and list(targets) == [5] * 6
-    with pytest.raises(CheckpointError, match="span more than 5"):
+    with pytest.raises(UserError, match="span more than 5"):
         answer_windows(labels, 5)
 
 
@@ -297,8 +299,8 @@ def test_fused_adamw_is_adamw_with_bias_correction():
     results = {}
     for cls in (FusedAdamW, AdamW):
         params = [Parameter(ms.Tensor(a.copy()), f"p{i}") for i, a in enumerate(start)]
-        opt = cls([{"params": [p], "weight_decay": d} for p, d in zip(params, decays)], lr=lr, betas=(b1, b2),
-                  eps=eps)
+        opt = cls([{"params": [p], "weight_decay": d} for p, d in zip(params, decays, strict=True)], lr=lr,
+                  betas=(b1, b2), eps=eps)
         for g in grads:
             ms.jit(opt.construct)(tuple(ms.Tensor(x) for x in g))
         results[cls.__name__] = [p.asnumpy() for p in params]

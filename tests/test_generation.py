@@ -1,14 +1,13 @@
 """Converted checkpoints load into the runtime and generate; the cache, padding and sampling behave."""
+import mindspore as ms
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
-
-from converters.convert import convert  # noqa: E402
-from converters.names import Layout  # noqa: E402
-from glm2_ms.generation import Decoder, SamplingConfig  # noqa: E402
-from glm2_ms.loading import from_pretrained  # noqa: E402
-from glm2_ms.tokenizer import GLM2Tokenizer  # noqa: E402
+from converters.convert import convert
+from glm2_core.names import Layout
+from glm2_ms.generation import Decoder, SamplingConfig
+from glm2_ms.loading import from_pretrained
+from glm2_ms.tokenizer import GLM2Tokenizer
 
 ms.set_device("CPU")
 LAYOUTS = [Layout("mindformers"), Layout("mindformers-legacy"), Layout("mindformers", True, True, True)]

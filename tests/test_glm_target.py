@@ -1,24 +1,21 @@
 """`ms2hf --layout glm` writes a folder transformers' native GlmForCausalLM loads and runs as ChatGLM2 does."""
 import numpy as np
-import pytest
+import torch
+import transformers
+from numpy_glm2 import NumpyGLM2
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from numpy_glm2 import NumpyGLM2  # noqa: E402
-
-from converters.checkpoint import open_checkpoint  # noqa: E402
-from converters.config import GLM2Config  # noqa: E402
-from converters.convert import convert  # noqa: E402
-from converters.dtypes import to_float32  # noqa: E402
-from converters.names import Layout  # noqa: E402
+from converters.checkpoint import open_checkpoint
+from converters.convert import convert
+from glm2_core.config import GLM2Config
+from glm2_core.dtypes import to_float32
+from glm2_core.names import Layout
 
 
 def test_glm_export_loads_and_matches_an_independent_forward(hf_tiny, tmp_path):
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True, rearrange_rope=True), fmt="ckpt",
             progress=False)
-    convert(tmp_path / "ms", tmp_path / "glm", target=Layout("glm"), fmt="safetensors", hf_folder=True,
+    convert(tmp_path / "ms", tmp_path / "glm", target=Layout("glm"), fmt="safetensors",
             progress=False)
     model = transformers.GlmForCausalLM.from_pretrained(tmp_path / "glm", dtype=torch.float32).eval()
     ids = [64790, 64792, 36474, 54591, 13755, 993, 30910]
@@ -33,8 +30,8 @@ def test_glm_export_loads_and_matches_an_independent_forward(hf_tiny, tmp_path):
 
 def test_glm_folder_converts_back(hf_tiny, tmp_path):
     src = hf_tiny(dtype="bfloat16")
-    convert(src, tmp_path / "glm", target=Layout("glm"), fmt="safetensors", hf_folder=True, progress=False)
-    convert(tmp_path / "glm", tmp_path / "back", target=Layout("chatglm"), fmt="bin", hf_folder=True, progress=False)
+    convert(src, tmp_path / "glm", target=Layout("glm"), fmt="safetensors", progress=False)
+    convert(tmp_path / "glm", tmp_path / "back", target=Layout("chatglm"), fmt="bin", progress=False)
     with open_checkpoint(src) as a, open_checkpoint(tmp_path / "back") as b:
         assert set(a.tensors) == set(b.tensors)
         for name, ref in a.tensors.items():

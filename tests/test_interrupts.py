@@ -10,14 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 
-pytest.importorskip("mindspore")
-
-from conftest import DATA  # noqa: E402
-
-from converters.convert import convert  # noqa: E402
-from converters.names import Layout  # noqa: E402
-from glm2_ms.checkpointing import latest  # noqa: E402
+from converters.convert import convert
+from glm2_core.names import Layout
+from glm2_ms.checkpointing import latest
 
 BIN = Path(sys.executable).parent
 

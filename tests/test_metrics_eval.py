@@ -2,18 +2,22 @@
 import json
 
 import pytest
+from helpers import optional
 
-jieba = pytest.importorskip("jieba")
-pytest.importorskip("rouge_chinese")
-pytest.importorskip("nltk")
+jieba = optional("jieba")
+optional("rouge_chinese")
+optional("nltk")
 
 from click.testing import CliRunner  # noqa: E402
 from conftest import DATA  # noqa: E402
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu  # noqa: E402
 from rouge_chinese import Rouge  # noqa: E402
 
+from validation import CACHE  # noqa: E402
 from validation.eval_cli import main as eval_cli  # noqa: E402
 from validation.metrics import adgen_scores, sample_scores  # noqa: E402
+
+jieba.dt.tmp_dir = str(CACHE)  # as validation/metrics.py sets it: jieba's cache stays out of the temp dir
 
 
 def real_pairs():
@@ -35,7 +39,7 @@ def test_scores_equal_the_libraries_by_hand_for_both_variants():
     preds, refs = real_pairs()
     blank = {i for i, p in enumerate(preds) if not p.strip()}
     manual = [by_hand(p, r) if i not in blank else dict.fromkeys(("rouge-1", "rouge-2", "rouge-l", "bleu-4"), 0.0)
-              for i, (p, r) in enumerate(zip(preds, refs))]
+              for i, (p, r) in enumerate(zip(preds, refs, strict=True))]
     for variant, rows in (("thudm", manual), ("mindformers", [m for i, m in enumerate(manual) if i not in blank])):
         got = adgen_scores(preds, refs, variant)
         for metric in got:
@@ -59,16 +63,15 @@ def test_score_cli(tmp_path):
     preds, refs = real_pairs()
     f = tmp_path / "p.jsonl"
     f.write_text("\n".join(json.dumps({"prediction": p, "reference": r}, ensure_ascii=False)
-                           for p, r in zip(preds, refs)), encoding="utf-8")
+                           for p, r in zip(preds, refs, strict=True)), encoding="utf-8")
     res = CliRunner().invoke(eval_cli, ["score", str(f), "--variant", "mindformers"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output) == pytest.approx(adgen_scores(preds, refs, "mindformers"))
 
 
 def test_eval_resumes_and_metric_parity_passes(hf_tiny, tmp_path):
-    pytest.importorskip("mindspore")
     from converters.convert import convert
-    from converters.names import Layout
+    from glm2_core.names import Layout
 
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True), fmt="ckpt", progress=False)

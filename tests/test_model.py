@@ -1,15 +1,12 @@
 """The MindSpore runtime against the original HF code's outputs, and its own consistency (cache, padding, layouts)."""
+import mindspore as ms
 import numpy as np
-import pytest
+import reference_data
 
-ms = pytest.importorskip("mindspore")
-
-import reference_data  # noqa: E402
-
-from converters.names import Layout, weight_map  # noqa: E402
-from glm2_ms.generation import Decoder, cache_inputs  # noqa: E402
-from glm2_ms.loading import to_tensor  # noqa: E402
-from glm2_ms.model import GLM2ForCausalLM  # noqa: E402
+from glm2_core.names import Layout, weight_map
+from glm2_ms.generation import Decoder, cache_inputs
+from glm2_ms.loading import to_tensor
+from glm2_ms.model import GLM2ForCausalLM
 
 ms.set_device("CPU")
 
@@ -39,7 +36,7 @@ def test_prefill_and_cached_decode_match_the_original_code():
         mask, write = cache_inputs(n, valid, start)
         hidden, kvs = model.transformer(ms.Tensor(ids[None], ms.int32),
                                         ms.Tensor(np.arange(start, start + n)[None], ms.int32), ms.Tensor(mask),
-                                        tuple(zip(caches[::2], caches[1::2])), ms.Tensor(write))
+                                        tuple(zip(caches[::2], caches[1::2], strict=True)), ms.Tensor(write))
         caches = tuple(t for kv in kvs for t in kv)
         assert np.abs(hidden.asnumpy()[0] - expected).max() <= 1e-5
         start += n

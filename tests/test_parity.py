@@ -3,22 +3,16 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from helpers import LAYOUTS
 
-pytest.importorskip("mindspore")
-torch = pytest.importorskip("torch")
-
-from click.testing import CliRunner  # noqa: E402
-
-from converters.convert import convert  # noqa: E402
-from converters.names import Layout  # noqa: E402
-from validation.cli import main as parity_cli  # noqa: E402
-from validation.parity import Thresholds, run_parity  # noqa: E402
-from validation.references import glm_reference, torch_reference  # noqa: E402
+from converters.convert import convert
+from glm2_core.names import Layout
+from validation.cli import main as parity_cli
+from validation.parity import Thresholds, run_parity
+from validation.references import glm_reference, torch_reference
 
 PROMPTS = ["你好", "Write a short poem about the sea."]
-LAYOUTS = [Layout("mindformers"), Layout("mindformers-legacy"), Layout("mindformers", qkv_split=True),
-           Layout("mindformers", mlp_split=True), Layout("mindformers", rearrange_rope=True),
-           Layout("mindformers", True, True, True)]
 
 
 def test_torch_reference_equals_transformers_glm(hf_tiny):

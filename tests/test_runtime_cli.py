@@ -4,10 +4,8 @@ import sys
 
 import pytest
 
-pytest.importorskip("mindspore")
-
-from converters.convert import convert  # noqa: E402
-from converters.names import Layout  # noqa: E402
+from converters.convert import convert
+from glm2_core.names import Layout
 
 
 @pytest.fixture(scope="module")

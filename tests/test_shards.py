@@ -9,22 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tensors
 from strategy_fixtures import REPLICATED, glm2_maps, layout_entry, ms_split, write_json, write_pb
 
-from converters.checkpoint import open_checkpoint
 from converters.convert import convert
-from converters.errors import CheckpointError
-from converters.names import Layout
 from converters.shards import merge, split
 from converters.strategy import ParamLayout, load_strategy, strategy_bytes
+from glm2_core.errors import CheckpointError
+from glm2_core.names import Layout
 
 BIN = Path(sys.executable).parent
 MS = Layout("mindformers")
-
-
-def tensors(path) -> dict[str, np.ndarray]:
-    with open_checkpoint(path) as c:
-        return {n: t.read() for n, t in c.tensors.items()}
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +78,7 @@ def ms_strategy_file(strategy: Path, tmp: Path) -> Path:
     return tmp / "merged-strategy.ckpt"
 
 
+@pytest.mark.heavy  # 8-rank transforms against MindSpore's
 @pytest.mark.parametrize("kind,dtype", [("dp2xmp4", "float16"), ("dp2xmp4-opt-json", "bfloat16"),
                                         ("dp4xmp2-opt", "float16"), ("pipeline2-dp2xmp2-opt", "bfloat16")])
 def test_merge_and_split_equal_mindspore(full, tmp_path, kind, dtype):
@@ -90,7 +86,7 @@ def test_merge_and_split_equal_mindspore(full, tmp_path, kind, dtype):
     strategy = layouts_for(kind, list(want), tmp_path)
     shards = ms_split(full[dtype], ms_strategy_file(strategy, tmp_path), tmp_path / "ms-shards")
 
-    summary, stats = merge([shards], strategy, tmp_path / "ours", target=MS, hf_folder=False, fmt="ckpt",
+    summary, stats = merge([shards], strategy, tmp_path / "ours", target=MS, fmt="ckpt",
                            config=full["config"], progress=False)
     ours = tensors(tmp_path / "ours")
     theirs = ms_merge(shards, strategy, tmp_path / "ms-merged")
@@ -107,7 +103,7 @@ def test_merge_and_split_equal_mindspore(full, tmp_path, kind, dtype):
         a = (tmp_path / "our-shards" / f"rank_{r}" / f"glm2_rank_{r}.ckpt").read_bytes()
         assert a == (shards / f"rank_{r}" / f"glm2_rank_{r}.ckpt").read_bytes(), r
     merge([tmp_path / "our-shards"], tmp_path / "our-shards" / "strategy" if strategy.is_dir() else strategy,
-          tmp_path / "roundtrip", target=MS, hf_folder=False, fmt="ckpt", config=full["config"], progress=False)
+          tmp_path / "roundtrip", target=MS, fmt="ckpt", config=full["config"], progress=False)
     assert all(np.array_equal(a, want[n]) for n, a in tensors(tmp_path / "roundtrip").items())
 
 
@@ -129,7 +125,7 @@ def test_rank_safetensors_merge_equals_mindspores_transform(full, tmp_path):
         out.parent.mkdir(parents=True)
         ms.save_checkpoint(list(ms.load_checkpoint(str(src)).values()), str(out), format="safetensors")
     sf = tmp_path / "sf-shards"
-    summary, stats = merge([sf], strategy, tmp_path / "ours", target=MS, hf_folder=False, fmt="safetensors",
+    summary, stats = merge([sf], strategy, tmp_path / "ours", target=MS, fmt="safetensors",
                            config=full["config"], progress=False)
     ours = tensors(tmp_path / "ours")
     ms.transform_checkpoints(str(sf), str(tmp_path / "theirs"), "merged", str(strategy), None,
@@ -144,7 +140,7 @@ def test_rank_safetensors_merge_equals_mindspores_transform(full, tmp_path):
 
     (sf / "rank_5" / "glm2_rank_5.ckpt").write_bytes(b"")  # one rank folder holding both kinds is ambiguous
     with pytest.raises(CheckpointError, match="rank_5: holds both .ckpt and .safetensors files"):
-        merge([sf], strategy, tmp_path / "x", target=MS, hf_folder=False, fmt="ckpt", config=full["config"],
+        merge([sf], strategy, tmp_path / "x", target=MS, fmt="ckpt", config=full["config"],
               progress=False)
 
 
@@ -156,7 +152,7 @@ def test_merge_equals_merge_sliced_parameter(full, tmp_path):
     shards = ms_split(full["float16"], strategy, tmp_path / "shards")
     per_rank = [ms.load_checkpoint(str(shards / f"rank_{r}" / f"glm2_rank_{r}.ckpt")) for r in range(8)]
     searched = ms.build_searched_strategy(str(strategy))
-    merge([shards], strategy, tmp_path / "ours", target=MS, hf_folder=False, fmt="ckpt", config=full["config"],
+    merge([shards], strategy, tmp_path / "ours", target=MS, fmt="ckpt", config=full["config"],
           progress=False)
     ours = tensors(tmp_path / "ours")
     for n in want:
@@ -182,7 +178,7 @@ def test_uneven_split(full, tmp_path):
         m = r % 4
         params[qkv] = ms.Parameter(ms.Tensor(want[qkv][bounds[m]:bounds[m + 1]]), qkv)
         ms.save_checkpoint(list(params.values()), str(f))
-    merge([even], strategy, tmp_path / "ours", target=MS, hf_folder=False, fmt="ckpt", config=full["config"],
+    merge([even], strategy, tmp_path / "ours", target=MS, fmt="ckpt", config=full["config"],
           progress=False)
     ours = tensors(tmp_path / "ours")
     per_rank = [ms.load_checkpoint(str(even / f"rank_{r}" / f"glm2_rank_{r}.ckpt"))[qkv] for r in range(8)]
@@ -190,7 +186,7 @@ def test_uneven_split(full, tmp_path):
     assert np.array_equal(ours[qkv], theirs) and np.array_equal(ours[qkv], want[qkv])
     split(full["float16"], strategy, tmp_path / "resplit", progress=False)
     assert tensors(tmp_path / "resplit" / "rank_6")[qkv].shape == (24, 64)
-    merge([tmp_path / "resplit"], strategy, tmp_path / "back", target=MS, hf_folder=False, fmt="ckpt",
+    merge([tmp_path / "resplit"], strategy, tmp_path / "back", target=MS, fmt="ckpt",
           config=full["config"], progress=False)
     assert all(np.array_equal(a, want[n]) for n, a in tensors(tmp_path / "back").items())
 
@@ -198,7 +194,7 @@ def test_uneven_split(full, tmp_path):
 def test_split_loads_in_load_distributed_checkpoint(full, tmp_path):
     import mindspore as ms
 
-    from converters.config import GLM2Config
+    from glm2_core.config import GLM2Config
     from glm2_ms.loading import use_cpu
     from glm2_ms.model import GLM2ForCausalLM
 
@@ -233,10 +229,10 @@ def test_to_hf_and_lora_folded(full, tmp_path):
     shards = ms_split(tmp_path / "lora-full.ckpt", strategy, tmp_path / "shards")
 
     with pytest.raises(CheckpointError, match="--lora-alpha"):
-        merge([shards], strategy, tmp_path / "x", target=Layout("chatglm"), hf_folder=True, fmt="safetensors",
+        merge([shards], strategy, tmp_path / "x", target=Layout("chatglm"), fmt="safetensors",
               config=full["config"], progress=False)
     assert not (tmp_path / "x").exists()
-    merge([shards], strategy, tmp_path / "hf", target=Layout("chatglm"), hf_folder=True, fmt="safetensors",
+    merge([shards], strategy, tmp_path / "hf", target=Layout("chatglm"), fmt="safetensors",
           lora_alpha=32.0, config=full["config"], progress=False)
     r = subprocess.run([BIN / "glm2-convert", "merge-lora", tmp_path / "lora-full.ckpt", tmp_path / "lora-full.ckpt",
                         tmp_path / "ref", "--layout", "chatglm", "--lora-alpha", "32", "--config", full["config"],
@@ -297,6 +293,7 @@ def copy_run(run, tmp_path) -> Path:
     return shards
 
 
+@pytest.mark.heavy  # 8 ranks split and merged through the CLIs, in subprocesses
 def test_cli_merge_split_roundtrip(full, run, tmp_path):
     shards, strategy = run
     r = cli(shards, "--strategy", strategy, tmp_path / "hf", "--layout", "chatglm", "--config", full["config"])
@@ -326,7 +323,7 @@ def test_cli_merge_split_roundtrip(full, run, tmp_path):
 
 def test_merged_shards_without_a_tokenizer_get_the_bundled_one(run, full, tmp_path):
     """MindFormers' output folders hold no tokenizer: the merged model gets ChatGLM2's, and the summary says so."""
-    from converters.synth import bundled_tokenizer
+    from glm2_core.assets import bundled_tokenizer
 
     r = cli(run[0], "--strategy", run[1], tmp_path / "merged", "--config", full["config"])
     assert r.returncode == 0 and "wrote the bundled ChatGLM2 tokenizer" in r.stdout, r.stderr
@@ -409,7 +406,7 @@ def test_keep_optimizer(full, tmp_path, moments_in_strategy):
     shards = ms_split(tmp_path / "train.ckpt", strategy, tmp_path / "shards")
     if not moments_in_strategy:
         strategy = write_pb(tmp_path / "weights-only.ckpt", dp_mp(list(want), opt=True))
-    merge([shards], strategy, tmp_path / "ours", target=MS, hf_folder=False, fmt="ckpt", keep_optimizer=True,
+    merge([shards], strategy, tmp_path / "ours", target=MS, fmt="ckpt", keep_optimizer=True,
           config=full["config"], progress=False)
     ours = tensors(tmp_path / "ours")
     theirs = ms_merge(shards, tmp_path / "s.ckpt", tmp_path / "ms-merged")

@@ -5,9 +5,7 @@ import base64
 import numpy as np
 import pytest
 
-pytest.importorskip("sentencepiece")
-
-from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt  # noqa: E402
+from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +149,7 @@ def test_glm4_json_tool_calls(glm4):
     ("IQ==\n", "line 1 is not"), ("!!! 0\n", "line 1 is not"), ("IQ== 0 7\n", "line 1 is not"),
     ("IQ== x\n", "line 1 is not")])
 def test_bad_ranks_files_are_one_line_errors(tmp_path, text, error):
-    from converters.errors import CheckpointError
+    from glm2_core.errors import CheckpointError
 
     (tmp_path / "tokenizer.model").write_text(text)
     with pytest.raises(CheckpointError, match=error):

@@ -1,12 +1,9 @@
 """The PyTorch reference against the original HF code's outputs, and against the MindSpore runtime."""
 import numpy as np
-import pytest
+import reference_data
+import torch
 
-torch = pytest.importorskip("torch")
-
-import reference_data  # noqa: E402
-
-from validation.torch_reference import TorchGLM2, load_reference  # noqa: E402
+from validation.torch_reference import TorchGLM2, load_reference
 
 
 def test_reference_matches_original_hf_outputs_with_kv_cache():

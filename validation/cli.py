@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from converters.options import PATH, ExistingPath, Tool, option
+from glm2_core.options import PATH, ExistingPath, Tool, option
 
 BY_DTYPE = "by --compute-dtype, as in the README"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from converters.options import PATH, Tool
+from glm2_core.options import PATH, Tool
 
 ADGEN_LINES = Path(__file__).resolve().parent / "assets" / "adgen_train_head200.json"
 
@@ -36,11 +36,11 @@ def main(workdir: Path | None):
 
 def _run(root: Path, kept: bool) -> int:
     """The demo's steps with their outputs under `root`; the exit status."""
-    from converters.config import GLM2Config
     from converters.convert import convert
     from converters.inspect_verify import verify
-    from converters.names import Layout
     from converters.synth import synthesize
+    from glm2_core.config import GLM2Config
+    from glm2_core.names import Layout
 
     hf, ms_dir, back = root / "hf-tiny", root / "ms-tiny", root / "hf-roundtrip"
     cfg = GLM2Config.preset("tiny")
@@ -49,7 +49,7 @@ def _run(root: Path, kept: bool) -> int:
                f"({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.padded_vocab_size}, float32)")
     s1 = convert(hf, ms_dir, target=Layout("mindformers"), fmt="ckpt", overwrite=True, progress=False)
     click.echo("2. hf2ms  " + "\n   ".join(s1.lines()))
-    s2 = convert(ms_dir, back, target=Layout("chatglm"), fmt="safetensors", hf_folder=True, overwrite=True,
+    s2 = convert(ms_dir, back, target=Layout("chatglm"), fmt="safetensors", overwrite=True,
                  progress=False)
     click.echo("3. ms2hf  " + "\n   ".join(s2.lines()))
     report = verify(hf, back)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from converters.errors import CheckpointError
-from converters.options import ExistingPath, Tool, option, sampling_options
+from glm2_core.errors import UserError
+from glm2_core.options import ExistingPath, Tool, option, sampling_options
 
 USAGE = ("MODEL_DIR --data FILE [OPTIONS]", "--parity HF_DIR MS_DIR --data FILE [OPTIONS]", "score FILE [OPTIONS]")
 
@@ -61,15 +61,15 @@ def main(model_dir, ms_dir, parity, data, runtime, max_samples, batch_size, max_
     s = EvalSettings(max_samples, batch_size, max_source_length, max_target_length, max_new_tokens, variant)
     if parity:
         if ms_dir is None:
-            raise CheckpointError("--parity needs two folders: HF_DIR MS_DIR")
+            raise UserError("--parity needs two folders: HF_DIR MS_DIR")
         if sample:
-            raise CheckpointError("--parity compares greedy predictions; drop --sample")
+            raise UserError("--parity compares greedy predictions; drop --sample")
         report = metric_parity(model_dir, ms_dir, data, out_dir, s, min_agreement, max_metric_diff,
                                progress=not quiet, resume=resume)
         click.echo(parity_markdown(report))
         sys.exit(0 if report["passed"] else 1)
     if ms_dir is not None:
-        raise CheckpointError(f"{ms_dir}: a second folder is for --parity only")
+        raise UserError(f"{ms_dir}: a second folder is for --parity only")
     from glm2_ms.cli import sampling_config
 
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.errors import CheckpointError
+from glm2_core.errors import UserError
 
 from .metrics import METRICS, adgen_scores
 
@@ -52,7 +52,7 @@ class Runtime:
 
             self.decoder = load_reference(model_dir)
         else:
-            raise CheckpointError(f"runtime must be ms or torch, not {kind!r}")
+            raise UserError(f"runtime must be ms or torch, not {kind!r}")
 
     def generate(self, batch, max_new_tokens: int, eos: int) -> np.ndarray:
         return self.decoder.generate(batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens,
@@ -75,16 +75,16 @@ def check_resume(out: Path, settings: dict, resume: bool) -> None:
     if not (out / PREDICTIONS).is_file():
         return
     if not resume:
-        raise CheckpointError(f"{out / PREDICTIONS}: exists; pass --resume to continue it, or choose another --out")
+        raise UserError(f"{out / PREDICTIONS}: exists; pass --resume to continue it, or choose another --out")
     try:
         recorded = json.loads((out / SETTINGS).read_text())
     except (OSError, json.JSONDecodeError):
-        raise CheckpointError(f"{out / SETTINGS}: missing or unreadable, so the predictions beside it cannot be "
+        raise UserError(f"{out / SETTINGS}: missing or unreadable, so the predictions beside it cannot be "
                               f"told to be this run's; use another --out") from None
     changed = [k for k in settings if recorded.get(k) != settings[k]]
     if changed:
         key = changed[0]
-        raise CheckpointError(f"{out / SETTINGS}: the predictions there are of {key} {recorded.get(key)!r}, this "
+        raise UserError(f"{out / SETTINGS}: the predictions there are of {key} {recorded.get(key)!r}, this "
                               f"run's is {settings[key]!r}; resume only the same run, or use another --out")
 
 
@@ -93,7 +93,7 @@ def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progr
     and only the rest is predicted."""
     done = [json.loads(line) for line in out_file.read_text().splitlines()] if out_file.is_file() else []
     if [d["content"] for d in done] != [c for c, _, _ in items[:len(done)]]:
-        raise CheckpointError(f"{out_file}: holds predictions for other samples; use another --out")
+        raise UserError(f"{out_file}: holds predictions for other samples; use another --out")
     todo = items[len(done):]
     from tqdm import tqdm
 
@@ -105,7 +105,7 @@ def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progr
             batch = tok.batch([ids for _, ids, _ in chunk])
             out = runtime.generate(batch, s.max_new_tokens, tok.eos_id)
             width = batch.input_ids.shape[1]
-            for (content, _, ref), row in zip(chunk, out):
+            for (content, _, ref), row in zip(chunk, out, strict=True):
                 tokens = [int(t) for t in row[width:]]
                 record = {"content": content, "reference": ref, "prediction": tok.decode(tokens).strip(),
                           "tokens": tokens}
@@ -124,7 +124,7 @@ def evaluate(model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: Eva
     s = s or EvalSettings()
     settings = run_settings(model_dir, data, runtime, s, sampling)
     check_resume(out, settings, resume)
-    tok = GLM2Tokenizer(model_dir) if (Path(model_dir) / "tokenizer.model").is_file() else GLM2Tokenizer()
+    tok = GLM2Tokenizer.from_pretrained(model_dir)
     items = samples(data, tok, s)
     t = time.perf_counter()
     engine = Runtime(runtime, model_dir, sampling)  # a model that does not load leaves no --out behind
@@ -144,14 +144,14 @@ def metric_parity(hf_dir: Path, ms_dir: Path, data: Path, out: Path, s: EvalSett
     """Greedy predictions of the torch reference on `hf_dir` and MindSpore on `ms_dir` over the same samples."""
     ref = evaluate(hf_dir, data, out / "torch", "torch", s, progress=progress, resume=resume)
     got = evaluate(ms_dir, data, out / "ms", "ms", s, progress=progress, resume=resume)
-    read = lambda p: [json.loads(x) for x in (p / PREDICTIONS).read_text().splitlines()]  # noqa: E731
+    read = lambda p: [json.loads(x) for x in (p / PREDICTIONS).read_text().splitlines()]
     a, b = read(out / "torch"), read(out / "ms")
     rows, agree = [], 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         same = x["tokens"] == y["tokens"]
         agree += same
         if not same:
-            first = next((i for i, (u, v) in enumerate(zip(x["tokens"], y["tokens"])) if u != v),
+            first = next((i for i, (u, v) in enumerate(zip(x["tokens"], y["tokens"], strict=False)) if u != v),
                          min(len(x["tokens"]), len(y["tokens"])))
             rows.append({"content": x["content"], "first_diff": first, "torch": x["prediction"],
                          "ms": y["prediction"]})

@@ -46,6 +46,6 @@ def adgen_scores(predictions: list[str], references: list[str], variant: str = "
         raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    rows = [sample_scores(p, r) for p, r in zip(predictions, references)
+    rows = [sample_scores(p, r) for p, r in zip(predictions, references, strict=True)
             if variant == "thudm" or p.strip()]
     return {m: (sum(r[m] for r in rows) / len(rows) if rows else 0.0) for m in METRICS}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.errors import CheckpointError
+from glm2_core.errors import CheckpointError
 
 DEFAULT_PROMPTS = ["你好", "请介绍一下华为", "晚上睡不着应该怎么办",
                    "类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣*衣样式#外套*衣款式#破洞",

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters.errors import CheckpointError
+from glm2_core.errors import CheckpointError
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -83,10 +83,10 @@ def glm_reference(hf_dir: Path, dtype: str) -> TorchTrace:
     import transformers
 
     from converters.convert import convert
-    from converters.names import Layout
+    from glm2_core.names import Layout
 
     with tempfile.TemporaryDirectory(prefix="glm2-parity-glm-") as tmp:  # a full model copy: gone once loaded
-        convert(hf_dir, Path(tmp) / "glm", target=Layout("glm"), fmt="safetensors", hf_folder=True, dtype=dtype,
+        convert(hf_dir, Path(tmp) / "glm", target=Layout("glm"), fmt="safetensors", dtype=dtype,
                 progress=False)
         model = transformers.GlmForCausalLM.from_pretrained(Path(tmp) / "glm", dtype=TORCH_DTYPES[dtype]).eval()
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from converters.config import GLM2Config
-from converters.names import INV_FREQ, Layout
 from converters.source import Source
+from glm2_core.config import GLM2Config
+from glm2_core.names import INV_FREQ, Layout
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -5,13 +5,13 @@ import errno
 import math
 import mmap
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from ..dtypes import BY_NAME
+from glm2_core.dtypes import nbytes
 
 
 class Closing:
@@ -38,7 +38,7 @@ class TensorRef:
     # `offset` once a writer has copied them: raises when they are not what the file's checksum says
 
     def __post_init__(self):
-        from ..errors import CheckpointError
+        from glm2_core.errors import CheckpointError
 
         try:
             self.name.encode("utf-8")
@@ -51,7 +51,7 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * BY_NAME[self.dtype].itemsize
+        return nbytes(self.shape, self.dtype)
 
     def read(self) -> np.ndarray:
         """The tensor as a numpy array of the storage dtype (bfloat16 as uint16 bits)."""
@@ -81,7 +81,7 @@ class FileSpan:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * BY_NAME[self.dtype].itemsize
+        return nbytes(self.shape, self.dtype)
 
     def blocks(self):
         """The bytes, BLOCK at a time, mapped from the page cache (no copy): a window of the file is mapped at a
@@ -142,7 +142,7 @@ def write_bytes(out, data: np.ndarray | FileSpan, start: int = 0, n: int | None 
 
 def read_exact(f, offset: int, arr: np.ndarray, path: Path, what: str) -> None:
     """Fill `arr` with the bytes at `offset`; a short read means the file was cut off."""
-    from ..errors import CheckpointError
+    from glm2_core.errors import CheckpointError
 
     f.seek(offset)
     view = memoryview(arr).cast("B")

@@ -16,8 +16,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..dtypes import BY_CKPT, BY_NAME
-from ..errors import CheckpointError
+from glm2_core.dtypes import BY_CKPT, BY_NAME
+from glm2_core.errors import CheckpointError
+
 from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
 from .checksums import FileCrc, crc32
 from .protowire import encode_varint as _encode_varint
@@ -45,7 +46,7 @@ class CkptFile(Closing):
         self.strings: dict[str, str] = {}
         self.has_crc = False
         self._crc: FileCrc | None = None  # with a CRC trailer: the checksum, assembled from what is read
-        self._f: BinaryIO = open(self.path, "rb")
+        self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 (held until close())
         try:
             self._index(verify)
         except CheckpointError:
@@ -110,32 +111,7 @@ class CkptFile(Closing):
             pos += length
         if pos != end or tag is None or tensor is None:
             raise ValueError(f"record at offset {file_pos} is malformed")
-        dims, ttype, content = [], None, None
-        pos, t_end = tensor
-        while pos < t_end:
-            key, pos = _varint(head, pos, len(head))
-            number, wire = key >> 3, key & 7
-            if (number, wire) == (1, 0):
-                d, pos = _varint(head, pos, len(head))
-                dims.append(d)
-                continue
-            if wire != 2:
-                raise ValueError(f"unexpected field {number} in tensor {tag!r}")
-            length, pos = _varint(head, pos, len(head))
-            if number == 1:  # packed dims
-                stop = pos + length
-                while pos < stop:
-                    d, pos = _varint(head, pos, stop)
-                    dims.append(d)
-                continue
-            if number == 2:
-                ttype = _text(head, pos, length)
-            elif number == 3:
-                content = (file_pos + pos, length)
-            pos += length
-        if pos != t_end or ttype is None or content is None:
-            raise ValueError(f"tensor {tag!r} is malformed")
-        return tag, tuple(dims), ttype, content
+        return (tag, *_parse_tensor(head, *tensor, file_pos, tag))
 
     def _add(self, tag: str, dims: tuple[int, ...], ttype: str, segments: list[tuple[int, int]]) -> None:
         total = sum(n for _, n in segments)
@@ -211,3 +187,32 @@ class CkptWriter:
             n = min(CHUNK_BYTES, data.nbytes - at)
             self._f.write(_record_header(name, data.shape, ttype, n))
             write_bytes(self._f, data, at, n)
+
+
+def _parse_tensor(head: bytes, pos: int, end: int, file_pos: int, tag: str):
+    """A TensorProto's (dims, tensor_type, (file offset, length) of its content) from `head[pos:end]`."""
+    dims, ttype, content = [], None, None
+    while pos < end:
+        key, pos = _varint(head, pos, len(head))
+        number, wire = key >> 3, key & 7
+        if (number, wire) == (1, 0):
+            d, pos = _varint(head, pos, len(head))
+            dims.append(d)
+            continue
+        if wire != 2:
+            raise ValueError(f"unexpected field {number} in tensor {tag!r}")
+        length, pos = _varint(head, pos, len(head))
+        if number == 1:  # packed dims
+            stop = pos + length
+            while pos < stop:
+                d, pos = _varint(head, pos, stop)
+                dims.append(d)
+            continue
+        if number == 2:
+            ttype = _text(head, pos, length)
+        elif number == 3:
+            content = (file_pos + pos, length)
+        pos += length
+    if pos != end or ttype is None or content is None:
+        raise ValueError(f"tensor {tag!r} is malformed")
+    return tuple(dims), ttype, content

@@ -5,7 +5,7 @@ mindspore or protobuf installed.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 VARINT, LEN = 0, 2
 

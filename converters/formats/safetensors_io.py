@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import math
 import struct
+from itertools import pairwise
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
-from ..dtypes import BY_NAME, BY_SAFETENSORS
-from ..errors import CheckpointError
-from ..jsonio import parse_json
+from glm2_core.dtypes import BY_NAME, BY_SAFETENSORS, nbytes
+from glm2_core.errors import CheckpointError
+from glm2_core.jsonio import parse_json
+
 from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
 
 MAX_HEADER = 16 << 20  # the safetensors library allows 100 MB; a 6B model's header is ~20 KB, and a 100 MB one
@@ -27,7 +29,7 @@ class SafetensorsFile(Closing):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.tensors: dict[str, TensorRef] = {}
-        self._f: BinaryIO = open(self.path, "rb")
+        self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 (held until close())
         try:
             self.metadata = self._index()
         except BaseException:
@@ -74,7 +76,7 @@ class SafetensorsFile(Closing):
                                            lambda o=base + begin, s=shape, d=dt, k=name: self._read(o, s, d, k),
                                            offset=base + begin)
         spans.sort()
-        for (_, e1, a), (b2, _, b) in zip(spans, spans[1:]):
+        for (_, e1, a), (b2, _, b) in pairwise(spans):
             if b2 < e1:
                 raise self._bad(f"tensors {a!r} and {b!r} overlap")
         # keep the file's own order of the data, which is the order writers meant
@@ -104,7 +106,7 @@ class SafetensorsWriter:
         at = 0
         self._expected = []
         for name, shape, dtype in plan:
-            n = math.prod(shape) * BY_NAME[dtype].itemsize
+            n = nbytes(shape, dtype)
             header[name] = {"dtype": BY_NAME[dtype].safetensors, "shape": list(shape), "data_offsets": [at, at + n]}
             self._expected.append((name, tuple(shape), dtype))
             at += n

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dtypes import BY_NAME, BY_TORCH_STORAGE, DType
-from ..errors import CheckpointError
+from glm2_core.dtypes import BY_NAME, BY_TORCH_STORAGE, DType
+from glm2_core.errors import CheckpointError
+
 from .base import Closing, FileSpan, TensorRef, write_bytes
 from .zipstore import STORED, ZipError, ZipRecord, ZipStoreWriter, read_record, read_zip
 
@@ -61,7 +62,7 @@ class _Tensor:
     @property
     def contiguous(self) -> bool:
         want = 1
-        for n, s in zip(reversed(self.shape), reversed(self.stride)):
+        for n, s in zip(reversed(self.shape), reversed(self.stride), strict=True):
             if n != 1 and s != want:
                 return False
             want *= n
@@ -87,7 +88,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_):
     if len(stride) != len(shape):
         raise ValueError(f"shape {list(shape)} and stride {list(stride)} differ in length")
     t = _Tensor(storage, offset, shape, stride)
-    last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
+    last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
     if math.prod(shape) and last >= storage.numel:
         raise ValueError(f"a tensor of shape {list(shape)} runs past its storage of {storage.numel} elements")
     return t
@@ -157,7 +158,7 @@ class TorchBinFile(Closing):
     def __init__(self, path: Path, verify: bool = True):
         self.path, self.verify = Path(path), verify
         self.tensors: dict[str, TensorRef] = {}
-        self._f = open(self.path, "rb")
+        self._f = open(self.path, "rb")  # noqa: SIM115 (held until close())
         try:
             zipped = self.has_crc = self._f.read(2) == b"PK"  # the legacy stream carries no checksums
             self._f.seek(0)

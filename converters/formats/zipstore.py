@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import BinaryIO
 
@@ -207,7 +208,7 @@ def read_zip(path: Path) -> dict[str, ZipRecord]:
                                f"directory")
             records[rec.name] = replace(rec, data_offset=data)
     spans = sorted((r.data_offset, r.data_offset + r.compressed_size, r.name) for r in records.values())
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+    for (_, end, a), (start, _, b) in pairwise(spans):
         if start < end:
             raise ZipError(f"records {a!r} and {b!r} overlap")
     return records

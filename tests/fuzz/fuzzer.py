@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 from click.testing import CliRunner  # noqa: E402
 
 from converters.cli import main as convert_cli  # noqa: E402
-from converters.config import GLM2Config  # noqa: E402
 from converters.shards_cli import main as merge_command  # noqa: E402
+from glm2_core.config import GLM2Config  # noqa: E402
 
 CORPUS = Path(__file__).parent / "corpus"
 CASE_SECONDS = 10
@@ -78,10 +78,10 @@ def build_seeds(root: Path) -> set[str]:
     """The valid inputs the mutations start from; returns the targets available (legacy .bin needs torch)."""
     from converters.convert import convert
     from converters.formats.ckpt import CRC_MARK
-    from converters.names import Layout
     from converters.shards import split
     from converters.strategy import ParamLayout, strategy_bytes
     from converters.synth import synthesize
+    from glm2_core.names import Layout
 
     root.mkdir()
     synthesize(root / "hf-safetensors", CFG, "float16", "safetensors", max_shard_bytes=10**9)

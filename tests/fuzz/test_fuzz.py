@@ -5,6 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 FUZZER = Path(__file__).with_name("fuzzer.py")
 SESSION_SECONDS = 25
 
@@ -15,6 +17,7 @@ def _run(*args, timeout):
     return proc.returncode, proc.stdout + proc.stderr
 
 
+@pytest.mark.heavy  # 25 s of fuzzing
 def test_mutation_fuzzing_holds_the_contract():
     """Every reader and file kind, round-robin, for SESSION_SECONDS; the counts are printed (pytest -s)."""
     code, out = _run("--seconds", str(SESSION_SECONDS), "--seed", "0", timeout=SESSION_SECONDS + 180)
@@ -47,7 +50,7 @@ def test_a_huge_safetensors_header_is_refused_at_once(tmp_path):
 def test_the_fuzzers_memory_bound_is_real():
     """An allocation beyond the limit the fuzzer sets fails in that process (so unbounded ones are caught)."""
     limit = 2 << 30
-    code = ("import sys; sys.path.insert(0, %r); import fuzzer; fuzzer.limit_memory(%d); "
-            "import numpy as np; np.ones(%d, np.uint8)" % (str(FUZZER.parent), limit, 2 * limit))
+    code = (f"import sys; sys.path.insert(0, {str(FUZZER.parent)!r}); import fuzzer; fuzzer.limit_memory({limit}); "
+            f"import numpy as np; np.ones({2 * limit}, np.uint8)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0 and "MemoryError" in proc.stderr

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import click
 
-from .dtypes import COMPUTE_DTYPES
-from .errors import CheckpointError
+from .dtypes import COMPUTE_DTYPES, DTYPES
+from .errors import CheckpointError, UserError
 from .names import FAMILIES, HF_FAMILIES
-from .source import DTYPES
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 MS_LAYOUTS = tuple(f for f in FAMILIES if f not in HF_FAMILIES)
@@ -174,7 +173,7 @@ class _Tool:
         with _interrupts():
             try:
                 status = super().main(args, prog_name, standalone_mode=False, **extra)
-            except CheckpointError as exc:
+            except UserError as exc:
                 _fail(str(exc))
             except _HELP_ONLY as exc:  # its help, as click shows it
                 click.echo(exc.format_message(), err=True)

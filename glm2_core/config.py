@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, UserError
 from .jsonio import read_json
 
 # Fields of the real THUDM config.json (and of its 32k/later variants) that do not change the weights or math.
@@ -61,7 +61,7 @@ class GLM2Config:
     pad_token_id: int = 0
     family: str = "chatglm2"  # which release (FAMILIES): its tokenizer and chat format; the network is the same
 
-    # ---- derived sizes used by the name map and the model
+    # ---- derived sizes used by the weight-name schema and the model
     @property
     def q_rows(self) -> int:
         return self.num_attention_heads * self.kv_channels
@@ -69,6 +69,10 @@ class GLM2Config:
     @property
     def kv_rows(self) -> int:
         return self.multi_query_group_num * self.kv_channels
+
+    @property
+    def qkv_rows(self) -> int:
+        return self.q_rows + 2 * self.kv_rows
 
     @property
     def rope_base(self) -> float:
@@ -107,14 +111,14 @@ class GLM2Config:
                              f"head)")
 
     @classmethod
-    def _build(cls, source: str, **kw) -> "GLM2Config":
+    def _build(cls, source: str, **kw) -> GLM2Config:
         try:
             return cls(**kw)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{source}: {exc}") from None
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "GLM2Config":
+    def from_dict(cls, d: dict, source: str = "config.json") -> GLM2Config:
         own = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - own - _PASSIVE)
         if unknown:
@@ -135,7 +139,7 @@ class GLM2Config:
         return cls._build(source, **kw)
 
     @classmethod
-    def from_glm_dict(cls, d: dict, source: str = "config.json") -> "GLM2Config":
+    def from_glm_dict(cls, d: dict, source: str = "config.json") -> GLM2Config:
         """From the config of transformers' native GlmForCausalLM (as `ms2hf --layout glm` writes it)."""
         rope = d.get("rope_parameters") or {}
         if not isinstance(rope, dict):
@@ -160,16 +164,16 @@ class GLM2Config:
                           family=family_of(d.get("_name_or_path"), sizes["padded_vocab_size"]))
 
     @classmethod
-    def from_mapping(cls, d: dict, source: str = "config.json") -> "GLM2Config":
+    def from_mapping(cls, d: dict, source: str = "config.json") -> GLM2Config:
         """Either field set: transformers' GlmForCausalLM (model_type "glm") or THUDM's ChatGLM."""
         return cls.from_glm_dict(d, source) if d.get("model_type") == "glm" else cls.from_dict(d, source)
 
     @classmethod
-    def from_file(cls, path) -> "GLM2Config":
+    def from_file(cls, path) -> GLM2Config:
         return cls.from_mapping(read_json(path, "config"), str(path))
 
     @classmethod
-    def from_pretrained(cls, path) -> "GLM2Config":
+    def from_pretrained(cls, path) -> GLM2Config:
         """From a folder (its config.json) or a config file, in the chatglm or the transformers-GLM field set."""
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
@@ -178,31 +182,12 @@ class GLM2Config:
         return cls.from_file(file)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GLM2Config":
+    def preset(cls, name: str, **overrides) -> GLM2Config:
         try:
             base = PRESETS[name]
         except KeyError:
-            raise CheckpointError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}") from None
+            raise UserError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}") from None
         return cls._build(f"preset {name}", **{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
-
-    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every weight of the HF ChatGLM2 layout (our canonical names) with its shape, in the release's order."""
-        h, L = self.hidden_size, "transformer.encoder.layers.{}."
-        shapes = {"transformer.embedding.word_embeddings.weight": (self.padded_vocab_size, h)}
-        for i in range(self.num_layers):
-            p = L.format(i)
-            qkv = self.q_rows + 2 * self.kv_rows
-            shapes[p + "input_layernorm.weight"] = (h,)
-            shapes[p + "self_attention.query_key_value.weight"] = (qkv, h)
-            if self.add_qkv_bias:
-                shapes[p + "self_attention.query_key_value.bias"] = (qkv,)
-            shapes[p + "self_attention.dense.weight"] = (h, self.q_rows)
-            shapes[p + "post_attention_layernorm.weight"] = (h,)
-            shapes[p + "mlp.dense_h_to_4h.weight"] = (2 * self.ffn_hidden_size, h)
-            shapes[p + "mlp.dense_4h_to_h.weight"] = (h, self.ffn_hidden_size)
-        shapes["transformer.encoder.final_layernorm.weight"] = (h,)
-        shapes["transformer.output_layer.weight"] = (self.padded_vocab_size, h)
-        return shapes
 
     def chatglm_json(self, dtype: str | None = None) -> dict:
         """The field set of the real THUDM config.json, with this model's values."""

@@ -5,6 +5,7 @@ everything that only moves bytes (renames, row splits, writing) never needs the 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,11 +45,25 @@ _TABLE = [
 ]
 FLOATS = ("float32", "float16", "bfloat16", "float64")
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")  # what ChatGLM2 weights are stored in
+DTYPES = ("keep", *WEIGHT_DTYPES)  # what an output's weights may be (keep: as stored)
 COMPUTE_DTYPES = ("float32", "float16")  # the runtimes' arithmetic (MindSpore on CPU has no bfloat16 matmul)
 BY_NAME = {d.name: d for d in _TABLE}
 BY_SAFETENSORS = {d.safetensors: d for d in _TABLE}
 BY_CKPT = {d.ckpt: d for d in _TABLE}
 BY_TORCH_STORAGE = {d.torch_storage: d for d in _TABLE if d.torch_storage}
+
+
+def nbytes(shape, dtype: str) -> int:
+    """The bytes of a tensor of `shape` stored as `dtype`."""
+    return math.prod(shape) * BY_NAME[dtype].itemsize
+
+
+def stored(a: np.ndarray) -> tuple[np.ndarray, str]:
+    """An array as this module stores it, with its dtype's name: bfloat16 (MindSpore registers one with numpy)
+    as its uint16 bits."""
+    if a.dtype.name == "bfloat16":
+        return a.view(np.uint16), "bfloat16"
+    return a, a.dtype.name
 
 
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
