@@ -61,7 +61,7 @@ def glm4_tiny(tmp_path_factory):
 def test_glm4_converts_both_ways_bit_exact(glm4_tiny, tmp_path):
     src, cfg = glm4_tiny
     convert(src, tmp_path / "ms", target=Layout("mindformers"), fmt="ckpt", progress=False)
-    convert(tmp_path / "ms", tmp_path / "back", target=Layout("chatglm"), fmt="safetensors", hf_folder=True,
+    convert(tmp_path / "ms", tmp_path / "back", target=Layout("chatglm"), fmt="safetensors",
             progress=False)
     with open_checkpoint(src) as a, open_checkpoint(tmp_path / "back") as b:
         assert set(a.tensors) == set(b.tensors)
@@ -83,7 +83,7 @@ def test_glm4_logits_agree_in_transformers_glm_mindspore_and_an_independent_forw
     with open_checkpoint(src) as c:
         weights = {n: to_float32(t.read(), t.dtype) for n, t in c.tensors.items()}
     want = NumpyGLM2(weights, cfg).logits(IDS)
-    convert(src, tmp_path / "glm", target=Layout("glm"), fmt="safetensors", hf_folder=True, progress=False)
+    convert(src, tmp_path / "glm", target=Layout("glm"), fmt="safetensors", progress=False)
     glm = transformers.GlmForCausalLM.from_pretrained(tmp_path / "glm", dtype=torch.float32).eval()
     with torch.no_grad():
         got_glm = glm(torch.tensor([IDS])).logits[0].double().numpy()
