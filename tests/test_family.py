@@ -91,3 +91,14 @@ def test_glm4_logits_agree_in_transformers_glm_mindspore_and_an_independent_forw
     for got in (got_glm, got_ms):
         assert np.abs(got - want).max() < 1e-5 * max(1.0, np.abs(want).max())
         assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_the_bundled_tokenizer_is_only_for_its_families(tmp_path):
+    """ChatGLM2's sentencepiece model serves ChatGLM3 too; a GLM-4 folder never gets it."""
+    from converters.model_folder import tokenizer_model, tokenizer_or_bundled
+    from glm2_core.errors import UserError
+
+    assert tokenizer_or_bundled(tmp_path, "chatglm3")[0][0].name == "tokenizer.model"
+    assert tokenizer_or_bundled(tmp_path, "glm4") == ([], True)
+    with pytest.raises(UserError, match="glm4's is not bundled"):
+        tokenizer_model(tmp_path, "glm4")
