@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 
 from click.testing import CliRunner  # noqa: E402
 
+from converters.config import GLM2Config  # noqa: E402
 from converters.convert import convert  # noqa: E402
 from converters.names import Layout  # noqa: E402
 from validation.cli import main as parity_cli  # noqa: E402
@@ -43,18 +44,48 @@ def test_parity_passes_for_every_layout(hf_tiny, tmp_path, layout):
         assert p["first_divergence"] is None
 
 
-def test_broken_conversion_fails_at_layer_0_attention(hf_tiny, tmp_path):
+def without_timings(report: dict) -> dict:
+    report = json.loads(json.dumps(report))
+    del report["load_seconds"], report["mode"]
+    for p in report["prompts"]:
+        del p["seconds"]
+    return report
+
+
+def test_streamed_report_equals_whole_report(hf_tiny, tmp_path):
+    """Layer by layer (each side's own cells/modules, one block in memory), then each whole model's greedy tokens
+    with float16 weights computing in float32: the same numbers as both whole float32 models side by side."""
+    src = hf_tiny(dtype="float16")
+    convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True), fmt="ckpt", progress=False)
+    whole = run_parity(src, tmp_path / "ms", PROMPTS, "float32", new_tokens=8, streamed=False)
+    streamed = run_parity(src, tmp_path / "ms", PROMPTS, "float32", new_tokens=8, streamed=True)
+    assert whole["passed"] and (whole["mode"], streamed["mode"]) == ("whole", "streamed")
+    assert without_timings(streamed) == without_timings(whole)
+    assert len(streamed["prompts"][0]["stages"]) == 2 * 2 + 2  # every layer's attention and MLP, norm, logits
+
+
+def test_whole_models_are_the_default_when_they_fit(hf_tiny, tmp_path):
+    from validation.parity import fits_whole, whole_model_bytes
+
+    src = hf_tiny(dtype="float32")
+    params = sum(int(np.prod(s)) for s in GLM2Config.preset("tiny").canonical_shapes().values())
+    assert whole_model_bytes(src, "float32") == 2 * 4 * params and whole_model_bytes(src, "float16") == 2 * 2 * params
+    assert fits_whole(src, "float32")
+
+
+@pytest.mark.parametrize("mode", ["--whole", "--streamed"])
+def test_broken_conversion_fails_at_layer_0_attention(hf_tiny, tmp_path, mode):
     """RoPE rows rearranged, but the manifest says they are not: the runtime loads them as plain rows."""
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "ms", target=Layout("mindformers", rearrange_rope=True), fmt="ckpt", progress=False)
     manifest = json.loads((tmp_path / "ms" / "manifest.json").read_text())
     manifest["layout"]["rearrange_rope"] = False
     (tmp_path / "ms" / "manifest.json").write_text(json.dumps(manifest))
-    result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--max-new-tokens", "4",
+    result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--max-new-tokens", "4", mode,
                                              "--report", str(tmp_path / "report")])
     assert result.exit_code == 1, result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert not report["passed"]
+    assert not report["passed"] and report["mode"] == mode[2:]
     assert {p["first_divergence"] for p in report["prompts"]} == {"layer 0 attention"}
     assert "First divergence: **layer 0 attention**" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -142,7 +173,7 @@ def test_parity_png_legends_have_every_glyph(tmp_path, capfd):
                            "first_divergence": None, "passed": True,
                            "seconds": {"ms_forward": 0.0, "ref_forward": 0.0}} for p in DEFAULT_PROMPTS],
               "thresholds": {"layer_rel": 1e-5, "logits_max_abs": 1e-4, "top1": 1.0, "greedy": 1.0},
-              "reference": "torch", "dtype": "float32", "passed": True, "hf_dir": "hf", "ms_dir": "ms",
+              "reference": "torch", "dtype": "float32", "passed": True, "hf_dir": "hf", "ms_dir": "ms", "mode": "whole",
               "model": {"layers": 2, "hidden": 64, "vocab": 65024}, "new_tokens": 8}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
