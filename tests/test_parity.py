@@ -102,13 +102,17 @@ def fresh_temp_dir(tmp_path, monkeypatch):
 
 
 def test_reference_glm_and_report_files(hf_tiny, tmp_path, fresh_temp_dir):
-    """--reference glm exports a full model copy to the temp dir (12.5 GB at 6B): removed once loaded."""
-    src = hf_tiny(dtype="float32")
+    """--reference glm streamed: transformers' GLM modules layer by layer, straight from the HF folder in GLM names;
+    then its whole model for the greedy tokens, which exports a full model copy to the temp dir (12.5 GB at 6B):
+    removed once loaded."""
+    src = hf_tiny(dtype="float16")
     convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True), fmt="safetensors", progress=False)
-    result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--reference", "glm",
+    result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--reference", "glm", "--streamed",
                                              "--max-new-tokens", "4", "--report", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    assert "Logits parity: PASS" in result.output
+    assert "Logits parity: PASS" in result.output and "transformers GlmForCausalLM" in result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert max(s["rel"] for s in report["prompts"][0]["stages"][:-1]) <= 1e-6  # float32 on both sides
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.json", "report.md", "parity.png"}
     assert list(fresh_temp_dir.iterdir()) == []
 

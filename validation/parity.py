@@ -147,10 +147,10 @@ def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
     if reference not in STREAMED:
         raise CheckpointError(f"--reference {reference} runs whole models only (its modules are the folder's "
                               f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
-    ms_traces, ms_s = layer_major(MindSporeLayers(ms_dir, dtype), tok_ids)
     ref_layers = STREAMED[reference](hf_dir, dtype)
     name = ref_layers.name
-    ref_traces, ref_s = layer_major(ref_layers, tok_ids)
+    ref_traces, ref_s = layer_major(ref_layers, tok_ids)  # first: torch gives its memory back, MindSpore's pool not
+    ms_traces, ms_s = layer_major(MindSporeLayers(ms_dir, dtype), tok_ids)
     tokens, gen_s, load_s = {side: [[]] * len(tok_ids) for side in ("ms", "ref")}, \
         {side: [0.0] * len(tok_ids) for side in ("ms", "ref")}, {}
     for side, make in (("ms", lambda: MindSporeSide(ms_dir, dtype, stored=True)),

@@ -171,6 +171,8 @@ class _TorchLayers:
         self.stages, self.close = self.weights.stages, self.weights.close
 
     def module(self, build, arrays: dict) -> torch.nn.Module:
+        """`build()`'s module in the compute dtype, filled from `arrays` (widened by the copy when stored narrower:
+        no float32 copy of the weights outside the module)."""
         from .torch_reference import empty, fill
 
         module = empty(build, self.dtype)

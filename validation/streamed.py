@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.dtypes import weights_for
 from converters.names import EMBEDDING, Layout
 from converters.source import Source
 
@@ -30,10 +31,12 @@ def stage_of(canonical: str):
 
 
 class LayerWeights:
-    """A checkpoint read stage by stage, in `layout`'s names and `dtype` ("keep": as stored)."""
+    """A checkpoint read stage by stage, in `layout`'s names, its weights in the dtype a runtime computing in
+    `compute` keeps them in (`weights_for`: as stored for float32 arithmetic, which casts them where used)."""
 
-    def __init__(self, path: Path, layout: Layout, dtype: str):
-        self.src, self.dtype = Source.open(path), dtype
+    def __init__(self, path: Path, layout: Layout, compute: str):
+        self.src = Source.open(path)
+        self.dtype = weights_for(compute) or self.src.dtype
         try:
             groups, _ = self.src.groups(layout)
             self.by_stage: dict = {}
@@ -88,7 +91,8 @@ def layer_major(side, prompts: list[list[int]]) -> tuple[list[list[tuple[str, np
 
 class MindSporeLayers:
     """The runtime's own cells (glm2_ms/model.py: Embedding, Block, RMSNorm, the output Linear) and its own mask
-    and RoPE tables, one stage's cells built and filled at a time."""
+    and RoPE tables, one stage's cells built and filled at a time. As in the whole model, the cells keep their
+    weights in `LayerWeights.dtype` and compute in `dtype`, casting each weight where it is used."""
 
     def __init__(self, ms_dir: Path, dtype: str):
         import mindspore as ms
@@ -96,20 +100,15 @@ class MindSporeLayers:
         from glm2_ms.loading import MS_DTYPES, RUNTIME_LAYOUT, use_cpu
 
         use_cpu()
-        self.ms, self.dtype = ms, MS_DTYPES[dtype]
         self.weights = LayerWeights(ms_dir, RUNTIME_LAYOUT, dtype)
+        self.ms, self.dtype, self.storage = ms, MS_DTYPES[dtype], MS_DTYPES[self.weights.dtype]
         self.cfg = self.weights.cfg
         self.stages, self.close = self.weights.stages, self.weights.close
 
     def _filled(self, cell, arrays: dict):
-        from glm2_ms.loading import to_tensor
+        from glm2_ms.loading import load_into
 
-        params = {p.name: p for p in cell.get_parameters()}
-        for name, (arr, dt) in arrays.items():
-            params.pop(name).set_data(to_tensor(arr, dt))
-        if params:
-            raise AssertionError(f"parameters left unset: {sorted(params)[:3]}")
-        cell.set_train(False)
+        load_into(cell, ((name, arr, dt) for name, (arr, dt) in arrays.items()))
         return cell
 
     def _rows(self, t) -> np.ndarray:
@@ -118,9 +117,9 @@ class MindSporeLayers:
     def load(self, stage):
         from glm2_ms import model as m
 
-        ms, cfg, dtype, arrays = self.ms, self.cfg, self.dtype, self.weights.read(stage)
+        ms, cfg, dtype, storage, arrays = self.ms, self.cfg, self.dtype, self.storage, self.weights.read(stage)
         if stage == EMBED:
-            embedding = self._filled(m.Embedding(cfg, dtype), of(arrays, "transformer.embedding."))
+            embedding = self._filled(m.Embedding(cfg, storage), of(arrays, "transformer.embedding."))
             inv_freq = ms.Tensor(cfg.rope_inv_freq(), ms.float32)
 
             def start(ids):
@@ -130,9 +129,9 @@ class MindSporeLayers:
                 return (embedding(x).astype(dtype), cos, sin, mask), []
             return start
         if stage == HEAD:
-            norm = self._filled(m.RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype),
+            norm = self._filled(m.RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, storage),
                                 of(arrays, "transformer.encoder.final_layernorm."))
-            output = self._filled(m.Linear(cfg.hidden_size, cfg.padded_vocab_size, False, dtype),
+            output = self._filled(m.Linear(cfg.hidden_size, cfg.padded_vocab_size, False, storage),
                                   of(arrays, "transformer.output_layer."))
 
             def head(state):
@@ -140,7 +139,7 @@ class MindSporeLayers:
                 return None, [("final norm", self._rows(hidden)),
                               ("logits", self._rows(output(hidden).astype(ms.float32)))]
             return head
-        block = self._filled(m.Block(cfg, dtype), of(arrays, f"transformer.encoder.layers.{stage}."))
+        block = self._filled(m.Block(cfg, storage), of(arrays, f"transformer.encoder.layers.{stage}."))
 
         def layer(state):
             x, *context = state

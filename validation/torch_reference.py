@@ -192,8 +192,10 @@ def empty(build, dtype: str) -> nn.Module:
 
 
 def fill(state: dict, name: str, arr: np.ndarray, dt: str) -> None:
-    """Copy one streamed array (bfloat16 arrives as uint16 bits) into the tensor `state[name]`."""
-    t = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16) if dt == "bfloat16" else arr.copy())
+    """Copy one streamed array (bfloat16 arrives as uint16 bits) into the tensor `state[name]`, casting to its
+    dtype (no copy of the array on the way: `copy_` reads it)."""
+    arr = np.ascontiguousarray(arr)
+    t = torch.from_numpy(arr.view(np.int16) if dt == "bfloat16" else arr)
     state[name].copy_(t.view(torch.bfloat16) if dt == "bfloat16" else t)
 
 
