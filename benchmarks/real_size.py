@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -158,6 +159,7 @@ def main() -> None:
     print(f"CPU: {cpu()}", flush=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="glm2-real-size-"))
     work.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the temporary folder
     try:
         rows = loop(args, work)
     finally:
