@@ -151,10 +151,12 @@ def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
     name = ref_layers.name
     ref_traces, ref_s = layer_major(ref_layers, tok_ids)  # first: torch gives its memory back, MindSpore's pool not
     ms_traces, ms_s = layer_major(MindSporeLayers(ms_dir, dtype), tok_ids)
-    tokens, gen_s, load_s = {side: [[]] * len(tok_ids) for side in ("ms", "ref")}, \
-        {side: [0.0] * len(tok_ids) for side in ("ms", "ref")}, {}
-    for side, make in (("ms", lambda: MindSporeSide(ms_dir, dtype, stored=True)),
-                       ("ref", lambda: REFERENCES[reference](hf_dir, dtype, stored=True)))[:2 if new_tokens else 0]:
+    makers = {"ms": lambda: MindSporeSide(ms_dir, dtype, stored=True),
+              "ref": lambda: REFERENCES[reference](hf_dir, dtype, stored=True)}
+    tokens = {side: [[] for _ in tok_ids] for side in makers}
+    gen_s = {side: [0.0 for _ in tok_ids] for side in makers}
+    load_s = {}
+    for side, make in makers.items() if new_tokens else ():  # --max-new-tokens 0: the layer pass alone
         model, load_s[side] = timed(make)
         runs = [timed(model.generate, ids, new_tokens) for ids in tok_ids]
         tokens[side], gen_s[side] = [r[0] for r in runs], [r[1] for r in runs]
