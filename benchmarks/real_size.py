@@ -12,8 +12,11 @@ Each step is its own process; its wall time and peak RSS (the process tree's sum
 psutil) are printed as a markdown table with the step's key numbers, with the CPU and its thread count. Before the
 first parity, the page cache is dropped (root: /proc/sys/vm/drop_caches; else posix_fadvise DONTNEED on the files)
 and both checkpoints are read once (`cat`): the cold-cache anchor of the streamed parity, which runs cold too.
---workdir keeps the folders; by default they go to a temporary folder removed at the end, also on failure.
-Disk: the HF checkpoint, its MindSpore copy, the merged MindSpore and HF folders (4 × 12.5 GB at 28 layers).
+--workdir keeps the folders; by default they go to a temporary folder removed at the end, also on failure, and
+each folder is removed once no later step reads it (the synthesized HF folder after the generation parity, the
+finetune's checkpoints once it has written its adapter, the MindSpore model after merge-lora). Disk at 28 layers:
+at most the MindSpore model (12.5 GB) beside the finetune's checkpoints (two copies of the network, frozen base
+included), then two or three 12.5 GB checkpoints; with --workdir, all of them (≥ 75 GB).
 """
 from __future__ import annotations
 
@@ -108,6 +111,13 @@ def loop(args, work: Path) -> list[tuple]:
 
     rows = []
 
+    def prune(*folders: Path) -> None:
+        """Folders no later step reads, removed from a temporary work folder as soon as they are done with (the disk
+        holds at most three 6B checkpoints at a time); --workdir keeps them."""
+        if args.workdir is None:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def step(name, cmd, numbers=lambda text: "", ok=(0,)):
         wall, peak, text = run(name, cmd, work / f"{name.split()[0]}-{len(rows)}.log", ok)
         rows.append((name, wall, peak, numbers(text)))
@@ -130,6 +140,8 @@ def loop(args, work: Path) -> list[tuple]:
          lambda _: parity_numbers(work / "p1"), ok=(0, 1))
     step("generation parity", [*parity, hf, ms_dir, "--max-new-tokens", args.new_tokens, "--report", work / "p2"],
          lambda _: parity_numbers(work / "p2"), ok=(0, 1))
+    if args.hf_folder is None:
+        prune(hf)
     step("glm2-generate --stats", [BIN / "glm2-generate", ms_dir, "--prompt", DEFAULT_PROMPTS[2], "--chat",
                                    "--max-new-tokens", args.new_tokens, "--stats"],
          lambda text: " ".join(line.strip() for line in text.splitlines() if line.startswith("stats:")))
@@ -138,8 +150,12 @@ def loop(args, work: Path) -> list[tuple]:
          [BIN / "glm2-finetune", ms_dir, "--train-data", ADGEN, "--out", work / "lora", "--method", "lora",
           "--batch-size", 1, "--max-steps", args.steps, "--quiet", *recompute],
          lambda _: finetune_numbers(work / "lora"))
+    checkpoints = [work / "lora" / d for d in ("checkpoint", "checkpoint_network")]
+    print(f"    the run's checkpoints: {sum(size_of(d) for d in checkpoints if d.exists()) / 1e9:.2f} GB", flush=True)
+    prune(*checkpoints)  # merge-lora reads the PEFT adapter
     step("merge-lora", [BIN / "glm2-convert", "merge-lora", ms_dir, work / "lora" / "adapter", work / "ms-merged",
                         "--quiet"])
+    prune(ms_dir)
     step("ms2hf", [BIN / "glm2-convert", "ms2hf", work / "ms-merged", work / "hf-merged", "--quiet"])
     step("streamed parity, merged", [*parity, work / "hf-merged", work / "ms-merged", "--max-new-tokens", 0,
                                      "--report", work / "p3"], lambda _: parity_numbers(work / "p3"), ok=(0, 1))
