@@ -137,8 +137,10 @@ def _whole(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
 
 
 def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
-    """Traces layer by layer (one block per side in memory), then greedy tokens of each whole model in turn, its
-    weights as stored and computing in `dtype` (one model in memory at a time)."""
+    """Greedy tokens of each whole model in turn, its weights as stored and computing in `dtype` (one model in
+    memory at a time), then the traces layer by layer (one block of one side in memory). The reference goes first
+    each time: torch gives its memory back to the system, MindSpore's memory pool keeps what it has held (and
+    reuses it: the layer pass after the whole model needs no more)."""
     import gc
 
     from .references import REFERENCES, STREAMED, timed
@@ -147,12 +149,8 @@ def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
     if reference not in STREAMED:
         raise CheckpointError(f"--reference {reference} runs whole models only (its modules are the folder's "
                               f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
-    ref_layers = STREAMED[reference](hf_dir, dtype)
-    name = ref_layers.name
-    ref_traces, ref_s = layer_major(ref_layers, tok_ids)  # first: torch gives its memory back, MindSpore's pool not
-    ms_traces, ms_s = layer_major(MindSporeLayers(ms_dir, dtype), tok_ids)
-    makers = {"ms": lambda: MindSporeSide(ms_dir, dtype, stored=True),
-              "ref": lambda: REFERENCES[reference](hf_dir, dtype, stored=True)}
+    makers = {"ref": lambda: REFERENCES[reference](hf_dir, dtype, stored=True),
+              "ms": lambda: MindSporeSide(ms_dir, dtype, stored=True)}
     tokens = {side: [[] for _ in tok_ids] for side in makers}
     gen_s = {side: [0.0 for _ in tok_ids] for side in makers}
     load_s = {}
@@ -162,6 +160,10 @@ def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
         tokens[side], gen_s[side] = [r[0] for r in runs], [r[1] for r in runs]
         del model, runs
         gc.collect()  # this side's weights go before the other side's come
+    ref_layers = STREAMED[reference](hf_dir, dtype)
+    name = ref_layers.name
+    ref_traces, ref_s = layer_major(ref_layers, tok_ids)
+    ms_traces, ms_s = layer_major(MindSporeLayers(ms_dir, dtype), tok_ids)
     rows = [(ms_traces[k], ref_traces[k], tokens["ms"][k], tokens["ref"][k],
              {"ms_forward": ms_s[k], "ref_forward": ref_s[k], "ms_generate": gen_s["ms"][k],
               "ref_generate": gen_s["ref"][k]}) for k in range(len(tok_ids))]
