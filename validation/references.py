@@ -108,7 +108,7 @@ def glm_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
                 progress=False)
         model = transformers.GlmForCausalLM.from_pretrained(Path(tmp) / "glm", dtype=TORCH_DTYPES[storage]).eval()
     m = model.model
-    compute_in([m.embed_tokens, *m.layers, m.norm, model.lm_head], dtype)
+    compute_in(m.embed_tokens, [*m.layers, m.norm, model.lm_head], dtype)
 
     def generate(ids, n):
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
@@ -138,7 +138,7 @@ def remote_code_reference(hf_dir: Path, dtype: str, stored: bool = False) -> Tor
 
     from .torch_reference import compute_in
 
-    compute_in([t.embedding.word_embeddings, *t.encoder.layers, t.encoder.final_layernorm, t.output_layer], dtype)
+    compute_in(t.embedding.word_embeddings, [*t.encoder.layers, t.encoder.final_layernorm, t.output_layer], dtype)
 
     def generate(ids, n):
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)

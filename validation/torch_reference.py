@@ -199,19 +199,24 @@ def fill(state: dict, name: str, arr: np.ndarray, dt: str) -> None:
     state[name].copy_(t.view(torch.bfloat16) if dt == "bfloat16" else t)
 
 
-def compute_in(units, dtype: str) -> None:
-    """Run each module of `units` in `dtype` over weights stored in another: cast to it as the module is entered and
-    back as it is left, so only the running one is held in `dtype`. For float32 over 16-bit weights the values are
-    those of the float32 model on the rounded weights (16-bit values widen exactly, and narrow back unchanged)."""
+def compute_in(lookup, units, dtype: str) -> None:
+    """Run a model in `dtype` over weights stored in another: the embedding `lookup` gathers its stored rows and
+    widens them; each module of `units` is cast to `dtype` as it is entered and back as it is left, so only the
+    running one is held in `dtype`. For float32 over 16-bit weights the values are those of the float32 model on
+    the rounded weights (16-bit values widen exactly, and narrow back unchanged)."""
+    to = TORCH_DTYPES[dtype]
+
     def cast_to(dtype):
         def hook(module, *_):
             module.to(dtype)  # returns None: the hook changes no input or output
         return hook
 
+    if lookup.weight.dtype != to:
+        lookup.register_forward_hook(lambda module, args, out: out.to(to))
     for unit in units:
         stored = next(unit.parameters()).dtype
-        if stored != TORCH_DTYPES[dtype]:
-            unit.register_forward_pre_hook(cast_to(TORCH_DTYPES[dtype]))
+        if stored != to:
+            unit.register_forward_pre_hook(cast_to(to))
             unit.register_forward_hook(cast_to(stored))
 
 
@@ -230,7 +235,7 @@ def load_reference(path, dtype: str | None = None, config: Path | None = None,
         assert INV_FREQ not in state  # computed in the forward from the config, never read from files
     if compute_dtype is not None:
         t = model.transformer
-        compute_in([t.embedding.word_embeddings, *t.encoder.layers, t.encoder.final_layernorm, t.output_layer],
+        compute_in(t.embedding.word_embeddings, [*t.encoder.layers, t.encoder.final_layernorm, t.output_layer],
                    compute_dtype)
     return model
 
