@@ -47,6 +47,14 @@ FLOATS = ("float32", "float16", "bfloat16", "float64")
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")  # what ChatGLM2 weights are stored in
 DTYPES = ("keep", *WEIGHT_DTYPES)  # what an output's weights may be (keep: as stored)
 COMPUTE_DTYPES = ("float32", "float16")  # the runtimes' arithmetic (MindSpore on CPU has no bfloat16 matmul)
+
+
+def weights_for(compute: str) -> str | None:
+    """The dtype a runtime keeps the weights in to compute in `compute`: float32 arithmetic runs over the weights as
+    stored (None; every stored dtype widens to float32 exactly, cast per layer as it runs, so a 16-bit model holds
+    half the memory of a float32 copy), float16 arithmetic over float16 weights."""
+    return None if compute == "float32" else compute
+
 BY_NAME = {d.name: d for d in _TABLE}
 BY_SAFETENSORS = {d.safetensors: d for d in _TABLE}
 BY_CKPT = {d.ckpt: d for d in _TABLE}

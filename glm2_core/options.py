@@ -104,6 +104,13 @@ VOCABULARY: dict[str, dict] = {
                       help="Averaging of the metrics: thudm counts every sample, mindformers skips blank "
                            "predictions."),
     "--quiet": dict(is_flag=True, help="No progress bar."),
+    "--stats": dict(is_flag=True, help="Also report load time, peak RSS, and prefill and decode tokens/s."),
+    # parity
+    "--streamed/--whole": dict(decls=("--streamed/--whole", "streamed"), default=None,
+                               show_default="streamed when the two whole models do not fit in the memory available",
+                               help="Run both sides layer by layer, one block per side in memory, read straight "
+                                    "from the checkpoints (greedy tokens then come from each whole model in turn, "
+                                    "its weights as stored), or both whole models side by side."),
     "--json": dict(decls=("--json", "as_json"), is_flag=True, help="Print the result as JSON."),
 }
 _UNSET = object()

@@ -18,19 +18,38 @@ def sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
         raise click.UsageError(str(exc)) from None
 
 
-runtime_options = options(sampling_options(max_new_tokens=64), option("--dtype"),
-                          option("--compute-dtype", default=None, show_default="the weights' dtype; float32 for "
-                                                                               "bfloat16"))
+# float32 arithmetic over weights kept as stored: CPU float16 matmuls are ~13x slower than float32 ones
+runtime_options = options(sampling_options(max_new_tokens=64), option("--dtype"), option("--compute-dtype"),
+                          option("--stats"))
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
 def _load(model_dir, dtype, compute_dtype):
-    """The model (on CPU) and its tokenizer."""
+    """The model (on CPU), its tokenizer and the seconds it took."""
+    import time
+
     from .loading import from_pretrained, use_cpu
     from .tokenizer import GLM2Tokenizer
 
     use_cpu()
+    clock = time.perf_counter()
     tok = GLM2Tokenizer.from_pretrained(model_dir)
-    return from_pretrained(model_dir, None if dtype == "keep" else dtype, compute_dtype), tok
+    return from_pretrained(model_dir, None if dtype == "keep" else dtype, compute_dtype), tok, \
+        time.perf_counter() - clock
+
+
+def _report(stats: bool, load_s: float, decoder) -> None:
+    """--stats: one line on stderr."""
+    from .generation import describe
+
+    if stats and decoder.timings is not None:
+        click.echo(f"stats: load {load_s:.1f} s, peak RSS {peak_rss_gb():.2f} GB, {describe(decoder.timings)}",
+                   err=True)
 
 
 def _echo_growing(texts) -> str:
@@ -48,22 +67,23 @@ def _echo_growing(texts) -> str:
 @click.option("--chat", is_flag=True, help="Format the prompt as a first chat round (the model family's format).")
 @runtime_options
 def generate(model_dir, prompt, chat, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed,
-             dtype, compute_dtype):
+             dtype, compute_dtype, stats):
     """Generate a continuation of PROMPT with the MindSpore runtime of the model in MODEL_DIR."""
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
-    model, tok = _load(model_dir, dtype, compute_dtype)
+    model, tok, load_s = _load(model_dir, dtype, compute_dtype)
     ids = tok.build_chat_input(prompt) if chat else tok.encode(prompt)
     tokens = model.decoder.stream([ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.stop_ids,
                                   pad_token_id=tok.pad_id)
     _echo_growing(tok.decode_stream(tokens))
     click.echo()
+    _report(stats, load_s, model.decoder)
 
 
 @click.command("glm2-chat", cls=Tool)
 @click.argument("model_dir", type=ExistingPath())
 @runtime_options
 def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, dtype,
-         compute_dtype):
+         compute_dtype, stats):
     """Chat with the model in MODEL_DIR, the history kept: `clear` forgets it, `exit` (or Ctrl-D) quits, Ctrl-C
     stops. The line is edited with readline (arrows, history)."""
     import readline  # noqa: F401  (imported for its effect: input() edits lines and keeps a history)
@@ -71,7 +91,7 @@ def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetitio
     from .dialogue import stream_chat
 
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
-    model, tok = _load(model_dir, dtype, compute_dtype)
+    model, tok, load_s = _load(model_dir, dtype, compute_dtype)
     history: list = []
     click.echo("glm2-chat: type a message; 'clear' forgets the history, 'exit' quits.")
     while True:
@@ -92,6 +112,7 @@ def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetitio
         _echo_growing(_texts(stream_chat(model.decoder, tok, query, history, max_new_tokens, sampling), histories))
         history = histories[-1] if histories else history
         click.echo()
+        _report(stats, load_s, model.decoder)
 
 
 def _texts(rounds, histories: list):

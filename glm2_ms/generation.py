@@ -6,7 +6,8 @@ start at 0 on its first real token, as in the original ChatGLM2.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import time
+from collections.abc import Iterator
 
 import mindspore as ms
 import numpy as np
@@ -48,10 +49,11 @@ class CachedStep(nn.Cell):
 
 
 class Decoder:
-    """Holds the compiled step of one model; `generate` may be called many times."""
+    """Holds the compiled step of one model; `generate` may be called many times. `timings`: the last call's
+    prefill (tokens, seconds) and the seconds of each decode step after it."""
 
     def __init__(self, model: GLM2ForCausalLM, jit: bool = True):
-        self.model = model
+        self.model, self.timings = model, None
         self.step = CachedStep(model)
         if jit:
             self.step.construct = ms.jit(self.step.construct)
@@ -97,7 +99,10 @@ class Decoder:
         positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         rng = np.random.default_rng(sampling.seed)
+        clock = time.perf_counter()
         logits, caches = self.forward(ids, positions, valid, 0, self.new_cache(b, length))
+        self.timings = {"prefill_tokens": int(mask.sum()), "prefill_s": time.perf_counter() - clock, "rows": b,
+                        "decode_s": []}
         out, done = [ids], np.zeros(b, bool)
         last_pos = positions[:, -1]
         for t in range(max_new_tokens):
@@ -110,7 +115,22 @@ class Decoder:
                 break
             valid[:, n + t] = 1
             last_pos = last_pos + 1
+            clock = time.perf_counter()
             logits, caches = self.forward(token[:, None], last_pos[:, None].astype(np.int32), valid, n + t, caches)
+            self.timings["decode_s"].append(time.perf_counter() - clock)
+
+
+def describe(timings: dict) -> str:
+    """Prefill and decode speed of one generation (each step's first call compiles it: said, and left out of the
+    decode rate when there are later steps)."""
+    steps = timings["decode_s"]
+    later = steps[1:] or steps
+    text = (f"prefill {timings['prefill_tokens']} tokens in {timings['prefill_s']:.2f} s "
+            f"({timings['prefill_tokens'] / timings['prefill_s']:.1f} tokens/s, compile included)")
+    if later:
+        text += (f", decode {timings['rows'] * len(later) / sum(later):.2f} tokens/s over {len(later)} steps"
+                 f"{' after the first (compile)' if len(steps) > 1 else ''}")
+    return text
 
 
 def _rows(input_ids) -> np.ndarray:

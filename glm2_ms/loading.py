@@ -53,12 +53,18 @@ def from_pretrained(path, dtype: str | None = None, compute_dtype: str | None = 
         if storage not in MS_DTYPES:
             raise CheckpointError(f"{path}: weights are {storage}; pass dtype= float32, float16 or bfloat16")
         model = GLM2ForCausalLM(src.cfg, MS_DTYPES[storage], compute_dtype and MS_DTYPES[compute_dtype])
-        params = {p.name: p for p in model.get_parameters()}
         groups, _ = src.groups(RUNTIME_LAYOUT)
-        for name, arr, dt in src.stream(groups, storage):
-            params.pop(name).set_data(to_tensor(arr, dt))
+        load_into(model, src.stream(groups, storage))
         src.ckpt.check_complete()
-        if params:
-            raise AssertionError(f"parameters left unset: {sorted(params)[:3]}")
-    model.set_train(False)
     return model
+
+
+def load_into(cell, weights) -> None:
+    """Set every parameter of `cell` from `weights` ((name, array, dtype) by the cell's parameter names), for
+    inference."""
+    params = {p.name: p for p in cell.get_parameters()}
+    for name, arr, dt in weights:
+        params.pop(name).set_data(to_tensor(arr, dt))
+    if params:
+        raise AssertionError(f"parameters left unset: {sorted(params)[:3]}")
+    cell.set_train(False)

@@ -144,6 +144,26 @@ class Embedding(nn.Cell):
         return ops.gather(w, ids, 0)
 
 
+def rope_tables(position_ids, inv_freq, dtype):
+    """RoPE's cos and sin [b, s, 1, d/4] for `position_ids` [b, s], from float32 angles, in `dtype`."""
+    angles = position_ids.astype(ms.float32).expand_dims(-1) * inv_freq
+    b, s = position_ids.shape
+    return (ops.cos(angles).astype(dtype).reshape(b, s, 1, -1), ops.sin(angles).astype(dtype).reshape(b, s, 1, -1))
+
+
+def mask_and_positions(input_ids, attention_mask=None, position_ids=None):
+    """The additive causal mask [b, s, s] of left-padded rows (`attention_mask` marks real tokens) and the position
+    ids (0.. from each row's first real token unless given)."""
+    b, s = input_ids.shape
+    if attention_mask is None:
+        attention_mask = ops.ones((b, s), ms.int32)
+    if position_ids is None:
+        position_ids = ops.relu(ops.cumsum(attention_mask.astype(ms.int32), 1) - 1)
+    causal = ops.tril(ops.ones((s, s), ms.float32))
+    allowed = causal.reshape(1, s, s) * attention_mask.astype(ms.float32).reshape(b, 1, s)
+    return (1 - allowed) * MASKED, position_ids
+
+
 class Encoder(nn.Cell):
     def __init__(self, cfg: GLM2Config, dtype):
         super().__init__()
@@ -170,10 +190,7 @@ class GLM2Model(nn.Cell):
         x = x.astype(self.compute_dtype)
         if self.record is not None:
             self.record("embedding", x)
-        angles = position_ids.astype(ms.float32).expand_dims(-1) * self.inv_freq  # fp32 angles
-        b, s = position_ids.shape
-        cos = ops.cos(angles).astype(self.compute_dtype).reshape(b, s, 1, -1)
-        sin = ops.sin(angles).astype(self.compute_dtype).reshape(b, s, 1, -1)
+        cos, sin = rope_tables(position_ids, self.inv_freq, self.compute_dtype)
         kvs = ()
         for i, layer in enumerate(self.encoder.layers):
             x, kv = layer(x, cos, sin, mask, None if caches is None else caches[i], write)
@@ -200,21 +217,11 @@ class GLM2ForCausalLM(nn.Cell, PretrainedMixin):
 
     def construct(self, input_ids, attention_mask=None, position_ids=None, picks=None):
         """With `picks` (flat indices into [batch·seq]), the logits of those positions only: [len(picks), vocab]."""
-        mask, position_ids = self._mask_and_positions(input_ids, attention_mask, position_ids)
+        mask, position_ids = mask_and_positions(input_ids, attention_mask, position_ids)
         hidden, _ = self.transformer(input_ids, position_ids, mask)
         if picks is not None:
             hidden = ops.gather(hidden.reshape(-1, hidden.shape[-1]), picks, 0)
         return self.transformer.output_layer(hidden).astype(ms.float32)
-
-    def _mask_and_positions(self, input_ids, attention_mask, position_ids):
-        b, s = input_ids.shape
-        if attention_mask is None:
-            attention_mask = ops.ones((b, s), ms.int32)
-        if position_ids is None:
-            position_ids = ops.relu(ops.cumsum(attention_mask.astype(ms.int32), 1) - 1)
-        causal = ops.tril(ops.ones((s, s), ms.float32))
-        allowed = causal.reshape(1, s, s) * attention_mask.astype(ms.float32).reshape(b, 1, s)
-        return (1 - allowed) * MASKED, position_ids
 
     def trace(self, input_ids, attention_mask=None) -> list[tuple[str, Tensor]]:
         """The forward, step by step (PyNative): the residual stream after each layer's attention and MLP, the
@@ -226,7 +233,7 @@ class GLM2ForCausalLM(nn.Cell, PretrainedMixin):
             cell.record = (lambda stage, x: out.append((stage, x))) if i == 0 else \
                 (lambda stage, x, i=i: out.append((f"layer {i - 1} {stage}", x)))
         try:
-            mask, position_ids = self._mask_and_positions(input_ids, attention_mask, None)
+            mask, position_ids = mask_and_positions(input_ids, attention_mask, None)
             hidden, _ = t(input_ids, position_ids, mask)
         finally:
             for cell in hooked:

@@ -93,3 +93,16 @@ def test_stops_on_eos_and_respects_max_length(dec, tok):
     out = dec.generate(prompt, max_new_tokens=10, eos_token_id=int(first))
     assert out.shape[1] == prompt.shape[1] + 1
     assert dec.generate(prompt, max_new_tokens=50, max_length=prompt.shape[1] + 3).shape[1] == prompt.shape[1] + 3
+
+
+def test_float32_compute_over_float16_weights_equals_float32_model_on_rounded_weights(hf_tiny, tok):
+    """Weights kept in float16 (half the memory), cast to float32 where used: the numbers of the float32 model on
+    the float16-rounded weights, forward and greedy generation (its jit step and static KV cache included)."""
+    src = hf_tiny(dtype="float16")
+    stored = from_pretrained(src, compute_dtype="float32")
+    widened = from_pretrained(src, dtype="float32")
+    assert stored.transformer.output_layer.weight.dtype == ms.float16 and stored.compute_dtype == ms.float32
+    ids = np.array([tok.build_chat_input("晚上睡不着应该怎么办")], np.int32)
+    np.testing.assert_array_equal(stored(ms.Tensor(ids)).asnumpy(), widened(ms.Tensor(ids)).asnumpy())
+    np.testing.assert_array_equal(Decoder(stored).generate(ids, max_new_tokens=8),
+                                  Decoder(widened).generate(ids, max_new_tokens=8))

@@ -7,7 +7,8 @@ from click.testing import CliRunner
 from helpers import LAYOUTS
 
 from converters.convert import convert
-from glm2_core.names import Layout
+from glm2_core.config import GLM2Config
+from glm2_core.names import Layout, canonical_shapes
 from validation.cli import main as parity_cli
 from validation.parity import Thresholds, run_parity
 from validation.references import glm_reference, torch_reference
@@ -37,18 +38,48 @@ def test_parity_passes_for_every_layout(hf_tiny, tmp_path, layout):
         assert p["first_divergence"] is None
 
 
-def test_broken_conversion_fails_at_layer_0_attention(hf_tiny, tmp_path):
+def without_timings(report: dict) -> dict:
+    report = json.loads(json.dumps(report))
+    del report["load_seconds"], report["mode"]
+    for p in report["prompts"]:
+        del p["seconds"]
+    return report
+
+
+def test_streamed_report_equals_whole_report(hf_tiny, tmp_path):
+    """Layer by layer (each side's own cells/modules, one block in memory), then each whole model's greedy tokens
+    with float16 weights computing in float32: the same numbers as both whole float32 models side by side."""
+    src = hf_tiny(dtype="float16")
+    convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True), fmt="ckpt", progress=False)
+    whole = run_parity(src, tmp_path / "ms", PROMPTS, "float32", new_tokens=8, streamed=False)
+    streamed = run_parity(src, tmp_path / "ms", PROMPTS, "float32", new_tokens=8, streamed=True)
+    assert whole["passed"] and (whole["mode"], streamed["mode"]) == ("whole", "streamed")
+    assert without_timings(streamed) == without_timings(whole)
+    assert len(streamed["prompts"][0]["stages"]) == 2 * 2 + 2  # every layer's attention and MLP, norm, logits
+
+
+def test_whole_models_are_the_default_when_they_fit(hf_tiny, tmp_path):
+    from validation.parity import fits_whole, whole_model_bytes
+
+    src = hf_tiny(dtype="float32")
+    params = sum(int(np.prod(s)) for s in canonical_shapes(GLM2Config.preset("tiny")).values())
+    assert whole_model_bytes(src, "float32") == 2 * 4 * params and whole_model_bytes(src, "float16") == 2 * 2 * params
+    assert fits_whole(src, "float32")
+
+
+@pytest.mark.parametrize("mode", ["--whole", "--streamed"])
+def test_broken_conversion_fails_at_layer_0_attention(hf_tiny, tmp_path, mode):
     """RoPE rows rearranged, but the manifest says they are not: the runtime loads them as plain rows."""
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "ms", target=Layout("mindformers", rearrange_rope=True), fmt="ckpt", progress=False)
     manifest = json.loads((tmp_path / "ms" / "manifest.json").read_text())
     manifest["layout"]["rearrange_rope"] = False
     (tmp_path / "ms" / "manifest.json").write_text(json.dumps(manifest))
-    result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--max-new-tokens", "4",
+    result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--max-new-tokens", "4", mode,
                                              "--report", str(tmp_path / "report")])
     assert result.exit_code == 1, result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert not report["passed"]
+    assert not report["passed"] and report["mode"] == mode[2:]
     assert {p["first_divergence"] for p in report["prompts"]} == {"layer 0 attention"}
     assert "First divergence: **layer 0 attention**" in (tmp_path / "report" / "report.md").read_text()
     assert (tmp_path / "report" / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -65,13 +96,17 @@ def fresh_temp_dir(tmp_path, monkeypatch):
 
 
 def test_reference_glm_and_report_files(hf_tiny, tmp_path, fresh_temp_dir):
-    """--reference glm exports a full model copy to the temp dir (12.5 GB at 6B): removed once loaded."""
-    src = hf_tiny(dtype="float32")
+    """--reference glm streamed: transformers' GLM modules layer by layer, straight from the HF folder in GLM names;
+    then its whole model for the greedy tokens, which exports a full model copy to the temp dir (12.5 GB at 6B):
+    removed once loaded."""
+    src = hf_tiny(dtype="float16")
     convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True), fmt="safetensors", progress=False)
-    result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--reference", "glm",
+    result = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--reference", "glm", "--streamed",
                                              "--max-new-tokens", "4", "--report", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    assert "Logits parity: PASS" in result.output
+    assert "Logits parity: PASS" in result.output and "transformers GlmForCausalLM" in result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert max(s["rel"] for s in report["prompts"][0]["stages"][:-1]) <= 1e-6  # float32 on both sides
     assert {p.name for p in (tmp_path / "r").iterdir()} == {"report.json", "report.md", "parity.png"}
     assert list(fresh_temp_dir.iterdir()) == []
 
@@ -136,7 +171,7 @@ def test_parity_png_legends_have_every_glyph(tmp_path, capfd):
                            "first_divergence": None, "passed": True,
                            "seconds": {"ms_forward": 0.0, "ref_forward": 0.0}} for p in DEFAULT_PROMPTS],
               "thresholds": {"layer_rel": 1e-5, "logits_max_abs": 1e-4, "top1": 1.0, "greedy": 1.0},
-              "reference": "torch", "dtype": "float32", "passed": True, "hf_dir": "hf", "ms_dir": "ms",
+              "reference": "torch", "dtype": "float32", "passed": True, "hf_dir": "hf", "ms_dir": "ms", "mode": "whole",
               "model": {"layers": 2, "hidden": 64, "vocab": 65024}, "new_tokens": 8}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -44,3 +44,10 @@ def test_missing_model_is_one_line_error(tmp_path):
     proc = run("generate", tmp_path / "empty", "--prompt", "x")
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: ")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_stats_report_load_rss_and_speeds(ms_dir):
+    proc = run("generate", ms_dir, "--prompt", "你好", "--max-new-tokens", "4", "--stats")
+    assert proc.returncode == 0, proc.stderr
+    stats = [line for line in proc.stderr.splitlines() if line.startswith("stats: ")]
+    assert len(stats) == 1 and "peak RSS" in stats[0] and "prefill" in stats[0] and "decode" in stats[0], stats

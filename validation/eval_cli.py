@@ -42,6 +42,7 @@ def score(file, variant):
 @click.option("--max-target-chars", "max_target_length", type=int, default=256, show_default=True,
               help="Cut each reference to this many characters minus one, as MindFormers' evaluation does.")
 @sampling_options(max_new_tokens=256)
+@option("--compute-dtype")
 @option("--variant")
 @option("--out", default=Path("eval-out"))
 @click.option("--min-agreement", type=float, default=1.0, show_default=True,
@@ -51,14 +52,15 @@ def score(file, variant):
 @option("--resume")
 @option("--quiet")
 def main(model_dir, ms_dir, parity, data, runtime, max_samples, batch_size, max_source_length, max_target_length,
-         max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, variant, out_dir,
+         max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, compute_dtype, variant, out_dir,
          min_agreement, max_metric_diff, resume, quiet):
     """ADGEN evaluation of the model in MODEL_DIR: predictions.jsonl is written to --out as it goes (--resume
     continues it), metrics.json at the end. THUDM's sampled evaluation is --sample --top-p 0.7
     --temperature 0.95."""
     from .evaluate import EvalSettings, evaluate, metric_parity, parity_markdown
 
-    s = EvalSettings(max_samples, batch_size, max_source_length, max_target_length, max_new_tokens, variant)
+    s = EvalSettings(max_samples, batch_size, max_source_length, max_target_length, max_new_tokens, variant,
+                     compute_dtype)
     if parity:
         if ms_dir is None:
             raise UserError("--parity needs two folders: HF_DIR MS_DIR")

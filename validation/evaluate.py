@@ -25,6 +25,7 @@ class EvalSettings:
     max_target_length: int = 256
     max_new_tokens: int = 256
     variant: str = "thudm"
+    compute_dtype: str = "float32"  # over the weights as stored (float16: the weights in float16 too)
 
 
 def samples(data: Path, tok, s: EvalSettings) -> list[tuple[str, list[int], str]]:
@@ -39,18 +40,20 @@ def samples(data: Path, tok, s: EvalSettings) -> list[tuple[str, list[int], str]
 class Runtime:
     """Greedy or sampled continuation of left-padded batches on MindSpore or on the PyTorch reference."""
 
-    def __init__(self, kind: str, model_dir: Path, sampling=None):
+    def __init__(self, kind: str, model_dir: Path, sampling=None, compute_dtype: str = "float32"):
+        from glm2_core.dtypes import weights_for
+
         self.kind, self.sampling = kind, sampling
         if kind == "ms":
             from glm2_ms.generation import Decoder
             from glm2_ms.loading import from_pretrained, use_cpu
 
             use_cpu()
-            self.decoder = Decoder(from_pretrained(model_dir))
+            self.decoder = Decoder(from_pretrained(model_dir, weights_for(compute_dtype), compute_dtype))
         elif kind == "torch":
             from .torch_reference import load_reference
 
-            self.decoder = load_reference(model_dir)
+            self.decoder = load_reference(model_dir, weights_for(compute_dtype), compute_dtype=compute_dtype)
         else:
             raise UserError(f"runtime must be ms or torch, not {kind!r}")
 
@@ -127,7 +130,8 @@ def evaluate(model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: Eva
     tok = GLM2Tokenizer.from_pretrained(model_dir)
     items = samples(data, tok, s)
     t = time.perf_counter()
-    engine = Runtime(runtime, model_dir, sampling)  # a model that does not load leaves no --out behind
+    engine = Runtime(runtime, model_dir, sampling, s.compute_dtype)  # a model that does not load leaves no --out
+    load_s = time.perf_counter() - t
     out.mkdir(parents=True, exist_ok=True)
     (out / SETTINGS).write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     preds = predict(engine, tok, items, s, out / PREDICTIONS, progress)
@@ -136,13 +140,19 @@ def evaluate(model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: Eva
     result = {"model": str(model_dir), "runtime": runtime, "samples": len(preds), "variant": s.variant,
               "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    return {**result, "seconds": seconds, "samples_per_s": len(items) / seconds}
+    from glm2_ms.cli import peak_rss_gb
+
+    return {**result, "seconds": seconds, "load_seconds": load_s, "samples_per_s": len(items) / seconds,
+            "peak_rss_gb": peak_rss_gb()}
 
 
 def metric_parity(hf_dir: Path, ms_dir: Path, data: Path, out: Path, s: EvalSettings, min_agreement: float = 1.0,
                   max_metric_diff: float = 0.0, progress: bool = True, resume: bool = False) -> dict:
     """Greedy predictions of the torch reference on `hf_dir` and MindSpore on `ms_dir` over the same samples."""
+    import gc
+
     ref = evaluate(hf_dir, data, out / "torch", "torch", s, progress=progress, resume=resume)
+    gc.collect()  # one model in memory at a time: the reference's goes before MindSpore's comes
     got = evaluate(ms_dir, data, out / "ms", "ms", s, progress=progress, resume=resume)
     read = lambda p: [json.loads(x) for x in (p / PREDICTIONS).read_text().splitlines()]
     a, b = read(out / "torch"), read(out / "ms")

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.source import Source
+from glm2_core.dtypes import BY_NAME, weights_for
 from glm2_core.errors import CheckpointError
+from glm2_core.names import canonical_shapes
 
 DEFAULT_PROMPTS = ["你好", "请介绍一下华为", "晚上睡不着应该怎么办",
                    "类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣*衣样式#外套*衣款式#破洞",
@@ -28,7 +31,7 @@ class Thresholds:
     greedy: float            # fraction of generated tokens that agree
 
     @classmethod
-    def for_dtype(cls, dtype: str, **overrides) -> "Thresholds":
+    def for_dtype(cls, dtype: str, **overrides) -> Thresholds:
         base = {
             # float32: both sides compute in fp32 (README, "Parity": measured relative layer differences ~1e-6)
             "float32": cls(logits_max_abs=1e-4, layer_rel=1e-5, top1=1.0, greedy=1.0),
@@ -49,11 +52,9 @@ def _kl(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
     return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
-def compare_prompt(prompt: str, ids: list[int], ms_side, ref, new_tokens: int, th: Thresholds) -> dict:
-    from .references import timed
-
-    ms_trace, ms_s = timed(ms_side.trace, ids)
-    ref_trace, ref_s = timed(ref.trace, ids)
+def compare(prompt: str, ids: list[int], ms_trace, ref_trace, ms_tokens, ref_tokens, seconds: dict,
+            th: Thresholds) -> dict:
+    """One prompt's verdict from both sides' traces and greedy tokens."""
     ms_by_name = dict(ms_trace)
     stages, first_bad = [], None
     for name, want in ref_trace:
@@ -67,9 +68,7 @@ def compare_prompt(prompt: str, ids: list[int], ms_side, ref, new_tokens: int, t
             first_bad = name
     ref_logits, ms_logits = dict(ref_trace)["logits"], ms_by_name["logits"]
     top1 = float((ref_logits.argmax(-1) == ms_logits.argmax(-1)).mean())
-    (ms_tokens, ms_gen_s), (ref_tokens, ref_gen_s) = timed(ms_side.generate, ids, new_tokens), \
-        timed(ref.generate, ids, new_tokens)
-    agree = [a == b for a, b in zip(ms_tokens, ref_tokens)]
+    agree = [a == b for a, b in zip(ms_tokens, ref_tokens, strict=False)]
     first_diff = agree.index(False) if not all(agree) else None
     logits_row = stages[-1]
     result = {
@@ -78,15 +77,16 @@ def compare_prompt(prompt: str, ids: list[int], ms_side, ref, new_tokens: int, t
         "logits_rel": logits_row["max_abs"] / max(float(np.abs(ref_logits).max()), 1e-30),
         "top1_agreement": top1, "kl": _kl(ref_logits, ms_logits),
         "greedy_agreement": float(np.mean(agree)) if agree else 1.0, "greedy_first_diff": first_diff,
-        "ms_tokens": ms_tokens, "ref_tokens": ref_tokens,
-        "seconds": {"ms_forward": ms_s, "ref_forward": ref_s, "ms_generate": ms_gen_s, "ref_generate": ref_gen_s},
+        "ms_tokens": ms_tokens, "ref_tokens": ref_tokens, "seconds": seconds,
     }
     result["passed"] = (first_bad is None and top1 >= th.top1 and result["greedy_agreement"] >= th.greedy)
     return result
 
 
 class MindSporeSide:
-    def __init__(self, ms_dir: Path, dtype: str):
+    """The whole MindSpore model. `stored`: its weights as stored when computing in float32 (cast where used)."""
+
+    def __init__(self, ms_dir: Path, dtype: str, stored: bool = False):
         import mindspore as ms
 
         from glm2_ms.generation import Decoder
@@ -94,7 +94,7 @@ class MindSporeSide:
 
         use_cpu()
         self.ms = ms
-        self.model = from_pretrained(ms_dir, dtype=dtype, compute_dtype=dtype)
+        self.model = from_pretrained(ms_dir, dtype=weights_for(dtype) if stored else dtype, compute_dtype=dtype)
         self.decoder = Decoder(self.model)
 
     def trace(self, ids):
@@ -106,27 +106,103 @@ class MindSporeSide:
             .tolist()
 
 
+def whole_model_bytes(ms_dir: Path, dtype: str) -> int:
+    """What the two whole models of `--whole` hold: each side's weights in the compute dtype."""
+    with Source.open(ms_dir) as src:
+        params = sum(int(np.prod(shape)) for shape in canonical_shapes(src.cfg).values())
+    return 2 * params * BY_NAME[dtype].itemsize
+
+
+def fits_whole(ms_dir: Path, dtype: str) -> bool:
+    """Whether both whole models fit in the memory available now (psutil), with a quarter of it to spare for
+    activations, the runtimes and the generation step."""
+    import psutil
+
+    return whole_model_bytes(ms_dir, dtype) <= 0.75 * psutil.virtual_memory().available
+
+
+def _whole(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
+    """Both whole models side by side; per prompt: (MindSpore trace, reference trace, tokens both, seconds)."""
+    from .references import REFERENCES, timed
+
+    ms_side, ms_load = timed(MindSporeSide, ms_dir, dtype)
+    ref, ref_load = timed(REFERENCES[reference], hf_dir, dtype)
+    rows = []
+    for ids in tok_ids:
+        (ms_trace, ms_s), (ref_trace, ref_s) = timed(ms_side.trace, ids), timed(ref.trace, ids)
+        (ms_tokens, ms_gen_s), (ref_tokens, ref_gen_s) = timed(ms_side.generate, ids, new_tokens), \
+            timed(ref.generate, ids, new_tokens)
+        rows.append((ms_trace, ref_trace, ms_tokens, ref_tokens,
+                     {"ms_forward": ms_s, "ref_forward": ref_s, "ms_generate": ms_gen_s, "ref_generate": ref_gen_s}))
+    return rows, {"ms": ms_load, "ref": ref_load}, ref.name
+
+
+def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
+    """Greedy tokens of each whole model in turn, its weights as stored and computing in `dtype` (one model in
+    memory at a time), then the traces layer by layer (one block of one side in memory). The reference goes first
+    each time: torch gives its memory back to the system, MindSpore's memory pool keeps what it has held (and
+    reuses it: the layer pass after the whole model needs no more)."""
+    import gc
+
+    from .references import REFERENCES, STREAMED, timed
+    from .streamed import MindSporeLayers, layer_major
+
+    if reference not in STREAMED:
+        raise CheckpointError(f"--reference {reference} runs whole models only (its modules are the folder's "
+                              f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
+    makers = {"ref": lambda: REFERENCES[reference](hf_dir, dtype, stored=True),
+              "ms": lambda: MindSporeSide(ms_dir, dtype, stored=True)}
+    tokens = {side: [[] for _ in tok_ids] for side in makers}
+    gen_s = {side: [0.0 for _ in tok_ids] for side in makers}
+    load_s = {}
+    for side, make in makers.items() if new_tokens else ():  # --max-new-tokens 0: the layer pass alone
+        model, load_s[side] = timed(make)
+        runs = [timed(model.generate, ids, new_tokens) for ids in tok_ids]
+        tokens[side], gen_s[side] = [r[0] for r in runs], [r[1] for r in runs]
+        del model, runs
+        gc.collect()  # this side's weights go before the other side's come
+    ref_layers = STREAMED[reference](hf_dir, dtype)
+    name = ref_layers.name
+    ref_traces, ref_s = layer_major(ref_layers, tok_ids)
+    ms_traces, ms_s = layer_major(MindSporeLayers(ms_dir, dtype), tok_ids)
+    rows = [(ms_traces[k], ref_traces[k], tokens["ms"][k], tokens["ref"][k],
+             {"ms_forward": ms_s[k], "ref_forward": ref_s[k], "ms_generate": gen_s["ms"][k],
+              "ref_generate": gen_s["ref"][k]}) for k in range(len(tok_ids))]
+    return rows, load_s, name
+
+
 def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "float32", new_tokens: int = 32,
-               reference: str = "torch", thresholds: Thresholds | None = None) -> dict:
+               reference: str = "torch", thresholds: Thresholds | None = None, streamed: bool | None = None) -> dict:
+    """`streamed`: run layer by layer (None: when the two whole models would not fit in the memory available)."""
     from glm2_ms.tokenizer import GLM2Tokenizer
 
-    from .references import REFERENCES, timed
+    from .references import REFERENCES
 
     if reference not in REFERENCES:
         raise CheckpointError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCES)}")
     th = thresholds or Thresholds.for_dtype(dtype)
     tok_dir = Path(ms_dir) if (Path(ms_dir) / "tokenizer.model").is_file() else Path(hf_dir)
-    tok = GLM2Tokenizer(tok_dir) if (tok_dir / "tokenizer.model").is_file() else GLM2Tokenizer()
-    ms_side, ms_load = timed(MindSporeSide, ms_dir, dtype)
-    ref, ref_load = timed(REFERENCES[reference], hf_dir, dtype)
-    results = [compare_prompt(p, tok.build_chat_input(p), ms_side, ref, new_tokens, th) for p in prompts]
-    cfg = ms_side.model.config
+    # the model's tokenizer and chat format; without one (GLM-4's is not bundled), ChatGLM2's: every GLM takes its ids
+    tok = GLM2Tokenizer.from_pretrained(tok_dir) if (tok_dir / "tokenizer.model").is_file() else GLM2Tokenizer()
+    tok_ids = [tok.build_chat_input(p) for p in prompts]
+    if streamed is None:
+        streamed = not fits_whole(ms_dir, dtype)
+    rows, load_s, ref_name = (_streamed if streamed else _whole)(hf_dir, ms_dir, tok_ids, dtype, new_tokens,
+                                                                 reference)
+    results = [compare(p, ids, *row, th) for p, ids, row in zip(prompts, tok_ids, rows, strict=True)]
+    with Source.open(ms_dir) as src:
+        cfg = src.cfg
     return {
-        "hf_dir": str(hf_dir), "ms_dir": str(ms_dir), "reference": ref.name, "dtype": dtype,
+        "hf_dir": str(hf_dir), "ms_dir": str(ms_dir), "reference": ref_name, "dtype": dtype,
+        "mode": "streamed" if streamed else "whole",
         "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "vocab": cfg.padded_vocab_size},
-        "thresholds": asdict(th), "new_tokens": new_tokens, "load_seconds": {"ms": ms_load, "ref": ref_load},
+        "thresholds": asdict(th), "new_tokens": new_tokens, "load_seconds": load_s,
         "prompts": results, "passed": all(r["passed"] for r in results),
     }
+
+
+MODES = {"whole": "both whole models in memory",
+         "streamed": "layer by layer (one block per side in memory), then each whole model's greedy tokens in turn"}
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -139,7 +215,8 @@ def write_report(report: dict, out: Path) -> None:
 def markdown(r: dict) -> str:
     th = r["thresholds"]
     lines = [f"# Logits parity: {'PASS' if r['passed'] else 'FAIL'}", "",
-             f"- MindSpore: `{r['ms_dir']}`; reference: {r['reference']} on `{r['hf_dir']}`; compute {r['dtype']}",
+             f"- MindSpore: `{r['ms_dir']}`; reference: {r['reference']} on `{r['hf_dir']}`; compute {r['dtype']}; "
+             f"{MODES[r['mode']]}",
              f"- model: {r['model']['layers']} layers, hidden {r['model']['hidden']}, vocab {r['model']['vocab']}",
              f"- thresholds: logits max abs ≤ {th['logits_max_abs']:g}, every layer's max abs diff ≤ "
              f"{th['layer_rel']:g} × its max |value|, top-1 ≥ {th['top1']:.0%}, greedy agreement ≥ "
@@ -207,7 +284,7 @@ def plot(r: dict, path: Path) -> None:
 
     labels, font = legend_labels([p["prompt"] for p in r["prompts"]])
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    for p, label in zip(r["prompts"], labels):
+    for p, label in zip(r["prompts"], labels, strict=True):
         stages = p["stages"]
         ax.semilogy(range(len(stages)), [max(s["rel"], 1e-12) for s in stages], marker="o", ms=3, label=label)
     names = [s["stage"] for s in r["prompts"][0]["stages"]]

@@ -6,7 +6,8 @@ stream after each layer's attention and MLP, the final norm and the logits; `gen
 - remote-code: the HF folder's own modeling_chatglm.py through transformers (trust_remote_code), when present.
 
 Intermediate values are taken with forward hooks, one layer at a time: nothing beyond the weights is kept but a
-few [seq, hidden] arrays.
+few [seq, hidden] arrays. `STREAMED` holds the same references' modules run one layer at a time
+(validation/streamed.py), for models whose two whole copies do not fit in memory.
 """
 from __future__ import annotations
 
@@ -17,9 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from converters.source import Source
+from glm2_core.dtypes import weights_for
 from glm2_core.errors import CheckpointError
+from glm2_core.names import Layout
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+from .torch_reference import TORCH_DTYPES
+
+TORCH_NAME = "torch (validation/torch_reference.py)"
 
 
 def _first(x):
@@ -27,8 +33,24 @@ def _first(x):
 
 
 def _flat(t: torch.Tensor, hidden: int) -> np.ndarray:
-    """[seq, hidden] of a batch-1 tensor laid out [1, seq, h] (ours, transformers) or [seq, 1, h] (original)."""
-    return t.detach().float().reshape(-1, hidden).numpy()
+    """[seq, hidden] of a batch-1 tensor laid out [1, seq, h] (ours, transformers) or [seq, 1, h] (original);
+    hidden -1: [seq, the rest]."""
+    t = t.detach().float()
+    return (t.reshape(-1, hidden) if hidden > 0 else t.reshape(t.shape[-2], -1)).numpy()
+
+
+def hook_layer(layer, attn: str, i: int, hidden: int, records: list) -> list:
+    """Hooks that append layer i's residual after attention (its input + the attention output) and after the MLP
+    (its output) to `records`; returns their handles."""
+    state = {}
+    return [layer.register_forward_pre_hook(
+                lambda m, args, kwargs: state.__setitem__("x", _first(args) if args else kwargs["hidden_states"]),
+                with_kwargs=True),
+            getattr(layer, attn).register_forward_hook(
+                lambda m, a, out: records.append(
+                    (f"layer {i} attention", _flat(state["x"], hidden) + _flat(_first(out), hidden)))),
+            layer.register_forward_hook(
+                lambda m, a, out: records.append((f"layer {i} mlp", _flat(_first(out), hidden))))]
 
 
 class TorchTrace:
@@ -43,15 +65,7 @@ class TorchTrace:
     def trace(self, ids: list[int]) -> list[tuple[str, np.ndarray]]:
         records, hooks = [], []
         for i, layer in enumerate(self.layers):
-            state = {}
-            hooks.append(layer.register_forward_pre_hook(
-                lambda m, args, kwargs, st=state: st.__setitem__("x", _first(args) if args else
-                                                                  kwargs["hidden_states"]), with_kwargs=True))
-            hooks.append(getattr(layer, self.attn).register_forward_hook(
-                lambda m, a, out, st=state, i=i: records.append(
-                    (f"layer {i} attention", _flat(st["x"], self.hidden) + _flat(_first(out), self.hidden)))))
-            hooks.append(layer.register_forward_hook(
-                lambda m, a, out, i=i: records.append((f"layer {i} mlp", _flat(_first(out), self.hidden)))))
+            hooks += hook_layer(layer, self.attn, i, self.hidden, records)
         hooks.append(self.final_norm.register_forward_hook(
             lambda m, a, out: records.append(("final norm", _flat(out, self.hidden)))))
         try:
@@ -66,29 +80,35 @@ class TorchTrace:
         return self.generate_fn(ids, n)
 
 
-def torch_reference(hf_dir: Path, dtype: str) -> TorchTrace:
+def torch_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
+    """`stored`: the weights as stored when computing in float32 (cast per layer as it runs), as the generation
+    parity of a model too large for two float32 copies needs."""
     from .torch_reference import load_reference
 
-    model = load_reference(hf_dir, dtype)
+    model = load_reference(hf_dir, weights_for(dtype) if stored else dtype, compute_dtype=dtype)
     t = model.transformer
 
     def generate(ids, n):
         return model.generate(np.array([ids]), max_new_tokens=n, eos_token_id=-1)[0, len(ids):].tolist()
 
     return TorchTrace(model, t.encoder.layers, "self_attention", t.encoder.final_layernorm, model.config.hidden_size,
-                      lambda x: model(x)[0], generate, "torch (validation/torch_reference.py)")
+                      lambda x: model(x)[0], generate, TORCH_NAME)
 
 
-def glm_reference(hf_dir: Path, dtype: str) -> TorchTrace:
+def glm_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
     import transformers
 
     from converters.convert import convert
-    from glm2_core.names import Layout
 
+    from .torch_reference import compute_in
+
+    storage = (weights_for(dtype) if stored else dtype) or stored_dtype(hf_dir)
     with tempfile.TemporaryDirectory(prefix="glm2-parity-glm-") as tmp:  # a full model copy: gone once loaded
-        convert(hf_dir, Path(tmp) / "glm", target=Layout("glm"), fmt="safetensors", dtype=dtype,
+        convert(hf_dir, Path(tmp) / "glm", target=Layout("glm"), fmt="safetensors", dtype=storage,
                 progress=False)
-        model = transformers.GlmForCausalLM.from_pretrained(Path(tmp) / "glm", dtype=TORCH_DTYPES[dtype]).eval()
+        model = transformers.GlmForCausalLM.from_pretrained(Path(tmp) / "glm", dtype=TORCH_DTYPES[storage]).eval()
+    m = model.model
+    compute_in(m.embed_tokens, [*m.layers, m.norm, model.lm_head], dtype)
 
     def generate(ids, n):
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
@@ -96,24 +116,29 @@ def glm_reference(hf_dir: Path, dtype: str) -> TorchTrace:
         return out[0, len(ids):].tolist()
 
     return TorchTrace(model, model.model.layers, "self_attn", model.model.norm, model.config.hidden_size,
-                      lambda x: model(x).logits, generate, "transformers GlmForCausalLM")
+                      lambda x: model(x, use_cache=False).logits, generate, GLM_NAME)
 
 
-def remote_code_reference(hf_dir: Path, dtype: str) -> TorchTrace:
+def remote_code_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
     if not (Path(hf_dir) / "modeling_chatglm.py").is_file():
         raise CheckpointError(f"{hf_dir}: no modeling_chatglm.py, so there is no remote code to run; use "
                               f"--reference torch or --reference glm")
     import transformers
 
     try:
+        storage = (weights_for(dtype) if stored else dtype) or stored_dtype(hf_dir)
         model = transformers.AutoModel.from_pretrained(hf_dir, trust_remote_code=True,
-                                                       dtype=TORCH_DTYPES[dtype]).eval()
+                                                       dtype=TORCH_DTYPES[storage]).eval()
         t = model.transformer
     except Exception as exc:  # third-party code on a transformers it was not written for: say why, plainly
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointError(f"{hf_dir}: its modeling_chatglm.py does not load with transformers "
                               f"{transformers.__version__} ({type(exc).__name__}: {first}); use --reference torch "
                               f"or glm") from None
+
+    from .torch_reference import compute_in
+
+    compute_in(t.embedding.word_embeddings, [*t.encoder.layers, t.encoder.final_layernorm, t.output_layer], dtype)
 
     def generate(ids, n):
         out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
@@ -124,6 +149,164 @@ def remote_code_reference(hf_dir: Path, dtype: str) -> TorchTrace:
 
 
 REFERENCES = {"torch": torch_reference, "glm": glm_reference, "remote-code": remote_code_reference}
+GLM_NAME = "transformers GlmForCausalLM"
+
+
+def stored_dtype(path: Path) -> str:
+    with Source.open(path) as src:
+        return src.dtype
+
+
+class _TorchLayers:
+    """A reference's own torch modules, one stage at a time, filled from the HF checkpoint in `layout`'s names
+    (see validation/streamed.py); subclasses say which modules and how the model wires them."""
+
+    layout: str
+
+    def __init__(self, hf_dir: Path, dtype: str):
+        from .streamed import LayerWeights
+
+        self.weights = LayerWeights(hf_dir, Layout(self.layout), dtype)
+        self.cfg, self.dtype = self.weights.cfg, dtype
+        self.stages, self.close = self.weights.stages, self.weights.close
+
+    def module(self, build, arrays: dict) -> torch.nn.Module:
+        """`build()`'s module in the compute dtype, filled from `arrays` (widened by the copy when stored narrower:
+        no float32 copy of the weights outside the module)."""
+        from .torch_reference import empty, fill
+
+        module = empty(build, self.dtype)
+        state = module.state_dict()
+        if set(arrays) != set(state):
+            raise AssertionError(f"weights {sorted(arrays)[:3]} do not fill {sorted(state)[:3]}")
+        for name, (arr, dt) in arrays.items():
+            fill(state, name, arr, dt)
+        return module
+
+    def load(self, stage):
+        from .streamed import EMBED, HEAD, of
+
+        arrays, h = self.weights.read(stage), self.cfg.hidden_size
+        if stage == EMBED:
+            return self.start(arrays)
+        if stage == HEAD:
+            norm, output = self.head(arrays)
+
+            @torch.no_grad()
+            def head(state):
+                hidden = norm(state[0])
+                return None, [("final norm", _flat(hidden, h)), ("logits", _flat(output(hidden).float(), -1))]
+            return head
+        block = self.module(lambda: self.block(stage), of(arrays, self.block_prefix.format(stage)))
+
+        @torch.no_grad()
+        def layer(state):
+            got = []
+            hooks = hook_layer(block, self.attn, stage, h, got)
+            try:
+                x = _first(self.run_block(block, state))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            return (x, *state[1:]), got
+        return layer
+
+
+class TorchLayers(_TorchLayers):
+    """validation/torch_reference.py's Embedding, Block, RMSNorm and output Linear, and its RoPE tables and mask."""
+
+    layout, attn, block_prefix, name = "chatglm", "self_attention", "transformer.encoder.layers.{}.", TORCH_NAME
+
+    def start(self, arrays):
+        from . import torch_reference as ref
+        from .streamed import of
+
+        embedding = self.module(lambda: ref.Embedding(self.cfg), of(arrays, "transformer.embedding."))
+
+        @torch.no_grad()
+        def start(ids):
+            x_ids = torch.tensor([ids])
+            mask = torch.ones_like(x_ids)
+            x = embedding.word_embeddings(x_ids)
+            cos, sin = ref.rope_tables(self.cfg, ref.positions(mask, 0), x.dtype)
+            return (x, cos, sin, ref.attention_bias(mask, 0, len(ids))), []
+        return start
+
+    def block(self, i):
+        from .torch_reference import Block
+
+        return Block(self.cfg)
+
+    @staticmethod
+    def run_block(block, state):
+        return block(*state)
+
+    def head(self, arrays):
+        from .streamed import of
+        from .torch_reference import RMSNorm
+
+        cfg = self.cfg
+        return (self.module(lambda: RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon),
+                            of(arrays, "transformer.encoder.final_layernorm.")),
+                self.module(lambda: torch.nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False),
+                            of(arrays, "transformer.output_layer.")))
+
+
+class GlmLayers(_TorchLayers):
+    """transformers' own GLM modules (embedding, GlmDecoderLayer, GlmRMSNorm, lm_head) wired as GlmModel.forward
+    wires them: its rotary embedding and `create_causal_mask`."""
+
+    layout, attn, block_prefix, name = "glm", "self_attn", "model.layers.{}.", GLM_NAME
+
+    def __init__(self, hf_dir: Path, dtype: str):
+        import transformers
+
+        super().__init__(hf_dir, dtype)
+        self.config = transformers.GlmConfig.from_dict(self.cfg.glm_json(dtype))
+        self.config._attn_implementation = "sdpa"  # what GlmForCausalLM.from_pretrained picks on this torch
+
+    def start(self, arrays):
+        from transformers.masking_utils import create_causal_mask
+        from transformers.models.glm import modeling_glm
+
+        from .streamed import of
+
+        c = self.config
+        embedding = self.module(lambda: torch.nn.Embedding(c.vocab_size, c.hidden_size, c.pad_token_id),
+                                of(arrays, "model.embed_tokens."))
+        rotary = modeling_glm.GlmRotaryEmbedding(config=c)
+
+        @torch.no_grad()
+        def start(ids):
+            x = embedding(torch.tensor([ids]))
+            position_ids = torch.arange(len(ids)).unsqueeze(0)
+            mask = create_causal_mask(config=c, inputs_embeds=x, attention_mask=None, cache=None,
+                                      position_ids=position_ids)
+            return (x, mask, rotary(x, position_ids=position_ids), position_ids), []
+        return start
+
+    def block(self, i):
+        from transformers.models.glm.modeling_glm import GlmDecoderLayer
+
+        return GlmDecoderLayer(self.config, i)
+
+    @staticmethod
+    def run_block(block, state):
+        x, mask, position_embeddings, position_ids = state
+        return block(x, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
+                     use_cache=False)
+
+    def head(self, arrays):
+        from transformers.models.glm.modeling_glm import GlmRMSNorm
+
+        from .streamed import of
+
+        c = self.config
+        return (self.module(lambda: GlmRMSNorm(c.hidden_size, eps=c.rms_norm_eps), of(arrays, "model.norm.")),
+                self.module(lambda: torch.nn.Linear(c.hidden_size, c.vocab_size, bias=False), of(arrays, "lm_head.")))
+
+
+STREAMED = {"torch": TorchLayers, "glm": GlmLayers}  # remote-code: its modules are the folder's own, not streamed
 
 
 def timed(fn, *args):

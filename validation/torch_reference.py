@@ -109,6 +109,24 @@ class Transformer(nn.Module):
         self.output_layer = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
 
 
+def rope_tables(cfg: GLM2Config, position_ids, dtype):
+    """cos and sin [b, s, 1, d/4] for `position_ids` [b, s]: exact (float64) angles whatever the model dtype."""
+    angles = position_ids.double()[..., None] * torch.from_numpy(cfg.rope_inv_freq())
+    return torch.cos(angles).float().to(dtype)[:, :, None], torch.sin(angles).float().to(dtype)[:, :, None]
+
+
+def positions(attention_mask, n_past: int):
+    """Position ids of the new tokens: 0.. from each row's first real token."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)[:, n_past:]
+
+
+def attention_bias(attention_mask, n_past: int, s: int):
+    """The additive mask [b, s, n_past + s]: causal, and no look at padding (`attention_mask` [b, n_past + s])."""
+    causal = torch.ones(s, n_past + s, dtype=torch.bool).tril(n_past)
+    allowed = causal[None] & attention_mask[:, None, :].bool()
+    return torch.zeros(allowed.shape).masked_fill(~allowed, -1e9)
+
+
 class TorchGLM2(nn.Module):
     """`forward(input_ids, attention_mask, position_ids, past)` → (logits fp32, new past, hidden states)."""
 
@@ -125,15 +143,10 @@ class TorchGLM2(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(b, n_past + s, dtype=torch.long)
         if position_ids is None:
-            position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)[:, n_past:]
-        inv_freq = torch.from_numpy(self.config.rope_inv_freq())
-        angles = position_ids.double()[..., None] * inv_freq  # exact angles whatever the model dtype
+            position_ids = positions(attention_mask, n_past)
         x = t.embedding.word_embeddings(input_ids)
-        cos = torch.cos(angles).float().to(x.dtype)[:, :, None]
-        sin = torch.sin(angles).float().to(x.dtype)[:, :, None]
-        causal = torch.ones(s, n_past + s, dtype=torch.bool).tril(n_past)
-        allowed = causal[None] & attention_mask[:, None, :].bool()
-        mask = torch.zeros(allowed.shape).masked_fill(~allowed, -1e9)
+        cos, sin = rope_tables(self.config, position_ids, x.dtype)
+        mask = attention_bias(attention_mask, n_past, s)
         hidden, new_past = [], []
         for i, layer in enumerate(t.encoder.layers):
             hidden.append(x)
@@ -170,21 +183,61 @@ class TorchGLM2(nn.Module):
         return np.concatenate(out, 1)
 
 
-def load_reference(path, dtype: str | None = None, config: Path | None = None) -> TorchGLM2:
-    """The reference model from any checkpoint the converters read (HF folders with weights_only=True)."""
+def empty(build, dtype: str) -> nn.Module:
+    """The module `build()` makes, with uninitialised storage in `dtype` (no random init of weights that are about
+    to be overwritten)."""
+    with torch.device("meta"):
+        module = build()
+    return module.to(TORCH_DTYPES[dtype]).to_empty(device="cpu").eval()
+
+
+def fill(state: dict, name: str, arr: np.ndarray, dt: str) -> None:
+    """Copy one streamed array (bfloat16 arrives as uint16 bits) into the tensor `state[name]`, casting to its
+    dtype (no copy of the array on the way: `copy_` reads it)."""
+    arr = np.ascontiguousarray(arr)
+    t = torch.from_numpy(arr.view(np.int16) if dt == "bfloat16" else arr)
+    state[name].copy_(t.view(torch.bfloat16) if dt == "bfloat16" else t)
+
+
+def compute_in(lookup, units, dtype: str) -> None:
+    """Run a model in `dtype` over weights stored in another: the embedding `lookup` gathers its stored rows and
+    widens them; each module of `units` is cast to `dtype` as it is entered and back as it is left, so only the
+    running one is held in `dtype`. For float32 over 16-bit weights the values are those of the float32 model on
+    the rounded weights (16-bit values widen exactly, and narrow back unchanged)."""
+    to = TORCH_DTYPES[dtype]
+
+    def cast_to(dtype):
+        def hook(module, *_):
+            module.to(dtype)  # returns None: the hook changes no input or output
+        return hook
+
+    if lookup.weight.dtype != to:
+        lookup.register_forward_hook(lambda module, args, out: out.to(to))
+    for unit in units:
+        stored = next(unit.parameters()).dtype
+        if stored != to:
+            unit.register_forward_pre_hook(cast_to(to))
+            unit.register_forward_hook(cast_to(stored))
+
+
+def load_reference(path, dtype: str | None = None, config: Path | None = None,
+                   compute_dtype: str | None = None) -> TorchGLM2:
+    """The reference model from any checkpoint the converters read, its weights in `dtype` (default: as stored),
+    computing in `compute_dtype` (default: the weights' dtype; see `compute_in`)."""
     with Source.open(path, config=config) as src:
         storage = dtype or src.dtype
-        with torch.device("meta"):  # no random init of billions of weights that are about to be overwritten
-            model = TorchGLM2(src.cfg)
-        model = model.to(TORCH_DTYPES[storage]).to_empty(device="cpu")
+        model = empty(lambda: TorchGLM2(src.cfg), storage)
         state = model.state_dict()
         groups, _ = src.groups(Layout("chatglm"))
         for name, arr, dt in src.stream(groups, storage):
-            t = torch.from_numpy(np.ascontiguousarray(arr).view(np.int16) if dt == "bfloat16" else arr.copy())
-            state[name].copy_(t.view(torch.bfloat16) if dt == "bfloat16" else t)
+            fill(state, name, arr, dt)
         src.ckpt.check_complete()
         assert INV_FREQ not in state  # computed in the forward from the config, never read from files
-    return model.eval()
+    if compute_dtype is not None:
+        t = model.transformer
+        compute_in(t.embedding.word_embeddings, [*t.encoder.layers, t.encoder.final_layernorm, t.output_layer],
+                   compute_dtype)
+    return model
 
 
 def with_peft_adapter(model: TorchGLM2, adapter_dir) -> nn.Module:

@@ -1,0 +1,150 @@
+"""Layer-streamed parity: each side runs its own real layers one at a time, with only that layer's weights in
+memory, read straight from its checkpoint (the converters' `Source.stream`, as the runtime loads).
+
+Every prompt goes through a stage before the next stage's weights are read (layer-major), so each checkpoint is
+read once: the embedding, then each block, then the final norm and the output layer. A side is an object with
+`stages()` and `load(stage)` → a function of one prompt's state returning (next state, records); the records are
+the (stage name, [seq, hidden] array) pairs a whole-model `trace` gives, so the comparison is the same.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from converters.source import Source
+from glm2_core.dtypes import weights_for
+from glm2_core.names import EMBEDDING, Layout
+
+_LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.")
+EMBED, HEAD = "embedding", "head"  # the stages around the layers (numbered 0..n-1)
+
+
+def stage_of(canonical: str):
+    """The stage a canonical weight belongs to: the embedding, a layer's number, or the head."""
+    if canonical == EMBEDDING:
+        return EMBED
+    layer = _LAYER.match(canonical)
+    return int(layer.group(1)) if layer else HEAD
+
+
+class LayerWeights:
+    """A checkpoint read stage by stage, in `layout`'s names, its weights in the dtype a runtime computing in
+    `compute` keeps them in (`weights_for`: as stored for float32 arithmetic, which casts them where used)."""
+
+    def __init__(self, path: Path, layout: Layout, compute: str):
+        self.src = Source.open(path)
+        self.dtype = weights_for(compute) or self.src.dtype
+        try:
+            groups, _ = self.src.groups(layout)
+            self.by_stage: dict = {}
+            for g in groups:
+                self.by_stage.setdefault(stage_of(g.source.canonical), []).append(g)
+        except BaseException:
+            self.src.close()
+            raise
+
+    @property
+    def cfg(self):
+        return self.src.cfg
+
+    def stages(self) -> list:
+        return [EMBED, *range(self.cfg.num_layers), HEAD]
+
+    def read(self, stage) -> dict[str, tuple[np.ndarray, str]]:
+        """{name: (array, dtype)} of one stage's weights; after the head, the whole-file checksums are checked."""
+        arrays = {name: (arr, dt) for name, arr, dt in self.src.stream(self.by_stage[stage], self.dtype)}
+        if stage == HEAD:
+            self.src.ckpt.check_complete()
+        return arrays
+
+    def close(self) -> None:
+        self.src.close()
+
+
+def of(arrays: dict, prefix: str) -> dict[str, tuple[np.ndarray, str]]:
+    """The arrays under `prefix`, named relative to it."""
+    return {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}
+
+
+def layer_major(side, prompts: list[list[int]]) -> tuple[list[list[tuple[str, np.ndarray]]], list[float]]:
+    """Every prompt's records through every stage of `side`, one stage's weights at a time; also each prompt's
+    compute seconds (reading excluded)."""
+    records: list[list] = [[] for _ in prompts]
+    seconds = [0.0] * len(prompts)
+    states: list = list(prompts)
+    try:
+        for stage in side.stages():
+            run = side.load(stage)
+            for k, state in enumerate(states):
+                t = time.perf_counter()
+                states[k], got = run(state)
+                seconds[k] += time.perf_counter() - t
+                records[k] += got
+            del run
+    finally:
+        side.close()
+    return records, seconds
+
+
+class MindSporeLayers:
+    """The runtime's own cells (glm2_ms/model.py: Embedding, Block, RMSNorm, the output Linear) and its own mask
+    and RoPE tables, one stage's cells built and filled at a time. As in the whole model, the cells keep their
+    weights in `LayerWeights.dtype` and compute in `dtype`, casting each weight where it is used."""
+
+    def __init__(self, ms_dir: Path, dtype: str):
+        import mindspore as ms
+
+        from glm2_ms.loading import MS_DTYPES, RUNTIME_LAYOUT, use_cpu
+
+        use_cpu()
+        self.weights = LayerWeights(ms_dir, RUNTIME_LAYOUT, dtype)
+        self.ms, self.dtype, self.storage = ms, MS_DTYPES[dtype], MS_DTYPES[self.weights.dtype]
+        self.cfg = self.weights.cfg
+        self.stages, self.close = self.weights.stages, self.weights.close
+
+    def _filled(self, cell, arrays: dict):
+        from glm2_ms.loading import load_into
+
+        load_into(cell, ((name, arr, dt) for name, (arr, dt) in arrays.items()))
+        return cell
+
+    def _rows(self, t) -> np.ndarray:
+        return t.asnumpy().astype(np.float32).reshape(t.shape[-2], -1)
+
+    def load(self, stage):
+        from glm2_ms import model as m
+
+        ms, cfg, dtype, storage, arrays = self.ms, self.cfg, self.dtype, self.storage, self.weights.read(stage)
+        if stage == EMBED:
+            embedding = self._filled(m.Embedding(cfg, storage), of(arrays, "transformer.embedding."))
+            inv_freq = ms.Tensor(cfg.rope_inv_freq(), ms.float32)
+
+            def start(ids):
+                x = ms.Tensor([ids], ms.int32)
+                mask, positions = m.mask_and_positions(x)
+                cos, sin = m.rope_tables(positions, inv_freq, dtype)
+                return (embedding(x).astype(dtype), cos, sin, mask), []
+            return start
+        if stage == HEAD:
+            norm = self._filled(m.RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, storage),
+                                of(arrays, "transformer.encoder.final_layernorm."))
+            output = self._filled(m.Linear(cfg.hidden_size, cfg.padded_vocab_size, False, storage),
+                                  of(arrays, "transformer.output_layer."))
+
+            def head(state):
+                hidden = norm(state[0])
+                return None, [("final norm", self._rows(hidden)),
+                              ("logits", self._rows(output(hidden).astype(ms.float32)))]
+            return head
+        block = self._filled(m.Block(cfg, storage), of(arrays, f"transformer.encoder.layers.{stage}."))
+
+        def layer(state):
+            x, *context = state
+            got = []
+            block.record = lambda name, y: got.append((f"layer {stage} {name}", self._rows(y)))
+            x, _ = block(x, *context)
+            return (x, *context), got
+        return layer
