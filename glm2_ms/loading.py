@@ -8,7 +8,7 @@ import numpy as np
 
 from converters.source import Source
 from glm2_core.dtypes import COMPUTE_DTYPES
-from glm2_core.errors import CheckpointError
+from glm2_core.errors import CheckpointError, UserError
 from glm2_core.names import Layout
 
 from .model import GLM2ForCausalLM
@@ -45,9 +45,9 @@ def from_pretrained(path, dtype: str | None = None, compute_dtype: str | None = 
     `dtype`: storage dtype of the parameters (default: the checkpoint's); `compute_dtype`: float32 or float16
     (default: the storage dtype, float32 for bfloat16). Memory: the parameters plus one tensor in flight."""
     if dtype is not None and dtype not in MS_DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {', '.join(MS_DTYPES)}")
+        raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(MS_DTYPES)}")
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-        raise CheckpointError(f"compute dtype must be {' or '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
+        raise UserError(f"compute dtype must be {' or '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
     with Source.open(path, rearranged_rope, config) as src:
         storage = dtype or src.dtype
         if storage not in MS_DTYPES:

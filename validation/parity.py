@@ -15,7 +15,7 @@ import numpy as np
 
 from converters.source import Source
 from glm2_core.dtypes import BY_NAME, weights_for
-from glm2_core.errors import CheckpointError
+from glm2_core.errors import UserError
 from glm2_core.names import canonical_shapes
 
 DEFAULT_PROMPTS = ["你好", "请介绍一下华为", "晚上睡不着应该怎么办",
@@ -148,7 +148,7 @@ def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
     from .streamed import MindSporeLayers, layer_major
 
     if reference not in STREAMED:
-        raise CheckpointError(f"--reference {reference} runs whole models only (its modules are the folder's "
+        raise UserError(f"--reference {reference} runs whole models only (its modules are the folder's "
                               f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
     makers = {"ref": lambda: REFERENCES[reference](hf_dir, dtype, stored=True),
               "ms": lambda: MindSporeSide(ms_dir, dtype, stored=True)}
@@ -179,7 +179,7 @@ def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "flo
     from .references import REFERENCES
 
     if reference not in REFERENCES:
-        raise CheckpointError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCES)}")
+        raise UserError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCES)}")
     th = thresholds or Thresholds.for_dtype(dtype)
     tok_dir = Path(ms_dir) if (Path(ms_dir) / "tokenizer.model").is_file() else Path(hf_dir)
     # the model's tokenizer and chat format; without one (GLM-4's is not bundled), ChatGLM2's: every GLM takes its ids
