@@ -312,6 +312,8 @@ def test_fused_adamw_is_adamw_with_bias_correction():
 
 
 def test_full_finetune_with_the_fused_optimizer_matches_adamw(base, tmp_path):
+    """The fused optimizer (the default) against MindSpore's experimental AdamW class (--optimizer adamw)."""
+    assert TrainConfig().optimizer == "fused-adamw"
     runs = {}
     for name in ("adamw", "fused-adamw"):
         cfg = TrainConfig.load(None, method="full", max_steps=4, learning_rate=1e-3, optimizer=name, **SMALL)
