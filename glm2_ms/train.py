@@ -46,7 +46,8 @@ class Trainer:
                                   f"{cfg.batch_size * world * cfg.gradient_accumulation_steps}")
         self.steps_per_epoch = per_epoch
         self.total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
-        self.model = model or from_pretrained(self.model_dir, dtype="float32", compute_dtype=cfg.compute_dtype)
+        self.model = model or from_pretrained(self.model_dir, dtype=_storage_dtype(cfg, self.model_dir),
+                                              compute_dtype=cfg.compute_dtype)
         if cfg.method == "lora":
             apply_lora(self.model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                                               cfg.seed))
@@ -182,6 +183,18 @@ def _export_adapter(trainer: "Trainer", merge: bool) -> dict[str, str]:
         convert(trainer.model_dir, paths["merged"], target=Layout("mindformers"), fmt="ckpt", overwrite=True,
                 progress=False, adapter=adapter)
     return {k: str(v) for k, v in paths.items()}
+
+
+def _storage_dtype(cfg: TrainConfig, model_dir: Path) -> str:
+    """The weights' dtype in memory: float32 for what is trained; LoRA's frozen base as the checkpoint stores it
+    (float16 is cast to the compute dtype exactly where used, so the losses are those of a float32 copy) — except
+    bfloat16, whose embedding lookup has no kernel inside a jit graph on CPU."""
+    if cfg.method == "full":
+        return "float32"
+    from converters.source import Source
+
+    with Source.open(model_dir) as src:
+        return "float32" if src.dtype == "bfloat16" else src.dtype
 
 
 def _rss_mb() -> float:
