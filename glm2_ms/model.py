@@ -48,8 +48,7 @@ class Linear(nn.Cell):
 
     def construct(self, x):
         shape = x.shape
-        # (static) no cast of a weight already in the compute dtype: in a training graph a cast to the same dtype
-        # is a weight-sized copy kept for the backward pass (measured: +300 MB for a 78M-parameter finetune)
+        # (static) no cast node for a weight already in the compute dtype
         w = self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype)
         y = self.matmul(x.reshape(-1, shape[-1]), w)
         if self.bias is not None:
