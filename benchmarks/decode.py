@@ -64,8 +64,8 @@ def bench_config(name: str, prompt: int, new: int, threads: int) -> dict:
         with torch.no_grad():
             pt_model(torch.as_tensor(ids).long(), last_only=True)
 
-    ms_gen = lambda: dec.generate(ids, max_new_tokens=new, eos_token_id=never)  # noqa: E731
-    pt_gen = lambda: pt_model.generate(ids, max_new_tokens=new, eos_token_id=never)  # noqa: E731
+    ms_gen = lambda: dec.generate(ids, max_new_tokens=new, eos_token_id=never)
+    pt_gen = lambda: pt_model.generate(ids, max_new_tokens=new, eos_token_id=never)
     ms_gen()  # compile both step shapes once
     out = {"config": name, "params_M": params / 1e6}
     out["ms_prefill"], out["pt_prefill"] = prompt / best(ms_prefill), prompt / best(pt_prefill)

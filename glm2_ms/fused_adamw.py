@@ -37,6 +37,6 @@ class FusedAdamW(nn.Cell):
         root_bc2 = ops.sqrt(1 - ops.pow(Tensor(self.beta2, ms.float32), t))
         lr = self.lrs[0] * root_bc2 / bc1
         eps = self.eps * root_bc2
-        for p, m, v, g, decay in zip(self.parameters, self.exp_avg, self.exp_avg_sq, gradients, self.decays):
+        for p, m, v, g, decay in zip(self.parameters, self.exp_avg, self.exp_avg_sq, gradients, self.decays):  # noqa: B905 (jit: MindSpore's graph parser takes no strict=)
             self.kernel(p, m, v, lr, self.beta1, self.beta2, eps, decay * bc1 / root_bc2, g)
         return True

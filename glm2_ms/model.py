@@ -48,7 +48,9 @@ class Linear(nn.Cell):
 
     def construct(self, x):
         shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]), self.weight.astype(x.dtype))
+        # (static) no cast node for a weight already in the compute dtype
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype)
+        y = self.matmul(x.reshape(-1, shape[-1]), w)
         if self.bias is not None:
             y = y + self.bias.astype(x.dtype)
         return y.reshape(shape[:-1] + (y.shape[-1],))

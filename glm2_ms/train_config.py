@@ -26,10 +26,11 @@ class TrainConfig:
     lora_alpha: float = setting(32.0, SHARED)
     lora_dropout: float = setting(0.1, "Dropout on the LoRA branch's input, in [0, 1).")
     target_modules: str = setting("query_key_value", "Modules that get LoRA factors (comma-separated).")
-    # optimizer: AdamW with bias correction — adamw (mindspore.experimental.optim.AdamW) or fused-adamw (the same
-    # update on MindSpore's fused kernel: faster, no per-step temporaries; see glm2_ms/fused_adamw.py)
-    optimizer: str = setting("adamw", "AdamW with bias correction: MindSpore's experimental AdamW, or the same "
-                                      "update on its fused kernel (faster, less memory).", ("adamw", "fused-adamw"))
+    # optimizer: AdamW with bias correction — fused-adamw (the update of mindspore.experimental.optim.AdamW on
+    # MindSpore's fused kernel: faster, no per-step temporaries; see glm2_ms/fused_adamw.py) or adamw (that class)
+    optimizer: str = setting("fused-adamw", "AdamW with bias correction: on MindSpore's fused kernel (the same "
+                                            "update, faster, less memory), or MindSpore's experimental AdamW class "
+                                            "itself.", ("fused-adamw", "adamw"))
     learning_rate: float = setting(5e-5, "Peak learning rate (after warmup).")
     lr_end: float = setting(1e-6, "Learning rate at the last step (polynomial decay).")
     warmup_steps: int = setting(0, "Steps of linear warmup from 0 to --learning-rate.")
@@ -58,6 +59,8 @@ class TrainConfig:
     loss_scale_factor: float = setting(2.0, "float16: the loss scale is divided by this on an overflow and "
                                             "multiplied by it after --loss-scale-window good steps.")
     loss_scale_window: int = setting(1000, "float16: good steps before the loss scale grows.")
+    recompute: bool = setting(False, "Recompute each block's activations in the backward pass instead of keeping "
+                                     "them (less memory, about a third more compute).")
     # distributed (MindFormers: parallel.enable_parallel_optimizer)
     shard_optimizer: bool = setting(False, "Under msrun: shard the AdamW state and update across the ranks (each "
                                            "holds 1/N).")
@@ -78,7 +81,7 @@ class TrainConfig:
             raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     @classmethod
-    def load(cls, path: Path | None = None, **overrides) -> "TrainConfig":
+    def load(cls, path: Path | None = None, **overrides) -> TrainConfig:
         data = {}
         if path is not None:
             text = Path(path).read_text()

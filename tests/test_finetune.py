@@ -1,6 +1,7 @@
 """Finetuning on real ADGEN lines: loss goes down, LoRA touches only its factors, adapters go out and back in
 (PEFT on torch and transformers, mindpet), merging is exact, and resume reproduces an uninterrupted run."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mindspore as ms
@@ -314,6 +315,8 @@ def test_fused_adamw_is_adamw_with_bias_correction():
 
 
 def test_full_finetune_with_the_fused_optimizer_matches_adamw(base, tmp_path):
+    """The fused optimizer (the default) against MindSpore's experimental AdamW class (--optimizer adamw)."""
+    assert TrainConfig().optimizer == "fused-adamw"
     runs = {}
     for name in ("adamw", "fused-adamw"):
         cfg = TrainConfig.load(None, method="full", max_steps=4, learning_rate=1e-3, optimizer=name, **SMALL)
@@ -322,3 +325,52 @@ def test_full_finetune_with_the_fused_optimizer_matches_adamw(base, tmp_path):
     (a_losses, a_weights), (f_losses, f_weights) = runs["adamw"], runs["fused-adamw"]
     assert np.allclose(f_losses, a_losses, rtol=1e-5, atol=0)
     assert max(np.abs(f_weights[n] - a_weights[n]).max() for n in a_weights) < 1e-5
+
+
+def _loss_and_grads(model, ids, picks, targets):
+    from glm2_ms.train import token_loss
+
+    weights = ms.ParameterTuple(model.trainable_params())
+
+    def forward(ids, picks, targets):
+        return token_loss(model(ids, picks=picks), targets)
+
+    loss, grads = ms.jit(ms.value_and_grad(forward, None, weights))(ids, picks, targets)
+    return float(loss.asnumpy()), {p.name: g.asnumpy() for p, g in zip(weights, grads, strict=True)}
+
+
+def test_recomputation_gives_the_same_losses_and_gradients(base, tmp_path):
+    """Per-block recomputation (--recompute) changes what the backward pass keeps, not what it computes."""
+    from glm2_ms.data import answer_windows
+    from glm2_ms.train_step import TrainStep
+
+    labels = np.full((2, 12), -100, np.int32)
+    labels[:, 6:11] = [[31, 32, 33, 34, 2], [41, 42, 43, 2, 2]]
+    picks, targets = (ms.Tensor(a) for a in answer_windows(labels, 6))
+    ids = ms.Tensor(np.array([IDS[:12], IDS[6:]], np.int32))
+    results = []
+    for recompute in (False, True):
+        model = from_pretrained(base)
+        model.set_train(True)
+        TrainStep(model, TrainConfig(method="full", recompute=recompute))  # what the trainer does to the blocks
+        results.append(_loss_and_grads(model, ids, picks, targets))
+    (loss, grads), (loss_rc, grads_rc) = results
+    assert loss_rc == loss and grads_rc.keys() == grads.keys() and len(grads) > 10
+    for name, g in grads.items():
+        np.testing.assert_allclose(grads_rc[name], g, rtol=1e-6, atol=1e-9, err_msg=name)
+    cfg = TrainConfig.load(None, method="lora", max_steps=2, learning_rate=1e-2, **SMALL)
+    runs = [Trainer(base, TRAIN, tmp_path / str(rc), replace(cfg, recompute=rc), progress=False).train()
+            for rc in (False, True)]
+    assert runs[1] == runs[0]
+
+
+def test_lora_keeps_a_float16_base_in_float16_with_the_losses_of_float32(hf_tiny, tmp_path):
+    """LoRA on a float16 checkpoint: the frozen base stays float16 in memory (cast to float32 where used, which is
+    exact), with the losses of the same run on a float32 copy of it."""
+    base16 = hf_tiny("safetensors", "float16")
+    cfg = TrainConfig.load(None, method="lora", max_steps=3, learning_rate=1e-2, **SMALL)
+    kept = Trainer(base16, TRAIN, tmp_path / "kept", cfg, progress=False)
+    assert kept.model.transformer.output_layer.weight.dtype == ms.float16
+    widened = Trainer(base16, TRAIN, tmp_path / "f32", cfg, progress=False,
+                      model=from_pretrained(base16, dtype="float32"))
+    assert kept.train() == widened.train()
