@@ -212,7 +212,8 @@ class GLM2Config:
             "rms_norm_eps": self.layernorm_epsilon, "attention_bias": self.add_qkv_bias, "attention_dropout": 0.0,
             "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": self.seq_length,
             "tie_word_embeddings": False, "use_cache": True, "pad_token_id": self.pad_token_id,
-            "eos_token_id": self.eos_token_id, "bos_token_id": None, "torch_dtype": dtype or self.torch_dtype,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            "bos_token_id": None, "torch_dtype": dtype or self.torch_dtype,
         }
 
 
