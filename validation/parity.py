@@ -138,37 +138,42 @@ def _whole(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
 
 
 def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
-    """Greedy tokens of each whole model in turn, its weights as stored and computing in `dtype` (one model in
-    memory at a time), then the traces layer by layer (one block of one side in memory). The reference goes first
-    each time: torch gives its memory back to the system, MindSpore's memory pool keeps what it has held (and
-    reuses it: the layer pass after the whole model needs no more)."""
-    import gc
-
-    from .references import REFERENCES, STREAMED, timed
+    """Each side in turn, the reference first: its traces layer by layer (one block in memory), then its whole
+    model's greedy tokens with the weights as stored, computing in `dtype`. Torch gives its memory back to the
+    system; MindSpore's memory pool keeps what it has held and reuses it, so its whole model comes last."""
+    from .references import REFERENCES, STREAMED
     from .streamed import MindSporeLayers, layer_major
 
     if reference not in STREAMED:
         raise UserError(f"--reference {reference} runs whole models only (its modules are the folder's "
                               f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
-    makers = {"ref": lambda: REFERENCES[reference](hf_dir, dtype, stored=True),
-              "ms": lambda: MindSporeSide(ms_dir, dtype, stored=True)}
-    tokens = {side: [[] for _ in tok_ids] for side in makers}
-    gen_s = {side: [0.0 for _ in tok_ids] for side in makers}
-    load_s = {}
-    for side, make in makers.items() if new_tokens else ():  # --max-new-tokens 0: the layer pass alone
-        model, load_s[side] = timed(make)
-        runs = [timed(model.generate, ids, new_tokens) for ids in tok_ids]
-        tokens[side], gen_s[side] = [r[0] for r in runs], [r[1] for r in runs]
-        del model, runs
-        gc.collect()  # this side's weights go before the other side's come
-    ref_layers = STREAMED[reference](hf_dir, dtype)
-    name = ref_layers.name
-    ref_traces, ref_s = layer_major(ref_layers, tok_ids)
-    ms_traces, ms_s = layer_major(MindSporeLayers(ms_dir, dtype), tok_ids)
-    rows = [(ms_traces[k], ref_traces[k], tokens["ms"][k], tokens["ref"][k],
-             {"ms_forward": ms_s[k], "ref_forward": ref_s[k], "ms_generate": gen_s["ms"][k],
+    sides = {"ref": (lambda: STREAMED[reference](hf_dir, dtype),
+                     lambda: REFERENCES[reference](hf_dir, dtype, stored=True)),
+             "ms": (lambda: MindSporeLayers(ms_dir, dtype), lambda: MindSporeSide(ms_dir, dtype, stored=True))}
+    traces, trace_s, tokens, gen_s, load_s = {}, {}, {}, {}, {}
+    for side, (layers, whole) in sides.items():
+        traces[side], trace_s[side] = layer_major(layers(), tok_ids)
+        tokens[side], gen_s[side] = [[] for _ in tok_ids], [0.0 for _ in tok_ids]
+        if new_tokens:  # --max-new-tokens 0: the layer pass alone
+            tokens[side], gen_s[side], load_s[side] = greedy(whole, tok_ids, new_tokens)
+    rows = [(traces["ms"][k], traces["ref"][k], tokens["ms"][k], tokens["ref"][k],
+             {"ms_forward": trace_s["ms"][k], "ref_forward": trace_s["ref"][k], "ms_generate": gen_s["ms"][k],
               "ref_generate": gen_s["ref"][k]}) for k in range(len(tok_ids))]
-    return rows, load_s, name
+    return rows, load_s, STREAMED[reference].name
+
+
+def greedy(make, tok_ids, new_tokens) -> tuple[list, list, float]:
+    """Each prompt's greedy tokens from the whole model `make()` gives, and their seconds, and its load seconds;
+    the model is gone (collected) when this returns."""
+    import gc
+
+    from .references import timed
+
+    model, load_s = timed(make)
+    runs = [timed(model.generate, ids, new_tokens) for ids in tok_ids]
+    del model
+    gc.collect()
+    return [r[0] for r in runs], [r[1] for r in runs], load_s
 
 
 def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "float32", new_tokens: int = 32,

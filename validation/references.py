@@ -11,6 +11,7 @@ few [seq, hidden] arrays. `STREAMED` holds the same references' modules run one 
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -183,19 +184,23 @@ class _TorchLayers:
             fill(state, name, arr, dt)
         return module
 
-    def load(self, stage):
-        from .streamed import EMBED, HEAD, of
+    def load(self, stage, prompts):
+        from .streamed import EMBED, HEAD, logits_by_slice, of, rows_of, used_rows
 
         arrays, h = self.weights.read(stage), self.cfg.hidden_size
         if stage == EMBED:
-            return self.start(arrays)
+            rows = used_rows(prompts)
+            return self.start(rows_of(arrays, rows), rows)
         if stage == HEAD:
-            norm, output = self.head(arrays)
+            norm = self.module(self.final_norm, of(arrays, self.norm_prefix))
+            output = of(arrays, self.output_prefix)
 
             @torch.no_grad()
             def head(state):
                 hidden = norm(state[0])
-                return None, [("final norm", _flat(hidden, h)), ("logits", _flat(output(hidden).float(), -1))]
+                logits = logits_by_slice(output, lambda weights, rows: _flat(
+                    self.module(lambda: torch.nn.Linear(h, rows, bias=False), weights)(hidden).float(), -1))
+                return None, [("final norm", _flat(hidden, h)), ("logits", logits)]
             return head
         block = self.module(lambda: self.block(stage), of(arrays, self.block_prefix.format(stage)))
 
@@ -216,18 +221,19 @@ class TorchLayers(_TorchLayers):
     """validation/torch_reference.py's Embedding, Block, RMSNorm and output Linear, and its RoPE tables and mask."""
 
     layout, attn, block_prefix, name = "chatglm", "self_attention", "transformer.encoder.layers.{}.", TORCH_NAME
+    norm_prefix, output_prefix = "transformer.encoder.final_layernorm.", "transformer.output_layer."
 
-    def start(self, arrays):
+    def start(self, arrays, rows):
         from . import torch_reference as ref
-        from .streamed import of
+        from .streamed import lookup, of
 
-        embedding = self.module(lambda: ref.Embedding(self.cfg), of(arrays, "transformer.embedding."))
+        embedding = self.module(lambda: ref.Embedding(dataclasses.replace(self.cfg, padded_vocab_size=len(rows))),
+                                of(arrays, "transformer.embedding."))
 
         @torch.no_grad()
         def start(ids):
-            x_ids = torch.tensor([ids])
-            mask = torch.ones_like(x_ids)
-            x = embedding.word_embeddings(x_ids)
+            mask = torch.ones(1, len(ids), dtype=torch.long)
+            x = embedding.word_embeddings(torch.tensor([lookup(rows, ids)]))
             cos, sin = ref.rope_tables(self.cfg, ref.positions(mask, 0), x.dtype)
             return (x, cos, sin, ref.attention_bias(mask, 0, len(ids))), []
         return start
@@ -241,15 +247,10 @@ class TorchLayers(_TorchLayers):
     def run_block(block, state):
         return block(*state)
 
-    def head(self, arrays):
-        from .streamed import of
+    def final_norm(self):
         from .torch_reference import RMSNorm
 
-        cfg = self.cfg
-        return (self.module(lambda: RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon),
-                            of(arrays, "transformer.encoder.final_layernorm.")),
-                self.module(lambda: torch.nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False),
-                            of(arrays, "transformer.output_layer.")))
+        return RMSNorm(self.cfg.hidden_size, self.cfg.layernorm_epsilon)
 
 
 class GlmLayers(_TorchLayers):
@@ -257,6 +258,7 @@ class GlmLayers(_TorchLayers):
     wires them: its rotary embedding and `create_causal_mask`."""
 
     layout, attn, block_prefix, name = "glm", "self_attn", "model.layers.{}.", GLM_NAME
+    norm_prefix, output_prefix = "model.norm.", "lm_head."
 
     def __init__(self, hf_dir: Path, dtype: str):
         import transformers
@@ -265,20 +267,20 @@ class GlmLayers(_TorchLayers):
         self.config = transformers.GlmConfig.from_dict(self.cfg.glm_json(dtype))
         self.config._attn_implementation = "sdpa"  # what GlmForCausalLM.from_pretrained picks on this torch
 
-    def start(self, arrays):
+    def start(self, arrays, rows):
         from transformers.masking_utils import create_causal_mask
         from transformers.models.glm import modeling_glm
 
-        from .streamed import of
+        from .streamed import lookup, of
 
         c = self.config
-        embedding = self.module(lambda: torch.nn.Embedding(c.vocab_size, c.hidden_size, c.pad_token_id),
-                                of(arrays, "model.embed_tokens."))
+        # the model's nn.Embedding on the rows in use (its padding index only matters to gradients)
+        embedding = self.module(lambda: torch.nn.Embedding(len(rows), c.hidden_size), of(arrays, "model.embed_tokens."))
         rotary = modeling_glm.GlmRotaryEmbedding(config=c)
 
         @torch.no_grad()
         def start(ids):
-            x = embedding(torch.tensor([ids]))
+            x = embedding(torch.tensor([lookup(rows, ids)]))
             position_ids = torch.arange(len(ids)).unsqueeze(0)
             mask = create_causal_mask(config=c, inputs_embeds=x, attention_mask=None, cache=None,
                                       position_ids=position_ids)
@@ -296,14 +298,10 @@ class GlmLayers(_TorchLayers):
         return block(x, attention_mask=mask, position_embeddings=position_embeddings, position_ids=position_ids,
                      use_cache=False)
 
-    def head(self, arrays):
+    def final_norm(self):
         from transformers.models.glm.modeling_glm import GlmRMSNorm
 
-        from .streamed import of
-
-        c = self.config
-        return (self.module(lambda: GlmRMSNorm(c.hidden_size, eps=c.rms_norm_eps), of(arrays, "model.norm.")),
-                self.module(lambda: torch.nn.Linear(c.hidden_size, c.vocab_size, bias=False), of(arrays, "lm_head.")))
+        return GlmRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
 
 
 STREAMED = {"torch": TorchLayers, "glm": GlmLayers}  # remote-code: its modules are the folder's own, not streamed

@@ -3,11 +3,16 @@ memory, read straight from its checkpoint (the converters' `Source.stream`, as t
 
 Every prompt goes through a stage before the next stage's weights are read (layer-major), so each checkpoint is
 read once: the embedding, then each block, then the final norm and the output layer. A side is an object with
-`stages()` and `load(stage)` → a function of one prompt's state returning (next state, records); the records are
-the (stage name, [seq, hidden] array) pairs a whole-model `trace` gives, so the comparison is the same.
+`stages()` and `load(stage, prompts)` → a function of one prompt's state returning (next state, records); the
+records are the (stage name, [seq, hidden] array) pairs a whole-model `trace` gives, so the comparison is the same.
+
+The two stages whose size is the vocabulary's stay small too, with the same numbers: the embedding holds the rows
+the prompts look up (`used_rows`), the output layer runs a slice of rows at a time (`logits_by_slice`).
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
 import re
 import time
 from pathlib import Path
@@ -20,6 +25,9 @@ from glm2_core.names import EMBEDDING, Layout
 
 _LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.")
 EMBED, HEAD = "embedding", "head"  # the stages around the layers (numbered 0..n-1)
+HEAD_BYTES = 256 * 2**20  # float32 bytes of the output layer computed at once
+HEAD_ROWS = 1024  # slices of whole multiples of these rows: MindSpore's CPU MatMul rounds some other widths (5,000)
+#                   differently from the whole layer; multiples of 64 measured equal to it at hidden 64 and 4096
 
 
 def stage_of(canonical: str):
@@ -69,6 +77,35 @@ def of(arrays: dict, prefix: str) -> dict[str, tuple[np.ndarray, str]]:
     return {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}
 
 
+def used_rows(prompts: list[list[int]]) -> np.ndarray:
+    """The vocabulary rows the prompts look up, sorted. A lookup reads nothing else, so each side's own embedding
+    runs on these rows (`lookup` renumbers the ids), not on a table of 65,024 or 151,552 rows."""
+    return np.unique(np.concatenate([np.asarray(p, np.int64) for p in prompts]))
+
+
+def rows_of(arrays: dict, rows: np.ndarray) -> dict:
+    return {name: (arr[rows], dt) for name, (arr, dt) in arrays.items()}
+
+
+def lookup(rows: np.ndarray, ids: list[int]) -> np.ndarray:
+    """`ids` as indices into `used_rows`."""
+    return np.searchsorted(rows, ids)
+
+
+def logits_by_slice(output: dict, run) -> np.ndarray:
+    """The logits [seq, vocab] of an output layer ({name: ([vocab, hidden] array, dtype)}) from slices of its rows
+    of at most HEAD_BYTES in float32: `run(slice weights, rows)` gives a side's own output layer of that many rows,
+    filled, applied ([seq, rows]). Each logit is the same dot product; what is not held at once is the float32 cast
+    of the whole layer (1 GB at ChatGLM2-6B, 2.5 GB at GLM-4-9B)."""
+    (name, (arr, dt)), = output.items()
+    step = max(1, HEAD_BYTES // (4 * arr.shape[1] * HEAD_ROWS)) * HEAD_ROWS
+    parts = []
+    for a in range(0, len(arr), step):
+        parts.append(run({name: (arr[a:a + step], dt)}, min(step, len(arr) - a)))
+        gc.collect()  # the slice's layer (cells and modules hold reference cycles) before the next slice's
+    return np.concatenate(parts, -1)
+
+
 def layer_major(side, prompts: list[list[int]]) -> tuple[list[list[tuple[str, np.ndarray]]], list[float]]:
     """Every prompt's records through every stage of `side`, one stage's weights at a time; also each prompt's
     compute seconds (reading excluded)."""
@@ -77,13 +114,14 @@ def layer_major(side, prompts: list[list[int]]) -> tuple[list[list[tuple[str, np
     states: list = list(prompts)
     try:
         for stage in side.stages():
-            run = side.load(stage)
+            run = side.load(stage, prompts)
             for k, state in enumerate(states):
                 t = time.perf_counter()
                 states[k], got = run(state)
                 seconds[k] += time.perf_counter() - t
                 records[k] += got
             del run
+            gc.collect()  # this stage's weights (cells and modules hold reference cycles) before the next stage's
     finally:
         side.close()
     return records, seconds
@@ -114,30 +152,32 @@ class MindSporeLayers:
     def _rows(self, t) -> np.ndarray:
         return t.asnumpy().astype(np.float32).reshape(t.shape[-2], -1)
 
-    def load(self, stage):
+    def load(self, stage, prompts):
         from glm2_ms import model as m
 
         ms, cfg, dtype, storage, arrays = self.ms, self.cfg, self.dtype, self.storage, self.weights.read(stage)
         if stage == EMBED:
-            embedding = self._filled(m.Embedding(cfg, storage), of(arrays, "transformer.embedding."))
+            rows = used_rows(prompts)
+            embedding = self._filled(m.Embedding(dataclasses.replace(cfg, padded_vocab_size=len(rows)), storage),
+                                     rows_of(of(arrays, "transformer.embedding."), rows))
             inv_freq = ms.Tensor(cfg.rope_inv_freq(), ms.float32)
 
             def start(ids):
                 x = ms.Tensor([ids], ms.int32)
                 mask, positions = m.mask_and_positions(x)
                 cos, sin = m.rope_tables(positions, inv_freq, dtype)
-                return (embedding(x).astype(dtype), cos, sin, mask), []
+                return (embedding(ms.Tensor([lookup(rows, ids)], ms.int32)).astype(dtype), cos, sin, mask), []
             return start
         if stage == HEAD:
             norm = self._filled(m.RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, storage),
                                 of(arrays, "transformer.encoder.final_layernorm."))
-            output = self._filled(m.Linear(cfg.hidden_size, cfg.padded_vocab_size, False, storage),
-                                  of(arrays, "transformer.output_layer."))
+            output = of(arrays, "transformer.output_layer.")
 
             def head(state):
                 hidden = norm(state[0])
-                return None, [("final norm", self._rows(hidden)),
-                              ("logits", self._rows(output(hidden).astype(ms.float32)))]
+                logits = logits_by_slice(output, lambda weights, rows: self._rows(
+                    self._filled(m.Linear(cfg.hidden_size, rows, False, storage), weights)(hidden).astype(ms.float32)))
+                return None, [("final norm", self._rows(hidden)), ("logits", logits)]
             return head
         block = self._filled(m.Block(cfg, storage), of(arrays, f"transformer.encoder.layers.{stage}."))
 
