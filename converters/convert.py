@@ -16,7 +16,7 @@ from glm2_core.errors import CheckpointError, UserError
 from glm2_core.names import EMBEDDING, HF_FAMILIES, INV_FREQ, Layout, inv_freq
 
 from . import __version__
-from .model_folder import weight_files, weights_format, write_beside_weights, write_manifest
+from .model_folder import tokenizer_or_bundled, weight_files, weights_format, write_beside_weights, write_manifest
 from .output import PLAN, WeightsWriter, staged_folder
 from .source import Group, Source, out_dtype
 
@@ -35,6 +35,7 @@ class Summary:
     files: list[str] = field(default_factory=list)
     dropped: dict[str, list[str]] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)
+    tokenizer_note: str = ""  # set when the tokenizer written is not the source's own
 
     def lines(self) -> list[str]:
         rate = self.bytes / self.seconds / 1e6 if self.seconds else 0.0
@@ -47,6 +48,8 @@ class Summary:
             out.append(f"  dropped {len(names)} {kind}: {shown}")
         for name, n in self.nonfinite.items():
             out.append(f"  warning: source tensor {name} holds {n} NaN/Inf values")
+        if self.tokenizer_note:
+            out.append(f"  {self.tokenizer_note}")
         return out
 
 
@@ -137,10 +140,11 @@ def manifest(src: Path, source: Source, target: Layout, fmt: str, planned: Plan,
 def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shard_bytes: int | None = None,
             overwrite: bool = False, allow_overflow: bool = False, keep_optimizer: bool = False,
             rearranged_rope: bool | None = None, config: Path | None = None, progress: bool = True, adapter=None,
-            opened=None, tokenizer: list[Path] | None = None, verify_checksums: bool = True) -> Summary:
+            opened=None, bundled_tokenizer: bool = False, verify_checksums: bool = True) -> Summary:
     """Convert the checkpoint at `src` (or the Checkpoint `opened` from it) into a new folder `dst` (MindSpore, or
     a HF folder for a HF layout); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
-    into the weights. The tokenizer files written are `tokenizer`, by default those beside the source."""
+    into the weights. The tokenizer files written are those beside the source; with `bundled_tokenizer`, a source
+    without a tokenizer.model gets its family's bundled one (a shard merge, a finetune's export)."""
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     _check_request(src, dst, target, fmt, dtype, keep_optimizer, reads_src=opened is None or bool(opened.files))
@@ -154,12 +158,23 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
             records = write_weights(source, planned, tmp, fmt, target.family, dtype=dtype,
                                     allow_overflow=allow_overflow, adapter=adapter, progress=progress,
                                     desc=f"{src.name} -> {dst.name}")
-            write_beside_weights(tmp, source.cfg, target, planned.dtype, fmt, planned.shards,
-                                 source.ckpt.tokenizer_files if tokenizer is None else tokenizer)
+            tokenizer, note = _tokenizer(source, bundled_tokenizer)
+            write_beside_weights(tmp, source.cfg, target, planned.dtype, fmt, planned.shards, tokenizer)
             kept = {"optimizer state"} if keep_optimizer else set()
             kept |= {"LoRA adapters"} if adapter is not None else set()  # merged, not dropped
             dropped = {k: v for k, v in source.dropped.items() if v and k not in kept}
             write_manifest(tmp, manifest(src, source, target, fmt, planned, records, adapter, dropped))
     return Summary(str(src), str(dst), source.layout.describe(), target.describe(), fmt, planned.dtype,
                    len(records), planned.total, time.perf_counter() - started, planned.files, dropped,
-                   source.nonfinite)
+                   source.nonfinite, note)
+
+
+def _tokenizer(source: Source, fallback: bool) -> tuple[list[Path], str]:
+    """The tokenizer files to write and, when they are not the model's own, a note saying so."""
+    if not fallback:
+        return source.ckpt.tokenizer_files, ""
+    files, bundled = tokenizer_or_bundled(source.ckpt.folder, source.cfg.family)
+    if not bundled:
+        return files, ""
+    return files, "no tokenizer beside the source: " + ("wrote the bundled ChatGLM2 tokenizer" if files else
+                                                        f"none written ({source.cfg.family}'s is not bundled)")

@@ -154,6 +154,7 @@ def write_model_folder(tensors: dict[str, np.ndarray], cfg: GLM2Config, dst: Pat
     for name, arr in tensors.items():
         data, dtype = stored(np.ascontiguousarray(arr))
         refs[name] = TensorRef(name, data.shape, dtype, Path(source), reader=lambda data=data: data)
-    in_memory = Checkpoint(Path(source), [], "memory", refs, config=cfg.chatglm_json(), folder=Path(source))
+    # the tokenizer beside the weights is tokenizer_from's (convert's fallback: the family's bundled one)
+    in_memory = Checkpoint(Path(source), [], "memory", refs, config=cfg.chatglm_json(), folder=tokenizer_from)
     return convert(source, dst, target=Layout("mindformers"), fmt="ckpt", opened=in_memory, overwrite=overwrite,
-                   tokenizer=tokenizer_or_bundled(tokenizer_from, cfg.family)[0], progress=False)
+                   bundled_tokenizer=True, progress=False)

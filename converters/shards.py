@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from glm2_core.config import GLM2Config, family_of
 from glm2_core.dtypes import BY_NAME
 from glm2_core.errors import CheckpointError
 from glm2_core.names import MINDPET, OPTIMIZER_PREFIXES, classify
@@ -24,7 +23,7 @@ from glm2_core.names import MINDPET, OPTIMIZER_PREFIXES, classify
 from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
 from .formats.base import TensorRef
 from .formats.ckpt import CkptWriter
-from .model_folder import CONFIG, copy_files, tokenizer_or_bundled
+from .model_folder import CONFIG, copy_files
 from .output import staged_folder
 from .runs import epoch_step, newest_complete, recorded_lora, run_folder
 from .strategy import ParamLayout, Strategy, load_strategy
@@ -310,13 +309,6 @@ def _write_ranks(folder: Path, plan, ranks: int, prefix: str, on_done) -> int:
     return written
 
 
-def _family(ckpt: Checkpoint, config: Path | None) -> str:
-    """The model family of merged shards: their config's, else told by the vocabulary (GLM's largest rows)."""
-    if config is not None:
-        return GLM2Config.from_file(config).family
-    return family_of(None, max((t.shape[0] for t in ckpt.tensors.values() if len(t.shape) == 2), default=0))
-
-
 def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, fmt: str,
           lora_alpha: float | None = None, config: Path | None = None, **options):
     """Rank shards → one checkpoint at `dst` (MindSpore, or a HF folder), through the converter. LoRA adapters
@@ -340,12 +332,10 @@ def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, fmt: s
         if config is None and stats.run_folder is not None:
             config = stats.run_folder / CONFIG
             stats.notes.append(f"config.json from {stats.run_folder}")
-        tokenizer, bundled = tokenizer_or_bundled(ckpt.folder, _family(ckpt, config))
-        if bundled:
-            stats.notes.append("no tokenizer beside the shards: " + ("wrote the bundled ChatGLM2 tokenizer"
-                                                                     if tokenizer else "none written"))
         summary = convert(sources[0], dst, target=target, fmt=fmt, adapter=adapter,
-                          opened=ckpt, config=config, tokenizer=tokenizer, **options)
+                          opened=ckpt, config=config, bundled_tokenizer=True, **options)
+        if summary.tokenizer_note:
+            stats.notes.append(summary.tokenizer_note)
     if not options.get("keep_optimizer"):  # the converter dropped them, and its summary says so
         stats.copied = [n for n in stats.copied if classify(n) != "optimizer"]
     return summary, stats

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import GLM2Config
+from .config import GLM2Config, family_of
 from .errors import CheckpointError, UserError
 
 L = "transformer.encoder.layers.{i}."
@@ -269,7 +269,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, where: str 
     return GLM2Config._build(f"{where} (sizes inferred from its shapes)", num_layers=len(layers - {None}),
                              hidden_size=hidden, ffn_hidden_size=down[0][1], num_attention_heads=heads,
                              multi_query_group_num=groups, kv_channels=kv_channels, padded_vocab_size=vocab,
-                             add_qkv_bias=any(t == QKV_BIAS for t, _ in found))
+                             add_qkv_bias=any(t == QKV_BIAS for t, _ in found), family=family_of(None, vocab))
 
 
 def inv_freq(cfg: GLM2Config, dtype: str) -> np.ndarray:

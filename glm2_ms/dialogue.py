@@ -62,8 +62,7 @@ def tool_arguments(content: str, form: str) -> dict:
 
 def _generation(decoder: Decoder, tok: GLM2Tokenizer, query: str, history: History | None, role: str,
                 max_new_tokens: int, sampling: SamplingConfig | None, max_length: int | None):
-    ids = np.array([tok.build_chat_input(query, history, role) if tok.family.chat == "roles"
-                    else tok.build_chat_input(query, history)], np.int32)
+    ids = np.array([tok.build_chat_input(query, history, role)], np.int32)
     return ids, dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.stop_ids,
                      pad_token_id=tok.pad_id, max_length=max_length)
 
@@ -99,6 +98,5 @@ def stream_chat(decoder: Decoder, tok: GLM2Tokenizer, query: str, history: Histo
         new.append(int(token[0]))
         if new[-1] in tok.stop_ids:
             break
-        text = tok.decode(new)
-        if text and not text.endswith("\ufffd"):
+        if tok.complete_text(new):
             yield _reply(tok, new, query, history, role)

@@ -208,9 +208,14 @@ class GLM2Tokenizer:
         ids: list[int] = []
         for token in tokens:
             ids.append(int(np.asarray(token).reshape(-1)[0]))
-            text = self.decode(ids)
-            if text and not text.endswith("\ufffd"):
+            text = self.complete_text(ids)
+            if text:
                 yield text
+
+    def complete_text(self, ids: list[int]) -> str:
+        """The text of `ids`, or "" while it ends in an incomplete character (a byte token of a longer one)."""
+        text = self.decode(ids)
+        return "" if text.endswith("\ufffd") else text
 
     def message(self, role: str, content: str, metadata: str = "") -> list[int]:
         """One message of the role format: `<|role|>` + encode(metadata + "\\n") + encode(content)."""
@@ -219,9 +224,9 @@ class GLM2Tokenizer:
         return [self.special[f"<|{role}|>"]] + self.vocab.encode(f"{metadata}\n") + self.vocab.encode(content)
 
     def build_chat_input(self, query: str, history=None, role: str = "user") -> list[int]:
-        """The prompt of a chat round. ChatGLM2: history is [(query, reply), …]; ChatGLM3/GLM-4: history is
-        [{"role", "content", "metadata"?, "tools"?}, …] as their `chat` keeps it (a system message's tools are
-        appended to its content as indented JSON)."""
+        """The prompt of a chat round. ChatGLM2: history is [(query, reply), …] and every query the user's;
+        ChatGLM3/GLM-4: history is [{"role", "content", "metadata"?, "tools"?}, …] as their `chat` keeps it (a
+        system message's tools are appended to its content as indented JSON) and `role` says who speaks."""
         if self.family.chat == "rounds":
             return self.encode(build_prompt(query, history))
         ids = self.prefix()
@@ -263,15 +268,15 @@ def detect_family(folder: Path) -> str:
     model, ChatGLM3 when the folder names it (config.json's `_name_or_path`, or a tokenizer_config.json chat
     template with role tokens), else ChatGLM2; without a tokenizer.model, its config's family. Pass the family
     where a folder says nothing (a finetune saved under a local name)."""
-    from glm2_core.config import family_of
+    from glm2_core.config import GLM2Config
 
     vocab = folder / "tokenizer.model" if folder.is_dir() else folder
     if vocab.is_file() and vocabulary_kind(vocab) == "tiktoken":
         return "glm4"
     if not folder.is_dir():
         return "chatglm2"
-    config = _json(folder / "config.json")
-    named = family_of(config.get("_name_or_path"), config.get("padded_vocab_size", config.get("vocab_size")))
+    config = folder / "config.json"
+    named = GLM2Config.from_file(config).family if config.is_file() else "chatglm2"
     if not vocab.is_file():
         return named
     template = _json(folder / "tokenizer_config.json").get("chat_template")
