@@ -1,6 +1,6 @@
 """Where a small step's time goes: per-op times of MindSpore's prefill and training step beside torch's.
 
-    python benchmarks/profile_step.py [--config small] [--prompt 128] [--batch 4] [--steps 3] [--threads 2]
+    python benchmarks/profile_step.py [--configs small] [--prompt 128] [--batch 4] [--steps 3] [--threads 2]
                                       [--what prefill,train] [--method lora] [--top 14]
 
 The same steps as benchmarks/decode.py (prefill of a prompt into the static cache) and benchmarks/finetune.py (one
@@ -105,7 +105,7 @@ def profile_train(name: str, method: str, batch: int, steps: int, top: int) -> N
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="small")
+    ap.add_argument("--configs", default="small", help="names from measure.CONFIGS, comma-separated")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--method", default="lora", help="lora or full (the training step)")
@@ -116,10 +116,11 @@ def main() -> None:
     args = ap.parse_args()
     set_threads(args.threads)
     print_machine(args.threads)
-    if "prefill" in args.what:
-        profile_prefill(args.config, args.prompt, args.steps, args.top)
-    if "train" in args.what:
-        profile_train(args.config, args.method, args.batch, args.steps, args.top)
+    for name in args.configs.split(","):
+        if "prefill" in args.what:
+            profile_prefill(name, args.prompt, args.steps, args.top)
+        if "train" in args.what:
+            profile_train(name, args.method, args.batch, args.steps, args.top)
 
 
 if __name__ == "__main__":
