@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from measure import drop_caches, size_of, timed
+from measure import drop_caches, print_machine, size_of, timed
 
 NAIVE = """
 import sys, glob, torch, mindspore as ms, numpy as np
@@ -76,6 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     work, py, cli = args.workdir, sys.executable, f"{sys.executable} -m converters"
     work.mkdir(parents=True, exist_ok=True)
+    print_machine()
     print(f"page cache dropped before each step: {drop_caches()}")
     rows = []
     for fmt in [f for f in args.formats.split(",") if f]:  # --formats "" runs the naive recipe alone

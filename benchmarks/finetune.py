@@ -19,25 +19,37 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import (
+    CONFIGS,
+    RATIO,
+    kernel_anchors,
+    print_anchors,
+    print_machine,
+    projection_shapes,
+    set_ms_threads,
+    set_threads,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "validation" / "assets" / "adgen_train_head200.json"
-CONFIGS = {
-    "small": dict(num_layers=4, hidden_size=512, ffn_hidden_size=1376, num_attention_heads=8, kv_channels=64),
-    "medium": dict(num_layers=6, hidden_size=2048, ffn_hidden_size=5504, num_attention_heads=16, kv_channels=128),
-}
 WARMUP = 2
+SOURCE = TARGET = 64  # prompt and answer tokens: rows of SOURCE + TARGET + 1
 
 
-def child_ms(model: Path, method: str, steps: int, batch: int, optimizer: str) -> dict:
-    from glm2_ms.loading import use_cpu
+def ms_trainer(model: Path, method: str, steps: int, batch: int, optimizer: str, out: str):
+    """The MindSpore trainer of these runs (the caller has chosen the device and threads)."""
     from glm2_ms.train import Trainer
     from glm2_ms.train_config import TrainConfig
 
-    use_cpu()
-    cfg = TrainConfig(method=method, max_steps=steps + WARMUP, batch_size=batch, max_source_length=64,
-                      max_target_length=64, learning_rate=1e-4, optimizer=optimizer)
+    cfg = TrainConfig(method=method, max_steps=steps, batch_size=batch, max_source_length=SOURCE,
+                      max_target_length=TARGET, learning_rate=1e-4, optimizer=optimizer)
+    return Trainer(model, DATA, out, cfg, progress=False)
+
+
+def child_ms(model: Path, method: str, steps: int, batch: int, optimizer: str, threads: int) -> dict:
+    set_ms_threads(threads)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model, DATA, out, cfg, progress=False)
+        trainer = ms_trainer(model, method, steps + WARMUP, batch, optimizer, out)
         stamps = []
         orig = trainer._record
 
@@ -49,7 +61,8 @@ def child_ms(model: Path, method: str, steps: int, batch: int, optimizer: str) -
     return {"seconds": sum(stamps[WARMUP:]), "tokens": steps * batch * trainer.seq, "loss": trainer.state.losses[-1]}
 
 
-def child_torch(model: Path, method: str, steps: int, batch: int, threads: int) -> dict:
+def torch_trainer(model: Path, method: str, batch: int):
+    """torch (+ PEFT) on the same data: (a function running one step on the next batch → its loss, the batches)."""
     import numpy as np
     import torch
 
@@ -57,7 +70,6 @@ def child_torch(model: Path, method: str, steps: int, batch: int, threads: int) 
     from glm2_ms.tokenizer import GLM2Tokenizer
     from validation.torch_reference import load_reference
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     net = load_reference(model, "float32").train()
     if method == "lora":
@@ -70,12 +82,10 @@ def child_torch(model: Path, method: str, steps: int, batch: int, threads: int) 
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
-    data = TrainData(GLM2Tokenizer(), read_jsonl(DATA), Lengths(64, 64))
-    batches = data.batches(batch, seed=0)
-    seconds = 0.0
-    for step in range(steps + WARMUP):
-        ids, labels = (torch.as_tensor(np.asarray(x)).long() for x in next(batches))
-        t = time.perf_counter()
+    data = TrainData(GLM2Tokenizer(), read_jsonl(DATA), Lengths(SOURCE, TARGET))
+
+    def step(ids, labels) -> float:
+        ids, labels = (torch.as_tensor(np.asarray(x)).long() for x in (ids, labels))
         logits = net(ids)[0]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -83,9 +93,34 @@ def child_torch(model: Path, method: str, steps: int, batch: int, threads: int) 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step >= WARMUP:
+        return loss.item()
+    return step, data.batches(batch, seed=0)
+
+
+def child_torch(model: Path, method: str, steps: int, batch: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    step, batches = torch_trainer(model, method, batch)
+    seconds = 0.0
+    for i in range(steps + WARMUP):
+        ids, labels = next(batches)
+        t = time.perf_counter()
+        loss = step(ids, labels)
+        if i >= WARMUP:
             seconds += time.perf_counter() - t
-    return {"seconds": seconds, "tokens": steps * batch * 129, "loss": float(loss)}
+    return {"seconds": seconds, "tokens": steps * batch * (SOURCE + TARGET + 1), "loss": loss}
+
+
+def training_anchors(name: str, batch: int) -> float:
+    """The kernel anchors at the training step's forward GEMMs: every token of the batch through each layer's
+    projections, the output layer on the answer windows (TARGET + 1 positions a row, as the trainer runs it;
+    torch's side runs it on every position)."""
+    from glm2_core.config import GLM2Config
+
+    cfg = GLM2Config.preset("tiny", **CONFIGS[name])
+    rows = kernel_anchors(projection_shapes(cfg, batch * (SOURCE + TARGET + 1), batch * (TARGET + 1)))
+    return print_anchors(f"{name}, training step (batch {batch})", rows)
 
 
 def measure(args: list[str]) -> tuple[dict, float]:
@@ -111,18 +146,21 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         side, method, model, optimizer = args.child
-        res = child_ms(Path(model), method, args.steps, args.batch, optimizer) if side == "ms" else \
+        res = child_ms(Path(model), method, args.steps, args.batch, optimizer, args.threads) if side == "ms" else \
             child_torch(Path(model), method, args.steps, args.batch, args.threads)
         print("RESULT " + json.dumps(res))
         return
     from converters.synth import synthesize
     from glm2_core.config import GLM2Config
 
-    print(f"batch {args.batch} x 129 tokens, {args.steps} timed steps after {WARMUP} warm-up, float32, "
-          f"{args.threads} threads\n")
-    print("| config | method | MindSpore optimizer | MindSpore tok/s | torch tok/s | ratio | MindSpore peak RSS | "
-          "torch peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+    set_threads(args.threads)  # this process's anchors; each child sets its own side's
+    print_machine(args.threads)
+    kernels = {name: training_anchors(name, args.batch) for name in args.configs.split(",")}
+    print(f"\nbatch {args.batch} x {SOURCE + TARGET + 1} tokens, {args.steps} timed steps after {WARMUP} warm-up, "
+          f"float32, {args.threads} threads each side; {RATIO}; kernel ratio: the GEMM anchors above\n")
+    print("| config | method | MindSpore optimizer | MindSpore tok/s | torch tok/s | ratio | GEMM kernel ratio | "
+          "ratio / kernel ratio | MindSpore peak RSS | torch peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     skip = set(args.skip.split(","))
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -134,13 +172,15 @@ def main() -> None:
                 pt_rate = t["tokens"] / t["seconds"]
                 for optimizer in args.optimizers.split(","):
                     if f"{name}:{method}:{optimizer}" in skip:
-                        print(f"| {name} | {method} | {optimizer} | not run (--skip) | {pt_rate:.0f} | | | "
-                              f"{t_rss:.0f} MB |", flush=True)
+                        print(f"| {name} | {method} | {optimizer} | not run (--skip) | {pt_rate:.0f} | | "
+                              f"{kernels[name]:.2f}x | | | {t_rss:.0f} MB |", flush=True)
                         continue
                     m, m_rss = measure(["--child", "ms", method, str(model), optimizer, *common])
                     ms_rate = m["tokens"] / m["seconds"]
-                    print(f"| {name} | {method} | {optimizer} | {ms_rate:.0f} | {pt_rate:.0f} | "
-                          f"{ms_rate / pt_rate:.2f}x | {m_rss:.0f} MB | {t_rss:.0f} MB |", flush=True)
+                    ratio = ms_rate / pt_rate
+                    print(f"| {name} | {method} | {optimizer} | {ms_rate:.0f} | {pt_rate:.0f} | {ratio:.2f}x | "
+                          f"{kernels[name]:.2f}x | {ratio / kernels[name]:.2f} | {m_rss:.0f} MB | {t_rss:.0f} MB |",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
-"""What every benchmark measures a step with: its own process under /usr/bin/time -v, page cache dropped first."""
+"""What every benchmark measures with: a step in its own process under /usr/bin/time -v (page cache dropped first),
+the machine it ran on, and the kernel anchors its speed ratios are read against."""
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 
 def drop_caches() -> bool:
@@ -38,3 +45,156 @@ def timed(cmd: str, hot: tuple[Path, ...] = ()) -> tuple[float, float]:
 
 def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# The configs the speed benchmarks run (GLM2Config.preset("tiny", **CONFIGS[name])).
+CONFIGS = {
+    "small": dict(num_layers=4, hidden_size=512, ffn_hidden_size=1376, num_attention_heads=8, kv_channels=64),
+    # about 0.5B parameters (0.27B of them in the embedding and output layer)
+    "medium": dict(num_layers=6, hidden_size=2048, ffn_hidden_size=5504, num_attention_heads=16, kv_channels=128),
+}
+# CPU flags that decide which matmul kernels torch's MKL/oneDNN and MindSpore's own can use
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+RATIO = "ratio = MindSpore speed / torch speed (= torch time / MindSpore time): > 1 means MindSpore is faster"
+
+
+def cpu_info(cpuinfo: str | None = None) -> tuple[str, list[str]]:
+    """The CPU's model name and which of KERNEL_FLAGS it has, from /proc/cpuinfo (or its text)."""
+    text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)  # the last CPU's lines
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name", "unknown CPU"), [f for f in KERNEL_FLAGS if f in flags]
+
+
+def set_ms_threads(n: int) -> None:
+    """MindSpore's CPU kernel threads (its documented setting; once per process, before any kernel runs)."""
+    import mindspore as ms
+
+    from glm2_ms.loading import use_cpu
+
+    use_cpu()
+    ms.device_context.cpu.op_tuning.threads_num(n)
+
+
+def set_threads(n: int) -> None:
+    """The same number of CPU threads for torch and MindSpore."""
+    import torch
+
+    torch.set_num_threads(n)
+    set_ms_threads(n)
+
+
+def ms_thread_pool() -> dict[str, int]:
+    """MindSpore's runtime threads that run kernels, by name (ActorThread_*, KernelThread_*), counted in
+    /proc/self/task: MindSpore has no getter for them."""
+    pool: dict[str, int] = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            name = (task / "comm").read_text().strip().rstrip("0123456789")
+            if name in ("ActorThread_", "KernelThread_"):
+                pool[name.rstrip("_")] = pool.get(name.rstrip("_"), 0) + 1
+    return pool
+
+
+def machine() -> dict:
+    """What a timing needs beside it to be read on another machine: CPU model and flags, cores, load, each
+    library's version and threads (MindSpore's: its pool counted after one MatMul has run)."""
+    import mindspore as ms
+    import torch
+
+    from glm2_ms.loading import use_cpu
+
+    use_cpu()
+    model, flags = cpu_info()
+    a = ms.Tensor(np.ones((64, 64), np.float32))
+    (a @ a).asnumpy()
+    return {"cpu": model, "flags": flags, "cores": len(os.sched_getaffinity(0)), "load": os.getloadavg(),
+            "torch": torch.__version__, "mindspore": ms.__version__, "torch_threads": torch.get_num_threads(),
+            "ms_pool": ms_thread_pool()}
+
+
+def print_machine(threads: int | None = None) -> None:
+    """Print the machine block, measured in a child process (`threads` each side, else the libraries' defaults), so
+    that the caller's memory and MindSpore's once-per-process thread setting stay untouched."""
+    print(flush=True)
+    subprocess.run([sys.executable, __file__, *([str(threads)] if threads else [])], check=True)
+
+
+def main(threads: int | None) -> None:
+    if threads:
+        set_threads(threads)
+    m = machine()
+    print(f"CPU: {m['cpu']}; flags: {' '.join(m['flags']) or 'none of ' + ', '.join(KERNEL_FLAGS)}; "
+          f"{m['cores']} cores usable; load average {' '.join(f'{x:.2f}' for x in m['load'])} (1, 5, 15 min)\n"
+          f"torch {m['torch']}: {m['torch_threads']} threads (torch.get_num_threads); MindSpore {m['mindspore']}: "
+          f"threads_num {threads or 'default'}, its kernel threads in /proc/self/task after a MatMul: "
+          f"{', '.join(f'{n} {k}' for k, n in m['ms_pool'].items())}", flush=True)
+
+
+def projection_shapes(cfg, tokens: int, out_tokens: int) -> list[tuple[str, int, int, int, int]]:
+    """(name, m, k, n, times per forward) of the model's matmuls with weights: each layer's four projections on
+    `tokens` rows, the output layer on `out_tokens` rows."""
+    h, layers = cfg.hidden_size, cfg.num_layers
+    return [("query_key_value", tokens, h, cfg.qkv_rows, layers), ("dense", tokens, cfg.q_rows, h, layers),
+            ("dense_h_to_4h", tokens, h, 2 * cfg.ffn_hidden_size, layers),
+            ("dense_4h_to_h", tokens, cfg.ffn_hidden_size, h, layers),
+            ("output_layer", out_tokens, h, cfg.padded_vocab_size, 1)]
+
+
+def alternating(sides: dict, repeat: int) -> dict:
+    """Median seconds of each callable, called in turn (A B A B …) `repeat` times after one warm-up round."""
+    times = {side: [] for side in sides}
+    for i in range(repeat + 1):
+        for side, fn in sides.items():
+            t = time.perf_counter()
+            fn()
+            if i:
+                times[side].append(time.perf_counter() - t)
+    return {side: float(np.median(t)) for side, t in times.items()}
+
+
+def kernel_anchors(shapes, repeat: int = 5) -> list[dict]:
+    """Each (name, m, k, n, count) product in float32 through the runtime's own `Linear` (MatMul, transpose_b)
+    under jit and torch's `F.linear`, alternating. A jit call on CPU returns once its result is computed, so its
+    time includes the call's fixed cost (~1 ms here), as every call of the runtime's compiled step does."""
+    return [dict(name=name, shape=(m, k, n), count=count, **linear_times(m, k, n, repeat))
+            for name, m, k, n, count in shapes]
+
+
+def linear_times(m: int, k: int, n: int, repeat: int) -> dict:
+    import mindspore as ms
+    import torch
+
+    from glm2_ms.model import Linear
+
+    rng = np.random.default_rng(0)
+    x, w = rng.random((m, k), np.float32), rng.random((n, k), np.float32)
+    cell = Linear(k, n, False, ms.float32)
+    cell.weight.set_data(ms.Tensor(w))
+    cell.construct = ms.jit(cell.construct)
+    xm, xt, wt = ms.Tensor(x), torch.from_numpy(x), torch.from_numpy(w)
+    t = alternating({"ms": lambda: cell(xm), "pt": lambda: torch.nn.functional.linear(xt, wt)}, repeat)
+    return {**t, "ratio": t["pt"] / t["ms"]}
+
+
+def kernel_ratio(rows) -> float:
+    """torch / MindSpore time of all the anchors' products as often as one forward runs each."""
+    return sum(r["pt"] * r["count"] for r in rows) / sum(r["ms"] * r["count"] for r in rows)
+
+
+def print_anchors(title: str, rows) -> float:
+    """The anchors as a table, with their forward-weighted ratio (returned)."""
+    print(f"\nkernel anchors, {title} (float32, alternating, median of the timed calls; {RATIO}):")
+    print("| product | m × k × n | per forward | MindSpore Linear | torch F.linear | ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {' × '.join(map(str, r['shape']))} | {r['count']} | {r['ms'] * 1e3:.2f} ms | "
+              f"{r['pt'] * 1e3:.2f} ms | {r['ratio']:.2f}x |")
+    ratio = kernel_ratio(rows)
+    print(f"| all, weighted by calls per forward | | | | | **{ratio:.2f}x** |", flush=True)
+    return ratio
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else None)

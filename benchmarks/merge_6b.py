@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from measure import drop_caches, size_of, timed
+from measure import drop_caches, print_machine, size_of, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -80,6 +80,7 @@ def main() -> None:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     merge = f"{Path(sys.executable).parent}/glm2-merge-shards"
+    print_machine()
     print(f"page cache dropped before each step: {drop_caches()}")
     rows = []
     for layers in [int(x) for x in args.ms_layers.split(",") if x] + [args.layers]:

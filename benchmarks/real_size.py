@@ -32,17 +32,11 @@ import time
 from pathlib import Path
 
 import psutil
-from measure import drop_caches, size_of
+from measure import cpu_info, drop_caches, print_machine, size_of
 
 ROOT = Path(__file__).resolve().parent.parent
 ADGEN = ROOT / "validation" / "assets" / "adgen_train_head200.json"
 BIN = Path(sys.executable).parent  # the venv's glm2-* commands
-
-
-def cpu() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
-    return f"{model}, {len(os.sched_getaffinity(0))} threads usable (os.cpu_count() {os.cpu_count()})"
 
 
 def evict(*folders: Path) -> str:
@@ -172,7 +166,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, help="keep the folders here (default: a temporary folder, removed)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    print(f"CPU: {cpu()}", flush=True)
+    print_machine()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="glm2-real-size-"))
     work.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the temporary folder
@@ -182,7 +176,7 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     what = "a given HF folder" if args.hf_folder else f"6B shapes, {args.layers} layers, float16"
-    print(f"\n{what}; {args.prompts} prompts; CPU: {cpu()}\n")
+    print(f"\n{what}; {args.prompts} prompts; CPU: {cpu_info()[0]}, {len(os.sched_getaffinity(0))} cores\n")
     print("| step | wall s | peak RSS GB | key numbers |\n|---|---|---|---|")
     for name, wall, peak, numbers in rows:
         print(f"| {name} | {wall:.1f} | {peak:.2f} | {numbers} |")

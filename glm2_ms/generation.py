@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import mindspore as ms
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from .model import MASKED, GLM2ForCausalLM
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig, choose
@@ -59,10 +59,11 @@ class Decoder:
             self.step.construct = ms.jit(self.step.construct)
 
     def new_cache(self, batch: int, length: int) -> tuple:
-        """Zeroed k and v for every layer, flat: (k0, v0, k1, v1, …), each [batch, groups, length, d]."""
+        """Zeroed k and v for every layer, flat: (k0, v0, k1, v1, …), each [batch, groups, length, d]. Made from
+        host zeros: a Zeros kernel per tensor cost ~1 ms each in PyNative (8.8 ms of a 310 ms small prefill)."""
         cfg, dtype = self.model.config, self.model.compute_dtype
-        shape = (batch, cfg.multi_query_group_num, length, cfg.kv_channels)
-        return tuple(ops.zeros(shape, dtype) for _ in range(2 * cfg.num_layers))
+        zeros = np.zeros((batch, cfg.multi_query_group_num, length, cfg.kv_channels), ms.dtype_to_nptype(dtype))
+        return tuple(Tensor(zeros.copy()) for _ in range(2 * cfg.num_layers))
 
     def forward(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, start: int, caches):
         """Run tokens `ids` [b, s] into cache slots start..start+s-1; `valid` [b, max_len] marks usable slots."""

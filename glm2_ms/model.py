@@ -62,10 +62,11 @@ def rotate(x, cos, sin):
     x [batch, seq, heads, d]; cos/sin [batch, seq, 1, d/4]."""
     b, s, n, d = x.shape
     rot = d // 2
-    pairs = x[..., :rot].reshape(b, s, n, rot // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
+    # split, not slices: MindSpore's CPU StridedSlice on the last axis cost more than the arithmetic
+    head, rest = ops.split(x, (rot, d - rot), -1)
+    x0, x1 = (t.squeeze(-1) for t in ops.split(head.reshape(b, s, n, rot // 2, 2), 1, -1))
     out = ops.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).reshape(b, s, n, rot)
-    return ops.cat([out, x[..., rot:]], -1)
+    return ops.cat([out, rest], -1)
 
 
 class SelfAttention(nn.Cell):
@@ -83,10 +84,10 @@ class SelfAttention(nn.Cell):
         the new k/v go to the slots `write` [s, max_len] (one-hot rows) and attention runs over the cache."""
         b, s, _ = x.shape
         h, g, d = self.heads, self.groups, self.d
-        qkv = self.query_key_value(x)
-        q = rotate(qkv[..., :h * d].reshape(b, s, h, d), cos, sin)
-        k = rotate(qkv[..., h * d:(h + g) * d].reshape(b, s, g, d), cos, sin)
-        v = qkv[..., (h + g) * d:].reshape(b, s, g, d)
+        q, k, v = ops.split(self.query_key_value(x), (h * d, g * d, g * d), -1)
+        q = rotate(q.reshape(b, s, h, d), cos, sin)
+        k = rotate(k.reshape(b, s, g, d), cos, sin)
+        v = v.reshape(b, s, g, d)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, g, s, d]
         if cache is not None:
             keep = (1 - write.sum(0)).reshape(1, 1, -1, 1)
@@ -110,8 +111,8 @@ class MLP(nn.Cell):
         self.dense_4h_to_h = Linear(cfg.ffn_hidden_size, cfg.hidden_size, False, dtype)
 
     def construct(self, x):
-        gate_up = self.dense_h_to_4h(x)
-        return self.dense_4h_to_h(ops.silu(gate_up[..., :self.ffn]) * gate_up[..., self.ffn:])
+        gate, up = ops.split(self.dense_h_to_4h(x), self.ffn, -1)
+        return self.dense_4h_to_h(ops.silu(gate) * up)
 
 
 class Block(nn.Cell):

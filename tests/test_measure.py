@@ -1,0 +1,41 @@
+"""The machine block and kernel anchors every benchmark prints (benchmarks/measure.py)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import measure
+
+
+def test_cpu_info_agrees_with_lscpu():
+    model, flags = measure.cpu_info()
+    lscpu = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True,
+                                                                check=True).stdout.splitlines() if ":" in line)
+    assert model == lscpu["Model name"].strip()
+    assert set(flags) == set(measure.KERNEL_FLAGS) & set(lscpu["Flags"].split())
+
+
+def test_cpu_info_names_the_kernel_flags_of_another_cpu():
+    text = "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16 amx_tile\n"
+    assert measure.cpu_info(text) == ("Some Xeon", ["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"])
+
+
+def test_kernel_anchor_times_both_sides_at_a_tiny_shape():
+    rows = measure.kernel_anchors([("p", 4, 32, 16, 3), ("q", 1, 32, 8, 1)], repeat=2)
+    assert [(r["name"], r["shape"], r["count"]) for r in rows] == [("p", (4, 32, 16), 3), ("q", (1, 32, 8), 1)]
+    for r in rows:
+        assert r["ms"] > 0 and r["pt"] > 0 and r["ratio"] == pytest.approx(r["pt"] / r["ms"])
+    weighted = (3 * rows[0]["pt"] + rows[1]["pt"]) / (3 * rows[0]["ms"] + rows[1]["ms"])
+    assert measure.kernel_ratio(rows) == pytest.approx(weighted)
+
+
+def test_projection_shapes_are_the_models_matmuls():
+    from glm2_core.config import GLM2Config
+
+    cfg = GLM2Config.preset("tiny", multi_query_group_num=2, **measure.CONFIGS["small"])
+    shapes = {name: (m, k, n, count) for name, m, k, n, count in measure.projection_shapes(cfg, 128, 1)}
+    assert shapes == {"query_key_value": (128, 512, 512 + 2 * 2 * 64, 4), "dense": (128, 512, 512, 4),
+                      "dense_h_to_4h": (128, 512, 2 * 1376, 4), "dense_4h_to_h": (128, 1376, 512, 4),
+                      "output_layer": (1, 512, 65024, 1)}
