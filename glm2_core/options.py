@@ -26,6 +26,7 @@ from pathlib import Path
 
 import click
 
+from .config import FAMILIES as MODEL_FAMILIES
 from .dtypes import COMPUTE_DTYPES, DTYPES
 from .errors import CheckpointError, UserError
 from .names import FAMILIES, HF_FAMILIES
@@ -85,6 +86,9 @@ VOCABULARY: dict[str, dict] = {
     "--lora-alpha": dict(type=float, default=None,
                          help="LoRA alpha: the adapter's update B·A is scaled by alpha / r."),
     # generation
+    "--family": dict(type=click.Choice(tuple(MODEL_FAMILIES)), default=None,
+                     show_default="the one the folder tells: its config.json, its tokenizer",
+                     help="Model family, for its tokenizer and chat format (a finetune saved under a local name)."),
     "--max-new-tokens": dict(type=int, help="Generate at most this many new tokens."),
     "--sample/--greedy": dict(decls=("--sample/--greedy", "sample"), default=False,
                               help="Sample each token (with --temperature, --top-k, --top-p, --seed), or take the "

@@ -20,7 +20,7 @@ def sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
 
 # float32 arithmetic over weights kept as stored: CPU float16 matmuls are ~13x slower than float32 ones
 runtime_options = options(sampling_options(max_new_tokens=64), option("--dtype"), option("--compute-dtype"),
-                          option("--stats"))
+                          option("--family"), option("--stats"))
 
 
 def peak_rss_gb() -> float:
@@ -29,7 +29,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def _load(model_dir, dtype, compute_dtype):
+def _load(model_dir, dtype, compute_dtype, family):
     """The model (on CPU), its tokenizer and the seconds it took."""
     import time
 
@@ -38,7 +38,7 @@ def _load(model_dir, dtype, compute_dtype):
 
     use_cpu()
     clock = time.perf_counter()
-    tok = GLM2Tokenizer.from_pretrained(model_dir)
+    tok = GLM2Tokenizer.from_pretrained(model_dir, family)
     return from_pretrained(model_dir, None if dtype == "keep" else dtype, compute_dtype), tok, \
         time.perf_counter() - clock
 
@@ -67,10 +67,10 @@ def _echo_growing(texts) -> str:
 @click.option("--chat", is_flag=True, help="Format the prompt as a first chat round (the model family's format).")
 @runtime_options
 def generate(model_dir, prompt, chat, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed,
-             dtype, compute_dtype, stats):
+             dtype, compute_dtype, family, stats):
     """Generate a continuation of PROMPT with the MindSpore runtime of the model in MODEL_DIR."""
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
-    model, tok, load_s = _load(model_dir, dtype, compute_dtype)
+    model, tok, load_s = _load(model_dir, dtype, compute_dtype, family)
     ids = tok.build_chat_input(prompt) if chat else tok.encode(prompt)
     tokens = model.decoder.stream([ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.stop_ids,
                                   pad_token_id=tok.pad_id)
@@ -83,7 +83,7 @@ def generate(model_dir, prompt, chat, max_new_tokens, sample, temperature, top_k
 @click.argument("model_dir", type=ExistingPath())
 @runtime_options
 def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, dtype,
-         compute_dtype, stats):
+         compute_dtype, family, stats):
     """Chat with the model in MODEL_DIR, the history kept: `clear` forgets it, `exit` (or Ctrl-D) quits, Ctrl-C
     stops. The line is edited with readline (arrows, history)."""
     import readline  # noqa: F401  (imported for its effect: input() edits lines and keeps a history)
@@ -91,7 +91,7 @@ def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetitio
     from .dialogue import stream_chat
 
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
-    model, tok, load_s = _load(model_dir, dtype, compute_dtype)
+    model, tok, load_s = _load(model_dir, dtype, compute_dtype, family)
     history: list = []
     click.echo("glm2-chat: type a message; 'clear' forgets the history, 'exit' quits.")
     while True:

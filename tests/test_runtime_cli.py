@@ -51,3 +51,10 @@ def test_stats_report_load_rss_and_speeds(ms_dir):
     assert proc.returncode == 0, proc.stderr
     stats = [line for line in proc.stderr.splitlines() if line.startswith("stats: ")]
     assert len(stats) == 1 and "peak RSS" in stats[0] and "prefill" in stats[0] and "decode" in stats[0], stats
+
+
+def test_family_option_overrides_what_the_folder_tells(ms_dir):
+    """--family: a ChatGLM2 folder chatted with in ChatGLM3's role format (its tokenizer, stops and name)."""
+    proc = run("chat", ms_dir, "--family", "chatglm3", "--max-new-tokens", "2", stdin="你好\nexit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "ChatGLM3: " in proc.stdout and "ChatGLM2: " not in proc.stdout
