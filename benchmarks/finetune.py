@@ -11,6 +11,7 @@ query_key_value. tokens/s counts every position of every sequence, after two war
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import subprocess
@@ -28,14 +29,14 @@ CONFIGS = {
 WARMUP = 2
 
 
-def child_ms(model: Path, method: str, steps: int, batch: int, optimizer: str) -> dict:
+def child_ms(model: Path, method: str, steps: int, batch: int, optimizer: str, recompute: bool) -> dict:
     from glm2_ms.loading import use_cpu
     from glm2_ms.train import Trainer
     from glm2_ms.train_config import TrainConfig
 
     use_cpu()
     cfg = TrainConfig(method=method, max_steps=steps + WARMUP, batch_size=batch, max_source_length=64,
-                      max_target_length=64, learning_rate=1e-4, optimizer=optimizer)
+                      max_target_length=64, learning_rate=1e-4, optimizer=optimizer, recompute=recompute)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, DATA, out, cfg, progress=False)
         stamps = []
@@ -106,12 +107,15 @@ def main() -> None:
     ap.add_argument("--methods", default="lora,full")
     ap.add_argument("--optimizers", default="adamw,fused-adamw",
                     help="MindSpore's: adamw (experimental.optim.AdamW) and/or fused-adamw")
+    ap.add_argument("--recompute", default="on",
+                    help="MindSpore's backward: on (block by block, the default), off (one graph), or on,off")
     ap.add_argument("--skip", default="", help="config:method:optimizer rows not to run (e.g. known to exceed RAM)")
     ap.add_argument("--child", nargs=4, metavar=("SIDE", "METHOD", "MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         side, method, model, optimizer = args.child
-        res = child_ms(Path(model), method, args.steps, args.batch, optimizer) if side == "ms" else \
+        res = child_ms(Path(model), method, args.steps, args.batch, optimizer, args.recompute == "on") \
+            if side == "ms" else \
             child_torch(Path(model), method, args.steps, args.batch, args.threads)
         print("RESULT " + json.dumps(res))
         return
@@ -120,9 +124,9 @@ def main() -> None:
 
     print(f"batch {args.batch} x 129 tokens, {args.steps} timed steps after {WARMUP} warm-up, float32, "
           f"{args.threads} threads\n")
-    print("| config | method | MindSpore optimizer | MindSpore tok/s | torch tok/s | ratio | MindSpore peak RSS | "
-          "torch peak RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | method | MindSpore optimizer | recompute | MindSpore tok/s | torch tok/s | ratio | "
+          "MindSpore peak RSS | torch peak RSS | ratio | last loss MindSpore / torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     skip = set(args.skip.split(","))
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -132,15 +136,18 @@ def main() -> None:
                 common = ["--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
                 t, t_rss = measure(["--child", "torch", method, str(model), "-", *common])
                 pt_rate = t["tokens"] / t["seconds"]
-                for optimizer in args.optimizers.split(","):
+                for optimizer, recompute in itertools.product(args.optimizers.split(","),
+                                                              args.recompute.split(",")):
                     if f"{name}:{method}:{optimizer}" in skip:
-                        print(f"| {name} | {method} | {optimizer} | not run (--skip) | {pt_rate:.0f} | | | "
-                              f"{t_rss:.0f} MB |", flush=True)
+                        print(f"| {name} | {method} | {optimizer} | {recompute} | not run (--skip) | {pt_rate:.0f} "
+                              f"| | | {t_rss:.0f} MB | | |", flush=True)
                         continue
-                    m, m_rss = measure(["--child", "ms", method, str(model), optimizer, *common])
+                    m, m_rss = measure(["--child", "ms", method, str(model), optimizer, *common,
+                                        "--recompute", recompute])
                     ms_rate = m["tokens"] / m["seconds"]
-                    print(f"| {name} | {method} | {optimizer} | {ms_rate:.0f} | {pt_rate:.0f} | "
-                          f"{ms_rate / pt_rate:.2f}x | {m_rss:.0f} MB | {t_rss:.0f} MB |", flush=True)
+                    print(f"| {name} | {method} | {optimizer} | {recompute} | {ms_rate:.0f} | {pt_rate:.0f} | "
+                          f"{ms_rate / pt_rate:.2f}x | {m_rss:.0f} MB | {t_rss:.0f} MB | {m_rss / t_rss:.2f}x | "
+                          f"{m['loss']:.4f} / {t['loss']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
