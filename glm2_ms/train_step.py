@@ -6,6 +6,11 @@ accumulators) once; with float16 the host looks at `finite` between the two and 
 `apply` on an overflow, so a skipped step leaves the optimizer untouched. Everything that changes between steps
 (learning rate, LoRA dropout masks, loss scale) enters as an input: on this MindSpore a parameter changed with
 set_data after its graph was compiled keeps its old value inside the graph.
+
+With `recompute` (the default) the forward and backward passes run block by block, driven from the host
+(`BlockwiseBackward`: one block's graphs, compiled once), and the update without accumulation runs eagerly with
+the gradients clipped one at a time: on CPU a compiled graph keeps every intermediate it computed, so the fewer
+and smaller the graphs, the lower the peak.
 """
 from __future__ import annotations
 
