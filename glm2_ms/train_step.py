@@ -306,7 +306,12 @@ class TrainStep:
             return lambda grads: grads
         from mindspore import nn
 
-        return nn.DistributedGradReducer(self.weights, mean=True)
+        reducer = nn.DistributedGradReducer(self.weights, mean=True)
+
+        def reduce(grads):  # a tuple: the block-by-block step hands the eager update a list
+            return reducer(tuple(grads))
+
+        return reduce
 
     def __call__(self, micro_batches: Iterable, lr: float, scale: float) -> tuple[list[float], bool]:
         """One optimizer step over `micro_batches` — (ids, picks, targets, dropout masks) each, drawn as the step
