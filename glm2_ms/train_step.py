@@ -8,7 +8,7 @@ accumulators) once; with float16 the host looks at `finite` between the two and 
 set_data after its graph was compiled keeps its old value inside the graph.
 
 With `recompute` (the default) the forward and backward passes run block by block, driven from the host
-(`BlockwiseBackward`: one block's graphs, compiled once), and the update without accumulation runs eagerly with
+(`BlockwiseBackward`: one block's graphs, compiled once), and the update runs eagerly with
 the gradients clipped one at a time: on CPU a compiled graph keeps every intermediate it computed, so the fewer
 and smaller the graphs, the lower the peak.
 """
@@ -83,7 +83,7 @@ def _update(opt, shards: OptimizerShards, reducer, clip, unscale_by: int | None)
         for group_lr in opt.lrs:
             ops.assign(group_lr, lr)
         if unscale_by is not None:  # (static) no extra copy of every gradient when there is nothing to undo
-            grads = tuple(g / (scale * unscale_by) for g in grads)
+            grads = [g / (scale * unscale_by) for g in grads]  # a list: the eager clipping replaces its items
         grads = clip(reducer(grads))
         opt(shards.take(grads))
         return shards.gather()
@@ -287,13 +287,12 @@ class TrainStep:
                 return all_reduce(ok.astype(ms.float32)) == world
             return ok
 
-        self._micro, self._apply = whole(micro), ms.jit(apply)
+        self._micro, self._apply = whole(micro), ms.jit(apply) if whole is ms.jit else apply
         self._discard, self._finite = ms.jit(discard), ms.jit(finite)
 
     def _clip(self, cfg: TrainConfig):
-        """Gradient clipping: in the graph, or (block by block, without accumulation: the update runs eagerly)
-        one gradient at a time."""
-        if cfg.recompute and not self.accumulate:
+        """Gradient clipping: in the graph, or (block by block: the update runs eagerly) one gradient at a time."""
+        if cfg.recompute:
             return lambda grads: clip_in_place(grads if isinstance(grads, list) else list(grads), cfg.max_grad_norm)
 
         def in_graph(grads):
