@@ -11,6 +11,7 @@ query_key_value. tokens/s counts every position of every sequence, after two war
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import subprocess
@@ -36,20 +37,22 @@ WARMUP = 2
 SOURCE = TARGET = 64  # prompt and answer tokens: rows of SOURCE + TARGET + 1
 
 
-def ms_trainer(model: Path, method: str, steps: int, batch: int, optimizer: str, out: str):
+def ms_trainer(model: Path, method: str, steps: int, batch: int, optimizer: str, out: str, recompute: bool = True):
     """The MindSpore trainer of these runs (the caller has chosen the device and threads)."""
     from glm2_ms.train import Trainer
     from glm2_ms.train_config import TrainConfig
 
     cfg = TrainConfig(method=method, max_steps=steps, batch_size=batch, max_source_length=SOURCE,
-                      max_target_length=TARGET, learning_rate=1e-4, optimizer=optimizer)
+                      max_target_length=TARGET, learning_rate=1e-4, optimizer=optimizer,
+                      recompute=recompute)
     return Trainer(model, DATA, out, cfg, progress=False)
 
 
-def child_ms(model: Path, method: str, steps: int, batch: int, optimizer: str, threads: int) -> dict:
+def child_ms(model: Path, method: str, steps: int, batch: int, optimizer: str, threads: int,
+             recompute: bool) -> dict:
     set_ms_threads(threads)
     with tempfile.TemporaryDirectory() as out:
-        trainer = ms_trainer(model, method, steps + WARMUP, batch, optimizer, out)
+        trainer = ms_trainer(model, method, steps + WARMUP, batch, optimizer, out, recompute)
         stamps = []
         orig = trainer._record
 
@@ -142,11 +145,14 @@ def main() -> None:
     ap.add_argument("--optimizers", default="adamw,fused-adamw",
                     help="MindSpore's: adamw (experimental.optim.AdamW) and/or fused-adamw")
     ap.add_argument("--skip", default="", help="config:method:optimizer rows not to run (e.g. known to exceed RAM)")
+    ap.add_argument("--recompute", default="on",
+                    help="MindSpore's backward: on (block by block, the default), off (one graph), or on,off")
     ap.add_argument("--child", nargs=4, metavar=("SIDE", "METHOD", "MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         side, method, model, optimizer = args.child
-        res = child_ms(Path(model), method, args.steps, args.batch, optimizer, args.threads) if side == "ms" else \
+        res = child_ms(Path(model), method, args.steps, args.batch, optimizer, args.threads,
+                       args.recompute == "on") if side == "ms" else \
             child_torch(Path(model), method, args.steps, args.batch, args.threads)
         print("RESULT " + json.dumps(res))
         return
@@ -158,9 +164,10 @@ def main() -> None:
     kernels = {name: training_anchors(name, args.batch) for name in args.configs.split(",")}
     print(f"\nbatch {args.batch} x {SOURCE + TARGET + 1} tokens, {args.steps} timed steps after {WARMUP} warm-up, "
           f"float32, {args.threads} threads each side; {RATIO}; kernel ratio: the GEMM anchors above\n")
-    print("| config | method | MindSpore optimizer | MindSpore tok/s | torch tok/s | ratio | GEMM kernel ratio | "
-          "ratio / kernel ratio | MindSpore peak RSS | torch peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | method | MindSpore optimizer | recompute | MindSpore tok/s | torch tok/s | ratio | "
+          "GEMM kernel ratio | ratio / kernel ratio | MindSpore peak RSS | torch peak RSS | ratio | "
+          "last loss MindSpore / torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     skip = set(args.skip.split(","))
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -170,17 +177,19 @@ def main() -> None:
                 common = ["--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
                 t, t_rss = measure(["--child", "torch", method, str(model), "-", *common])
                 pt_rate = t["tokens"] / t["seconds"]
-                for optimizer in args.optimizers.split(","):
+                for optimizer, recompute in itertools.product(args.optimizers.split(","),
+                                                              args.recompute.split(",")):
                     if f"{name}:{method}:{optimizer}" in skip:
-                        print(f"| {name} | {method} | {optimizer} | not run (--skip) | {pt_rate:.0f} | | "
-                              f"{kernels[name]:.2f}x | | | {t_rss:.0f} MB |", flush=True)
+                        print(f"| {name} | {method} | {optimizer} | {recompute} | not run (--skip) | {pt_rate:.0f} | "
+                              f"| {kernels[name]:.2f}x | | | {t_rss:.0f} MB | | |", flush=True)
                         continue
-                    m, m_rss = measure(["--child", "ms", method, str(model), optimizer, *common])
+                    m, m_rss = measure(["--child", "ms", method, str(model), optimizer, *common,
+                                        "--recompute", recompute])
                     ms_rate = m["tokens"] / m["seconds"]
                     ratio = ms_rate / pt_rate
-                    print(f"| {name} | {method} | {optimizer} | {ms_rate:.0f} | {pt_rate:.0f} | {ratio:.2f}x | "
-                          f"{kernels[name]:.2f}x | {ratio / kernels[name]:.2f} | {m_rss:.0f} MB | {t_rss:.0f} MB |",
-                          flush=True)
+                    print(f"| {name} | {method} | {optimizer} | {recompute} | {ms_rate:.0f} | {pt_rate:.0f} | "
+                          f"{ratio:.2f}x | {kernels[name]:.2f}x | {ratio / kernels[name]:.2f} | {m_rss:.0f} MB | "
+                          f"{t_rss:.0f} MB | {m_rss / t_rss:.2f}x | {m['loss']:.4f} / {t['loss']:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

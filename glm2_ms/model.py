@@ -222,6 +222,10 @@ class GLM2ForCausalLM(nn.Cell, PretrainedMixin):
         """With `picks` (flat indices into [batch·seq]), the logits of those positions only: [len(picks), vocab]."""
         mask, position_ids = mask_and_positions(input_ids, attention_mask, position_ids)
         hidden, _ = self.transformer(input_ids, position_ids, mask)
+        return self.logits(hidden, picks)
+
+    def logits(self, hidden, picks=None):
+        """The output layer over the final norm's `hidden` (at the flat positions `picks` only, when given)."""
         if picks is not None:
             hidden = ops.gather(hidden.reshape(-1, hidden.shape[-1]), picks, 0)
         return self.transformer.output_layer(hidden).astype(ms.float32)

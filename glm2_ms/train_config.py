@@ -59,8 +59,9 @@ class TrainConfig:
     loss_scale_factor: float = setting(2.0, "float16: the loss scale is divided by this on an overflow and "
                                             "multiplied by it after --loss-scale-window good steps.")
     loss_scale_window: int = setting(1000, "float16: good steps before the loss scale grows.")
-    recompute: bool = setting(False, "Recompute each block's activations in the backward pass instead of keeping "
-                                     "them (less memory, about a third more compute).")
+    recompute: bool = setting(True, "Train block by block: keep only each block's input from the forward pass and "
+                                    "run each block again in the backward pass (one block's graph buffers instead "
+                                    "of the whole model's; see glm2_ms/train_step.py).")
     # distributed (MindFormers: parallel.enable_parallel_optimizer)
     shard_optimizer: bool = setting(False, "Under msrun: shard the AdamW state and update across the ranks (each "
                                            "holds 1/N).")

@@ -6,9 +6,15 @@ accumulators) once; with float16 the host looks at `finite` between the two and 
 `apply` on an overflow, so a skipped step leaves the optimizer untouched. Everything that changes between steps
 (learning rate, LoRA dropout masks, loss scale) enters as an input: on this MindSpore a parameter changed with
 set_data after its graph was compiled keeps its old value inside the graph.
+
+With `recompute` (the default) the forward and backward passes run block by block, driven from the host
+(`BlockwiseBackward`: one block's graphs, compiled once), and the update runs eagerly with
+the gradients clipped one at a time: on CPU a compiled graph keeps every intermediate it computed, so the fewer
+and smaller the graphs, the lower the peak.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 import mindspore as ms
@@ -18,7 +24,7 @@ from mindspore.experimental.optim import AdamW
 from .data import IGNORE
 from .fused_adamw import FusedAdamW
 from .lora import lora_cells
-from .model import GLM2ForCausalLM
+from .model import GLM2ForCausalLM, mask_and_positions, rope_tables
 from .optimizer_shards import OptimizerShards
 from .train_config import TrainConfig
 
@@ -69,20 +75,148 @@ def _backward(model: GLM2ForCausalLM, weights, masks: list, world: int):
     return backward
 
 
-def _update(opt, shards: OptimizerShards, reducer, max_norm: float, unscale_by: int | None):
-    """Graph code: gradients → (unscaled by scale × `unscale_by`,) reduced, clipped, applied; the shards
-    gathered."""
+def _update(opt, shards: OptimizerShards, reducer, clip, unscale_by: int | None):
+    """Graph code (or run eagerly): gradients → (unscaled by scale × `unscale_by`,) reduced, clipped by `clip`,
+    applied; the shards gathered."""
 
     def update(grads, scale, lr):
         for group_lr in opt.lrs:
             ops.assign(group_lr, lr)
         if unscale_by is not None:  # (static) no extra copy of every gradient when there is nothing to undo
-            grads = tuple(g / (scale * unscale_by) for g in grads)
-        grads = ops.clip_by_global_norm(reducer(grads), max_norm)
+            grads = [g / (scale * unscale_by) for g in grads]  # a list: the eager clipping replaces its items
+        grads = clip(reducer(grads))
         opt(shards.take(grads))
         return shards.gather()
 
     return update
+
+
+def clip_in_place(grads: list, max_norm: float) -> tuple:
+    """ops.clip_by_global_norm's arithmetic (its ops, in its order), run eagerly over a list it may overwrite:
+    each square and each clipped gradient (which replaces its input) is the only temporary alive. A graph keeps
+    every intermediate (measured: clipping 78M float32 gradients in a graph adds ~1 GB, three copies)."""
+    limit = Tensor([max_norm], ms.float32)
+    square_sum = ops.ReduceSum(False)
+    norm = ops.sqrt(ops.addn([square_sum(ops.square(g), ()).astype(ms.float32).expand_dims(0) for g in grads]))
+    norm = ops.select(norm >= limit, norm, limit)
+    for i, g in enumerate(grads):
+        grads[i] = None  # the list held the only reference besides `g`
+        grads[i] = (g * limit / norm).astype(g.dtype)
+    return tuple(grads)
+
+
+def _value_and_grad(fn, position, params: list, has_aux: bool = False):
+    """ms.value_and_grad of `fn` by input `position` (or None) and `params`, whose result takes another shape for
+    each of these choices, always as (value, the input's gradient or None, the parameters' gradients)."""
+    by_input, by_params = position is not None, bool(params)
+    grad = ms.value_and_grad(fn, position, ms.ParameterTuple(params) if by_params else None, has_aux=has_aux)
+
+    def call(*args):
+        value, g = grad(*args)
+        if not by_params:
+            return value, g, ()
+        if not by_input:
+            return value, None, g
+        return value, g[0], g[1]
+
+    return call
+
+
+class BlockwiseBackward:
+    """One micro-batch's loss and gradients, computed a stage at a time from the host (`recompute`).
+
+    Forward: the embedding, then every block without a gradient graph, keeping only each block's input
+    ([batch, seq, hidden]); the head (final norm, answer-window output layer, loss) with its gradient. Backward,
+    from the last block to the first: the block's forward again, inside the gradient of sum(block(x) · upstream),
+    which gives the block's parameter gradients and the upstream gradient of the block below; last the
+    embedding's. Each stage runs the model's own cells; the gradients equal the whole graph's (tested).
+
+    Why: on CPU every compiled graph keeps its buffers (measured: a block's forward or backward graph adds its
+    own ~50–85 MB at the small config, whichever block it runs), so a whole-model graph holds every block's
+    activations, float32 weight casts and gradients buffers at once. Here one block's forward and backward graphs
+    are compiled once, on a working copy of a block (`worker`), and each block's parameters are copied into it
+    (`load`, a graph of assignments) before it runs: the graphs' buffers are one block's whatever the depth."""
+
+    def __init__(self, model: GLM2ForCausalLM, weights, masks: list, world: int):
+        t = model.transformer
+        dtype, norm, blocks = t.compute_dtype, t.encoder.final_layernorm, t.encoder.layers
+        self.index = {id(p): i for i, p in enumerate(weights)}
+        all_reduce = ops.AllReduce() if world > 1 else None
+
+        def mine(*cells):
+            return [p for c in cells for p in c.trainable_params() if id(p) in self.index]
+
+        def prepare(ids, *fresh_masks):
+            for param, value in zip(masks, fresh_masks):  # noqa: B905 (jit: MindSpore's graph parser takes no strict=)
+                ops.assign(param, value)
+            mask, position_ids = mask_and_positions(ids)
+            cos, sin = rope_tables(position_ids, t.inv_freq, dtype)
+            return t.embedding(ids).astype(dtype), cos, sin, mask
+
+        def head(x, picks, targets, scale):
+            loss = token_loss(model.logits(norm(x), picks), targets)
+            if world > 1:  # the reported loss is the global batch's (each rank's mean, averaged)
+                loss = all_reduce(loss) / world
+            return loss * scale, loss
+
+        def embedded(ids, upstream):
+            return (t.embedding(ids).astype(dtype) * upstream).sum()
+
+        self.prepare = ms.jit(prepare)
+        self.head_params = mine(norm, t.output_layer)
+        self.head = ms.jit(_value_and_grad(head, 0, self.head_params, has_aux=True))
+        self.embedding_params = mine(t.embedding)
+        self.embedding = ms.jit(_value_and_grad(embedded, None, self.embedding_params)) \
+            if self.embedding_params else None
+        self._compile_worker(blocks)
+
+    def _compile_worker(self, blocks) -> None:
+        worker = copy.deepcopy(blocks[0])
+        slots = list(worker.get_parameters())
+        for p in slots:
+            p.name = "blockwise_worker." + p.name
+        trained = [k for k, p in enumerate(slots) if p.requires_grad]
+        self.sources = [list(b.get_parameters()) for b in blocks]
+        self.trained = [[params[k] for k in trained] for params in self.sources]
+        assert all(id(p) in self.index for params in self.trained for p in params)
+
+        def load(*values):
+            for slot, value in zip(slots, values):  # noqa: B905 (jit: MindSpore's graph parser takes no strict=)
+                ops.assign(slot, value)
+            return True
+
+        def forward(x, cos, sin, mask):
+            return worker(x, cos, sin, mask)[0]
+
+        def weighted(x, cos, sin, mask, upstream):
+            return (forward(x, cos, sin, mask) * upstream).sum()
+
+        self.worker = worker
+        self.load, self.forward = ms.jit(load), ms.jit(forward)
+        self.backward = ms.jit(_value_and_grad(weighted, 0, [slots[k] for k in trained]))
+
+    def __call__(self, ids, picks, targets, scale, fresh_masks):
+        grads = [None] * len(self.index)
+
+        def put(params, values):
+            for p, g in zip(params, values, strict=True):
+                grads[self.index[id(p)]] = g
+
+        x, cos, sin, mask = self.prepare(ids, *fresh_masks)
+        inputs = []
+        for params in self.sources:
+            inputs.append(x)
+            self.load(*params)
+            x = self.forward(x, cos, sin, mask)
+        (_, loss), upstream, head_grads = self.head(x, picks, targets, scale)
+        put(self.head_params, head_grads)
+        for i in reversed(range(len(self.sources))):
+            self.load(*self.sources[i])
+            _, upstream, block_grads = self.backward(inputs.pop(), cos, sin, mask, upstream)
+            put(self.trained[i], block_grads)
+        if self.embedding is not None:
+            put(self.embedding_params, self.embedding(ids, upstream)[2])
+        return loss, grads
 
 
 class TrainStep:
@@ -91,9 +225,6 @@ class TrainStep:
 
     def __init__(self, model: GLM2ForCausalLM, cfg: TrainConfig, rank: int = 0, world: int = 1):
         self.cfg, self.world = cfg, world
-        if cfg.recompute:
-            for block in model.transformer.encoder.layers:
-                block.recompute()
         trainable = model.trainable_params()
         decay = [p for p in trainable if len(p.shape) > 1]
         self.weights = ms.ParameterTuple(decay + [p for p in trainable if len(p.shape) <= 1])
@@ -102,19 +233,22 @@ class TrainStep:
         self.check_finite = cfg.compute_dtype == "float16"
         self.accumulate = cfg.gradient_accumulation_steps > 1 or self.check_finite
         masks = [cell.dropout_mask for _, cell in lora_cells(model)] if cfg.method == "lora" else []
-        backward = _backward(model, self.weights, masks, world)
+        # recompute: the backward is driven block by block from the host, and what follows it is a graph of its
+        # own; otherwise backward and what follows are one graph
+        self.backward = backward = (BlockwiseBackward if cfg.recompute else _backward)(model, self.weights, masks,
+                                                                                         world)
+        after, whole = (ms.jit, lambda f: f) if cfg.recompute else (lambda f: f, ms.jit)
         k = cfg.gradient_accumulation_steps
-        update = _update(self.opt, self.shards, self._grad_reducer(), cfg.max_grad_norm,
-                         k if self.accumulate else None)
+        update = _update(self.opt, self.shards, self._grad_reducer(), self._clip(cfg), k if self.accumulate else None)
         if self.accumulate:
-            self._build_accumulating(backward, update)
+            self._build_accumulating(backward, update, after, whole)
         else:
             def fused(ids, picks, targets, scale, lr, *fresh_masks):
                 loss, grads = backward(ids, picks, targets, scale, fresh_masks)
                 update(grads, scale, lr)
                 return loss
 
-            self._fused = ms.jit(fused)
+            self._fused = whole(fused)
         shards = self.shards
 
         def gather():
@@ -122,14 +256,20 @@ class TrainStep:
 
         self.gather = ms.jit(gather)
 
-    def _build_accumulating(self, backward, update) -> None:
+    def _build_accumulating(self, backward, update, after, whole) -> None:
         accu = self.weights.clone(prefix="accu_grads", init="zeros")
         all_reduce, world = ops.AllReduce() if self.world > 1 else None, self.world
 
-        def micro(ids, picks, targets, scale, *fresh_masks):
-            loss, grads = backward(ids, picks, targets, scale, fresh_masks)
+        def add(*grads):
             for a, g in zip(accu, grads):  # noqa: B905 (jit: MindSpore's graph parser takes no strict=)
                 ops.assign_add(a, g)
+            return True
+
+        add = after(add)
+
+        def micro(ids, picks, targets, scale, *fresh_masks):
+            loss, grads = backward(ids, picks, targets, scale, fresh_masks)
+            add(*grads)
             return loss
 
         def discard():
@@ -147,15 +287,30 @@ class TrainStep:
                 return all_reduce(ok.astype(ms.float32)) == world
             return ok
 
-        self._micro, self._apply = ms.jit(micro), ms.jit(apply)
+        self._micro, self._apply = whole(micro), ms.jit(apply) if whole is ms.jit else apply
         self._discard, self._finite = ms.jit(discard), ms.jit(finite)
+
+    def _clip(self, cfg: TrainConfig):
+        """Gradient clipping: in the graph, or (block by block: the update runs eagerly) one gradient at a time."""
+        if cfg.recompute:
+            return lambda grads: clip_in_place(grads if isinstance(grads, list) else list(grads), cfg.max_grad_norm)
+
+        def in_graph(grads):
+            return ops.clip_by_global_norm(grads, cfg.max_grad_norm)
+
+        return in_graph
 
     def _grad_reducer(self):
         if self.world == 1:
             return lambda grads: grads
         from mindspore import nn
 
-        return nn.DistributedGradReducer(self.weights, mean=True)
+        reducer = nn.DistributedGradReducer(self.weights, mean=True)
+
+        def reduce(grads):  # a tuple: the block-by-block step hands the eager update a list
+            return reducer(tuple(grads))
+
+        return reduce
 
     def __call__(self, micro_batches: Iterable, lr: float, scale: float) -> tuple[list[float], bool]:
         """One optimizer step over `micro_batches` — (ids, picks, targets, dropout masks) each, drawn as the step

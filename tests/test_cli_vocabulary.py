@@ -112,11 +112,11 @@ def test_every_training_setting_is_a_flag_and_given_flags_override_the_file(tmp_
     run.write_text("lora_rank: 4\nbeta2: 0.8\nshard_optimizer: true\n")
     args = ["m", "--train-data", "d", "--out", "o", "--train-config", str(run), "--beta2", "0.9", "--eps", "1e-6",
             "--loss-scale-window", "7", "--log-steps", "3", "--no-shard-optimizer", "--optimizer", "adamw",
-            "--recompute"]
+            "--no-recompute"]
     with cmd.make_context("glm2-finetune", [a if a not in ("m", "d") else str(tmp_path) for a in args]) as ctx:
         cfg = train_config(ctx.params["config_file"], {f.name: ctx.params[f.name] for f in fields(TrainConfig)})
     assert (cfg.lora_rank, cfg.beta2, cfg.eps, cfg.loss_scale_window, cfg.log_steps) == (4, 0.9, 1e-6, 7, 3)
-    assert cfg.shard_optimizer is False and cfg.optimizer == "adamw" and cfg.lr_power == 1.0 and cfg.recompute
+    assert cfg.shard_optimizer is False and cfg.optimizer == "adamw" and cfg.lr_power == 1.0 and not cfg.recompute
 
 
 @pytest.mark.parametrize("tool, args", [
