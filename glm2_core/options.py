@@ -18,6 +18,7 @@ too. A SIGTERM from outside is handled the same way.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -193,6 +194,8 @@ class _Tool:
                 _fail(_describe(exc))
             except Interrupted as exc:
                 _stop(f"interrupted: {exc}")
+            except (MemoryError, RuntimeError) as exc:
+                _fail(_out_of_memory(exc))
             except (click.Abort, KeyboardInterrupt):
                 _stop(self.interrupted)
         sys.exit(status if isinstance(status, int) else 0)
@@ -205,6 +208,17 @@ class _Tool:
             return super().format_usage(ctx, formatter)
         for i, line in enumerate(self.usage_lines):
             formatter.write_usage(ctx.command_path, line, "Usage: " if i == 0 else "       ")
+
+
+def _out_of_memory(exc: Exception) -> str:
+    """The one line for an allocation that failed (numpy's MemoryError, MindSpore's "Memory not enough"); any
+    other RuntimeError is a bug and goes on up with its traceback."""
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and "Memory not enough" not in text:
+        raise exc
+    size = re.search(r"alloc size: (\d+)B", text)
+    what = f"{int(size.group(1)) / 2**20:.0f} MiB more" if size else text.splitlines()[0] if text else "memory"
+    return f"out of memory: could not allocate {what} beyond the RAM this process could get"
 
 
 class Tool(_Tool, click.Command):

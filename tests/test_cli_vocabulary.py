@@ -185,3 +185,29 @@ def test_old_spellings_are_hidden_aliases(tmp_path):
     assert got["model_dir"] == tmp_path and got["config_file"] == tmp_path
     assert params("glm2-eval", tmp_path, "--data", tmp_path, "--max-source-length", "9")["max_source_length"] == 9
     assert unalias(["x", "--", "--target", "glm"], {"--target": "--layout"}) == ["x", "--", "--target", "glm"]
+
+
+def test_an_allocation_that_fails_is_one_line(capsys):
+    """MindSpore's "Memory not enough" and numpy's MemoryError end as one line, exit 1; other errors stay bugs."""
+    import click
+    import pytest
+
+    from glm2_core.options import Tool
+
+    def command(exc):
+        @click.command(cls=Tool)
+        def run():
+            raise exc
+        return run
+
+    found = ("Memory not enough:#umsg#Memory isn't enough and alloc failed, kernel name: Cast-op36, "
+             "alloc size: 224395264B.")
+    for exc, line in [(RuntimeError(found), "error: out of memory: could not allocate 214 MiB more"),
+                      (MemoryError("Unable to allocate 12.0 GiB"), "error: out of memory: could not allocate "
+                                                                   "Unable to allocate 12.0 GiB")]:
+        with pytest.raises(SystemExit) as end:
+            command(exc).main([])
+        err = capsys.readouterr().err
+        assert end.value.code == 1 and err.startswith(line) and err.count("\n") == 1, err
+    with pytest.raises(RuntimeError):
+        command(RuntimeError("a bug")).main([])
