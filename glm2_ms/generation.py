@@ -48,14 +48,27 @@ class CachedStep(nn.Cell):
         return out
 
 
+def compiled_fits(model: GLM2ForCausalLM) -> bool:
+    """Whether the compiled step fits in the memory available. On CPU MindSpore 2.10 a compiled graph keeps what
+    its nodes produced for as long as it lives, so the step holds a compute-dtype copy of every weight stored
+    narrower (25 GB beside 12.5 GB of float16 weights at ChatGLM2-6B); op by op, one cast is alive at a time."""
+    import psutil
+
+    size = np.dtype(ms.dtype_to_nptype(model.compute_dtype)).itemsize
+    copies = sum(p.size * size for p in model.get_parameters() if p.dtype != model.compute_dtype)
+    return copies <= 0.8 * psutil.virtual_memory().available
+
+
 class Decoder:
     """Holds the compiled step of one model; `generate` may be called many times. `timings`: the last call's
     prefill (tokens, seconds) and the seconds of each decode step after it."""
 
-    def __init__(self, model: GLM2ForCausalLM, jit: bool = True):
+    def __init__(self, model: GLM2ForCausalLM, jit: bool | None = None):
+        """`jit`: compile the step (None: when `compiled_fits`, else run it op by op)."""
         self.model, self.timings = model, None
         self.step = CachedStep(model)
-        if jit:
+        self.compiled = compiled_fits(model) if jit is None else jit
+        if self.compiled:
             self.step.construct = ms.jit(self.step.construct)
 
     def new_cache(self, batch: int, length: int) -> tuple:
@@ -103,7 +116,7 @@ class Decoder:
         clock = time.perf_counter()
         logits, caches = self.forward(ids, positions, valid, 0, self.new_cache(b, length))
         self.timings = {"prefill_tokens": int(mask.sum()), "prefill_s": time.perf_counter() - clock, "rows": b,
-                        "decode_s": []}
+                        "decode_s": [], "compiled": self.compiled}
         out, done = [ids], np.zeros(b, bool)
         last_pos = positions[:, -1]
         for t in range(max_new_tokens):
@@ -131,6 +144,8 @@ def describe(timings: dict) -> str:
     if later:
         text += (f", decode {timings['rows'] * len(later) / sum(later):.2f} tokens/s over {len(later)} steps"
                  f"{' after the first (compile)' if len(steps) > 1 else ''}")
+    if not timings.get("compiled", True):
+        text += "; op by op (the compiled step's float32 copies of the weights would not fit)"
     return text
 
 

@@ -106,3 +106,18 @@ def test_float32_compute_over_float16_weights_equals_float32_model_on_rounded_we
     np.testing.assert_array_equal(stored(ms.Tensor(ids)).asnumpy(), widened(ms.Tensor(ids)).asnumpy())
     np.testing.assert_array_equal(Decoder(stored).generate(ids, max_new_tokens=8),
                                   Decoder(widened).generate(ids, max_new_tokens=8))
+
+
+def test_the_step_runs_op_by_op_when_its_compiled_copies_would_not_fit(hf_tiny, tok, monkeypatch):
+    """Decoder picks the compiled step unless the float32 copies the graph keeps of 16-bit weights would not fit in
+    the memory available; op by op it gives the same tokens."""
+    import psutil
+
+    model = from_pretrained(hf_tiny(dtype="float16"), compute_dtype="float32")
+    ids = np.array([tok.build_chat_input("你好")], np.int32)
+    compiled = Decoder(model)
+    assert compiled.compiled
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Mem", (), {"available": 1 << 20})())
+    op_by_op = Decoder(model)
+    assert not op_by_op.compiled
+    np.testing.assert_array_equal(op_by_op.generate(ids, max_new_tokens=6), compiled.generate(ids, max_new_tokens=6))
