@@ -194,10 +194,10 @@ class _Tool:
                 _fail(_describe(exc))
             except Interrupted as exc:
                 _stop(f"interrupted: {exc}")
+            except (click.Abort, KeyboardInterrupt):  # (click.Abort is a RuntimeError: before the next clause)
+                _stop(self.interrupted)
             except (MemoryError, RuntimeError) as exc:
                 _fail(_out_of_memory(exc))
-            except (click.Abort, KeyboardInterrupt):
-                _stop(self.interrupted)
         sys.exit(status if isinstance(status, int) else 0)
 
     def parse_args(self, ctx, args):

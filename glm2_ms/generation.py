@@ -54,7 +54,7 @@ def compiled_fits(model: GLM2ForCausalLM) -> bool:
     narrower (25 GB beside 12.5 GB of float16 weights at ChatGLM2-6B); op by op, one cast is alive at a time."""
     import psutil
 
-    size = np.dtype(ms.dtype_to_nptype(model.compute_dtype)).itemsize
+    size = Tensor(np.zeros(()), model.compute_dtype).itemsize
     copies = sum(p.size * size for p in model.get_parameters() if p.dtype != model.compute_dtype)
     return copies <= 0.8 * psutil.virtual_memory().available
 
@@ -75,8 +75,8 @@ class Decoder:
         """Zeroed k and v for every layer, flat: (k0, v0, k1, v1, …), each [batch, groups, length, d]. Made from
         host zeros: a Zeros kernel per tensor cost ~1 ms each in PyNative (8.8 ms of a 310 ms small prefill)."""
         cfg, dtype = self.model.config, self.model.compute_dtype
-        zeros = np.zeros((batch, cfg.multi_query_group_num, length, cfg.kv_channels), ms.dtype_to_nptype(dtype))
-        return tuple(Tensor(zeros.copy()) for _ in range(2 * cfg.num_layers))
+        zeros = np.zeros((batch, cfg.multi_query_group_num, length, cfg.kv_channels), np.float32)
+        return tuple(Tensor(zeros.copy(), dtype) for _ in range(2 * cfg.num_layers))
 
     def forward(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, start: int, caches):
         """Run tokens `ids` [b, s] into cache slots start..start+s-1; `valid` [b, max_len] marks usable slots."""
