@@ -197,6 +197,8 @@ class _Tool:
             except (click.Abort, KeyboardInterrupt):  # (click.Abort is a RuntimeError: before the next clause)
                 _stop(self.interrupted)
             except (MemoryError, RuntimeError) as exc:
+                if isinstance(exc, RuntimeError) and "Memory not enough" not in str(exc):
+                    raise  # any other RuntimeError is a bug: its traceback goes on up
                 _fail(_out_of_memory(exc))
         sys.exit(status if isinstance(status, int) else 0)
 
@@ -211,11 +213,8 @@ class _Tool:
 
 
 def _out_of_memory(exc: Exception) -> str:
-    """The one line for an allocation that failed (numpy's MemoryError, MindSpore's "Memory not enough"); any
-    other RuntimeError is a bug and goes on up with its traceback."""
+    """The one line for an allocation that failed (numpy's MemoryError, MindSpore's "Memory not enough")."""
     text = str(exc)
-    if isinstance(exc, RuntimeError) and "Memory not enough" not in text:
-        raise exc
     size = re.search(r"alloc size: (\d+)B", text)
     what = f"{int(size.group(1)) / 2**20:.0f} MiB more" if size else text.splitlines()[0] if text else "memory"
     return f"out of memory: could not allocate {what} beyond the RAM this process could get"
