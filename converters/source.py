@@ -18,7 +18,7 @@ from glm2_core.errors import CheckpointError
 from glm2_core.names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
 
 from .checkpoint import Checkpoint, open_checkpoint
-from .formats.base import Closing, FileSpan
+from .formats.base import Closing, FileSpan, TensorRef
 from .model_folder import CONFIG, MANIFEST
 
 NON_WEIGHTS = {"optimizer": "optimizer state", "cache": "KV-cache entries", "buffer": "buffers",
@@ -168,14 +168,21 @@ class Source(Closing):
             r.release()
         return sum(r.nbytes for r in refs)
 
+    def as_stored(self, group: Group) -> TensorRef | None:
+        """The group's one source tensor when it is, row for row, the group's one target tensor."""
+        refs = [self.ckpt.tensors[n] for n in group.src_names()]
+        if len(refs) != 1 or len(group.target.pieces) != 1 or group.source.pieces[0].rows is not None \
+                or group.target.pieces[0].rows is not None:
+            return None
+        return refs[0]
+
     def unchanged(self, group: Group, dtype: str) -> FileSpan | None:
         """The group's one target tensor as it lies in the source file, when the target stores exactly those
         bytes; its NaN/Inf are counted as the writer reads it back for its checksums."""
-        refs = [self.ckpt.tensors[n] for n in group.src_names()]
-        if len(refs) != 1 or len(group.target.pieces) != 1 or group.source.pieces[0].rows is not None \
-                or group.target.pieces[0].rows is not None or out_dtype(refs[0].dtype, dtype) != refs[0].dtype:
+        ref = self.as_stored(group)
+        if ref is None or out_dtype(ref.dtype, dtype) != ref.dtype:
             return None
-        ref, storage = refs[0], BY_NAME[refs[0].dtype].storage
+        storage = BY_NAME[ref.dtype].storage
 
         def count(block: memoryview) -> None:
             bad = count_nonfinite(np.frombuffer(block, storage), ref.dtype)

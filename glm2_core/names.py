@@ -20,6 +20,7 @@ from .errors import CheckpointError, UserError
 L = "transformer.encoder.layers.{i}."
 G = "model.layers.{i}."
 EMBEDDING = "transformer.embedding.word_embeddings.weight"
+OUTPUT = "transformer.output_layer.weight"
 INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
 QKV_WEIGHT, QKV_BIAS = L + "self_attention.query_key_value.weight", L + "self_attention.query_key_value.bias"
 MLP_UP, MLP_DOWN = L + "mlp.dense_h_to_4h.weight", L + "mlp.dense_4h_to_h.weight"
@@ -63,7 +64,7 @@ SCHEMA = (
             "glm": G + "mlp.gate_up_proj.weight"}),
     Weight(MLP_DOWN, lambda c: (c.hidden_size, c.ffn_hidden_size), {"glm": G + "mlp.down_proj.weight"}),
     Weight("transformer.encoder.final_layernorm.weight", lambda c: (c.hidden_size,), {"glm": "model.norm.weight"}),
-    Weight("transformer.output_layer.weight", lambda c: (c.padded_vocab_size, c.hidden_size),
+    Weight(OUTPUT, lambda c: (c.padded_vocab_size, c.hidden_size),
            {"glm": "lm_head.weight"}),
 )
 BY_TEMPLATE = {w.template: w for w in SCHEMA}

@@ -97,6 +97,39 @@ def test_tensor_over_512_mib_is_chunked_like_mindspore(tmp_path):
     assert ours.read_bytes() == theirs.read_bytes()
 
 
+def test_rows_are_read_alone_across_records_and_held_to_the_crc_trailer(tmp_path, monkeypatch):
+    """Streamed parity reads an output layer a slice of rows at a time: rows [a, b) come from whichever records
+    hold them, each piece read counts toward the file's CRC trailer (intact: it matches), and a flipped byte among
+    the rows read is still caught."""
+    import zlib
+
+    from converters.formats import ckpt as ckpt_mod
+    from glm2_core.errors import CheckpointError
+
+    monkeypatch.setattr(ckpt_mod, "CHUNK_BYTES", 1000)  # 7 records, rows of 64 bytes straddling their ends
+    weight = np.arange(97 * 16, dtype=np.float32).reshape(97, 16)
+    path = tmp_path / "rows.ckpt"
+    with open(path, "wb") as out:
+        CkptWriter(out).write("w", weight, "float32")
+        CkptWriter(out).write("b", weight[0, :3], "float32")
+    data = path.read_bytes()
+    path.write_bytes(data + b"crc_num" + zlib.crc32(data).to_bytes(10, "big"))
+    slices = [(0, 0), (0, 5), (5, 40), (40, 97)]
+    with CkptFile(path) as f:
+        assert f.has_crc
+        for a, b in slices:
+            np.testing.assert_array_equal(f.tensors["w"].rows(a, b), weight[a:b])
+        f.check_complete()
+    _flip = bytearray(path.read_bytes())
+    _flip[data.index(weight[60].tobytes()) + 3] ^= 0x10
+    path.write_bytes(bytes(_flip))
+    with CkptFile(path) as f:
+        for a, b in slices:
+            f.tensors["w"].rows(a, b)
+        with pytest.raises(CheckpointError, match="CRC trailer"):
+            f.check_complete()
+
+
 def test_mindformers_paged_attention_buffers_are_dropped_and_listed(hf_tiny, tmp_path):
     """MindFormers 2.x saves each layer's paged-attention KV cache with the weights (`save_pretrained`, or
     `mindspore.save_checkpoint(net)`): ms2hf and from_pretrained drop them as cache and say so."""

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from helpers import LAYOUTS
 
 from converters.convert import convert
+from converters.source import Source
 from glm2_core.config import GLM2Config
 from glm2_core.names import Layout, canonical_shapes
 from validation.cli import main as parity_cli
@@ -60,6 +61,25 @@ def test_streamed_report_equals_whole_report(hf_tiny, tmp_path, monkeypatch):
     assert whole["passed"] and (whole["mode"], streamed["mode"]) == ("whole", "streamed")
     assert without_timings(streamed) == without_timings(whole)
     assert len(streamed["prompts"][0]["stages"]) == 2 * 2 + 2  # every layer's attention and MLP, norm, logits
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
+def test_streamed_output_layer_is_read_by_rows(hf_tiny, tmp_path, fmt):
+    """The output layer is not read whole: its rows come from the file a slice at a time, as the file holds them."""
+    from validation.streamed import HEAD, LayerWeights, Rows
+
+    convert(hf_tiny(dtype="float16"), tmp_path / "ms", target=Layout("mindformers"), fmt=fmt, progress=False)
+    weights = LayerWeights(tmp_path / "ms", Layout(), "float32")
+    try:
+        head = weights.read(HEAD)
+        output = head["transformer.output_layer.weight"]
+        assert isinstance(output, Rows) and (output.count, output.dtype) == (65024, "float16")
+        with Source.open(tmp_path / "ms") as src:
+            whole = dict((n, a) for n, a, _ in src.stream(src.groups(Layout())[0]))["transformer.output_layer.weight"]
+        np.testing.assert_array_equal(output.read(1000, 3000), whole[1000:3000])
+        weights.check()
+    finally:
+        weights.close()
 
 
 def test_whole_models_are_the_default_when_they_fit(hf_tiny, tmp_path):

@@ -198,7 +198,7 @@ class _TorchLayers:
             @torch.no_grad()
             def head(state):
                 hidden = norm(state[0])
-                logits = logits_by_slice(output, lambda weights, rows: _flat(
+                logits = logits_by_slice(output, h, lambda weights, rows: _flat(
                     self.module(lambda: torch.nn.Linear(h, rows, bias=False), weights)(hidden).float(), -1))
                 return None, [("final norm", _flat(hidden, h)), ("logits", logits)]
             return head

@@ -7,7 +7,8 @@ read once: the embedding, then each block, then the final norm and the output la
 records are the (stage name, [seq, hidden] array) pairs a whole-model `trace` gives, so the comparison is the same.
 
 The two stages whose size is the vocabulary's stay small too, with the same numbers: the embedding holds the rows
-the prompts look up (`used_rows`), the output layer runs a slice of rows at a time (`logits_by_slice`).
+the prompts look up (`used_rows`), the output layer is read from its file and run a slice of rows at a time
+(`Rows`, `logits_by_slice`).
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import dataclasses
 import gc
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from converters.source import Source
+from converters.source import Source, apply_dtype, out_dtype
 from glm2_core.dtypes import weights_for
-from glm2_core.names import EMBEDDING, Layout
+from glm2_core.names import EMBEDDING, OUTPUT, Layout
 
 _LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.")
 EMBED, HEAD = "embedding", "head"  # the stages around the layers (numbered 0..n-1)
@@ -61,12 +63,24 @@ class LayerWeights:
     def stages(self) -> list:
         return [EMBED, *range(self.cfg.num_layers), HEAD]
 
-    def read(self, stage) -> dict[str, tuple[np.ndarray, str]]:
-        """{name: (array, dtype)} of one stage's weights; after the head, the whole-file checksums are checked."""
-        arrays = {name: (arr, dt) for name, arr, dt in self.src.stream(self.by_stage[stage], self.dtype)}
-        if stage == HEAD:
-            self.src.ckpt.check_complete()
-        return arrays
+    def read(self, stage) -> dict[str, tuple[np.ndarray, str] | Rows]:
+        """{name: (array, dtype)} of one stage's weights; the output layer as `Rows`, where its format reads rows
+        alone (a ChatGLM2-6B output layer is 0.5 GB in float16, GLM-4-9B's 1.24 GB)."""
+        lazy = {id(g): rows for g in self.by_stage[stage] if g.source.canonical == OUTPUT and (rows := self._rows(g))}
+        eager = [g for g in self.by_stage[stage] if id(g) not in lazy]
+        arrays = {name: (arr, dt) for name, arr, dt in self.src.stream(eager, self.dtype)}
+        return arrays | {g.dst()[0][0]: lazy[id(g)] for g in self.by_stage[stage] if id(g) in lazy}
+
+    def _rows(self, group) -> Rows | None:
+        ref = self.src.as_stored(group)
+        if ref is None or ref.rows is None:
+            return None
+        dtype = out_dtype(ref.dtype, self.dtype)
+        return Rows(ref.shape[0], dtype, lambda a, b: apply_dtype(ref.rows(a, b), ref.name, ref.dtype, dtype, False))
+
+    def check(self) -> None:
+        """After the last stage: the whole-file checksums (of every byte read, and of what nobody read)."""
+        self.src.ckpt.check_complete()
 
     def close(self) -> None:
         self.src.close()
@@ -92,16 +106,26 @@ def lookup(rows: np.ndarray, ids: list[int]) -> np.ndarray:
     return np.searchsorted(rows, ids)
 
 
-def logits_by_slice(output: dict, run) -> np.ndarray:
-    """The logits [seq, vocab] of an output layer ({name: ([vocab, hidden] array, dtype)}) from slices of its rows
-    of at most HEAD_BYTES in float32: `run(slice weights, rows)` gives a side's own output layer of that many rows,
-    filled, applied ([seq, rows]). Each logit is the same dot product; what is not held at once is the float32 cast
-    of the whole layer (1 GB at ChatGLM2-6B, 2.5 GB at GLM-4-9B)."""
-    (name, (arr, dt)), = output.items()
-    step = max(1, HEAD_BYTES // (4 * arr.shape[1] * HEAD_ROWS)) * HEAD_ROWS
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """A weight whose rows are read from its file a slice at a time: `read(a, b)` gives rows [a, b) in `dtype`."""
+    count: int
+    dtype: str
+    read: Callable[[int, int], np.ndarray]
+
+
+def logits_by_slice(output: dict, hidden_size: int, run) -> np.ndarray:
+    """The logits [seq, vocab] of an output layer ({name: [vocab, hidden] `Rows` or (array, dtype)}) from slices of
+    its rows of at most HEAD_BYTES in float32: `run(slice weights, rows)` gives a side's own output layer of that
+    many rows, filled, applied ([seq, rows]). Each logit is the same dot product; what is not held at once is the
+    layer (0.5 GB and its 1 GB float32 cast at ChatGLM2-6B, 1.24 GB and 2.5 GB at GLM-4-9B)."""
+    (name, weight), = output.items()
+    rows = weight if isinstance(weight, Rows) else Rows(len(weight[0]), weight[1], lambda a, b: weight[0][a:b])
+    step = max(1, HEAD_BYTES // (4 * hidden_size * HEAD_ROWS)) * HEAD_ROWS
     parts = []
-    for a in range(0, len(arr), step):
-        parts.append(run({name: (arr[a:a + step], dt)}, min(step, len(arr) - a)))
+    for a in range(0, rows.count, step):
+        b = min(a + step, rows.count)
+        parts.append(run({name: (rows.read(a, b), rows.dtype)}, b - a))
         gc.collect()  # the slice's layer (cells and modules hold reference cycles) before the next slice's
     return np.concatenate(parts, -1)
 
@@ -122,6 +146,7 @@ def layer_major(side, prompts: list[list[int]]) -> tuple[list[list[tuple[str, np
                 records[k] += got
             del run
             gc.collect()  # this stage's weights (cells and modules hold reference cycles) before the next stage's
+        side.weights.check()
     finally:
         side.close()
     return records, seconds
@@ -175,7 +200,7 @@ class MindSporeLayers:
 
             def head(state):
                 hidden = norm(state[0])
-                logits = logits_by_slice(output, lambda weights, rows: self._rows(
+                logits = logits_by_slice(output, cfg.hidden_size, lambda weights, rows: self._rows(
                     self._filled(m.Linear(cfg.hidden_size, rows, False, storage), weights)(hidden).astype(ms.float32)))
                 return None, [("final norm", self._rows(hidden)), ("logits", logits)]
             return head

@@ -36,6 +36,8 @@ class TensorRef:
     offset: int | None = None  # where the bytes lie contiguous and as stored in `file`, when they do
     check: Callable[[int], None] | None = field(default=None, repr=False)  # given the CRC-32 of the bytes at
     # `offset` once a writer has copied them: raises when they are not what the file's checksum says
+    rows: Callable[[int, int], np.ndarray] | None = field(default=None, repr=False)  # rows [a, b) of the first
+    # dimension alone, read from the file (and counted into its checksum), where the format can
 
     def __post_init__(self):
         from glm2_core.errors import CheckpointError

@@ -135,7 +135,8 @@ class CkptFile(Closing):
         check = None if self._crc is None or single is None else lambda crc: self._crc.add(*single, crc)
         self.tensors[tag] = TensorRef(tag, shape, dt.name, self.path, lambda: self._read(tag, shape, dt.name, segments),
                                       into=lambda out: self._read(tag, shape, dt.name, segments, out),
-                                      offset=single and single[0], check=check)
+                                      offset=single and single[0], check=check,
+                                      rows=lambda a, b: self._read_rows(tag, shape, dt.name, segments, a, b))
 
     def _read_bytes(self, offset: int, n: int, what: str) -> bytes:
         arr = np.empty(n, np.uint8)
@@ -144,14 +145,27 @@ class CkptFile(Closing):
 
     def _read(self, tag, shape, dtype, segments, out: np.ndarray | None = None) -> np.ndarray:
         arr = np.empty(shape, BY_NAME[dtype].storage) if out is None else out
-        flat = arr.reshape(-1).view(np.uint8)
-        at = 0
-        for offset, n in segments:
-            read_exact(self._f, offset, flat[at:at + n], self.path, tag)
-            if self._crc is not None:
-                self._crc.add(offset, n, crc32(flat[at:at + n]))
-            at += n
+        self._read_range(tag, segments, 0, arr)
         return arr
+
+    def _read_rows(self, tag, shape, dtype, segments, a: int, b: int) -> np.ndarray:
+        arr = np.empty((b - a, *shape[1:]), BY_NAME[dtype].storage)
+        self._read_range(tag, segments, a * arr.itemsize * math.prod(shape[1:]), arr)
+        return arr
+
+    def _read_range(self, tag, segments, start: int, arr: np.ndarray) -> None:
+        """Fill `arr` with the tensor's bytes from `start` on, wherever its pieces lie; each piece read is added
+        to the file's checksum."""
+        flat = arr.reshape(-1).view(np.uint8)
+        at = 0  # the tensor's byte at which this segment starts
+        for offset, n in segments:
+            lo, hi = max(at, start), min(at + n, start + len(flat))
+            if lo < hi:
+                part = flat[lo - start:hi - start]
+                read_exact(self._f, offset + lo - at, part, self.path, tag)
+                if self._crc is not None:
+                    self._crc.add(offset + lo - at, hi - lo, crc32(part))
+            at += n
 
     def check_complete(self) -> None:
         """After the tensors were read or copied: the file's CRC trailer must match its contents (the pieces

@@ -74,7 +74,9 @@ class SafetensorsFile(Closing):
             spans.append((begin, end, name))
             self.tensors[name] = TensorRef(name, shape, dt.name, self.path,
                                            lambda o=base + begin, s=shape, d=dt, k=name: self._read(o, s, d, k),
-                                           offset=base + begin)
+                                           offset=base + begin,
+                                           rows=lambda a, b, o=base + begin, s=shape, d=dt, k=name: self._read(
+                                               o + a * d.itemsize * math.prod(s[1:]), (b - a, *s[1:]), d, k))
         spans.sort()
         for (_, e1, a), (b2, _, b) in pairwise(spans):
             if b2 < e1:
