@@ -13,7 +13,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
-from .model import MASKED, GLM2ForCausalLM
+from .model import MASKED, GLM2ForCausalLM, Linear
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig, choose
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to this, so calls of similar length share a compiled step
@@ -50,12 +50,15 @@ class CachedStep(nn.Cell):
 
 def compiled_fits(model: GLM2ForCausalLM) -> bool:
     """Whether the compiled step fits in the memory available. On CPU MindSpore 2.10 a compiled graph keeps what
-    its nodes produced for as long as it lives, so the step holds a compute-dtype copy of every weight stored
-    narrower (25 GB beside 12.5 GB of float16 weights at ChatGLM2-6B); op by op, one cast is alive at a time."""
+    its nodes produced for as long as it lives, so the step holds a compute-dtype copy of every weight it casts
+    (25 GB beside 12.5 GB of float16 weights at ChatGLM2-6B, unless the native kernel computes without them);
+    op by op, one cast is alive at a time."""
     import psutil
 
     size = Tensor(np.zeros(()), model.compute_dtype).itemsize
-    copies = sum(p.size * size for p in model.get_parameters() if p.dtype != model.compute_dtype)
+    native = {id(c.weight) for _, c in model.cells_and_names() if isinstance(c, Linear) and c.linear16 is not None}
+    copies = sum(p.size * size for p in model.get_parameters()
+                 if p.dtype != model.compute_dtype and id(p) not in native)
     return copies <= 0.8 * psutil.virtual_memory().available
 
 
@@ -68,6 +71,7 @@ class Decoder:
         self.model, self.timings = model, None
         self.step = CachedStep(model)
         self.compiled = compiled_fits(model) if jit is None else jit
+        self.weights_note = _weights_note(model)
         if self.compiled:
             self.step.construct = ms.jit(self.step.construct)
 
@@ -116,7 +120,7 @@ class Decoder:
         clock = time.perf_counter()
         logits, caches = self.forward(ids, positions, valid, 0, self.new_cache(b, length))
         self.timings = {"prefill_tokens": int(mask.sum()), "prefill_s": time.perf_counter() - clock, "rows": b,
-                        "decode_s": [], "compiled": self.compiled}
+                        "decode_s": [], "compiled": self.compiled, "weights": self.weights_note}
         out, done = [ids], np.zeros(b, bool)
         last_pos = positions[:, -1]
         for t in range(max_new_tokens):
@@ -146,7 +150,22 @@ def describe(timings: dict) -> str:
                  f"{' after the first (compile)' if len(steps) > 1 else ''}")
     if not timings.get("compiled", True):
         text += "; op by op (the compiled step's float32 copies of the weights would not fit)"
+    if timings.get("weights"):
+        text += f"; {timings['weights']}"
     return text
+
+
+def _weights_note(model: GLM2ForCausalLM) -> str:
+    """How 16-bit weights meet float32 arithmetic: in the native kernel, or cast at every step (and why)."""
+    linears = [c for _, c in model.cells_and_names() if isinstance(c, Linear)]
+    narrow = [c for c in linears if c.weight.dtype != model.compute_dtype]
+    if not narrow or model.compute_dtype != ms.float32:
+        return ""
+    if all(c.linear16 is not None for c in narrow):
+        return "16-bit weights through the native float32 kernel"
+    from .kernels import why_not
+
+    return f"16-bit weights cast to float32 at every step (no native kernel: {why_not() or 'not enabled'})"
 
 
 def _rows(input_ids) -> np.ndarray:

@@ -11,7 +11,7 @@ from glm2_core.dtypes import COMPUTE_DTYPES
 from glm2_core.errors import CheckpointError, UserError
 from glm2_core.names import Layout
 
-from .model import GLM2ForCausalLM
+from .model import GLM2ForCausalLM, use_native_kernels
 
 RUNTIME_LAYOUT = Layout("mindformers")  # the runtime's parameter names
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -61,10 +61,11 @@ def from_pretrained(path, dtype: str | None = None, compute_dtype: str | None = 
 
 def load_into(cell, weights) -> None:
     """Set every parameter of `cell` from `weights` ((name, array, dtype) by the cell's parameter names), for
-    inference."""
+    inference (with the native kernels, where they can be built)."""
     params = {p.name: p for p in cell.get_parameters()}
     for name, arr, dt in weights:
         params.pop(name).set_data(to_tensor(arr, dt))
     if params:
         raise AssertionError(f"parameters left unset: {sorted(params)[:3]}")
     cell.set_train(False)
+    use_native_kernels(cell)

@@ -38,22 +38,40 @@ class RMSNorm(nn.Cell):
 
 
 class Linear(nn.Cell):
-    """y = x Wᵀ (+ b) with W [out, in] as torch stores it."""
+    """y = x Wᵀ (+ b) with W [out, in] as torch stores it. In inference, float32 x against a 16-bit W goes to the
+    native kernel when `use_native_kernels` gave it one (no float32 copy of W); otherwise W is cast where used."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool, dtype):
         super().__init__()
         self.weight = _param((n_out, n_in), dtype)
         self.bias = _param((n_out,), dtype) if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
+        self.linear16 = None
 
     def construct(self, x):
         shape = x.shape
-        # (static) no cast node for a weight already in the compute dtype
-        w = self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype)
-        y = self.matmul(x.reshape(-1, shape[-1]), w)
+        x2 = x.reshape(-1, shape[-1])
+        if self.linear16 is not None and not self.training and x.dtype == ms.float32:
+            y = self.linear16(x2, self.weight)
+        else:
+            # (static) no cast node for a weight already in the compute dtype
+            y = self.matmul(x2, self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias.astype(x.dtype)
         return y.reshape(shape[:-1] + (y.shape[-1],))
+
+
+def use_native_kernels(cell) -> bool:
+    """Give every Linear in `cell` whose weight is 16-bit the native float32 kernel (glm2_ms/kernels), where it
+    can be built here; whether it could."""
+    from .kernels import linear16
+
+    op = linear16()
+    if op is not None:
+        for _, sub in cell.cells_and_names():
+            if isinstance(sub, Linear) and sub.weight.dtype in (ms.float16, ms.bfloat16):
+                sub.linear16 = op
+    return op is not None
 
 
 def rotate(x, cos, sin):

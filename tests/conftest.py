@@ -56,6 +56,17 @@ def hf_tiny(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def no_native_kernels(monkeypatch):
+    """The runtime as on a machine where glm2_ms/kernels cannot be built: 16-bit weights cast where used."""
+    from glm2_ms import kernels
+
+    monkeypatch.setenv(kernels.SWITCH, "0")
+    kernels._linear16.cache_clear()
+    yield
+    kernels._linear16.cache_clear()
+
+
 def pytest_terminal_summary(terminalreporter):
     """Say which optional extras were missing, so that their skipped tests are not mistaken for passes."""
     from helpers import MISSING

@@ -95,22 +95,29 @@ def test_stops_on_eos_and_respects_max_length(dec, tok):
     assert dec.generate(prompt, max_new_tokens=50, max_length=prompt.shape[1] + 3).shape[1] == prompt.shape[1] + 3
 
 
-def test_float32_compute_over_float16_weights_equals_float32_model_on_rounded_weights(hf_tiny, tok):
-    """Weights kept in float16 (half the memory), cast to float32 where used: the numbers of the float32 model on
-    the float16-rounded weights, forward and greedy generation (its jit step and static KV cache included)."""
+@pytest.mark.parametrize("native", [True, False], ids=["native kernel", "cast"])
+def test_float32_compute_over_float16_weights_equals_float32_model_on_rounded_weights(hf_tiny, tok, native,
+                                                                                       request):
+    """Weights kept in float16 (half the memory), computing in float32: the numbers of the float32 model on the
+    float16-rounded weights, forward and greedy generation (its jit step and static KV cache included). Cast where
+    used, the same bits; through the native kernel, the same tokens and float32 rounding apart."""
+    if not native:
+        request.getfixturevalue("no_native_kernels")
     src = hf_tiny(dtype="float16")
     stored = from_pretrained(src, compute_dtype="float32")
     widened = from_pretrained(src, dtype="float32")
     assert stored.transformer.output_layer.weight.dtype == ms.float16 and stored.compute_dtype == ms.float32
+    assert (stored.transformer.output_layer.linear16 is not None) == native
     ids = np.array([tok.build_chat_input("晚上睡不着应该怎么办")], np.int32)
-    np.testing.assert_array_equal(stored(ms.Tensor(ids)).asnumpy(), widened(ms.Tensor(ids)).asnumpy())
+    got, want = stored(ms.Tensor(ids)).asnumpy(), widened(ms.Tensor(ids)).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 if native else 0)
     np.testing.assert_array_equal(Decoder(stored).generate(ids, max_new_tokens=8),
                                   Decoder(widened).generate(ids, max_new_tokens=8))
 
 
-def test_the_step_runs_op_by_op_when_its_compiled_copies_would_not_fit(hf_tiny, tok, monkeypatch):
-    """Decoder picks the compiled step unless the float32 copies the graph keeps of 16-bit weights would not fit in
-    the memory available; op by op it gives the same tokens."""
+def test_the_step_runs_op_by_op_when_its_compiled_copies_would_not_fit(hf_tiny, tok, monkeypatch, no_native_kernels):
+    """Without the native kernel, Decoder picks the compiled step unless the float32 copies the graph keeps of
+    16-bit weights would not fit in the memory available; op by op it gives the same tokens."""
     import psutil
 
     model = from_pretrained(hf_tiny(dtype="float16"), compute_dtype="float32")

@@ -84,9 +84,10 @@ def compare(prompt: str, ids: list[int], ms_trace, ref_trace, ms_tokens, ref_tok
 
 
 class MindSporeSide:
-    """The whole MindSpore model. `stored`: its weights as stored when computing in float32 (cast where used)."""
+    """The whole MindSpore model as the runtime runs it: to compute in float32, its weights as stored (16-bit ones
+    through the native kernel, or cast where used)."""
 
-    def __init__(self, ms_dir: Path, dtype: str, stored: bool = False):
+    def __init__(self, ms_dir: Path, dtype: str):
         import mindspore as ms
 
         from glm2_ms.generation import Decoder
@@ -94,7 +95,7 @@ class MindSporeSide:
 
         use_cpu()
         self.ms = ms
-        self.model = from_pretrained(ms_dir, dtype=weights_for(dtype) if stored else dtype, compute_dtype=dtype)
+        self.model = from_pretrained(ms_dir, dtype=weights_for(dtype), compute_dtype=dtype)
         self.decoder = Decoder(self.model)
 
     def trace(self, ids):
@@ -107,10 +108,12 @@ class MindSporeSide:
 
 
 def whole_model_bytes(ms_dir: Path, dtype: str) -> int:
-    """What the two whole models of `--whole` hold: each side's weights in the compute dtype."""
+    """What the two whole models of `--whole` hold: MindSpore's weights as it keeps them to compute in `dtype`, the
+    reference's in `dtype`."""
     with Source.open(ms_dir) as src:
         params = sum(int(np.prod(shape)) for shape in canonical_shapes(src.cfg).values())
-    return 2 * params * BY_NAME[dtype].itemsize
+        kept = weights_for(dtype) or src.dtype
+    return params * (BY_NAME[kept].itemsize + BY_NAME[dtype].itemsize)
 
 
 def fits_whole(ms_dir: Path, dtype: str) -> bool:
@@ -149,7 +152,7 @@ def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
                               f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
     sides = {"ref": (lambda: STREAMED[reference](hf_dir, dtype),
                      lambda: REFERENCES[reference](hf_dir, dtype, stored=True)),
-             "ms": (lambda: MindSporeLayers(ms_dir, dtype), lambda: MindSporeSide(ms_dir, dtype, stored=True))}
+             "ms": (lambda: MindSporeLayers(ms_dir, dtype), lambda: MindSporeSide(ms_dir, dtype))}
     traces, trace_s, tokens, gen_s, load_s = {}, {}, {}, {}, {}
     for side, (layers, whole) in sides.items():
         traces[side], trace_s[side] = layer_major(layers(), tok_ids)
