@@ -53,13 +53,13 @@ def compiled_fits(model: GLM2ForCausalLM) -> bool:
     its nodes produced for as long as it lives, so the step holds a compute-dtype copy of every weight it casts
     (25 GB beside 12.5 GB of float16 weights at ChatGLM2-6B, unless the native kernel computes without them);
     op by op, one cast is alive at a time."""
-    import psutil
+    from .loading import fits_in_memory
 
     size = Tensor(np.zeros(()), model.compute_dtype).itemsize
     native = {id(c.weight) for _, c in model.cells_and_names() if isinstance(c, Linear) and c.linear16 is not None}
     copies = sum(p.size * size for p in model.get_parameters()
                  if p.dtype != model.compute_dtype and id(p) not in native)
-    return copies <= 0.8 * psutil.virtual_memory().available
+    return fits_in_memory(copies, 0.8)
 
 
 class Decoder:

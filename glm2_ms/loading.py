@@ -31,6 +31,13 @@ def use_cpu() -> None:
     use_device("CPU")
 
 
+def fits_in_memory(nbytes: int, share: float) -> bool:
+    """Whether `nbytes` fit in `share` of the memory available now (psutil), the rest left to what runs beside."""
+    import psutil
+
+    return nbytes <= share * psutil.virtual_memory().available
+
+
 def to_tensor(arr: np.ndarray, dtype: str) -> ms.Tensor:
     """A MindSpore tensor owning a copy of `arr` (bfloat16 arrives as uint16 bits)."""
     if dtype == "bfloat16":

@@ -117,11 +117,11 @@ def whole_model_bytes(ms_dir: Path, dtype: str) -> int:
 
 
 def fits_whole(ms_dir: Path, dtype: str) -> bool:
-    """Whether both whole models fit in the memory available now (psutil), with a quarter of it to spare for
-    activations, the runtimes and the generation step."""
-    import psutil
+    """Whether both whole models fit in the memory available now, with a quarter of it to spare for activations,
+    the runtimes and the generation step."""
+    from glm2_ms.loading import fits_in_memory
 
-    return whole_model_bytes(ms_dir, dtype) <= 0.75 * psutil.virtual_memory().available
+    return fits_in_memory(whole_model_bytes(ms_dir, dtype), 0.75)
 
 
 def _whole(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):

@@ -233,7 +233,7 @@ class TorchLayers(_TorchLayers):
         @torch.no_grad()
         def start(ids):
             mask = torch.ones(1, len(ids), dtype=torch.long)
-            x = embedding.word_embeddings(torch.tensor([lookup(rows, ids)]))
+            x = embedding.word_embeddings(torch.from_numpy(lookup(rows, ids)[None]))
             cos, sin = ref.rope_tables(self.cfg, ref.positions(mask, 0), x.dtype)
             return (x, cos, sin, ref.attention_bias(mask, 0, len(ids))), []
         return start
@@ -280,7 +280,7 @@ class GlmLayers(_TorchLayers):
 
         @torch.no_grad()
         def start(ids):
-            x = embedding(torch.tensor([lookup(rows, ids)]))
+            x = embedding(torch.from_numpy(lookup(rows, ids)[None]))
             position_ids = torch.arange(len(ids)).unsqueeze(0)
             mask = create_causal_mask(config=c, inputs_embeds=x, attention_mask=None, cache=None,
                                       position_ids=position_ids)
