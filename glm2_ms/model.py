@@ -80,8 +80,9 @@ def rotate(x, cos, sin):
     x [batch, seq, heads, d]; cos/sin [batch, seq, 1, d/4]."""
     b, s, n, d = x.shape
     rot = d // 2
-    # split, not slices: MindSpore's CPU StridedSlice on the last axis cost more than the arithmetic
-    head, rest = ops.split(x, (rot, d - rot), -1)
+    # split into equal parts, not slices: one Split kernel, where sizes (or slices) become a StridedSlice each,
+    # which on MindSpore's CPU cost more than the arithmetic
+    head, rest = ops.split(x, rot, -1)
     x0, x1 = (t.squeeze(-1) for t in ops.split(head.reshape(b, s, n, rot // 2, 2), 1, -1))
     out = ops.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1).reshape(b, s, n, rot)
     return ops.cat([out, rest], -1)
@@ -102,10 +103,13 @@ class SelfAttention(nn.Cell):
         the new k/v go to the slots `write` [s, max_len] (one-hot rows) and attention runs over the cache."""
         b, s, _ = x.shape
         h, g, d = self.heads, self.groups, self.d
-        q, k, v = ops.split(self.query_key_value(x), (h * d, g * d, g * d), -1)
-        q = rotate(q.reshape(b, s, h, d), cos, sin)
-        k = rotate(k.reshape(b, s, g, d), cos, sin)
-        v = v.reshape(b, s, g, d)
+        # the fused output is h/g query blocks of g·d, then k and v (g·d each): a Split into those equal parts
+        # (one kernel; sizes (h·d, g·d, g·d) would be a StridedSlice each)
+        per = h // g
+        parts = ops.split(self.query_key_value(x).reshape(b, s, per + 2, g * d), 1, 2)
+        q = rotate(ops.cat(parts[:per], 2).reshape(b, s, h, d), cos, sin)
+        k = rotate(parts[per].reshape(b, s, g, d), cos, sin)
+        v = parts[per + 1].reshape(b, s, g, d)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, g, s, d]
         if cache is not None:
             keep = (1 - write.sum(0)).reshape(1, 1, -1, 1)
