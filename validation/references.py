@@ -193,14 +193,16 @@ class _TorchLayers:
             return self.start(rows_of(arrays, rows), rows)
         if stage == HEAD:
             norm = self.module(self.final_norm, of(arrays, self.norm_prefix))
-            output = of(arrays, self.output_prefix)
 
             @torch.no_grad()
-            def head(state):
-                hidden = norm(state[0])
-                logits = logits_by_slice(output, h, lambda weights, rows: _flat(
-                    self.module(lambda: torch.nn.Linear(h, rows, bias=False), weights)(hidden).float(), -1))
-                return None, [("final norm", _flat(hidden, h)), ("logits", logits)]
+            def head(states):
+                hiddens = [norm(state[0]) for state in states]
+                logits, seconds = logits_by_slice(
+                    of(arrays, self.output_prefix), h, hiddens,
+                    lambda weights, rows: self.module(lambda: torch.nn.Linear(h, rows, bias=False), weights),
+                    lambda layer, hidden: _flat(layer(hidden).float(), -1))
+                return [[("final norm", _flat(x, h)), ("logits", y)]
+                        for x, y in zip(hiddens, logits, strict=True)], seconds
             return head
         block = self.module(lambda: self.block(stage), of(arrays, self.block_prefix.format(stage)))
 

@@ -3,8 +3,9 @@ memory, read straight from its checkpoint (the converters' `Source.stream`, as t
 
 Every prompt goes through a stage before the next stage's weights are read (layer-major), so each checkpoint is
 read once: the embedding, then each block, then the final norm and the output layer. A side is an object with
-`stages()` and `load(stage, prompts)` → a function of one prompt's state returning (next state, records); the
-records are the (stage name, [seq, hidden] array) pairs a whole-model `trace` gives, so the comparison is the same.
+`stages()` and `load(stage, prompts)` → a function of one prompt's state returning (next state, records) — for
+the head, of every prompt's state, returning each one's records and seconds; the records are the (stage name,
+[seq, hidden] array) pairs a whole-model `trace` gives, so the comparison is the same.
 
 The two stages whose size is the vocabulary's stay small too, with the same numbers: the embedding holds the rows
 the prompts look up (`used_rows`), the output layer is read from its file and run a slice of rows at a time
@@ -114,20 +115,29 @@ class Rows:
     read: Callable[[int, int], np.ndarray]
 
 
-def logits_by_slice(output: dict, hidden_size: int, run) -> np.ndarray:
-    """The logits [seq, vocab] of an output layer ({name: [vocab, hidden] `Rows` or (array, dtype)}) from slices of
-    its rows of at most HEAD_BYTES in float32: `run(slice weights, rows)` gives a side's own output layer of that
-    many rows, filled, applied ([seq, rows]). Each logit is the same dot product; what is not held at once is the
-    layer (0.5 GB and its 1 GB float32 cast at ChatGLM2-6B, 1.24 GB and 2.5 GB at GLM-4-9B)."""
+def logits_by_slice(output: dict, hidden_size: int, hiddens: list, build, apply) -> tuple[list, list[float]]:
+    """The logits [seq, vocab] of each of `hiddens` under an output layer ({name: [vocab, hidden] `Rows` or (array,
+    dtype)}), from slices of its rows of at most HEAD_BYTES in float32; also each one's seconds. `build(slice
+    weights, rows)` gives a side's own output layer of that many rows, filled; `apply(layer, hidden)` its [seq,
+    rows] logits. Each logit is the same dot product; what is not held at once is the layer (0.5 GB and its 1 GB
+    float32 cast at ChatGLM2-6B, 1.24 GB and 2.5 GB at GLM-4-9B). Slices are the outer loop: each is read and
+    filled once for every prompt (and MindSpore's op cache, which keeps the inputs of its last call per shape,
+    holds one slice, not one per prompt length)."""
     (name, weight), = output.items()
     rows = weight if isinstance(weight, Rows) else Rows(len(weight[0]), weight[1], lambda a, b: weight[0][a:b])
     step = max(1, HEAD_BYTES // (4 * hidden_size * HEAD_ROWS)) * HEAD_ROWS
-    parts = []
+    parts: list[list] = [[] for _ in hiddens]
+    seconds = [0.0] * len(hiddens)
     for a in range(0, rows.count, step):
         b = min(a + step, rows.count)
-        parts.append(run({name: (rows.read(a, b), rows.dtype)}, b - a))
+        layer = build({name: (rows.read(a, b), rows.dtype)}, b - a)
+        for k, hidden in enumerate(hiddens):
+            t = time.perf_counter()
+            parts[k].append(apply(layer, hidden))
+            seconds[k] += time.perf_counter() - t
+        del layer
         gc.collect()  # the slice's layer (cells and modules hold reference cycles) before the next slice's
-    return np.concatenate(parts, -1)
+    return [np.concatenate(p, -1) for p in parts], seconds
 
 
 def layer_major(side, prompts: list[list[int]]) -> tuple[list[list[tuple[str, np.ndarray]]], list[float]]:
@@ -139,7 +149,12 @@ def layer_major(side, prompts: list[list[int]]) -> tuple[list[list[tuple[str, np
     try:
         for stage in side.stages():
             run = side.load(stage, prompts)
-            for k, state in enumerate(states):
+            if stage == HEAD:  # every prompt at once: the output layer is read a slice at a time for all of them
+                got, spent = run(states)
+                for k in range(len(prompts)):
+                    records[k] += got[k]
+                    seconds[k] += spent[k]
+            for k, state in enumerate(states if stage != HEAD else []):
                 t = time.perf_counter()
                 states[k], got = run(state)
                 seconds[k] += time.perf_counter() - t
@@ -196,13 +211,15 @@ class MindSporeLayers:
         if stage == HEAD:
             norm = self._filled(m.RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, storage),
                                 of(arrays, "transformer.encoder.final_layernorm."))
-            output = of(arrays, "transformer.output_layer.")
 
-            def head(state):
-                hidden = norm(state[0])
-                logits = logits_by_slice(output, cfg.hidden_size, lambda weights, rows: self._rows(
-                    self._filled(m.Linear(cfg.hidden_size, rows, False, storage), weights)(hidden).astype(ms.float32)))
-                return None, [("final norm", self._rows(hidden)), ("logits", logits)]
+            def head(states):
+                hiddens = [norm(state[0]) for state in states]
+                logits, seconds = logits_by_slice(
+                    of(arrays, "transformer.output_layer."), cfg.hidden_size, hiddens,
+                    lambda weights, rows: self._filled(m.Linear(cfg.hidden_size, rows, False, storage), weights),
+                    lambda layer, hidden: self._rows(layer(hidden).astype(ms.float32)))
+                return [[("final norm", self._rows(h)), ("logits", x)]
+                        for h, x in zip(hiddens, logits, strict=True)], seconds
             return head
         block = self._filled(m.Block(cfg, storage), of(arrays, f"transformer.encoder.layers.{stage}."))
 
