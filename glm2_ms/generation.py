@@ -56,7 +56,7 @@ def compiled_fits(model: GLM2ForCausalLM) -> bool:
     from .loading import fits_in_memory
 
     size = Tensor(np.zeros(()), model.compute_dtype).itemsize
-    native = {id(c.weight) for _, c in model.cells_and_names() if isinstance(c, Linear) and c.linear16 is not None}
+    native = {id(c.weight) for _, c in model.cells_and_names() if isinstance(c, Linear) and c.native}
     copies = sum(p.size * size for p in model.get_parameters()
                  if p.dtype != model.compute_dtype and id(p) not in native)
     return fits_in_memory(copies, 0.8)
@@ -161,7 +161,7 @@ def _weights_note(model: GLM2ForCausalLM) -> str:
     narrow = [c for c in linears if c.weight.dtype != model.compute_dtype]
     if not narrow or model.compute_dtype != ms.float32:
         return ""
-    if all(c.linear16 is not None for c in narrow):
+    if all(c.native for c in narrow):
         return "16-bit weights through the native float32 kernel"
     from .kernels import why_not
 

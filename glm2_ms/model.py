@@ -46,13 +46,13 @@ class Linear(nn.Cell):
         self.weight = _param((n_out, n_in), dtype)
         self.bias = _param((n_out,), dtype) if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
-        self.linear16 = None
+        self.native = False  # use LINEAR16 (set by `use_native_kernels`)
 
     def construct(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.linear16 is not None and not self.training and x.dtype == ms.float32:
-            y = self.linear16(x2, self.weight)
+        if self.native and not self.training and x.dtype == ms.float32:
+            y = LINEAR16(x2, self.weight)
         else:
             # (static) no cast node for a weight already in the compute dtype
             y = self.matmul(x2, self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype))
@@ -61,17 +61,23 @@ class Linear(nn.Cell):
         return y.reshape(shape[:-1] + (y.shape[-1],))
 
 
-def use_native_kernels(cell) -> bool:
-    """Give every Linear in `cell` whose weight is 16-bit the native float32 kernel (glm2_ms/kernels), where it
-    can be built here; whether it could."""
+LINEAR16 = None  # the native kernel's operator, once `use_native_kernels` built it (a module global, not a cell
+#                 attribute: cells are deep-copied, which a custom operator does not survive)
+
+
+def use_native_kernels(cell, on: bool = True) -> bool:
+    """Let every Linear in `cell` whose weight is 16-bit use the native float32 kernel (glm2_ms/kernels), where it
+    can be built here; whether it could. `on=False` takes it back (training: the kernel has no backward)."""
+    global LINEAR16
     from .kernels import linear16
 
     op = linear16()
-    if op is not None:
-        for _, sub in cell.cells_and_names():
-            if isinstance(sub, Linear) and sub.weight.dtype in (ms.float16, ms.bfloat16):
-                sub.linear16 = op
-    return op is not None
+    LINEAR16 = op or LINEAR16  # cells given it before keep it
+    native = on and op is not None
+    for _, sub in cell.cells_and_names():
+        if isinstance(sub, Linear) and sub.weight.dtype in (ms.float16, ms.bfloat16):
+            sub.native = native
+    return native
 
 
 def rotate(x, cos, sin):

@@ -19,7 +19,7 @@ from . import checkpointing as ckpt
 from .data import Lengths, TrainData, answer_windows, read_jsonl
 from .loading import from_pretrained
 from .lora import LoRAConfig, apply_lora, dropout_masks, size_dropout_masks
-from .model import GLM2ForCausalLM
+from .model import GLM2ForCausalLM, use_native_kernels
 from .tokenizer import GLM2Tokenizer
 from .train_checkpoint import State, TrainingCheckpoint, network_state
 from .train_config import TrainConfig
@@ -47,6 +47,7 @@ class Trainer:
         self.total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
         self.model = model or from_pretrained(self.model_dir, dtype=_storage_dtype(cfg, self.model_dir),
                                               compute_dtype=cfg.compute_dtype)
+        use_native_kernels(self.model, False)  # MindSpore's MatMul, whose backward training needs
         if cfg.method == "lora":
             apply_lora(self.model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                                               cfg.seed))
