@@ -67,10 +67,10 @@ class LayerWeights:
     def read(self, stage) -> dict[str, tuple[np.ndarray, str] | Rows]:
         """{name: (array, dtype)} of one stage's weights; the output layer as `Rows`, where its format reads rows
         alone (a ChatGLM2-6B output layer is 0.5 GB in float16, GLM-4-9B's 1.24 GB)."""
-        lazy = {id(g): rows for g in self.by_stage[stage] if g.source.canonical == OUTPUT and (rows := self._rows(g))}
-        eager = [g for g in self.by_stage[stage] if id(g) not in lazy]
-        arrays = {name: (arr, dt) for name, arr, dt in self.src.stream(eager, self.dtype)}
-        return arrays | {g.dst()[0][0]: lazy[id(g)] for g in self.by_stage[stage] if id(g) in lazy}
+        groups = self.by_stage[stage]
+        lazy = {g.dst()[0][0]: rows for g in groups if g.source.canonical == OUTPUT and (rows := self._rows(g))}
+        eager = [g for g in groups if g.dst()[0][0] not in lazy]
+        return {name: (arr, dt) for name, arr, dt in self.src.stream(eager, self.dtype)} | lazy
 
     def _rows(self, group) -> Rows | None:
         ref = self.src.as_stored(group)
@@ -154,11 +154,12 @@ def layer_major(side, prompts: list[list[int]]) -> tuple[list[list[tuple[str, np
                 for k in range(len(prompts)):
                     records[k] += got[k]
                     seconds[k] += spent[k]
-            for k, state in enumerate(states if stage != HEAD else []):
-                t = time.perf_counter()
-                states[k], got = run(state)
-                seconds[k] += time.perf_counter() - t
-                records[k] += got
+            else:
+                for k, state in enumerate(states):
+                    t = time.perf_counter()
+                    states[k], got = run(state)
+                    seconds[k] += time.perf_counter() - t
+                    records[k] += got
             del run
             gc.collect()  # this stage's weights (cells and modules hold reference cycles) before the next stage's
         side.weights.check()
