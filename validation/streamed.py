@@ -142,10 +142,14 @@ def logits_by_slice(output: dict, hidden_size: int, hiddens: list, build, apply)
 
 def layer_major(side, prompts: list[list[int]]) -> tuple[list[list[tuple[str, np.ndarray]]], list[float]]:
     """Every prompt's records through every stage of `side`, one stage's weights at a time; also each prompt's
-    compute seconds (reading excluded)."""
+    compute seconds (reading excluded). The objects alive before the first stage (the libraries' modules) are
+    frozen out of the collector meanwhile: each stage's collection then walks only what the stages made (0.29 s
+    a collection otherwise at 6B, two per layer and side)."""
     records: list[list] = [[] for _ in prompts]
     seconds = [0.0] * len(prompts)
     states: list = list(prompts)
+    gc.collect()
+    gc.freeze()
     try:
         for stage in side.stages():
             run = side.load(stage, prompts)
@@ -164,6 +168,7 @@ def layer_major(side, prompts: list[list[int]]) -> tuple[list[list[tuple[str, np
             gc.collect()  # this stage's weights (cells and modules hold reference cycles) before the next stage's
         side.weights.check()
     finally:
+        gc.unfreeze()
         side.close()
     return records, seconds
 
