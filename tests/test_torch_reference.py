@@ -28,3 +28,23 @@ def test_reference_loads_every_format(hf_tiny):
     with torch.no_grad():
         la, lb = a(ids)[0], b(ids)[0]
     assert la.shape == (1, 4, 65024) and torch.isfinite(la).all() and torch.isfinite(lb).all()
+
+
+def test_float32_compute_over_16bit_weights_equals_the_float32_model_and_keeps_them_16bit(hf_tiny):
+    """`compute_in`: the same logits and cache, bit for bit, as the float32 model on the rounded weights, over
+    several calls (the widened copies live in shared buffers); the stored weights stay 16-bit and untouched."""
+    for dtype in ("float16", "bfloat16"):
+        folder = hf_tiny("bin", dtype)
+        wide = load_reference(folder, dtype="float32")
+        narrow = load_reference(folder, compute_dtype="float32")
+        stored = {k: v.clone() for k, v in narrow.state_dict().items()}
+        ids = torch.tensor([[64790, 64792, 36474, 54591]])
+        with torch.no_grad():
+            for _ in range(2):
+                (lw, pw, _), (ln, pn, _) = wide(ids), narrow(ids)
+                assert torch.equal(lw, ln) and lw.dtype == torch.float32
+                assert all(torch.equal(a, b) for kv_w, kv_n in zip(pw, pn) for a, b in zip(kv_w, kv_n))
+                (lw, *_), (ln, *_) = wide(ids[:, :1], past=pw), narrow(ids[:, :1], past=pn)
+                assert torch.equal(lw, ln)
+        for k, v in narrow.state_dict().items():
+            assert v.dtype == getattr(torch, dtype) and torch.equal(v, stored[k]), k
