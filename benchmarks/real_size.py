@@ -78,8 +78,10 @@ def run(name: str, cmd: list, log: Path, ok=(0,)) -> tuple[float, float, str]:
 def parity_numbers(report: Path) -> str:
     r = json.loads((report / "report.json").read_text())
     worst = max(s["rel"] for p in r["prompts"] for s in p["stages"][:-1])
+    forward = {side: sum(p["seconds"][f"{side}_forward"] for p in r["prompts"]) for side in ("ms", "ref")}
     text = (f"{'PASS' if r['passed'] else 'FAIL'} ({r['mode']}), worst layer rel diff {worst:.1e}, logits max abs "
-            f"{max(p['logits_max_abs'] for p in r['prompts']):.1e}")
+            f"{max(p['logits_max_abs'] for p in r['prompts']):.1e}; layer pass compute (reading excluded) MindSpore "
+            f"{forward['ms']:.0f} s, torch {forward['ref']:.0f} s")
     if r["new_tokens"]:
         tokens = r["new_tokens"] * len(r["prompts"])
         seconds = {side: sum(p["seconds"][f"{side}_generate"] for p in r["prompts"]) for side in ("ms", "ref")}
