@@ -154,45 +154,62 @@ def alternating(sides: dict, repeat: int) -> dict:
     return {side: float(np.median(t)) for side, t in times.items()}
 
 
-def kernel_anchors(shapes, repeat: int = 5) -> list[dict]:
+def kernel_anchors(shapes, repeat: int = 5, native: bool = False) -> list[dict]:
     """Each (name, m, k, n, count) product in float32 through the runtime's own `Linear` (MatMul, transpose_b)
-    under jit and torch's `F.linear`, alternating. A jit call on CPU returns once its result is computed, so its
-    time includes the call's fixed cost (~1 ms here), as every call of the runtime's compiled step does."""
-    return [dict(name=name, shape=(m, k, n), count=count, **linear_times(m, k, n, repeat))
+    under jit and torch's `F.linear`, alternating; `native`: also the `Linear` over float16 weights through the
+    native kernel ("ms16"). A jit call on CPU returns once its result is computed, so its time includes the call's
+    fixed cost (~1 ms here), as every call of the runtime's compiled step does."""
+    return [dict(name=name, shape=(m, k, n), count=count, **linear_times(m, k, n, repeat, native))
             for name, m, k, n, count in shapes]
 
 
-def linear_times(m: int, k: int, n: int, repeat: int) -> dict:
+def linear_times(m: int, k: int, n: int, repeat: int, native: bool = False) -> dict:
     import mindspore as ms
     import torch
 
-    from glm2_ms.model import Linear
+    from glm2_ms.model import Linear, use_native_kernels
 
     rng = np.random.default_rng(0)
     x, w = rng.random((m, k), np.float32), rng.random((n, k), np.float32)
-    cell = Linear(k, n, False, ms.float32)
-    cell.weight.set_data(ms.Tensor(w))
-    cell.construct = ms.jit(cell.construct)
+
+    def cell(dtype):
+        linear = Linear(k, n, False, dtype)
+        linear.weight.set_data(ms.Tensor(w, dtype))
+        if dtype == ms.float16 and not use_native_kernels(linear):
+            raise SystemExit("the native kernel cannot be built here (see glm2_ms/kernels)")
+        linear.construct = ms.jit(linear.construct)
+        return linear
+
     xm, xt, wt = ms.Tensor(x), torch.from_numpy(x), torch.from_numpy(w)
-    t = alternating({"ms": lambda: cell(xm), "pt": lambda: torch.nn.functional.linear(xt, wt)}, repeat)
-    return {**t, "ratio": t["pt"] / t["ms"]}
+    sides = {"ms": lambda c=cell(ms.float32): c(xm), "pt": lambda: torch.nn.functional.linear(xt, wt)}
+    if native:
+        sides["ms16"] = lambda c=cell(ms.float16): c(xm)
+    t = alternating(sides, repeat)
+    return {**t, "ratio": t["pt"] / t["ms"], **({"ratio16": t["pt"] / t["ms16"]} if native else {})}
 
 
-def kernel_ratio(rows) -> float:
-    """torch / MindSpore time of all the anchors' products as often as one forward runs each."""
-    return sum(r["pt"] * r["count"] for r in rows) / sum(r["ms"] * r["count"] for r in rows)
+def kernel_ratio(rows, side: str = "ms") -> float:
+    """torch / MindSpore time (`side`: "ms16" for the native kernel's) of all the anchors' products as often as one
+    forward runs each."""
+    return sum(r["pt"] * r["count"] for r in rows) / sum(r[side] * r["count"] for r in rows)
 
 
 def print_anchors(title: str, rows) -> float:
-    """The anchors as a table, with their forward-weighted ratio (returned)."""
+    """The anchors as a table, with their forward-weighted ratio (returned); GFLOP/s beside each time, and the
+    native kernel's column when measured."""
+    native = "ms16" in rows[0]
     print(f"\nkernel anchors, {title} (float32, alternating, median of the timed calls; {RATIO}):")
-    print("| product | m × k × n | per forward | MindSpore Linear | torch F.linear | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| product | m × k × n | per forward | MindSpore Linear | torch F.linear | ratio |"
+          + (" MindSpore Linear, float16 weights, native kernel | ratio |" if native else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if native else ""))
     for r in rows:
-        print(f"| {r['name']} | {' × '.join(map(str, r['shape']))} | {r['count']} | {r['ms'] * 1e3:.2f} ms | "
-              f"{r['pt'] * 1e3:.2f} ms | {r['ratio']:.2f}x |")
+        flop = 2 * np.prod(r["shape"]) / 1e9
+        cells = [f"{r[s] * 1e3:.2f} ms ({flop / r[s]:.0f} GFLOP/s)" for s in ("ms", "pt", "ms16")[:2 + native]]
+        print(f"| {r['name']} | {' × '.join(map(str, r['shape']))} | {r['count']} | {cells[0]} | {cells[1]} | "
+              f"{r['ratio']:.2f}x |" + (f" {cells[2]} | {r['ratio16']:.2f}x |" if native else ""))
     ratio = kernel_ratio(rows)
-    print(f"| all, weighted by calls per forward | | | | | **{ratio:.2f}x** |", flush=True)
+    print(f"| all, weighted by calls per forward | | | | | **{ratio:.2f}x** |"
+          + (f" | **{kernel_ratio(rows, 'ms16'):.2f}x** |" if native else ""), flush=True)
     return ratio
 
 

@@ -1,14 +1,16 @@
 """The whole used-by loop at the real ChatGLM2-6B shapes, one command, every step measured.
 
     python benchmarks/real_size.py [--layers 28] [--hf-folder DIR] [--prompts 5] [--new-tokens 32] [--steps 3]
-                                   [--workdir DIR]
+                                   [--workdir DIR] [--anchors-only]
 
 synth (`glm2-convert synth --preset 6b`, float16, or --hf-folder: a given HF folder) → hf2ms → streamed parity
-(the layer pass: --max-new-tokens 0) → generation parity (the same with greedy tokens: each whole model in turn,
-weights as stored, float32 compute) → glm2-generate --stats → LoRA finetune (batch 1 × the recipe's 193 tokens,
+(the layer pass: --max-new-tokens 0) → generation parity (the same after each whole model's greedy tokens, each
+in a process of its own, weights as stored, float32 compute) → glm2-generate --stats → LoRA finetune (batch 1 × the recipe's 193 tokens,
 real ADGEN lines) → merge-lora → ms2hf → streamed parity of the merged HF folder against the merged MindSpore one.
 
-Each step is its own process; its wall time and peak RSS (the process tree's summed RSS, sampled every 0.1 s by
+First the kernel anchors of those steps, measured in the same run: each 6B projection on a 20-token prompt and on
+one token, float32 in MindSpore and torch and float16 weights through the native kernel (`--anchors-only`: just
+those). Each step is its own process; its wall time and peak RSS (the process tree's summed RSS, sampled every 0.1 s by
 psutil) are printed as a markdown table with the step's key numbers, with the CPU and its thread count. Before the
 first parity, the page cache is dropped (root: /proc/sys/vm/drop_caches; else posix_fadvise DONTNEED on the files)
 and both checkpoints are read once (`cat`): the cold-cache anchor of the streamed parity, which runs cold too.
@@ -32,7 +34,8 @@ import time
 from pathlib import Path
 
 import psutil
-from measure import cpu_info, drop_caches, print_machine, size_of
+from measure import (cpu_info, drop_caches, kernel_anchors, print_anchors, print_machine, projection_shapes,
+                     size_of)
 
 ROOT = Path(__file__).resolve().parent.parent
 ADGEN = ROOT / "validation" / "assets" / "adgen_train_head200.json"
@@ -96,6 +99,17 @@ def finetune_numbers(run_dir: Path) -> str:
     tps = sorted(r["tokens_per_s"] for r in later)[len(later) // 2]
     return (f"{len(rows)} steps, loss {rows[0]['loss']:.3f} → {rows[-1]['loss']:.3f}; {193 / tps:.1f} s/step, "
             f"{tps:.1f} tokens/s (median after the first step)")
+
+
+def anchors() -> None:
+    """The products the loop's time is made of, timed here, alternating: each 6B projection on a 20-token prompt
+    (the streamed parity's passes, a prefill) and on one token (a decoding step), in float32 in both libraries and
+    over float16 weights through the native kernel."""
+    from glm2_core.config import GLM2Config
+
+    cfg = GLM2Config.preset("6b")
+    for title, rows in (("a 20-token prompt", 20), ("a decoding step", 1)):
+        print_anchors(f"6B shapes, {title}", kernel_anchors(projection_shapes(cfg, rows, rows), native=True))
 
 
 def supports(tool: str, flag: str) -> bool:
@@ -166,9 +180,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
     ap.add_argument("--steps", type=int, default=3, help="LoRA finetune steps")
     ap.add_argument("--workdir", type=Path, help="keep the folders here (default: a temporary folder, removed)")
+    ap.add_argument("--anchors-only", action="store_true", help="only the kernel anchors (printed first otherwise)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
+    if args.anchors_only:
+        return anchors()
     print_machine()
+    # in a process of its own: this one stays small beside the steps
+    print(subprocess.run([sys.executable, __file__, "--anchors-only"], capture_output=True, text=True,
+                         check=True).stdout, flush=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="glm2-real-size-"))
     work.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still removes the temporary folder

@@ -31,6 +31,13 @@ def test_kernel_anchor_times_both_sides_at_a_tiny_shape():
     assert measure.kernel_ratio(rows) == pytest.approx(weighted)
 
 
+def test_kernel_anchor_times_the_native_kernel_beside_when_asked(capsys):
+    rows = measure.kernel_anchors([("p", 2, 32, 16, 1)], repeat=2, native=True)
+    assert rows[0]["ms16"] > 0 and rows[0]["ratio16"] == pytest.approx(rows[0]["pt"] / rows[0]["ms16"])
+    measure.print_anchors("tiny", rows)
+    assert "native kernel" in capsys.readouterr().out
+
+
 def test_projection_shapes_are_the_models_matmuls():
     from glm2_core.config import GLM2Config
 
