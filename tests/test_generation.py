@@ -5,7 +5,7 @@ import pytest
 
 from converters.convert import convert
 from glm2_core.names import Layout
-from glm2_ms.generation import Decoder, SamplingConfig
+from glm2_ms.generation import Decoder, SamplingConfig, describe
 from glm2_ms.loading import from_pretrained
 from glm2_ms.tokenizer import GLM2Tokenizer
 
@@ -128,3 +128,17 @@ def test_the_step_runs_op_by_op_when_its_compiled_copies_would_not_fit(hf_tiny, 
     op_by_op = Decoder(model)
     assert not op_by_op.compiled
     np.testing.assert_array_equal(op_by_op.generate(ids, max_new_tokens=6), compiled.generate(ids, max_new_tokens=6))
+
+
+def test_a_large_models_prompt_runs_op_by_op_beside_the_compiled_decoding_step(tiny, tok, monkeypatch):
+    """Above PREFILL_COMPILED_UP_TO parameters the prefill is not compiled (one graph per prompt length, each kept);
+    the decoding step still is, and the tokens are the same."""
+    from glm2_ms import generation
+
+    ids = np.array([tok.build_chat_input("晚上睡不着应该怎么办")], np.int32)
+    compiled = Decoder(tiny, jit=True)
+    monkeypatch.setattr(generation, "PREFILL_COMPILED_UP_TO", 0)
+    large = Decoder(tiny, jit=True)
+    assert compiled.compiled_prefill and large.compiled and not large.compiled_prefill
+    np.testing.assert_array_equal(large.generate(ids, max_new_tokens=6), compiled.generate(ids, max_new_tokens=6))
+    assert "op by op" in describe(large.timings) and "compile included" in describe(compiled.timings)
