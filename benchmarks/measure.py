@@ -181,9 +181,11 @@ def linear_times(m: int, k: int, n: int, repeat: int, native: bool = False) -> d
         return linear
 
     xm, xt, wt = ms.Tensor(x), torch.from_numpy(x), torch.from_numpy(w)
-    sides = {"ms": lambda c=cell(ms.float32): c(xm), "pt": lambda: torch.nn.functional.linear(xt, wt)}
+    single = cell(ms.float32)
+    sides = {"ms": lambda: single(xm), "pt": lambda: torch.nn.functional.linear(xt, wt)}
     if native:
-        sides["ms16"] = lambda c=cell(ms.float16): c(xm)
+        half = cell(ms.float16)
+        sides["ms16"] = lambda: half(xm)
     t = alternating(sides, repeat)
     return {**t, "ratio": t["pt"] / t["ms"], **({"ratio16": t["pt"] / t["ms16"]} if native else {})}
 

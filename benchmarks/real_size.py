@@ -5,15 +5,17 @@
 
 synth (`glm2-convert synth --preset 6b`, float16, or --hf-folder: a given HF folder) → hf2ms → streamed parity
 (the layer pass: --max-new-tokens 0) → generation parity (the same after each whole model's greedy tokens, each
-in a process of its own, weights as stored, float32 compute) → glm2-generate --stats → LoRA finetune (batch 1 × the recipe's 193 tokens,
-real ADGEN lines) → merge-lora → ms2hf → streamed parity of the merged HF folder against the merged MindSpore one.
+in a process of its own, weights as stored, float32 compute) → glm2-generate --stats → LoRA finetune (batch 1 ×
+the recipe's 193 tokens, real ADGEN lines) → merge-lora → ms2hf → streamed parity of the merged HF folder against
+the merged MindSpore one.
 
 First the kernel anchors of those steps, measured in the same run: each 6B projection on a 20-token prompt and on
 one token, float32 in MindSpore and torch and float16 weights through the native kernel (`--anchors-only`: just
-those). Each step is its own process; its wall time and peak RSS (the process tree's summed RSS, sampled every 0.1 s by
-psutil) are printed as a markdown table with the step's key numbers, with the CPU and its thread count. Before the
-first parity, the page cache is dropped (root: /proc/sys/vm/drop_caches; else posix_fadvise DONTNEED on the files)
-and both checkpoints are read once (`cat`): the cold-cache anchor of the streamed parity, which runs cold too.
+those). Each step is its own process; its wall time and peak RSS (the process tree's summed RSS, sampled every
+0.1 s by psutil) are printed as a markdown table with the step's key numbers, with the CPU and its thread
+count. Before the first parity, the page cache is dropped (root: /proc/sys/vm/drop_caches; else posix_fadvise
+DONTNEED on the files) and both checkpoints are read once (`cat`): the cold-cache anchor of the streamed parity,
+which runs cold too.
 --workdir keeps the folders; by default they go to a temporary folder removed at the end, also on failure, and
 each folder is removed once no later step reads it (the synthesized HF folder after the generation parity, the
 finetune's checkpoints once it has written its adapter, the MindSpore model after merge-lora). Disk at 28 layers:
@@ -34,8 +36,7 @@ import time
 from pathlib import Path
 
 import psutil
-from measure import (cpu_info, drop_caches, kernel_anchors, print_anchors, print_machine, projection_shapes,
-                     size_of)
+from measure import cpu_info, drop_caches, kernel_anchors, print_anchors, print_machine, projection_shapes, size_of
 
 ROOT = Path(__file__).resolve().parent.parent
 ADGEN = ROOT / "validation" / "assets" / "adgen_train_head200.json"

@@ -76,11 +76,11 @@ class Decoder:
     def __init__(self, model: GLM2ForCausalLM, jit: bool | None = None):
         """`jit`: compile the step (None: when `compiled_fits`, else run it op by op)."""
         self.model, self.timings = model, None
-        self.step = self.compiled_step = CachedStep(model)
+        self.step = CachedStep(model)  # op by op
         self.compiled = compiled_fits(model) if jit is None else jit
         self.weights_note = _weights_note(model)
+        self.compiled_step = CachedStep(model) if self.compiled else self.step
         if self.compiled:
-            self.compiled_step = CachedStep(model)
             self.compiled_step.construct = ms.jit(self.compiled_step.construct)
         self.compiled_prefill = self.compiled and sum(p.size for p in model.get_parameters()) <= PREFILL_COMPILED_UP_TO
 

@@ -43,7 +43,8 @@ def test_float32_compute_over_16bit_weights_equals_the_float32_model_and_keeps_t
             for _ in range(2):
                 (lw, pw, _), (ln, pn, _) = wide(ids), narrow(ids)
                 assert torch.equal(lw, ln) and lw.dtype == torch.float32
-                assert all(torch.equal(a, b) for kv_w, kv_n in zip(pw, pn) for a, b in zip(kv_w, kv_n))
+                assert all(torch.equal(a, b) for kv_w, kv_n in zip(pw, pn, strict=True)
+                           for a, b in zip(kv_w, kv_n, strict=True))
                 (lw, *_), (ln, *_) = wide(ids[:, :1], past=pw), narrow(ids[:, :1], past=pn)
                 assert torch.equal(lw, ln)
         for k, v in narrow.state_dict().items():
