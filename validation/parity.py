@@ -141,10 +141,12 @@ def _whole(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
 
 
 def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
-    """Each whole model's greedy tokens first, each in a process of its own, with its weights as stored, computing
-    in `dtype`: the process gives all its memory back when it ends (MindSpore's memory pool keeps what it held, the
-    whole model's included, after the model is collected: +2.45 GB after a 1.88 GB model), and nothing of the
-    layer passes sits beside it. Then the traces of each side layer by layer (one block in memory)."""
+    """Each whole model's greedy tokens first, with its weights as stored, computing in `dtype`; each in a process of
+    its own where the two whole models would not fit side by side: the process gives all its memory back when it
+    ends (MindSpore's memory pool keeps what it held, the whole model's included, after the model is collected:
+    +2.45 GB after a 1.88 GB model), and nothing of the layer passes sits beside it. Where they would fit, in this
+    process (a spawned interpreter costs seconds of imports). Then the traces of each side layer by layer (one
+    block in memory)."""
     from .references import STREAMED
     from .streamed import MindSporeLayers, layer_major
 
@@ -155,9 +157,9 @@ def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
     traces, trace_s, load_s = {}, {}, {}
     tokens = {side: [[] for _ in tok_ids] for side in sides}
     gen_s = {side: [0.0 for _ in tok_ids] for side in sides}
+    run = greedy if fits_whole(ms_dir, dtype) else greedy_apart
     for side in sides if new_tokens else ():  # --max-new-tokens 0: the layer passes alone
-        tokens[side], gen_s[side], load_s[side] = greedy_apart(side, hf_dir, ms_dir, dtype, reference, tok_ids,
-                                                               new_tokens)
+        tokens[side], gen_s[side], load_s[side] = run(side, hf_dir, ms_dir, dtype, reference, tok_ids, new_tokens)
     for side, layers in sides.items():
         traces[side], trace_s[side] = layer_major(layers(), tok_ids)
     rows = [(traces["ms"][k], traces["ref"][k], tokens["ms"][k], tokens["ref"][k],
