@@ -1,7 +1,6 @@
 """Finetuning on real ADGEN lines: loss goes down, LoRA touches only its factors, adapters go out and back in
-(PEFT on torch and transformers, mindpet), merging is exact, and resume reproduces an uninterrupted run."""
+(PEFT on torch and transformers, mindpet), and merging is exact (resume and recomputation: test_training.py)."""
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import mindspore as ms
@@ -186,30 +185,6 @@ def test_adapter_config_names_the_base_by_its_resolved_path(base, tmp_path, monk
         assert config["base_model_name_or_path"] == str(base.resolve()), form
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "fused-adamw"])
-def test_resume_reproduces_the_uninterrupted_run(base, tmp_path, optimizer):
-    cfg = TrainConfig.load(None, method="lora", max_steps=6, learning_rate=2e-2, gradient_accumulation_steps=2,
-                           save_steps=2, optimizer=optimizer, **SMALL)
-    whole = Trainer(base, TRAIN, tmp_path / "a", cfg, progress=False).train()
-    Trainer(base, TRAIN, tmp_path / "b", cfg, progress=False).train(stop_after=3)
-    for kind in ("checkpoint", "checkpoint_network"):  # killed after logging step 3, before its checkpoint …
-        for f in (tmp_path / "b" / kind / "rank_0").glob("glm2_rank_0-0_3.*"):
-            f.unlink()
-    with open(tmp_path / "b" / "train_log.jsonl", "a") as log:  # … while writing step 4's row
-        log.write('{"step": 4, "epoch": 0, "lo')
-    resumed = Trainer(base, TRAIN, tmp_path / "b", cfg, progress=False, resume=True).train()
-    assert len(whole) == len(resumed) == 6
-    np.testing.assert_allclose(resumed, whole, rtol=1e-6)
-    log = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # step 3 of the killed run is gone, trained again
-    np.testing.assert_allclose([r["loss"] for r in log], whole, rtol=1e-6)
-    assert sorted(p.name for p in (tmp_path / "a" / "checkpoint" / "rank_0").glob("*.ckpt")) == \
-        ["glm2_rank_0-0_2.ckpt", "glm2_rank_0-0_4.ckpt", "glm2_rank_0-0_6.ckpt"]
-    saved = ms.load_checkpoint(str(tmp_path / "a" / "checkpoint" / "rank_0" / "glm2_rank_0-0_6.ckpt"))
-    assert int(saved["global_step"].asnumpy()) == 6
-    assert any(n.startswith("adam_m.") and n.endswith("mindpet_delta_lora_a") for n in saved)
-
-
 def test_cli_refuses_disagreeing_lengths_and_writes_logs(base, tmp_path):
     res = CliRunner().invoke(finetune_cli, [str(base), "--train-data", str(TRAIN), "--out",
                                             str(tmp_path / "o"), "--seq-length", "100", "--max-steps", "1"])
@@ -325,46 +300,6 @@ def test_full_finetune_with_the_fused_optimizer_matches_adamw(base, tmp_path):
     (a_losses, a_weights), (f_losses, f_weights) = runs["adamw"], runs["fused-adamw"]
     assert np.allclose(f_losses, a_losses, rtol=1e-5, atol=0)
     assert max(np.abs(f_weights[n] - a_weights[n]).max() for n in a_weights) < 1e-5
-
-
-def _backward_of(base, method: str, recompute: bool):
-    """One micro-batch's loss and gradients (by name) from the train step's backward: block by block (recompute)
-    or one graph, on a fresh model (LoRA: dropout masks drawn from a fixed generator)."""
-    from glm2_ms.data import answer_windows
-    from glm2_ms.lora import LoRAConfig, apply_lora, dropout_masks, size_dropout_masks
-    from glm2_ms.train_step import TrainStep
-
-    labels = np.full((2, 12), -100, np.int32)
-    labels[:, 6:11] = [[31, 32, 33, 34, 2], [41, 42, 43, 2, 2]]
-    picks, targets = (ms.Tensor(a) for a in answer_windows(labels, 6))
-    ids = np.array([IDS[:12], IDS[6:]], np.int32)
-    model = from_pretrained(base)
-    masks = []
-    if method == "lora":
-        apply_lora(model, LoRAConfig(dropout=0.2))
-        size_dropout_masks(model, *ids.shape)
-        masks = dropout_masks(model, np.random.default_rng(0), *ids.shape, 0.2)
-    model.set_train(True)
-    step = TrainStep(model, TrainConfig(method=method, recompute=recompute))
-    backward = step.backward if recompute else ms.jit(step.backward)  # the one graph's backward is graph code
-    loss, grads = backward(ms.Tensor(ids), picks, targets, ms.Tensor(1.0, ms.float32), tuple(masks))
-    return float(loss.asnumpy()), {p.name: g.asnumpy() for p, g in zip(step.weights, grads, strict=True)}
-
-
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_recomputation_gives_the_same_losses_and_gradients(base, tmp_path, method):
-    """Block-by-block training (--recompute, the default) computes what the one-graph step computes: the same
-    loss and gradients of every trained weight, and the same losses over optimizer steps."""
-    (loss, grads), (loss_rc, grads_rc) = (_backward_of(base, method, rc) for rc in (False, True))
-    assert loss_rc == pytest.approx(loss, rel=1e-6) and grads_rc.keys() == grads.keys()
-    assert len(grads) == (4 if method == "lora" else 17)  # LoRA: A and B in 2 blocks; full: every weight
-    for name, g in grads.items():
-        np.testing.assert_allclose(grads_rc[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
-    if method == "full":  # the update after it: clipping one gradient at a time equals clipping in the graph
-        cfg = TrainConfig.load(None, method=method, max_steps=2, learning_rate=1e-2, **SMALL)
-        runs = [Trainer(base, TRAIN, tmp_path / str(rc), replace(cfg, recompute=rc), progress=False).train()
-                for rc in (False, True)]
-        np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6)
 
 
 def test_lora_keeps_a_float16_base_in_float16_with_the_losses_of_float32(hf_tiny, tmp_path):

@@ -21,11 +21,13 @@ def run(module_fn, *args, stdin=None):
                           text=True, timeout=300)
 
 
-def test_generate_is_greedy_by_default_and_reproducible(ms_dir):
+def test_generate_is_greedy_by_default_reproducible_and_reports_stats(ms_dir):
     a = run("generate", ms_dir, "--prompt", "你好", "--chat", "--max-new-tokens", "6")
-    b = run("generate", ms_dir, "--prompt", "你好", "--chat", "--max-new-tokens", "6")
-    assert a.returncode == 0, a.stderr
-    assert a.stdout == b.stdout and a.stdout.strip()
+    b = run("generate", ms_dir, "--prompt", "你好", "--chat", "--max-new-tokens", "6", "--stats")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()  # --stats writes to stderr alone
+    stats = [line for line in b.stderr.splitlines() if line.startswith("stats: ")]
+    assert len(stats) == 1 and "peak RSS" in stats[0] and "prefill" in stats[0] and "decode" in stats[0], stats
     s1 = run("generate", ms_dir, "--prompt", "Hello", "--sample", "--seed", "3", "--max-new-tokens", "6")
     s2 = run("generate", ms_dir, "--prompt", "Hello", "--sample", "--seed", "3", "--max-new-tokens", "6")
     assert s1.returncode == 0 and s1.stdout == s2.stdout
@@ -44,13 +46,6 @@ def test_missing_model_is_one_line_error(tmp_path):
     proc = run("generate", tmp_path / "empty", "--prompt", "x")
     assert proc.returncode == 1 and proc.stderr.strip().startswith("error: ")
     assert len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_stats_report_load_rss_and_speeds(ms_dir):
-    proc = run("generate", ms_dir, "--prompt", "你好", "--max-new-tokens", "4", "--stats")
-    assert proc.returncode == 0, proc.stderr
-    stats = [line for line in proc.stderr.splitlines() if line.startswith("stats: ")]
-    assert len(stats) == 1 and "peak RSS" in stats[0] and "prefill" in stats[0] and "decode" in stats[0], stats
 
 
 def test_family_option_overrides_what_the_folder_tells(ms_dir):
