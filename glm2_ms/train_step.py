@@ -83,12 +83,17 @@ def _update(opt, shards: OptimizerShards, reducer, clip, unscale_by: int | None)
         for group_lr in opt.lrs:
             ops.assign(group_lr, lr)
         if unscale_by is not None:  # (static) no extra copy of every gradient when there is nothing to undo
-            grads = [g / (scale * unscale_by) for g in grads]  # a list: the eager clipping replaces its items
+            grads = [_real_div(g, scale * unscale_by) for g in grads]  # a list: the eager clipping replaces its items
         grads = clip(reducer(grads))
         opt(shards.take(grads))
         return shards.gather()
 
     return update
+
+
+# Eagerly, the primitives: Tensor `/` (ops.div) on CPU holds ~5 buffers of its operand's size for one division,
+# RealDiv one (measured on a 133 MB gradient: +636 MB against +128 MB).
+_mul, _real_div = ops.Mul(), ops.RealDiv()
 
 
 def clip_in_place(grads: list, max_norm: float) -> tuple:
@@ -101,7 +106,7 @@ def clip_in_place(grads: list, max_norm: float) -> tuple:
     norm = ops.select(norm >= limit, norm, limit)
     for i, g in enumerate(grads):
         grads[i] = None  # the list held the only reference besides `g`
-        grads[i] = (g * limit / norm).astype(g.dtype)
+        grads[i] = _real_div(_mul(g, limit), norm).astype(g.dtype)
     return tuple(grads)
 
 

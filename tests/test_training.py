@@ -80,3 +80,18 @@ def test_recomputation_gives_the_same_losses_and_gradients(base, tmp_path, metho
         runs = [Trainer(base, TRAIN, tmp_path / str(rc), replace(cfg, recompute=rc), progress=False).train()
                 for rc in (False, True)]
         np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1.0, 1e3])
+def test_eager_clipping_is_clip_by_global_norm_bit_for_bit(max_norm):
+    """The block-by-block step clips one gradient at a time, eagerly, with the primitives (Mul, RealDiv: Tensor
+    `/` holds several operand-sized buffers on CPU); every value equals ops.clip_by_global_norm's, clipped
+    (norm above max_norm) or not."""
+    from glm2_ms.train_step import clip_in_place
+
+    rng = np.random.default_rng(0)
+    grads = [ms.Tensor(rng.standard_normal(shape).astype(np.float32) * 0.1) for shape in [(37, 5), (11,), (3, 4, 2)]]
+    expected = ms.ops.clip_by_global_norm(tuple(grads), max_norm)
+    clipped = clip_in_place(list(grads), max_norm)
+    for e, g in zip(expected, clipped, strict=True):
+        np.testing.assert_array_equal(g.asnumpy(), e.asnumpy())
