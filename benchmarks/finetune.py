@@ -2,7 +2,7 @@
 batch, each run in its own process under /usr/bin/time -v.
 
     python benchmarks/finetune.py [--configs small,medium] [--steps 6] [--batch 4] [--optimizers adamw,fused-adamw]
-                                  [--skip medium:full:adamw]
+                                  [--skip medium:full:adamw:off]
 
 Both sides: real ADGEN lines, the recipe's preprocessing (64 + 64 + 1 tokens here), float32, AdamW
 (0.9, 0.95, 1e-8, weight decay 0.1), gradient clipping at 1.0, LoRA r 8 / alpha 32 / dropout 0.1 on
@@ -144,7 +144,8 @@ def main() -> None:
     ap.add_argument("--methods", default="lora,full")
     ap.add_argument("--optimizers", default="adamw,fused-adamw",
                     help="MindSpore's: adamw (experimental.optim.AdamW) and/or fused-adamw")
-    ap.add_argument("--skip", default="", help="config:method:optimizer rows not to run (e.g. known to exceed RAM)")
+    ap.add_argument("--skip", default="", help="config:method:optimizer[:recompute] rows not to run (e.g. known to "
+                    "exceed RAM; without :recompute, every recompute setting)")
     ap.add_argument("--recompute", default="on",
                     help="MindSpore's backward: on (block by block, the default), off (one graph), or on,off")
     ap.add_argument("--child", nargs=4, metavar=("SIDE", "METHOD", "MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
@@ -179,7 +180,7 @@ def main() -> None:
                 pt_rate = t["tokens"] / t["seconds"]
                 for optimizer, recompute in itertools.product(args.optimizers.split(","),
                                                               args.recompute.split(",")):
-                    if f"{name}:{method}:{optimizer}" in skip:
+                    if {f"{name}:{method}:{optimizer}", f"{name}:{method}:{optimizer}:{recompute}"} & skip:
                         print(f"| {name} | {method} | {optimizer} | {recompute} | not run (--skip) | {pt_rate:.0f} | "
                               f"| {kernels[name]:.2f}x | | | {t_rss:.0f} MB | | |", flush=True)
                         continue

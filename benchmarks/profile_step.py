@@ -1,10 +1,11 @@
-"""Where a small step's time goes: per-op times of MindSpore's prefill and training step beside torch's.
+"""Where a small step's time goes: per-op times of MindSpore's prefill, decoding and training steps beside torch's.
 
     python benchmarks/profile_step.py [--configs small] [--prompt 128] [--batch 4] [--steps 3] [--threads 2]
-                                      [--what prefill,train] [--method lora] [--top 14]
+                                      [--what prefill,decode,train] [--method lora] [--top 14]
 
-The same steps as benchmarks/decode.py (prefill of a prompt into the static cache) and benchmarks/finetune.py (one
-optimizer step, fused AdamW), after a warm-up step that compiles. MindSpore's side is timed by its own profiler
+The same steps as benchmarks/decode.py (prefill of a prompt into the static cache; one decoding step after it,
+the next token against the prompt's cache) and benchmarks/finetune.py (one optimizer step, fused AdamW), after a
+warm-up step that compiles. MindSpore's side is timed by its own profiler
 (mindspore.profiler.profile with the CPU activity: each kernel's host time, read from its cpu_op_type_info csv);
 torch's by torch.profiler (self CPU time of each aten op). Each side's wall time per step is measured around the
 same profiled steps; "outside the ops" is the wall time no op accounts for (Python, dispatch, graph launch). Op
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from decode import config, models, prefills, prompt_ids
 from finetune import ms_trainer, torch_trainer
 from measure import print_machine, set_threads
@@ -88,6 +90,30 @@ def profile_prefill(name: str, prompt: int, steps: int, top: int) -> None:
     report(f"prefill, {name} config, {prompt} tokens", ms_ops(runs["ms"], steps), pt_ops(runs["pt"], steps), top)
 
 
+def profile_decode(name: str, prompt: int, steps: int, top: int) -> None:
+    """One decoding step after the prompt, repeated into the same cache slot (each call the same work)."""
+    import torch
+
+    from glm2_ms.generation import CACHE_BUCKET, Decoder
+
+    ms_model, pt_model = models(name)
+    dec, ids = Decoder(ms_model), prompt_ids(prompt)
+    valid = np.ones((1, -(-(prompt + 1) // CACHE_BUCKET) * CACHE_BUCKET), np.int32)
+    _, caches = dec.forward(ids, np.arange(prompt, dtype=np.int32)[None], valid, 0, dec.new_cache(1, valid.shape[1]))
+    token, mask = ids[:, -1:], torch.ones(1, prompt + 1, dtype=torch.long)
+    with torch.no_grad():
+        _, past, _ = pt_model(torch.as_tensor(ids).long(), mask[:, :-1], last_only=True)
+
+    def pt_step():
+        with torch.no_grad():
+            pt_model(torch.as_tensor(token).long(), mask, past=past, last_only=True)
+    runs = {"ms": lambda: dec.forward(token, np.array([[prompt]], np.int32), valid, prompt, caches), "pt": pt_step}
+    for run in runs.values():
+        run()  # compile / warm up
+    report(f"decoding step, {name} config, after {prompt} tokens", ms_ops(runs["ms"], steps),
+           pt_ops(runs["pt"], steps), top)
+
+
 def profile_train(name: str, method: str, batch: int, steps: int, top: int) -> None:
     from converters.synth import synthesize
 
@@ -111,7 +137,7 @@ def main() -> None:
     ap.add_argument("--method", default="lora", help="lora or full (the training step)")
     ap.add_argument("--steps", type=int, default=3, help="profiled steps of each side (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--what", default="prefill,train")
+    ap.add_argument("--what", default="prefill,decode,train")
     ap.add_argument("--top", type=int, default=14, help="ops listed per side")
     args = ap.parse_args()
     set_threads(args.threads)
@@ -119,6 +145,8 @@ def main() -> None:
     for name in args.configs.split(","):
         if "prefill" in args.what:
             profile_prefill(name, args.prompt, args.steps, args.top)
+        if "decode" in args.what:
+            profile_decode(name, args.prompt, args.steps, args.top)
         if "train" in args.what:
             profile_train(name, args.method, args.batch, args.steps, args.top)
 

@@ -216,7 +216,8 @@ class BlockwiseBackward:
         (_, loss), upstream, head_grads = self.head(x, picks, targets, scale)
         put(self.head_params, head_grads)
         for i in reversed(range(len(self.sources))):
-            self.load(*self.sources[i])
+            if i < len(self.sources) - 1:  # the worker still holds the last block's weights from the forward pass
+                self.load(*self.sources[i])
             _, upstream, block_grads = self.backward(inputs.pop(), cos, sin, mask, upstream)
             put(self.trained[i], block_grads)
         if self.embedding is not None:
