@@ -95,3 +95,25 @@ def test_eager_clipping_is_clip_by_global_norm_bit_for_bit(max_norm):
     clipped = clip_in_place(list(grads), max_norm)
     for e, g in zip(expected, clipped, strict=True):
         np.testing.assert_array_equal(g.asnumpy(), e.asnumpy())
+
+
+def test_token_loss_and_its_gradient_are_cross_entropys():
+    """The training loss (on the fused LogSoftmax) and its automatic gradient against cross entropy and its
+    gradient (softmax − one-hot, each row weighted by its share of the mean) in float64, with ignored targets."""
+    from glm2_ms.train_step import token_loss
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((9, 50)) * 4).astype(np.float32)
+    targets = rng.integers(0, 50, 9).astype(np.int32)
+    targets[[1, 5]] = -100
+    x = logits.astype(np.float64)
+    logp = x - x.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    keep = targets != -100
+    expected = -logp[keep, targets[keep]].mean()
+    grad = np.exp(logp)
+    grad[keep, targets[keep]] -= 1
+    grad *= keep[:, None] / keep.sum()
+    loss, got = ms.value_and_grad(token_loss)(ms.Tensor(logits), ms.Tensor(targets))
+    assert float(loss.asnumpy()) == pytest.approx(expected, rel=1e-6)
+    np.testing.assert_allclose(got.asnumpy(), grad, rtol=1e-5, atol=1e-7)
