@@ -73,6 +73,11 @@ def _backward(model: GLM2ForCausalLM, weights, masks: list, world: int):
     return backward
 
 
+# Eagerly, the primitives: Tensor `/` (ops.div) on CPU holds ~5 buffers of its operand's size for one division,
+# RealDiv one (measured on a 133 MB gradient: +636 MB against +128 MB).
+_mul, _real_div = ops.Mul(), ops.RealDiv()
+
+
 def _update(opt, shards: OptimizerShards, reducer, clip, unscale_by: int | None):
     """Graph code (or run eagerly): gradients → (unscaled by scale × `unscale_by`,) reduced, clipped by `clip`,
     applied; the shards gathered."""
@@ -87,11 +92,6 @@ def _update(opt, shards: OptimizerShards, reducer, clip, unscale_by: int | None)
         return shards.gather()
 
     return update
-
-
-# Eagerly, the primitives: Tensor `/` (ops.div) on CPU holds ~5 buffers of its operand's size for one division,
-# RealDiv one (measured on a 133 MB gradient: +636 MB against +128 MB).
-_mul, _real_div = ops.Mul(), ops.RealDiv()
 
 
 def clip_in_place(grads: list, max_norm: float) -> tuple:
