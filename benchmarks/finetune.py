@@ -2,7 +2,7 @@
 batch, each run in its own process under /usr/bin/time -v.
 
     python benchmarks/finetune.py [--configs small,medium] [--steps 6] [--batch 4] [--optimizers adamw,fused-adamw]
-                                  [--skip medium:full:adamw:off]
+                                  [--skip medium:full:adamw:off] [--num-layers N]
 
 Both sides: real ADGEN lines, the recipe's preprocessing (64 + 64 + 1 tokens here), float32, AdamW
 (0.9, 0.95, 1e-8, weight decay 0.1), gradient clipping at 1.0, LoRA r 8 / alpha 32 / dropout 0.1 on
@@ -115,14 +115,19 @@ def child_torch(model: Path, method: str, steps: int, batch: int, threads: int) 
     return {"seconds": seconds, "tokens": steps * batch * (SOURCE + TARGET + 1), "loss": loss}
 
 
-def training_anchors(name: str, batch: int) -> float:
+def config(name: str, layers: int | None):
+    """The config `name` of measure.CONFIGS, with `layers` layers when given."""
+    from glm2_core.config import GLM2Config
+
+    return GLM2Config.preset("tiny", **CONFIGS[name] | ({"num_layers": layers} if layers else {}))
+
+
+def training_anchors(name: str, batch: int, layers: int | None) -> float:
     """The kernel anchors at the training step's forward GEMMs: every token of the batch through each layer's
     projections, the output layer on the answer windows (TARGET + 1 positions a row, as the trainer runs it;
     torch's side runs it on every position)."""
-    from glm2_core.config import GLM2Config
-
-    cfg = GLM2Config.preset("tiny", **CONFIGS[name])
-    rows = kernel_anchors(projection_shapes(cfg, batch * (SOURCE + TARGET + 1), batch * (TARGET + 1)))
+    rows = kernel_anchors(projection_shapes(config(name, layers), batch * (SOURCE + TARGET + 1),
+                                            batch * (TARGET + 1)))
     return print_anchors(f"{name}, training step (batch {batch})", rows)
 
 
@@ -142,6 +147,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="lora,full")
+    ap.add_argument("--num-layers", type=int, help="the configs' widths with this many layers (memory per layer)")
     ap.add_argument("--optimizers", default="adamw,fused-adamw",
                     help="MindSpore's: adamw (experimental.optim.AdamW) and/or fused-adamw")
     ap.add_argument("--skip", default="", help="config:method:optimizer[:recompute] rows not to run (e.g. known to "
@@ -158,11 +164,10 @@ def main() -> None:
         print("RESULT " + json.dumps(res))
         return
     from converters.synth import synthesize
-    from glm2_core.config import GLM2Config
 
     set_threads(args.threads)  # this process's anchors; each child sets its own side's
     print_machine(args.threads)
-    kernels = {name: training_anchors(name, args.batch) for name in args.configs.split(",")}
+    kernels = {name: training_anchors(name, args.batch, args.num_layers) for name in args.configs.split(",")}
     print(f"\nbatch {args.batch} x {SOURCE + TARGET + 1} tokens, {args.steps} timed steps after {WARMUP} warm-up, "
           f"float32, {args.threads} threads each side; {RATIO}; kernel ratio: the GEMM anchors above\n")
     print("| config | method | MindSpore optimizer | recompute | MindSpore tok/s | torch tok/s | ratio | "
@@ -173,7 +178,7 @@ def main() -> None:
     for name in args.configs.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "hf"
-            synthesize(model, GLM2Config.preset("tiny", **CONFIGS[name]), "float32", "safetensors", seed=0)
+            synthesize(model, config(name, args.num_layers), "float32", "safetensors", seed=0)
             for method in args.methods.split(","):
                 common = ["--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
                 t, t_rss = measure(["--child", "torch", method, str(model), "-", *common])

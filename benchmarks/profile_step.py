@@ -94,11 +94,11 @@ def profile_decode(name: str, prompt: int, steps: int, top: int) -> None:
     """One decoding step after the prompt, repeated into the same cache slot (each call the same work)."""
     import torch
 
-    from glm2_ms.generation import CACHE_BUCKET, Decoder
+    from glm2_ms.generation import Decoder, cache_length
 
     ms_model, pt_model = models(name)
     dec, ids = Decoder(ms_model), prompt_ids(prompt)
-    valid = np.ones((1, -(-(prompt + 1) // CACHE_BUCKET) * CACHE_BUCKET), np.int32)
+    valid = np.ones((1, cache_length(prompt + 1)), np.int32)
     _, caches = dec.forward(ids, np.arange(prompt, dtype=np.int32)[None], valid, 0, dec.new_cache(1, valid.shape[1]))
     token, mask = ids[:, -1:], torch.ones(1, prompt + 1, dtype=torch.long)
     with torch.no_grad():

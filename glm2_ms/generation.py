@@ -21,6 +21,11 @@ CACHE_BUCKET = 64  # cache lengths are rounded up to this, so calls of similar l
 PREFILL_COMPILED_UP_TO = 10**9  # parameters; a larger model runs its prompts op by op (see Decoder)
 
 
+def cache_length(tokens: int) -> int:
+    """The cache length for `tokens` positions: rounded up to CACHE_BUCKET."""
+    return -(-tokens // CACHE_BUCKET) * CACHE_BUCKET
+
+
 def cache_inputs(s: int, valid: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
     """The additive mask [b, s, max_len] and the one-hot slot map [s, max_len] for s new tokens at `start`."""
     length = valid.shape[1]
@@ -121,7 +126,7 @@ class Decoder:
             max_new_tokens = min(max_new_tokens, max_length - n)
         if max_new_tokens <= 0:
             return
-        length = -(-(n + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        length = cache_length(n + max_new_tokens)
         valid = np.zeros((b, length), np.int32)
         valid[:, :n] = mask
         positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
