@@ -47,15 +47,22 @@ class Linear(nn.Cell):
         self.bias = _param((n_out,), dtype) if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
         self.native = False  # use LINEAR16 (set by `use_native_kernels`)
+        # block-by-block training (train_step.keep_matmul_outputs): `saved` keeps the matmul's output in the
+        # forward pass, and `replay` gives it back in the backward pass instead of computing it
+        self.saved = self.replay = None
 
     def construct(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.native and not self.training and x.dtype == ms.float32:
             y = LINEAR16(x2, self.weight)
+        elif self.replay is not None:  # (static)
+            y = self.replay(x2, self.weight, self.saved)
         else:
             # (static) no cast node for a weight already in the compute dtype
             y = self.matmul(x2, self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype))
+            if self.saved is not None:  # (static)
+                ops.assign(self.saved, y)
         if self.bias is not None:
             y = y + self.bias.astype(x.dtype)
         return y.reshape(shape[:-1] + (y.shape[-1],))

@@ -69,7 +69,9 @@ def _backward_of(base, method: str, recompute: bool):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_recomputation_gives_the_same_losses_and_gradients(base, tmp_path, method):
     """Block-by-block training (--recompute, the default) computes what the one-graph step computes: the same
-    loss and gradients of every trained weight, and the same losses over optimizer steps."""
+    loss and gradients of every trained weight, and the same losses over optimizer steps. (The first block's
+    backward pass takes back the matmul outputs its forward pass kept, while the worker's slots hold the last
+    block's; full: the matmuls' weight gradients come from those kept outputs' Replay.)"""
     (loss, grads), (loss_rc, grads_rc) = (_backward_of(base, method, rc) for rc in (False, True))
     assert loss_rc == pytest.approx(loss, rel=1e-6) and grads_rc.keys() == grads.keys()
     assert len(grads) == (4 if method == "lora" else 17)  # LoRA: A and B in 2 blocks; full: every weight
