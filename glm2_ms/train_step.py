@@ -261,18 +261,19 @@ class BlockwiseBackward:
                 assert slot.shape[0] == 1, f"a batch of {rows} tokens after batches of {slot.shape[0]}"
                 slot.set_data(ops.zeros((rows, slot.shape[1]), slot.dtype))
         x, cos, sin, mask = self.prepare(ids, *fresh_masks)
-        inputs, kept = [], []
-        for params in self.sources:
+        inputs, kept, last = [], [], len(self.sources) - 1
+        for i, params in enumerate(self.sources):
             inputs.append(x)
             self.load(*params)
             x = self.forward(x, cos, sin, mask)
-            kept.append([ops.deepcopy(slot) for slot in self.kept])  # eagerly: the next block writes the slots
+            if i < last:  # eagerly: the next block writes the slots
+                kept.append([ops.deepcopy(slot) for slot in self.kept])
         (_, loss), upstream, head_grads = self.head(x, picks, targets, scale)
         put(self.head_params, head_grads)
         for i in reversed(range(len(self.sources))):
-            if i < len(self.sources) - 1:  # the worker still holds the last block's weights from the forward pass
+            if i < last:  # the worker and its slots still hold the last block's weights and outputs
                 self.load(*self.sources[i])
-            self.restore(*kept.pop())
+                self.restore(*kept.pop())
             _, upstream, block_grads = self.backward(inputs.pop(), cos, sin, mask, upstream)
             put(self.trained[i], block_grads)
         if self.embedding is not None:
