@@ -3,6 +3,7 @@ batch, each run in its own process under /usr/bin/time -v.
 
     python benchmarks/finetune.py [--configs small,medium] [--steps 6] [--batch 4] [--optimizers adamw,fused-adamw]
                                   [--skip medium:full:adamw:off] [--num-layers N]
+                                  [--repeats 3]
 
 Both sides: real ADGEN lines, the recipe's preprocessing (64 + 64 + 1 tokens here), float32, AdamW
 (0.9, 0.95, 1e-8, weight decay 0.1), gradient clipping at 1.0, LoRA r 8 / alpha 32 / dropout 0.1 on
@@ -14,6 +15,7 @@ import argparse
 import itertools
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,6 +148,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of runs, torch's then each MindSpore row's")
     ap.add_argument("--methods", default="lora,full")
     ap.add_argument("--num-layers", type=int, help="the configs' widths with this many layers (memory per layer)")
     ap.add_argument("--optimizers", default="adamw,fused-adamw",
@@ -169,7 +172,9 @@ def main() -> None:
     print_machine(args.threads)
     kernels = {name: training_anchors(name, args.batch, args.num_layers) for name in args.configs.split(",")}
     print(f"\nbatch {args.batch} x {SOURCE + TARGET + 1} tokens, {args.steps} timed steps after {WARMUP} warm-up, "
-          f"float32, {args.threads} threads each side; {RATIO}; kernel ratio: the GEMM anchors above\n")
+          f"float32, {args.threads} threads each side; {args.repeats} rounds, each process alone (torch, then each "
+          f"MindSpore row): tok/s the median, the ratio the median of the rounds' ratios (their range); peak RSS "
+          f"the highest; {RATIO}; kernel ratio: the GEMM anchors above\n")
     print("| config | method | MindSpore optimizer | recompute | MindSpore tok/s | torch tok/s | ratio | "
           "GEMM kernel ratio | ratio / kernel ratio | MindSpore peak RSS | torch peak RSS | ratio | "
           "last loss MindSpore / torch |")
@@ -181,22 +186,47 @@ def main() -> None:
             synthesize(model, config(name, args.num_layers), "float32", "safetensors", seed=0)
             for method in args.methods.split(","):
                 common = ["--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
-                t, t_rss = measure(["--child", "torch", method, str(model), "-", *common])
-                pt_rate = t["tokens"] / t["seconds"]
-                for optimizer, recompute in itertools.product(args.optimizers.split(","),
-                                                              args.recompute.split(",")):
-                    if {f"{name}:{method}:{optimizer}", f"{name}:{method}:{optimizer}:{recompute}"} & skip:
-                        print(f"| {name} | {method} | {optimizer} | {recompute} | not run (--skip) | {pt_rate:.0f} | "
-                              f"| {kernels[name]:.2f}x | | | {t_rss:.0f} MB | | |", flush=True)
-                        continue
-                    m, m_rss = measure(["--child", "ms", method, str(model), optimizer, *common,
-                                        "--recompute", recompute])
-                    ms_rate = m["tokens"] / m["seconds"]
-                    ratio = ms_rate / pt_rate
-                    print(f"| {name} | {method} | {optimizer} | {recompute} | {ms_rate:.0f} | {pt_rate:.0f} | "
-                          f"{ratio:.2f}x | {kernels[name]:.2f}x | {ratio / kernels[name]:.2f} | {m_rss:.0f} MB | "
-                          f"{t_rss:.0f} MB | {m_rss / t_rss:.2f}x | {m['loss']:.4f} / {t['loss']:.4f} |", flush=True)
+                rows = list(itertools.product(args.optimizers.split(","), args.recompute.split(",")))
+                run = [r for r in rows if not {f"{name}:{method}:{r[0]}", f"{name}:{method}:{r[0]}:{r[1]}"} & skip]
+                rounds = alternate_rounds(model, method, run, common, args.repeats)
+                pt = rounds.pop("torch")
+                for optimizer, recompute in rows:
+                    print_row(name, method, optimizer, recompute, pt, rounds.get((optimizer, recompute)),
+                              kernels[name])
 
+
+def alternate_rounds(model: Path, method: str, rows: list, common: list[str], repeats: int) -> dict:
+    """`repeats` rounds of torch's run then each MindSpore row's, every run its own process: each MindSpore run
+    is timed next to a torch run of its own round, so a machine whose speed drifts moves both sides alike."""
+    out = {"torch": []} | {row: [] for row in rows}
+    for _ in range(repeats):
+        out["torch"].append(measure(["--child", "torch", method, str(model), "-", *common]))
+        for optimizer, recompute in rows:
+            out[(optimizer, recompute)].append(measure(["--child", "ms", method, str(model), optimizer, *common,
+                                                        "--recompute", recompute]))
+    return out
+
+
+def rate(run: tuple[dict, float]) -> float:
+    return run[0]["tokens"] / run[0]["seconds"]
+
+
+def print_row(name: str, method: str, optimizer: str, recompute: str, pt: list, ms: list | None,
+              kernel: float) -> None:
+    """One table row: medians over the rounds; the speed ratio is the median of each round's own ratio (its range
+    beside it), peak RSS the highest of the rounds."""
+    pt_rate, pt_rss = statistics.median(map(rate, pt)), max(rss for _, rss in pt)
+    if ms is None:
+        print(f"| {name} | {method} | {optimizer} | {recompute} | not run (--skip) | {pt_rate:.0f} | | "
+              f"{kernel:.2f}x | | | {pt_rss:.0f} MB | | |", flush=True)
+        return
+    ratios = [rate(m) / rate(t) for m, t in zip(ms, pt, strict=True)]
+    ratio, ms_rss = statistics.median(ratios), max(rss for _, rss in ms)
+    spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+    print(f"| {name} | {method} | {optimizer} | {recompute} | {statistics.median(map(rate, ms)):.0f} | "
+          f"{pt_rate:.0f} | {ratio:.2f}x{spread} | {kernel:.2f}x | {ratio / kernel:.2f} | {ms_rss:.0f} MB | "
+          f"{pt_rss:.0f} MB | {ms_rss / pt_rss:.2f}x | {ms[-1][0]['loss']:.4f} / {pt[-1][0]['loss']:.4f} |",
+          flush=True)
 
 if __name__ == "__main__":
     main()
