@@ -25,7 +25,9 @@ from pathlib import Path
 from measure import (
     CONFIGS,
     RATIO,
+    backward_shapes,
     kernel_anchors,
+    kernel_ratio,
     print_anchors,
     print_machine,
     projection_shapes,
@@ -124,13 +126,18 @@ def config(name: str, layers: int | None):
     return GLM2Config.preset("tiny", **CONFIGS[name] | ({"num_layers": layers} if layers else {}))
 
 
-def training_anchors(name: str, batch: int, layers: int | None) -> float:
-    """The kernel anchors at the training step's forward GEMMs: every token of the batch through each layer's
-    projections, the output layer on the answer windows (TARGET + 1 positions a row, as the trainer runs it;
-    torch's side runs it on every position)."""
-    rows = kernel_anchors(projection_shapes(config(name, layers), batch * (SOURCE + TARGET + 1),
-                                            batch * (TARGET + 1)))
-    return print_anchors(f"{name}, training step (batch {batch})", rows)
+def training_anchors(name: str, batch: int, layers: int | None, methods: list[str]) -> dict[str, float]:
+    """The kernel anchors at a training step's GEMMs, {method: weighted ratio}: every token of the batch through
+    each layer's projections, the output layer on the answer windows (TARGET + 1 positions a row, as the trainer
+    runs it; torch's side runs it on every position), and the backward pass's products of those: dx = dy W for
+    both methods, dW = dyᵀ x for the full finetune (LoRA's rank-8 factors are left out: a few percent)."""
+    forward = projection_shapes(config(name, layers), batch * (SOURCE + TARGET + 1), batch * (TARGET + 1))
+    rows = kernel_anchors(forward + backward_shapes(forward, trained="full" in methods))
+    print_anchors(f"{name}, training step (batch {batch})", rows)
+    ratios = {"lora": kernel_ratio(rows[:2 * len(forward)]), "full": kernel_ratio(rows)}
+    print(f"forward and dx (a LoRA step's GEMMs): {ratios['lora']:.2f}x"
+          + (f"; with dW (a full step's): {ratios['full']:.2f}x" if "full" in methods else ""), flush=True)
+    return ratios
 
 
 def measure(args: list[str]) -> tuple[dict, float]:
@@ -170,7 +177,9 @@ def main() -> None:
 
     set_threads(args.threads)  # this process's anchors; each child sets its own side's
     print_machine(args.threads)
-    kernels = {name: training_anchors(name, args.batch, args.num_layers) for name in args.configs.split(",")}
+    methods = args.methods.split(",")
+    kernels = {name: training_anchors(name, args.batch, args.num_layers, methods)
+               for name in args.configs.split(",")}
     print(f"\nbatch {args.batch} x {SOURCE + TARGET + 1} tokens, {args.steps} timed steps after {WARMUP} warm-up, "
           f"float32, {args.threads} threads each side; {args.repeats} rounds, each process alone (torch, then each "
           f"MindSpore row): tok/s the median, the ratio the median of the rounds' ratios (their range); peak RSS "
@@ -184,7 +193,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model = Path(tmp) / "hf"
             synthesize(model, config(name, args.num_layers), "float32", "safetensors", seed=0)
-            for method in args.methods.split(","):
+            for method in methods:
                 common = ["--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
                 rows = list(itertools.product(args.optimizers.split(","), args.recompute.split(",")))
                 run = [r for r in rows if not {f"{name}:{method}:{r[0]}", f"{name}:{method}:{r[0]}:{r[1]}"} & skip]
@@ -192,7 +201,7 @@ def main() -> None:
                 pt = rounds.pop("torch")
                 for optimizer, recompute in rows:
                     print_row(name, method, optimizer, recompute, pt, rounds.get((optimizer, recompute)),
-                              kernels[name])
+                              kernels[name][method])
 
 
 def alternate_rounds(model: Path, method: str, rows: list, common: list[str], repeats: int) -> dict:

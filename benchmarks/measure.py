@@ -3,6 +3,7 @@ the machine it ran on, and the kernel anchors its speed ratios are read against.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -154,45 +155,90 @@ def alternating(sides: dict, repeat: int) -> dict:
     return {side: float(np.median(t)) for side, t in times.items()}
 
 
+def backward_shapes(forward, trained: bool) -> list[tuple[str, int, int, int, int, str]]:
+    """The backward pass's products for the `forward` products (name, m, k, n, count) of y = x Wᵀ, as torch's
+    autograd and the runtime's (Replay, MatMul's own bprop) both run them: dx = dy W (m × n × k, layout "nn") for
+    each, and dW = dyᵀ x (n × m × k, "tn") where the weights are `trained`."""
+    rows = [(f"{name}, dx = dy W", m, n, k, count, "nn") for name, m, k, n, count, *_ in forward]
+    if trained:
+        rows += [(f"{name}, dW = dyᵀ x", n, m, k, count, "tn") for name, m, k, n, count, *_ in forward]
+    return rows
+
+
 def kernel_anchors(shapes, repeat: int = 5, native: bool = False) -> list[dict]:
-    """Each (name, m, k, n, count) product in float32 through the runtime's own `Linear` (MatMul, transpose_b)
-    under jit and torch's `F.linear`, alternating; `native`: also the `Linear` over float16 weights through the
-    native kernel ("ms16"). A jit call on CPU returns once its result is computed, so its time includes the call's
-    fixed cost (~1 ms here), as every call of the runtime's compiled step does."""
-    return [dict(name=name, shape=(m, k, n), count=count, **linear_times(m, k, n, repeat, native))
-            for name, m, k, n, count in shapes]
+    """Each (name, m, k, n, count[, layout]) product in float32 on both sides, alternating. Layout "nt" (the
+    default): x Wᵀ, through the runtime's own `Linear` (MatMul, transpose_b) under jit against torch's `F.linear`;
+    "nn" and "tn" (the backward's, `backward_shapes`): `MatMul` under jit against `torch.mm`. `native`: also the
+    `Linear` over float16 weights through the native kernel ("ms16"). A jit call on CPU returns once its result
+    is computed, so its time includes the call's fixed cost (~1 ms here), as every call of the runtime's compiled
+    step does."""
+    return [dict(name=name, shape=(m, k, n), count=count, **linear_times(m, k, n, repeat, native, *layout))
+            for name, m, k, n, count, *layout in shapes]
 
 
-def linear_times(m: int, k: int, n: int, repeat: int, native: bool = False) -> dict:
-    import mindspore as ms
+def linear_times(m: int, k: int, n: int, repeat: int, native: bool = False, layout: str = "nt") -> dict:
     import torch
 
-    from glm2_ms.model import Linear, use_native_kernels
-
     rng = np.random.default_rng(0)
+    if layout != "nt":
+        a = rng.random((k, m) if layout == "tn" else (m, k), np.float32)
+        b = rng.random((k, n), np.float32)
+        return matmul_times(a, b, layout == "tn", repeat)
     x, w = rng.random((m, k), np.float32), rng.random((n, k), np.float32)
-
-    def cell(dtype):
-        linear = Linear(k, n, False, dtype)
-        linear.weight.set_data(ms.Tensor(w, dtype))
-        if dtype == ms.float16 and not use_native_kernels(linear):
-            raise SystemExit("the native kernel cannot be built here (see glm2_ms/kernels)")
-        linear.construct = ms.jit(linear.construct)
-        return linear
-
-    xm, xt, wt = ms.Tensor(x), torch.from_numpy(x), torch.from_numpy(w)
-    single = cell(ms.float32)
-    sides = {"ms": lambda: single(xm), "pt": lambda: torch.nn.functional.linear(xt, wt)}
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    sides = {"ms": linear_call(x, w, False), "pt": lambda: torch.nn.functional.linear(xt, wt)}
     if native:
-        half = cell(ms.float16)
-        sides["ms16"] = lambda: half(xm)
+        sides["ms16"] = linear_call(x, w, True)
     t = alternating(sides, repeat)
     return {**t, "ratio": t["pt"] / t["ms"], **({"ratio16": t["pt"] / t["ms16"]} if native else {})}
 
 
+def linear_call(x, w, native: bool):
+    """x Wᵀ through the runtime's `Linear` under jit: float32, or float16 weights on the native kernel."""
+    import mindspore as ms
+
+    from glm2_ms.model import Linear, use_native_kernels
+
+    dtype = ms.float16 if native else ms.float32
+    linear = Linear(w.shape[1], w.shape[0], False, dtype)
+    linear.weight.set_data(ms.Tensor(w, dtype))
+    if native and not use_native_kernels(linear):
+        raise SystemExit("the native kernel cannot be built here (see glm2_ms/kernels)")
+    linear.construct = ms.jit(linear.construct)
+    xm = ms.Tensor(x)
+    return lambda: linear(xm)
+
+
+def matmul_times(a, b, transpose_a: bool, repeat: int) -> dict:
+    """a b (aᵀ b when `transpose_a`): MindSpore's MatMul under jit against torch.mm, alternating."""
+    import mindspore as ms
+    import torch
+
+    matmul = jit_matmul(transpose_a)
+    am, bm, at, bt = ms.Tensor(a), ms.Tensor(b), torch.from_numpy(a), torch.from_numpy(b)
+    sides = {"ms": lambda: matmul(am, bm), "pt": lambda: torch.mm(at.t() if transpose_a else at, bt)}
+    t = alternating(sides, repeat)
+    return {**t, "ratio": t["pt"] / t["ms"]}
+
+
+@functools.cache
+def jit_matmul(transpose_a: bool):
+    """One jit function per layout, for every shape (MindSpore warns of each new one compiling the same code)."""
+    import mindspore as ms
+    from mindspore import ops
+
+    op = ops.MatMul(transpose_a=transpose_a)
+
+    @ms.jit
+    def matmul(a, b):
+        return op(a, b)
+
+    return matmul
+
+
 def kernel_ratio(rows, side: str = "ms") -> float:
-    """torch / MindSpore time (`side`: "ms16" for the native kernel's) of all the anchors' products as often as one
-    forward runs each."""
+    """torch / MindSpore time (`side`: "ms16" for the native kernel's) of all the anchors' products, each as often as
+    its count says (its calls in a forward or a step)."""
     return sum(r["pt"] * r["count"] for r in rows) / sum(r[side] * r["count"] for r in rows)
 
 
@@ -201,7 +247,7 @@ def print_anchors(title: str, rows) -> float:
     native kernel's column when measured."""
     native = "ms16" in rows[0]
     print(f"\nkernel anchors, {title} (float32, alternating, median of the timed calls; {RATIO}):")
-    print("| product | m × k × n | per forward | MindSpore Linear | torch F.linear | ratio |"
+    print("| product | m × k × n | calls | MindSpore (Linear; MatMul) | torch (F.linear; mm) | ratio |"
           + (" MindSpore Linear, float16 weights, native kernel | ratio |" if native else ""))
     print("|---|---|---|---|---|---|" + ("---|---|" if native else ""))
     for r in rows:
@@ -210,7 +256,7 @@ def print_anchors(title: str, rows) -> float:
         print(f"| {r['name']} | {' × '.join(map(str, r['shape']))} | {r['count']} | {cells[0]} | {cells[1]} | "
               f"{r['ratio']:.2f}x |" + (f" {cells[2]} | {r['ratio16']:.2f}x |" if native else ""))
     ratio = kernel_ratio(rows)
-    print(f"| all, weighted by calls per forward | | | | | **{ratio:.2f}x** |"
+    print(f"| all, weighted by calls | | | | | **{ratio:.2f}x** |"
           + (f" | **{kernel_ratio(rows, 'ms16'):.2f}x** |" if native else ""), flush=True)
     return ratio
 

@@ -95,16 +95,18 @@ def _update(opt, shards: OptimizerShards, reducer, clip, unscale_by: int | None)
 
 
 def clip_in_place(grads: list, max_norm: float) -> tuple:
-    """ops.clip_by_global_norm's arithmetic (its ops, in its order), run eagerly over a list it may overwrite:
-    each square and each clipped gradient (which replaces its input) is the only temporary alive. A graph keeps
-    every intermediate (measured: clipping 78M float32 gradients in a graph adds ~1 GB, three copies)."""
-    limit = Tensor([max_norm], ms.float32)
+    """ops.clip_by_global_norm's result (within float32 rounding; unchanged below max_norm), computed eagerly
+    over a list it may overwrite: each square and each clipped gradient (which replaces its input) is the only
+    temporary alive. A graph keeps every intermediate (measured: clipping 78M float32 gradients in a graph adds
+    ~1 GB, three copies). Each gradient's rows are summed first: MindSpore's CPU ReduceSum over a whole tensor at
+    once is ~3× slower (11008 × 2048 floats: 101 ms, rows first 30 ms); each gradient is scaled in one pass."""
+    limit = Tensor(max_norm, ms.float32)
     square_sum = ops.ReduceSum(False)
-    norm = ops.sqrt(ops.addn([square_sum(ops.square(g), ()).astype(ms.float32).expand_dims(0) for g in grads]))
-    norm = ops.select(norm >= limit, norm, limit)
+    sums = [square_sum(square_sum(ops.square(g), tuple(range(1, g.ndim))), ()).astype(ms.float32) for g in grads]
+    factor = _real_div(limit, ops.maximum(ops.sqrt(ops.addn(sums)), limit))
     for i, g in enumerate(grads):
         grads[i] = None  # the list held the only reference besides `g`
-        grads[i] = _real_div(_mul(g, limit), norm).astype(g.dtype)
+        grads[i] = _mul(g, factor).astype(g.dtype)
     return tuple(grads)
 
 

@@ -46,3 +46,17 @@ def test_projection_shapes_are_the_models_matmuls():
     assert shapes == {"query_key_value": (128, 512, 512 + 2 * 2 * 64, 4), "dense": (128, 512, 512, 4),
                       "dense_h_to_4h": (128, 512, 2 * 1376, 4), "dense_4h_to_h": (128, 1376, 512, 4),
                       "output_layer": (1, 512, 65024, 1)}
+
+
+def test_backward_shapes_are_the_products_autograd_runs():
+    import torch
+
+    (dx, dw) = measure.backward_shapes([("p", 4, 32, 16, 3)], trained=True)
+    x, w = torch.ones(4, 32, requires_grad=True), torch.ones(16, 32, requires_grad=True)
+    torch.nn.functional.linear(x, w).sum().backward()
+    # each product m × k × n makes an m × n result: the gradient it computes
+    assert (dx[1], dx[3], dx[4], dx[5]) == (*x.grad.shape, 3, "nn")
+    assert (dw[1], dw[3], dw[4], dw[5]) == (*w.grad.shape, 3, "tn")
+    assert (dx[2], dw[2]) == (16, 4) and measure.backward_shapes([("p", 4, 32, 16, 3)], trained=False) == [dx]
+    for r in measure.kernel_anchors([dx, dw], repeat=2):
+        assert r["ms"] > 0 and r["pt"] > 0 and r["ratio"] == pytest.approx(r["pt"] / r["ms"])

@@ -85,18 +85,22 @@ def test_recomputation_gives_the_same_losses_and_gradients(base, tmp_path, metho
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1.0, 1e3])
-def test_eager_clipping_is_clip_by_global_norm_bit_for_bit(max_norm):
+def test_eager_clipping_is_clip_by_global_norm(max_norm):
     """The block-by-block step clips one gradient at a time, eagerly, with the primitives (Mul, RealDiv: Tensor
-    `/` holds several operand-sized buffers on CPU); every value equals ops.clip_by_global_norm's, clipped
-    (norm above max_norm) or not."""
+    `/` holds several operand-sized buffers on CPU): every value is ops.clip_by_global_norm's within float32
+    rounding, and float64's clipping's; below max_norm, the gradients themselves, bit for bit."""
     from glm2_ms.train_step import clip_in_place
 
     rng = np.random.default_rng(0)
     grads = [ms.Tensor(rng.standard_normal(shape).astype(np.float32) * 0.1) for shape in [(37, 5), (11,), (3, 4, 2)]]
     expected = ms.ops.clip_by_global_norm(tuple(grads), max_norm)
+    norm = np.sqrt(sum((g.asnumpy().astype(np.float64) ** 2).sum() for g in grads))
     clipped = clip_in_place(list(grads), max_norm)
-    for e, g in zip(expected, clipped, strict=True):
-        np.testing.assert_array_equal(g.asnumpy(), e.asnumpy())
+    for e, g, x in zip(expected, clipped, grads, strict=True):
+        np.testing.assert_allclose(g.asnumpy(), e.asnumpy(), rtol=1e-6)
+        np.testing.assert_allclose(g.asnumpy(), x.asnumpy() * max_norm / max(norm, max_norm), rtol=1e-6)
+        if norm <= max_norm:
+            np.testing.assert_array_equal(g.asnumpy(), x.asnumpy())
 
 
 def test_token_loss_and_its_gradient_are_cross_entropys():
