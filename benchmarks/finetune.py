@@ -237,5 +237,6 @@ def print_row(name: str, method: str, optimizer: str, recompute: str, pt: list, 
           f"{pt_rss:.0f} MB | {ms_rss / pt_rss:.2f}x | {ms[-1][0]['loss']:.4f} / {pt[-1][0]['loss']:.4f} |",
           flush=True)
 
+
 if __name__ == "__main__":
     main()
