@@ -172,18 +172,19 @@ def kernel_anchors(shapes, repeat: int = 5, native: bool = False) -> list[dict]:
     `Linear` over float16 weights through the native kernel ("ms16"). A jit call on CPU returns once its result
     is computed, so its time includes the call's fixed cost (~1 ms here), as every call of the runtime's compiled
     step does."""
-    return [dict(name=name, shape=(m, k, n), count=count, **linear_times(m, k, n, repeat, native, *layout))
-            for name, m, k, n, count, *layout in shapes]
+    rows = []
+    for name, m, k, n, count, *layout in shapes:
+        layout = layout[0] if layout else "nt"
+        times = linear_times(m, k, n, repeat, native) if layout == "nt" else \
+            matmul_times(m, k, n, layout == "tn", repeat)
+        rows.append(dict(name=name, shape=(m, k, n), count=count, layout=layout, **times))
+    return rows
 
 
-def linear_times(m: int, k: int, n: int, repeat: int, native: bool = False, layout: str = "nt") -> dict:
+def linear_times(m: int, k: int, n: int, repeat: int, native: bool = False) -> dict:
     import torch
 
     rng = np.random.default_rng(0)
-    if layout != "nt":
-        a = rng.random((k, m) if layout == "tn" else (m, k), np.float32)
-        b = rng.random((k, n), np.float32)
-        return matmul_times(a, b, layout == "tn", repeat)
     x, w = rng.random((m, k), np.float32), rng.random((n, k), np.float32)
     xt, wt = torch.from_numpy(x), torch.from_numpy(w)
     sides = {"ms": linear_call(x, w, False), "pt": lambda: torch.nn.functional.linear(xt, wt)}
@@ -209,11 +210,14 @@ def linear_call(x, w, native: bool):
     return lambda: linear(xm)
 
 
-def matmul_times(a, b, transpose_a: bool, repeat: int) -> dict:
-    """a b (aᵀ b when `transpose_a`): MindSpore's MatMul under jit against torch.mm, alternating."""
+def matmul_times(m: int, k: int, n: int, transpose_a: bool, repeat: int) -> dict:
+    """An m × k × n product a b (aᵀ b, a stored k × m, when `transpose_a`): MindSpore's MatMul under jit against
+    torch.mm, alternating."""
     import mindspore as ms
     import torch
 
+    rng = np.random.default_rng(0)
+    a, b = rng.random((k, m) if transpose_a else (m, k), np.float32), rng.random((k, n), np.float32)
     matmul = jit_matmul(transpose_a)
     am, bm, at, bt = ms.Tensor(a), ms.Tensor(b), torch.from_numpy(a), torch.from_numpy(b)
     sides = {"ms": lambda: matmul(am, bm), "pt": lambda: torch.mm(at.t() if transpose_a else at, bt)}

@@ -58,5 +58,7 @@ def test_backward_shapes_are_the_products_autograd_runs():
     assert (dx[1], dx[3], dx[4], dx[5]) == (*x.grad.shape, 3, "nn")
     assert (dw[1], dw[3], dw[4], dw[5]) == (*w.grad.shape, 3, "tn")
     assert (dx[2], dw[2]) == (16, 4) and measure.backward_shapes([("p", 4, 32, 16, 3)], trained=False) == [dx]
-    for r in measure.kernel_anchors([dx, dw], repeat=2):
+    rows = measure.kernel_anchors([dx, dw], repeat=2)
+    assert [(r["shape"], r["layout"]) for r in rows] == [((4, 16, 32), "nn"), ((16, 4, 32), "tn")]
+    for r in rows:
         assert r["ms"] > 0 and r["pt"] > 0 and r["ratio"] == pytest.approx(r["pt"] / r["ms"])
