@@ -127,16 +127,13 @@ def _value_and_grad(fn, position, params: list, has_aux: bool = False):
     return call
 
 
-def _assigner(slots: list):
-    """A graph that copies its inputs into `slots` (a parameter changed by a graph is seen by the graphs after it;
-    set_data after they were compiled is not)."""
-
-    def assign(*values):
-        for slot, value in zip(slots, values):  # noqa: B905 (jit: MindSpore's graph parser takes no strict=)
-            ops.assign(slot, value)
-        return True
-
-    return ms.jit(assign)
+def _copy_into(slots: list, values) -> None:
+    """Copies `values` into `slots` in place (Tensor.copy_, eagerly): a compiled graph reads a parameter's memory,
+    so it sees the new values (set_data, which gives the parameter new memory, it would not), in order with the
+    graphs around it. On CPU a medium block's weights (173 MB) take 19 ms, where a jit graph of Assigns took
+    50 ms, and a medium LoRA step 8.1 s instead of 10.6 s (alternated runs)."""
+    for slot, value in zip(slots, values, strict=True):
+        slot.copy_(value)
 
 
 class Replay(nn.Cell):
@@ -193,7 +190,7 @@ class BlockwiseBackward:
     own ~50–85 MB at the small config, whichever block it runs), so a whole-model graph holds every block's
     activations, float32 weight casts and gradients buffers at once. Here one block's forward and backward graphs
     are compiled once, on a working copy of a block (`worker`), and each block's parameters are copied into it
-    (`load`, a graph of assignments) before it runs: the graphs' buffers are one block's whatever the depth.
+    (`_copy_into`, in place) before it runs: the graphs' buffers are one block's whatever the depth.
     The backward pass of a block takes its matmuls' outputs from the forward pass (`keep_matmul_outputs`) instead
     of computing them again."""
 
@@ -247,7 +244,7 @@ class BlockwiseBackward:
         def weighted(x, cos, sin, mask, upstream):
             return (replayer(x, cos, sin, mask)[0] * upstream).sum()
 
-        self.load, self.restore, self.forward = _assigner(slots), _assigner(self.kept), ms.jit(forward)
+        self.slots, self.forward = slots, ms.jit(forward)
         self.backward = ms.jit(_value_and_grad(weighted, 0, [slots[k] for k in trained]))
 
     def __call__(self, ids, picks, targets, scale, fresh_masks):
@@ -266,7 +263,7 @@ class BlockwiseBackward:
         inputs, kept, last = [], [], len(self.sources) - 1
         for i, params in enumerate(self.sources):
             inputs.append(x)
-            self.load(*params)
+            _copy_into(self.slots, params)
             x = self.forward(x, cos, sin, mask)
             if i < last:  # eagerly: the next block writes the slots
                 kept.append([ops.deepcopy(slot) for slot in self.kept])
@@ -274,8 +271,8 @@ class BlockwiseBackward:
         put(self.head_params, head_grads)
         for i in reversed(range(len(self.sources))):
             if i < last:  # the worker and its slots still hold the last block's weights and outputs
-                self.load(*self.sources[i])
-                self.restore(*kept.pop())
+                _copy_into(self.slots, self.sources[i])
+                _copy_into(self.kept, kept.pop())
             _, upstream, block_grads = self.backward(inputs.pop(), cos, sin, mask, upstream)
             put(self.trained[i], block_grads)
         if self.embedding is not None:
