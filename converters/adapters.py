@@ -229,6 +229,7 @@ def write_mindpet(adapter: Adapter, out: Path) -> None:
         for module, (a, b) in adapter.deltas.items():
             w.write(f"{module}.{LORA_A}", np.ascontiguousarray(a, np.float32), "float32")
             w.write(f"{module}.{LORA_B}", np.ascontiguousarray(b, np.float32), "float32")
+        w.finish()
     write_json(out / "adapter_config.json", {"format": "mindpet", "r": adapter.rank, "lora_alpha": adapter.alpha,
                                              "lora_dropout": adapter.dropout,
                                              "target_modules": _short_names(adapter.deltas)})

@@ -2,12 +2,16 @@
 lazy map of tensors, with the config, tokenizer files and manifest that sit beside it."""
 from __future__ import annotations
 
+import hashlib
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from glm2_core.errors import CheckpointError
 from glm2_core.jsonio import read_json
+from glm2_core.outputs import TOOL
 
 from .formats.base import Closing, TensorRef
 from .model_folder import CONFIG, HF_WEIGHTS, INDEX_FILES, MANIFEST, tokenizer_candidates, trusted
@@ -100,8 +104,8 @@ def _weights_files(folder: Path) -> tuple[list[Path], Path | None, dict | None]:
             raise CheckpointError(f"{index}: has no weight_map")
         files = sorted({_inside(folder, v, index) for v in weight_map.values()})
         return files, index, weight_map
-    if (folder / MANIFEST).is_file():
-        listed = read_json(folder / MANIFEST, "manifest").get("files", [])
+    listed = read_json(folder / MANIFEST, "manifest").get("files") if (folder / MANIFEST).is_file() else None
+    if listed is not None:
         if not isinstance(listed, list):
             raise CheckpointError(f"{folder / MANIFEST}: 'files' is not a list of file names")
         return [_inside(folder, n, folder / MANIFEST) for n in listed], None, None
@@ -113,6 +117,31 @@ def _weights_files(folder: Path) -> tuple[list[Path], Path | None, dict | None]:
         raise CheckpointError(f"{folder}: {what}; expected an index json, one model.safetensors / pytorch_model.bin, "
                               f"or one .ckpt")
     return singles, None, None
+
+
+def _check_by_manifest(ckpt: Checkpoint) -> None:
+    """safetensors carries no checksum: where our manifest.json lists a tensor's sha256, every read of it is checked
+    against that (a copied span by the writer, which hashes what it copies; a read here). Partial row reads cannot
+    be checked, so they are turned off for these tensors."""
+    if ckpt.manifest.get("tool") != TOOL or not isinstance(ckpt.manifest.get("tensors"), list):
+        return
+    where = ckpt.folder / MANIFEST
+    for record in ckpt.manifest["tensors"]:
+        ref = ckpt.tensors.get(record.get("name")) if isinstance(record, dict) else None
+        digest = record.get("sha256") if ref is not None and record.get("file") == ref.file.name else None
+        if isinstance(digest, str):
+            ref.sha256, ref.rows, ref.into = digest, None, None
+            ref.reader = _hashed(ref.reader, ref, digest, where)
+
+
+def _hashed(read, ref: TensorRef, digest: str, where: Path):
+    def reader() -> np.ndarray:
+        arr = read()
+        if hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest() != digest:
+            raise CheckpointError(f"{ref.file}: tensor {ref.name!r} does not match the sha256 {where} records: the "
+                                  f"file is corrupt (--no-crc-check reads it anyway)")
+        return arr
+    return reader
 
 
 def open_checkpoint(path, verify_checksums: bool = True) -> Checkpoint:
@@ -145,6 +174,8 @@ def open_checkpoint(path, verify_checksums: bool = True) -> Checkpoint:
             ckpt.config = read_json(folder / CONFIG, "config")
         if (folder / MANIFEST).is_file():
             ckpt.manifest = read_json(folder / MANIFEST, "manifest")
+            if verify_checksums and ckpt.format == "safetensors":
+                _check_by_manifest(ckpt)
     except BaseException:
         ckpt.close()
         raise

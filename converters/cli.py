@@ -131,7 +131,7 @@ def merge_lora(base, adapter, dst, lora_alpha, layout, fmt, no_crc_check, dtype,
     lora = read_adapter(adapter, lora_alpha)
     summary = convert(base, dst, target=Layout(layout), fmt=fmt, dtype=dtype, overwrite=overwrite,
                       allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config, progress=not quiet,
-                      adapter=lora, verify_checksums=not no_crc_check)
+                      adapter=lora, verify_checksums=not no_crc_check, inputs=(adapter,))
     _print_summary(summary, as_json)
     if not as_json:
         click.echo(f"  merged LoRA r={lora.rank} alpha={lora.alpha:g} (scaling {lora.scaling:g}) into "

@@ -14,6 +14,7 @@ from pathlib import Path
 from glm2_core.dtypes import DTYPES, nbytes
 from glm2_core.errors import CheckpointError, UserError
 from glm2_core.names import EMBEDDING, HF_FAMILIES, INV_FREQ, Layout, inv_freq
+from glm2_core.outputs import check_output
 
 from . import __version__
 from .model_folder import tokenizer_or_bundled, weight_files, weights_format, write_beside_weights, write_manifest
@@ -80,16 +81,15 @@ class Plan:
         return sum(nbytes(s, d) for _, plan in self.shards for _, s, d in plan)
 
 
-def _check_request(src: Path, dst: Path, target: Layout, fmt: str, dtype: str, keep_optimizer: bool,
-                   reads_src: bool) -> None:
-    """Refuse what cannot be done before anything is opened."""
+def _check_request(dst: Path, target: Layout, fmt: str, dtype: str, keep_optimizer: bool, overwrite: bool,
+                   inputs: list[Path]) -> None:
+    """Refuse what cannot be done before anything is opened (the output's rules: glm2_core.outputs)."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if keep_optimizer and target.family in HF_FAMILIES:
         raise UserError("--keep-optimizer: optimizer state has no place in a HF folder")
     weights_format(fmt, target.family)
-    if reads_src and (dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents):
-        raise UserError(f"{dst}: the destination must not be the source or lie inside it")
+    check_output(dst, overwrite, inputs)
 
 
 def plan(source: Source, target: Layout, fmt: str, dtype: str, keep_optimizer: bool,
@@ -140,21 +140,24 @@ def manifest(src: Path, source: Source, target: Layout, fmt: str, planned: Plan,
 def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shard_bytes: int | None = None,
             overwrite: bool = False, allow_overflow: bool = False, keep_optimizer: bool = False,
             rearranged_rope: bool | None = None, config: Path | None = None, progress: bool = True, adapter=None,
-            opened=None, bundled_tokenizer: bool = False, verify_checksums: bool = True) -> Summary:
+            opened=None, bundled_tokenizer: bool = False, verify_checksums: bool = True,
+            inputs: tuple = ()) -> Summary:
     """Convert the checkpoint at `src` (or the Checkpoint `opened` from it) into a new folder `dst` (MindSpore, or
     a HF folder for a HF layout); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
     into the weights. The tokenizer files written are those beside the source; with `bundled_tokenizer`, a source
-    without a tokenizer.model gets its family's bundled one (a shard merge, a finetune's export)."""
+    without a tokenizer.model gets its family's bundled one (a shard merge, a finetune's export). DST may not
+    overlap `src`, the files of `opened`, `config` or the other `inputs` (an adapter, a strategy)."""
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    _check_request(src, dst, target, fmt, dtype, keep_optimizer, reads_src=opened is None or bool(opened.files))
+    protected = [*([src] if opened is None else opened.files), *inputs, config]
+    _check_request(dst, target, fmt, dtype, keep_optimizer, overwrite, protected)
     with Source.open(src, rearranged_rope, config, opened, verify_checksums) as source:
         lora = source.dropped["LoRA adapters"]
         if lora and adapter is None:
             raise CheckpointError(f"{src}: holds LoRA adapters ({lora[0]}, …): merge them with "
                                   f"`glm2-convert merge-lora {src} {src} DST`, or convert the base alone")
         planned = plan(source, target, fmt, dtype, keep_optimizer, max_shard_bytes)
-        with staged_folder(dst, overwrite) as tmp:
+        with staged_folder(dst, overwrite, protected) as tmp:
             records = write_weights(source, planned, tmp, fmt, target.family, dtype=dtype,
                                     allow_overflow=allow_overflow, adapter=adapter, progress=progress,
                                     desc=f"{src.name} -> {dst.name}")

@@ -19,11 +19,11 @@ from glm2_core.dtypes import nbytes
 from glm2_core.errors import UserError
 from glm2_core.jsonio import write_json
 from glm2_core.names import HF_FAMILIES, Layout
+from glm2_core.outputs import MANIFEST, TOOL
 
 from .output import PLAN
 
 CONFIG = "config.json"
-MANIFEST = "manifest.json"
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_FILES = (TOKENIZER_MODEL, "tokenizer_config.json", "special_tokens_map.json", "tokenization_chatglm.py")
 HF_WEIGHTS = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin"}  # one file, or the stem of shards
@@ -135,7 +135,10 @@ def write_beside_weights(folder: Path, cfg: GLM2Config, target: Layout, dtype: s
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    write_json(folder / MANIFEST, {"tool": "glm2-toolkit", **manifest})
+    """manifest.json, written last: what the folder holds, tensor by tensor, and every entry this toolkit wrote
+    into it (what `--overwrite` may replace: glm2_core.outputs)."""
+    written = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
+    write_json(folder / MANIFEST, {"tool": TOOL, **manifest, "written": written})
 
 
 def write_model_folder(tensors: dict[str, np.ndarray], cfg: GLM2Config, dst: Path, *, source: Path,

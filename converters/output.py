@@ -14,22 +14,24 @@ from pathlib import Path
 import numpy as np
 
 from glm2_core.errors import CheckpointError, UserError
+from glm2_core.outputs import check_output
 
 from .formats.base import FileSpan, byte_blocks
-from .formats.checksums import crc32
+from .formats.checksums import crc32, crc32_combine
 
 PLAN = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in write order
 
 
 @contextmanager
-def staged_folder(dst: Path, overwrite: bool = False):
-    """Yield a temporary folder beside `dst`; on success it replaces `dst`, on any failure it is removed."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: already exists (pass --overwrite to replace it)")
-    if not dst.parent.is_dir():
-        raise CheckpointError(f"{dst}: the folder {dst.parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+def staged_folder(dst: Path, overwrite: bool = False, sources=()):
+    """Yield a temporary folder beside `dst`; on success it replaces `dst`, on any failure it is removed. The
+    output rules (`glm2_core.outputs.check_output`: apart from the `sources`, an existing `dst` replaced only with
+    `overwrite` and only when this toolkit wrote it) are checked first."""
+    dst = check_output(dst, overwrite, sources)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    except OSError as exc:
+        raise CheckpointError(f"{dst}: cannot write in {dst.parent} ({exc.strerror or exc})") from None
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's mode
         yield tmp
@@ -42,12 +44,29 @@ def staged_folder(dst: Path, overwrite: bool = False):
             tmp.rename(dst)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise CheckpointError(f"{dst}: no space left on device while writing; nothing was written") from None
-        raise CheckpointError(f"{dst}: cannot write ({exc.strerror or exc}); nothing was written") from None
+        raise CheckpointError(_failed(exc, dst, tmp)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _failed(exc: OSError, dst: Path, tmp: Path) -> str:
+    """The one line for an OSError while an output was staged: a full disk, a file that could not be read (it names
+    the file), or the output that could not be written."""
+    if exc.errno == errno.ENOSPC:
+        return f"{dst}: no space left on device while writing; nothing was written"
+    name = Path(exc.filename) if exc.filename else None
+    if name is not None and tmp not in name.parents and name != tmp:
+        return f"{name}: cannot read ({exc.strerror or exc}); nothing was written"
+    return f"{dst}: cannot write ({exc.strerror or exc}); nothing was written"
+
+
+def _combined(pieces: list[tuple[int, int]]) -> int:
+    """The CRC-32 of a whole tensor from those of its pieces."""
+    total = 0
+    for crc, n in pieces:
+        total = crc32_combine(total, crc, n)
+    return total
 
 
 def _umask() -> int:
@@ -88,8 +107,9 @@ class WeightsWriter:
         self._pool: ThreadPoolExecutor | None = None
         self._pending = None  # the checksums of the last tensor written, still being computed
 
-    def _checksums(self, data: np.ndarray | FileSpan, crc: bool):
-        """sha256 of the tensor's bytes on one thread; on another, the CRC-32 a zip record needs and the look a
+    def _checksums(self, data: np.ndarray | FileSpan, crc: bool, piece: int | None):
+        """sha256 of the tensor's bytes on one thread; on another, the CRC-32s a writer's records need (one per
+        `piece` bytes, or of the whole tensor: a zip record's, a .ckpt record's for its trailer) and the look a
         FileSpan's `on_block` takes (hashlib and zlib release the GIL) — all while this thread writes."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(2, thread_name_prefix="checksum")
@@ -100,16 +120,18 @@ class WeightsWriter:
                 h.update(block)
             return h.hexdigest()
 
-        def crc_and_scan():
-            c = 0
-            for block in byte_blocks(data):
-                if crc:
-                    c = crc32(block, c)
-            return c
+        def crcs_and_scan():  # [(crc, length)] of each piece
+            pieces, c, n = [], 0, 0
+            for block in byte_blocks(data):  # blocks are BLOCK long but the last: pieces end at block boundaries
+                c, n = crc32(block, c), n + len(block)
+                if n == piece:
+                    pieces.append((c, n))
+                    c, n = 0, 0
+            return pieces + [(c, n)] if n or not pieces else pieces
         span = data if isinstance(data, FileSpan) else None
         crc = crc or span is not None and span.check is not None  # a span is proven by the CRC of what was copied
         observed = span is not None and span.on_block is not None
-        return self._pool.submit(sha256), self._pool.submit(crc_and_scan) if crc or observed else None
+        return self._pool.submit(sha256), self._pool.submit(crcs_and_scan) if crc or observed else None
 
     def _start(self):
         file, plan = self._queue.pop(0)
@@ -119,7 +141,7 @@ class WeightsWriter:
             writer = BinWriter(handle, plan, Path(file).stem.split(".")[0])
         elif self.fmt == "ckpt":
             from .formats.ckpt import CkptWriter
-            writer = CkptWriter(handle)
+            writer = CkptWriter(handle, deferred_crc=True)
         else:
             from .formats.safetensors_io import SafetensorsWriter
             writer = SafetensorsWriter(handle, plan, self.metadata)
@@ -141,26 +163,31 @@ class WeightsWriter:
             raise AssertionError(f"write order broken: {name} before {remaining[0]}")
         if not isinstance(arr, FileSpan):
             arr = np.ascontiguousarray(arr)
-        set_crc = getattr(writer, "crc", None)  # a zip record's CRC-32, patched in before the file is finished
-        digest = self._checksums(arr, set_crc is not None)
+        set_crc = getattr(writer, "crc", None)  # a zip record's CRC-32, a .ckpt's pieces for its trailer
+        digest = self._checksums(arr, set_crc is not None, getattr(writer, "PIECE", None))
         writer.write(name, arr, dtype)
         self._settle()  # the previous tensor's checksums; this one's overlap the next write
         self.records.append({"name": name, "shape": list(arr.shape), "dtype": dtype, "file": file})
-        self._pending = (digest, set_crc, name, arr.check if isinstance(arr, FileSpan) else None)
+        self._pending = (digest, set_crc, name, arr if isinstance(arr, FileSpan) else None)
         remaining.pop(0)
         if not remaining:
             self._finish_file()
 
     def _settle(self) -> None:
         if self._pending is not None:
-            (sha256, scan), set_crc, name, check = self._pending
+            (sha256, scan), set_crc, name, span = self._pending
             self._pending = None
             self.records[-1]["sha256"] = sha256.result()
-            crc = scan.result() if scan is not None else None  # also waits for the NaN/Inf count
-            if check is not None:
-                check(crc)  # the bytes copied are the ones the source's checksum covers, or this raises
+            pieces = scan.result() if scan is not None else None  # also waits for the NaN/Inf count
+            if span is not None:  # the bytes copied must be the ones the source's checksum covers
+                if span.check is not None:
+                    span.check(_combined(pieces))
+                if span.sha256 is not None and span.sha256 != self.records[-1]["sha256"]:
+                    raise CheckpointError(f"{span.file}: the bytes of {name!r} do not match the sha256 its "
+                                          f"manifest.json records: the file is corrupt (--no-crc-check reads it "
+                                          f"anyway)")
             if set_crc is not None:
-                set_crc(name, crc)
+                set_crc(name, [c for c, _ in pieces])
 
     def __enter__(self) -> WeightsWriter:
         return self

@@ -19,6 +19,7 @@ import numpy as np
 from glm2_core.dtypes import BY_NAME
 from glm2_core.errors import CheckpointError
 from glm2_core.names import MINDPET, OPTIMIZER_PREFIXES, classify
+from glm2_core.outputs import stamp
 
 from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
 from .formats.base import TensorRef
@@ -260,7 +261,8 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
         if ckpt.format != "ckpt":
             raise CheckpointError(f"{full}: split reads a MindSpore .ckpt checkpoint, not {ckpt.format}")
         plan = _split_plan(ckpt, strategy, full)
-        with staged_folder(dst, overwrite) as tmp, _progress(ckpt.nbytes, progress, f"split {full.name}") as bar:
+        with staged_folder(dst, overwrite, (full, strategy_path)) as tmp, \
+                _progress(ckpt.nbytes, progress, f"split {full.name}") as bar:
             written = _write_ranks(tmp, plan, strategy.ranks, prefix, bar.update)
             ckpt.check_complete()
             beside = [ckpt.folder / CONFIG, *ckpt.tokenizer_files]  # so merging DST back needs no --config
@@ -269,6 +271,7 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
             strategy_path = Path(strategy_path)
             given = sorted(strategy_path.iterdir()) if strategy_path.is_dir() else [strategy_path]
             copy_files(tmp / "strategy", [s for s in given if s.is_file()])
+            stamp(tmp, "split", source=str(Path(full).resolve()))
     replicated = [ref.name for ref, lay, _ in plan if lay is None]
     return SplitSummary(str(full), str(dst), strategy.ranks, len(plan) - len(replicated), replicated, written,
                         time.perf_counter() - started)
@@ -306,6 +309,8 @@ def _write_ranks(folder: Path, plan, ranks: int, prefix: str, on_done) -> int:
                 written += part.nbytes
             ref.release()
             on_done(ref.nbytes)
+        for writer in writers.values():
+            writer.finish()
     return written
 
 
@@ -332,8 +337,8 @@ def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, fmt: s
         if config is None and stats.run_folder is not None:
             config = stats.run_folder / CONFIG
             stats.notes.append(f"config.json from {stats.run_folder}")
-        summary = convert(sources[0], dst, target=target, fmt=fmt, adapter=adapter,
-                          opened=ckpt, config=config, bundled_tokenizer=True, **options)
+        summary = convert(sources[0], dst, target=target, fmt=fmt, adapter=adapter, opened=ckpt, config=config,
+                          bundled_tokenizer=True, inputs=(*sources, strategy_path), **options)
         if summary.tokenizer_note:
             stats.notes.append(summary.tokenizer_note)
     if not options.get("keep_optimizer"):  # the converter dropped them, and its summary says so

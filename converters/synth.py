@@ -12,7 +12,7 @@ from glm2_core.dtypes import BY_NAME, cast
 from glm2_core.errors import UserError
 from glm2_core.names import EMBEDDING, INV_FREQ, Layout, canonical_shapes, inv_freq
 
-from .model_folder import weight_files, write_beside_weights
+from .model_folder import weight_files, write_beside_weights, write_manifest
 from .output import WeightsWriter, staged_folder
 
 BLOCK_ELEMENTS = 1 << 24  # generate 16M values at a time: memory stays near one tensor
@@ -48,4 +48,6 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
             for name, shape, dt in plan:
                 writer.write(name, inv_freq(cfg, dt) if name == INV_FREQ else _values(name, shape, dt, seed), dt)
         write_beside_weights(tmp, cfg, Layout("chatglm"), dtype, fmt, shards, bundled_tokenizer(cfg.family))
+        write_manifest(tmp, {"kind": "synth", "seed": seed, "format": fmt, "dtype": dtype,
+                             "files": [f for f, _ in shards], "tensors": writer.records})
     return [f for f, _ in shards]

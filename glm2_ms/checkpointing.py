@@ -29,6 +29,7 @@ def write_ckpt(path: Path, tensors: dict[str, np.ndarray]) -> None:
             for name, arr in tensors.items():
                 data, dtype = stored(np.ascontiguousarray(arr))
                 writer.write(name, data, dtype)
+            writer.finish()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,12 +57,16 @@ def write_strategy(out: Path, layouts: dict) -> Path:
     return path
 
 
+def saved_steps(out: Path, rank: int) -> set[tuple[int, int]]:
+    """(epoch, step) of every training checkpoint of this rank that is complete (file and record)."""
+    return {(int(m.group(2)), int(m.group(3))) for p in (Path(out) / TRAINING / f"rank_{rank}").glob("*.ckpt")
+            if (m := NAME.search(p.name)) and int(m.group(1)) == rank and record_path(p).is_file()}
+
+
 def latest(out: Path, rank: int, world: int = 1) -> Path | None:
     """This rank's file of the newest training checkpoint that every rank completed (file and sidecar), by
     (epoch, step) as MindSpore orders them: a rank that died while saving leaves the previous set."""
-    steps = {r: {(int(m.group(2)), int(m.group(3))) for p in (out / TRAINING / f"rank_{r}").glob("*.ckpt")
-                 if (m := NAME.search(p.name)) and record_path(p).is_file()} for r in range(world)}
-    best = newest_complete(steps)
+    best = newest_complete({r: saved_steps(out, r) for r in range(world)})
     return None if best is None else ckpt_path(out, TRAINING, rank, *best)
 
 
@@ -70,8 +75,11 @@ def read_ckpt(path: Path) -> dict[str, np.ndarray]:
         return {name: ref.read() for name, ref in f.tensors.items()}
 
 
-def write_model_files(out: Path, cfg, dtype: str, tokenizer_from: Path | None) -> None:
-    """config.json and the tokenizer files (those beside `tokenizer_from`, else the bundled ChatGLM2 ones)."""
+def write_model_files(out: Path, cfg, dtype: str, tokenizer_from: Path | None) -> list[Path]:
+    """config.json and the tokenizer files (those beside `tokenizer_from`, else the bundled ChatGLM2 ones); returns
+    the files written."""
     out.mkdir(parents=True, exist_ok=True)
+    before = set(out.iterdir())
     write_config(out, cfg, "chatglm", dtype)
     copy_files(out, tokenizer_or_bundled(tokenizer_from, cfg.family)[0])
+    return sorted(set(out.iterdir()) - before)

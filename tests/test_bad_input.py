@@ -139,8 +139,8 @@ def _rewrite_single(src, drop=None, add=None, reshape=None, patch=None):
     if patch:
         name, index, value = patch
         tensors[name][0].reshape(-1)[index] = value
-    for p in list(src.glob("model*.safetensors*")):
-        p.unlink()
+    for p in [*src.glob("model*.safetensors*"), src / "manifest.json"]:  # a hand-made folder: none of ours
+        p.unlink(missing_ok=True)
     with open(src / "model.safetensors", "wb") as f:
         w = SafetensorsWriter(f, [(n, a.shape, d) for n, (a, d) in tensors.items()])
         for n, (a, d) in tensors.items():
@@ -171,14 +171,19 @@ def test_float16_overflow(copy_of, tmp_path):
 
 
 def test_existing_destination_needs_overwrite(hf_tiny, tmp_path):
+    """--overwrite replaces a folder this toolkit wrote, never one that holds anything else."""
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    result = run("hf2ms", hf_tiny(), dst)
-    assert_refused(result, "already exists", "--overwrite")
-    assert (dst / "keep.txt").read_text() == "mine"
-    assert run("hf2ms", hf_tiny(), dst, "--overwrite", "--quiet").exit_code == 0
-    assert not (dst / "keep.txt").exists() and (dst / "mindspore_model.ckpt").is_file()
+    assert_refused(run("hf2ms", hf_tiny(), dst), "already exists", "--overwrite")
+    assert_refused(run("hf2ms", hf_tiny(), dst, "--overwrite"), "keep.txt", "no manifest.json")
+    assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"] and (dst / "keep.txt").read_text() == "mine"
+    (dst / "keep.txt").unlink()
+    assert run("hf2ms", hf_tiny(), dst, "--overwrite", "--quiet").exit_code == 0  # an empty folder
+    assert run("hf2ms", hf_tiny(), dst, "--overwrite", "--quiet").exit_code == 0  # one of ours
+    (dst / "notes.txt").write_text("mine too")
+    assert_refused(run("hf2ms", hf_tiny(), dst, "--overwrite"), "notes.txt", "not listed in its manifest.json")
+    assert (dst / "notes.txt").read_text() == "mine too" and (dst / "mindspore_model.ckpt").is_file()
 
 
 def test_full_disk(hf_tiny, tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ class TensorRef:
     # `offset` once a writer has copied them: raises when they are not what the file's checksum says
     rows: Callable[[int, int], np.ndarray] | None = field(default=None, repr=False)  # rows [a, b) of the first
     # dimension alone, read from the file (and counted into its checksum), where the format can
+    sha256: str | None = None  # what the bytes must hash to, where only our manifest can tell (see FileSpan)
 
     def __post_init__(self):
         from glm2_core.errors import CheckpointError
@@ -61,7 +62,7 @@ class TensorRef:
 
     def span(self, on_block=None) -> FileSpan | None:
         return None if self.offset is None else FileSpan(self.file, self.offset, self.shape, self.dtype, on_block,
-                                                         self.check)
+                                                         self.check, self.sha256)
 
 
 BLOCK = 1 << 20  # bytes per checksum step: small enough to stay in cache between the CRC and `on_block`
@@ -80,6 +81,8 @@ class FileSpan:
     # block as the writer reads it back (beside the CRC): the source counts NaN/Inf there
     check: Callable[[int], None] | None = field(default=None, compare=False, repr=False)  # the source's proof:
     # given the CRC-32 of the bytes copied, raises when the file's checksum disagrees
+    sha256: str | None = None  # the source's proof where its manifest is the only one: the writer compares the
+    # sha256 it takes of the bytes copied
 
     @property
     def nbytes(self) -> int:

@@ -20,7 +20,7 @@ from glm2_core.dtypes import BY_CKPT, BY_NAME
 from glm2_core.errors import CheckpointError
 
 from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
-from .checksums import FileCrc, crc32
+from .checksums import FileCrc, crc32, crc32_combine
 from .protowire import encode_varint as _encode_varint
 from .protowire import varint as _varint
 
@@ -190,17 +190,56 @@ def _record_header(tag: str, shape: tuple[int, ...], ttype: str, content_len: in
 
 
 class CkptWriter:
-    """Writes tensors one at a time, framed exactly as `mindspore.save_checkpoint` frames Tensors."""
+    """Writes tensors one at a time, framed exactly as `mindspore.save_checkpoint` frames Tensors, and `finish`
+    ends the file with the CRC trailer `save_checkpoint(crc_check=True)` writes (the CRC-32 of every byte before
+    it), so that our files are checked by our readers and by `mindspore.load_checkpoint(crc_check=True)` alike.
 
-    def __init__(self, f: BinaryIO):
-        self._f = f
+    With `deferred_crc`, the CRC-32 of each record's data (pieces of `PIECE` bytes) is handed in later through
+    `crc`, computed by the caller on another thread while the next tensor is written (converters/output.py)."""
+
+    PIECE = CHUNK_BYTES
+
+    def __init__(self, f: BinaryIO, deferred_crc: bool = False):
+        self._f, self._deferred = f, deferred_crc
+        self._parts: list[list] = []  # [crc-32 or None until handed in, length] of every piece, in file order
+        self._waiting: dict[str, list[list]] = {}
 
     def write(self, name: str, data: np.ndarray | FileSpan, dtype: str) -> None:
         ttype = BY_NAME[dtype].ckpt
+        pieces = []
         for at in range(0, data.nbytes, CHUNK_BYTES) if data.nbytes else [0]:
             n = min(CHUNK_BYTES, data.nbytes - at)
-            self._f.write(_record_header(name, data.shape, ttype, n))
+            header = _record_header(name, data.shape, ttype, n)
+            self._f.write(header)
+            self._parts.append([crc32(header), len(header)])
             write_bytes(self._f, data, at, n)
+            pieces.append([None if self._deferred else _crc_of(data, at, n), n])
+        self._parts += pieces
+        if self._deferred:
+            self._waiting[name] = pieces
+
+    def crc(self, name: str, crcs: list[int]) -> None:
+        """The CRC-32 of each `PIECE` of `name`'s data, as written."""
+        for piece, value in zip(self._waiting.pop(name), crcs, strict=True):
+            piece[0] = value
+
+    def finish(self) -> None:
+        if self._waiting:
+            raise AssertionError(f"no CRC was handed in for {sorted(self._waiting)[:3]}")
+        total = 0
+        for value, n in self._parts:
+            total = crc32_combine(total, value, n)
+        self._f.write(CRC_MARK + total.to_bytes(10, "big"))
+
+
+def _crc_of(data: np.ndarray | FileSpan, at: int, n: int) -> int:
+    """CRC-32 of bytes [at, at + n) of a tensor."""
+    if isinstance(data, FileSpan):
+        crc = 0
+        for block in FileSpan(data.file, data.offset + at, (n,), "uint8").blocks():
+            crc = crc32(block, crc)
+        return crc
+    return crc32(memoryview(np.ascontiguousarray(data)).cast("B")[at:at + n])
 
 
 def _parse_tensor(head: bytes, pos: int, end: int, file_pos: int, tag: str):

@@ -349,8 +349,9 @@ class BinWriter:
         self._zip.begin(self._keys[name], data.nbytes)
         write_bytes(self._f, data)
 
-    def crc(self, name: str, value: int) -> None:
-        self._zip.crc(self._keys[name], value)
+    def crc(self, name: str, crcs: list[int]) -> None:
+        """The record's CRC-32 (one piece: the whole tensor)."""
+        self._zip.crc(self._keys[name], crcs[0])
 
     def finish(self) -> None:
         self._zip.add(f"{self._archive}/version", b"3\n")

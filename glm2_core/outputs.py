@@ -1,0 +1,102 @@
+"""Which folders a tool may write, and which it may replace: the rules every glm2-* output follows.
+
+- An output never is, contains or lies inside one of the tool's inputs (symlinks resolved): replacing DST must
+  not be able to delete a source.
+- An existing output is refused unless `--overwrite` is given, and even then only a folder this toolkit wrote is
+  replaced: it holds our `manifest.json` and nothing that manifest does not list (a user's notes.txt beside our
+  files stops the replacement). An empty folder may be replaced too.
+- These checks run before the first byte is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import UserError
+
+MANIFEST = "manifest.json"
+TOOL = "glm2-toolkit"
+MAX_MANIFEST = 64 << 20
+
+
+def absolute(path) -> Path:
+    """`path` made absolute without resolving symlinks ('.' and '..' folded), so that `.` has a name."""
+    return Path(os.path.abspath(os.fspath(path)))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def refuse_overlap(dst, sources: Iterable, what: str = "the output") -> None:
+    """Refuse `dst` when it is, contains or lies inside any of `sources` (compared with symlinks resolved, and
+    also as written)."""
+    dst = absolute(dst)
+    targets = {dst, dst.resolve()}
+    for src in sources:
+        if src is None:
+            continue
+        src = absolute(src)
+        for s in {src, src.resolve()}:
+            for d in targets:
+                if _within(d, s) or _within(s, d):
+                    relation = "is" if d == s else "lies inside" if _within(d, s) else "contains"
+                    raise UserError(f"{dst}: {what} {relation} the input {src}; choose a folder apart from the "
+                                    f"inputs")
+
+
+def written_entries(folder: Path) -> set[str] | None:
+    """The names this toolkit wrote into `folder`, as its manifest lists them (None: no manifest of ours)."""
+    path = Path(folder) / MANIFEST
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_MANIFEST:
+            return None
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or doc.get("tool") != TOOL:
+        return None
+    names = doc.get("written")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return set(names) | {MANIFEST}
+
+
+def check_output(dst, overwrite: bool, sources: Iterable = (), what: str = "the output") -> Path:
+    """The checks on an output path before anything is written; returns it absolute. A missing parent folder is
+    refused (nothing is created on the way)."""
+    dst = absolute(dst)
+    refuse_overlap(dst, sources, what)
+    if not dst.parent.is_dir():
+        raise UserError(f"{dst}: the folder {dst.parent} does not exist")
+    if not (dst.exists() or dst.is_symlink()):
+        return dst
+    if not overwrite:
+        raise UserError(f"{dst}: already exists (pass --overwrite to replace it)")
+    if dst.is_symlink() or not dst.is_dir():
+        raise UserError(f"{dst}: exists and is not a folder this toolkit wrote; --overwrite replaces only those "
+                        f"(remove it yourself, or choose another path)")
+    try:
+        present = {p.name for p in dst.iterdir()}
+    except OSError as exc:
+        raise UserError(f"{dst}: cannot list it ({exc.strerror or exc})") from None
+    if not present:
+        return dst
+    ours = written_entries(dst)
+    foreign = sorted(present - ours) if ours is not None else sorted(present)
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f", … (+{len(foreign) - 4})" if len(foreign) > 4 else "")
+        why = "not listed in its manifest.json" if ours is not None else "no manifest.json of this toolkit"
+        raise UserError(f"{dst}: --overwrite replaces only a folder this toolkit wrote, and this one holds {shown} "
+                        f"({why}); remove it yourself, or choose another path")
+    return dst
+
+
+def stamp(folder, kind: str, **extra) -> None:
+    """Mark `folder` as this toolkit's output: manifest.json listing every entry now in it (written last)."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
+    doc = {"tool": TOOL, "kind": kind, **extra, "written": names}
+    (folder / MANIFEST).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
