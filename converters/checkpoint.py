@@ -56,6 +56,7 @@ class Checkpoint(Closing):
     manifest: dict | None = None
     folder: Path | None = None
     handles: list = field(default_factory=list)
+    assembled_by: Path | None = None  # the strategy whose layouts assembled these tensors from rank slices
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
     @property

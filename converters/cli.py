@@ -10,7 +10,7 @@ import click
 from glm2_core.config import PRESETS, GLM2Config
 from glm2_core.dtypes import WEIGHT_DTYPES
 from glm2_core.names import HF_FAMILIES, canonical_shapes
-from glm2_core.options import MS_LAYOUTS, PATH, ExistingPath, ToolGroup, option, options
+from glm2_core.options import AT_LEAST_ONE, MS_LAYOUTS, PATH, ExistingPath, ToolGroup, option, options
 
 
 def _print_summary(summary, as_json: bool) -> None:
@@ -37,7 +37,6 @@ def _preset_help() -> str:
 
 
 @click.group("glm2-convert", cls=ToolGroup, interrupted="interrupted; nothing was written")
-@click.version_option(package_name="glm2-toolkit")
 def main():
     """Convert ChatGLM2 checkpoints between HF/PyTorch and MindSpore, streaming tensor by tensor."""
 
@@ -45,8 +44,8 @@ def main():
 @main.command()
 @click.argument("out_dir", type=PATH)
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny", show_default=True, help=_preset_help())
-@click.option("--num-layers", type=int, default=None, show_default="the preset's", help="Override the preset's "
-                                                                                       "layer count.")
+@click.option("--num-layers", type=AT_LEAST_ONE, default=None, show_default="the preset's",
+              help="Override the preset's layer count.")
 @option("--dtype", choices=WEIGHT_DTYPES, default="float16")
 @option("--format", choices=("bin", "safetensors"), default="bin")
 @option("--seed")
@@ -163,7 +162,8 @@ def inspect(path, as_json, no_crc_check):
 @main.command()
 @click.argument("a", type=ExistingPath())
 @click.argument("b", type=ExistingPath())
-@click.option("--atol", type=float, default=0.0, show_default=True, help="Allowed max abs difference.")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Allowed max abs difference.")
 @click.option("--a-rearranged-rope", is_flag=True, help="A has MindFormers' rearranged RoPE rows.")
 @click.option("--b-rearranged-rope", is_flag=True, help="B has MindFormers' rearranged RoPE rows.")
 @option("--json")

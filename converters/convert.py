@@ -17,8 +17,17 @@ from glm2_core.names import EMBEDDING, HF_FAMILIES, INV_FREQ, Layout, inv_freq
 from glm2_core.outputs import check_output
 
 from . import __version__
-from .model_folder import tokenizer_or_bundled, weight_files, weights_format, write_beside_weights, write_manifest
+from .model_folder import (
+    CONFIG,
+    TOKENIZER_MODEL,
+    tokenizer_or_bundled,
+    weight_files,
+    weights_format,
+    write_beside_weights,
+    write_manifest,
+)
 from .output import PLAN, WeightsWriter, staged_folder
+from .runs import run_folder
 from .source import Group, Source, out_dtype
 
 
@@ -36,6 +45,7 @@ class Summary:
     files: list[str] = field(default_factory=list)
     dropped: dict[str, list[str]] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)
+    overflowed: dict[str, int] = field(default_factory=dict)
     tokenizer_note: str = ""  # set when the tokenizer written is not the source's own
 
     def lines(self) -> list[str]:
@@ -46,9 +56,11 @@ class Summary:
                f"files: {', '.join(self.files)}"]
         for kind, names in self.dropped.items():
             shown = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
-            out.append(f"  dropped {len(names)} {kind}: {shown}")
+            out.append(f"  dropped {kind} ({len(names)}): {shown}")
         for name, n in self.nonfinite.items():
             out.append(f"  warning: source tensor {name} holds {n} NaN/Inf values")
+        for name, n in self.overflowed.items():
+            out.append(f"  warning: wrote {n} values of {name} as inf: they overflow float16 (--allow-overflow)")
         if self.tokenizer_note:
             out.append(f"  {self.tokenizer_note}")
         return out
@@ -155,9 +167,10 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
         lora = source.dropped["LoRA adapters"]
         if lora and adapter is None:
             raise CheckpointError(f"{src}: holds LoRA adapters ({lora[0]}, …): merge them with "
-                                  f"`glm2-convert merge-lora {src} {src} DST`, or convert the base alone")
+                                  f"`glm2-convert merge-lora {src} {src} DST{_config_hint(src, source, config)}`, "
+                                  f"or convert the base alone")
         planned = plan(source, target, fmt, dtype, keep_optimizer, max_shard_bytes)
-        with staged_folder(dst, overwrite, protected) as tmp:
+        with staged_folder(dst, overwrite, protected, planned.total) as tmp:
             records = write_weights(source, planned, tmp, fmt, target.family, dtype=dtype,
                                     allow_overflow=allow_overflow, adapter=adapter, progress=progress,
                                     desc=f"{src.name} -> {dst.name}")
@@ -169,13 +182,25 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
             write_manifest(tmp, manifest(src, source, target, fmt, planned, records, adapter, dropped))
     return Summary(str(src), str(dst), source.layout.describe(), target.describe(), fmt, planned.dtype,
                    len(records), planned.total, time.perf_counter() - started, planned.files, dropped,
-                   source.nonfinite, note)
+                   source.nonfinite, source.overflowed, note)
+
+
+def _config_hint(src: Path, source: Source, config: Path | None) -> str:
+    """The --config a command suggested for `src` needs: the one given, the run folder's, or a placeholder."""
+    if config is not None:
+        return f" --config {config}"
+    if source.ckpt.config is not None:
+        return ""
+    run = run_folder(src.parent.parent)
+    return f" --config {run / CONFIG if run is not None else 'CONFIG.json'}"
 
 
 def _tokenizer(source: Source, fallback: bool) -> tuple[list[Path], str]:
     """The tokenizer files to write and, when they are not the model's own, a note saying so."""
     if not fallback:
-        return source.ckpt.tokenizer_files, ""
+        files = source.ckpt.tokenizer_files
+        return files, "" if any(f.name == TOKENIZER_MODEL for f in files) else \
+            "no tokenizer.model beside the source: none written (the runtime falls back to the bundled ChatGLM2/3 one)"
     files, bundled = tokenizer_or_bundled(source.ckpt.folder, source.cfg.family)
     if not bundled:
         return files, ""

@@ -1,12 +1,14 @@
 """The output folder of a `glm2-finetune` run, as the trainer writes it and the converters read it back.
 
-    OUT/config.json, OUT/tokenizer.model …                  the model's config and tokenizer (written at the start)
+    OUT/config.json, OUT/tokenizer.model …                  the model's config and tokenizer (with the first save)
     OUT/checkpoint/rank_{r}/glm2_rank_{r}-{epoch}_{step}.ckpt  network + optimizer state (MindFormers' layout)
     OUT/checkpoint/rank_{r}/glm2_rank_{r}-{epoch}_{step}.json  its record: position, loss scaler, the run's settings
     OUT/checkpoint_network/rank_{r}/…ckpt                     the network alone (its record is the training one's)
+    OUT/train_log.jsonl                                        a row per step (from the first step on)
 
 So `glm2-merge-shards OUT` finds the config and tokenizer, and `merge-lora` on a network checkpoint finds the
-run's lora_alpha, without being told."""
+run's lora_alpha, without being told. The newest --keep-checkpoints saves are kept; older ones (their three
+files) are deleted as new ones come."""
 from __future__ import annotations
 
 import json

@@ -202,7 +202,8 @@ def open_sharded(sources: list[Path], strategy_path: Path) -> tuple[Checkpoint, 
     first = files[0]
     folder = run_folder(first.parent.parent if RANK_DIR.match(first.parent.name) else first.parent)
     stats = MergeStats(strategy.ranks, {r: str(p) for r, p in files.items()}, notes, run_folder=folder)
-    ckpt = Checkpoint(Path(sources[0]), list(files.values()), formats.pop(), folder=folder)
+    ckpt = Checkpoint(Path(sources[0]), list(files.values()), formats.pop(), folder=folder,
+                      assembled_by=Path(strategy_path))
     try:
         by_rank = {}
         for r, p in files.items():
@@ -261,7 +262,7 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
         if ckpt.format != "ckpt":
             raise CheckpointError(f"{full}: split reads a MindSpore .ckpt checkpoint, not {ckpt.format}")
         plan = _split_plan(ckpt, strategy, full)
-        with staged_folder(dst, overwrite, (full, strategy_path)) as tmp, \
+        with staged_folder(dst, overwrite, (full, strategy_path), ckpt.nbytes) as tmp, \
                 _progress(ckpt.nbytes, progress, f"split {full.name}") as bar:
             written = _write_ranks(tmp, plan, strategy.ranks, prefix, bar.update)
             ckpt.check_complete()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from glm2_core.config import GLM2Config
-from glm2_core.dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, to_float32
+from glm2_core.dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, float16_overflow_count, to_float32
 from glm2_core.errors import CheckpointError
 from glm2_core.names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
 
@@ -30,14 +30,19 @@ def out_dtype(src: str, want: str) -> str:
     return src if want == "keep" or not BY_NAME[src].is_float else want
 
 
-def apply_dtype(arr: np.ndarray, name: str, src: str, dst: str, allow_overflow: bool) -> np.ndarray:
+def apply_dtype(arr: np.ndarray, name: str, src: str, dst: str, allow_overflow: bool, where: str = "",
+                overflowed: dict[str, int] | None = None) -> np.ndarray:
+    """`arr` cast to `dst`; values that float16 cannot hold are refused, or with `allow_overflow` written as inf
+    and counted into `overflowed` (`where`: the source file, for the message)."""
     if src == dst:
         return arr
-    if dst == "float16" and not allow_overflow:
-        peak = float16_overflow(arr, src)
-        if peak is not None:
-            raise CheckpointError(f"tensor {name!r}: value {peak:g} overflows float16 (max 65504); "
-                                  f"pass --allow-overflow to write it as inf")
+    if dst == "float16" and float16_overflow(arr, src) is not None:
+        if not allow_overflow:
+            raise CheckpointError(f"{where + ': ' if where else ''}tensor {name!r}: value "
+                                  f"{float16_overflow(arr, src):g} overflows float16 (max 65504); pass "
+                                  f"--allow-overflow to write it as inf")
+        if overflowed is not None:
+            overflowed[name] = float16_overflow_count(arr, src)
     return cast(arr, src, dst)
 
 
@@ -83,6 +88,7 @@ class Source(Closing):
     mappings: list[Mapping]
     dropped: dict[str, list[str]]
     nonfinite: dict[str, int] = field(default_factory=dict)
+    overflowed: dict[str, int] = field(default_factory=dict)  # values written as inf (--allow-overflow)
 
     @classmethod
     def open(cls, path, rearranged_rope: bool | None = None, config: Path | None = None,
@@ -119,6 +125,10 @@ class Source(Closing):
             raise CheckpointError(f"{where}: unexpected tensors not in the model, e.g. {', '.join(unexpected[:3])}")
         for name, (m, p) in expected.items():
             ref = ckpt.tensors[name]
+            if ref.shape != m.piece_shape(p) and ckpt.assembled_by is not None:
+                raise CheckpointError(f"{ckpt.assembled_by}: the rank slices of {name!r} do not fit this strategy: "
+                                      f"laid out by it they make {list(ref.shape)}, the config says "
+                                      f"{list(m.piece_shape(p))} (is it the strategy these shards were saved with?)")
             if ref.shape != m.piece_shape(p):
                 raise CheckpointError(f"{ref.file}: tensor {name!r} has shape {list(ref.shape)}, the config says "
                                       f"{list(m.piece_shape(p))}")
@@ -219,7 +229,9 @@ class Source(Closing):
                                           f"the weight {list(arr.shape)}")
                 arr = cast(to_float32(arr, src_dtype) + delta, "float32", src_dtype)
             dst_dtype = out_dtype(src_dtype, dtype)
-            return apply_dtype(arr, g.source.canonical, src_dtype, dst_dtype, allow_overflow), dst_dtype
+            where = str(self.ckpt.tensors[g.src_names()[0]].file)
+            return apply_dtype(arr, g.source.canonical, src_dtype, dst_dtype, allow_overflow, where,
+                               self.overflowed), dst_dtype
 
         with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
             pending = pool.submit(load, groups[0]) if groups else None

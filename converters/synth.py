@@ -8,7 +8,7 @@ import numpy as np
 
 from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
-from glm2_core.dtypes import BY_NAME, cast
+from glm2_core.dtypes import BY_NAME, cast, nbytes
 from glm2_core.errors import UserError
 from glm2_core.names import EMBEDDING, INV_FREQ, Layout, canonical_shapes, inv_freq
 
@@ -43,7 +43,7 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
     plan.insert(1, (INV_FREQ, (cfg.kv_channels // 4,), dtype))
     assert plan[0][0] == EMBEDDING
     shards = weight_files(plan, fmt, "chatglm", max_shard_bytes)
-    with staged_folder(Path(out), overwrite) as tmp:
+    with staged_folder(Path(out), overwrite, need=sum(nbytes(shape, dt) for _, shape, dt in plan)) as tmp:
         with WeightsWriter(tmp, fmt, shards, {"format": "pt"} if fmt == "safetensors" else None) as writer:
             for name, shape, dt in plan:
                 writer.write(name, inv_freq(cfg, dt) if name == INV_FREQ else _values(name, shape, dt, seed), dt)

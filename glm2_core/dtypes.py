@@ -128,6 +128,7 @@ def count_nonfinite(a: np.ndarray, name: str) -> int:
 
 
 FLOAT16_MAX = 65504.0
+FLOAT16_MAX_ROUNDING = 65520.0  # values that round to 65504 still fit; the first that rounds to Inf is this
 
 
 def float16_overflow(a: np.ndarray, src: str) -> float | None:
@@ -137,5 +138,11 @@ def float16_overflow(a: np.ndarray, src: str) -> float | None:
     f = to_float32(a, src) if src == "bfloat16" else a
     finite = np.isfinite(f)
     peak = max(float(f.max(where=finite, initial=0.0)), -float(f.min(where=finite, initial=0.0)))
-    # values that round to 65504 still fit; the first that rounds to Inf is 65520
-    return peak if peak >= 65520.0 else None
+    return peak if peak >= FLOAT16_MAX_ROUNDING else None
+
+
+def float16_overflow_count(a: np.ndarray, src: str) -> int:
+    """How many finite values become Inf in float16."""
+    f = to_float32(a, src) if src == "bfloat16" else a
+    with np.errstate(invalid="ignore"):
+        return int(np.count_nonzero(np.isfinite(f) & (np.abs(f) >= FLOAT16_MAX_ROUNDING)))

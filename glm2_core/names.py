@@ -242,7 +242,31 @@ def detect_layout(names, rearrange_rope: bool = False, where: str = "checkpoint"
     mf = family == "mindformers"
     split = {flag: mf and BY_TEMPLATE[canonical].layouts[variant][0][0] in templates
              for flag, (canonical, variant) in VARIANTS.items()}
-    return Layout(family, **split, rearrange_rope=mf and rearrange_rope)
+    layout = Layout(family, **split, rearrange_rope=mf and rearrange_rope)
+    _refuse_other_architecture(names, templates, layout, where)
+    return layout
+
+
+# names that only other architectures' checkpoints hold, and what to call them
+_OTHER_ARCHITECTURES = ((re.compile(r"\.mlp\.(gate|up)_proj\."), "llama-style"),
+                        (re.compile(r"\.self_attn\.o_proj\.bias$|\.mlp\.(c_fc|fc1|w1)\."), "non-GLM"))
+
+
+def _refuse_other_architecture(names, templates: set[str], layout: Layout, where: str) -> None:
+    """A checkpoint whose embedding is named as in one of the layouts (transformers' Llama shares GLM's
+    `model.embed_tokens`) but whose layers hold names no GLM layout has, and lack the GLM's MLP, is another
+    model: said so, instead of a later 'cannot infer the sizes' or 'missing tensors'."""
+    pieces = layout.pieces()
+    up = {name for name, (w, _) in pieces.items() if w.template == MLP_UP}
+    if up & templates:
+        return
+    foreign = sorted(n for n in names if classify(n) == "weight" and layer_template(n)[0] not in pieces)
+    if not foreign:
+        return
+    kind = next((what for pattern, what in _OTHER_ARCHITECTURES if any(pattern.search(n) for n in foreign)),
+                "non-GLM")
+    raise CheckpointError(f"{where}: not a GLM checkpoint (found {kind} names no GLM layout has, e.g. "
+                          f"{', '.join(foreign[:2])}; and no {layout.family} MLP weights)")
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, where: str = "checkpoint",

@@ -33,6 +33,7 @@ from .errors import CheckpointError, UserError
 from .names import FAMILIES, HF_FAMILIES
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+PACKAGE = "glm2-toolkit"
 MS_LAYOUTS = tuple(f for f in FAMILIES if f not in HF_FAMILIES)
 
 
@@ -54,13 +55,16 @@ class ExistingPath(click.Path):
 
 
 PATH = click.Path(path_type=Path)  # an output path, or an input the tool itself checks
+# the ranges of numeric options: a value outside is refused by click, in one line
+POSITIVE, COUNT, AT_LEAST_ONE = click.FloatRange(min=0, min_open=True), click.IntRange(min=0), click.IntRange(min=1)
+PROBABILITY, SEED = click.FloatRange(0, 1, min_open=True), click.IntRange(0, 2**32 - 1)
 LAYOUTS = {"mindformers": "MindFormers' current names", "mindformers-legacy": "MindFormers r0.8–r1.1",
            "chatglm": "THUDM's HF names, a HF folder", "glm": "transformers' GlmForCausalLM, a HF folder"}
 
 # flag → click.option keyword arguments (a `decls` entry: the declarations, when not just the flag)
 VOCABULARY: dict[str, dict] = {
     # weights and files
-    "--dtype": dict(type=click.Choice(DTYPES), default="keep", help="Dtype of the weights (keep: as they are stored)."),
+    "--dtype": dict(type=click.Choice(DTYPES), default="keep", help="Dtype of the weights{keep}."),
     "--compute-dtype": dict(type=click.Choice(COMPUTE_DTYPES), default="float32",
                             help="Dtype of the arithmetic (the weights are cast where they are used)."),
     "--layout": dict(type=click.Choice(MS_LAYOUTS + HF_FAMILIES), default="mindformers",
@@ -84,25 +88,27 @@ VOCABULARY: dict[str, dict] = {
     "--strategy": dict(type=ExistingPath(), required=True,
                        help="Parallel strategy: a file (protobuf or .json) or a folder of per-stage / per-rank "
                             "files."),
-    "--lora-alpha": dict(type=float, default=None,
+    "--lora-alpha": dict(type=POSITIVE, default=None,
                          help="LoRA alpha: the adapter's update B·A is scaled by alpha / r."),
     # generation
     "--family": dict(type=click.Choice(tuple(MODEL_FAMILIES)), default=None,
                      show_default="the one the folder tells: its config.json, its tokenizer",
                      help="Model family, for its tokenizer and chat format (a finetune saved under a local name)."),
-    "--max-new-tokens": dict(type=int, help="Generate at most this many new tokens."),
+    "--max-new-tokens": dict(type=AT_LEAST_ONE, help="Generate at most this many new tokens (bounded "
+                                                             "by the model's context and the memory its cache "
+                                                             "needs)."),
     "--sample/--greedy": dict(decls=("--sample/--greedy", "sample"), default=False,
                               help="Sample each token (with --temperature, --top-k, --top-p, --seed), or take the "
                                    "most likely one."),
-    "--temperature": dict(type=float, default=0.95, help="Sampling temperature (> 0; lower is more conservative)."),
-    "--top-k": dict(type=int, default=0, help="Sample among the k most likely tokens only (0: no limit)."),
-    "--top-p": dict(type=float, default=0.7, help="Sample from the smallest set of tokens whose probabilities "
+    "--temperature": dict(type=POSITIVE, default=0.95, help="Sampling temperature (> 0; lower is more conservative)."),
+    "--top-k": dict(type=COUNT, default=0, help="Sample among the k most likely tokens only (0: no limit)."),
+    "--top-p": dict(type=PROBABILITY, default=0.7, help="Sample from the smallest set of tokens whose probabilities "
                                                   "reach p (1: no limit)."),
-    "--repetition-penalty": dict(type=float, default=1.0,
+    "--repetition-penalty": dict(type=POSITIVE, default=1.0,
                                  help="Penalise the tokens already in the text by this factor (1: off)."),
-    "--seed": dict(type=int, default=0, help="Random seed: the same seed repeats a run exactly."),
+    "--seed": dict(type=SEED, default=0, help="Random seed: the same seed repeats a run exactly."),
     # data and runs
-    "--batch-size": dict(type=int, help="Sequences per batch (per process under msrun)."),
+    "--batch-size": dict(type=AT_LEAST_ONE, help="Sequences per batch (per process under msrun)."),
     "--out": dict(decls=("--out", "out_dir"), type=PATH, help="Output folder (what goes in it: see above)."),
     "--resume": dict(is_flag=True, help="Continue the run in --out where it stopped (with the same settings)."),
     "--variant": dict(type=click.Choice(("thudm", "mindformers")), default="thudm",
@@ -133,7 +139,8 @@ def option(flag: str, *, default=_UNSET, choices=None, show_default=None, requir
     decls = spec.pop("decls", (flag,))
     names = choices or getattr(spec.get("type"), "choices", ())
     layouts = ", ".join(f"{name} ({LAYOUTS[name]})" for name in names if name in LAYOUTS)
-    spec["help"] = spec["help"].format(src=src, layouts=layouts)
+    keep = " (keep: as they are stored)" if "keep" in names else ""
+    spec["help"] = spec["help"].format(src=src, layouts=layouts, keep=keep)
     if "show_default" in spec:
         spec["show_default"] = spec["show_default"].format(src=src)
     if choices is not None:
@@ -174,6 +181,9 @@ class _Tool:
     def __init__(self, *args, aliases: dict | None = None, usage: tuple[str, ...] = (),
                  interrupted: str = "interrupted", subcommands: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if not any(p.name == "version" for p in self.params):
+            self.params.append(click.Option(["--version"], is_flag=True, expose_value=False, is_eager=True,
+                                            callback=_show_version, help="Show the version and exit."))
         self.aliases, self.usage_lines = aliases or {}, usage
         self.interrupted, self.subcommands = interrupted, subcommands or {}
 
@@ -200,6 +210,14 @@ class _Tool:
                 if isinstance(exc, RuntimeError) and "Memory not enough" not in str(exc):
                     raise  # any other RuntimeError is a bug: its traceback goes on up
                 _fail(_out_of_memory(exc))
+            except ModuleNotFoundError as exc:
+                extra = extra_of(exc.name or "")
+                if extra is None:
+                    raise  # not one of an extra's modules: a bug, whose traceback goes on up
+                _fail(f"{self.name} needs the [{extra}] extra (no module {exc.name!r}): pip install "
+                      f"'glm2-toolkit[{extra}]'")
+            except OSError as exc:  # a path the tool could not read or write (permissions, a full disk, …)
+                _fail(_os_error(exc))
         sys.exit(status if isinstance(status, int) else 0)
 
     def parse_args(self, ctx, args):
@@ -218,6 +236,41 @@ def _out_of_memory(exc: Exception) -> str:
     size = re.search(r"alloc size: (\d+)B", text)
     what = f"{int(size.group(1)) / 2**20:.0f} MiB more" if size else text.splitlines()[0] if text else "memory"
     return f"out of memory: could not allocate {what} beyond the RAM this process could get"
+
+
+def _os_error(exc: OSError) -> str:
+    where = exc.filename if exc.filename is not None else "a file"
+    return f"{where}: {exc.strerror or exc}" + (f" ({exc.filename2})" if exc.filename2 else "")
+
+
+# the modules of the optional extras (pyproject.toml's [project.optional-dependencies]) whose distribution is
+# named otherwise
+_DISTRIBUTIONS = {"yaml": "pyyaml", "rouge_chinese": "rouge-chinese"}
+
+
+def extra_of(module: str) -> str | None:
+    """The narrowest extra of this package that installs `module` (from the installed package's metadata)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    dist = _DISTRIBUTIONS.get(module.split(".")[0], module.split(".")[0]).lower()
+    try:
+        requirements = requires(PACKAGE) or []
+    except PackageNotFoundError:
+        return None
+    for requirement in requirements:
+        name = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", requirement)
+        if extra and name == dist.replace("_", "-"):
+            return extra.group(1)
+    return None
+
+
+def _show_version(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        from importlib.metadata import version
+
+        click.echo(f"{ctx.command_path} {version(PACKAGE)}")
+        ctx.exit()
 
 
 class Tool(_Tool, click.Command):

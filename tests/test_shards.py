@@ -352,7 +352,7 @@ def test_refuses_file_of_another_run(full, run, tmp_path):
     msg = refused(tmp_path, shards, run[1])
     assert "another run" in msg and "glm2_rank_3.ckpt" in msg
     msg = refused(tmp_path, run[0], other, "--config", full["config"])
-    assert "the config says" in msg
+    assert "do not fit this strategy" in msg and "the config says" in msg and str(other) in msg
 
 
 def test_refuses_uncovered_parameter(full, run, tmp_path):
