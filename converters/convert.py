@@ -158,10 +158,12 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
     a HF folder for a HF layout); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
     into the weights. The tokenizer files written are those beside the source; with `bundled_tokenizer`, a source
     without a tokenizer.model gets its family's bundled one (a shard merge, a finetune's export). DST may not
-    overlap `src`, the files of `opened`, `config` or the other `inputs` (an adapter, a strategy)."""
+    overlap `src` (a weights file's folder too: its config and tokenizer are read), the files of `opened`,
+    `config` or the other `inputs` (an adapter, a strategy)."""
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    protected = [*([src] if opened is None else opened.files), *inputs, config]
+    model_files = [src] if opened is None else opened.files
+    protected = [*model_files, *(f.parent for f in model_files if f.is_file()), *inputs, config]
     _check_request(dst, target, fmt, dtype, keep_optimizer, overwrite, protected)
     with Source.open(src, rearranged_rope, config, opened, verify_checksums) as source:
         lora = source.dropped["LoRA adapters"]

@@ -19,7 +19,7 @@ import numpy as np
 from glm2_core.dtypes import BY_NAME
 from glm2_core.errors import CheckpointError
 from glm2_core.names import MINDPET, OPTIMIZER_PREFIXES, classify
-from glm2_core.outputs import stamp
+from glm2_core.outputs import check_output, stamp
 
 from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
 from .formats.base import TensorRef
@@ -257,12 +257,14 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
     from .convert import _progress
 
     started = time.perf_counter()
+    inputs = (full, Path(full).parent, strategy_path)  # the folder too: its config and tokenizer go to DST
+    check_output(dst, overwrite, inputs)
     strategy = load_strategy(strategy_path)
     with open_checkpoint(full) as ckpt:
         if ckpt.format != "ckpt":
             raise CheckpointError(f"{full}: split reads a MindSpore .ckpt checkpoint, not {ckpt.format}")
         plan = _split_plan(ckpt, strategy, full)
-        with staged_folder(dst, overwrite, (full, strategy_path), ckpt.nbytes) as tmp, \
+        with staged_folder(dst, overwrite, inputs, ckpt.nbytes) as tmp, \
                 _progress(ckpt.nbytes, progress, f"split {full.name}") as bar:
             written = _write_ranks(tmp, plan, strategy.ranks, prefix, bar.update)
             ckpt.check_complete()
@@ -324,6 +326,7 @@ def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, fmt: s
     from .adapters import read_adapter
     from .convert import convert
 
+    check_output(dst, options.get("overwrite", False), (*sources, strategy_path, config))
     ckpt, stats = open_sharded(sources, strategy_path)
     with ckpt:
         adapter = None

@@ -75,6 +75,9 @@ def check_output(dst, overwrite: bool, sources: Iterable = (), what: str = "the 
         return dst
     if not overwrite:
         raise UserError(f"{dst}: already exists (pass --overwrite to replace it)")
+    if _within(absolute(Path.cwd()), dst):
+        raise UserError(f"{dst}: is or holds the current folder; replacing it would leave this shell in a deleted "
+                        f"folder: run from outside it")
     if dst.is_symlink() or not dst.is_dir():
         raise UserError(f"{dst}: exists and is not a folder this toolkit wrote; --overwrite replaces only those "
                         f"(remove it yourself, or choose another path)")
