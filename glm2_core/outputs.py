@@ -71,6 +71,8 @@ def check_output(dst, overwrite: bool, sources: Iterable = (), what: str = "the 
     refuse_overlap(dst, sources, what)
     if not dst.parent.is_dir():
         raise UserError(f"{dst}: the folder {dst.parent} does not exist")
+    if not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{dst}: cannot write in {dst.parent} (permission denied)")
     if not (dst.exists() or dst.is_symlink()):
         return dst
     if not overwrite:

@@ -211,3 +211,52 @@ def test_an_allocation_that_fails_is_one_line(capsys):
         assert end.value.code == 1 and err.startswith(line) and err.count("\n") == 1, err
     with pytest.raises(RuntimeError):
         command(RuntimeError("a bug")).main([])
+
+
+def _baseline(cmd, tmp_path) -> list[str]:
+    """Arguments that parse: every argument an existing path, every required option a value it takes."""
+    data = str(DATA / "adgen_dev.json")
+    args = []
+    for p in cmd.params:
+        if isinstance(p, click.Argument):
+            args += [str(tmp_path)] * (2 if p.nargs == -1 else 1 if p.required else 0)
+        elif p.required:
+            args += [p.opts[0], data if isinstance(p.type, click.Path) else "x"]
+    return args
+
+
+def _bad_values(opt) -> list[str]:
+    """A value of the wrong type and one out of range (or not among the choices, or a missing path)."""
+    t = opt.type
+    if isinstance(t, click.Choice):
+        return ["no-such-choice"]
+    if isinstance(t, click.Path):
+        return ["/no/such/path"] if getattr(t, "exists", False) or type(t).__name__ == "ExistingPath" else []
+    if isinstance(t, (click.IntRange, click.FloatRange)):
+        out = [t.min - 1] if t.min is not None else []
+        out += [t.max + 1] if t.max is not None else []
+        return ["not-a-number", *map(str, out)]
+    if t in (click.INT, click.FLOAT):
+        raise AssertionError(f"{opt.opts[0]} is a number without a range")
+    return []
+
+
+def test_every_option_at_a_bad_value_is_one_line(tmp_path):
+    """Each option of each command, at a value of the wrong type and at one out of its range, is refused in one
+    line naming it, before the command runs; a numeric option without a declared range fails this test."""
+    refused = 0
+    for name, cmd in commands():
+        base = _baseline(cmd, tmp_path)
+        tool, *sub = name.split(" ")
+        for opt in options_of(cmd):
+            if opt.is_flag:
+                continue
+            try:
+                values = _bad_values(opt)
+            except AssertionError as exc:
+                raise AssertionError(f"{name}: {exc}") from None
+            for value in values:  # a missing path is named itself, any other value by its option
+                needle = value if value.startswith("/no/such") else opt.opts[0]
+                one_error_line(invoke(tool, *sub, *base, opt.opts[0], value), needle)
+                refused += 1
+    assert refused > 60
