@@ -165,9 +165,56 @@ def test_float16_overflow(copy_of, tmp_path):
     name = "transformer.encoder.layers.0.mlp.dense_4h_to_h.weight"
     _rewrite_single(src, patch=(name, 5, 1e6))
     assert_refused(run("hf2ms", src, tmp_path / "out", "--dtype", "float16"), name, "overflows float16",
-                   dst=tmp_path / "out")
+                   str(src / "model.safetensors"), dst=tmp_path / "out")
     ok = run("hf2ms", src, tmp_path / "out", "--dtype", "float16", "--allow-overflow", "--quiet")
     assert ok.exit_code == 0, ok.output
+    assert f"warning: wrote 1 values of {name} as inf" in ok.output
+
+
+def test_another_architecture_is_named(tmp_path):
+    """transformers' Llama shares GLM's embedding name: its folder is not taken for a GLM one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(llama)
+    assert_refused(run("hf2ms", llama, tmp_path / "out"), "not a GLM checkpoint", "llama-style", "mlp.gate_proj",
+                   dst=tmp_path / "out")
+    shown = run("inspect", llama)
+    assert "not a GLM checkpoint" in shown.output and "layout glm" not in shown.output
+
+
+def test_a_source_without_tokenizer_is_said(copy_of, tmp_path):
+    src = copy_of()
+    (src / "tokenizer.model").unlink()
+    result = run("hf2ms", src, tmp_path / "out")
+    assert result.exit_code == 0 and "no tokenizer.model beside the source: none written" in result.output
+
+
+def test_the_merge_lora_hint_works_as_printed(ms_ckpt, tmp_path):
+    """A checkpoint holding LoRA factors and no config.json beside it (given with --config): the suggested
+    command, --config and all, runs."""
+    from helpers import tensors
+
+    from converters.formats.ckpt import CkptWriter
+
+    run_dir = tmp_path / "run" / "checkpoint" / "rank_0"
+    run_dir.mkdir(parents=True)
+    shutil.copyfile(ms_ckpt / "config.json", tmp_path / "run" / "config.json")
+    qkv = "transformer.encoder.layers.0.self_attention.query_key_value"
+    with open(run_dir / "lora.ckpt", "wb") as f:
+        w = CkptWriter(f)
+        for name, arr in tensors(ms_ckpt / "mindspore_model.ckpt").items():
+            w.write(name, arr, "float16")
+            if name == f"{qkv}.weight":
+                w.write(f"{qkv}.mindpet_delta_lora_a", np.full((2, arr.shape[1]), 0.01, np.float32), "float32")
+                w.write(f"{qkv}.mindpet_delta_lora_b", np.full((arr.shape[0], 2), 0.01, np.float32), "float32")
+        w.finish()
+    refused = run("ms2hf", run_dir / "lora.ckpt", tmp_path / "out", "--config", tmp_path / "run" / "config.json")
+    hint = refused.stderr.split("`")[1]
+    assert hint.startswith("glm2-convert merge-lora") and f"--config {tmp_path / 'run' / 'config.json'}" in hint
+    done = run(*hint.replace("DST", str(tmp_path / "merged")).split()[1:], "--lora-alpha", "4", "--quiet")
+    assert done.exit_code == 0 and (tmp_path / "merged" / "mindspore_model.ckpt").is_file(), done.output
 
 
 def test_existing_destination_needs_overwrite(hf_tiny, tmp_path):

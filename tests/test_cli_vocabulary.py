@@ -68,7 +68,8 @@ def test_options_several_tools_share_are_defined_once():
             users.setdefault(flag, set()).add(name)
             if isinstance(opt, VocabularyOption):
                 key = next(k for k in VOCABULARY if flag in k.split("/"))
-                template = re.escape(VOCABULARY[key]["help"]).replace(r"\{src\}", ".+").replace(r"\{layouts\}", ".+")
+                template = re.escape(VOCABULARY[key]["help"]).replace(r"\{src\}", ".+").replace(r"\{layouts\}", ".+") \
+                    .replace(r"\{keep\}", ".*")
                 assert re.fullmatch(template, opt.help), (name, flag)
     for flag, names in users.items():
         if len(names) > 1:
@@ -142,7 +143,7 @@ def test_a_missing_path_is_one_line_naming_it(tool, args, tmp_path):
 def test_usage_errors_are_one_line_too(tmp_path):
     one_error_line(invoke("glm2-generate", tmp_path, "--prompt", "x", "--bogus"), "--bogus", "--help")
     one_error_line(invoke("glm2-generate", tmp_path), "--prompt")
-    one_error_line(invoke("glm2-generate", tmp_path, "--prompt", "x", "--top-p", "1.5"), "top_p")
+    one_error_line(invoke("glm2-generate", tmp_path, "--prompt", "x", "--top-p", "1.5"), "--top-p", "0<x<=1")
     one_error_line(invoke("glm2-convert", "hf2ms", tmp_path, tmp_path / "o", "--layout", "glm"), "--layout: 'glm'")
     one_error_line(invoke("glm2-eval", tmp_path, tmp_path, "--data", DATA / "adgen_dev.json"), "--parity")
     one_error_line(invoke("glm2-convert", "merge-lora", tmp_path, tmp_path, tmp_path / "o", "--format", "bin"),
@@ -260,3 +261,18 @@ def test_every_option_at_a_bad_value_is_one_line(tmp_path):
                 one_error_line(invoke(tool, *sub, *base, opt.opts[0], value), needle)
                 refused += 1
     assert refused > 60
+
+
+def test_every_tool_tells_its_version():
+    from importlib.metadata import version
+
+    for tool in TOOLS:
+        result = invoke(tool, "--version")
+        assert result.exit_code == 0 and version("glm2-toolkit") in result.output, (tool, result.output)
+
+
+def test_dtype_help_mentions_keep_only_where_it_is_a_choice():
+    for name, cmd in commands():
+        dtype = flags(cmd).get("--dtype")
+        if dtype is not None:
+            assert ("keep" in dtype.help) == ("keep" in dtype.type.choices), name

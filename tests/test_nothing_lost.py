@@ -49,12 +49,16 @@ def tree(hf_tiny, tmp_path_factory):
     write_mindpet(Adapter(4, 8.0, {QKV: (a, b)}), root / "adapter")
     names = list(tensors(root / "ms" / "mindspore_model.ckpt"))
     write_pb(root / "strategy.ckpt", {n: layout_entry((1, 2), m) for n, m in glm2_maps(names).items()})
+    split = CliRunner().invoke(shards_cli, ["split", str(root / "ms" / "mindspore_model.ckpt"), str(root / "shards"),
+                                            "--strategy", str(root / "strategy.ckpt"), "--quiet"])
+    assert split.exit_code == 0, split.output
     (root / "notes.txt").write_text("the user's notes\n")
     (root / "work").mkdir()
     (root / "work" / "todo.txt").write_text("keep me\n")
     os.symlink(root / "hf", root / "link-hf")
     os.symlink(root / "ms", root / "link-ms")
     os.symlink(root / "notes.txt", root / "link-notes")
+    os.symlink(root / "shards", root / "link-shards")
     return root
 
 
@@ -73,6 +77,7 @@ COMMANDS = {  # (tool, arguments before DST, arguments after DST, the input DST 
     "merge-lora": (convert_cli, ["merge-lora", "ms", "adapter"], [], "ms"),
     "split": (shards_cli, ["split", "ms/mindspore_model.ckpt"], ["--strategy", "strategy.ckpt"], "ms"),
     "synth": (convert_cli, ["synth"], [], "hf"),
+    "merge-shards": (shards_cli, ["shards"], ["--strategy", "strategy.ckpt"], "shards"),
 }
 
 
