@@ -27,7 +27,6 @@ import signal
 import sys
 import tempfile
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +76,7 @@ RECORD_TARGETS = {"bin-pickle"}
 def build_seeds(root: Path) -> set[str]:
     """The valid inputs the mutations start from; returns the targets available (legacy .bin needs torch)."""
     from converters.convert import convert
-    from converters.formats.ckpt import CRC_MARK
+    from converters.formats.ckpt import CRC_MARK, CRC_TRAILER
     from converters.shards import split
     from converters.strategy import ParamLayout, strategy_bytes
     from converters.synth import synthesize
@@ -87,11 +86,12 @@ def build_seeds(root: Path) -> set[str]:
     synthesize(root / "hf-safetensors", CFG, "float16", "safetensors", max_shard_bytes=10**9)
     synthesize(root / "hf-bin", CFG, "bfloat16", "bin", max_shard_bytes=10**9)
     synthesize(root / "hf-sharded", CFG, "float16", "safetensors", max_shard_bytes=2000)
-    convert(root / "hf-safetensors", root / "ms", target=Layout("mindformers"), fmt="ckpt", progress=False)
-    shutil.copytree(root / "ms", root / "ms-crc")
-    ckpt = root / "ms-crc" / "mindspore_model.ckpt"
+    convert(root / "hf-safetensors", root / "ms-crc", target=Layout("mindformers"), fmt="ckpt", progress=False)
+    shutil.copytree(root / "ms-crc", root / "ms")  # ours carry the trailer; mindspore.save_checkpoint's by default
+    ckpt = root / "ms" / "mindspore_model.ckpt"  # do not
     data = ckpt.read_bytes()
-    ckpt.write_bytes(data + CRC_MARK + zlib.crc32(data).to_bytes(10, "big"))
+    assert data[-CRC_TRAILER:].startswith(CRC_MARK)
+    ckpt.write_bytes(data[:-CRC_TRAILER])
     layouts = {n: ParamLayout((2,), (0,) + (-1,) * (len(s) - 1) if s[0] % 2 == 0 else (-1,) * len(s))
                for n, s in _tensor_shapes(root / "ms" / "mindspore_model.ckpt").items()}
     (root / "strategy.ckpt").write_bytes(strategy_bytes(layouts))
