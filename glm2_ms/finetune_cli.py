@@ -2,31 +2,35 @@
 from __future__ import annotations
 
 import json
+import os
 import typing
 from dataclasses import fields
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from glm2_core.errors import UserError
 from glm2_core.options import VOCABULARY, ExistingPath, Interrupted, Tool, option
+from glm2_core.outputs import absolute, refuse_overlap
 
 from .train_config import TrainConfig
 
 
 def _setting_option(f, kind):
-    """The flag of one TrainConfig field: its help and choices from the field, the shared vocabulary's where
-    other tools take the same flag. The default shown is the field's; only flags given on the command line
-    override the config file (see `train_config`)."""
-    flag, choices = f"--{f.name.replace('_', '-')}", f.metadata["choices"]
+    """The flag of one TrainConfig field: its help, choices and range from the field, the shared vocabulary's where
+    other tools take the same flag (narrowed to the field's range). The default shown is the field's; only flags
+    given on the command line override the config file (see `train_config`)."""
+    flag, choices, bounds = f"--{f.name.replace('_', '-')}", f.metadata["choices"], f.metadata["range"]
     shown = True if f.default is not None else f.metadata["none"]
     if flag in VOCABULARY:
-        return option(flag, default=f.default, choices=choices, show_default=shown)
+        return option(flag, default=f.default, choices=choices, show_default=shown,
+                      type=bounds.click_type(kind) if bounds else None)
     if kind is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default, show_default=shown,
                             help=f.metadata["help"])
-    return click.option(flag, f.name, type=click.Choice(choices) if choices else kind, default=f.default,
-                        show_default=shown, help=f.metadata["help"])
+    kind = click.Choice(choices) if choices else bounds.click_type(kind) if bounds else kind
+    return click.option(flag, f.name, type=kind, default=f.default, show_default=shown, help=f.metadata["help"])
 
 
 def config_options(fn):
@@ -62,19 +66,22 @@ def train_config(path, settings: dict) -> TrainConfig:
 def main(model_dir, train_data, out_dir, config_file, resume, merge, device, quiet, **settings):
     """Finetune the ChatGLM2 in MODEL_DIR (a folder glm2-convert wrote, or any checkpoint it reads) on MindSpore.
 
-    Writes to --out: checkpoints (checkpoint/rank_{r}/, MindFormers' layout), train_log.jsonl, and the adapters
-    (PEFT and mindpet) or the finetuned model. Every training setting is a flag; a flag given overrides
-    --train-config, which overrides the defaults shown. Ctrl-C stops after the current step and keeps the last
-    checkpoint (continue with --resume)."""
+    Writes to --out (a new or empty folder; with --resume, the run's): checkpoints (checkpoint/rank_{r}/,
+    MindFormers' layout; the newest --keep-checkpoints kept), train_log.jsonl, and the adapters (PEFT and mindpet)
+    or the finetuned model. Every training setting is a flag; a flag given overrides --train-config, which
+    overrides the defaults shown. Ctrl-C stops after the running step and saves it (continue with --resume);
+    a second Ctrl-C stops at once."""
+    if "MS_ROLE" in os.environ:  # a worker msrun started: MindSpore's connection retries and notes, errors only
+        os.environ.setdefault("GLOG_v", "3")  # (read when MindSpore is imported, below; GLOG_v=1 shows them)
+    refuse_overlap(out_dir, (model_dir, train_data, config_file), "--out")
+    cfg = train_config(config_file, settings)
+    check_out(out_dir, resume)
     from .distributed import world
     from .loading import use_device
     from .train import Trainer, export
 
     use_device(device)
     rank, size = world()
-    cfg = train_config(config_file, settings)
-    if not resume and (out_dir / "checkpoint").exists():  # every rank sees it: none starts a collective
-        raise UserError(f"{out_dir}: holds checkpoints already; pass --resume, or another --out")
     trainer = Trainer(model_dir, train_data, out_dir, cfg, resume=resume, progress=not quiet, rank=rank, world=size)
     if rank == 0:
         skipped = {k: v for k, v in trainer.skipped.items() if v}
@@ -90,10 +97,43 @@ def main(model_dir, train_data, out_dir, config_file, resume, merge, device, qui
                                "last_loss": losses[-1] if losses else None, "outputs": outputs}, indent=2))
 
 
+def check_out(out_dir, resume: bool) -> None:
+    """A new run needs a new or empty --out (a run's folder is continued with --resume); every rank sees the same,
+    so none starts a collective."""
+    _check_writable(out_dir)
+    if resume:
+        return
+    if (out_dir / "checkpoint").exists():
+        raise UserError(f"{out_dir}: holds checkpoints already; pass --resume, or another --out")
+    if out_dir.is_symlink() and not out_dir.exists() or out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a folder; choose another --out")
+    try:
+        present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    except OSError as exc:
+        raise UserError(f"{out_dir}: cannot list it ({exc.strerror or exc})") from None
+    if present:
+        shown = ", ".join(present[:4]) + (f", … (+{len(present) - 4})" if len(present) > 4 else "")
+        raise UserError(f"{out_dir}: not empty (holds {shown}); a new run needs a new or empty --out")
+
+
+def _check_writable(out_dir: Path) -> None:
+    """--out, or the nearest folder above it that exists (the run creates the rest), must be writable: said before
+    the model is loaded, not at the first save."""
+    place = absolute(out_dir)
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise UserError(f"{out_dir}: cannot write in {place} (permission denied)")
+
+
 def _kept(trainer) -> str:
     from .checkpointing import latest
 
+    step = trainer.state.step
     path = latest(trainer.out, trainer.rank, trainer.world)
     if path is None:
-        return f"after {trainer.state.step} steps, before the first checkpoint; nothing to resume"
-    return f"after {trainer.state.step} steps; kept the last checkpoint, {path} (continue with --resume)"
+        left = "left nothing in --out" if not trainer.out.exists() else "nothing to resume"
+        return f"after {step} steps, before the first checkpoint; {left}"
+    if trainer.saved_step == step:
+        return f"after {step} steps; saved step {step} to {path} (continue with --resume)"
+    return f"after {step} steps; kept the last checkpoint, {path} (continue with --resume)"

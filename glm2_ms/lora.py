@@ -10,7 +10,6 @@ as a non-trainable parameter that the trainer refills before every step from a g
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from dataclasses import dataclass
 
@@ -19,9 +18,11 @@ import numpy as np
 from mindspore import Parameter, Tensor, ops
 from mindspore.common.initializer import initializer
 
+from glm2_core.errors import UserError
 from glm2_core.names import LORA_A, LORA_B
 
 from .model import GLM2ForCausalLM, Linear
+from .train_config import lora_targets
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 32.0
     dropout: float = 0.1
-    target_modules: str = "query_key_value"  # a regex over cell names
+    target_modules: str = "query_key_value"  # comma-separated last names of Linear cells (PEFT's target_modules)
     seed: int = 0
 
     @property
@@ -71,21 +72,24 @@ class LoRALinear(Linear):
         return y + (delta * self.scaling).reshape(y.shape)
 
 
-def _targets(model: GLM2ForCausalLM, pattern: str):
-    regex = re.compile(pattern)
+def _targets(model: GLM2ForCausalLM, modules: str):
+    """The Linear cells whose last name is one of the comma list `modules`, exactly (PEFT's rule: `dense` is not
+    `dense_h_to_4h`), with their parent cell and attribute."""
+    wanted = set(lora_targets(modules).split(","))
+    cells = dict(model.cells_and_names())
     found = []
-    for name, cell in model.cells_and_names():
-        if type(cell) is Linear and regex.search(name):
-            parent_name, _, attr = name.rpartition(".")
-            found.append((name, dict(model.cells_and_names())[parent_name], attr, cell))
+    for name, cell in cells.items():
+        parent_name, _, attr = name.rpartition(".")
+        if type(cell) is Linear and attr in wanted:
+            found.append((name, cells[parent_name], attr, cell))
     return found
 
 
 def apply_lora(model: GLM2ForCausalLM, cfg: LoRAConfig) -> list[str]:
-    """Wrap every Linear whose name matches cfg.target_modules; freeze everything but the LoRA factors."""
+    """Wrap every Linear named in cfg.target_modules; freeze everything but the LoRA factors."""
     targets = _targets(model, cfg.target_modules)
     if not targets:
-        raise ValueError(f"no Linear cell matches target_modules {cfg.target_modules!r}")
+        raise UserError(f"target_modules: no Linear cell of the model is named {cfg.target_modules!r}")
     for p in model.get_parameters():
         p.requires_grad = False
     for name, parent, attr, cell in targets:

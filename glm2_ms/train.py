@@ -8,6 +8,10 @@ and a few numbers in the checkpoint's record.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +25,7 @@ from .loading import from_pretrained
 from .lora import LoRAConfig, apply_lora, dropout_masks, size_dropout_masks
 from .model import GLM2ForCausalLM, use_native_kernels
 from .tokenizer import GLM2Tokenizer
-from .train_checkpoint import State, TrainingCheckpoint, network_state
+from .train_checkpoint import State, TrainingCheckpoint, base_identity, network_state, resume_point
 from .train_config import TrainConfig
 from .train_step import TrainStep, token_loss
 
@@ -45,6 +49,8 @@ class Trainer:
                                   f"{cfg.batch_size * world * cfg.gradient_accumulation_steps}")
         self.steps_per_epoch = per_epoch
         self.total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+        self.base = base_identity(self.model_dir)
+        point = resume_point(self.out, cfg, self.total, self.base, rank, world) if resume else None
         self.model = model or from_pretrained(self.model_dir, dtype=_storage_dtype(cfg, self.model_dir),
                                               compute_dtype=cfg.compute_dtype)
         use_native_kernels(self.model, False)  # MindSpore's MatMul, whose backward training needs
@@ -54,41 +60,69 @@ class Trainer:
             size_dropout_masks(self.model, cfg.batch_size, lengths.total)
         self.model.set_train(True)
         self.train_step = TrainStep(self.model, cfg, rank, world)
-        self.checkpoints = TrainingCheckpoint(self.out, self.model, self.train_step, cfg, self.total, rank, world)
+        self.checkpoints = TrainingCheckpoint(self.out, self.model, self.train_step, cfg, self.total, rank, world,
+                                              self.base)
         self.state = State(loss_scale=cfg.loss_scale if cfg.compute_dtype == "float16" else 1.0)
-        if resume:
-            self.checkpoints.resume(self.state)
+        if point is not None:
+            self.checkpoints.resume(self.state, *point)
+        self.saved_step = self.state.step if point is not None else None  # the step of this run's newest save
+        self._log, self._model_files = None, False
 
     # ---- the loop
     def train(self, stop_after: int | None = None) -> list[float]:
-        """Train to the end (or for `stop_after` more steps, as an interrupted run would); returns all losses."""
+        """Train to the end (or for `stop_after` more steps, as an interrupted run would); returns all losses.
+
+        Ctrl-C (or SIGTERM) stops at the end of the running step, saves it and raises KeyboardInterrupt, so that
+        --resume continues from exactly there; a second one stops at once. Nothing is written to --out before the
+        first step is done, and a fresh --out is emptied again when the run stops before its first save."""
         cfg, st = self.cfg, self.state
         stop = min(self.total, st.step + stop_after) if stop_after else self.total
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:  # what merging the rank checkpoints needs besides them (converters/runs.py)
-            ckpt.write_model_files(self.out, self.model.config, "float32", self.model_dir)
-        log = (self.out / "train_log.jsonl").open("a") if self.rank == 0 else None
+        fresh = not self.out.exists() or self.out.is_dir() and not any(self.out.iterdir())
+        created = not self.out.exists()
         bar = self._bar()
         try:
-            while st.step < stop:
-                batches = self.data.batches(cfg.batch_size, cfg.seed, st.epoch, rank=self.rank, world=self.world)
-                for _ in range(st.in_epoch * cfg.gradient_accumulation_steps):
-                    next(batches)  # resume inside an epoch: skip what was already trained on
-                while st.in_epoch < self.steps_per_epoch and st.step < stop:
-                    t0 = time.perf_counter()
-                    loss = self._one_step(batches)
-                    self._record(loss, time.perf_counter() - t0, log, bar)
-                    if cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < self.total:
-                        self.save()
-                if st.in_epoch >= self.steps_per_epoch:
-                    st.epoch, st.in_epoch = st.epoch + 1, 0
-            self.save()
-        finally:
-            if log:
-                log.close()
-            if bar is not None:
-                bar.close()
+            with StopRequest() as request:
+                while st.step < stop:
+                    batches = self.data.batches(cfg.batch_size, cfg.seed, st.epoch, rank=self.rank, world=self.world)
+                    for _ in range(st.in_epoch * cfg.gradient_accumulation_steps):
+                        next(batches)  # resume inside an epoch: skip what was already trained on
+                    while st.in_epoch < self.steps_per_epoch and st.step < stop:
+                        t0 = time.perf_counter()
+                        loss = self._one_step(batches)
+                        self._record(loss, time.perf_counter() - t0, bar)
+                        if request.stop or (cfg.save_steps and st.step % cfg.save_steps == 0 and st.step < self.total):
+                            self.save()
+                        if request.stop:
+                            raise KeyboardInterrupt
+                    if st.in_epoch >= self.steps_per_epoch:
+                        st.epoch, st.in_epoch = st.epoch + 1, 0
+                self.save()
+                if request.stop:
+                    raise KeyboardInterrupt
+        except BaseException:
+            self._close(bar)
+            if fresh and self.saved_step is None:
+                self._discard(created)
+            raise
+        self._close(bar)
         return st.losses
+
+    def _close(self, bar) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if bar is not None:
+            bar.close()
+
+    def _discard(self, created: bool) -> None:
+        """A run that stops before its first save in a fresh --out leaves it as it found it (one process: under
+        msrun the other ranks may still be writing)."""
+        if self.world > 1 or not self.out.is_dir():
+            return
+        for entry in self.out.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if created:
+            self.out.rmdir()
 
     def _one_step(self, batches) -> float:
         cfg, st = self.cfg, self.state
@@ -123,15 +157,18 @@ class Trainer:
         if st.good_steps >= cfg.loss_scale_window:
             st.loss_scale, st.good_steps = st.loss_scale * cfg.loss_scale_factor, 0
 
-    def _record(self, loss: float, seconds: float, log, bar) -> None:
+    def _record(self, loss: float, seconds: float, bar) -> None:
         st, cfg = self.state, self.cfg
         st.losses.append(loss)
         tokens = cfg.batch_size * self.world * cfg.gradient_accumulation_steps * self.seq
         row = {"step": st.step, "epoch": st.epoch, "loss": loss, "lr": self.lr, "tokens_per_s": tokens / seconds,
                "rss_mb": _rss_mb(), "loss_scale": st.loss_scale}
-        if log and st.step % cfg.log_steps == 0:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
+        if self.rank == 0 and st.step % cfg.log_steps == 0:
+            if self._log is None:  # opened with the first row: nothing is written before a step is done
+                self.out.mkdir(parents=True, exist_ok=True)
+                self._log = (self.out / "train_log.jsonl").open("a")
+            self._log.write(json.dumps(row) + "\n")
+            self._log.flush()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -145,7 +182,46 @@ class Trainer:
                     disable=None)
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.state)
+        """The state at this step; the model's config and tokenizer beside the first save (what merging the rank
+        checkpoints needs besides them: converters/runs.py)."""
+        if self.rank == 0 and not self._model_files:
+            ckpt.write_model_files(self.out, self.model.config, "float32", self.model_dir)
+            self._model_files = True
+        path = self.checkpoints.save(self.state)
+        self.saved_step = self.state.step
+        return path
+
+
+class StopRequest:
+    """While a run trains: the first Ctrl-C (SIGINT, or the SIGTERM MindSpore turns it into: glm2_core/options.py)
+    or SIGTERM asks it to stop at the end of the running step, so that the step is saved; a second one goes to the
+    handler that was there before (the tools': stop now)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    NOTICE = b"\nstopping after this step to save it (interrupt again to stop at once)\n"
+
+    def __init__(self):
+        self.stop, self.previous = False, {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.stop:
+            self.stop = True
+            os.write(2, self.NOTICE)
+            return
+        previous = self.previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            raise KeyboardInterrupt
 
 
 def export(trainer: Trainer, merge: bool = False) -> dict[str, str]:

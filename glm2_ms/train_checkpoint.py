@@ -6,8 +6,9 @@ settings.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import mindspore as ms
@@ -16,6 +17,7 @@ from mindspore import Parameter, Tensor
 
 from converters.runs import NETWORK, TRAINING, ckpt_path, record_path
 from glm2_core.errors import CheckpointError
+from glm2_core.outputs import MANIFEST
 
 from . import checkpointing as ckpt
 from .optimizer_shards import PREFIX
@@ -24,6 +26,10 @@ from .train_step import TrainStep
 
 MOMENTS = {"exp_avg.": "adam_m.", "exp_avg_sq.": "adam_v."}  # the optimizers' state names → MindFormers' names
 SCHEDULE = ("learning_rate", "lr_end", "warmup_steps", "lr_power")  # with the total step count: every step's lr
+# the settings a resume may change: how often it saves and logs, how many saves it keeps, and whether a step runs
+# block by block (the same losses, another memory peak); max_steps and epochs count through the total step count,
+# which the schedule's check compares
+MAY_CHANGE = frozenset({"save_steps", "log_steps", "keep_checkpoints", "recompute", "max_steps", "epochs"})
 
 
 @dataclass
@@ -59,12 +65,13 @@ class TrainingCheckpoint:
     """This rank's checkpoints of one run: the network, the moments and the counters, with the record."""
 
     def __init__(self, out: Path, model, step: TrainStep, cfg: TrainConfig, total: int, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, base: dict | None = None):
         self.out, self.model, self.step, self.cfg = out, model, step, cfg
-        self.total, self.rank, self.world = total, rank, world
+        self.total, self.rank, self.world, self.base = total, rank, world, base
 
     def save(self, st: State) -> Path:
-        """This rank's checkpoint files (and, from rank 0 of several, the strategy that lays them out)."""
+        """This rank's checkpoint files (and, from rank 0 of several, the strategy that lays them out); then the
+        saves beyond --keep-checkpoints go."""
         shards = self.step.shards
         net = {n: shards.saved(n, a) for n, a in network_state(self.model).items()}
         full = net | {n: p.asnumpy() for n, p in moments(self.step.opt).items()}
@@ -78,22 +85,40 @@ class TrainingCheckpoint:
         ckpt.write_json_atomic(record_path(path), {
             "step": st.step, "epoch": st.epoch, "in_epoch": st.in_epoch, "loss_scale": st.loss_scale,
             "good_steps": st.good_steps, "world": self.world, "shard_optimizer": bool(shards.slices),
-            "total_steps": self.total, "config": self.cfg.as_dict(), "losses": st.losses})
+            "total_steps": self.total, "config": self.cfg.as_dict(), "base": self.base, "losses": st.losses})
+        self._prune()
         return path
 
-    def resume(self, st: State) -> None:
-        """Load the newest checkpoint every rank completed into the model, the optimizer and `st`."""
-        path, side = self._newest()
+    def _prune(self) -> None:
+        """Delete this rank's saves older than the newest --keep-checkpoints (the record first: without it a file
+        is no checkpoint to resume from), never the newest one every rank completed. Only files named and
+        recorded as this run's saves are touched."""
+        keep = self.cfg.keep_checkpoints
+        if not keep:
+            return
+        protected = ckpt.latest(self.out, self.rank, self.world)
+        for epoch, step in sorted(ckpt.saved_steps(self.out, self.rank))[:-keep]:
+            path = ckpt_path(self.out, TRAINING, self.rank, epoch, step)
+            if path != protected and _is_our_record(record_path(path)):
+                for f in (record_path(path), path, ckpt_path(self.out, NETWORK, self.rank, epoch, step)):
+                    f.unlink(missing_ok=True)
+
+    def resume(self, st: State, path: Path, side: dict) -> None:
+        """Load the checkpoint `resume_point` chose into the model, the optimizer and `st`."""
         saved = ckpt.read_ckpt(path)
         params = {p.name: p for p in self.model.get_parameters() if not p.name.endswith("dropout_mask")}
         for name, p in moments(self.step.opt).items():
             params[p.name] = p
-            saved[p.name] = saved.pop(name)
+            if name in saved:
+                saved[p.name] = saved.pop(name)
         shards = self.step.shards
         for name, p in params.items():
             if name not in saved:
                 raise CheckpointError(f"{path}: has no {name}; it was written by another run")
             if not shards.restore(name, saved[name]):
+                if tuple(saved[name].shape) != tuple(p.shape):
+                    raise CheckpointError(f"{path}: {name} has the shape {list(saved[name].shape)}, the model's "
+                                          f"is {list(p.shape)}; it was written by another run")
                 p.set_data(Tensor(saved[name]).astype(p.dtype))
         if shards.slices:
             self.step.gather()
@@ -102,41 +127,6 @@ class TrainingCheckpoint:
         st.loss_scale, st.good_steps, st.losses = side["loss_scale"], side["good_steps"], side["losses"]
         if self.rank == 0:
             self._truncate_log(st.step)
-
-    def _newest(self) -> tuple[Path, dict]:
-        """The checkpoint to resume from and its record, refused when the run's shape or schedule changed."""
-        newest = ckpt.latest(self.out, 0)
-        side = json.loads(record_path(newest).read_text()) if newest else None
-        if side is not None and side["world"] != self.world:
-            raise CheckpointError(f"{newest}: saved by {side['world']} processes, resumed with {self.world}; resume "
-                                  f"with the same number of processes")
-        path = ckpt.latest(self.out, self.rank, self.world)
-        if path is None:
-            raise CheckpointError(f"{self.out}: --resume, but no checkpoint that all {self.world} ranks completed "
-                                  f"under checkpoint/rank_*")
-        side = json.loads(record_path(path).read_text())
-        sharded = bool(self.step.shards.slices)
-        if side.get("shard_optimizer", False) != sharded:
-            raise CheckpointError(f"{path}: saved with shard_optimizer={side.get('shard_optimizer', False)}; resume "
-                                  f"with the same setting")
-        self._check_schedule(record_path(path), side)
-        return path, side
-
-    def _check_schedule(self, where: Path, side: dict) -> None:
-        """The learning rate of every step follows from the total step count and the schedule's settings: a resume
-        that changed them would jump to another curve mid-run (a larger --max-steps raises the lr), so it is
-        refused."""
-        total = side.get("total_steps", self.total)
-        if total != self.total:
-            raise CheckpointError(f"{where}: the run was scheduled for {total} steps; resuming with {self.total} would "
-                                  f"rebuild the learning-rate schedule mid-run: resume with --max-steps {total}, or "
-                                  f"start a new --out")
-        saved = {k: side["config"].get(k) for k in SCHEDULE}
-        now = {k: getattr(self.cfg, k) for k in SCHEDULE}
-        changed = [k for k in SCHEDULE if saved[k] != now[k]]
-        if changed:
-            raise CheckpointError(f"{where}: the run used {changed[0]}={saved[changed[0]]}, resumed with "
-                                  f"{now[changed[0]]}; a resume keeps the learning-rate schedule")
 
     def _truncate_log(self, step: int) -> None:
         """Keep train_log.jsonl to the steps the resumed checkpoint holds: a killed run may have logged steps past
@@ -155,3 +145,109 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return float("inf")
+
+
+def base_identity(model_dir: Path) -> dict:
+    """The base model as a run records it: its resolved path and, for a folder with a manifest.json (every folder
+    glm2-convert writes: it lists each tensor's sha256), the manifest's sha256, which names its weights wherever
+    the folder lies."""
+    path = Path(model_dir).resolve()
+    digest = None
+    try:
+        if path.is_dir() and (path / MANIFEST).is_file():
+            digest = hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        pass
+    return {"path": str(path), "manifest_sha256": digest}
+
+
+def resume_point(out: Path, cfg: TrainConfig, total: int, base: dict, rank: int = 0, world: int = 1
+                 ) -> tuple[Path, dict]:
+    """The checkpoint to resume from and its record, refused (one line) when the run would not continue as it
+    began: another number of processes, learning-rate schedule, setting that changes the training, or base
+    model. Needs only the records: it runs before the model is loaded and before anything is written."""
+    newest = ckpt.latest(out, 0)
+    side = _read_record(newest) if newest else None
+    if side is not None and side.get("world") != world:
+        raise CheckpointError(f"{newest}: saved by {side.get('world')} processes, resumed with {world}; resume "
+                              f"with the same number of processes")
+    path = ckpt.latest(out, rank, world)
+    if path is None:
+        ranks = "no checkpoint under checkpoint/rank_0" if world == 1 else \
+            f"no checkpoint that all {world} ranks completed under checkpoint/rank_*"
+        raise CheckpointError(f"{out}: --resume, but {ranks}")
+    side = _read_record(path)
+    where = record_path(path)
+    _check_schedule(where, side, cfg, total)
+    _check_settings(where, side["config"], cfg)
+    _check_base(where, side.get("base"), base)
+    return path, side
+
+
+def _read_record(path: Path) -> dict:
+    where = record_path(path)
+    try:
+        side = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{where}: cannot read the checkpoint's record ({exc})") from None
+    if not isinstance(side, dict) or not isinstance(side.get("config"), dict) or \
+            not all(k in side for k in ("step", "epoch", "in_epoch", "loss_scale", "good_steps", "losses")):
+        raise CheckpointError(f"{where}: not the record of a glm2-finetune checkpoint")
+    return side
+
+
+def _is_our_record(where: Path) -> bool:
+    try:
+        side = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(side, dict) and isinstance(side.get("config"), dict) and "step" in side
+
+
+def _check_schedule(where: Path, side: dict, cfg: TrainConfig, total_now: int) -> None:
+    """The learning rate of every step follows from the total step count and the schedule's settings: a resume
+    that changed them would jump to another curve mid-run (a larger --max-steps raises the lr), so it is
+    refused."""
+    total = side.get("total_steps", total_now)
+    if total != total_now:
+        raise CheckpointError(f"{where}: the run was scheduled for {total} steps; resuming with {total_now} would "
+                              f"rebuild the learning-rate schedule mid-run: resume with --max-steps {total}, or "
+                              f"start a new --out")
+    saved = {k: side["config"].get(k) for k in SCHEDULE}
+    now = {k: getattr(cfg, k) for k in SCHEDULE}
+    changed = [k for k in SCHEDULE if saved[k] != now[k]]
+    if changed:
+        raise CheckpointError(f"{where}: the run used {changed[0]}={saved[changed[0]]}, resumed with "
+                              f"{now[changed[0]]}; a resume keeps the learning-rate schedule")
+
+
+def _check_settings(where: Path, recorded: dict, cfg: TrainConfig) -> None:
+    """Every setting that changes what is trained or how must be the run's (a setting the record predates is
+    not checked)."""
+    for f in fields(cfg):
+        if f.name in MAY_CHANGE or f.name in SCHEDULE or f.name not in recorded:
+            continue
+        was, now = recorded[f.name], getattr(cfg, f.name)
+        if was != now:
+            raise CheckpointError(f"{where}: the run used {f.name}={_shown(was)}, resumed with {_shown(now)}; "
+                                  f"resume with the run's settings (--{f.name.replace('_', '-')} {_shown(was)}), "
+                                  f"or start a new --out")
+
+
+def _check_base(where: Path, recorded: dict | None, base: dict) -> None:
+    """The base model must be the run's: the same manifest (the same weights) when both folders have one, else
+    the same folder."""
+    if not isinstance(recorded, dict) or not recorded.get("path"):
+        return
+    was, now = recorded.get("manifest_sha256"), base.get("manifest_sha256")
+    same = was == now if was and now else recorded["path"] == base["path"]
+    if not same:
+        def named(b, digest):
+            return f"{b['path']}" + (f" (manifest sha256 {digest[:12]}…)" if digest else "")
+
+        raise CheckpointError(f"{where}: the run trained on the base model {named(recorded, was)}, resumed on "
+                              f"{named(base, now)}; resume on the run's base model, or start a new --out")
+
+
+def _shown(value) -> str:
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)

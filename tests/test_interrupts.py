@@ -85,18 +85,23 @@ def test_chat_edits_its_line_with_readline(ms_dir, tmp_path):
     os.close(tool.out)
 
 
-def test_finetune_stops_cleanly_keeping_its_last_checkpoint(ms_dir, tmp_path):
+def test_finetune_stops_after_its_step_and_saves_it(ms_dir, tmp_path):
+    """Ctrl-C with the default --save-steps 0: the running step is finished and saved, and the message names it."""
     work, out = tmp_path / "cwd", tmp_path / "run"
     work.mkdir()
     tool = Tool(work, "glm2-finetune", ms_dir, "--train-data", DATA / "adgen_train_head200.json", "--out", out,
-                "--method", "full", "--max-steps", "50", "--save-steps", "1", "--batch-size", "2",
-                "--max-source-length", "8", "--max-target-length", "8", "--quiet")
+                "--method", "full", "--max-steps", "50", "--batch-size", "2", "--max-source-length", "8",
+                "--max-target-length", "8", "--quiet")
+    log = out / "train_log.jsonl"
     end = time.monotonic() + 120
-    while latest(out, 0) is None:
+    while not (log.is_file() and log.read_text().count("\n") >= 2):  # steps have run, and the next one is running
         assert time.monotonic() < end and tool.proc.poll() is None
         time.sleep(0.2)
     code, err = tool.interrupt()
     kept = latest(out, 0)
-    assert_clean_stop(code, err, work, f"interrupted: after {kept.stem.split('_')[-1]} steps; kept the last "
-                                       f"checkpoint, {kept} (continue with --resume)")
+    step = len(log.read_text().splitlines())
+    assert kept is not None and kept.name == f"glm2_rank_0-0_{step}.ckpt", (kept, step)
+    assert_clean_stop(code, err, work, f"interrupted: after {step} steps; saved step {step} to {kept} (continue "
+                                       f"with --resume)")
+    assert "stopping after this step to save it" in err
     assert not list(out.rglob("*.partial"))
