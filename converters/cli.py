@@ -121,14 +121,14 @@ def merge_lora(base, adapter, dst, lora_alpha, layout, fmt, no_crc_check, dtype,
     """Fold the LoRA ADAPTER (PEFT folder, mindpet .ckpt or a LoRA run's checkpoint) into BASE, writing DST;
     W += (alpha/r)·B·A."""
     from glm2_core.names import Layout
-    from glm2_core.outputs import check_output
+    from glm2_core.outputs import MODEL, check_output
 
     from .adapters import read_adapter
     from .convert import convert
     from .model_folder import weights_format
 
     fmt = weights_format(fmt, layout)
-    check_output(dst, overwrite, (base, adapter, config))  # before the adapter is read
+    check_output(dst, overwrite, (base, adapter, config), kind=MODEL)  # before the adapter is read
     lora = read_adapter(adapter, lora_alpha)
     summary = convert(base, dst, target=Layout(layout), fmt=fmt, dtype=dtype, overwrite=overwrite,
                       allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config, progress=not quiet,

@@ -14,7 +14,7 @@ from pathlib import Path
 from glm2_core.dtypes import DTYPES, nbytes
 from glm2_core.errors import CheckpointError, UserError
 from glm2_core.names import EMBEDDING, HF_FAMILIES, INV_FREQ, Layout, inv_freq
-from glm2_core.outputs import check_output
+from glm2_core.outputs import MODEL, check_output
 
 from . import __version__
 from .model_folder import (
@@ -101,7 +101,7 @@ def _check_request(dst: Path, target: Layout, fmt: str, dtype: str, keep_optimiz
     if keep_optimizer and target.family in HF_FAMILIES:
         raise UserError("--keep-optimizer: optimizer state has no place in a HF folder")
     weights_format(fmt, target.family)
-    check_output(dst, overwrite, inputs)
+    check_output(dst, overwrite, inputs, kind=MODEL)
 
 
 def plan(source: Source, target: Layout, fmt: str, dtype: str, keep_optimizer: bool,
@@ -158,12 +158,11 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
     a HF folder for a HF layout); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
     into the weights. The tokenizer files written are those beside the source; with `bundled_tokenizer`, a source
     without a tokenizer.model gets its family's bundled one (a shard merge, a finetune's export). DST may not
-    overlap `src` (a weights file's folder too: its config and tokenizer are read), the files of `opened`,
-    `config` or the other `inputs` (an adapter, a strategy)."""
+    overlap `src`, the files of `opened`, `config` or the other `inputs` (an adapter, a strategy): a weights
+    file's folder cannot be replaced (it holds the file), a new folder beside the file is fine."""
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    model_files = [src] if opened is None else opened.files
-    protected = [*model_files, *(f.parent for f in model_files if f.is_file()), *inputs, config]
+    protected = [*([src] if opened is None else opened.files), *inputs, config]
     _check_request(dst, target, fmt, dtype, keep_optimizer, overwrite, protected)
     with Source.open(src, rearranged_rope, config, opened, verify_checksums) as source:
         lora = source.dropped["LoRA adapters"]
@@ -172,7 +171,7 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
                                   f"`glm2-convert merge-lora {src} {src} DST{_config_hint(src, source, config)}`, "
                                   f"or convert the base alone")
         planned = plan(source, target, fmt, dtype, keep_optimizer, max_shard_bytes)
-        with staged_folder(dst, overwrite, protected, planned.total) as tmp:
+        with staged_folder(dst, overwrite, protected, planned.total, MODEL) as tmp:
             records = write_weights(source, planned, tmp, fmt, target.family, dtype=dtype,
                                     allow_overflow=allow_overflow, adapter=adapter, progress=progress,
                                     desc=f"{src.name} -> {dst.name}")

@@ -23,12 +23,12 @@ PLAN = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in write o
 
 
 @contextmanager
-def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0):
+def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0, kind: str | None = None):
     """Yield a temporary folder beside `dst`; on success it replaces `dst`, on any failure it is removed. The
     output rules (`glm2_core.outputs.check_output`: apart from the `sources`, an existing `dst` replaced only with
-    `overwrite` and only when this toolkit wrote it) and the free space for the `need` bytes it will hold are
-    checked first."""
-    dst = check_output(dst, overwrite, sources)
+    `overwrite`, and only a folder of that `kind` this toolkit wrote) and the free space for the `need` bytes it
+    will hold are checked first."""
+    dst = check_output(dst, overwrite, sources, kind=kind)
     free = shutil.disk_usage(dst.parent).free
     if need > free:
         raise CheckpointError(f"{dst.parent}: not enough free space: the output needs {need / 1e6:,.1f} MB, "

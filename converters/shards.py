@@ -19,7 +19,7 @@ import numpy as np
 from glm2_core.dtypes import BY_NAME
 from glm2_core.errors import CheckpointError
 from glm2_core.names import MINDPET, OPTIMIZER_PREFIXES, classify
-from glm2_core.outputs import check_output, stamp
+from glm2_core.outputs import MODEL, check_output, stamp
 
 from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
 from .formats.base import TensorRef
@@ -28,6 +28,8 @@ from .model_folder import CONFIG, copy_files
 from .output import staged_folder
 from .runs import epoch_step, newest_complete, recorded_lora, run_folder
 from .strategy import ParamLayout, Strategy, load_strategy
+
+SHARDS = "rank shards"  # the kind of folder `split` writes
 
 RANK_DIR = re.compile(r"^rank_(\d+)$")
 RANK_FILES = ("*.ckpt", "*.safetensors")  # MindSpore's save_checkpoint formats (format="ckpt" / "safetensors")
@@ -257,14 +259,14 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
     from .convert import _progress
 
     started = time.perf_counter()
-    inputs = (full, Path(full).parent, strategy_path)  # the folder too: its config and tokenizer go to DST
-    check_output(dst, overwrite, inputs)
+    inputs = (full, strategy_path)
+    check_output(dst, overwrite, inputs, kind=SHARDS)
     strategy = load_strategy(strategy_path)
     with open_checkpoint(full) as ckpt:
         if ckpt.format != "ckpt":
             raise CheckpointError(f"{full}: split reads a MindSpore .ckpt checkpoint, not {ckpt.format}")
         plan = _split_plan(ckpt, strategy, full)
-        with staged_folder(dst, overwrite, inputs, ckpt.nbytes) as tmp, \
+        with staged_folder(dst, overwrite, inputs, ckpt.nbytes, SHARDS) as tmp, \
                 _progress(ckpt.nbytes, progress, f"split {full.name}") as bar:
             written = _write_ranks(tmp, plan, strategy.ranks, prefix, bar.update)
             ckpt.check_complete()
@@ -274,7 +276,7 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
             strategy_path = Path(strategy_path)
             given = sorted(strategy_path.iterdir()) if strategy_path.is_dir() else [strategy_path]
             copy_files(tmp / "strategy", [s for s in given if s.is_file()])
-            stamp(tmp, "split", source=str(Path(full).resolve()))
+            stamp(tmp, SHARDS, source=str(Path(full).resolve()))
     replicated = [ref.name for ref, lay, _ in plan if lay is None]
     return SplitSummary(str(full), str(dst), strategy.ranks, len(plan) - len(replicated), replicated, written,
                         time.perf_counter() - started)
@@ -326,7 +328,7 @@ def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, fmt: s
     from .adapters import read_adapter
     from .convert import convert
 
-    check_output(dst, options.get("overwrite", False), (*sources, strategy_path, config))
+    check_output(dst, options.get("overwrite", False), (*sources, strategy_path, config), kind=MODEL)
     ckpt, stats = open_sharded(sources, strategy_path)
     with ckpt:
         adapter = None

@@ -11,6 +11,7 @@ from glm2_core.config import GLM2Config
 from glm2_core.dtypes import BY_NAME, cast, nbytes
 from glm2_core.errors import UserError
 from glm2_core.names import EMBEDDING, INV_FREQ, Layout, canonical_shapes, inv_freq
+from glm2_core.outputs import MODEL
 
 from .model_folder import weight_files, write_beside_weights, write_manifest
 from .output import WeightsWriter, staged_folder
@@ -43,11 +44,12 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
     plan.insert(1, (INV_FREQ, (cfg.kv_channels // 4,), dtype))
     assert plan[0][0] == EMBEDDING
     shards = weight_files(plan, fmt, "chatglm", max_shard_bytes)
-    with staged_folder(Path(out), overwrite, need=sum(nbytes(shape, dt) for _, shape, dt in plan)) as tmp:
+    need = sum(nbytes(shape, dt) for _, shape, dt in plan)
+    with staged_folder(Path(out), overwrite, need=need, kind=MODEL) as tmp:
         with WeightsWriter(tmp, fmt, shards, {"format": "pt"} if fmt == "safetensors" else None) as writer:
             for name, shape, dt in plan:
                 writer.write(name, inv_freq(cfg, dt) if name == INV_FREQ else _values(name, shape, dt, seed), dt)
         write_beside_weights(tmp, cfg, Layout("chatglm"), dtype, fmt, shards, bundled_tokenizer(cfg.family))
-        write_manifest(tmp, {"kind": "synth", "seed": seed, "format": fmt, "dtype": dtype,
+        write_manifest(tmp, {"synthesized": {"seed": seed},  "format": fmt, "dtype": dtype,
                              "files": [f for f, _ in shards], "tensors": writer.records})
     return [f for f, _ in shards]

@@ -55,9 +55,22 @@ class ExistingPath(click.Path):
 
 
 PATH = click.Path(path_type=Path)  # an output path, or an input the tool itself checks
+
+
+class Number(click.FloatRange):
+    """A FloatRange that refuses NaN too: every comparison with NaN is false, so a plain range lets it through."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
+
+
 # the ranges of numeric options: a value outside is refused by click, in one line
-POSITIVE, COUNT, AT_LEAST_ONE = click.FloatRange(min=0, min_open=True), click.IntRange(min=0), click.IntRange(min=1)
-PROBABILITY, SEED = click.FloatRange(0, 1, min_open=True), click.IntRange(0, 2**32 - 1)
+POSITIVE, COUNT, AT_LEAST_ONE = Number(min=0, min_open=True), click.IntRange(min=0), click.IntRange(min=1)
+PROBABILITY, SEED = Number(0, 1, min_open=True), click.IntRange(0, 2**32 - 1)
+TOLERANCE, FRACTION = Number(min=0), Number(0, 1)  # an absolute or relative difference allowed; a share
 LAYOUTS = {"mindformers": "MindFormers' current names", "mindformers-legacy": "MindFormers r0.8–r1.1",
            "chatglm": "THUDM's HF names, a HF folder", "glm": "transformers' GlmForCausalLM, a HF folder"}
 
@@ -131,10 +144,11 @@ class VocabularyOption(click.Option):
     """An option made from VOCABULARY (tests check that an option several tools share is one of these)."""
 
 
-def option(flag: str, *, default=_UNSET, choices=None, show_default=None, required=None, src: str = "SRC"):
-    """The decorator of VOCABULARY's `flag`. A tool may narrow the choices and set the default, but never the
-    meaning: the help is the vocabulary's (`{src}` in it names the tool's input argument, `{layouts}` lists the
-    layouts it takes)."""
+def option(flag: str, *, default=_UNSET, choices=None, show_default=None, required=None, src: str = "SRC",
+           type=None):
+    """The decorator of VOCABULARY's `flag`. A tool may narrow the choices, set the range of a number (`type`) and
+    the default, but never the meaning: the help is the vocabulary's (`{src}` in it names the tool's input
+    argument, `{layouts}` lists the layouts it takes)."""
     spec = dict(VOCABULARY[flag])
     decls = spec.pop("decls", (flag,))
     names = choices or getattr(spec.get("type"), "choices", ())
@@ -145,6 +159,8 @@ def option(flag: str, *, default=_UNSET, choices=None, show_default=None, requir
         spec["show_default"] = spec["show_default"].format(src=src)
     if choices is not None:
         spec["type"] = click.Choice(choices)
+    if type is not None:
+        spec["type"] = type
     if default is not _UNSET:
         spec["default"] = default
     if required is not None:

@@ -18,6 +18,7 @@ from .errors import UserError
 
 MANIFEST = "manifest.json"
 TOOL = "glm2-toolkit"
+MODEL = "model"  # the kind of a model folder (a manifest without a kind is one: the converters' first manifests)
 MAX_MANIFEST = 64 << 20
 
 
@@ -47,8 +48,8 @@ def refuse_overlap(dst, sources: Iterable, what: str = "the output") -> None:
                                     f"inputs")
 
 
-def written_entries(folder: Path) -> set[str] | None:
-    """The names this toolkit wrote into `folder`, as its manifest lists them (None: no manifest of ours)."""
+def our_manifest(folder: Path) -> dict | None:
+    """`folder`'s manifest.json when this toolkit wrote it (None otherwise)."""
     path = Path(folder) / MANIFEST
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > MAX_MANIFEST:
@@ -56,17 +57,23 @@ def written_entries(folder: Path) -> set[str] | None:
         doc = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):
         return None
-    if not isinstance(doc, dict) or doc.get("tool") != TOOL:
-        return None
-    names = doc.get("written")
+    return doc if isinstance(doc, dict) and doc.get("tool") == TOOL else None
+
+
+def written_entries(folder: Path) -> set[str] | None:
+    """The names this toolkit wrote into `folder`, as its manifest lists them (None: no manifest of ours)."""
+    doc = our_manifest(folder)
+    names = None if doc is None else doc.get("written")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         return None
     return set(names) | {MANIFEST}
 
 
-def check_output(dst, overwrite: bool, sources: Iterable = (), what: str = "the output") -> Path:
+def check_output(dst, overwrite: bool, sources: Iterable = (), what: str = "the output",
+                 kind: str | None = None) -> Path:
     """The checks on an output path before anything is written; returns it absolute. A missing parent folder is
-    refused (nothing is created on the way)."""
+    refused (nothing is created on the way); with a `kind`, --overwrite replaces only a folder of that kind (a
+    report never replaces a model)."""
     dst = absolute(dst)
     refuse_overlap(dst, sources, what)
     if not dst.parent.is_dir():
@@ -96,6 +103,10 @@ def check_output(dst, overwrite: bool, sources: Iterable = (), what: str = "the 
         why = "not listed in its manifest.json" if ours is not None else "no manifest.json of this toolkit"
         raise UserError(f"{dst}: --overwrite replaces only a folder this toolkit wrote, and this one holds {shown} "
                         f"({why}); remove it yourself, or choose another path")
+    found = (our_manifest(dst) or {}).get("kind", MODEL)
+    if kind is not None and found != kind:
+        raise UserError(f"{dst}: holds a {found} this toolkit wrote, not a {kind}: --overwrite replaces only a "
+                        f"folder of what it writes; remove it yourself, or choose another path")
     return dst
 
 

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 import validation  # noqa: F401  (first: it sends library caches out of the temp dir, whichever test imports torch)
+from converters.convert import convert
 from converters.synth import synthesize
 from glm2_core.config import GLM2Config
+from glm2_core.names import Layout
 
 DATA = Path(__file__).parent / "data"
 # The suite runs on two xdist workers, a module at a time each (its module fixtures, such as test_distributed's
@@ -57,6 +59,21 @@ def hf_tiny(tmp_path_factory):
             synthesize(out, GLM2Config.preset("tiny"), dtype, fmt, seed=1, max_shard_bytes=6 * 10**6)
             made[key] = out
         return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def ms_tiny(hf_tiny, tmp_path_factory):
+    """MindSpore folders converted from `hf_tiny`'s .bin folders (MindFormers names, .ckpt), one per dtype."""
+    made = {}
+
+    def get(dtype: str = "float16") -> Path:
+        if dtype not in made:
+            out = tmp_path_factory.mktemp("ms") / f"tiny-{dtype}"
+            convert(hf_tiny("bin", dtype), out, target=Layout("mindformers"), fmt="ckpt", progress=False)
+            made[dtype] = out
+        return made[dtype]
 
     return get
 

@@ -75,7 +75,8 @@ COMMANDS = {  # (tool, arguments before DST, arguments after DST, the input DST 
     "hf2ms": (convert_cli, ["hf2ms", "hf"], [], "hf"),
     "ms2hf": (convert_cli, ["ms2hf", "ms"], [], "ms"),
     "merge-lora": (convert_cli, ["merge-lora", "ms", "adapter"], [], "ms"),
-    "split": (shards_cli, ["split", "ms/mindspore_model.ckpt"], ["--strategy", "strategy.ckpt"], "ms"),
+    "split": (shards_cli, ["split", "ms/mindspore_model.ckpt"], ["--strategy", "strategy.ckpt"],
+              "ms/mindspore_model.ckpt"),
     "synth": (convert_cli, ["synth"], [], "hf"),
     "merge-shards": (shards_cli, ["shards"], ["--strategy", "strategy.ckpt"], "shards"),
 }
@@ -95,6 +96,36 @@ def test_no_output_path_loses_a_file(tree, command, overwrite, monkeypatch):
         assert snapshot(tree) == kept, dst
 
 
+RUNTIME = {  # tool, its arguments with {dst}, its inputs, and whether it takes --overwrite
+    "glm2-finetune": (["ms", "--train-data", "hf/../data.json", "--out", "{dst}", "--max-steps", "1"],
+                      ["ms", "data.json"], False),
+    "glm2-eval": (["ms", "--data", "data.json", "--out", "{dst}", "--max-samples", "1"], ["ms", "data.json"], True),
+    "glm2-parity": (["hf", "ms", "--report", "{dst}", "--max-new-tokens", "1"], ["hf", "ms"], True),
+    "glm2-demo": (["--workdir", "{dst}"], [], True),
+}
+
+
+@pytest.mark.parametrize("tool", sorted(RUNTIME))
+def test_no_runtime_output_path_loses_a_file(tree, tool, monkeypatch):
+    from importlib.metadata import entry_points
+
+    (command,) = [ep.load() for ep in entry_points(group="console_scripts") if ep.name == tool]
+    shutil.copyfile(Path(__file__).parent / "data" / "adgen_train_head200.json", tree / "data.json")
+    args, inputs, takes_overwrite = RUNTIME[tool]
+    monkeypatch.chdir(tree)
+    kept = snapshot(tree)
+    candidates = {p for src in inputs + ["hf", "ms"] for p in hostile_outputs(tree, src)} | {"data.json", "shards"}
+    inside = [(tree / i).resolve() for i in inputs]  # a new path elsewhere is a fine output: only these are hostile
+    for dst in sorted(p for p in candidates if (tree / p).exists() or any(
+            i in (tree / p).resolve().parents for i in inside)):
+        for extra in (["--overwrite"], []) if takes_overwrite else ([],):
+            result = CliRunner().invoke(command, [a.format(dst=dst) for a in args] + extra)
+            lines = result.stderr.strip().splitlines()
+            assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (dst, result.output)
+            assert snapshot(tree) == kept, dst
+    (tree / "data.json").unlink()
+
+
 def test_dst_apart_from_sources_in_one_line(tree, monkeypatch):
     monkeypatch.chdir(tree)
     runner = CliRunner()
@@ -108,6 +139,8 @@ def test_dst_apart_from_sources_in_one_line(tree, monkeypatch):
     line = runner.invoke(shards_cli, ["ms/mindspore_model.ckpt", "work", "--strategy", "strategy.ckpt",
                                       "--overwrite"]).stderr.strip()
     assert "--overwrite replaces only a folder this toolkit wrote" in line and "todo.txt" in line
+    line = runner.invoke(convert_cli, ["hf2ms", "hf", "shards", "--overwrite"]).stderr.strip()
+    assert "holds a rank shards this toolkit wrote, not a model" in line, line
 
 
 def test_dot_as_the_output_folder(tree, tmp_path, monkeypatch):

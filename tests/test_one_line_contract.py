@@ -24,13 +24,8 @@ def one_line(result: subprocess.CompletedProcess, *needles) -> str:
 
 
 @pytest.fixture(scope="module")
-def ms_tiny(hf_tiny, tmp_path_factory):
-    from converters.convert import convert
-    from glm2_core.names import Layout
-
-    out = tmp_path_factory.mktemp("ms") / "ms"
-    convert(hf_tiny(), out, target=Layout("mindformers"), fmt="ckpt", progress=False)
-    return out
+def ms_folder(ms_tiny):
+    return ms_tiny()
 
 
 @pytest.mark.parametrize("tool, args, extra", [
@@ -41,9 +36,9 @@ def ms_tiny(hf_tiny, tmp_path_factory):
     ("glm2-parity", ["{ms}", "{ms}"], None),
     ("glm2-demo", [], "mindspore"),
 ])
-def test_a_missing_extra_is_named(ms_tiny, tmp_path, tool, args, extra):
+def test_a_missing_extra_is_named(ms_folder, tmp_path, tool, args, extra):
     """As after `pip install -e .` (conversion only): the command says which extra it needs, in one line."""
-    filled = [a.format(ms=ms_tiny, data=DATA / "adgen_dev.json", tmp=tmp_path) for a in args]
+    filled = [a.format(ms=ms_folder, data=DATA / "adgen_dev.json", tmp=tmp_path) for a in args]
     script = textwrap.dedent(f"""
         import sys
         for name in {EXTRAS_MODULES!r}:
@@ -105,17 +100,17 @@ def locked(tmp_path):
     ("glm2-parity", ["{hf}", "{ms}", "--report", "{locked}/report"]),
     ("glm2-demo", ["--workdir", "{locked}/demo"]),
 ])
-def test_an_unwritable_output_is_one_line(hf_tiny, ms_tiny, locked, tool, args):
+def test_an_unwritable_output_is_one_line(hf_tiny, ms_folder, locked, tool, args):
     strategy = locked.parent / "strategy.ckpt"
     strategy.write_bytes(b"")  # never read: the output is checked first
-    filled = [a.format(hf=hf_tiny(), ms=ms_tiny, data=DATA / "adgen_dev.json", locked=locked, strategy=strategy)
+    filled = [a.format(hf=hf_tiny(), ms=ms_folder, data=DATA / "adgen_dev.json", locked=locked, strategy=strategy)
               for a in args]
     one_line(as_user([str(BIN / tool), *filled], locked.parent), str(locked), "ermission denied")
     assert list(locked.iterdir()) == []
 
 
-def test_the_default_eval_output_in_a_read_only_folder(ms_tiny, locked):
-    one_line(as_user([str(BIN / "glm2-eval"), str(ms_tiny), "--data", str(DATA / "adgen_dev.json"),
+def test_the_default_eval_output_in_a_read_only_folder(ms_folder, locked):
+    one_line(as_user([str(BIN / "glm2-eval"), str(ms_folder), "--data", str(DATA / "adgen_dev.json"),
                       "--max-samples", "1"], locked), "eval-out", "ermission denied")
 
 
