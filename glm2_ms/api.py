@@ -35,7 +35,9 @@ class PretrainedMixin:
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None):
         """Prompt + new tokens per row, as transformers returns them: a MindSpore tensor for a tensor input, a numpy
-        array otherwise. Rows are left-padded (`attention_mask` marks real tokens); finished rows are padded."""
+        array otherwise. Rows are left-padded (`attention_mask` marks real tokens); finished rows are padded.
+        A call whose prompt and new tokens pass the model's context (`config.seq_length`), or whose KV cache would
+        not fit in the memory available, or with max_new_tokens < 1, raises UserError before anything runs."""
         as_tensor = hasattr(input_ids, "asnumpy")
         ids = input_ids.asnumpy() if as_tensor else input_ids
         mask = attention_mask.asnumpy() if hasattr(attention_mask, "asnumpy") else attention_mask
@@ -50,25 +52,32 @@ class PretrainedMixin:
             return ms.Tensor(out, ms.int32)
         return out
 
-    def chat(self, tokenizer, query: str, history=None, max_length: int = CHAT_MAX_LENGTH,
+    def chat_length(self, max_length: int | None) -> int:
+        """`max_length` of chat and stream_chat: THUDM's default, or the model's context where that is shorter."""
+        return min(CHAT_MAX_LENGTH, self.config.seq_length) if max_length is None else max_length
+
+    def chat(self, tokenizer, query: str, history=None, max_length: int | None = None,
              max_new_tokens: int | None = None, do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8,
              role: str = "user", **kwargs):
         """(response, history with this round), with THUDM's defaults (sampling, top_p 0.8, temperature 0.8,
-        prompt + reply ≤ 8192 tokens). ChatGLM2: history [(query, response), …]; ChatGLM3/GLM-4: history of
-        {"role", "content", …} messages (a system message may carry "tools"), `role` user or observation (a
-        tool's result; by name: ChatGLM2's positional order is kept), and a response that calls a tool is
-        {"name", "parameters"}. `kwargs`: top_k, repetition_penalty, seed."""
+        prompt + reply ≤ 8192 tokens, or the model's context where that is shorter). ChatGLM2: history
+        [(query, response), …]; ChatGLM3/GLM-4: history of {"role", "content", …} messages (a system message may
+        carry "tools"), `role` user or observation (a tool's result; by name: ChatGLM2's positional order is kept),
+        and a response that calls a tool is {"name", "parameters"}. `kwargs`: top_k, repetition_penalty, seed.
+        A round that does not fit (the context, the memory available) raises UserError before anything runs."""
         from .dialogue import chat
 
+        max_length = self.chat_length(max_length)
         return chat(self.decoder, tokenizer, query, history, max_new_tokens or max_length,
                     sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length, role)
 
-    def stream_chat(self, tokenizer, query: str, history=None, max_length: int = CHAT_MAX_LENGTH,
+    def stream_chat(self, tokenizer, query: str, history=None, max_length: int | None = None,
                     max_new_tokens: int | None = None, do_sample: bool = True, top_p: float = 0.8,
                     temperature: float = 0.8, role: str = "user", **kwargs) -> Iterator[tuple]:
         """Yields (response so far, history with this round so far) as tokens arrive; arguments as `chat`."""
         from .dialogue import stream_chat
 
+        max_length = self.chat_length(max_length)
         yield from stream_chat(self.decoder, tokenizer, query, history, max_new_tokens or max_length,
                                sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length, role)
 

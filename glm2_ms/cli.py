@@ -5,17 +5,24 @@ import json
 
 import click
 
+from glm2_core.errors import UserError
 from glm2_core.options import ExistingPath, Tool, option, options, sampling_options
 
 from .sampling import SamplingConfig
 
+NEW_TOKENS = "--max-new-tokens"
+
 
 def sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed) -> SamplingConfig:
-    """The vocabulary's sampling options as a SamplingConfig (a bad value is a user error naming the options)."""
-    try:
-        return SamplingConfig(not sample, temperature, top_k, top_p, repetition_penalty, seed)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    """The vocabulary's sampling options as a SamplingConfig; a bad value is a user error naming its option (NaN
+    included: it passes a click range, and sampling from it fails deep in numpy)."""
+    ranges = {"--temperature": (temperature, temperature > 0, "> 0"),
+              "--top-p": (top_p, 0 < top_p <= 1, "in (0, 1]"), "--top-k": (top_k, top_k >= 0, ">= 0"),
+              "--repetition-penalty": (repetition_penalty, repetition_penalty > 0, "> 0")}
+    for name, (value, ok, want) in ranges.items():
+        if not ok:
+            raise UserError(f"{name} must be {want}, got {value}")
+    return SamplingConfig(not sample, temperature, top_k, top_p, repetition_penalty, seed)
 
 
 # float32 arithmetic over weights kept as stored: CPU float16 matmuls are ~13x slower than float32 ones
@@ -72,6 +79,7 @@ def generate(model_dir, prompt, chat, max_new_tokens, sample, temperature, top_k
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
     model, tok, load_s = _load(model_dir, dtype, compute_dtype, family)
     ids = tok.build_chat_input(prompt) if chat else tok.encode(prompt)
+    model.decoder.budget((1, len(ids)), max_new_tokens, option=NEW_TOKENS)
     tokens = model.decoder.stream([ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.stop_ids,
                                   pad_token_id=tok.pad_id)
     _echo_growing(tok.decode_stream(tokens))
@@ -85,19 +93,23 @@ def generate(model_dir, prompt, chat, max_new_tokens, sample, temperature, top_k
 def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, dtype,
          compute_dtype, family, stats):
     """Chat with the model in MODEL_DIR, the history kept: `clear` forgets it, `exit` (or Ctrl-D) quits, Ctrl-C
-    stops. The line is edited with readline (arrows, history)."""
+    stops. The line is edited with readline (arrows, history). A message whose round (the history, the message and
+    --max-new-tokens) would pass the model's context, or not fit in memory, is not sent: the chat goes on, the
+    history unchanged, and `clear` makes room."""
     import readline  # noqa: F401  (imported for its effect: input() edits lines and keeps a history)
 
-    from .dialogue import stream_chat
+    from .dialogue import chat_input, stream_chat
 
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
     model, tok, load_s = _load(model_dir, dtype, compute_dtype, family)
+    model.decoder.budget(chat_input(tok, "").shape, max_new_tokens, option=NEW_TOKENS)  # not even a first round
     history: list = []
     click.echo("glm2-chat: type a message; 'clear' forgets the history, 'exit' quits.")
     while True:
         try:
             query = input("\n用户: ").strip()
         except EOFError:
+            click.echo()  # Ctrl-D ends the prompt's line: the shell's prompt starts on a line of its own
             break
         if query == "exit":
             break
@@ -107,12 +119,24 @@ def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetitio
             continue
         if not query:
             continue
+        if not _round_fits(model.decoder, chat_input(tok, query, history), max_new_tokens):
+            continue
         click.echo(f"{tok.family.title}: ", nl=False)
         histories = []
         _echo_growing(_texts(stream_chat(model.decoder, tok, query, history, max_new_tokens, sampling), histories))
         history = histories[-1] if histories else history
         click.echo()
         _report(stats, load_s, model.decoder)
+
+
+def _round_fits(decoder, ids, max_new_tokens: int) -> bool:
+    """Whether a chat round fits (`Decoder.budget`); if not, says why on stderr: the chat goes on without it."""
+    try:
+        decoder.budget(ids.shape, max_new_tokens, option=NEW_TOKENS)
+    except UserError as exc:
+        click.echo(f"(not sent: {exc}; the history counts too: 'clear' forgets it)", err=True)
+        return False
+    return True
 
 
 def _texts(rounds, histories: list):

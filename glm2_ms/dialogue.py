@@ -60,9 +60,15 @@ def tool_arguments(content: str, form: str) -> dict:
     return {"raw": content}
 
 
+def chat_input(tok: GLM2Tokenizer, query: str, history: History | None = None, role: str = "user") -> np.ndarray:
+    """The round's prompt ids [1, n]: the history and the query in the family's format (the history counts toward
+    the model's context)."""
+    return np.array([tok.build_chat_input(query, history, role)], np.int32)
+
+
 def _generation(decoder: Decoder, tok: GLM2Tokenizer, query: str, history: History | None, role: str,
                 max_new_tokens: int, sampling: SamplingConfig | None, max_length: int | None):
-    ids = np.array([tok.build_chat_input(query, history, role)], np.int32)
+    ids = chat_input(tok, query, history, role)
     return ids, dict(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.stop_ids,
                      pad_token_id=tok.pad_id, max_length=max_length)
 

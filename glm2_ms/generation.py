@@ -7,6 +7,7 @@ start at 0 on its first real token, as in the original ChatGLM2.
 """
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterator
 
@@ -14,16 +15,72 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
+from glm2_core.config import GLM2Config
+from glm2_core.errors import UserError
+
 from .model import MASKED, GLM2ForCausalLM, Linear
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig, choose
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to this, so calls of similar length share a compiled step
 PREFILL_COMPILED_UP_TO = 10**9  # parameters; a larger model runs its prompts op by op (see Decoder)
+CACHE_MEMORY_SHARE = 0.8  # of the memory available: the rest is left to the logits, the step and what runs beside
 
 
 def cache_length(tokens: int) -> int:
     """The cache length for `tokens` positions: rounded up to CACHE_BUCKET."""
     return -(-tokens // CACHE_BUCKET) * CACHE_BUCKET
+
+
+def cache_bytes(cfg: GLM2Config, rows: int, positions: int, itemsize: int) -> int:
+    """The KV cache of `rows` sequences over `positions` slots: every layer's k and v over the kv groups."""
+    return cfg.num_layers * 2 * cfg.multi_query_group_num * cfg.kv_channels * rows * positions * itemsize
+
+
+def generation_bytes(cfg: GLM2Config, rows: int, prompt: int, positions: int, itemsize: int) -> int:
+    """What a generation allocates by its length: the cache twice (a step takes the caches in and gives new ones
+    out) and the prefill's float32 mask [rows, prompt, cache length]."""
+    length = cache_length(positions)
+    return 2 * cache_bytes(cfg, rows, length, itemsize) + rows * prompt * length * 4
+
+
+def check_budget(cfg: GLM2Config, prompt_tokens: int, max_new_tokens, rows: int = 1, itemsize: int = 4,
+                 option: str = "max_new_tokens", rows_option: str | None = None, memory: bool = True) -> int:
+    """The one bound on a generation, checked by every path (API, CLIs, evaluation, parity) before its cache is
+    allocated: at least one new token, the prompt and the new tokens within the model's context (its config's
+    seq_length), and (`memory`) the cache within the memory available. A cache sized by a huge --max-new-tokens
+    was allocated whole and brought the OOM killer. Returns max_new_tokens; a refusal names `option`."""
+    try:
+        new = operator.index(max_new_tokens)
+    except TypeError:
+        raise UserError(f"{option} must be a whole number, got {max_new_tokens!r:.40}") from None
+    if new < 1:
+        raise UserError(f"{option} must be at least 1, got {new}")
+    if prompt_tokens + new > cfg.seq_length:
+        room = cfg.seq_length - prompt_tokens
+        limit = f"at most {room} new tokens fit" if room > 0 else "the prompt alone fills it"
+        raise UserError(f"{option} {new}: the prompt's {prompt_tokens} tokens and {new} new ones pass the model's "
+                        f"context of {cfg.seq_length} tokens (seq_length in its config.json); {limit}")
+    if memory:
+        _check_memory(cfg, rows, prompt_tokens, new, itemsize, option, rows_option)
+    return new
+
+
+def _check_memory(cfg: GLM2Config, rows: int, prompt: int, new: int, itemsize: int, option: str,
+                  rows_option: str | None) -> None:
+    import psutil
+
+    need = generation_bytes(cfg, rows, prompt, prompt + new, itemsize)
+    available = psutil.virtual_memory().available
+    if need <= CACHE_MEMORY_SHARE * available:
+        return
+    fewer = f"lower {option}" + (f" or {rows_option}" if rows_option and rows > 1 else "")
+    raise UserError(f"{option} {new}: the KV cache of {rows} row{'s' * (rows != 1)} × {prompt + new} positions "
+                    f"needs {_gib(need)} (held twice while a step runs), more than {CACHE_MEMORY_SHARE:.0%} of the "
+                    f"{_gib(available)} of memory available; {fewer}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 def cache_inputs(s: int, valid: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,6 +145,19 @@ class Decoder:
         if self.compiled:
             self.compiled_step.construct = ms.jit(self.compiled_step.construct)
         self.compiled_prefill = self.compiled and sum(p.size for p in model.get_parameters()) <= PREFILL_COMPILED_UP_TO
+        self.itemsize = Tensor(np.zeros(()), model.compute_dtype).itemsize  # the cache's
+
+    def budget(self, shape: tuple[int, int], max_new_tokens, max_length: int | None = None,
+               option: str = "max_new_tokens", rows_option: str | None = None) -> int:
+        """The new tokens a call on `shape` ([rows, prompt]) may generate (`max_length`, when given, caps prompt +
+        new); a call that does not fit is refused (`check_budget`)."""
+        rows, n = shape
+        if max_length is not None:
+            if max_length <= n:
+                raise UserError(f"max_length {max_length} leaves no room for a new token after the prompt's {n}")
+            if isinstance(max_new_tokens, (int, np.integer)):
+                max_new_tokens = min(max_new_tokens, max_length - n)
+        return check_budget(self.model.config, n, max_new_tokens, rows, self.itemsize, option, rows_option)
 
     def new_cache(self, batch: int, length: int) -> tuple:
         """Zeroed k and v for every layer, flat: (k0, v0, k1, v1, …), each [batch, groups, length, d]. Made from
@@ -117,15 +187,17 @@ class Decoder:
                max_new_tokens: int = DEFAULT_NEW_TOKENS, sampling: SamplingConfig | None = None,
                eos_token_id: int | tuple = 2, pad_token_id: int = 0,
                max_length: int | None = None) -> Iterator[np.ndarray]:
-        """The generation loop: yields each step's new token of every row ([batch] int32) as soon as it is chosen."""
-        sampling = sampling or SamplingConfig()
+        """The generation loop: yields each step's new token of every row ([batch] int32) as soon as it is chosen.
+        A call that does not fit (`budget`) is refused here, before anything runs, not when first iterated."""
         ids = _rows(input_ids)
+        max_new_tokens = self.budget(ids.shape, max_new_tokens, max_length)
+        return self._steps(ids, attention_mask, max_new_tokens, sampling or SamplingConfig(), eos_token_id,
+                           pad_token_id)
+
+    def _steps(self, ids: np.ndarray, attention_mask, max_new_tokens: int, sampling: SamplingConfig,
+               eos_token_id: int | tuple, pad_token_id: int) -> Iterator[np.ndarray]:
         b, n = ids.shape
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32).reshape(b, n)
-        if max_length is not None:
-            max_new_tokens = min(max_new_tokens, max_length - n)
-        if max_new_tokens <= 0:
-            return
         length = cache_length(n + max_new_tokens)
         valid = np.zeros((b, length), np.int32)
         valid[:, :n] = mask

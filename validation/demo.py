@@ -13,29 +13,47 @@ from pathlib import Path
 
 import click
 
-from glm2_core.options import PATH, Tool
+from glm2_core.options import PATH, Tool, option
 
-ADGEN_LINES = Path(__file__).resolve().parent / "assets" / "adgen_train_head200.json"
+ASSETS = Path(__file__).resolve().parent / "assets"
+ADGEN_LINES = ASSETS / "adgen_train_head200.json"
+ADGEN_DEV = ASSETS / "adgen_dev_head20.json"
+DEMO = "demo workdir"  # what our manifest.json calls a --workdir folder
 
 
 @click.command("glm2-demo", cls=Tool)
-@click.option("--workdir", type=PATH, show_default="a temporary folder",
-              help="Write the outputs into this folder and keep them.")
-def main(workdir: Path | None):
+@click.option("--workdir", type=PATH, show_default="a temporary folder, removed at the end",
+              help="Write the outputs into this new folder and keep them.")
+@option("--overwrite")
+def main(workdir: Path | None, overwrite: bool):
     """The main job on a small generated checkpoint, no download (about a minute on 2 cores): synthesize a tiny
     ChatGLM2 (real tokenizer, the release's sharded layout), convert it HF → MindSpore → HF and verify the round
     trip bit-exact, generate with the MindSpore runtime, LoRA-finetune on real ADGEN lines, and check logits and
     ADGEN-metric parity against the PyTorch reference. Exit 1 when a check fails."""
     if workdir:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        sys.exit(_run(Path(workdir), kept=True))
+        sys.exit(_kept(Path(workdir), overwrite))
     with tempfile.TemporaryDirectory(prefix="glm2-demo-") as root:  # ~160 MB of outputs: removed, also on failure
-        code = _run(Path(root), kept=False)
+        code = _run(Path(root), None)
     sys.exit(code)
 
 
-def _run(root: Path, kept: bool) -> int:
-    """The demo's steps with their outputs under `root`; the exit status."""
+def _kept(workdir: Path, overwrite: bool) -> int:
+    """The demo with its outputs in the new folder `workdir`, which appears only when every step has run (a step
+    that fails with an error leaves nothing); an existing one is refused, or replaced with --overwrite when this
+    toolkit wrote it, as every tool's output (`glm2_core.outputs`)."""
+    from converters.output import staged_folder
+    from glm2_core.outputs import check_output, stamp
+
+    check_output(workdir, overwrite, (ASSETS,), "--workdir", kind=DEMO)
+    with staged_folder(workdir, overwrite, (ASSETS,), kind=DEMO) as root:
+        code = _run(root, workdir)
+        stamp(root, DEMO)
+    return code
+
+
+def _run(root: Path, kept: Path | None) -> int:
+    """The demo's steps with their outputs under `root` (named relative to it: it may be a staging folder that
+    becomes `kept`); the exit status."""
     from converters.convert import convert
     from converters.inspect_verify import verify
     from converters.synth import synthesize
@@ -45,7 +63,7 @@ def _run(root: Path, kept: bool) -> int:
     hf, ms_dir, back = root / "hf-tiny", root / "ms-tiny", root / "hf-roundtrip"
     cfg = GLM2Config.preset("tiny")
     files = synthesize(hf, cfg, "float32", "bin", seed=0, max_shard_bytes=10 * 10**6, overwrite=True)
-    click.echo(f"1. synthesized {hf}: {len(files)} .bin shards + index, config.json, tokenizer "
+    click.echo(f"1. synthesized {hf.name}: {len(files)} .bin shards + index, config.json, tokenizer "
                f"({cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.padded_vocab_size}, float32)")
     s1 = convert(hf, ms_dir, target=Layout("mindformers"), fmt="ckpt", overwrite=True, progress=False)
     click.echo("2. hf2ms  " + "\n   ".join(s1.lines()))
@@ -59,7 +77,7 @@ def _run(root: Path, kept: bool) -> int:
                f"text is noise): {_generate(ms_dir)!r}")
     first, last, adapter = _finetune(ms_dir, root / "lora")
     click.echo(f"6. LoRA finetune (r 8, alpha 32) on 200 real ADGEN lines, 8 steps: loss {first:.3f} -> {last:.3f}; "
-               f"PEFT adapter in {adapter}")
+               f"PEFT adapter in {Path(adapter).relative_to(root)}")
     parity = _parity(hf, ms_dir)
     worst = max(p["logits_max_abs"] for p in parity["prompts"])
     click.echo(f"7. logits parity, MindSpore vs PyTorch reference, float32, {len(parity['prompts'])} prompts: "
@@ -71,19 +89,15 @@ def _run(root: Path, kept: bool) -> int:
                f"MindSpore {metrics['ms']['rouge-l']:.4f}")
     ok = report["ok"] and parity["passed"] and metrics["passed"]
     verdicts = [("round trip", report["ok"]), ("logits parity", parity["passed"]), ("metric parity", metrics["passed"])]
-    where = f"outputs in {root}" if kept else "outputs removed; --workdir DIR keeps them"
+    where = f"outputs in {kept}" if kept else "outputs removed; --workdir DIR keeps them"
     click.echo("   ".join(f"{name}: {'PASS' if v else 'FAIL'}" for name, v in verdicts) + f"   ({where})")
     return 0 if ok else 1
 
 
 def _metric_parity(hf: Path, ms_dir: Path, out: Path) -> dict:
-    import shutil
-
     from .evaluate import EvalSettings, metric_parity
 
-    shutil.rmtree(out, ignore_errors=True)
-    dev = Path(__file__).resolve().parent / "assets" / "adgen_dev_head20.json"
-    return metric_parity(hf, ms_dir, dev, out, EvalSettings(max_samples=4, batch_size=4, max_new_tokens=8),
+    return metric_parity(hf, ms_dir, ADGEN_DEV, out, EvalSettings(max_samples=4, batch_size=4, max_new_tokens=8),
                          progress=False)
 
 
@@ -104,12 +118,9 @@ def _tokenizer(model_dir: Path):
 
 
 def _finetune(model_dir: Path, out: Path):
-    import shutil
-
     from glm2_ms.train import Trainer, export
     from glm2_ms.train_config import TrainConfig
 
-    shutil.rmtree(out, ignore_errors=True)
     cfg = TrainConfig(method="lora", max_steps=8, batch_size=4, max_source_length=32, max_target_length=32,
                       learning_rate=2e-2, warmup_steps=1)
     trainer = Trainer(model_dir, ADGEN_LINES, out, cfg, progress=False)

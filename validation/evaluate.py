@@ -15,6 +15,7 @@ from glm2_core.errors import UserError
 from .metrics import METRICS, adgen_scores
 
 PREDICTIONS, SETTINGS = "predictions.jsonl", "settings.json"  # beside each other in --out
+KIND, PARITY_KIND = "eval", "eval-parity"  # what our manifest.json calls an --out folder
 
 
 @dataclass
@@ -50,10 +51,12 @@ class Runtime:
 
             use_cpu()
             self.decoder = Decoder(from_pretrained(model_dir, weights_for(compute_dtype), compute_dtype))
+            self.config = self.decoder.model.config
         elif kind == "torch":
             from .torch_reference import load_reference
 
             self.decoder = load_reference(model_dir, weights_for(compute_dtype), compute_dtype=compute_dtype)
+            self.config = self.decoder.config
         else:
             raise UserError(f"runtime must be ms or torch, not {kind!r}")
 
@@ -67,28 +70,59 @@ def run_settings(model_dir: Path, data: Path, runtime: str, s: EvalSettings, sam
     beside the predictions; a resume with other settings would mix two runs' predictions under one name."""
     from dataclasses import asdict
 
+    try:
+        digest = hashlib.sha256(Path(data).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise UserError(f"{data}: cannot read data ({exc.strerror or exc})") from None
     return {"model": str(Path(model_dir).resolve()), "runtime": runtime, "data": str(Path(data).resolve()),
-            "data_sha256": hashlib.sha256(Path(data).read_bytes()).hexdigest(),
-            **{k: v for k, v in asdict(s).items() if k not in ("max_samples", "variant")},
+            "data_sha256": digest, **{k: v for k, v in asdict(s).items() if k not in ("max_samples", "variant")},
             "sampling": None if sampling is None else asdict(sampling)}
 
 
-def check_resume(out: Path, settings: dict, resume: bool) -> None:
+def check_out(out: Path, resume: bool, overwrite: bool, sources, marker: str = PREDICTIONS, kind: str = KIND) -> bool:
+    """The output rules for --out (`glm2_core.outputs`: apart from the model and the data, an existing folder only
+    with --resume, which continues it, or --overwrite, which replaces a folder this toolkit wrote); whether the run
+    continues the one in `out` (`marker`: what a run there has written)."""
+    from glm2_core.outputs import absolute, check_output, refuse_overlap
+
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    refuse_overlap(out, sources, "--out")
+    out = absolute(out)
+    if resume and (out / marker).exists():
+        return True
+    if not overwrite and (out.exists() or out.is_symlink()):
+        if resume:
+            raise UserError(f"{out}: holds no run to resume ({marker} is missing); choose another --out")
+        hint = "pass --resume to continue it, or --overwrite to replace it" if (out / marker).exists() else \
+            "pass --overwrite to replace it"
+        raise UserError(f"{out}: already exists ({hint})")
+    check_output(out, overwrite, sources, "--out", kind=kind)
+    return False
+
+
+def check_resume(out: Path, settings: dict) -> None:
     """Refuse an --out whose predictions are not this run's to continue (before anything is loaded or written)."""
-    if not (out / PREDICTIONS).is_file():
-        return
-    if not resume:
-        raise UserError(f"{out / PREDICTIONS}: exists; pass --resume to continue it, or choose another --out")
     try:
         recorded = json.loads((out / SETTINGS).read_text())
     except (OSError, json.JSONDecodeError):
         raise UserError(f"{out / SETTINGS}: missing or unreadable, so the predictions beside it cannot be "
-                              f"told to be this run's; use another --out") from None
+                        f"told to be this run's; use another --out") from None
     changed = [k for k in settings if recorded.get(k) != settings[k]]
     if changed:
         key = changed[0]
         raise UserError(f"{out / SETTINGS}: the predictions there are of {key} {recorded.get(key)!r}, this "
-                              f"run's is {settings[key]!r}; resume only the same run, or use another --out")
+                        f"run's is {settings[key]!r}; resume only the same run, or use another --out")
+
+
+def check_lengths(cfg, items, s: EvalSettings, memory: bool) -> None:
+    """--max-new-tokens after the longest prompt within the model's context and (`memory`) a batch's cache within
+    the memory available: the bound of every generation (`glm2_ms.generation.check_budget`)."""
+    from glm2_core.dtypes import BY_NAME
+    from glm2_ms.generation import check_budget
+
+    check_budget(cfg, max(len(ids) for _, ids, _ in items), s.max_new_tokens, min(s.batch_size, len(items)),
+                 BY_NAME[s.compute_dtype].itemsize, "--max-new-tokens", "--batch-size", memory=memory)
 
 
 def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progress: bool = True) -> list[dict]:
@@ -120,40 +154,102 @@ def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progr
     return done
 
 
+def start_folder(out: Path, kind: str, overwrite: bool, files: dict[str, str] | None = None) -> None:
+    """A new run folder holding `files` (name → text) and our manifest, appearing whole (replacing, with
+    `overwrite`, one this toolkit wrote): an interrupted run leaves a folder that --resume continues and --overwrite
+    may replace."""
+    from converters.output import staged_folder
+    from glm2_core.outputs import stamp
+
+    with staged_folder(out, overwrite, kind=kind) as tmp:
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        stamp(tmp, kind)
+
+
+def restamp(folder: Path, kind: str, names: set[str]) -> None:
+    """Our manifest brought up to date with the `names` written since; left as it was when the folder holds anything
+    else (a resumed --out may have gained a file of the user's: claiming it would let --overwrite delete it)."""
+    from glm2_core.outputs import stamp, written_entries
+
+    if {p.name for p in folder.iterdir()} <= (written_entries(folder) or set()) | names:
+        stamp(folder, kind)
+
+
+class EvalRun:
+    """One evaluation, in two steps: every check and the model's load (nothing written), then `run`, which writes
+    --out. The model is loaded before --out is made: a model that does not load leaves no folder."""
+
+    def __init__(self, model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: EvalSettings | None = None,
+                 sampling=None, resume: bool = False, overwrite: bool = False, within: str | None = None):
+        """`within`: `out` lies in a folder of that kind (metric parity's), whose output rules the caller has checked
+        and whose manifest lists `out` as soon as it is made."""
+        from converters.source import Source
+        from glm2_ms.tokenizer import GLM2Tokenizer
+
+        self.model_dir, self.out, self.runtime, self.overwrite, self.within = model_dir, Path(out), runtime, \
+            overwrite, within
+        self.s = s = s or EvalSettings()
+        self.settings = run_settings(model_dir, data, runtime, s, sampling)
+        self.continued = resume and (self.out / PREDICTIONS).is_file() if within else \
+            check_out(self.out, resume, overwrite, (model_dir, data))
+        if self.continued:
+            check_resume(self.out, self.settings)
+        self.tok = GLM2Tokenizer.from_pretrained(model_dir)
+        self.items = samples(data, self.tok, s)
+        with Source.open(model_dir) as src:
+            check_lengths(src.cfg, self.items, s, memory=False)  # before the load, which may take minutes
+        clock = time.perf_counter()
+        self.engine = Runtime(runtime, model_dir, sampling, s.compute_dtype)
+        self.load_s, self.clock = time.perf_counter() - clock, clock
+        check_lengths(self.engine.config, self.items, s, memory=True)  # the model is in memory now
+
+    def run(self, progress: bool = True) -> dict:
+        out, s = self.out, self.s
+        try:
+            if not self.continued:
+                start_folder(out, KIND, self.overwrite, {SETTINGS: json.dumps(self.settings, indent=2,
+                                                                             ensure_ascii=False) + "\n",
+                                                         PREDICTIONS: ""})
+                if self.within:
+                    restamp(out.parent, self.within, {out.name})
+            preds = predict(self.engine, self.tok, self.items, s, out / PREDICTIONS, progress)
+            metrics = adgen_scores([p["prediction"] for p in preds], [p["reference"] for p in preds], s.variant)
+            result = {"model": str(self.model_dir), "runtime": self.runtime, "samples": len(preds),
+                      "variant": s.variant, "metrics": metrics}
+            (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+            restamp(out, KIND, {SETTINGS, PREDICTIONS, "metrics.json"})
+        except OSError as exc:
+            raise UserError(f"{out}: cannot write ({exc.strerror or exc}); the predictions written so far are "
+                            f"kept (--resume continues them)") from None
+        seconds = time.perf_counter() - self.clock
+        from glm2_ms.cli import peak_rss_gb
+
+        return {**result, "seconds": seconds, "load_seconds": self.load_s,
+                "samples_per_s": len(self.items) / seconds, "peak_rss_gb": peak_rss_gb()}
+
+
 def evaluate(model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: EvalSettings | None = None,
-             sampling=None, progress: bool = True, resume: bool = False) -> dict:
-    from glm2_ms.tokenizer import GLM2Tokenizer
-
-    s = s or EvalSettings()
-    settings = run_settings(model_dir, data, runtime, s, sampling)
-    check_resume(out, settings, resume)
-    tok = GLM2Tokenizer.from_pretrained(model_dir)
-    items = samples(data, tok, s)
-    t = time.perf_counter()
-    engine = Runtime(runtime, model_dir, sampling, s.compute_dtype)  # a model that does not load leaves no --out
-    load_s = time.perf_counter() - t
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SETTINGS).write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
-    preds = predict(engine, tok, items, s, out / PREDICTIONS, progress)
-    metrics = adgen_scores([p["prediction"] for p in preds], [p["reference"] for p in preds], s.variant)
-    seconds = time.perf_counter() - t
-    result = {"model": str(model_dir), "runtime": runtime, "samples": len(preds), "variant": s.variant,
-              "metrics": metrics}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    from glm2_ms.cli import peak_rss_gb
-
-    return {**result, "seconds": seconds, "load_seconds": load_s, "samples_per_s": len(items) / seconds,
-            "peak_rss_gb": peak_rss_gb()}
+             sampling=None, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
+    """The ADGEN metrics of the model in `model_dir` on `data`; predictions, settings and metrics in `out`."""
+    return EvalRun(model_dir, data, out, runtime, s, sampling, resume, overwrite).run(progress)
 
 
 def metric_parity(hf_dir: Path, ms_dir: Path, data: Path, out: Path, s: EvalSettings, min_agreement: float = 1.0,
-                  max_metric_diff: float = 0.0, progress: bool = True, resume: bool = False) -> dict:
-    """Greedy predictions of the torch reference on `hf_dir` and MindSpore on `ms_dir` over the same samples."""
+                  max_metric_diff: float = 0.0, progress: bool = True, resume: bool = False,
+                  overwrite: bool = False) -> dict:
+    """Greedy predictions of the torch reference on `hf_dir` and MindSpore on `ms_dir` over the same samples, in
+    out/torch and out/ms; `out` itself is made once the reference has loaded."""
     import gc
 
-    ref = evaluate(hf_dir, data, out / "torch", "torch", s, progress=progress, resume=resume)
+    continued = check_out(out, resume, overwrite, (hf_dir, ms_dir, data), marker="torch", kind=PARITY_KIND)
+    ref_run = EvalRun(hf_dir, data, out / "torch", "torch", s, resume=resume, within=PARITY_KIND)
+    if not continued:
+        start_folder(out, PARITY_KIND, overwrite)
+    ref = ref_run.run(progress)
+    del ref_run
     gc.collect()  # one model in memory at a time: the reference's goes before MindSpore's comes
-    got = evaluate(ms_dir, data, out / "ms", "ms", s, progress=progress, resume=resume)
+    got = EvalRun(ms_dir, data, out / "ms", "ms", s, resume=resume, within=PARITY_KIND).run(progress)
     read = lambda p: [json.loads(x) for x in (p / PREDICTIONS).read_text().splitlines()]
     a, b = read(out / "torch"), read(out / "ms")
     rows, agree = [], 0
@@ -172,6 +268,7 @@ def metric_parity(hf_dir: Path, ms_dir: Path, data: Path, out: Path, s: EvalSett
     report["passed"] = report["agreement"] >= min_agreement and all(abs(v) <= max_metric_diff for v in diff.values())
     (out / "parity.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (out / "parity.md").write_text(parity_markdown(report))
+    restamp(out, PARITY_KIND, {"parity.json", "parity.md"})
     return report
 
 

@@ -22,6 +22,8 @@ DEFAULT_PROMPTS = ["你好", "请介绍一下华为", "晚上睡不着应该怎�
                    "类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣*衣样式#外套*衣款式#破洞",
                    "Write a short poem about the sea."]
 
+REPORT = "parity report"  # what our manifest.json calls a --report folder
+
 
 @dataclass
 class Thresholds:
@@ -103,6 +105,9 @@ class MindSporeSide:
         return [(name, t.asnumpy().astype(np.float32).reshape(len(ids), -1)) for name, t in self.model.trace(x)]
 
     def generate(self, ids, n):
+        """`n` greedy tokens after `ids` (none for 0: the runtime refuses a generation of no tokens)."""
+        if n == 0:
+            return []
         return self.decoder.generate(np.array([ids], np.int32), max_new_tokens=n, eos_token_id=-1)[0, len(ids):] \
             .tolist()
 
@@ -130,6 +135,7 @@ def _whole(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
 
     ms_side, ms_load = timed(MindSporeSide, ms_dir, dtype)
     ref, ref_load = timed(REFERENCES[reference], hf_dir, dtype)
+    check_new_tokens(ms_side.model.config, tok_ids, new_tokens, dtype, memory=True)  # the models are in memory now
     rows = []
     for ids in tok_ids:
         (ms_trace, ms_s), (ref_trace, ref_s) = timed(ms_side.trace, ids), timed(ref.trace, ids)
@@ -176,6 +182,8 @@ def greedy(side, hf_dir, ms_dir, dtype, reference, tok_ids, new_tokens) -> tuple
     make = (lambda: MindSporeSide(ms_dir, dtype)) if side == "ms" else \
         (lambda: REFERENCES[reference](hf_dir, dtype, stored=True))
     model, load_s = timed(make)
+    with Source.open(ms_dir) as src:
+        check_new_tokens(src.cfg, tok_ids, new_tokens, dtype, memory=True)  # the model is in memory now
     runs = [timed(model.generate, ids, new_tokens) for ids in tok_ids]
     return [r[0] for r in runs], [r[1] for r in runs], load_s
 
@@ -187,6 +195,19 @@ def greedy_apart(*args) -> tuple[list, list, float]:
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(greedy, *args).result()
+
+
+def check_new_tokens(cfg, tok_ids: list[list[int]], new_tokens: int, dtype: str, memory: bool) -> None:
+    """--max-new-tokens within the model's context after the longest prompt, and (`memory`) its cache within the
+    memory available, one prompt at a time (`glm2_ms.generation.check_budget`, the bound of every generation;
+    the reference's cache is as large as the runtime's). 0: no generation."""
+    from glm2_ms.generation import check_budget
+
+    if new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be 0 (no generation) or more, got {new_tokens}")
+    if new_tokens:
+        check_budget(cfg, max(map(len, tok_ids)), new_tokens, 1, BY_NAME[dtype].itemsize, "--max-new-tokens",
+                     memory=memory)
 
 
 def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "float32", new_tokens: int = 32,
@@ -203,13 +224,14 @@ def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "flo
     # the model's tokenizer and chat format; without one (GLM-4's is not bundled), ChatGLM2's: every GLM takes its ids
     tok = GLM2Tokenizer.from_pretrained(tok_dir) if (tok_dir / "tokenizer.model").is_file() else GLM2Tokenizer()
     tok_ids = [tok.build_chat_input(p) for p in prompts]
+    with Source.open(ms_dir) as src:
+        cfg = src.cfg
+    check_new_tokens(cfg, tok_ids, new_tokens, dtype, memory=False)  # before minutes of loading
     if streamed is None:
         streamed = not fits_whole(ms_dir, dtype)
     rows, load_s, ref_name = (_streamed if streamed else _whole)(hf_dir, ms_dir, tok_ids, dtype, new_tokens,
                                                                  reference)
     results = [compare(p, ids, *row, th) for p, ids, row in zip(prompts, tok_ids, rows, strict=True)]
-    with Source.open(ms_dir) as src:
-        cfg = src.cfg
     return {
         "hf_dir": str(hf_dir), "ms_dir": str(ms_dir), "reference": ref_name, "dtype": dtype,
         "mode": "streamed" if streamed else "whole",
@@ -223,11 +245,18 @@ MODES = {"whole": "both whole models in memory",
          "streamed": "layer by layer (one block per side in memory), then each whole model's greedy tokens in turn"}
 
 
-def write_report(report: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (out / "report.md").write_text(markdown(report))
-    plot(report, out / "parity.png")
+def write_report(report: dict, out: Path, overwrite: bool = False, sources=()) -> None:
+    """report.json, report.md, parity.png and our manifest.json in the new folder `out`, which appears only
+    complete; an existing one is replaced only with `overwrite`, and only a report folder this toolkit wrote
+    (`glm2_core.outputs`)."""
+    from converters.output import staged_folder
+    from glm2_core.outputs import stamp
+
+    with staged_folder(out, overwrite, sources, kind=REPORT) as tmp:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        (tmp / "report.md").write_text(markdown(report))
+        plot(report, tmp / "parity.png")
+        stamp(tmp, REPORT)
 
 
 def markdown(r: dict) -> str:
