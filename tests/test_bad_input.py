@@ -100,6 +100,34 @@ class _RunsCode:
         return (os.system, ("touch PWNED",))
 
 
+def test_a_deflated_record_that_inflates_past_its_stated_size(copy_of, tmp_path):
+    """The record's stated size is right for its tensor, but its deflated bytes inflate to more: found when the
+    tensor is read (long after indexing), and still one line."""
+    import zipfile
+
+    src = copy_of()
+    shard = sorted(src.glob("*.bin"))[0]
+    with zipfile.ZipFile(shard) as z:
+        items = {i.filename: z.read(i.filename) for i in z.infolist()}
+    target = next(n for n in items if "/data/" in n)
+    with zipfile.ZipFile(shard, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in items.items():
+            z.writestr(name, data + b"\0" * 64 if name == target else data)
+    raw, name = bytearray(shard.read_bytes()), target.encode()
+    stated = struct.pack("<I", len(items[target]))
+    at = raw.find(name)
+    while at >= 0:  # the local header's and the central directory's uncompressed size, back to the tensor's
+        for sig, head, field in ((b"PK\x03\x04", 30, 22), (b"PK\x01\x02", 46, 24)):
+            if raw[at - head:at - head + 4] == sig:
+                raw[at - head + field:at - head + field + 4] = stated
+        at = raw.find(name, at + 1)
+    shard.write_bytes(bytes(raw))
+    before = tree_digest(src)
+    assert_refused(run("hf2ms", src, tmp_path / "out"), str(shard), "inflates past its stated size",
+                   dst=tmp_path / "out")
+    assert tree_digest(src) == before
+
+
 def test_bin_whose_pickle_would_run_code_is_refused(tmp_path, copy_of):
     import torch
     src = copy_of("bin")

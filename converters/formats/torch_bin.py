@@ -225,6 +225,14 @@ class TorchBinFile(Closing):
         self._checked(read_record(self._f, rec, memoryview(buf)), rec, rec.name)
         return bytes(buf)
 
+    def _record(self, rec: ZipRecord, out: memoryview, name: str) -> int:
+        """A tensor's record read when the tensor is (after indexing): what is wrong with it, in the contract's
+        words (a deflated record that inflates past its stated size, one cut off)."""
+        try:
+            return read_record(self._f, rec, out)
+        except ZipError as exc:
+            raise self._error(name, str(exc)) from None
+
     def _checked(self, crc: int, rec: ZipRecord, name: str) -> None:
         if self.verify and crc != rec.crc:
             raise self._error(name, f"bytes do not match the CRC-32 the archive records for {rec.name} "
@@ -239,10 +247,10 @@ class TorchBinFile(Closing):
         def read(out: np.ndarray | None = None) -> np.ndarray:
             if whole:
                 arr = np.empty(shape, dt.storage) if out is None else out
-                self._checked(read_record(self._f, rec, memoryview(arr.reshape(-1).view(np.uint8))), rec, name)
+                self._checked(self._record(rec, memoryview(arr.reshape(-1).view(np.uint8)), name), rec, name)
                 return arr
             raw = np.empty(rec.size, np.uint8)
-            self._checked(read_record(self._f, rec, memoryview(raw)), rec, name)
+            self._checked(self._record(rec, memoryview(raw), name), rec, name)
             return t.select(raw.view(dt.storage.newbyteorder("=" if native else "S")), out)
 
         check = (lambda crc: self._checked(crc, rec, name)) if self.verify else None
