@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from glm2_core.errors import CheckpointError, UserError
-from glm2_core.outputs import check_output
+from glm2_core.outputs import absolute, check_output
 
 from .formats.base import FileSpan, byte_blocks
 from .formats.checksums import crc32, crc32_combine
@@ -28,18 +30,24 @@ def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0,
     output rules (`glm2_core.outputs.check_output`: apart from the `sources`, an existing `dst` replaced only with
     `overwrite`, and only a folder of that `kind` this toolkit wrote) and the free space for the `need` bytes it
     will hold are checked first."""
+    target = absolute(dst)
+    if target.parent.is_dir() and os.access(target.parent, os.W_OK | os.X_OK):
+        _recover(target)  # first: an output a killed run had moved aside is the one the rules then look at
     dst = check_output(dst, overwrite, sources, kind=kind)
     free = shutil.disk_usage(dst.parent).free
     if need > free:
         raise CheckpointError(f"{dst.parent}: not enough free space: the output needs {need / 1e6:,.1f} MB, "
                               f"{free / 1e6:,.1f} MB are free")
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
     except OSError as exc:
         raise CheckpointError(f"{dst}: cannot write in {dst.parent} ({exc.strerror or exc})") from None
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's mode
         yield tmp
+        if dst.exists() and not overwrite:
+            raise CheckpointError(f"{dst}: appeared while this run was writing it (another process?); left as it "
+                                  f"is, nothing was written")
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
             dst.rename(old)
@@ -53,6 +61,37 @@ def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _recover(dst: Path) -> None:
+    """What killed runs left beside `dst` (their owner's pid in the name, no longer alive): a staging folder is
+    removed; a replaced output that was moved aside (killed between the two renames) is put back when `dst` is
+    missing, else removed. Said on stderr. A live owner's are left alone."""
+    pattern = re.compile(rf"^\.{re.escape(dst.name)}\.(partial|old)-(\d+)(?:-[a-z0-9_]{{8}})?$")
+    said = []
+    for entry in sorted(dst.parent.iterdir()):
+        m = pattern.match(entry.name)
+        if m is None or _alive(int(m.group(2))) or entry.is_symlink() or not entry.is_dir():
+            continue
+        if m.group(1) == "old" and not dst.exists():
+            entry.rename(dst)
+            said.append(f"put back {dst}, which a killed run had moved aside to {entry.name}")
+        else:
+            size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(entry)
+            said.append(f"removed {entry.name} ({size / 1e6:,.1f} MB), left by a killed run")
+    for line in said:
+        print(f"note: {line}", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _failed(exc: OSError, dst: Path, tmp: Path) -> str:

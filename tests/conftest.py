@@ -13,10 +13,10 @@ from glm2_core.names import Layout
 
 DATA = Path(__file__).parent / "data"
 # The suite runs on two xdist workers, a module at a time each (its module fixtures, such as test_distributed's
-# msrun runs, built once), in this order: the slowest modules first (seconds each took with both workers busy: 172,
-# 150, 140, 95, 65, 52, 42), so that the two workers end together; the rest as collected.
-SLOWEST = ("test_distributed.py", "test_training.py", "test_finetune.py", "test_parity.py", "test_generation.py",
-           "test_runtime_cli.py", "test_demo.py")
+# msrun runs, built once), in this order: the slowest modules first (`pytest --durations=40` shows which), so that
+# the two workers end together; the rest as collected.
+SLOWEST = ("test_distributed.py", "test_training.py", "test_finetune.py", "test_parity.py", "test_faults.py",
+           "test_generation.py", "test_runtime_cli.py", "test_demo.py")
 
 
 def tree_digest(path: Path) -> dict[str, str]:
