@@ -6,9 +6,10 @@
   the cases has a memory limit, so an unbounded allocation ends as a violation too);
 - the source folder byte-for-byte unchanged.
 
-Targets: safetensors, .bin (zip and legacy), .ckpt (with and without MindSpore's CRC trailer), config.json, a
-shard index, manifest.json, and protobuf / JSON strategy files. Binary files get byte-level mutations (bit
-flips, interesting integers at random places, cuts, inserts, copies); JSON files get structural ones (wrong
+Targets: safetensors, .bin (zip, its records deflated, and legacy), .ckpt (with and without MindSpore's CRC
+trailer), config.json, a shard index, manifest.json, and protobuf / JSON strategy files. Binary files get
+byte-level mutations (bit flips, interesting integers at random places, cuts, inserts, copies), deflated records
+lies in their framing (stated and compressed sizes, data descriptors); JSON files get structural ones (wrong
 types, huge or deep values, lone surrogates, missing or extra keys) as well.
 
 `python tests/fuzz/fuzzer.py --seconds 600` runs a longer session and prints the counts; the suite runs a short
@@ -24,6 +25,7 @@ import random
 import resource
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -59,6 +61,7 @@ TARGETS = {
     "bin": Target("hf-bin", "pytorch_model.bin", "hf2ms"),
     "bin-legacy": Target("hf-legacy", "pytorch_model.bin", "hf2ms"),
     "bin-pickle": Target("hf-bin", "pytorch_model.bin", "hf2ms"),  # records mutated, then CRCs made to fit
+    "bin-deflated": Target("hf-deflated", "pytorch_model.bin", "hf2ms"),  # deflated records: sizes, descriptors
     "ckpt": Target("ms", "mindspore_model.ckpt", "ms2hf"),
     "ckpt-crc": Target("ms-crc", "mindspore_model.ckpt", "ms2hf"),
     "config": Target("hf-safetensors", "config.json", "hf2ms"),
@@ -69,6 +72,7 @@ TARGETS = {
 }
 JSON_TARGETS = {"config", "index", "manifest", "strategy-json"}
 RECORD_TARGETS = {"bin-pickle"}
+ZIP_FIELD_TARGETS = {"bin-deflated"}
 
 
 # ---- seeds
@@ -104,6 +108,8 @@ def build_seeds(root: Path) -> set[str]:
                                         "param_split_shape": [], "field": 0, "opt_weight_shard_step": 0,
                                         "opt_weight_shard_size": 0} for n, lay in layouts.items()}}
     (root / "ranks-json" / "strategy" / "strategy.json").write_text(json.dumps(doc))
+    shutil.copytree(root / "hf-bin", root / "hf-deflated")
+    _deflate(root / "hf-deflated" / "pytorch_model.bin")
     available = set(TARGETS)
     try:
         import torch
@@ -114,6 +120,17 @@ def build_seeds(root: Path) -> set[str]:
         legacy = root / "hf-legacy" / "pytorch_model.bin"
         torch.save(torch.load(legacy, weights_only=True), legacy, _use_new_zipfile_serialization=False)
     return available
+
+
+def _deflate(path: Path) -> None:
+    """The archive written again by Python's zipfile with every record deflated (as some tools re-save them)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, body in members:
+            z.writestr(name, body)
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -222,9 +239,78 @@ def mutate_records(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return out.getvalue(), f"record {name}"
 
 
+def _zip_entries(data: bytes) -> list[tuple[int, int]]:
+    """(central directory entry offset, local header offset) of every record, walked from the end record."""
+    end = data.rfind(b"PK\x05\x06")
+    count, cd_offset = struct.unpack_from("<H", data, end + 10)[0], struct.unpack_from("<I", data, end + 16)[0]
+    entries, at = [], cd_offset
+    for _ in range(count):
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, at + 28)
+        entries.append((at, struct.unpack_from("<I", data, at + 42)[0]))
+        at += 46 + name_len + extra_len + comment_len
+    return entries
+
+
+def mutate_zip_fields(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """One deflated record's framing lied about: its stated (uncompressed) or compressed size in the central
+    directory, the local header or both; a data-descriptor flag with the local sizes zeroed (as streaming writers
+    do); bytes of its deflate stream; or a stream that inflates past its stated size."""
+    if rng.random() < 0.2:
+        return _inflating_past(data, rng)
+    out = bytearray(data)
+    entries = _zip_entries(data)
+    central, local = rng.choice([e for e in entries if b"/data/" in data[e[0] + 46:e[0] + 46 + 200]] * 3 + entries)
+    usize, csize = struct.unpack_from("<I", data, central + 24)[0], struct.unpack_from("<I", data, central + 20)[0]
+    kind = rng.choice(["usize-central", "usize-local", "usize-both", "csize-central", "csize-local", "csize-both",
+                       "descriptor", "stream"])
+    if kind.startswith(("usize", "csize")):
+        size = usize if kind.startswith("usize") else csize
+        value = rng.choice([0, 1, size - 1, size + 1, size // 2, size * 2, 0xFFFFFFFF, rng.randrange(1 << 20)])
+        value %= 1 << 32
+        for where, offset in (("central", central + (24 if kind.startswith("usize") else 20)),
+                              ("local", local + (22 if kind.startswith("usize") else 18))):
+            if kind.endswith((where, "both")):
+                struct.pack_into("<I", out, offset, value)
+        return bytes(out), f"{kind}={value}"
+    if kind == "descriptor":
+        struct.pack_into("<H", out, local + 6, struct.unpack_from("<H", data, local + 6)[0] | 8)
+        if rng.random() < 0.5:
+            struct.pack_into("<III", out, local + 14, 0, 0, 0)
+        return bytes(out), "descriptor flag"
+    name_len, extra_len = struct.unpack_from("<HH", data, local + 26)
+    start = local + 30 + name_len + extra_len
+    at = start + rng.randrange(max(csize, 1))
+    out[at] ^= 1 << rng.randrange(8)
+    return bytes(out), f"stream@{at - start}"
+
+
+def _inflating_past(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """A data record deflated from its bytes plus more, its stated size left as the tensor's."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    pick = rng.choice([k for k, (n, _) in enumerate(members) if "/data/" in n])
+    extra = rng.choice([1, 64, 4096])
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for k, (n, b) in enumerate(members):
+            z.writestr(n, b + b"\0" * extra if k == pick else b)
+    out = bytearray(buf.getvalue())
+    for central, local in _zip_entries(out):
+        name_len = struct.unpack_from("<H", out, central + 28)[0]
+        if bytes(out[central + 46:central + 46 + name_len]).decode() == members[pick][0]:
+            for offset in (central + 24, local + 22):
+                struct.pack_into("<I", out, offset, len(members[pick][1]))
+    return bytes(out), f"inflates {extra} past {members[pick][0]}"
+
+
 def mutation_for(target: str, rng: random.Random):
     if target in RECORD_TARGETS:
         return mutate_records
+    if target in ZIP_FIELD_TARGETS and rng.random() < 0.7:
+        return mutate_zip_fields
     if target == "safetensors" and rng.random() < 0.5:
         return mutate_safetensors
     return mutate_json if target in JSON_TARGETS and rng.random() < 0.7 else mutate_bytes
