@@ -12,11 +12,13 @@ MAX_JSON = 64 << 20  # the largest of these in practice, a 6B index, is ~20 KB
 def parse_json(data: bytes | str, where) -> object:
     """Any JSON value; malformed text, too-deep nesting and too-long integers are refused naming `where`."""
     try:
-        return json.loads(data)
+        doc = json.loads(data)
+        json.dumps(doc, ensure_ascii=False).encode()  # a lone surrogate ("\ud800") parses, but is no text
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError, and so
-        # is a 4301-digit integer
+        # is a 4301-digit integer; UnicodeEncodeError is one too
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{where}: not valid JSON ({first})") from None
+    return doc
 
 
 def read_json(path, what: str = "JSON") -> dict:
