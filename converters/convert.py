@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from glm2_core.dtypes import DTYPES, nbytes
-from glm2_core.errors import CheckpointError, UserError
+from glm2_core.errors import CheckpointError, UserError, listed
 from glm2_core.names import EMBEDDING, HF_FAMILIES, INV_FREQ, Layout, inv_freq
 from glm2_core.outputs import MODEL, check_output
 
@@ -55,8 +55,7 @@ class Summary:
                f"  {self.tensors} tensors, {self.bytes / 1e6:.1f} MB in {self.seconds:.2f} s ({rate:.0f} MB/s), "
                f"files: {', '.join(self.files)}"]
         for kind, names in self.dropped.items():
-            shown = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
-            out.append(f"  dropped {kind} ({len(names)}): {shown}")
+            out.append(f"  dropped {kind} ({len(names)}): {listed(names)}")
         for name, n in self.nonfinite.items():
             out.append(f"  warning: source tensor {name} holds {n} NaN/Inf values")
         for name, n in self.overflowed.items():

@@ -19,7 +19,7 @@ from glm2_core.dtypes import nbytes
 from glm2_core.errors import UserError
 from glm2_core.jsonio import write_json
 from glm2_core.names import HF_FAMILIES, Layout
-from glm2_core.outputs import MANIFEST, MODEL, TOOL
+from glm2_core.outputs import MODEL, stamp
 
 from .output import PLAN
 
@@ -135,10 +135,9 @@ def write_beside_weights(folder: Path, cfg: GLM2Config, target: Layout, dtype: s
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """manifest.json, written last: what the folder holds, tensor by tensor, and every entry this toolkit wrote
-    into it (what `--overwrite` may replace: glm2_core.outputs)."""
-    written = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
-    write_json(folder / MANIFEST, {"tool": TOOL, "kind": MODEL, **manifest, "written": written})
+    """manifest.json of a model folder, written last: what the folder holds, tensor by tensor, and every entry this
+    toolkit wrote into it (what `--overwrite` may replace: glm2_core.outputs)."""
+    stamp(folder, MODEL, **manifest)
 
 
 def write_model_folder(tensors: dict[str, np.ndarray], cfg: GLM2Config, dst: Path, *, source: Path,

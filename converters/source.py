@@ -16,10 +16,11 @@ from glm2_core.config import GLM2Config
 from glm2_core.dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, float16_overflow_count, to_float32
 from glm2_core.errors import CheckpointError
 from glm2_core.names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
+from glm2_core.outputs import MANIFEST
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .formats.base import Closing, FileSpan, TensorRef
-from .model_folder import CONFIG, MANIFEST
+from .model_folder import CONFIG
 
 NON_WEIGHTS = {"optimizer": "optimizer state", "cache": "KV-cache entries", "buffer": "buffers",
                "lora": "LoRA adapters"}
@@ -36,11 +37,11 @@ def apply_dtype(arr: np.ndarray, name: str, src: str, dst: str, allow_overflow: 
     and counted into `overflowed` (`where`: the source file, for the message)."""
     if src == dst:
         return arr
-    if dst == "float16" and float16_overflow(arr, src) is not None:
+    peak = float16_overflow(arr, src) if dst == "float16" else None
+    if peak is not None:
         if not allow_overflow:
-            raise CheckpointError(f"{where + ': ' if where else ''}tensor {name!r}: value "
-                                  f"{float16_overflow(arr, src):g} overflows float16 (max 65504); pass "
-                                  f"--allow-overflow to write it as inf")
+            raise CheckpointError(f"{where + ': ' if where else ''}tensor {name!r}: value {peak:g} overflows float16 "
+                                  f"(max 65504); pass --allow-overflow to write it as inf")
         if overflowed is not None:
             overflowed[name] = float16_overflow_count(arr, src)
     return cast(arr, src, dst)

@@ -50,6 +50,6 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
             for name, shape, dt in plan:
                 writer.write(name, inv_freq(cfg, dt) if name == INV_FREQ else _values(name, shape, dt, seed), dt)
         write_beside_weights(tmp, cfg, Layout("chatglm"), dtype, fmt, shards, bundled_tokenizer(cfg.family))
-        write_manifest(tmp, {"synthesized": {"seed": seed},  "format": fmt, "dtype": dtype,
+        write_manifest(tmp, {"synthesized": {"seed": seed}, "format": fmt, "dtype": dtype,
                              "files": [f for f, _ in shards], "tensors": writer.records})
     return [f for f, _ in shards]

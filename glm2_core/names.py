@@ -247,9 +247,7 @@ def detect_layout(names, rearrange_rope: bool = False, where: str = "checkpoint"
     return layout
 
 
-# names that only other architectures' checkpoints hold, and what to call them
-_OTHER_ARCHITECTURES = ((re.compile(r"\.mlp\.(gate|up)_proj\."), "llama-style"),
-                        (re.compile(r"\.self_attn\.o_proj\.bias$|\.mlp\.(c_fc|fc1|w1)\."), "non-GLM"))
+_LLAMA_MLP = re.compile(r"\.mlp\.(gate|up)_proj\.")  # Llama's MLP: GLM fuses gate and up
 
 
 def _refuse_other_architecture(names, templates: set[str], layout: Layout, where: str) -> None:
@@ -263,8 +261,7 @@ def _refuse_other_architecture(names, templates: set[str], layout: Layout, where
     foreign = sorted(n for n in names if classify(n) == "weight" and layer_template(n)[0] not in pieces)
     if not foreign:
         return
-    kind = next((what for pattern, what in _OTHER_ARCHITECTURES if any(pattern.search(n) for n in foreign)),
-                "non-GLM")
+    kind = "llama-style" if any(_LLAMA_MLP.search(n) for n in foreign) else "non-GLM"
     raise CheckpointError(f"{where}: not a GLM checkpoint (found {kind} names no GLM layout has, e.g. "
                           f"{', '.join(foreign[:2])}; and no {layout.family} MLP weights)")
 

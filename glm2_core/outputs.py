@@ -14,7 +14,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, listed
+from .jsonio import write_json
 
 MANIFEST = "manifest.json"
 TOOL = "glm2-toolkit"
@@ -62,7 +63,10 @@ def our_manifest(folder: Path) -> dict | None:
 
 def written_entries(folder: Path) -> set[str] | None:
     """The names this toolkit wrote into `folder`, as its manifest lists them (None: no manifest of ours)."""
-    doc = our_manifest(folder)
+    return _written(our_manifest(folder))
+
+
+def _written(doc: dict | None) -> set[str] | None:
     names = None if doc is None else doc.get("written")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         return None
@@ -96,14 +100,14 @@ def check_output(dst, overwrite: bool, sources: Iterable = (), what: str = "the 
         raise UserError(f"{dst}: cannot list it ({exc.strerror or exc})") from None
     if not present:
         return dst
-    ours = written_entries(dst)
+    doc = our_manifest(dst)
+    ours = _written(doc)
     foreign = sorted(present - ours) if ours is not None else sorted(present)
     if foreign:
-        shown = ", ".join(foreign[:4]) + (f", … (+{len(foreign) - 4})" if len(foreign) > 4 else "")
         why = "not listed in its manifest.json" if ours is not None else "no manifest.json of this toolkit"
-        raise UserError(f"{dst}: --overwrite replaces only a folder this toolkit wrote, and this one holds {shown} "
-                        f"({why}); remove it yourself, or choose another path")
-    found = (our_manifest(dst) or {}).get("kind", MODEL)
+        raise UserError(f"{dst}: --overwrite replaces only a folder this toolkit wrote, and this one holds "
+                        f"{listed(foreign)} ({why}); remove it yourself, or choose another path")
+    found = doc.get("kind", MODEL)
     if kind is not None and found != kind:
         raise UserError(f"{dst}: holds a {found} this toolkit wrote, not a {kind}: --overwrite replaces only a "
                         f"folder of what it writes; remove it yourself, or choose another path")
@@ -114,5 +118,4 @@ def stamp(folder, kind: str, **extra) -> None:
     """Mark `folder` as this toolkit's output: manifest.json listing every entry now in it (written last)."""
     folder = Path(folder)
     names = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
-    doc = {"tool": TOOL, "kind": kind, **extra, "written": names}
-    (folder / MANIFEST).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    write_json(folder / MANIFEST, {"tool": TOOL, "kind": kind, **extra, "written": names})

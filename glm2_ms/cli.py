@@ -14,15 +14,12 @@ NEW_TOKENS = "--max-new-tokens"
 
 
 def sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed) -> SamplingConfig:
-    """The vocabulary's sampling options as a SamplingConfig; a bad value is a user error naming its option (NaN
-    included: it passes a click range, and sampling from it fails deep in numpy)."""
-    ranges = {"--temperature": (temperature, temperature > 0, "> 0"),
-              "--top-p": (top_p, 0 < top_p <= 1, "in (0, 1]"), "--top-k": (top_k, top_k >= 0, ">= 0"),
-              "--repetition-penalty": (repetition_penalty, repetition_penalty > 0, "> 0")}
-    for name, (value, ok, want) in ranges.items():
-        if not ok:
-            raise UserError(f"{name} must be {want}, got {value}")
-    return SamplingConfig(not sample, temperature, top_k, top_p, repetition_penalty, seed)
+    """The vocabulary's sampling options as a SamplingConfig (their types refuse a value out of range, NaN
+    included, naming the option; SamplingConfig checks again for callers in code)."""
+    try:
+        return SamplingConfig(not sample, temperature, top_k, top_p, repetition_penalty, seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 # float32 arithmetic over weights kept as stored: CPU float16 matmuls are ~13x slower than float32 ones

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from glm2_core.errors import UserError
+from glm2_core.errors import UserError, listed
 from glm2_core.options import VOCABULARY, ExistingPath, Interrupted, Tool, option
 from glm2_core.outputs import absolute, refuse_overlap
 
@@ -112,8 +112,7 @@ def check_out(out_dir, resume: bool) -> None:
     except OSError as exc:
         raise UserError(f"{out_dir}: cannot list it ({exc.strerror or exc})") from None
     if present:
-        shown = ", ".join(present[:4]) + (f", … (+{len(present) - 4})" if len(present) > 4 else "")
-        raise UserError(f"{out_dir}: not empty (holds {shown}); a new run needs a new or empty --out")
+        raise UserError(f"{out_dir}: not empty (holds {listed(present)}); a new run needs a new or empty --out")
 
 
 def _check_writable(out_dir: Path) -> None:

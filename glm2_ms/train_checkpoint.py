@@ -15,7 +15,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor
 
-from converters.runs import NETWORK, TRAINING, ckpt_path, record_path
+from converters.runs import NETWORK, TRAINING, ckpt_path, record_of, record_path
 from glm2_core.errors import CheckpointError
 from glm2_core.outputs import MANIFEST
 
@@ -99,7 +99,8 @@ class TrainingCheckpoint:
         protected = ckpt.latest(self.out, self.rank, self.world)
         for epoch, step in sorted(ckpt.saved_steps(self.out, self.rank))[:-keep]:
             path = ckpt_path(self.out, TRAINING, self.rank, epoch, step)
-            if path != protected and _is_our_record(record_path(path)):
+            found = record_of(path)
+            if path != protected and found is not None and "step" in found[1]:
                 for f in (record_path(path), path, ckpt_path(self.out, NETWORK, self.rank, epoch, step)):
                     f.unlink(missing_ok=True)
 
@@ -194,14 +195,6 @@ def _read_record(path: Path) -> dict:
             not all(k in side for k in ("step", "epoch", "in_epoch", "loss_scale", "good_steps", "losses")):
         raise CheckpointError(f"{where}: not the record of a glm2-finetune checkpoint")
     return side
-
-
-def _is_our_record(where: Path) -> bool:
-    try:
-        side = json.loads(where.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(side, dict) and isinstance(side.get("config"), dict) and "step" in side
 
 
 def _check_schedule(where: Path, side: dict, cfg: TrainConfig, total_now: int) -> None:
