@@ -26,7 +26,7 @@ from .model_folder import (
     write_beside_weights,
     write_manifest,
 )
-from .output import PLAN, WeightsWriter, staged_folder
+from .output import PLAN, WeightsWriter, fingerprints, staged_folder
 from .runs import run_folder
 from .source import Group, Source, out_dtype
 
@@ -169,12 +169,14 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
             raise CheckpointError(f"{src}: holds LoRA adapters ({lora[0]}, …): merge them with "
                                   f"`glm2-convert merge-lora {src} {src} DST{_config_hint(src, source, config)}`, "
                                   f"or convert the base alone")
+        watched = fingerprints(source.ckpt.files)
         planned = plan(source, target, fmt, dtype, keep_optimizer, max_shard_bytes)
-        with staged_folder(dst, overwrite, protected, planned.total, MODEL) as tmp:
+        tokenizer, note = _tokenizer(source, bundled_tokenizer)
+        need = planned.total + sum(f.stat().st_size for f in tokenizer)
+        with staged_folder(dst, overwrite, protected, need, MODEL, watched) as tmp:
             records = write_weights(source, planned, tmp, fmt, target.family, dtype=dtype,
                                     allow_overflow=allow_overflow, adapter=adapter, progress=progress,
                                     desc=f"{src.name} -> {dst.name}")
-            tokenizer, note = _tokenizer(source, bundled_tokenizer)
             write_beside_weights(tmp, source.cfg, target, planned.dtype, fmt, planned.shards, tokenizer)
             kept = {"optimizer state"} if keep_optimizer else set()
             kept |= {"LoRA adapters"} if adapter is not None else set()  # merged, not dropped

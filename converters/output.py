@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glm2_core.errors import CheckpointError, UserError
+from glm2_core.errors import CheckpointError, UserError, sized
 from glm2_core.outputs import absolute, check_output
 
 from .formats.base import FileSpan, byte_blocks
@@ -25,19 +25,21 @@ PLAN = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) in write o
 
 
 @contextmanager
-def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0, kind: str | None = None):
+def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0, kind: str | None = None,
+                  watched: dict | None = None):
     """Yield a temporary folder beside `dst`; on success it replaces `dst`, on any failure it is removed. The
     output rules (`glm2_core.outputs.check_output`: apart from the `sources`, an existing `dst` replaced only with
     `overwrite`, and only a folder of that `kind` this toolkit wrote) and the free space for the `need` bytes it
-    will hold are checked first."""
+    will hold are checked first. `watched`: the `fingerprints` of the files the output is made from, taken when
+    they were opened; one that changed since fails the run (whatever else failed: the change is the cause)."""
     target = absolute(dst)
     if target.parent.is_dir() and os.access(target.parent, os.W_OK | os.X_OK):
         _recover(target)  # first: an output a killed run had moved aside is the one the rules then look at
     dst = check_output(dst, overwrite, sources, kind=kind)
     free = shutil.disk_usage(dst.parent).free
     if need > free:
-        raise CheckpointError(f"{dst.parent}: not enough free space: the output needs {need / 1e6:,.1f} MB, "
-                              f"{free / 1e6:,.1f} MB are free")
+        raise CheckpointError(f"{dst.parent}: not enough free space: the output needs {sized(need)}, "
+                              f"{sized(free)} are free")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
     except OSError as exc:
@@ -45,6 +47,9 @@ def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0,
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would otherwise become the output's mode
         yield tmp
+        changed = _changed(watched or {})
+        if changed:
+            raise CheckpointError(changed)
         if dst.exists() and not overwrite:
             raise CheckpointError(f"{dst}: appeared while this run was writing it (another process?); left as it "
                                   f"is, nothing was written")
@@ -55,12 +60,42 @@ def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0,
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             tmp.rename(dst)
-    except OSError as exc:
+    except BaseException as exc:
+        said = _changed(watched or {}) if isinstance(exc, Exception) else None
+        if said is None and isinstance(exc, OSError):
+            said = _failed(exc, dst, tmp, need, free)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(_failed(exc, dst, tmp)) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if said is None:
+            raise
+        raise CheckpointError(said) from None
+
+
+def fingerprints(files) -> dict[Path, tuple[int, int, int, int]]:
+    """Device, inode, size and modification time of each file a run reads, taken when it opens them: a file cut,
+    rewritten (even to the same size: its mtime moves) or replaced (its inode) while it is read differs in one."""
+    return {Path(f): _fingerprint(f) for f in files}
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _changed(watched: dict) -> str | None:
+    """The one line for the first watched file that is not as its fingerprint says (None: none changed): the
+    output may mix its old and new bytes, so it is not kept."""
+    for path, before in watched.items():
+        try:
+            now = _fingerprint(path)
+        except OSError:
+            now = None
+        if now == before:
+            continue
+        how = "removed" if now is None else "replaced by another file" if now[:2] != before[:2] else \
+            f"cut from {before[2]:,} to {now[2]:,} bytes" if now[2] < before[2] else \
+            f"grown from {before[2]:,} to {now[2]:,} bytes" if now[2] > before[2] else "rewritten"
+        return f"{path}: {how} while this run read it; nothing was written (convert it once it is complete)"
+    return None
 
 
 def _recover(dst: Path) -> None:
@@ -94,15 +129,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _failed(exc: OSError, dst: Path, tmp: Path) -> str:
-    """The one line for an OSError while an output was staged: a full disk, a file that could not be read (it names
-    the file), or the output that could not be written."""
+def _failed(exc: OSError, dst: Path, tmp: Path, need: int, free: int) -> str:
+    """The one line for an OSError while an output was staged: a full disk (with what was written, needed and free),
+    a file that could not be read (it names the file), or the output that could not be written."""
     if exc.errno == errno.ENOSPC:
-        return f"{dst}: no space left on device while writing; nothing was written"
+        return f"{dst}: {no_space(tmp, need, free, dst.parent)}; nothing was written"
     name = Path(exc.filename) if exc.filename else None
     if name is not None and tmp not in name.parents and name != tmp:
         return f"{name}: cannot read ({exc.strerror or exc}); nothing was written"
     return f"{dst}: cannot write ({exc.strerror or exc}); nothing was written"
+
+
+def no_space(folder: Path, need: int, free: int, where: Path) -> str:
+    """What a user needs to know of a disk that filled while `folder` was written: how far it got, what the whole
+    needs (when known) and what was free in `where` when it began (the rest went to another process's files)."""
+    written = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+    whole = f" of the {sized(need)} the output needs" if need else ""
+    return f"no space left on device after writing {sized(written)}{whole}; {sized(free)} were free in {where} " \
+           f"when it began"
 
 
 def _combined(pieces: list[tuple[int, int]]) -> int:

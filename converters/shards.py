@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glm2_core.dtypes import BY_NAME
+from glm2_core.dtypes import BY_NAME, nbytes
 from glm2_core.errors import CheckpointError
 from glm2_core.names import MINDPET, OPTIMIZER_PREFIXES, classify
 from glm2_core.outputs import MODEL, check_output, stamp
@@ -25,7 +25,7 @@ from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
 from .formats.base import TensorRef
 from .formats.ckpt import CkptWriter
 from .model_folder import CONFIG, copy_files
-from .output import staged_folder
+from .output import fingerprints, staged_folder
 from .runs import epoch_step, newest_complete, recorded_lora, run_folder
 from .strategy import ParamLayout, Strategy, load_strategy
 
@@ -265,17 +265,22 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
     with open_checkpoint(full) as ckpt:
         if ckpt.format != "ckpt":
             raise CheckpointError(f"{full}: split reads a MindSpore .ckpt checkpoint, not {ckpt.format}")
+        watched = fingerprints(ckpt.files)
         plan = _split_plan(ckpt, strategy, full)
-        with staged_folder(dst, overwrite, inputs, ckpt.nbytes, SHARDS) as tmp, \
+        beside = [f for f in (ckpt.folder / CONFIG, *ckpt.tokenizer_files) if f.is_file()]  # so merging DST back
+        # needs no --config
+        strategy_path = Path(strategy_path)
+        given = [s for s in (sorted(strategy_path.iterdir()) if strategy_path.is_dir() else [strategy_path])
+                 if s.is_file()]
+        need = sum(_rank_bytes(ref, lay, holders) for ref, lay, holders in plan) + \
+            sum(f.stat().st_size for f in beside + given)
+        with staged_folder(dst, overwrite, inputs, need, SHARDS, watched) as tmp, \
                 _progress(ckpt.nbytes, progress, f"split {full.name}") as bar:
             written = _write_ranks(tmp, plan, strategy.ranks, prefix, bar.update)
             ckpt.check_complete()
-            beside = [ckpt.folder / CONFIG, *ckpt.tokenizer_files]  # so merging DST back needs no --config
-            copy_files(tmp, [f for f in beside if f.is_file()])
+            copy_files(tmp, beside)
             (tmp / "strategy").mkdir()
-            strategy_path = Path(strategy_path)
-            given = sorted(strategy_path.iterdir()) if strategy_path.is_dir() else [strategy_path]
-            copy_files(tmp / "strategy", [s for s in given if s.is_file()])
+            copy_files(tmp / "strategy", given)
             stamp(tmp, SHARDS, source=str(Path(full).resolve()))
     replicated = [ref.name for ref, lay, _ in plan if lay is None]
     return SplitSummary(str(full), str(dst), strategy.ranks, len(plan) - len(replicated), replicated, written,
@@ -296,6 +301,14 @@ def _split_plan(ckpt: Checkpoint, strategy: Strategy, full: Path) -> list[tuple[
     if missing:
         raise CheckpointError(f"{full}: lacks {missing[0]!r}, which the strategy lays out")
     return plan
+
+
+def _rank_bytes(ref: TensorRef, lay: ParamLayout | None, holders: range) -> int:
+    """The bytes of a tensor's slices over every rank that holds one (a replicated one, whole on each)."""
+    if lay is None:
+        return ref.nbytes * len(holders)
+    return sum(nbytes(tuple(s.stop - s.start for s in lay.box(r - holders[0], ref.shape)), ref.dtype)
+               for r in holders)
 
 
 def _write_ranks(folder: Path, plan, ranks: int, prefix: str, on_done) -> int:

@@ -7,6 +7,14 @@ def listed(names, most: int = 4) -> str:
     return ", ".join(names[:most]) + (f", … (+{len(names) - most})" if len(names) > most else "")
 
 
+def sized(nbytes: int) -> str:
+    """A byte count for a message, in decimal units as disks are sold (kB, MB, GB), three digits at least."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.{2 if nbytes < 10 * scale else 1}f} {unit}"
+    return f"{nbytes} bytes"
+
+
 class UserError(Exception):
     """A bad value, option or setting (a usage or training-config error): a single line saying what is wrong."""
 

@@ -1,5 +1,6 @@
 import hashlib
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,29 @@ def system_temp_dir(tmp_path_factory):
         os.environ["TMPDIR"] = saved
     tempfile.tempdir = None
     assert not list(tmp.iterdir()), f"the tests left {sorted(p.name for p in tmp.iterdir())} in the temp dir"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A factory of small disks: `small_disk(nbytes)` mounts a tmpfs of that size (root only; the test is skipped
+    otherwise, saying why) and returns its folder; every one is unmounted when the test ends, however it ends."""
+    mounted = []
+
+    def mount(nbytes: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("a small disk is a tmpfs mount, which needs root")
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={nbytes}", "tmpfs", str(where)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,11 @@
 they come (so a run can resume), the published metrics at the end; and metric parity between the runtimes."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,7 @@ from glm2_core.errors import UserError
 from .metrics import METRICS, adgen_scores
 
 PREDICTIONS, SETTINGS = "predictions.jsonl", "settings.json"  # beside each other in --out
+TOKEN_BYTES = 32  # the most a prediction's line takes per new token in practice: its id in "tokens", its text
 KIND, PARITY_KIND = "eval", "eval-parity"  # what our manifest.json calls an --out folder
 
 
@@ -154,17 +158,34 @@ def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progr
     return done
 
 
-def start_folder(out: Path, kind: str, overwrite: bool, files: dict[str, str] | None = None) -> None:
+def start_folder(out: Path, kind: str, overwrite: bool, files: dict[str, str] | None = None, need: int = 0) -> None:
     """A new run folder holding `files` (name → text) and our manifest, appearing whole (replacing, with
     `overwrite`, one this toolkit wrote): an interrupted run leaves a folder that --resume continues and --overwrite
-    may replace."""
+    may replace. Refused when the disk has not the `need` bytes the whole run will write."""
     from converters.output import staged_folder
     from glm2_core.outputs import stamp
 
-    with staged_folder(out, overwrite, kind=kind) as tmp:
+    with staged_folder(out, overwrite, need=need, kind=kind) as tmp:
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         stamp(tmp, kind)
+
+
+def expected_bytes(items, s: EvalSettings, settings: str) -> int:
+    """About what an --out folder holds once its run ends: the settings and a line per sample (its content and
+    reference, and at most TOKEN_BYTES per new token)."""
+    lines = sum(len(json.dumps({"content": c, "reference": r}, ensure_ascii=False).encode()) +
+                TOKEN_BYTES * s.max_new_tokens for c, _, r in items)
+    return len(settings.encode()) + lines
+
+
+def whole_lines(path: Path) -> int:
+    """Cut a predictions file after its last whole line (a write the disk stopped halfway); returns how many
+    lines it keeps."""
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    os.truncate(path, keep)
+    return data.count(b"\n", 0, keep)
 
 
 def restamp(folder: Path, kind: str, names: set[str]) -> None:
@@ -205,12 +226,14 @@ class EvalRun:
         check_lengths(self.engine.config, self.items, s, memory=True)  # the model is in memory now
 
     def run(self, progress: bool = True) -> dict:
+        from converters.output import no_space
+
         out, s = self.out, self.s
+        settings = json.dumps(self.settings, indent=2, ensure_ascii=False) + "\n"
+        need, free = expected_bytes(self.items, s, settings), shutil.disk_usage(out.parent).free
         try:
             if not self.continued:
-                start_folder(out, KIND, self.overwrite, {SETTINGS: json.dumps(self.settings, indent=2,
-                                                                             ensure_ascii=False) + "\n",
-                                                         PREDICTIONS: ""})
+                start_folder(out, KIND, self.overwrite, {SETTINGS: settings, PREDICTIONS: ""}, need)
                 if self.within:
                     restamp(out.parent, self.within, {out.name})
             preds = predict(self.engine, self.tok, self.items, s, out / PREDICTIONS, progress)
@@ -220,8 +243,12 @@ class EvalRun:
             (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
             restamp(out, KIND, {SETTINGS, PREDICTIONS, "metrics.json"})
         except OSError as exc:
-            raise UserError(f"{out}: cannot write ({exc.strerror or exc}); the predictions written so far are "
-                            f"kept (--resume continues them)") from None
+            if exc.errno != errno.ENOSPC:
+                raise UserError(f"{out}: cannot write ({exc.strerror or exc}); the predictions written so far are "
+                                f"kept (--resume continues them)") from None
+            kept = whole_lines(out / PREDICTIONS)
+            raise UserError(f"{out}: {no_space(out, need, free, out.parent)}; the {kept} whole predictions written "
+                            f"are kept (--resume continues them once there is room)") from None
         seconds = time.perf_counter() - self.clock
         from glm2_ms.cli import peak_rss_gb
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 import math
-import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,7 +65,6 @@ class TensorRef:
 
 
 BLOCK = 1 << 20  # bytes per checksum step: small enough to stay in cache between the CRC and `on_block`
-WINDOW = 64 << 20  # bytes of a file mapped at a time
 
 
 @dataclass(frozen=True)
@@ -89,17 +87,16 @@ class FileSpan:
         return nbytes(self.shape, self.dtype)
 
     def blocks(self):
-        """The bytes, BLOCK at a time, mapped from the page cache (no copy): a window of the file is mapped at a
-        time and unmapped as soon as its last block is let go."""
+        """The bytes, BLOCK at a time, read from the page cache into one buffer (each block valid until the next
+        is asked for). Read, not mapped: a mapped file cut short while it is read kills the process (SIGBUS),
+        where a short read is one error."""
+        buf = memoryview(bytearray(min(BLOCK, self.nbytes)))
         with open(self.file, "rb", buffering=0) as f:
-            for start in range(0, self.nbytes, WINDOW):
-                n = min(WINDOW, self.nbytes - start)
-                at = self.offset + start
-                skip = at % mmap.ALLOCATIONGRANULARITY
-                window = memoryview(mmap.mmap(f.fileno(), skip + n, prot=mmap.PROT_READ, offset=at - skip))
-                for b in range(skip, skip + n, BLOCK):
-                    yield window[b:min(b + BLOCK, skip + n)]
-                del window
+            for start in range(0, self.nbytes, BLOCK):
+                n = min(BLOCK, self.nbytes - start)
+                if os.preadv(f.fileno(), [buf[:n]], self.offset + start) != n:
+                    raise _cut(self.file, self.offset + start + n)
+                yield buf[:n]
 
     def copy_to(self, out, start: int, n: int) -> None:
         """Append bytes [start, start + n) to the open file `out`."""
@@ -112,7 +109,7 @@ class FileSpan:
                     step = os.copy_file_range(f.fileno(), out.fileno(), n - done, self.offset + start + done,
                                               at + done)
                     if step == 0:
-                        raise OSError(errno.EIO, f"{self.file}: changed while being converted")
+                        raise _cut(self.file, self.offset + start + n)
                     done += step
             except OSError as exc:  # another file system, or one without it: plain reads and writes
                 if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
@@ -121,6 +118,12 @@ class FileSpan:
                 for view in FileSpan(self.file, self.offset + start + done, (n - done,), "uint8").blocks():
                     out.write(view)
         out.seek(at + n)
+
+
+def _cut(path: Path, end: int):
+    from glm2_core.errors import CheckpointError
+
+    return CheckpointError(f"{path}: cut short while it was read: the bytes up to {end:,} are no longer there")
 
 
 def byte_blocks(data: np.ndarray | FileSpan, observed: bool = True):
