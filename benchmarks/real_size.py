@@ -19,8 +19,8 @@ which runs cold too.
 --workdir keeps the folders; by default they go to a temporary folder removed at the end, also on failure, and
 each folder is removed once no later step reads it (the synthesized HF folder after the generation parity, the
 finetune's checkpoints once it has written its adapter, the MindSpore model after merge-lora). Disk at 28 layers:
-at most the MindSpore model (12.5 GB) beside the finetune's checkpoints (two copies of the network, frozen base
-included), then two or three 12.5 GB checkpoints; with --workdir, all of them (≥ 75 GB).
+at most two or three 12.5 GB checkpoints (a LoRA run's saves hold its adapter alone); with --workdir, all of them
+(≥ 50 GB).
 """
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def loop(args, work: Path) -> list[tuple]:
          [BIN / "glm2-finetune", ms_dir, "--train-data", ADGEN, "--out", work / "lora", "--method", "lora",
           "--batch-size", 1, "--max-steps", args.steps, "--quiet", *recompute],
          lambda _: finetune_numbers(work / "lora"))
-    checkpoints = [work / "lora" / d for d in ("checkpoint", "checkpoint_network")]
+    checkpoints = [work / "lora" / d for d in ("checkpoint", "checkpoint_trainable")]
     print(f"    the run's checkpoints: {sum(size_of(d) for d in checkpoints if d.exists()) / 1e9:.2f} GB", flush=True)
     prune(*checkpoints)  # merge-lora reads the PEFT adapter
     step("merge-lora", [BIN / "glm2-convert", "merge-lora", ms_dir, work / "lora" / "adapter", work / "ms-merged",

@@ -1,23 +1,32 @@
 """The output folder of a `glm2-finetune` run, as the trainer writes it and the converters read it back.
 
     OUT/config.json, OUT/tokenizer.model …                  the model's config and tokenizer (with the first save)
-    OUT/checkpoint/rank_{r}/glm2_rank_{r}-{epoch}_{step}.ckpt  network + optimizer state (MindFormers' layout)
-    OUT/checkpoint/rank_{r}/glm2_rank_{r}-{epoch}_{step}.json  its record: position, loss scaler, the run's settings
-    OUT/checkpoint_network/rank_{r}/…ckpt                     the network alone (its record is the training one's)
+    OUT/checkpoint/rank_{r}/glm2_rank_{r}-{epoch}_{step}.ckpt  what training changes + optimizer state + counters
+    OUT/checkpoint/rank_{r}/glm2_rank_{r}-{epoch}_{step}.json  its record: position, loss scaler, settings, base
+    OUT/checkpoint_network/rank_{r}/…ckpt                     full runs: the network alone (record: the training one's)
+    OUT/checkpoint_trainable/rank_{r}/glm2_rank_{r}-trainable_params.ckpt
+                                                               LoRA runs: the newest save's adapter alone
     OUT/train_log.jsonl                                        a row per step (from the first step on)
 
-So `glm2-merge-shards OUT` finds the config and tokenizer, and `merge-lora` on a network checkpoint finds the
-run's lora_alpha, without being told. The newest --keep-checkpoints saves are kept; older ones (their three
-files) are deleted as new ones come."""
+A full run's saves hold the whole network; a LoRA run's hold only the adapter (its frozen base is the base folder,
+which the record names by path and hash: `base_identity`), as MindFormers' CheckpointMonitor with
+save_trainable_params names its trainable file. So `glm2-merge-shards OUT` finds the config, tokenizer and (LoRA)
+base, and `merge-lora` on a run's checkpoint finds the run's lora_alpha, without being told. The newest
+--keep-checkpoints saves are kept; older ones (their files) are deleted as new ones come."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
 
+from glm2_core.errors import CheckpointError
+from glm2_core.outputs import MANIFEST
+
 from .model_folder import CONFIG
 
-TRAINING, NETWORK = "checkpoint", "checkpoint_network"
+TRAINING, NETWORK, TRAINABLE = "checkpoint", "checkpoint_network", "checkpoint_trainable"
+HUB_BLOB = re.compile(r"^[0-9a-f]{64}$")  # a Hugging Face hub cache blob is named by its content's sha256
 NAME = re.compile(r"glm2_rank_(\d+)-(\d+)_(\d+)\.ckpt$")
 EPOCH_STEP = re.compile(r"-(\d+)_(\d+)\.(?:ckpt|safetensors)$")  # MindSpore's `{prefix}-{epoch}_{step}` files
 
@@ -39,6 +48,11 @@ def ckpt_path(out: Path, kind: str, rank: int, epoch: int, step: int) -> Path:
     return Path(out) / kind / f"rank_{rank}" / f"glm2_rank_{rank}-{epoch}_{step}.ckpt"
 
 
+def trainable_path(out: Path, rank: int) -> Path:
+    """MindFormers' name for a rank's trainable parameters (`{prefix}_rank_{r}-trainable_params.ckpt`)."""
+    return Path(out) / TRAINABLE / f"rank_{rank}" / f"glm2_rank_{rank}-trainable_params.ckpt"
+
+
 def record_path(ckpt: Path) -> Path:
     """Where the record of a training checkpoint lives (beside it)."""
     return ckpt.with_suffix(".json")
@@ -48,8 +62,11 @@ def record_of(ckpt: Path) -> tuple[Path, dict] | None:
     """(where, record) of a run's training or network checkpoint file; None for a file no run of ours wrote."""
     ckpt = Path(ckpt)
     places = [record_path(ckpt)]
+    training = ckpt.parent.parent.parent / TRAINING / ckpt.parent.name
     if ckpt.parent.parent.name == NETWORK:
-        places.append(record_path(ckpt.parent.parent.parent / TRAINING / ckpt.parent.name / ckpt.name))
+        places.append(record_path(training / ckpt.name))
+    elif ckpt.parent.parent.name == TRAINABLE:  # the run's settings are every save's: the newest record says them
+        places += sorted(training.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)[:1]
     for place in places:
         if place.is_file():
             try:
@@ -77,3 +94,50 @@ def run_folder(ranks_root: Path) -> Path | None:
         if (folder / CONFIG).is_file():
             return folder
     return None
+
+
+def base_identity(model_dir: Path) -> dict:
+    """The base model as a run records it: its resolved path, and a hash of its weights that does not read them.
+    A folder glm2-convert wrote has a manifest.json listing each tensor's sha256: its hash names the weights
+    wherever the folder lies. Another folder (a Hugging Face download) is named by its files' names and sizes and,
+    per file, the hub blob it links to (named by its content's sha256) or else its modification time."""
+    path = Path(model_dir).resolve()
+    identity = {"path": str(path), "manifest_sha256": None, "files_sha256": None}
+    try:
+        if (path / MANIFEST).is_file():
+            identity["manifest_sha256"] = hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+        elif path.is_dir():
+            identity["files_sha256"] = hashlib.sha256(json.dumps(_listing(path)).encode()).hexdigest()
+    except OSError:
+        pass
+    return identity
+
+
+def _listing(folder: Path) -> list:
+    rows = []
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            target = f.resolve()
+            rows.append([f.name, f.stat().st_size,
+                         target.name if HUB_BLOB.match(target.name) else f.stat().st_mtime_ns])
+    return rows
+
+
+def check_base(where: Path, recorded: dict | None, base: dict,
+               remedy: str = "use the run's base model, or start a new --out") -> None:
+    """The base model must be the run's: the same manifest (the same weights) or the same files, as the record
+    hashed them; the same folder for a record older than the hashes."""
+    if not isinstance(recorded, dict) or not recorded.get("path"):
+        return
+    hashes = [key for key in ("manifest_sha256", "files_sha256") if recorded.get(key)]
+    same = any(recorded[key] == base.get(key) for key in hashes) if hashes else recorded["path"] == base["path"]
+    if not same:
+        raise CheckpointError(f"{where}: the run trained on the base model {_named(recorded)}, this is "
+                              f"{_named(base)}; {remedy}")
+
+
+def _named(base: dict) -> str:
+    for key, what in (("manifest_sha256", "manifest sha256"), ("files_sha256", "files sha256")):
+        if base.get(key):
+            return f"{base['path']} ({what} {base[key][:12]}…)"
+    return base["path"]

@@ -26,7 +26,7 @@ from .formats.base import TensorRef
 from .formats.ckpt import CkptWriter
 from .model_folder import CONFIG, copy_files
 from .output import fingerprints, staged_folder
-from .runs import epoch_step, newest_complete, recorded_lora, run_folder
+from .runs import base_identity, check_base, epoch_step, newest_complete, record_of, recorded_lora, run_folder
 from .strategy import ParamLayout, Strategy, load_strategy
 
 SHARDS = "rank shards"  # the kind of folder `split` writes
@@ -335,31 +335,64 @@ def _write_ranks(folder: Path, plan, ranks: int, prefix: str, on_done) -> int:
 def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, fmt: str,
           lora_alpha: float | None = None, config: Path | None = None, **options):
     """Rank shards → one checkpoint at `dst` (MindSpore, or a HF folder), through the converter. LoRA adapters
-    found in the shards are folded into the weights, with the alpha given or, for one of our runs, recorded. The
-    model's config and tokenizer come from the run folder when it has them (the tokenizer otherwise is the bundled
-    ChatGLM2 one, which every ChatGLM2-6B checkpoint shares)."""
-    from .adapters import read_adapter
+    found in the shards are folded into the weights, with the alpha given or, for one of our runs, recorded; the
+    shards of a LoRA run that saved only its adapter are folded into the run's base model, which must still be the
+    one the run recorded. The model's config and tokenizer come from the run folder when it has them (the tokenizer
+    otherwise is the bundled ChatGLM2 one, which every ChatGLM2-6B checkpoint shares)."""
     from .convert import convert
 
     check_output(dst, options.get("overwrite", False), (*sources, strategy_path, config), kind=MODEL)
     ckpt, stats = open_sharded(sources, strategy_path)
     with ckpt:
-        adapter = None
-        if any(MINDPET.match(n) for n in ckpt.tensors):
-            recorded = recorded_lora(Path(stats.files[0]))
-            if lora_alpha is None and recorded is None:
-                raise CheckpointError(f"{sources[0]}: the shards hold LoRA adapters and no run record gives their "
-                                      f"alpha; pass the run's --lora-alpha to fold them into the merged weights")
-            adapter = read_adapter(sources[0], lora_alpha if lora_alpha is not None else
-                                   float(recorded[1]["lora_alpha"]), opened=ckpt)
-            stats.notes.append(f"LoRA alpha {adapter.alpha:g} ({'given' if lora_alpha is not None else recorded[0]})")
-        if config is None and stats.run_folder is not None:
+        adapter = _adapter(ckpt, sources[0], stats, lora_alpha)
+        base = _run_base(stats) if adapter is not None and not any(
+            classify(n) == "weight" for n in ckpt.tensors) else None
+        if config is None and stats.run_folder is not None and base is None:
             config = stats.run_folder / CONFIG
             stats.notes.append(f"config.json from {stats.run_folder}")
-        summary = convert(sources[0], dst, target=target, fmt=fmt, adapter=adapter, opened=ckpt, config=config,
-                          bundled_tokenizer=True, inputs=(*sources, strategy_path), **options)
+        inputs = (*sources, strategy_path)
+        if base is not None:
+            summary = convert(base, dst, target=target, fmt=fmt, adapter=adapter, config=config, inputs=inputs,
+                              **options)
+        else:
+            summary = convert(sources[0], dst, target=target, fmt=fmt, adapter=adapter, opened=ckpt, config=config,
+                              bundled_tokenizer=True, inputs=inputs, **options)
         if summary.tokenizer_note:
             stats.notes.append(summary.tokenizer_note)
     if not options.get("keep_optimizer"):  # the converter dropped them, and its summary says so
         stats.copied = [n for n in stats.copied if classify(n) != "optimizer"]
     return summary, stats
+
+
+def _adapter(ckpt: Checkpoint, source: Path, stats: MergeStats, lora_alpha: float | None):
+    """The LoRA adapter the shards hold (None without one), with the alpha given or the run's recorded one."""
+    from .adapters import read_adapter
+
+    if not any(MINDPET.match(n) for n in ckpt.tensors):
+        return None
+    recorded = recorded_lora(Path(stats.files[0]))
+    if lora_alpha is None and recorded is None:
+        raise CheckpointError(f"{source}: the shards hold LoRA adapters and no run record gives their "
+                              f"alpha; pass the run's --lora-alpha to fold them into the merged weights")
+    adapter = read_adapter(source, lora_alpha if lora_alpha is not None else float(recorded[1]["lora_alpha"]),
+                           opened=ckpt)
+    stats.notes.append(f"LoRA alpha {adapter.alpha:g} ({'given' if lora_alpha is not None else recorded[0]})")
+    return adapter
+
+
+def _run_base(stats: MergeStats) -> Path:
+    """The base model of the LoRA run whose adapter-only saves these are, as its record names it, refused when
+    the folder there now holds other weights."""
+    first = Path(stats.files[0])
+    found = record_of(first)
+    recorded = found[1].get("base") if found else None
+    if not isinstance(recorded, dict) or not recorded.get("path"):
+        raise CheckpointError(f"{first}: holds a LoRA adapter without the weights it adapts, and no run record "
+                              f"names its base model; fold it into one with `glm2-convert merge-lora BASE {first} "
+                              f"DST`")
+    fold = f"fold it into a base with `glm2-convert merge-lora BASE {first} DST`"
+    if not Path(recorded["path"]).is_dir():
+        raise CheckpointError(f"{found[0]}: the run's base model {recorded['path']} is gone; {fold}")
+    check_base(found[0], recorded, base_identity(Path(recorded["path"])), f"the run's base changed; {fold}")
+    stats.notes.append(f"base model {recorded['path']} (the run's, {found[0]})")
+    return Path(recorded["path"])

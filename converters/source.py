@@ -103,6 +103,10 @@ class Source(Closing):
                 (weights if kind == "weight" else dropped[NON_WEIGHTS[kind]]).append(name)
             dropped["non-tensor entries"] = list(ckpt.strings)
             dropped["tokenizer files linking outside the checkpoint"] = ckpt.untrusted_files
+            if dropped["LoRA adapters"] and not weights:
+                raise CheckpointError(f"{path}: holds only LoRA adapters ({dropped['LoRA adapters'][0]}, …), not a "
+                                      f"model: fold them into their base with `glm2-convert merge-lora BASE {path} "
+                                      f"DST`")
             if rearranged_rope is None:
                 rearranged_rope = manifest_layout(ckpt).get("rearrange_rope", False) is True
             layout = detect_layout(weights, rearranged_rope, str(path))

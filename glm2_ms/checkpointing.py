@@ -7,22 +7,28 @@ run's settings). The folder's layout is described in converters/runs.py, which r
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from converters.formats.ckpt import CkptFile, CkptWriter
 from converters.model_folder import copy_files, tokenizer_or_bundled, write_config
-from converters.runs import NAME, TRAINING, ckpt_path, newest_complete, record_path
+from converters.runs import NAME, NETWORK, TRAINABLE, TRAINING, ckpt_path, newest_complete, record_path
 from glm2_core.dtypes import stored
+from glm2_core.errors import UserError
+from glm2_core.outputs import absolute
 
 
 def write_ckpt(path: Path, tensors: dict[str, np.ndarray]) -> None:
     """All or nothing: a temporary file beside `path`, fsync'ed, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = partial_of(path)
     try:
         with open(tmp, "wb") as f:
             writer = CkptWriter(f)
@@ -37,10 +43,57 @@ def write_ckpt(path: Path, tensors: dict[str, np.ndarray]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def partial_of(path: Path) -> Path:
+    """Where a file is written before it is renamed into place."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def remove_partials(out: Path, rank: int) -> list[Path]:
+    """The files a killed save of this rank left half written (never taken for saves: they keep their hidden
+    names); called while this rank's lock is held, so no live writer owns them."""
+    gone = []
+    for kind in (TRAINING, NETWORK, TRAINABLE):
+        for f in (Path(out) / kind / f"rank_{rank}").glob(".glm2_rank_*.partial"):
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
+
+
+@contextmanager
+def run_lock(out: Path, rank: int):
+    """While held, no other glm2-finetune writes this rank of `out`: a second run is refused in one line. The lock
+    lives in the temporary folder (nothing is written to --out before the first step) and dies with its process,
+    however it ends."""
+    key = hashlib.sha256(str(absolute(out)).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"glm2-finetune-{key}-rank{rank}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{out}: another glm2-finetune (pid {owner}) is writing this folder; wait for it to "
+                            f"end, or choose another --out") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)  # the file was removed by the owner that just ended: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_bytes(data)
+    tmp = partial_of(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import typing
+from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from glm2_core.errors import UserError, listed
 from glm2_core.options import VOCABULARY, ExistingPath, Interrupted, Tool, option
 from glm2_core.outputs import absolute, refuse_overlap
 
+from .checkpointing import run_lock
 from .train_config import TrainConfig
 
 
@@ -75,7 +77,14 @@ def main(model_dir, train_data, out_dir, config_file, resume, merge, device, qui
         os.environ.setdefault("GLOG_v", "3")  # (read when MindSpore is imported, below; GLOG_v=1 shows them)
     refuse_overlap(out_dir, (model_dir, train_data, config_file), "--out")
     cfg = train_config(config_file, settings)
-    check_out(out_dir, resume)
+    scheduler = os.environ.get("MS_ROLE") == "MS_SCHED"  # msrun's scheduler runs this command too, writing nothing
+    # msrun names a worker's rank before MindSpore does
+    with nullcontext() if scheduler else run_lock(out_dir, int(os.environ.get("RANK_ID", "0"))):
+        check_out(out_dir, resume)
+        _run(model_dir, train_data, out_dir, cfg, resume, merge, device, quiet)
+
+
+def _run(model_dir, train_data, out_dir, cfg, resume: bool, merge: bool, device: str, quiet: bool) -> None:
     from .distributed import world
     from .loading import use_device
     from .train import Trainer, export

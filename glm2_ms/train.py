@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.runs import base_identity
 from glm2_core.errors import UserError
 
 from . import checkpointing as ckpt
@@ -25,7 +26,7 @@ from .loading import from_pretrained
 from .lora import LoRAConfig, apply_lora, dropout_masks, size_dropout_masks
 from .model import GLM2ForCausalLM, use_native_kernels
 from .tokenizer import GLM2Tokenizer
-from .train_checkpoint import State, TrainingCheckpoint, base_identity, network_state, resume_point
+from .train_checkpoint import State, TrainingCheckpoint, network_state, resume_point
 from .train_config import TrainConfig
 from .train_step import TrainStep, token_loss
 
@@ -184,12 +185,15 @@ class Trainer:
     def save(self) -> Path:
         """The state at this step; the model's config and tokenizer beside the first save (what merging the rank
         checkpoints needs besides them: converters/runs.py)."""
+        path = self.checkpoints.save(self.state, first=self._write_model_files)
+        self.saved_step = self.state.step
+        return path
+
+
+    def _write_model_files(self) -> None:
         if self.rank == 0 and not self._model_files:
             ckpt.write_model_files(self.out, self.model.config, "float32", self.model_dir)
             self._model_files = True
-        path = self.checkpoints.save(self.state)
-        self.saved_step = self.state.step
-        return path
 
 
 class StopRequest:

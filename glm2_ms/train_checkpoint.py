@@ -1,13 +1,16 @@
 """A run's training state and its checkpoints: save, resume, and the optimizer moments under MindFormers' names.
 
 The files (MindFormers' layout, written atomically) are described in glm2_ms/checkpointing.py and
-converters/runs.py; the record beside each training file keeps the position, the loss scaler and the run's
-settings.
+converters/runs.py; the record beside each training file keeps the position, the loss scaler, the run's settings
+and the base model's identity. A LoRA run saves what it trains, not its frozen base: a save of a 6B run is the
+adapter's size, and resuming checks that the base is the run's.
 """
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -15,9 +18,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor
 
-from converters.runs import NETWORK, TRAINING, ckpt_path, record_of, record_path
-from glm2_core.errors import CheckpointError
-from glm2_core.outputs import MANIFEST
+from converters.runs import NETWORK, TRAINING, check_base, ckpt_path, record_of, record_path, trainable_path
+from glm2_core.errors import CheckpointError, sized
 
 from . import checkpointing as ckpt
 from .optimizer_shards import PREFIX
@@ -69,25 +71,65 @@ class TrainingCheckpoint:
         self.out, self.model, self.step, self.cfg = out, model, step, cfg
         self.total, self.rank, self.world, self.base = total, rank, world, base
 
-    def save(self, st: State) -> Path:
-        """This rank's checkpoint files (and, from rank 0 of several, the strategy that lays them out); then the
-        saves beyond --keep-checkpoints go."""
+    def save(self, st: State, first=lambda: None) -> Path:
+        """This rank's checkpoint files (and, from rank 0 of several, the strategy that lays them out), after what
+        `first` writes; then the saves beyond --keep-checkpoints go."""
         shards = self.step.shards
-        net = {n: shards.saved(n, a) for n, a in network_state(self.model).items()}
+        net = {n: shards.saved(n, a) for n, a in self.saved_state().items()}
         full = net | {n: p.asnumpy() for n, p in moments(self.step.opt).items()}
         if self.world > 1 and self.rank == 0:
             ckpt.write_strategy(self.out, {n: shards.layout(weight_of(n), a.ndim) for n, a in full.items()})
         full.update({"global_step": np.array(st.step, np.int32), "epoch_num": np.array(st.epoch, np.int32),
                      "step_num": np.array(st.step, np.int32), "loss_scale": np.array(st.loss_scale, np.float32)})
         path = ckpt_path(self.out, TRAINING, self.rank, st.epoch, st.step)
-        ckpt.write_ckpt(ckpt_path(self.out, NETWORK, self.rank, st.epoch, st.step), net)
-        ckpt.write_ckpt(path, full)
-        ckpt.write_json_atomic(record_path(path), {
-            "step": st.step, "epoch": st.epoch, "in_epoch": st.in_epoch, "loss_scale": st.loss_scale,
-            "good_steps": st.good_steps, "world": self.world, "shard_optimizer": bool(shards.slices),
-            "total_steps": self.total, "config": self.cfg.as_dict(), "base": self.base, "losses": st.losses})
+        need = sum(a.nbytes for a in full.values()) + sum(a.nbytes for a in net.values())
+        with self._space_for(st, need):
+            first()
+            ckpt.write_ckpt(path, full)
+            ckpt.write_ckpt(self._network_path(st), net)
+            ckpt.write_json_atomic(record_path(path), {
+                "step": st.step, "epoch": st.epoch, "in_epoch": st.in_epoch, "loss_scale": st.loss_scale,
+                "good_steps": st.good_steps, "world": self.world, "shard_optimizer": bool(shards.slices),
+                "total_steps": self.total, "config": self.cfg.as_dict(), "base": self.base, "losses": st.losses})
         self._prune()
         return path
+
+    @contextmanager
+    def _space_for(self, st: State, need: int):
+        """A save that cannot fit is refused before its first byte, and a disk that fills while it is written ends
+        the run in one line, both saying the bytes needed and free and which checkpoint is the newest whole one
+        (the half-written files are gone: checkpointing.write_ckpt)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.out).free
+        if need > free:
+            raise CheckpointError(self._full(st, need, free, "needs"))
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise CheckpointError(self._full(st, need, free, "needed")) from None
+
+    def _full(self, st: State, need: int, free: int, verb: str) -> str:
+        newest = ckpt.latest(self.out, self.rank, self.world)
+        kept = f"the newest whole checkpoint is {newest}" if newest else "no checkpoint was saved yet"
+        return (f"{self.out}: no space for the checkpoint of step {st.step}: it {verb} {sized(need)}, "
+                f"{sized(free)} {'are' if verb == 'needs' else 'were'} free; {kept}")
+
+    @property
+    def lora(self) -> bool:
+        return self.cfg.method == "lora"
+
+    def saved_state(self) -> dict[str, np.ndarray]:
+        """What a save holds of the network: all of it, or for LoRA the adapter (the frozen rest is the base)."""
+        if not self.lora:
+            return network_state(self.model)
+        return {p.name: p.asnumpy() for p in self.step.weights}
+
+    def _network_path(self, st: State) -> Path:
+        """The network file beside a save: per step (full), or MindFormers' one trainable-parameters file (LoRA)."""
+        return trainable_path(self.out, self.rank) if self.lora else \
+            ckpt_path(self.out, NETWORK, self.rank, st.epoch, st.step)
 
     def _prune(self) -> None:
         """Delete this rank's saves older than the newest --keep-checkpoints (the record first: without it a file
@@ -105,9 +147,12 @@ class TrainingCheckpoint:
                     f.unlink(missing_ok=True)
 
     def resume(self, st: State, path: Path, side: dict) -> None:
-        """Load the checkpoint `resume_point` chose into the model, the optimizer and `st`."""
+        """Load the checkpoint `resume_point` chose into the model, the optimizer and `st` (what a killed save left
+        half written goes first)."""
+        ckpt.remove_partials(self.out, self.rank)
         saved = ckpt.read_ckpt(path)
-        params = {p.name: p for p in self.model.get_parameters() if not p.name.endswith("dropout_mask")}
+        params = {p.name: p for p in self.step.weights} if self.lora else \
+            {p.name: p for p in self.model.get_parameters() if not p.name.endswith("dropout_mask")}
         for name, p in moments(self.step.opt).items():
             params[p.name] = p
             if name in saved:
@@ -148,20 +193,6 @@ def _logged_step(line: str) -> float:
         return float("inf")
 
 
-def base_identity(model_dir: Path) -> dict:
-    """The base model as a run records it: its resolved path and, for a folder with a manifest.json (every folder
-    glm2-convert writes: it lists each tensor's sha256), the manifest's sha256, which names its weights wherever
-    the folder lies."""
-    path = Path(model_dir).resolve()
-    digest = None
-    try:
-        if path.is_dir() and (path / MANIFEST).is_file():
-            digest = hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
-    except OSError:
-        pass
-    return {"path": str(path), "manifest_sha256": digest}
-
-
 def resume_point(out: Path, cfg: TrainConfig, total: int, base: dict, rank: int = 0, world: int = 1
                  ) -> tuple[Path, dict]:
     """The checkpoint to resume from and its record, refused (one line) when the run would not continue as it
@@ -181,7 +212,7 @@ def resume_point(out: Path, cfg: TrainConfig, total: int, base: dict, rank: int 
     where = record_path(path)
     _check_schedule(where, side, cfg, total)
     _check_settings(where, side["config"], cfg)
-    _check_base(where, side.get("base"), base)
+    check_base(where, side.get("base"), base)
     return path, side
 
 
@@ -225,21 +256,6 @@ def _check_settings(where: Path, recorded: dict, cfg: TrainConfig) -> None:
             raise CheckpointError(f"{where}: the run used {f.name}={_shown(was)}, resumed with {_shown(now)}; "
                                   f"resume with the run's settings (--{f.name.replace('_', '-')} {_shown(was)}), "
                                   f"or start a new --out")
-
-
-def _check_base(where: Path, recorded: dict | None, base: dict) -> None:
-    """The base model must be the run's: the same manifest (the same weights) when both folders have one, else
-    the same folder."""
-    if not isinstance(recorded, dict) or not recorded.get("path"):
-        return
-    was, now = recorded.get("manifest_sha256"), base.get("manifest_sha256")
-    same = was == now if was and now else recorded["path"] == base["path"]
-    if not same:
-        def named(b, digest):
-            return f"{b['path']}" + (f" (manifest sha256 {digest[:12]}…)" if digest else "")
-
-        raise CheckpointError(f"{where}: the run trained on the base model {named(recorded, was)}, resumed on "
-                              f"{named(base, now)}; resume on the run's base model, or start a new --out")
 
 
 def _shown(value) -> str:

@@ -134,6 +134,8 @@ def runs(hf_tiny, tmp_path_factory):
             (root / "dp-msrun.txt").write_text(dp.stdout + dp.stderr)
         assert single.wait(timeout=300) == 0, (root / "single.log").read_text()[-3000:]
     killed_then_resumed(root / "zero", finetune_args(model, root / "zero", "--batch-size", "2", "--shard-optimizer"))
+    msrun(root / "log-lora", finetune_args(model, root / "lora", "--batch-size", "2", "--shard-optimizer", "--method",
+                                           "lora"))
     return root
 
 
@@ -235,6 +237,27 @@ def test_two_machines_recipe_equals_one_launcher(runs, tmp_path):
     assert r.returncode == 0, r.stderr
     final = tensors(nodes / "model")
     assert all(np.array_equal(a, final[n]) for n, a in tensors(tmp_path / "merged").items())
+
+
+def test_lora_rank_saves_hold_the_adapter_and_merge_into_the_base(runs, tmp_path):
+    """A LoRA run under msrun (sharded optimizer) saves only the adapter, its moments and the counters on each rank;
+    glm2-merge-shards reassembles them and folds the adapter into the run's base: the model the exported adapter
+    gives, bit for bit."""
+    from glm2_core.names import classify
+
+    out = runs / "lora"
+    for f in (out / "checkpoint").rglob("*.ckpt"):
+        with CkptFile(f) as c:
+            assert {classify(n) for n in c.tensors} == {"lora", "optimizer"}, f
+    r = subprocess.run([BIN / "glm2-merge-shards", out, "--strategy", out / "strategy", tmp_path / "merged",
+                        "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"base model {runs / 'model'}" in r.stdout
+    r = subprocess.run([BIN / "glm2-convert", "merge-lora", runs / "model", out / "adapter", tmp_path / "want",
+                        "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    want = tensors(tmp_path / "want")
+    assert all(np.array_equal(a, want[n]) for n, a in tensors(tmp_path / "merged").items())
 
 
 def test_resume_needs_the_same_world(runs, tmp_path):

@@ -142,8 +142,8 @@ def test_merge_lora_cli_reads_every_form(lora_run, base, tmp_path):
         res = run(convert_cli, ["merge-lora", str(base), adapter, str(tmp_path / f"m{i + 1}"), "--quiet", *extra])
         assert res.exit_code == 0, res.output
         np.testing.assert_allclose(logits(from_pretrained(tmp_path / f"m{i + 1}")), want, atol=1e-5)
-    # a LoRA run's network checkpoint (base + adapters): its alpha is the run's recorded one
-    net = sorted((trainer.out / "checkpoint_network" / "rank_0").glob("*.ckpt"))[-1]
+    # a LoRA run's trainable-parameters file (the adapter, in MindFormers' layout): its alpha is the run's recorded
+    net = trainer.out / "checkpoint_trainable" / "rank_0" / "glm2_rank_0-trainable_params.ckpt"
     res = run(convert_cli, ["merge-lora", str(base), str(net), str(tmp_path / "m4"), "--config",
                             str(base / "config.json"), "--quiet"])
     assert res.exit_code == 0, res.output
@@ -151,12 +151,12 @@ def test_merge_lora_cli_reads_every_form(lora_run, base, tmp_path):
     np.testing.assert_allclose(logits(from_pretrained(tmp_path / "m4")), want, atol=1e-5)
     # … and it is not converted as if it were a plain model
     res = run(convert_cli, ["ms2hf", str(net), str(tmp_path / "h"), "--config", str(base / "config.json")])
-    assert res.exit_code == 1 and "holds LoRA adapters" in res.output
+    assert res.exit_code == 1 and "holds only LoRA adapters" in res.output and "merge-lora BASE" in res.output
 
 
-def test_merge_shards_of_a_lora_run_reads_its_record(lora_run, tmp_path):
-    """glm2-merge-shards on our own LoRA run folder: config.json and tokenizer from the run folder, lora_alpha from
-    the checkpoint's record; the merged model computes the LoRA model's logits."""
+def test_merge_shards_of_a_lora_run_folds_its_adapter_into_its_base(lora_run, base, tmp_path):
+    """glm2-merge-shards on our own LoRA run folder, whose saves hold only the adapter: lora_alpha from the
+    checkpoint's record, the base model the run recorded; the merged model computes the LoRA model's logits."""
     from converters.runs import NAME
     from converters.shards import merge
     from converters.strategy import ParamLayout, strategy_bytes
@@ -170,7 +170,7 @@ def test_merge_shards_of_a_lora_run_reads_its_record(lora_run, tmp_path):
     summary, stats = merge([trainer.out], tmp_path / "s.ckpt", tmp_path / "merged", target=Layout("mindformers"),
                            fmt="ckpt", progress=False)
     assert f"LoRA alpha 32 ({newest.with_suffix('.json')})" in stats.notes
-    assert f"config.json from {trainer.out}" in stats.notes
+    assert f"base model {base.resolve()} (the run's, {newest.with_suffix('.json')})" in stats.notes
     assert (tmp_path / "merged" / "tokenizer.model").is_file()
     np.testing.assert_allclose(logits(from_pretrained(tmp_path / "merged")), logits(trainer.model), atol=1e-5)
 

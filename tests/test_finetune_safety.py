@@ -212,8 +212,9 @@ def test_an_interrupt_saves_its_step_and_resume_continues_exactly(base, tmp_path
     left = sorted(p.name for p in ranks.iterdir())
     assert left == ["glm2_rank_0-0_3.ckpt", "glm2_rank_0-0_3.json", "glm2_rank_0-0_4.ckpt", "glm2_rank_0-0_4.json",
                     "notes.txt", "other.ckpt"]
-    assert sorted(p.name for p in (tmp_path / "a" / "checkpoint_network" / "rank_0").iterdir()) == \
-        ["glm2_rank_0-0_3.ckpt", "glm2_rank_0-0_4.ckpt"]
+    assert not (tmp_path / "a" / "checkpoint_network").exists()  # LoRA: the adapter alone, in one file
+    assert [p.name for p in (tmp_path / "a" / "checkpoint_trainable" / "rank_0").iterdir()] == \
+        ["glm2_rank_0-trainable_params.ckpt"]
 
     stopped = Trainer(base, TRAIN, tmp_path / "b", cfg, progress=False)  # --save-steps 0: only where it stops
     stopped.train_step = SignalDuring(stopped, at=2)
