@@ -50,16 +50,9 @@ def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0,
         changed = _changed(watched or {})
         if changed:
             raise CheckpointError(changed)
-        if dst.exists() and not overwrite:
-            raise CheckpointError(f"{dst}: appeared while this run was writing it (another process?); left as it "
-                                  f"is, nothing was written")
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(dst)
+        _flush(tmp)
+        _into_place(tmp, dst, overwrite)
+        _fsync(dst.parent)  # the rename itself lasts
     except BaseException as exc:
         said = _changed(watched or {}) if isinstance(exc, Exception) else None
         if said is None and isinstance(exc, OSError):
@@ -68,6 +61,43 @@ def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0,
         if said is None:
             raise
         raise CheckpointError(said) from None
+
+
+def _into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """The staged folder renamed to `dst`: replacing one only with `overwrite` (moved aside first, so that a kill in
+    between leaves it for the next run to put back), never one that appeared while this run wrote."""
+    appeared = CheckpointError(f"{dst}: appeared while this run was writing it (another process?); left as it is, "
+                               f"nothing was written")
+    if dst.exists() and not overwrite:
+        raise appeared
+    if not dst.exists():
+        try:
+            tmp.rename(dst)
+        except OSError as exc:  # another process's output took the name since (a folder with files, or a file)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise appeared from None
+            raise
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _flush(folder: Path) -> None:
+    """Everything under `folder` on the disk, its folders' entries too: the output is renamed into place only once
+    its bytes are there (a power cut never leaves a whole-looking output of empty files)."""
+    for path in sorted(folder.rglob("*"), reverse=True) + [folder]:
+        if not path.is_symlink():
+            _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fingerprints(files) -> dict[Path, tuple[int, int, int, int]]:

@@ -1,8 +1,13 @@
-"""What several test files share: a checkpoint's tensors read whole, the MindSpore layouts, and the optional extras.
+"""What several test files share: a checkpoint's tensors read whole, the MindSpore layouts, the optional extras, and
+strace's fault injection (a real process stopped, or failed, at an exact system call).
 
 The backends the toolkit is built on (MindSpore, torch, transformers, sentencepiece, pyyaml) are imported plainly:
 when one is missing or broken the suite fails. Only the genuinely optional extras (`optional`) skip their tests,
 and the summary names them (conftest.py)."""
+import os
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -35,3 +40,29 @@ def optional(module: str):
     except pytest.skip.Exception:
         MISSING.add(f"{module} [{OPTIONAL[module]}]")
         raise
+
+
+STRACE = shutil.which("strace")
+needs_strace = pytest.mark.skipif(not STRACE, reason="strace is not installed: it stops a run at an exact system "
+                                                     "call")
+
+
+def traced(cmd: list, calls: str, inject: str | None = None, paths=(), log=None) -> subprocess.CompletedProcess:
+    """`cmd` under strace, seeing the system `calls` (on `paths` only, when given); `inject`: strace's -e inject=
+    value (`write:signal=KILL:when=3`: killed at its third write), counted per thread."""
+    watch = [x for p in paths for x in ("-P", str(p))]
+    extra = ["-e", f"inject={inject}"] if inject else []
+    return subprocess.run([STRACE, "-f", "-qq", "-o", str(log or os.devnull), *watch, "-e", f"trace={calls}", *extra,
+                           *map(str, cmd)], capture_output=True, text=True, timeout=300)
+
+
+def spread(events: list, sample: list) -> list:
+    """The points a kill test tries: its `sample`; with GLM2_KILL_POINTS=N, every event that is not a write and
+    writes spread evenly over the rest, N in all."""
+    wanted = int(os.environ.get("GLM2_KILL_POINTS", 0))
+    if not wanted:
+        return [e for e in sample if e in events]
+    writes = [e for e in events if e[1] == "write"]
+    room = max(wanted - (len(events) - len(writes)), 1)
+    kept = set(writes[::-(-len(writes) // room)])
+    return [e for e in events if e[1] != "write" or e in kept]

@@ -1,6 +1,7 @@
 """Faults of a user's day around a conversion: a process killed at any point, two processes writing one output.
 No half-written output is ever taken for a whole one, and what a killed run left is cleaned up by the next."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -9,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tree_digest
+from helpers import needs_strace, spread, traced
 
 from converters.output import staged_folder
 from converters.synth import synthesize
@@ -32,6 +35,53 @@ def leftovers(folder: Path, name: str) -> list[str]:
 def verify(a: Path, b: Path) -> None:
     result = subprocess.run([*CONVERT, "verify", str(a), str(b)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+CONVERSION_CALLS = "mkdir,write,copy_file_range,fsync,rename"  # what a conversion does to its output
+CALL = re.compile(r"^(\d+) (\w+)\(")
+
+
+def conversion_events(src: Path, dst: Path, log: Path) -> list[tuple[str, str, int]]:
+    """The writing thread's system calls from making the staging folder to renaming it into place, as
+    ("hf2ms", call, n): the n-th such call of that thread since it began, as strace's `when` counts."""
+    done = traced([*CONVERT, "hf2ms", src, dst, "--quiet"], CONVERSION_CALLS, log=log)
+    assert done.returncode == 0, done.stderr
+    seen, events, writer = {}, [], None
+    for line in log.read_text().splitlines():
+        m = CALL.match(line)
+        if m and writer is None and m[2] == "mkdir" and f".{dst.name}.partial-" in line:
+            writer = m[1]
+        if not m or m[1] != (writer or m[1]):
+            continue
+        seen[m[2]] = seen.get(m[2], 0) + 1
+        if writer is not None:
+            events.append(("hf2ms", m[2], seen[m[2]]))
+            if m[2] == "rename" and f'"{dst}"' in line:
+                break
+    log.unlink()
+    return events
+
+
+@needs_strace
+def test_a_conversion_killed_at_any_system_call_leaves_nothing_taken_for_whole(hf_tiny, tmp_path):
+    """SIGKILL at system calls of the write (the staging folder made, its files written, flushed, the rename):
+    never an output at DST; the next run cleans up what the killed one left and writes the same output."""
+    src, ref = hf_tiny("safetensors", "float32"), tmp_path / "ref"
+    events = conversion_events(src, ref, tmp_path / "hf2ms.strace")
+    want = {n: d for n, d in tree_digest(ref).items() if n != "manifest.json"}
+    points = spread(events, events[:: max(len(events) // 6, 1)] + events[-1:])
+    for _, call, n in points:
+        dst = tmp_path / f"{call}-{n}"
+        killed = traced([*CONVERT, "hf2ms", src, dst, "--quiet"], CONVERSION_CALLS, f"{call}:signal=KILL:when={n}")
+        assert killed.returncode != 0 and not dst.exists(), (call, n)
+        again = subprocess.run([*CONVERT, "hf2ms", str(src), str(dst), "--quiet"], capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr
+        assert leftovers(tmp_path, dst.name) == [], (call, n)
+        assert {k: d for k, d in tree_digest(dst).items() if k != "manifest.json"} == want, (call, n)
+        shutil.rmtree(dst)
+    print(f"hf2ms: {len(points)} of the {len(events)} system calls of a conversion's write killed; none left an "
+          f"output, each rerun cleaned up and wrote the same files")
 
 
 @pytest.mark.heavy  # three 1.5 GB conversions killed, then finished

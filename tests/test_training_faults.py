@@ -17,6 +17,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 from conftest import tree_digest
+from helpers import needs_strace, spread, traced
 from test_finetune import TRAIN
 from test_finetune_safety import TINY, TINY_CFG, finetune, one_line
 
@@ -28,9 +29,7 @@ from glm2_ms.train import Trainer
 from glm2_ms.train_config import TrainConfig
 
 BIN = Path(sys.executable).parent
-STRACE = shutil.which("strace")
-needs_strace = pytest.mark.skipif(not STRACE, reason="strace is not installed: it stops the run at an exact "
-                                                     "system call")
+CALLS = "openat,write,fsync,rename"  # what a save does to its files
 STEPS = 4
 COUNTERS = {"global_step", "epoch_num", "step_num", "loss_scale"}
 
@@ -149,15 +148,6 @@ def save_files(out: Path, method: str, step: int) -> dict[str, Path]:
     return {k: p.with_name(f".{p.name}.partial") for k, p in files.items()}
 
 
-def traced(cmd: list[str], paths, inject: str | None = None, log: Path | None = None):
-    """`cmd` under strace, seeing only the system calls on `paths`; `inject`: strace's -e inject= value."""
-    watch = [x for p in paths for x in ("-P", str(p))]
-    extra = ["-e", f"inject={inject}"] if inject else []
-    return subprocess.run([STRACE, "-f", "-qq", "-o", str(log or os.devnull), *watch, "-e",
-                           "trace=openat,write,fsync,rename", *extra, *cmd], capture_output=True, text=True,
-                          timeout=300)
-
-
 EVENT = re.compile(r"^\d+ (openat|write|fsync|rename)\((?:AT_FDCWD, )?\"?([^\",)]*)")
 
 
@@ -167,7 +157,7 @@ def save_events(base: Path, whole: Path, method: str) -> list[tuple[str, str, in
     those files."""
     log = whole.with_suffix(".strace")
     files = save_files(whole, method, 2)
-    done = traced(args(base, whole, method), files.values(), log=log)
+    done = traced(args(base, whole, method), CALLS, paths=files.values(), log=log)
     assert done.returncode == 0, done.stderr
     fds, events, seen = {}, [], {}
     by_path = {str(p): k for k, p in files.items()}
@@ -203,29 +193,17 @@ POINTS = {  # the suite's sample: mid-write, a whole unnamed file, a named file 
 }
 
 
-def kill_points(events, method: str) -> list:
-    """The suite's sample; with GLM2_KILL_POINTS=N, every call of the save that is not a write and writes spread
-    evenly over the rest, N in all."""
-    wanted = int(os.environ.get("GLM2_KILL_POINTS", 0))
-    if not wanted:
-        return [e for e in POINTS.get(method, []) if e in events]
-    writes = [e for e in events if e[1] == "write"]
-    room = max(wanted - (len(events) - len(writes)), 1)
-    kept = set(writes[::-(-len(writes) // room)])
-    return [e for e in events if e[1] != "write" or e in kept]
-
-
 @needs_strace
 @pytest.mark.parametrize("method", ["lora", "full"] if os.environ.get("GLM2_KILL_POINTS") else ["lora"])
 def test_a_save_killed_at_any_system_call_resumes_to_the_uninterrupted_losses(base, tmp_path, method):
     whole = tmp_path / "whole"
     events = save_events(base, whole, method)
-    points = kill_points(events, method)
+    points = spread(events, POINTS.get(method, []))
     assert points
     for kind, call, n in points:
         out = tmp_path / f"{kind}-{call}-{n}"
-        killed = traced(args(base, out, method), [save_files(out, method, 2)[kind]],
-                        inject=f"{call}:signal=KILL:when={n}")
+        killed = traced(args(base, out, method), CALLS, f"{call}:signal=KILL:when={n}",
+                        [save_files(out, method, 2)[kind]])
         assert killed.returncode != 0, (kind, call, n)
         check_after_kill(out, 2)
         resumed = subprocess.run([*args(base, out, method), "--resume"], capture_output=True, text=True,
@@ -244,7 +222,7 @@ def test_a_disk_that_fills_during_a_save_ends_the_run_in_one_line(base, tmp_path
     whole checkpoint (step 1, intact); nothing half written left; after space is freed, --resume goes on."""
     out = tmp_path / "out"
     files = save_files(out, "lora", 2)
-    full = traced(args(base, out), [files["training"]], inject="write:error=ENOSPC:when=2")
+    full = traced(args(base, out), CALLS, "write:error=ENOSPC:when=2", [files["training"]])
     assert full.returncode == 1 and error_line(full.stderr), full.stderr
     assert re.fullmatch(rf"error: {out}: no space for the checkpoint of step 2: it needed [\d.,]+ kB, [\d.,]+ GB were "
                         rf"free; the newest whole checkpoint is \S+/glm2_rank_0-0_1\.ckpt", error_line(full.stderr))
