@@ -107,6 +107,19 @@ def staged_bytes(folder: Path):
     return held
 
 
+def filled_while_stopped(cmd: list[str], held, at_least: int, disk: Path, timeout: float = 60) -> tuple[int, str]:
+    """Run `cmd`, stop it once `held()` reaches `at_least`, fill `disk`, let it go on; (held then, its stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        at = stopped_at(proc, held, at_least, timeout)
+        fill(disk)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        stderr = proc.communicate(timeout=max(timeout, 120))[1]
+    assert proc.returncode == 1, stderr
+    return at, stderr
+
+
 def fill(folder: Path) -> None:
     """Take every free byte of `folder`'s file system, as another process writing there would."""
     fd = os.open(folder / "filler", os.O_CREAT | os.O_WRONLY)
@@ -139,16 +152,9 @@ def test_a_disk_that_fills_during_the_write(work, small_disk, tool, point):
     before = tree_digest(root)
     mnt = small_disk(2 * sizes[tool])
     room = free(mnt)
-    proc = subprocess.Popen(command(tool, root, mnt / "out"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        held = stopped_at(proc, staged_bytes(mnt), int(point * sizes[tool]))
-        assert held < sizes[tool] and not (mnt / "out").exists()  # stopped inside the write
-        fill(mnt)
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 1
+    held, stderr = filled_while_stopped(command(tool, root, mnt / "out"), staged_bytes(mnt), int(point * sizes[tool]),
+                                        mnt)
+    assert held < sizes[tool]  # stopped inside the write
     line = one_line(stderr, f"{mnt / 'out'}: no space left on device after writing ")
     (wrote, u1), (need, u2), (had, u3) = re.findall(NUMBER, line)
     assert held <= amount(wrote, u1) + 1e5 and amount(wrote, u1) <= sizes[tool], (line, held)
@@ -229,16 +235,9 @@ def test_eval_on_a_disk_that_fills_keeps_whole_predictions_and_resumes(ms_tiny, 
     mnt = small_disk(1 << 20)
     room = free(mnt)
     args = ["--max-samples", "2", "--max-new-tokens", "4"]
-    proc = subprocess.Popen([str(BIN / "glm2-eval"), str(ms_tiny()), *EVAL, "--out", str(mnt / "eval"), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     predictions = mnt / "eval" / "predictions.jsonl"
-    try:
-        stopped_at(proc, lambda: predictions.stat().st_size if predictions.exists() else -1, 0, timeout=300)
-        fill(mnt)
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        stderr = proc.communicate(timeout=300)[1]
-    assert proc.returncode == 1
+    _, stderr = filled_while_stopped([str(BIN / "glm2-eval"), str(ms_tiny()), *EVAL, "--out", str(mnt / "eval"), *args],
+                                     lambda: predictions.stat().st_size if predictions.exists() else -1, 0, mnt, 300)
     line = one_line(stderr, f"{mnt / 'eval'}: no space left on device after writing ")
     assert predictions.read_text() == "" and "; the 0 whole predictions written are kept (--resume" in line, line
     (_, _), (need, unit), (had, u2) = re.findall(NUMBER, line)
