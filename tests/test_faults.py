@@ -38,7 +38,7 @@ def verify(a: Path, b: Path) -> None:
 
 
 CONVERSION_CALLS = "mkdir,write,copy_file_range,fsync,rename"  # what a conversion does to its output
-CALL = re.compile(r"^(\d+) (\w+)\(")
+CALL = re.compile(r"^(\d+)\s+(\w+)\(")  # strace pads the pid to a width
 
 
 def conversion_events(src: Path, dst: Path, log: Path) -> list[tuple[str, str, int]]:

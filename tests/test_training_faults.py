@@ -148,7 +148,7 @@ def save_files(out: Path, method: str, step: int) -> dict[str, Path]:
     return {k: p.with_name(f".{p.name}.partial") for k, p in files.items()}
 
 
-EVENT = re.compile(r"^\d+ (openat|write|fsync|rename)\((?:AT_FDCWD, )?\"?([^\",)]*)")
+EVENT = re.compile(r"^\d+\s+(openat|write|fsync|rename)\((?:AT_FDCWD, )?\"?([^\",)]*)")
 
 
 def save_events(base: Path, whole: Path, method: str) -> list[tuple[str, str, int]]:
