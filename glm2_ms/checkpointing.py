@@ -48,15 +48,12 @@ def partial_of(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def remove_partials(out: Path, rank: int) -> list[Path]:
+def remove_partials(out: Path, rank: int) -> None:
     """The files a killed save of this rank left half written (never taken for saves: they keep their hidden
     names); called while this rank's lock is held, so no live writer owns them."""
-    gone = []
     for kind in (TRAINING, NETWORK, TRAINABLE):
         for f in (Path(out) / kind / f"rank_{rank}").glob(".glm2_rank_*.partial"):
             f.unlink(missing_ok=True)
-            gone.append(f)
-    return gone
 
 
 @contextmanager
@@ -75,8 +72,11 @@ def run_lock(out: Path, rank: int):
             os.close(fd)
             raise UserError(f"{out}: another glm2-finetune (pid {owner}) is writing this folder; wait for it to "
                             f"end, or choose another --out") from None
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
-            break
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)  # the file was removed by the owner that just ended: lock the new one
     try:
         os.ftruncate(fd, 0)
