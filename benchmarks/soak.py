@@ -1,8 +1,8 @@
 """Memory of a long run: `Decoder.generate` over many prompts of distinct lengths, RSS sampled after each.
 
     python benchmarks/soak.py --out soak.json [--layers 2] [--prompts 300] [--first-length 12] [--new-tokens 2]
-                              [--order increasing|shuffled] [--dtype float16] [--warmup 30] [--no-buckets]
-                              [--stop-above GIB] [--op-by-op] [--speed 20,70,130]
+                              [--order increasing|shuffled] [--dtype float16] [--warmup 30]
+                              [--per-length] [--stop-above GIB] [--op-by-op] [--speed 20,70,130]
     python benchmarks/soak.py --out eval.json --watch PREDICTIONS_FILE -- glm2-eval MODEL --data dev.json ...
     python benchmarks/soak.py --out soak-rss.png --plot before.json after.json ...
 
@@ -12,10 +12,11 @@ tokens (--order: as they come, or shuffled with a fixed seed). Each prompt's row
 prefill seconds, the process's RSS (VmRSS) after it and MindSpore's count of compiled graphs. Prints RSS at the
 start (after building the model), after --warmup prompts and at the end, and the growth after warm-up.
 
---no-buckets runs each prompt at its own length (the toolkit before prompt buckets); --op-by-op runs the prompts
-op by op (as above 1B parameters) at any size; --stop-above ends the soak once RSS passes that many GiB.
---speed: instead of the soak, the prefill time at those lengths, at their own length and bucketed (median of 5
-calls alternating between the two, after a first, compiling call of each), and whether their greedy tokens agree.
+--per-length compiles a prefill graph per prompt length (the toolkit before open shapes, `Decoder`); --op-by-op
+runs the prompts op by op (as above 1B parameters) at any size; --stop-above ends the soak once RSS passes that
+many GiB. --speed: instead of the soak, the prefill time at those lengths with a graph of the prompt's own shape
+and with the open graph: a first call of each (compiling what it needs), then the median of 5 calls, the two
+alternating and their order reversed every other round; and whether their greedy tokens agree.
 --watch: instead, run the command after `--` and sample its RSS every second beside the number of lines in
 PREDICTIONS_FILE (glm2-eval's predictions.jsonl, a line per example). --plot: instead, draw RSS against the
 prompt index of earlier --out files into --out.
@@ -35,7 +36,7 @@ import mindspore as ms
 import numpy as np
 
 from glm2_core.config import GLM2Config
-from glm2_ms.generation import Decoder, prompt_length
+from glm2_ms.generation import Decoder
 from glm2_ms.model import GLM2ForCausalLM
 
 DTYPES = {"float16": (ms.float16, np.float16), "float32": (ms.float32, np.float32)}
@@ -106,27 +107,29 @@ def soak(decoder: Decoder, prompt_lengths: list[int], new_tokens: int, stop_abov
     return rows
 
 
-def prefill_seconds(decoders: list[Decoder], n: int, repeats: int = 5) -> tuple[list[float], bool]:
-    """Each decoder's median prefill time of one prompt of `n` tokens, calls alternating between them, after a
-    first call of each that compiles its shapes; and whether they chose the same greedy tokens."""
+def prefill_seconds(decoders: list[Decoder], n: int, repeats: int = 5) -> tuple[list[float], list[float], bool]:
+    """Each decoder's prefill time of one prompt of `n` tokens: its first call (compiling the shapes it needs) and
+    the median of `repeats` calls after it, the decoders alternating (in reverse order every other round); and
+    whether they chose the same greedy tokens."""
     ids = np.random.default_rng(n).integers(3, decoders[0].model.config.padded_vocab_size, (1, n), dtype=np.int32)
-    times, tokens = [[] for _ in decoders], [[] for _ in decoders]
-    for _ in range(repeats + 1):
-        for decoder, seconds, out in zip(decoders, times, tokens, strict=True):
-            out.append(decoder.generate(ids, max_new_tokens=2, eos_token_id=-1))
-            seconds.append(decoder.timings["prefill_s"])
-    same = all(np.array_equal(a, b) for a, b in zip(*tokens, strict=True))
-    return [float(np.median(t[1:])) for t in times], same
+    times, tokens = {id(d): [] for d in decoders}, {id(d): [] for d in decoders}
+    for r in range(repeats + 1):
+        for decoder in decoders if r % 2 == 0 else decoders[::-1]:
+            tokens[id(decoder)].append(decoder.generate(ids, max_new_tokens=2, eos_token_id=-1))
+            times[id(decoder)].append(decoder.timings["prefill_s"])
+    runs = [tokens[id(d)] for d in decoders]
+    same = all(np.array_equal(a, runs[0][i]) for run in runs for i, a in enumerate(run))
+    return [times[id(d)][0] for d in decoders], [float(np.median(times[id(d)][1:])) for d in decoders], same
 
 
 def speed(model: GLM2ForCausalLM, prompt_lengths: list[int]) -> list[dict]:
-    """Prefill seconds at each length: at its own length, bucketed, and their ratio."""
-    decoders = [Decoder(model, buckets=False), Decoder(model)]
+    """Prefill seconds at each length: with a graph of its own shape and with the open graph; their ratio."""
+    decoders = [Decoder(model, open_shapes=False), Decoder(model)]
     rows = []
     for n in prompt_lengths:
-        (own, bucketed), same = prefill_seconds(decoders, n)
-        rows.append({"length": n, "width": prompt_length(n, model.config), "own_length_s": own,
-                     "bucketed_s": bucketed, "ratio": bucketed / own, "same_tokens": same})
+        first, (own, open_), same = prefill_seconds(decoders, n)
+        rows.append({"length": n, "own_first_s": first[0], "open_first_s": first[1], "own_s": own, "open_s": open_,
+                     "ratio": open_ / own, "same_tokens": same})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -183,7 +186,7 @@ def main() -> None:
     ap.add_argument("--order", choices=("increasing", "shuffled"), default="increasing")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float16")
     ap.add_argument("--warmup", type=int, default=30, help="prompts before the growth is counted")
-    ap.add_argument("--no-buckets", action="store_true", help="run each prompt at its own length")
+    ap.add_argument("--per-length", action="store_true", help="compile a prefill graph per prompt length")
     ap.add_argument("--stop-above", type=float, default=16.0, help="GiB of RSS that end the soak")
     ap.add_argument("--op-by-op", action="store_true", help="run prompts op by op, as a large model does")
     ap.add_argument("--speed", help="comma-separated prompt lengths: measure prefill time instead of soaking")
@@ -206,8 +209,9 @@ def main() -> None:
     if args.speed:
         result["speed"] = speed(model, [int(n) for n in args.speed.split(",")])
     else:
-        decoder = Decoder(model, buckets=not args.no_buckets)
-        decoder.compiled_prefill = decoder.compiled_prefill and not args.op_by_op
+        decoder = Decoder(model, open_shapes=not args.per_length)
+        if args.op_by_op:
+            decoder.prefill_step = decoder.step
         print(f"prompts {'compiled' if decoder.compiled_prefill else 'op by op'}", flush=True)
         rows = soak(decoder, lengths(args.first_length, args.prompts, args.order), args.new_tokens, args.stop_above)
         result.update(summary=summary(rows, start, args.warmup), rows=rows)

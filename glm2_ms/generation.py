@@ -22,7 +22,6 @@ from .model import MASKED, GLM2ForCausalLM, Linear
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig, choose
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to this, so calls of similar length share a compiled step
-PROMPT_BUCKET = 64  # prompts are left-padded to a multiple of this (coarser above 8 × it: prompt_length)
 PREFILL_COMPILED_UP_TO = 10**9  # parameters; a larger model runs its prompts op by op (see Decoder)
 CACHE_MEMORY_SHARE = 0.8  # of the memory available: the rest is left to the logits, the step and what runs beside
 
@@ -32,16 +31,6 @@ def cache_length(tokens: int) -> int:
     return -(-tokens // CACHE_BUCKET) * CACHE_BUCKET
 
 
-def prompt_length(tokens: int, cfg: GLM2Config) -> int:
-    """The width a prompt of `tokens` runs at: rounded up to a multiple of PROMPT_BUCKET, or of an eighth of the
-    next power of two when that is larger (above 8 × PROMPT_BUCKET: four widths per doubling, under a quarter of
-    padding), within the model's context (its seq_length). Each prefill shape is a graph (compiled) or a set of
-    cached operator inputs (op by op) that the process keeps: padding bounds them by the model's context, not by
-    the number of prompt lengths a long run meets."""
-    step = max(PROMPT_BUCKET, 1 << max((tokens - 1).bit_length() - 3, 0))
-    return max(tokens, min(-(-tokens // step) * step, cfg.seq_length))
-
-
 def cache_bytes(cfg: GLM2Config, rows: int, positions: int, itemsize: int) -> int:
     """The KV cache of `rows` sequences over `positions` slots: every layer's k and v over the kv groups."""
     return cfg.num_layers * 2 * cfg.multi_query_group_num * cfg.kv_channels * rows * positions * itemsize
@@ -49,10 +38,9 @@ def cache_bytes(cfg: GLM2Config, rows: int, positions: int, itemsize: int) -> in
 
 def generation_bytes(cfg: GLM2Config, rows: int, prompt: int, positions: int, itemsize: int) -> int:
     """What a generation allocates by its length: the cache twice (a step takes the caches in and gives new ones
-    out) and the prefill's float32 mask [rows, prompt, cache length], the prompt padded (`prompt_length`)."""
-    width = prompt_length(prompt, cfg)
-    length = cache_length(width + positions - prompt)
-    return 2 * cache_bytes(cfg, rows, length, itemsize) + rows * width * length * 4
+    out) and the prefill's float32 mask [rows, prompt, cache length]."""
+    length = cache_length(positions)
+    return 2 * cache_bytes(cfg, rows, length, itemsize) + rows * prompt * length * 4
 
 
 def check_budget(cfg: GLM2Config, prompt_tokens: int, max_new_tokens, rows: int = 1, itemsize: int = 4,
@@ -124,6 +112,29 @@ class CachedStep(nn.Cell):
         return out
 
 
+class PrefillStep(CachedStep):
+    """The step compiled once for prompts of every length: its inputs' batch, token and cache-length dimensions are
+    left open (`set_inputs`), so one graph serves them all at their own length, with no padding. A graph per input
+    shape kept what its nodes produced for as long as it lived (~100 MB more per prompt length at 0.94B
+    parameters); this one allocates per call."""
+
+    OPEN = ((0, 1), (0, 1), (0, 1, 2), (0, 1))  # embedded, position_ids, mask, write; each cache: CACHE_OPEN
+    CACHE_OPEN = (0, 2)
+
+    def __init__(self, model: GLM2ForCausalLM):
+        super().__init__(model)
+        self.construct = ms.jit(self.construct)
+        self.opened = False
+
+    def __call__(self, *args):
+        if not self.opened:  # the first call's dtypes and ranks, its varying dimensions opened
+            dims = self.OPEN + (self.CACHE_OPEN,) * (len(args) - len(self.OPEN))
+            self.set_inputs(*(Tensor(shape=[None if i in open_ else n for i, n in enumerate(a.shape)], dtype=a.dtype)
+                              for a, open_ in zip(args, dims, strict=True)))
+            self.opened = True
+        return super().__call__(*args)
+
+
 def compiled_fits(model: GLM2ForCausalLM) -> bool:
     """Whether the compiled step fits in the memory available. On CPU MindSpore 2.10 a compiled graph keeps what
     its nodes produced for as long as it lives, so the step holds a compute-dtype copy of every weight it casts
@@ -139,27 +150,45 @@ def compiled_fits(model: GLM2ForCausalLM) -> bool:
 
 
 class Decoder:
-    """Holds the compiled step of one model; `generate` may be called many times. `timings`: the last call's
+    """Holds the compiled steps of one model; `generate` may be called many times. `timings`: the last call's
     prefill (tokens, seconds) and the seconds of each decode step after it.
 
-    A compiled step is one graph per input shape, and on CPU each graph keeps what its nodes produced for as long
-    as it lives: one per cache length for decoding and, prompts being left-padded to a few widths
-    (`prompt_length`), one per width for a prefill. Above PREFILL_COMPILED_UP_TO parameters the prompt runs op
-    by op, where the per-op cost is a small part of its time (ChatGLM2-6B: each new prompt length compiled for
-    ~20 s and kept ~0.4 GB)."""
+    Every shape a process runs stays with it: a compiled graph keeps what its nodes produced for as long as it
+    lives. So the decoding step is one graph per cache length (CACHE_BUCKET) and the prefill one graph whose
+    shapes are left open (`PrefillStep`), every prompt at its own length. Where that graph cannot be used
+    (`_prefill_step`), the prompt runs op by op, also at its own length: MindSpore keeps each operator's last
+    inputs per shape, which is small now that only the last position reaches the output layer."""
 
-    def __init__(self, model: GLM2ForCausalLM, jit: bool | None = None, buckets: bool = True):
-        """`jit`: compile the step (None: when `compiled_fits`, else run it op by op); `buckets`: left-pad each
-        prompt to its `prompt_length` (False: run it at its own length)."""
-        self.model, self.timings, self.buckets = model, None, buckets
+    def __init__(self, model: GLM2ForCausalLM, jit: bool | None = None, open_shapes: bool = True):
+        """`jit`: compile the step (None: when `compiled_fits`, else run it op by op). `open_shapes=False`: a
+        compiled prefill graph per prompt length instead (the behaviour before, kept for comparisons: each graph
+        stays, so memory grows with the lengths met)."""
+        self.model, self.timings = model, None
         self.step = CachedStep(model)  # op by op
         self.compiled = compiled_fits(model) if jit is None else jit
         self.weights_note = _weights_note(model)
         self.compiled_step = CachedStep(model) if self.compiled else self.step
         if self.compiled:
             self.compiled_step.construct = ms.jit(self.compiled_step.construct)
-        self.compiled_prefill = self.compiled and sum(p.size for p in model.get_parameters()) <= PREFILL_COMPILED_UP_TO
+        self.prefill_step = self._prefill_step(open_shapes)
         self.itemsize = Tensor(np.zeros(()), model.compute_dtype).itemsize  # the cache's
+
+    @property
+    def compiled_prefill(self) -> bool:
+        return self.prefill_step is not self.step
+
+    def _prefill_step(self, open_shapes: bool) -> CachedStep:
+        """What runs a prompt: the open graph; op by op above PREFILL_COMPILED_UP_TO or where a weight goes
+        through the native kernel (MindSpore 2.10 cannot leave an aot Custom operator's shapes open: "The
+        pointer[value] is null" at compile); or, `open_shapes=False`, the compiled step (a graph per length)."""
+        model = self.model
+        if not self.compiled or sum(p.size for p in model.get_parameters()) > PREFILL_COMPILED_UP_TO:
+            return self.step
+        if not open_shapes:
+            return self.compiled_step
+        if any(isinstance(c, Linear) and c.native for _, c in model.cells_and_names()):
+            return self.step
+        return PrefillStep(model)
 
     def budget(self, shape: tuple[int, int], max_new_tokens, max_length: int | None = None,
                option: str = "max_new_tokens", rows_option: str | None = None) -> int:
@@ -184,7 +213,7 @@ class Decoder:
         """Run tokens `ids` [b, s] into cache slots start..start+s-1; `valid` [b, max_len] marks usable slots."""
         mask, write = cache_inputs(ids.shape[1], valid, start)
         embedded = self.model.transformer.embedding(Tensor(ids, ms.int32))
-        step = self.compiled_step if ids.shape[1] == 1 or self.compiled_prefill else self.step
+        step = self.compiled_step if ids.shape[1] == 1 else self.prefill_step
         logits, *caches = step(embedded, Tensor(positions, ms.int32), Tensor(mask),
                                Tensor(write, self.model.compute_dtype), *caches)
         return logits.asnumpy(), tuple(caches)
@@ -212,9 +241,6 @@ class Decoder:
                eos_token_id: int | tuple, pad_token_id: int) -> Iterator[np.ndarray]:
         b, n = ids.shape
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32).reshape(b, n)
-        width = prompt_length(n, self.model.config) if self.buckets else n
-        padded, mask = left_pad(ids, mask, width, pad_token_id)
-        n = padded.shape[1]
         length = cache_length(n + max_new_tokens)
         valid = np.zeros((b, length), np.int32)
         valid[:, :n] = mask
@@ -222,7 +248,7 @@ class Decoder:
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
         rng = np.random.default_rng(sampling.seed)
         clock = time.perf_counter()
-        logits, caches = self.forward(padded, positions, valid, 0, self.new_cache(b, length))
+        logits, caches = self.forward(ids, positions, valid, 0, self.new_cache(b, length))
         self.timings = {"prefill_tokens": int(mask.sum()), "prefill_s": time.perf_counter() - clock, "rows": b,
                         "decode_s": [], "compiled": self.compiled, "compiled_prefill": self.compiled_prefill,
                         "weights": self.weights_note}
@@ -272,12 +298,6 @@ def _weights_note(model: GLM2ForCausalLM) -> str:
     from .kernels import why_not
 
     return f"16-bit weights cast to float32 at every step (no native kernel: {why_not() or 'not enabled'})"
-
-
-def left_pad(ids: np.ndarray, mask: np.ndarray, width: int, pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """`ids` and its `mask` left-padded to `width` columns, the padding masked out."""
-    extra = ((0, 0), (width - ids.shape[1], 0))
-    return np.pad(ids, extra, constant_values=pad_token_id), np.pad(mask, extra)
 
 
 def _rows(input_ids) -> np.ndarray:

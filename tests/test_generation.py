@@ -131,8 +131,8 @@ def test_the_step_runs_op_by_op_when_its_compiled_copies_would_not_fit(hf_tiny, 
 
 
 def test_a_large_models_prompt_runs_op_by_op_beside_the_compiled_decoding_step(tiny, tok, monkeypatch):
-    """Above PREFILL_COMPILED_UP_TO parameters the prefill is not compiled (one graph per prompt length, each kept);
-    the decoding step still is, and the tokens are the same."""
+    """Above PREFILL_COMPILED_UP_TO parameters the prefill is not compiled (the graph's float32 copies of the
+    weights would not fit); the decoding step still is, and the tokens are the same."""
     from glm2_ms import generation
 
     ids = np.array([tok.build_chat_input("晚上睡不着应该怎么办")], np.int32)
