@@ -42,12 +42,20 @@ from glm2_ms.model import GLM2ForCausalLM
 DTYPES = {"float16": (ms.float16, np.float16), "float32": (ms.float32, np.float32)}
 
 
+def memory_gib(pid: str = "self") -> dict:
+    """A process's resident memory, GiB: all of it (VmRSS) and its anonymous and file-backed parts (RssAnon,
+    RssFile), which tell memory the process allocated from libraries and files mapped in."""
+    fields = {"VmRSS:": "rss_gib", "RssAnon:": "anon_gib", "RssFile:": "file_gib"}
+    words = (line.split() for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    out = {fields[w[0]]: int(w[1]) / 2**20 for w in words if w and w[0] in fields}
+    if "rss_gib" not in out:
+        raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+    return out
+
+
 def rss_gib(pid: str = "self") -> float:
     """A process's resident memory (VmRSS), GiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    return memory_gib(pid)["rss_gib"]
 
 
 def cpu_model() -> str:
@@ -99,7 +107,7 @@ def soak(decoder: Decoder, prompt_lengths: list[int], new_tokens: int, stop_abov
         clock = time.perf_counter()
         decoder.generate(ids, max_new_tokens=new_tokens, eos_token_id=-1)
         rows.append({"index": i, "length": n, "prefill_s": decoder.timings["prefill_s"],
-                     "total_s": time.perf_counter() - clock, "rss_gib": rss_gib(), "graphs": compiled_graphs()})
+                     "total_s": time.perf_counter() - clock, **memory_gib(), "graphs": compiled_graphs()})
         print(json.dumps(rows[-1]), flush=True)
         if rows[-1]["rss_gib"] > stop_above:
             print(f"stopped: RSS above {stop_above} GiB", flush=True)
@@ -112,14 +120,13 @@ def prefill_seconds(decoders: list[Decoder], n: int, repeats: int = 5) -> tuple[
     the median of `repeats` calls after it, the decoders alternating (in reverse order every other round); and
     whether they chose the same greedy tokens."""
     ids = np.random.default_rng(n).integers(3, decoders[0].model.config.padded_vocab_size, (1, n), dtype=np.int32)
-    times, tokens = {id(d): [] for d in decoders}, {id(d): [] for d in decoders}
+    times, tokens = [[] for _ in decoders], [[] for _ in decoders]
     for r in range(repeats + 1):
-        for decoder in decoders if r % 2 == 0 else decoders[::-1]:
-            tokens[id(decoder)].append(decoder.generate(ids, max_new_tokens=2, eos_token_id=-1))
-            times[id(decoder)].append(decoder.timings["prefill_s"])
-    runs = [tokens[id(d)] for d in decoders]
-    same = all(np.array_equal(a, runs[0][i]) for run in runs for i, a in enumerate(run))
-    return [times[id(d)][0] for d in decoders], [float(np.median(times[id(d)][1:])) for d in decoders], same
+        for i in range(len(decoders)) if r % 2 == 0 else reversed(range(len(decoders))):
+            tokens[i].append(decoders[i].generate(ids, max_new_tokens=2, eos_token_id=-1))
+            times[i].append(decoders[i].timings["prefill_s"])
+    same = all(np.array_equal(a, tokens[0][0]) for run in tokens for a in run)
+    return [t[0] for t in times], [float(np.median(t[1:])) for t in times], same
 
 
 def speed(model: GLM2ForCausalLM, prompt_lengths: list[int]) -> list[dict]:
@@ -141,7 +148,7 @@ def watch(command: list[str], predictions: Path) -> list[dict]:
         while proc.poll() is None:
             done = len(predictions.read_text().splitlines()) if predictions.is_file() else 0
             try:
-                rows.append({"seconds": time.perf_counter() - clock, "index": done, "rss_gib": rss_gib(proc.pid)})
+                rows.append({"seconds": time.perf_counter() - clock, "index": done, **memory_gib(proc.pid)})
             except (FileNotFoundError, RuntimeError):  # it has just ended
                 break
             time.sleep(1)

@@ -9,7 +9,7 @@ import click
 
 from glm2_core.config import PRESETS, GLM2Config
 from glm2_core.dtypes import WEIGHT_DTYPES
-from glm2_core.names import HF_FAMILIES, canonical_shapes
+from glm2_core.names import HF_LAYOUTS, canonical_shapes
 from glm2_core.options import AT_LEAST_ONE, MS_LAYOUTS, PATH, ExistingPath, ToolGroup, option, options
 
 
@@ -89,7 +89,7 @@ def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_opti
 @main.command(aliases={"--target": "--layout"})
 @click.argument("src", type=PATH)
 @click.argument("dst", type=PATH)
-@option("--layout", choices=HF_FAMILIES, default="chatglm")
+@option("--layout", choices=HF_LAYOUTS, default="chatglm")
 @option("--format", choices=("safetensors", "bin"), default="safetensors")
 @option("--max-shard-size")
 @common()

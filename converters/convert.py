@@ -13,10 +13,11 @@ from pathlib import Path
 
 from glm2_core.dtypes import DTYPES, nbytes
 from glm2_core.errors import CheckpointError, UserError, listed
-from glm2_core.names import EMBEDDING, HF_FAMILIES, INV_FREQ, Layout, inv_freq
+from glm2_core.names import EMBEDDING, HF_LAYOUTS, INV_FREQ, Layout, inv_freq
 from glm2_core.outputs import MODEL, check_output
 
 from . import __version__
+from .mindformers_yaml import unexpressible
 from .model_folder import (
     CONFIG,
     TOKENIZER_MODEL,
@@ -46,7 +47,7 @@ class Summary:
     dropped: dict[str, list[str]] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)
     overflowed: dict[str, int] = field(default_factory=dict)
-    tokenizer_note: str = ""  # set when the tokenizer written is not the source's own
+    notes: list[str] = field(default_factory=list)  # what the output lacks or holds in place of the source's own
 
     def lines(self) -> list[str]:
         rate = self.bytes / self.seconds / 1e6 if self.seconds else 0.0
@@ -60,8 +61,7 @@ class Summary:
             out.append(f"  warning: source tensor {name} holds {n} NaN/Inf values")
         for name, n in self.overflowed.items():
             out.append(f"  warning: wrote {n} values of {name} as inf: they overflow float16 (--allow-overflow)")
-        if self.tokenizer_note:
-            out.append(f"  {self.tokenizer_note}")
+        out += [f"  {note}" for note in self.notes]
         return out
 
 
@@ -97,9 +97,9 @@ def _check_request(dst: Path, target: Layout, fmt: str, dtype: str, keep_optimiz
     """Refuse what cannot be done before anything is opened (the output's rules: glm2_core.outputs)."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    if keep_optimizer and target.family in HF_FAMILIES:
+    if keep_optimizer and target.name in HF_LAYOUTS:
         raise UserError("--keep-optimizer: optimizer state has no place in a HF folder")
-    weights_format(fmt, target.family)
+    weights_format(fmt, target.name)
     check_output(dst, overwrite, inputs, kind=MODEL)
 
 
@@ -109,21 +109,21 @@ def plan(source: Source, target: Layout, fmt: str, dtype: str, keep_optimizer: b
     tensors = source.ckpt.tensors
     groups, extras = source.groups(target, keep_optimizer)
     model_dtype = out_dtype(source.dtype, dtype)
-    restore = target.family == "chatglm"
+    restore = target.name == "chatglm"
     items = []
     for g in groups:
         items += [(name, shape, out_dtype(tensors[g.src_names()[0]].dtype, dtype)) for name, shape in g.dst()]
         if restore and g.source.canonical == EMBEDDING and not g.prefix:
             items.append((INV_FREQ, (source.cfg.kv_channels // 4,), model_dtype))
     items += [(n, tensors[n].shape, tensors[n].dtype) for n in extras]
-    return Plan(groups, extras, weight_files(items, fmt, target.family, max_shard_bytes), model_dtype, restore)
+    return Plan(groups, extras, weight_files(items, fmt, target.name, max_shard_bytes), model_dtype, restore)
 
 
 def write_weights(source: Source, planned: Plan, folder: Path, fmt: str, family: str, *, dtype: str,
                   allow_overflow: bool, adapter, progress: bool, desc: str) -> list[dict]:
     """The weights files of the plan (with an `adapter`, its deltas merged); returns the records of every tensor
     written (name, shape, dtype, file, sha256), after the source's whole-file checksums held."""
-    metadata = None if fmt != "safetensors" else {"format": "pt" if family in HF_FAMILIES else "ms"}
+    metadata = None if fmt != "safetensors" else {"format": "pt" if family in HF_LAYOUTS else "ms"}
     tensors, first = source.ckpt.tensors, planned.shards[0][1][0][0]
     with WeightsWriter(folder, fmt, planned.shards, metadata) as writer, \
             _progress(planned.total, progress, desc) as bar:
@@ -172,9 +172,10 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
         watched = fingerprints(source.ckpt.files)
         planned = plan(source, target, fmt, dtype, keep_optimizer, max_shard_bytes)
         tokenizer, note = _tokenizer(source, bundled_tokenizer)
+        notes = [n for n in (note, target.name == "mindformers" and unexpressible(source.cfg)) if n]
         need = planned.total + sum(f.stat().st_size for f in tokenizer)
         with staged_folder(dst, overwrite, protected, need, MODEL, watched) as tmp:
-            records = write_weights(source, planned, tmp, fmt, target.family, dtype=dtype,
+            records = write_weights(source, planned, tmp, fmt, target.name, dtype=dtype,
                                     allow_overflow=allow_overflow, adapter=adapter, progress=progress,
                                     desc=f"{src.name} -> {dst.name}")
             write_beside_weights(tmp, source.cfg, target, planned.dtype, fmt, planned.shards, tokenizer)
@@ -184,7 +185,7 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
             write_manifest(tmp, manifest(src, source, target, fmt, planned, records, adapter, dropped))
     return Summary(str(src), str(dst), source.layout.describe(), target.describe(), fmt, planned.dtype,
                    len(records), planned.total, time.perf_counter() - started, planned.files, dropped,
-                   source.nonfinite, source.overflowed, note)
+                   source.nonfinite, source.overflowed, notes)
 
 
 def _config_hint(src: Path, source: Source, config: Path | None) -> str:

@@ -9,11 +9,22 @@ import json
 
 from glm2_core.config import GLM2Config
 from glm2_core.names import Layout
+from glm2_core.releases import rope_rule
 
 MINDFORMERS_YAML = "mindformers_config.yaml"
 # MindFormers' sequence length is a run setting (its default; ADGEN finetunes use 193), not a property of the
 # weights: the model's own maximum (32768) would make MindFormers build a 32768² mask.
 RUN_SEQ_LENGTH = 2048
+
+
+def unexpressible(cfg: GLM2Config) -> str:
+    """Why MindFormers' ChatGLM2 cannot run this release, or "": its RoPE (glm2_modules.FreqsMgr) always scales the
+    base by rope_ratio, and its config has no field for position interpolation."""
+    base, scale = rope_rule(cfg.release, cfg.rope_ratio)
+    if scale == 1:
+        return ""
+    return (f"no {MINDFORMERS_YAML}: {cfg.release} divides RoPE's positions by rope_ratio {cfg.rope_ratio:g}, and "
+            f"MindFormers' ChatGLM2 can only multiply the base by it (another model)")
 
 
 def model_config(cfg: GLM2Config, layout: Layout, dtype: str) -> dict:

@@ -18,7 +18,7 @@ from glm2_core.config import GLM2Config
 from glm2_core.dtypes import nbytes
 from glm2_core.errors import UserError
 from glm2_core.jsonio import write_json
-from glm2_core.names import HF_FAMILIES, Layout
+from glm2_core.names import HF_LAYOUTS, Layout
 from glm2_core.outputs import MODEL, stamp
 
 from .output import PLAN
@@ -35,7 +35,7 @@ DEFAULT_SHARD_BYTES = 2 * 10**9  # transformers' default max_shard_size "2GB"
 def weights_format(fmt: str | None, family: str) -> str:
     """The weights format of an output in the `family`'s names (default: ckpt for MindSpore names, safetensors
     for HF); refused when the two do not go together."""
-    hf = family in HF_FAMILIES
+    hf = family in HF_LAYOUTS
     fmt = fmt or ("safetensors" if hf else "ckpt")
     if fmt != "safetensors" and (fmt == "bin") != hf:
         raise UserError(f"--format {fmt} does not go with --layout {family} (ckpt is for MindSpore names, bin for "
@@ -45,7 +45,7 @@ def weights_format(fmt: str | None, family: str) -> str:
 
 def weight_files(plan: PLAN, fmt: str, family: str, max_shard_bytes: int | None = None) -> list[tuple[str, PLAN]]:
     """The weights files of a folder and the tensors each holds: HF shards, or MindSpore's one file."""
-    if family not in HF_FAMILIES:
+    if family not in HF_LAYOUTS:
         return [(MS_WEIGHTS[fmt], plan)]
     groups: list[PLAN] = [[]]
     size = 0
@@ -124,13 +124,13 @@ def write_beside_weights(folder: Path, cfg: GLM2Config, target: Layout, dtype: s
                          shards: list[tuple[str, PLAN]], tokenizer: list[Path]) -> None:
     """What a folder holds besides its weights and manifest: config.json, MindFormers' yaml (MindSpore output in
     its current names), the tokenizer, and the HF index of a sharded folder."""
-    from .mindformers_yaml import MINDFORMERS_YAML, mindformers_yaml
+    from .mindformers_yaml import MINDFORMERS_YAML, mindformers_yaml, unexpressible
 
-    write_config(folder, cfg, target.family, dtype)
-    if target.family == "mindformers":
+    write_config(folder, cfg, target.name, dtype)
+    if target.name == "mindformers" and not unexpressible(cfg):
         (folder / MINDFORMERS_YAML).write_text(mindformers_yaml(cfg, target, dtype, shards[0][0], fmt))
     copy_files(folder, tokenizer)
-    if target.family in HF_FAMILIES and len(shards) > 1:
+    if target.name in HF_LAYOUTS and len(shards) > 1:
         _write_index(folder, shards, fmt)
 
 

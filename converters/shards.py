@@ -357,8 +357,7 @@ def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, fmt: s
         else:
             summary = convert(sources[0], dst, target=target, fmt=fmt, adapter=adapter, opened=ckpt, config=config,
                               bundled_tokenizer=True, inputs=inputs, **options)
-        if summary.tokenizer_note:
-            stats.notes.append(summary.tokenizer_note)
+        stats.notes += summary.notes
     if not options.get("keep_optimizer"):  # the converter dropped them, and its summary says so
         stats.copied = [n for n in stats.copied if classify(n) != "optimizer"]
     return summary, stats

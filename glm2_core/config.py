@@ -7,17 +7,22 @@ from pathlib import Path
 
 from .errors import CheckpointError, UserError
 from .jsonio import read_json
+from .releases import FAMILY_RELEASES, GLM4_VOCAB, RELEASES, ROPE_BASE, release_of, rope_rule
 
 # Fields of the real THUDM config.json (and of its 32k/later variants) that do not change the weights or math.
 _PASSIVE = {"_name_or_path", "model_type", "architectures", "auto_map", "apply_query_key_layer_scaling",
             "attention_dropout", "attention_softmax_in_fp32", "bias_dropout_fusion", "fp32_residual_connection",
-            "hidden_dropout", "use_cache", "transformers_version", "classifier_dropout", "pre_seq_len",
-            "prefix_projection", "quantization_bit", "interleaved_qkv", "torch_dtype", "dtype", "bos_token_id",
-            "tie_word_embeddings", "multi_query_attention", "add_bias_linear", "rmsnorm", "post_layer_norm",
-            "original_rope", "apply_residual_connection_post_layernorm", "eos_token_id", "pad_token_id"}
+            "hidden_dropout", "use_cache", "transformers_version", "classifier_dropout", "interleaved_qkv",
+            "torch_dtype", "dtype", "bos_token_id", "tie_word_embeddings", "multi_query_attention", "add_bias_linear",
+            "rmsnorm", "post_layer_norm", "original_rope", "apply_residual_connection_post_layernorm", "eos_token_id",
+            "pad_token_id"}
 # Fields whose other values describe a different network than ChatGLM2.
 _REQUIRED = {"add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True, "original_rope": True,
              "apply_residual_connection_post_layernorm": False, "tie_word_embeddings": False}
+# Fields that change the network when set: what a set value means (they are refused until supported).
+_UNSUPPORTED = {"pre_seq_len": "a P-Tuning v2 prefix of {} virtual tokens (THUDM's ptuning; merge or drop it first)",
+                "prefix_projection": "a P-Tuning v2 prefix projection",
+                "quantization_bit": "THUDM's int{} quantized weights (not readable yet; convert the float release)"}
 
 
 # Upper bounds far above any GLM (GLM-4-9B: 40 layers, vocab 151552, seq 131072), checked before anything loops
@@ -26,21 +31,6 @@ _LIMITS = {"num_layers": 1024, "hidden_size": 1 << 17, "ffn_hidden_size": 1 << 1
            "multi_query_group_num": 4096, "kv_channels": 4096, "padded_vocab_size": 1 << 23, "seq_length": 1 << 24,
            "eos_token_id": 1 << 23, "pad_token_id": 1 << 23}
 _LOW = {"eos_token_id": 0, "pad_token_id": 0}
-
-# The GLM family members (one architecture, one weight naming): the HF repository each release's config.json names
-# in `_name_or_path`, which is how a folder tells which it is (GLM-4 also by its vocabulary).
-FAMILIES = {"chatglm2": "THUDM/chatglm2-6b", "chatglm3": "THUDM/chatglm3-6b", "glm4": "THUDM/glm-4-9b-chat"}
-GLM4_VOCAB = 151552
-
-
-def family_of(name_or_path, padded_vocab_size: int) -> str:
-    """The family a config describes: named in `_name_or_path` (chatglm3…, glm-4…), else by the vocabulary."""
-    name = name_or_path.lower() if isinstance(name_or_path, str) else ""
-    if "chatglm3" in name:
-        return "chatglm3"
-    if "glm-4" in name or "glm4" in name or padded_vocab_size == GLM4_VOCAB:
-        return "glm4"
-    return "chatglm2"
 
 
 @dataclass(frozen=True)
@@ -59,7 +49,7 @@ class GLM2Config:
     torch_dtype: str = "float16"
     eos_token_id: int | tuple[int, ...] = 2  # GLM-4: several (<|endoftext|>, <|user|>, <|observation|>)
     pad_token_id: int = 0
-    family: str = "chatglm2"  # which release (FAMILIES): its tokenizer and chat format; the network is the same
+    release: str = "chatglm2-6b"  # which published model (glm2_core.releases): its tokenizer family and RoPE rule
 
     # ---- derived sizes used by the weight-name schema and the model
     @property
@@ -75,15 +65,23 @@ class GLM2Config:
         return self.q_rows + 2 * self.kv_rows
 
     @property
-    def rope_base(self) -> float:
-        return 10000.0 * self.rope_ratio
+    def family(self) -> str:
+        """The release's tokenizer and chat format (glm2_ms.tokenizer.FAMILIES)."""
+        return RELEASES[self.release].family
+
+    @property
+    def rope_theta(self) -> float:
+        """RoPE's base as the release computes it (10000·rope_ratio, or 10000 where the positions are scaled)."""
+        return rope_rule(self.release, self.rope_ratio)[0]
 
     def rope_inv_freq(self):
-        """RoPE's inverse frequencies in float64: one per pair of the rotated half of a head."""
+        """RoPE's inverse frequencies in float64, one per pair of the rotated half of a head, with the release's
+        position scale folded in (angles = position · inv_freq)."""
         import numpy as np
 
+        base, scale = rope_rule(self.release, self.rope_ratio)
         rot = self.kv_channels // 2
-        return 1.0 / self.rope_base ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
+        return 1.0 / base ** (np.arange(0, rot, 2, dtype=np.float64) / rot) / scale
 
     def __post_init__(self):
         """Types and ranges first: every later check and loop relies on them."""
@@ -95,8 +93,8 @@ class GLM2Config:
             if any(type(v) is not int or not low <= v <= high for v in (value if several else [value])):
                 some = " (or a list of up to 16)" if f == "eos_token_id" else ""
                 raise ValueError(f"{f} must be an integer from {low} to {high}{some}, got {value!r:.40}")
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r:.40}")
+        if self.release not in RELEASES:
+            raise ValueError(f"release must be one of {', '.join(RELEASES)}, got {self.release!r:.40}")
         for f in ("layernorm_epsilon", "rope_ratio"):
             v = getattr(self, f)
             if type(v) not in (int, float) or not (math.isfinite(v) and v > 0):
@@ -120,15 +118,22 @@ class GLM2Config:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> GLM2Config:
         own = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - own - _PASSIVE)
+        unknown = sorted(set(d) - own - _PASSIVE - set(_UNSUPPORTED) - {"family"})
         if unknown:
             raise CheckpointError(f"{source}: unknown config fields {', '.join(unknown)} (not a ChatGLM2 config?)")
         for key, want in _REQUIRED.items():
             if key in d and d[key] != want:
                 raise CheckpointError(f"{source}: {key}={d[key]!r} describes a different network; ChatGLM2 has "
                                       f"{key}={want!r}")
+        for key, what in _UNSUPPORTED.items():
+            if d.get(key) not in (None, False, 0):
+                raise CheckpointError(f"{source}: {key}={d[key]!r:.40}: {what.format(d[key])}, not supported")
         kw = {k: v for k, v in d.items() if k in own}
-        kw.setdefault("family", family_of(d.get("_name_or_path"), d.get("padded_vocab_size", cls.padded_vocab_size)))
+        if "release" not in kw and d.get("family") in FAMILY_RELEASES:  # our manifests before the releases
+            kw["release"] = FAMILY_RELEASES[d["family"]]
+        if "release" not in kw:
+            kw["release"] = release_of(d.get("_name_or_path"), d.get("padded_vocab_size", cls.padded_vocab_size),
+                                       d.get("rope_ratio", 1.0), source)
         if "torch_dtype" not in kw and "dtype" in d:
             kw["torch_dtype"] = d["dtype"]
         if d.get("multi_query_attention") is False:
@@ -141,14 +146,19 @@ class GLM2Config:
     @classmethod
     def from_glm_dict(cls, d: dict, source: str = "config.json") -> GLM2Config:
         """From the config of transformers' native GlmForCausalLM (as `ms2hf --layout glm` writes it)."""
-        rope = d.get("rope_parameters") or {}
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise CheckpointError(f"{source}: rope_parameters is not an object")
-        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        theta = d.get("rope_theta", rope.get("rope_theta", ROPE_BASE))
         if d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 0.5)) != 0.5:
             raise CheckpointError(f"{source}: partial_rotary_factor must be 0.5 for ChatGLM2")
         if type(theta) not in (int, float):
             raise CheckpointError(f"{source}: rope_theta must be a number, got {theta!r:.40}")
+        kind, factor = rope.get("rope_type", rope.get("type", "default")), rope.get("factor", 1.0)
+        if kind not in ("default", "linear") or type(factor) not in (int, float):
+            raise CheckpointError(f"{source}: rope type {kind!r:.40} (factor {factor!r:.40}): a GLM release has "
+                                  f"default or linear RoPE")
+        ratio = factor if kind == "linear" else theta / ROPE_BASE
         try:
             sizes = dict(num_layers=d["num_hidden_layers"], hidden_size=d["hidden_size"],
                          ffn_hidden_size=d["intermediate_size"], num_attention_heads=d["num_attention_heads"],
@@ -156,12 +166,17 @@ class GLM2Config:
                          padded_vocab_size=d["vocab_size"])
         except KeyError as exc:
             raise CheckpointError(f"{source}: GLM config lacks {exc}") from None
-        return cls._build(source, **sizes, layernorm_epsilon=d.get("rms_norm_eps", 1e-5),
-                          rope_ratio=theta / 10000.0, add_qkv_bias=d.get("attention_bias", True),
-                          seq_length=d.get("max_position_embeddings", 32768),
-                          torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
-                          eos_token_id=d.get("eos_token_id", 2), pad_token_id=d.get("pad_token_id", 0),
-                          family=family_of(d.get("_name_or_path"), sizes["padded_vocab_size"]))
+        release = release_of(d.get("_name_or_path"), sizes["padded_vocab_size"], ratio, source)
+        cfg = cls._build(source, **sizes, layernorm_epsilon=d.get("rms_norm_eps", 1e-5), rope_ratio=ratio,
+                         add_qkv_bias=d.get("attention_bias", True), seq_length=d.get("max_position_embeddings", 32768),
+                         torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
+                         eos_token_id=d.get("eos_token_id", 2), pad_token_id=d.get("pad_token_id", 0), release=release)
+        given = {"rope_type": kind, "rope_theta": theta, **({"factor": factor} if kind == "linear" else {})}
+        if cfg.glm_rope() != given:
+            raise CheckpointError(f"{source}: {kind} RoPE with rope_theta {theta} and factor {factor} is not "
+                                  f"{release}'s rule ({cfg.glm_rope()}); a folder exported with the wrong rule "
+                                  f"computes another model")
+        return cfg
 
     @classmethod
     def from_mapping(cls, d: dict, source: str = "config.json") -> GLM2Config:
@@ -192,23 +207,30 @@ class GLM2Config:
     def chatglm_json(self, dtype: str | None = None) -> dict:
         """The field set of the real THUDM config.json, with this model's values."""
         d = dict(_CHATGLM_TEMPLATE)
-        d.update({k: v for k, v in asdict(self).items() if k not in ("rope_ratio", "family")})
-        d["_name_or_path"] = FAMILIES[self.family]
+        d.update({k: v for k, v in asdict(self).items() if k not in ("rope_ratio", "release")})
+        d["_name_or_path"] = RELEASES[self.release].repo
         if self.rope_ratio != 1.0:
             d["rope_ratio"] = self.rope_ratio
         d["multi_query_attention"] = self.multi_query_group_num != self.num_attention_heads
         d["torch_dtype"] = dtype or self.torch_dtype
         return d
 
+    def glm_rope(self) -> dict:
+        """The release's RoPE in transformers' terms: default with rope_theta, or linear scaling by a factor."""
+        base, scale = rope_rule(self.release, self.rope_ratio)
+        return {"rope_type": "linear", "rope_theta": base, "factor": scale} if scale != 1 else \
+            {"rope_type": "default", "rope_theta": base}
+
     def glm_json(self, dtype: str | None = None) -> dict:
         """A config for transformers' native GlmForCausalLM: every field set, since its defaults are GLM-4's."""
+        rope = self.glm_rope()
         return {
-            "_name_or_path": FAMILIES[self.family], "architectures": ["GlmForCausalLM"], "model_type": "glm",
+            "_name_or_path": RELEASES[self.release].repo, "architectures": ["GlmForCausalLM"], "model_type": "glm",
             "vocab_size": self.padded_vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.ffn_hidden_size, "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.multi_query_group_num,
-            "head_dim": self.kv_channels, "partial_rotary_factor": 0.5, "rope_theta": self.rope_base,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_base, "partial_rotary_factor": 0.5},
+            "head_dim": self.kv_channels, "partial_rotary_factor": 0.5, "rope_theta": rope["rope_theta"],
+            "rope_parameters": {**rope, "partial_rotary_factor": 0.5},
             "rms_norm_eps": self.layernorm_epsilon, "attention_bias": self.add_qkv_bias, "attention_dropout": 0.0,
             "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": self.seq_length,
             "tie_word_embeddings": False, "use_cache": True, "pad_token_id": self.pad_token_id,
@@ -234,10 +256,11 @@ _CHATGLM_TEMPLATE = {
 PRESETS = {
     "6b": GLM2Config(),
     # the later releases (facts from their config.json files and MindFormers' configs)
-    "chatglm3-6b": GLM2Config(seq_length=8192, family="chatglm3"),
+    "chatglm2-6b-32k": GLM2Config(rope_ratio=16, release="chatglm2-6b-32k"),
+    "chatglm3-6b": GLM2Config(seq_length=8192, release="chatglm3-6b"),
     "glm4-9b": GLM2Config(num_layers=40, padded_vocab_size=GLM4_VOCAB, layernorm_epsilon=1.5625e-07, rope_ratio=500,
                           seq_length=131072, torch_dtype="bfloat16", eos_token_id=(151329, 151336, 151338),
-                          pad_token_id=151329, family="glm4"),
+                          pad_token_id=151329, release="glm-4-9b-chat"),
     # real vocabulary (the real tokenizer works), everything else small enough for tests on 2 cores
     "tiny": GLM2Config(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
                        multi_query_group_num=2, kv_channels=16, seq_length=2048, torch_dtype="float32"),

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import GLM2Config, family_of
+from .config import GLM2Config
 from .errors import CheckpointError, UserError
+from .releases import release_of
 
 L = "transformer.encoder.layers.{i}."
 G = "model.layers.{i}."
@@ -25,8 +26,8 @@ INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
 QKV_WEIGHT, QKV_BIAS = L + "self_attention.query_key_value.weight", L + "self_attention.query_key_value.bias"
 MLP_UP, MLP_DOWN = L + "mlp.dense_h_to_4h.weight", L + "mlp.dense_4h_to_h.weight"
 
-FAMILIES = ("chatglm", "mindformers", "mindformers-legacy", "glm")
-HF_FAMILIES = ("chatglm", "glm")  # written as HF folders; the others as MindSpore checkpoints
+LAYOUTS = ("chatglm", "mindformers", "mindformers-legacy", "glm")
+HF_LAYOUTS = ("chatglm", "glm")  # written as HF folders; the others as MindSpore checkpoints
 
 
 def _qkv(p: str) -> dict[str, object]:
@@ -39,7 +40,7 @@ def _qkv(p: str) -> dict[str, object]:
 @dataclass(frozen=True)
 class Weight:
     """One canonical weight: its THUDM name (`{i}`: the layer), its shape from the config's sizes, and how each
-    layout stores it: {family or family/variant: its name, or [(name, rows)] for a split}; absent: the same name."""
+    layout stores it: {layout or layout/variant: its name, or [(name, rows)] for a split}; absent: the same name."""
     template: str
     shape: Callable[[GLM2Config], tuple[int, ...]]
     layouts: dict[str, object] = field(default_factory=dict)
@@ -112,33 +113,33 @@ _CACHE = re.compile(r"(key_past|value_past|kvcache_mgr\.|paged_attention_mgr\.(k
 
 @dataclass(frozen=True)
 class Layout:
-    family: str = "mindformers"
+    name: str = "mindformers"
     qkv_split: bool = False
     mlp_split: bool = False
     rearrange_rope: bool = False
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise UserError(f"unknown layout {self.family!r}; expected one of {', '.join(FAMILIES)}")
-        if self.family != "mindformers" and (self.qkv_split or self.mlp_split or self.rearrange_rope):
-            raise UserError(f"layout {self.family}: split/rearranged variants exist only for the current "
+        if self.name not in LAYOUTS:
+            raise UserError(f"unknown layout {self.name!r}; expected one of {', '.join(LAYOUTS)}")
+        if self.name != "mindformers" and (self.qkv_split or self.mlp_split or self.rearrange_rope):
+            raise UserError(f"layout {self.name}: split/rearranged variants exist only for the current "
                                   f"MindFormers names (--layout mindformers)")
 
     def describe(self) -> str:
         flags = [f for f, on in (("qkv-split", self.qkv_split), ("mlp-split", self.mlp_split),
                                  ("rearranged-rope", self.rearrange_rope)) if on]
-        return "+".join([self.family, *flags])
+        return "+".join([self.name, *flags])
 
     def as_dict(self) -> dict:
-        return {"family": self.family, "qkv_split": self.qkv_split, "mlp_split": self.mlp_split,
+        return {"name": self.name, "qkv_split": self.qkv_split, "mlp_split": self.mlp_split,
                 "rearrange_rope": self.rearrange_rope}
 
     def targets(self, weight: Weight) -> list[tuple[str, str]]:
         """The names (templates) that store a canonical weight in this layout, with the part of its rows each
         takes."""
         rules = weight.layouts
-        for key in (f"{self.family}/qkv-split" if self.qkv_split else None,
-                    f"{self.family}/mlp-split" if self.mlp_split else None, self.family):
+        for key in (f"{self.name}/qkv-split" if self.qkv_split else None,
+                    f"{self.name}/mlp-split" if self.mlp_split else None, self.name):
             if key in rules:
                 rule = rules[key]
                 return rule if isinstance(rule, list) else [(rule, "all")]
@@ -229,20 +230,19 @@ def classify(name: str) -> str:
 
 
 def detect_layout(names, rearrange_rope: bool = False, where: str = "checkpoint") -> Layout:
-    """The layout a set of tensor names is in: the family by the name of its embedding, the split variants by
+    """The layout a set of tensor names is in: its name by the name of its embedding, the split variants by
     their names. Rearranged RoPE leaves no trace in names: it must be told."""
     templates = {layer_template(n)[0] for n in names}
-    embeddings = {Layout(f).targets(BY_TEMPLATE[EMBEDDING])[0][0]: f for f in FAMILIES}
-    families = [f for name, f in embeddings.items() if name in templates]
-    if len(families) != 1:
-        found = "several embeddings" if families else "no embedding"
+    embeddings = {Layout(f).targets(BY_TEMPLATE[EMBEDDING])[0][0]: f for f in LAYOUTS}
+    found = [f for name, f in embeddings.items() if name in templates]
+    if len(found) != 1:
+        found = "several embeddings" if found else "no embedding"
         raise CheckpointError(f"{where}: cannot tell the checkpoint's layout: {found} among its names "
                               f"(expected one of {', '.join(embeddings)})")
-    family = families[0]
-    mf = family == "mindformers"
+    mf = found[0] == "mindformers"
     split = {flag: mf and BY_TEMPLATE[canonical].layouts[variant][0][0] in templates
              for flag, (canonical, variant) in VARIANTS.items()}
-    layout = Layout(family, **split, rearrange_rope=mf and rearrange_rope)
+    layout = Layout(found[0], **split, rearrange_rope=mf and rearrange_rope)
     _refuse_other_architecture(names, templates, layout, where)
     return layout
 
@@ -263,7 +263,7 @@ def _refuse_other_architecture(names, templates: set[str], layout: Layout, where
         return
     kind = "llama-style" if any(_LLAMA_MLP.search(n) for n in foreign) else "non-GLM"
     raise CheckpointError(f"{where}: not a GLM checkpoint (found {kind} names no GLM layout has, e.g. "
-                          f"{', '.join(foreign[:2])}; and no {layout.family} MLP weights)")
+                          f"{', '.join(foreign[:2])}; and no {layout.name} MLP weights)")
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, where: str = "checkpoint",
@@ -291,7 +291,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, where: str 
     return GLM2Config._build(f"{where} (sizes inferred from its shapes)", num_layers=len(layers - {None}),
                              hidden_size=hidden, ffn_hidden_size=down[0][1], num_attention_heads=heads,
                              multi_query_group_num=groups, kv_channels=kv_channels, padded_vocab_size=vocab,
-                             add_qkv_bias=any(t == QKV_BIAS for t, _ in found), family=family_of(None, vocab))
+                             add_qkv_bias=any(t == QKV_BIAS for t, _ in found), release=release_of(None, vocab))
 
 
 def inv_freq(cfg: GLM2Config, dtype: str) -> np.ndarray:

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import click
 
-from .config import FAMILIES as MODEL_FAMILIES
 from .dtypes import COMPUTE_DTYPES, DTYPES
 from .errors import CheckpointError, UserError
-from .names import FAMILIES, HF_FAMILIES
+from .names import HF_LAYOUTS, LAYOUTS
+from .releases import FAMILIES
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 PACKAGE = "glm2-toolkit"
-MS_LAYOUTS = tuple(f for f in FAMILIES if f not in HF_FAMILIES)
+MS_LAYOUTS = tuple(f for f in LAYOUTS if f not in HF_LAYOUTS)
 
 
 class Interrupted(Exception):
@@ -80,7 +80,7 @@ VOCABULARY: dict[str, dict] = {
     "--dtype": dict(type=click.Choice(DTYPES), default="keep", help="Dtype of the weights{keep}."),
     "--compute-dtype": dict(type=click.Choice(COMPUTE_DTYPES), default="float32",
                             help="Dtype of the arithmetic (the weights are cast where they are used)."),
-    "--layout": dict(type=click.Choice(MS_LAYOUTS + HF_FAMILIES), default="mindformers",
+    "--layout": dict(type=click.Choice(MS_LAYOUTS + HF_LAYOUTS), default="mindformers",
                      help="Weight names of the output: {layouts}."),
     "--format": dict(decls=("--format", "fmt"), type=click.Choice(("ckpt", "safetensors", "bin")),
                      help="File format of the weights."),
@@ -104,7 +104,7 @@ VOCABULARY: dict[str, dict] = {
     "--lora-alpha": dict(type=POSITIVE, default=None,
                          help="LoRA alpha: the adapter's update B·A is scaled by alpha / r."),
     # generation
-    "--family": dict(type=click.Choice(tuple(MODEL_FAMILIES)), default=None,
+    "--family": dict(type=click.Choice(FAMILIES), default=None,
                      show_default="the one the folder tells: its config.json, its tokenizer",
                      help="Model family, for its tokenizer and chat format (a finetune saved under a local name)."),
     "--max-new-tokens": dict(type=AT_LEAST_ONE, help="Generate at most this many new tokens (bounded "

@@ -18,7 +18,7 @@ from mindspore import Tensor, nn
 from glm2_core.config import GLM2Config
 from glm2_core.errors import UserError
 
-from .model import MASKED, GLM2ForCausalLM, Linear
+from .model import MASKED, GLM2ForCausalLM, linears
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig, choose
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to this, so calls of similar length share a compiled step
@@ -143,7 +143,7 @@ def compiled_fits(model: GLM2ForCausalLM) -> bool:
     from .loading import fits_in_memory
 
     size = Tensor(np.zeros(()), model.compute_dtype).itemsize
-    native = {id(c.weight) for _, c in model.cells_and_names() if isinstance(c, Linear) and c.native}
+    native = {id(c.weight) for c in linears(model) if c.native}
     copies = sum(p.size * size for p in model.get_parameters()
                  if p.dtype != model.compute_dtype and id(p) not in native)
     return fits_in_memory(copies, 0.8)
@@ -186,7 +186,7 @@ class Decoder:
             return self.step
         if not open_shapes:
             return self.compiled_step
-        if any(isinstance(c, Linear) and c.native for _, c in model.cells_and_names()):
+        if any(c.native for c in linears(model)):
             return self.step
         return PrefillStep(model)
 
@@ -289,8 +289,7 @@ def describe(timings: dict) -> str:
 
 def _weights_note(model: GLM2ForCausalLM) -> str:
     """How 16-bit weights meet float32 arithmetic: in the native kernel, or cast at every step (and why)."""
-    linears = [c for _, c in model.cells_and_names() if isinstance(c, Linear)]
-    narrow = [c for c in linears if c.weight.dtype != model.compute_dtype]
+    narrow = [c for c in linears(model) if c.weight.dtype != model.compute_dtype]
     if not narrow or model.compute_dtype != ms.float32:
         return ""
     if all(c.native for c in narrow):

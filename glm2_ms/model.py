@@ -81,11 +81,16 @@ def use_native_kernels(cell, on: bool = True) -> bool:
     op = linear16()
     LINEAR16 = op or LINEAR16  # cells given it before keep it
     native = on and op is not None
-    for _, sub in cell.cells_and_names():
-        if isinstance(sub, Linear) and sub.weight.dtype in (ms.float16, ms.bfloat16):
+    for sub in linears(cell):
+        if sub.weight.dtype in (ms.float16, ms.bfloat16):
             sub.native = native
     return native
 
+
+
+def linears(cell) -> list[Linear]:
+    """Every Linear in `cell`; `.native` tells which use the native kernel."""
+    return [sub for _, sub in cell.cells_and_names() if isinstance(sub, Linear)]
 
 def rotate(x, cos, sin):
     """RoPE on the first half of each head as interleaved pairs (x0, x1) → (x0·c − x1·s, x1·c + x0·s).

@@ -8,6 +8,15 @@ def rms_norm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
+def rope_rule(cfg):
+    """(base, positions divided by) as THUDM's modeling files compute them: ChatGLM2's (the 32k release is the one
+    whose config sets rope_ratio) keeps base 10000 and divides `seq_idx` by rope_ratio; ChatGLM3's and GLM-4's
+    multiply the base."""
+    if cfg.release.startswith("chatglm2"):
+        return 10000.0, cfg.rope_ratio
+    return 10000.0 * cfg.rope_ratio, 1.0
+
+
 def rope(x, positions, base):
     """x [seq, heads, d]: rotate interleaved pairs of the first d/2 dims."""
     d = x.shape[-1]
@@ -39,7 +48,8 @@ class NumpyGLM2:
         q = qkv[:, :nh * d].reshape(-1, nh, d)
         k = qkv[:, nh * d:nh * d + g * d].reshape(-1, g, d)
         v = qkv[:, nh * d + g * d:].reshape(-1, g, d)
-        q, k = rope(q, positions, c.rope_base), rope(k, positions, c.rope_base)
+        base, divided = rope_rule(c)
+        q, k = rope(q, positions / divided, base), rope(k, positions / divided, base)
         if self.cache[i] is not None:
             k = np.concatenate([self.cache[i][0], k])
             v = np.concatenate([self.cache[i][1], v])

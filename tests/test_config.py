@@ -46,10 +46,10 @@ def test_contradictions_are_refused(change, needle):
 
 def test_sizes_inferred_from_the_shapes_of_every_layout():
     """A bare weights file without config.json: the sizes come from its shapes, in any layout (head size given)."""
-    from glm2_core.names import FAMILIES, Layout, detect_layout, infer_config, weight_map
+    from glm2_core.names import LAYOUTS, Layout, detect_layout, infer_config, weight_map
 
     cfg = GLM2Config.preset("tiny", add_qkv_bias=False, num_layers=3)
-    layouts = [Layout(f) for f in FAMILIES] + [Layout("mindformers", True, True, True)]
+    layouts = [Layout(f) for f in LAYOUTS] + [Layout("mindformers", True, True, True)]
     for layout in layouts:
         shapes = {p.name: m.piece_shape(p) for m in weight_map(layout, cfg) for p in m.pieces}
         assert detect_layout(shapes, layout.rearrange_rope) == layout

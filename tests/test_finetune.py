@@ -68,7 +68,7 @@ def test_full_finetune_loss_decreases(base, tmp_path):
     # the export is a converter folder: its manifest lists every tensor, and it loads as the trained model
     model = Path(export(trainer)["model"])
     manifest = json.loads((model / "manifest.json").read_text())
-    assert manifest["layout"]["family"] == "mindformers" and manifest["files"] == ["mindspore_model.ckpt"]
+    assert manifest["layout"]["name"] == "mindformers" and manifest["files"] == ["mindspore_model.ckpt"]
     assert {t["name"] for t in manifest["tensors"]} == {p.name for p in trainer.model.get_parameters()}
     assert (model / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
     np.testing.assert_allclose(logits(from_pretrained(model)), logits(trainer.model), atol=1e-6)

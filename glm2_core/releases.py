@@ -1,0 +1,74 @@
+"""The GLM releases this toolkit knows, one record each: how a folder names it, its tokenizer and chat family and its
+RoPE rule. Adding a release is adding a record here (and its tests).
+
+Three words, three things: a **release** is a published model (chatglm2-6b-32k); its **family** is the tokenizer and
+chat format it shares with others (`glm2_ms.tokenizer.FAMILIES`); a **layout** is how a checkpoint names its weights
+(`glm2_core.names.LAYOUTS`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import CheckpointError
+
+# RoPE rules: how config.json's `rope_ratio` (r) enters the angles position·θ_i, θ_i = base^(−2i/64).
+BASE = "base"            # base = 10000·r (ChatGLM3-32k/128k, GLM-4: THUDM's `base = base * rope_ratio`)
+POSITIONS = "positions"  # base 10000, positions / r: linear interpolation (ChatGLM2-6B-32k's `seq_idx / rope_ratio`)
+ROPE_BASE = 10000.0
+GLM4_VOCAB = 151552
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str                # the Hugging Face repository's name; a folder's `_name_or_path` names it
+    family: str              # tokenizer and chat format: chatglm2, chatglm3 or glm4
+    rope: str = BASE         # how rope_ratio scales RoPE (BASE or POSITIONS)
+    org: str = "THUDM"
+
+    @property
+    def repo(self) -> str:
+        return f"{self.org}/{self.name}"
+
+
+RELEASES = {r.name: r for r in (
+    # ChatGLM2's modeling code reads rope_ratio only in its 32k release, where it divides the positions
+    Release("chatglm2-6b", "chatglm2", POSITIONS),
+    Release("chatglm2-6b-32k", "chatglm2", POSITIONS),
+    Release("chatglm3-6b", "chatglm3"),
+    Release("chatglm3-6b-base", "chatglm3"),
+    Release("chatglm3-6b-32k", "chatglm3"),
+    Release("chatglm3-6b-128k", "chatglm3"),
+    Release("glm-4-9b", "glm4"),
+    Release("glm-4-9b-chat", "glm4"),
+    Release("glm-4-9b-chat-1m", "glm4"),
+)}
+FAMILIES = tuple(dict.fromkeys(r.family for r in RELEASES.values()))
+# a folder that names no release by its full name: the one it most likely is, by a part of its name (or vocabulary)
+FAMILY_RELEASES = {"chatglm2": "chatglm2-6b", "chatglm3": "chatglm3-6b", "glm4": "glm-4-9b-chat"}
+
+
+def release_of(name_or_path, padded_vocab_size: int, rope_ratio: float = 1.0, source: str = "config.json") -> str:
+    """The release a config describes: the longest release name in its `_name_or_path` (any path: the HF id, a hub
+    cache folder, a local copy); else its family by a part of the name or by GLM-4's vocabulary. A ChatGLM-vocabulary
+    config with a rope_ratio and no name is refused: the two rules differ and guessing would give a wrong model."""
+    name = name_or_path.lower() if isinstance(name_or_path, str) else ""
+    named = [r for r in RELEASES if r in name]
+    if named:
+        return max(named, key=len)
+    if "chatglm3" in name:
+        return FAMILY_RELEASES["chatglm3"]
+    if "glm-4" in name or "glm4" in name or padded_vocab_size == GLM4_VOCAB:
+        return FAMILY_RELEASES["glm4"]
+    if "chatglm2" in name or rope_ratio == 1:
+        return FAMILY_RELEASES["chatglm2"]
+    raise CheckpointError(
+        f"{source}: rope_ratio {rope_ratio} but _name_or_path {name_or_path!r:.60} names no release: ChatGLM2-6B-32k "
+        f"divides the positions by it, ChatGLM3-6B-32k/128k multiply the base; set _name_or_path to "
+        f"{RELEASES['chatglm2-6b-32k'].repo} or {RELEASES['chatglm3-6b-32k'].repo}")
+
+
+def rope_rule(release: str, rope_ratio: float) -> tuple[float, float]:
+    """(base, position scale) of a release's RoPE: angles are (position / scale) · base^(−2i/d)."""
+    if rope_ratio == 1 or RELEASES[release].rope == BASE:
+        return ROPE_BASE * rope_ratio, 1.0
+    return ROPE_BASE, float(rope_ratio)

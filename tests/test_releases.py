@@ -1,0 +1,132 @@
+"""Every release computes its own RoPE rule, named once in glm2_core.releases: ChatGLM2-6B-32k divides the
+positions by rope_ratio (THUDM's `seq_idx / rope_ratio`), ChatGLM3's long releases and GLM-4 multiply the base. Each
+is checked against an independent forward (tests/numpy_glm2.py, written from THUDM's code) and, for ChatGLM2-32k,
+against transformers' GlmForCausalLM with linear RoPE scaling on a prompt of 100 tokens."""
+import json
+
+import numpy as np
+import pytest
+from numpy_glm2 import NumpyGLM2
+
+from converters.checkpoint import open_checkpoint
+from converters.convert import convert
+from converters.mindformers_yaml import MINDFORMERS_YAML
+from converters.synth import synthesize
+from glm2_core.config import GLM2Config
+from glm2_core.dtypes import to_float32
+from glm2_core.errors import CheckpointError
+from glm2_core.names import Layout
+from glm2_core.releases import RELEASES, release_of
+
+PROMPT = [int(i) for i in np.random.default_rng(7).integers(3, 64000, 100)]
+
+
+@pytest.mark.parametrize("name, vocab, ratio, release", [
+    ("THUDM/chatglm2-6b", 65024, 1, "chatglm2-6b"),
+    ("THUDM/chatglm2-6b-32k", 65024, 16, "chatglm2-6b-32k"),
+    ("/root/.cache/huggingface/hub/models--THUDM--chatglm2-6b-32k/snapshots/a2065f5", 65024, 16, "chatglm2-6b-32k"),
+    ("/data/chatglm2-finetune", 65024, 16, "chatglm2-6b"),
+    ("THUDM/chatglm3-6b-32k", 65024, 50, "chatglm3-6b-32k"),
+    ("zai-org/chatglm3-6b-128k", 65024, 500, "chatglm3-6b-128k"),
+    ("THUDM/glm-4-9b-chat-1m", 151552, 10000, "glm-4-9b-chat-1m"),
+    ("/data/my-finetune", 151552, 500, "glm-4-9b-chat"),
+    (None, 65024, 1, "chatglm2-6b")])
+def test_a_folder_names_its_release(name, vocab, ratio, release):
+    assert release_of(name, vocab, ratio) == release
+
+
+def test_an_unnamed_rope_ratio_is_refused_not_guessed():
+    with pytest.raises(CheckpointError, match="rope_ratio 16 but _name_or_path None names no release: ChatGLM2-6B-32k"):
+        GLM2Config.from_dict({**GLM2Config.preset("6b").chatglm_json(), "_name_or_path": None, "rope_ratio": 16})
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("pre_seq_len", 128, "a P-Tuning v2 prefix of 128 virtual tokens"),
+    ("prefix_projection", True, "a P-Tuning v2 prefix projection"),
+    ("quantization_bit", 4, "THUDM's int4 quantized weights")])
+def test_fields_that_change_the_network_are_refused(field, value, needle):
+    cfg = GLM2Config.preset("6b").chatglm_json()
+    assert GLM2Config.from_dict({**cfg, field: None if field == "pre_seq_len" else 0 * value}) == GLM2Config()
+    with pytest.raises(CheckpointError, match=f"{field}={value!r}: {needle}"):
+        GLM2Config.from_dict({**cfg, field: value})
+
+
+@pytest.mark.parametrize("release", list(RELEASES))
+def test_every_release_reads_back_from_both_field_sets(release):
+    ratio = 16 if release == "chatglm2-6b-32k" else 500 if RELEASES[release].family == "glm4" else 1
+    cfg = GLM2Config.preset("tiny", release=release, rope_ratio=ratio)
+    for written in (cfg.chatglm_json(), cfg.glm_json()):
+        assert GLM2Config.from_mapping(json.loads(json.dumps(written))) == cfg
+
+
+def test_the_glm_form_says_linear_scaling_and_a_wrong_export_is_refused():
+    cfg = GLM2Config.preset("chatglm2-6b-32k")
+    assert cfg.glm_json()["rope_parameters"] == {"rope_type": "linear", "rope_theta": 10000.0, "factor": 16.0,
+                                                 "partial_rotary_factor": 0.5}
+    base_scaled = {**cfg.glm_json(), "rope_theta": 160000.0,
+                   "rope_parameters": {"rope_type": "default", "rope_theta": 160000.0, "partial_rotary_factor": 0.5}}
+    with pytest.raises(CheckpointError, match="default RoPE with rope_theta 160000.0 .* is not chatglm2-6b-32k's rule"):
+        GLM2Config.from_mapping(base_scaled)
+
+
+@pytest.fixture(scope="module", params=["chatglm2-6b-32k", "chatglm3-6b-32k"])
+def long_release(request, tmp_path_factory):
+    """A tiny float32 model of a long-context release, with the rope_ratio its config.json has."""
+    ratio = {"chatglm2-6b-32k": 16, "chatglm3-6b-32k": 50}[request.param]
+    cfg = GLM2Config.preset("tiny", release=request.param, rope_ratio=ratio)
+    out = tmp_path_factory.mktemp(request.param) / "hf"
+    synthesize(out, cfg, "float32", "safetensors", seed=3)
+    with open_checkpoint(out) as c:
+        weights = {n: to_float32(t.read(), t.dtype) for n, t in c.tensors.items()}
+    return out, cfg, NumpyGLM2(weights, cfg).logits(PROMPT)
+
+
+def _close(got, want):
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_the_runtime_and_the_torch_reference_follow_the_release(long_release):
+    ms = pytest.importorskip("mindspore")
+    from glm2_ms.loading import from_pretrained
+    from validation.torch_reference import load_reference
+
+    src, cfg, want = long_release
+    _close(from_pretrained(src, dtype="float32")(ms.Tensor([PROMPT], ms.int32)).asnumpy()[0], want)
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        _close(load_reference(src, "float32")(torch.tensor([PROMPT]))[0].double().numpy()[0], want)
+    other = GLM2Config.preset("tiny", release="chatglm3-6b-32k" if cfg.family == "chatglm2" else "chatglm2-6b-32k",
+                              rope_ratio=cfg.rope_ratio)
+    assert np.abs(np.asarray(other.rope_inv_freq()) - cfg.rope_inv_freq()).max() > 1e-3  # the rules do differ
+
+
+def test_transformers_glm_computes_the_exported_rule(long_release, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    src, cfg, want = long_release
+    convert(src, tmp_path / "glm", target=Layout("glm"), fmt="safetensors", progress=False)
+    glm = transformers.GlmForCausalLM.from_pretrained(tmp_path / "glm", dtype=torch.float32).eval()
+    with torch.no_grad():
+        _close(glm(torch.tensor([PROMPT])).logits[0].double().numpy(), want)
+    assert GLM2Config.from_pretrained(tmp_path / "glm") == cfg
+
+
+def test_mindformers_gets_no_config_it_would_misread(long_release, tmp_path):
+    """MindFormers' ChatGLM2 multiplies RoPE's base by rope_ratio: a ChatGLM2-32k checkpoint gets no yaml and the
+    summary says why; ChatGLM3-32k's yaml carries its rope_ratio."""
+    src, cfg, _ = long_release
+    summary = convert(src, tmp_path / "ms", target=Layout("mindformers"), fmt="ckpt", progress=False)
+    written = (tmp_path / "ms" / MINDFORMERS_YAML).is_file()
+    if cfg.release == "chatglm2-6b-32k":
+        assert not written and any("divides RoPE's positions by rope_ratio 16" in n for n in summary.notes)
+    else:
+        assert written and f"rope_ratio: {cfg.rope_ratio}" in (tmp_path / "ms" / MINDFORMERS_YAML).read_text()
+    assert GLM2Config.from_pretrained(tmp_path / "ms") == cfg
+
+
+def test_manifests_written_before_the_releases_still_read():
+    """Our manifests' "config" named the family before releases existed."""
+    old = {**{k: v for k, v in GLM2Config.preset("chatglm3-6b").__dict__.items() if k != "release"},
+           "family": "chatglm3"}
+    assert GLM2Config.from_dict(old, "manifest.json") == GLM2Config.preset("chatglm3-6b")
