@@ -144,8 +144,8 @@ def merge_lora(base, adapter, dst, lora_alpha, layout, fmt, no_crc_check, dtype,
 @option("--json")
 @option("--no-crc-check")
 def inspect(path, as_json, no_crc_check):
-    """List the tensors of a checkpoint file or folder, with its detected layout, after checking the checksums
-    its files carry (which reads every tensor; --no-crc-check lists without reading)."""
+    """List the tensors of a checkpoint file or folder, with its detected layout and release, after checking the
+    checksums its files carry (which reads every tensor; --no-crc-check lists without reading)."""
     from .inspect_verify import inspect as run
 
     info = run(path, verify_checksums=not no_crc_check)
@@ -153,6 +153,7 @@ def inspect(path, as_json, no_crc_check):
         click.echo(json.dumps(info, indent=2, ensure_ascii=False))
         return
     click.echo(f"{info['path']}: {info['format']}, {len(info['files'])} file(s), layout {info['layout']}")
+    click.echo(f"release {info['release']}")
     click.echo(f"{info['count']} tensors, {info['bytes'] / 1e6:.1f} MB, dtypes {info['dtypes']}")
     click.echo(f"checksums: {info['checksums']}")
     for kind, names in info["non_weights"].items():

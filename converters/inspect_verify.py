@@ -11,7 +11,7 @@ from glm2_core.errors import CheckpointError
 from glm2_core.names import canonical_shapes, classify, detect_layout
 
 from .checkpoint import open_checkpoint
-from .source import NON_WEIGHTS, Source, manifest_layout
+from .source import NON_WEIGHTS, Source, manifest_layout, model_config
 
 
 def _checksums(ckpt) -> str:
@@ -22,6 +22,15 @@ def _checksums(ckpt) -> str:
     ckpt.check_complete()
     n = sum(getattr(h, "has_crc", False) for h in ckpt.handles)
     return f"ok ({n} of {len(ckpt.handles)} files carry checksums, all match)" if n else "none in these files"
+
+
+def _release(ckpt, layout) -> str:
+    """The release a checkpoint's config tells, and what told it."""
+    try:
+        cfg = model_config(ckpt, layout, None)
+    except CheckpointError as exc:
+        return f"unknown ({exc})"
+    return f"{cfg.release} ({cfg.told_by})"
 
 
 def inspect(path: Path, verify_checksums: bool = True) -> dict:
@@ -35,11 +44,14 @@ def inspect(path: Path, verify_checksums: bool = True) -> dict:
                 others.setdefault(NON_WEIGHTS[kind], []).append(name)
         rearranged = manifest_layout(ckpt).get("rearrange_rope", False) is True
         try:
-            layout = detect_layout(weights, rearranged, str(path)).describe()
+            found = detect_layout(weights, rearranged, str(path))
         except CheckpointError as exc:
-            layout = f"unknown ({exc})"
+            layout = release = f"unknown ({exc})"
+        else:
+            layout, release = found.describe(), _release(ckpt, found)
         return {
             "path": str(path), "format": ckpt.format, "files": [str(f) for f in ckpt.files], "layout": layout,
+            "release": release,
             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes}
                         for t in ckpt.tensors.values()],
             "strings": ckpt.strings, "count": len(ckpt.tensors), "bytes": ckpt.nbytes,

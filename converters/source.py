@@ -68,7 +68,7 @@ def manifest_layout(ckpt: Checkpoint) -> dict:
     return layout
 
 
-def _config(ckpt: Checkpoint, layout: Layout, config_path: Path | None) -> GLM2Config:
+def model_config(ckpt: Checkpoint, layout: Layout, config_path: Path | None) -> GLM2Config:
     if config_path is not None:
         return GLM2Config.from_file(config_path)
     if ckpt.config is not None:
@@ -110,7 +110,7 @@ class Source(Closing):
             if rearranged_rope is None:
                 rearranged_rope = manifest_layout(ckpt).get("rearrange_rope", False) is True
             layout = detect_layout(weights, rearranged_rope, str(path))
-            cfg = _config(ckpt, layout, config)
+            cfg = model_config(ckpt, layout, config)
             mappings = weight_map(layout, cfg)
             cls._check(ckpt, weights, mappings, str(path))
             return cls(ckpt, layout, cfg, mappings, dropped)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import CheckpointError, UserError
 from .jsonio import read_json
-from .releases import FAMILY_RELEASES, GLM4_VOCAB, RELEASES, ROPE_BASE, release_of, rope_rule
+from .releases import FAMILY_RELEASES, GLM4_VOCAB, RELEASES, ROPE_BASE, identify, rope_rule
 
 # Fields of the real THUDM config.json (and of its 32k/later variants) that do not change the weights or math.
 _PASSIVE = {"_name_or_path", "model_type", "architectures", "auto_map", "apply_query_key_layer_scaling",
@@ -50,6 +50,7 @@ class GLM2Config:
     eos_token_id: int | tuple[int, ...] = 2  # GLM-4: several (<|endoftext|>, <|user|>, <|observation|>)
     pad_token_id: int = 0
     release: str = "chatglm2-6b"  # which published model (glm2_core.releases): its tokenizer family and RoPE rule
+    told_by: str = field(default="", compare=False)  # what told the release (`glm2-convert inspect` says it)
 
     # ---- derived sizes used by the weight-name schema and the model
     @property
@@ -130,10 +131,12 @@ class GLM2Config:
                 raise CheckpointError(f"{source}: {key}={d[key]!r:.40}: {what.format(d[key])}, not supported")
         kw = {k: v for k, v in d.items() if k in own}
         if "release" not in kw and d.get("family") in FAMILY_RELEASES:  # our manifests before the releases
-            kw["release"] = FAMILY_RELEASES[d["family"]]
+            kw["release"], kw["told_by"] = FAMILY_RELEASES[d["family"]], f"the family in {source}"
         if "release" not in kw:
-            kw["release"] = release_of(d.get("_name_or_path"), d.get("padded_vocab_size", cls.padded_vocab_size),
-                                       d.get("rope_ratio", 1.0), source)
+            kw["release"], kw["told_by"] = identify(d.get("_name_or_path"),
+                                                    d.get("padded_vocab_size", cls.padded_vocab_size),
+                                                    d.get("rope_ratio", 1.0), source)
+        kw.setdefault("told_by", f"recorded in {source}")
         if "torch_dtype" not in kw and "dtype" in d:
             kw["torch_dtype"] = d["dtype"]
         if d.get("multi_query_attention") is False:
@@ -159,18 +162,13 @@ class GLM2Config:
             raise CheckpointError(f"{source}: rope type {kind!r:.40} (factor {factor!r:.40}): a GLM release has "
                                   f"default or linear RoPE")
         ratio = factor if kind == "linear" else theta / ROPE_BASE
-        try:
-            sizes = dict(num_layers=d["num_hidden_layers"], hidden_size=d["hidden_size"],
-                         ffn_hidden_size=d["intermediate_size"], num_attention_heads=d["num_attention_heads"],
-                         multi_query_group_num=d["num_key_value_heads"], kv_channels=d["head_dim"],
-                         padded_vocab_size=d["vocab_size"])
-        except KeyError as exc:
-            raise CheckpointError(f"{source}: GLM config lacks {exc}") from None
-        release = release_of(d.get("_name_or_path"), sizes["padded_vocab_size"], ratio, source)
-        cfg = cls._build(source, **sizes, layernorm_epsilon=d.get("rms_norm_eps", 1e-5), rope_ratio=ratio,
-                         add_qkv_bias=d.get("attention_bias", True), seq_length=d.get("max_position_embeddings", 32768),
-                         torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
-                         eos_token_id=d.get("eos_token_id", 2), pad_token_id=d.get("pad_token_id", 0), release=release)
+        missing = [theirs for theirs in _GLM_SIZES.values() if theirs not in d]
+        if missing:
+            raise CheckpointError(f"{source}: GLM config lacks {', '.join(missing)}")
+        kw = {ours: d[theirs] for ours, theirs in {**_GLM_SIZES, **_GLM_OTHERS}.items() if theirs in d}
+        release, told_by = identify(d.get("_name_or_path"), kw["padded_vocab_size"], ratio, source)
+        cfg = cls._build(source, **kw, rope_ratio=ratio, release=release, told_by=told_by,
+                         torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32")
         given = {"rope_type": kind, "rope_theta": theta, **({"factor": factor} if kind == "linear" else {})}
         if cfg.glm_rope() != given:
             raise CheckpointError(f"{source}: {kind} RoPE with rope_theta {theta} and factor {factor} is not "
@@ -207,7 +205,7 @@ class GLM2Config:
     def chatglm_json(self, dtype: str | None = None) -> dict:
         """The field set of the real THUDM config.json, with this model's values."""
         d = dict(_CHATGLM_TEMPLATE)
-        d.update({k: v for k, v in asdict(self).items() if k not in ("rope_ratio", "release")})
+        d.update({k: v for k, v in asdict(self).items() if k not in ("rope_ratio", "release", "told_by")})
         d["_name_or_path"] = RELEASES[self.release].repo
         if self.rope_ratio != 1.0:
             d["rope_ratio"] = self.rope_ratio
@@ -224,20 +222,24 @@ class GLM2Config:
     def glm_json(self, dtype: str | None = None) -> dict:
         """A config for transformers' native GlmForCausalLM: every field set, since its defaults are GLM-4's."""
         rope = self.glm_rope()
+        ours = {theirs: getattr(self, field) for field, theirs in {**_GLM_SIZES, **_GLM_OTHERS}.items()}
         return {
             "_name_or_path": RELEASES[self.release].repo, "architectures": ["GlmForCausalLM"], "model_type": "glm",
-            "vocab_size": self.padded_vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.ffn_hidden_size, "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.multi_query_group_num,
-            "head_dim": self.kv_channels, "partial_rotary_factor": 0.5, "rope_theta": rope["rope_theta"],
-            "rope_parameters": {**rope, "partial_rotary_factor": 0.5},
-            "rms_norm_eps": self.layernorm_epsilon, "attention_bias": self.add_qkv_bias, "attention_dropout": 0.0,
-            "hidden_act": "silu", "initializer_range": 0.02, "max_position_embeddings": self.seq_length,
-            "tie_word_embeddings": False, "use_cache": True, "pad_token_id": self.pad_token_id,
-            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
-            "bos_token_id": None, "torch_dtype": dtype or self.torch_dtype,
+            **ours, "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else
+            self.eos_token_id, "partial_rotary_factor": 0.5, "rope_theta": rope["rope_theta"],
+            "rope_parameters": {**rope, "partial_rotary_factor": 0.5}, "attention_dropout": 0.0, "hidden_act": "silu",
+            "initializer_range": 0.02, "tie_word_embeddings": False, "use_cache": True, "bos_token_id": None,
+            "torch_dtype": dtype or self.torch_dtype,
         }
 
+
+# Our fields under transformers' GlmConfig names, read and written through these maps only: the sizes every GLM
+# config must have, and the rest (absent: our default).
+_GLM_SIZES = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
+              "num_attention_heads": "num_attention_heads", "multi_query_group_num": "num_key_value_heads",
+              "kv_channels": "head_dim", "padded_vocab_size": "vocab_size"}
+_GLM_OTHERS = {"layernorm_epsilon": "rms_norm_eps", "add_qkv_bias": "attention_bias",
+               "seq_length": "max_position_embeddings", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id"}
 
 _CHATGLM_TEMPLATE = {
     "model_type": "chatglm", "architectures": ["ChatGLMModel"],

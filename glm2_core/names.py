@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import GLM2Config
 from .errors import CheckpointError, UserError
-from .releases import release_of
+from .releases import identify
 
 L = "transformer.encoder.layers.{i}."
 G = "model.layers.{i}."
@@ -291,7 +291,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, where: str 
     return GLM2Config._build(f"{where} (sizes inferred from its shapes)", num_layers=len(layers - {None}),
                              hidden_size=hidden, ffn_hidden_size=down[0][1], num_attention_heads=heads,
                              multi_query_group_num=groups, kv_channels=kv_channels, padded_vocab_size=vocab,
-                             add_qkv_bias=any(t == QKV_BIAS for t, _ in found), release=release_of(None, vocab))
+                             add_qkv_bias=any(t == QKV_BIAS for t, _ in found), release=identify(None, vocab)[0],
+                             told_by="its shapes (no config)")
 
 
 def inv_freq(cfg: GLM2Config, dtype: str) -> np.ndarray:

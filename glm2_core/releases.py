@@ -47,20 +47,24 @@ FAMILIES = tuple(dict.fromkeys(r.family for r in RELEASES.values()))
 FAMILY_RELEASES = {"chatglm2": "chatglm2-6b", "chatglm3": "chatglm3-6b", "glm4": "glm-4-9b-chat"}
 
 
-def release_of(name_or_path, padded_vocab_size: int, rope_ratio: float = 1.0, source: str = "config.json") -> str:
-    """The release a config describes: the longest release name in its `_name_or_path` (any path: the HF id, a hub
-    cache folder, a local copy); else its family by a part of the name or by GLM-4's vocabulary. A ChatGLM-vocabulary
-    config with a rope_ratio and no name is refused: the two rules differ and guessing would give a wrong model."""
+def identify(name_or_path, padded_vocab_size: int, rope_ratio: float = 1.0,
+             source: str = "config.json") -> tuple[str, str]:
+    """The release a config describes, and what told it: the longest release name in its `_name_or_path` (any path:
+    the HF id, a hub cache folder, a local copy); else its family by a part of the name or by GLM-4's vocabulary. A
+    ChatGLM-vocabulary config with a rope_ratio and no name is refused: the two rules differ and guessing would give
+    a wrong model."""
     name = name_or_path.lower() if isinstance(name_or_path, str) else ""
     named = [r for r in RELEASES if r in name]
+    said = f"_name_or_path {name_or_path!r:.80}"
     if named:
-        return max(named, key=len)
+        return max(named, key=len), f"named in {said}"
     if "chatglm3" in name:
-        return FAMILY_RELEASES["chatglm3"]
+        return FAMILY_RELEASES["chatglm3"], f"'chatglm3' in {said}"
     if "glm-4" in name or "glm4" in name or padded_vocab_size == GLM4_VOCAB:
-        return FAMILY_RELEASES["glm4"]
+        return FAMILY_RELEASES["glm4"], f"GLM-4 by {said if 'glm' in name else f'its vocabulary of {GLM4_VOCAB}'}"
     if "chatglm2" in name or rope_ratio == 1:
-        return FAMILY_RELEASES["chatglm2"]
+        return FAMILY_RELEASES["chatglm2"], (f"'chatglm2' in {said}" if name else
+                                             "no release named; ChatGLM2's vocabulary and RoPE")
     raise CheckpointError(
         f"{source}: rope_ratio {rope_ratio} but _name_or_path {name_or_path!r:.60} names no release: ChatGLM2-6B-32k "
         f"divides the positions by it, ChatGLM3-6B-32k/128k multiply the base; set _name_or_path to "

@@ -16,7 +16,7 @@ from glm2_core.config import GLM2Config
 from glm2_core.dtypes import to_float32
 from glm2_core.errors import CheckpointError
 from glm2_core.names import Layout
-from glm2_core.releases import RELEASES, release_of
+from glm2_core.releases import RELEASES, identify
 
 PROMPT = [int(i) for i in np.random.default_rng(7).integers(3, 64000, 100)]
 
@@ -32,7 +32,7 @@ PROMPT = [int(i) for i in np.random.default_rng(7).integers(3, 64000, 100)]
     ("/data/my-finetune", 151552, 500, "glm-4-9b-chat"),
     (None, 65024, 1, "chatglm2-6b")])
 def test_a_folder_names_its_release(name, vocab, ratio, release):
-    assert release_of(name, vocab, ratio) == release
+    assert identify(name, vocab, ratio)[0] == release
 
 
 def test_an_unnamed_rope_ratio_is_refused_not_guessed():
@@ -130,3 +130,16 @@ def test_manifests_written_before_the_releases_still_read():
     old = {**{k: v for k, v in GLM2Config.preset("chatglm3-6b").__dict__.items() if k != "release"},
            "family": "chatglm3"}
     assert GLM2Config.from_dict(old, "manifest.json") == GLM2Config.preset("chatglm3-6b")
+
+
+@pytest.mark.parametrize("name, told", [
+    ("THUDM/chatglm2-6b-32k", "chatglm2-6b-32k (named in _name_or_path 'THUDM/chatglm2-6b-32k')"),
+    ("/data/chatglm3-finetune", "chatglm3-6b ('chatglm3' in _name_or_path '/data/chatglm3-finetune')")])
+def test_inspect_names_the_release_and_what_told_it(tmp_path, name, told):
+    from converters.inspect_verify import inspect
+
+    cfg = GLM2Config.preset("tiny", release=identify(name, 65024)[0])
+    synthesize(tmp_path / "m", cfg, "float32", "safetensors")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "_name_or_path": name}))
+    assert inspect(tmp_path / "m")["release"] == told
