@@ -15,6 +15,7 @@ from glm2_core.dtypes import DTYPES, nbytes
 from glm2_core.errors import CheckpointError, UserError, listed
 from glm2_core.names import EMBEDDING, HF_LAYOUTS, INV_FREQ, Layout, inv_freq
 from glm2_core.outputs import MODEL, check_output
+from glm2_core.releases import RELEASES
 
 from . import __version__
 from .mindformers_yaml import unexpressible
@@ -169,6 +170,7 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
             raise CheckpointError(f"{src}: holds LoRA adapters ({lora[0]}, …): merge them with "
                                   f"`glm2-convert merge-lora {src} {src} DST{_config_hint(src, source, config)}`, "
                                   f"or convert the base alone")
+        _check_expressible(src, source.cfg, target)
         watched = fingerprints(source.ckpt.files)
         planned = plan(source, target, fmt, dtype, keep_optimizer, max_shard_bytes)
         tokenizer, note = _tokenizer(source, bundled_tokenizer)
@@ -186,6 +188,13 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
     return Summary(str(src), str(dst), source.layout.describe(), target.describe(), fmt, planned.dtype,
                    len(records), planned.total, time.perf_counter() - started, planned.files, dropped,
                    source.nonfinite, source.overflowed, notes)
+
+
+def _check_expressible(src: Path, cfg, target: Layout) -> None:
+    """A release the target layout's HF form cannot describe is refused, not written as another model."""
+    if target.name == "chatglm" and RELEASES[cfg.release].native != "chatglm":
+        raise UserError(f"{src}: {cfg.release} has no THUDM ChatGLM form (its modeling code has no sandwich norms); "
+                        f"--layout {RELEASES[cfg.release].native} writes its own (transformers' Glm4ForCausalLM)")
 
 
 def _config_hint(src: Path, source: Source, config: Path | None) -> str:

@@ -19,7 +19,11 @@ RUN_SEQ_LENGTH = 2048
 
 def unexpressible(cfg: GLM2Config) -> str:
     """Why MindFormers' ChatGLM2 cannot run this release, or "": its RoPE (glm2_modules.FreqsMgr) always scales the
-    base by rope_ratio, and its config has no field for position interpolation."""
+    base by rope_ratio, its config has no field for position interpolation, and its layers have no sandwich norms
+    (MindFormers runs GLM-4-0414 with its mcore Glm4, from the HF folder)."""
+    if cfg.sandwich_norms:
+        return (f"no {MINDFORMERS_YAML}: MindFormers' ChatGLM2 has no sandwich norms; it runs {cfg.release} with "
+                f"its mcore Glm4 from the HF folder (--layout glm)")
     base, scale = rope_rule(cfg.release, cfg.rope_ratio)
     if scale == 1:
         return ""

@@ -10,8 +10,9 @@ from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
 from glm2_core.dtypes import BY_NAME, cast, nbytes
 from glm2_core.errors import UserError
-from glm2_core.names import EMBEDDING, INV_FREQ, Layout, canonical_shapes, inv_freq
+from glm2_core.names import EMBEDDING, INV_FREQ, Layout, inv_freq, weight_map
 from glm2_core.outputs import MODEL
+from glm2_core.releases import RELEASES
 
 from .model_folder import weight_files, write_beside_weights, write_manifest
 from .output import WeightsWriter, staged_folder
@@ -34,22 +35,30 @@ def _values(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> np.ndar
 
 def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "bin", seed: int = 0,
                max_shard_bytes: int | None = None, overwrite: bool = False) -> list[str]:
-    """Write a HF ChatGLM2 folder (config, sharded weights + index, tokenizer); returns the weight files. GLM-4's
-    tokenizer is not bundled: its folders get none."""
+    """Write a HF folder as the release publishes it (config, sharded weights + index, tokenizer): THUDM's ChatGLM
+    names, or transformers' GLM names for GLM-4-0414; returns the weight files. GLM-4's tokenizer is not bundled:
+    its folders get none."""
     if fmt not in ("bin", "safetensors"):
         raise UserError(f"unknown format {fmt!r}; expected bin or safetensors")
     if dtype not in ("float16", "bfloat16", "float32"):
         raise UserError(f"unknown dtype {dtype!r}; expected float16, bfloat16 or float32")
-    plan = [(name, shape, dtype) for name, shape in canonical_shapes(cfg).items()]
-    plan.insert(1, (INV_FREQ, (cfg.kv_channels // 4,), dtype))
-    assert plan[0][0] == EMBEDDING
-    shards = weight_files(plan, fmt, "chatglm", max_shard_bytes)
+    layout = Layout(RELEASES[cfg.release].native)
+    maps = weight_map(layout, cfg)
+    assert maps[0].canonical == EMBEDDING
+    plan = [(p.name, m.piece_shape(p), dtype) for m in maps for p in m.pieces]
+    if layout.name == "chatglm":  # THUDM's folders carry RoPE's buffer after the embedding
+        plan.insert(1, (INV_FREQ, (cfg.kv_channels // 4,), dtype))
+    shards = weight_files(plan, fmt, layout.name, max_shard_bytes)
     need = sum(nbytes(shape, dt) for _, shape, dt in plan)
     with staged_folder(Path(out), overwrite, need=need, kind=MODEL) as tmp:
         with WeightsWriter(tmp, fmt, shards, {"format": "pt"} if fmt == "safetensors" else None) as writer:
-            for name, shape, dt in plan:
-                writer.write(name, inv_freq(cfg, dt) if name == INV_FREQ else _values(name, shape, dt, seed), dt)
-        write_beside_weights(tmp, cfg, Layout("chatglm"), dtype, fmt, shards, bundled_tokenizer(cfg.family))
+            for i, m in enumerate(maps):
+                parts = m.gather(_values(m.canonical, m.shape, dtype, seed))
+                for piece, values in zip(m.pieces, parts, strict=True):
+                    writer.write(piece.name, values, dtype)
+                if i == 0 and layout.name == "chatglm":
+                    writer.write(INV_FREQ, inv_freq(cfg, dtype), dtype)
+        write_beside_weights(tmp, cfg, layout, dtype, fmt, shards, bundled_tokenizer(cfg.family))
         write_manifest(tmp, {"synthesized": {"seed": seed}, "format": fmt, "dtype": dtype,
                              "files": [f for f, _ in shards], "tensors": writer.records})
     return [f for f, _ in shards]

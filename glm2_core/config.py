@@ -71,6 +71,11 @@ class GLM2Config:
         return RELEASES[self.release].family
 
     @property
+    def sandwich_norms(self) -> bool:
+        """GLM-4-0414's two more RMSNorms per layer (on the attention's and the MLP's output, before each add)."""
+        return RELEASES[self.release].sandwich
+
+    @property
     def rope_theta(self) -> float:
         """RoPE's base as the release computes it (10000·rope_ratio, or 10000 where the positions are scaled)."""
         return rope_rule(self.release, self.rope_ratio)[0]
@@ -147,8 +152,9 @@ class GLM2Config:
         return cls._build(source, **kw)
 
     @classmethod
-    def from_glm_dict(cls, d: dict, source: str = "config.json") -> GLM2Config:
-        """From the config of transformers' native GlmForCausalLM (as `ms2hf --layout glm` writes it)."""
+    def from_glm_dict(cls, d: dict, source: str = "config.json", sandwich: bool = False) -> GLM2Config:
+        """From the config of transformers' native GlmForCausalLM (as `ms2hf --layout glm` writes it), or with
+        `sandwich` of its Glm4ForCausalLM (GLM-4-0414)."""
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise CheckpointError(f"{source}: rope_parameters is not an object")
@@ -166,7 +172,7 @@ class GLM2Config:
         if missing:
             raise CheckpointError(f"{source}: GLM config lacks {', '.join(missing)}")
         kw = {ours: d[theirs] for ours, theirs in {**_GLM_SIZES, **_GLM_OTHERS}.items() if theirs in d}
-        release, told_by = identify(d.get("_name_or_path"), kw["padded_vocab_size"], ratio, source)
+        release, told_by = identify(d.get("_name_or_path"), kw["padded_vocab_size"], ratio, source, sandwich)
         cfg = cls._build(source, **kw, rope_ratio=ratio, release=release, told_by=told_by,
                          torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32")
         given = {"rope_type": kind, "rope_theta": theta, **({"factor": factor} if kind == "linear" else {})}
@@ -178,8 +184,10 @@ class GLM2Config:
 
     @classmethod
     def from_mapping(cls, d: dict, source: str = "config.json") -> GLM2Config:
-        """Either field set: transformers' GlmForCausalLM (model_type "glm") or THUDM's ChatGLM."""
-        return cls.from_glm_dict(d, source) if d.get("model_type") == "glm" else cls.from_dict(d, source)
+        """Either field set: transformers' GlmForCausalLM (model_type "glm") or Glm4ForCausalLM ("glm4"), or
+        THUDM's ChatGLM."""
+        kind = d.get("model_type")
+        return cls.from_glm_dict(d, source, kind == "glm4") if kind in GLM_MODEL_TYPES else cls.from_dict(d, source)
 
     @classmethod
     def from_file(cls, path) -> GLM2Config:
@@ -220,11 +228,13 @@ class GLM2Config:
             {"rope_type": "default", "rope_theta": base}
 
     def glm_json(self, dtype: str | None = None) -> dict:
-        """A config for transformers' native GlmForCausalLM: every field set, since its defaults are GLM-4's."""
-        rope = self.glm_rope()
+        """A config for transformers' native GlmForCausalLM (Glm4ForCausalLM for GLM-4-0414): every field set,
+        since its defaults are GLM-4's."""
+        rope, model_type = self.glm_rope(), "glm4" if self.sandwich_norms else "glm"
         ours = {theirs: getattr(self, field) for field, theirs in {**_GLM_SIZES, **_GLM_OTHERS}.items()}
         return {
-            "_name_or_path": RELEASES[self.release].repo, "architectures": ["GlmForCausalLM"], "model_type": "glm",
+            "_name_or_path": RELEASES[self.release].repo, "architectures": [GLM_MODEL_TYPES[model_type]],
+            "model_type": model_type,
             **ours, "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else
             self.eos_token_id, "partial_rotary_factor": 0.5, "rope_theta": rope["rope_theta"],
             "rope_parameters": {**rope, "partial_rotary_factor": 0.5}, "attention_dropout": 0.0, "hidden_act": "silu",
@@ -233,6 +243,7 @@ class GLM2Config:
         }
 
 
+GLM_MODEL_TYPES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}  # transformers' GLM classes, by model_type
 # Our fields under transformers' GlmConfig names, read and written through these maps only: the sizes every GLM
 # config must have, and the rest (absent: our default).
 _GLM_SIZES = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
@@ -263,6 +274,13 @@ PRESETS = {
     "glm4-9b": GLM2Config(num_layers=40, padded_vocab_size=GLM4_VOCAB, layernorm_epsilon=1.5625e-07, rope_ratio=500,
                           seq_length=131072, torch_dtype="bfloat16", eos_token_id=(151329, 151336, 151338),
                           pad_token_id=151329, release="glm-4-9b-chat"),
+    # GLM-4-0414 (transformers' Glm4ForCausalLM; sizes as their config.json files give them)
+    "glm4-9b-0414": GLM2Config(num_layers=40, padded_vocab_size=GLM4_VOCAB, seq_length=32768, torch_dtype="bfloat16",
+                               eos_token_id=(151329, 151336, 151338), pad_token_id=151329, release="glm-4-9b-0414"),
+    "glm4-32b-0414": GLM2Config(num_layers=61, hidden_size=6144, ffn_hidden_size=23040, num_attention_heads=48,
+                                padded_vocab_size=GLM4_VOCAB, add_qkv_bias=False, seq_length=32768,
+                                torch_dtype="bfloat16", eos_token_id=(151329, 151336, 151338), pad_token_id=151329,
+                                release="glm-4-32b-0414"),
     # real vocabulary (the real tokenizer works), everything else small enough for tests on 2 cores
     "tiny": GLM2Config(num_layers=2, hidden_size=64, ffn_hidden_size=160, num_attention_heads=4,
                        multi_query_group_num=2, kv_channels=16, seq_length=2048, torch_dtype="float32"),

@@ -25,6 +25,7 @@ OUTPUT = "transformer.output_layer.weight"
 INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
 QKV_WEIGHT, QKV_BIAS = L + "self_attention.query_key_value.weight", L + "self_attention.query_key_value.bias"
 MLP_UP, MLP_DOWN = L + "mlp.dense_h_to_4h.weight", L + "mlp.dense_4h_to_h.weight"
+SANDWICH = L + "post_self_attn_layernorm.weight"  # GLM-4-0414's (with post_mlp_layernorm)
 
 LAYOUTS = ("chatglm", "mindformers", "mindformers-legacy", "glm")
 HF_LAYOUTS = ("chatglm", "glm")  # written as HF folders; the others as MindSpore checkpoints
@@ -58,12 +59,16 @@ SCHEMA = (
     Weight(QKV_BIAS, lambda c: (c.qkv_rows,), _qkv("bias"), rope=True, present=lambda c: c.add_qkv_bias),
     Weight(L + "self_attention.dense.weight", lambda c: (c.hidden_size, c.q_rows),
            {"glm": G + "self_attn.o_proj.weight"}),
+    Weight(SANDWICH, lambda c: (c.hidden_size,),
+           {"glm": G + "post_self_attn_layernorm.weight"}, present=lambda c: c.sandwich_norms),
     Weight(L + "post_attention_layernorm.weight", lambda c: (c.hidden_size,),
            {"glm": G + "post_attention_layernorm.weight"}),
     Weight(MLP_UP, lambda c: (2 * c.ffn_hidden_size, c.hidden_size),
            {"mindformers/mlp-split": [(L + "mlp.dense_left.weight", "gate"), (L + "mlp.dense_right.weight", "up")],
             "glm": G + "mlp.gate_up_proj.weight"}),
     Weight(MLP_DOWN, lambda c: (c.hidden_size, c.ffn_hidden_size), {"glm": G + "mlp.down_proj.weight"}),
+    Weight(L + "post_mlp_layernorm.weight", lambda c: (c.hidden_size,), {"glm": G + "post_mlp_layernorm.weight"},
+           present=lambda c: c.sandwich_norms),
     Weight("transformer.encoder.final_layernorm.weight", lambda c: (c.hidden_size,), {"glm": "model.norm.weight"}),
     Weight(OUTPUT, lambda c: (c.padded_vocab_size, c.hidden_size),
            {"glm": "lm_head.weight"}),
@@ -291,7 +296,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, where: str 
     return GLM2Config._build(f"{where} (sizes inferred from its shapes)", num_layers=len(layers - {None}),
                              hidden_size=hidden, ffn_hidden_size=down[0][1], num_attention_heads=heads,
                              multi_query_group_num=groups, kv_channels=kv_channels, padded_vocab_size=vocab,
-                             add_qkv_bias=any(t == QKV_BIAS for t, _ in found), release=identify(None, vocab)[0],
+                             add_qkv_bias=any(t == QKV_BIAS for t, _ in found),
+                             release=identify(None, vocab, sandwich=(SANDWICH, 0) in found)[0],
                              told_by="its shapes (no config)")
 
 

@@ -20,14 +20,17 @@ GLM4_VOCAB = 151552
 
 @dataclass(frozen=True)
 class Release:
-    name: str                # the Hugging Face repository's name; a folder's `_name_or_path` names it
+    name: str                # the Hugging Face repository's name, lower case; a folder's `_name_or_path` names it
     family: str              # tokenizer and chat format: chatglm2, chatglm3 or glm4
     rope: str = BASE         # how rope_ratio scales RoPE (BASE or POSITIONS)
+    sandwich: bool = False   # two more RMSNorms per layer, on the attention's and the MLP's output (GLM-4-0414)
+    hf: str = ""             # the repository's name as spelled on the hub, where it has capitals
+    native: str = "chatglm"  # the weight layout its HF folder uses (glm2_core.names.LAYOUTS)
     org: str = "THUDM"
 
     @property
     def repo(self) -> str:
-        return f"{self.org}/{self.name}"
+        return f"{self.org}/{self.hf or self.name}"
 
 
 RELEASES = {r.name: r for r in (
@@ -41,23 +44,30 @@ RELEASES = {r.name: r for r in (
     Release("glm-4-9b", "glm4"),
     Release("glm-4-9b-chat", "glm4"),
     Release("glm-4-9b-chat-1m", "glm4"),
+    # GLM-4-0414: transformers' Glm4ForCausalLM (its config.json names no release: model_type glm4 tells it)
+    *(Release(hf.lower(), "glm4", sandwich=True, hf=hf, native="glm") for hf in (
+        "GLM-4-9B-0414", "GLM-4-32B-0414", "GLM-4-32B-Base-0414", "GLM-Z1-9B-0414", "GLM-Z1-32B-0414",
+        "GLM-Z1-Rumination-32B-0414")),
 )}
 FAMILIES = tuple(dict.fromkeys(r.family for r in RELEASES.values()))
 # a folder that names no release by its full name: the one it most likely is, by a part of its name (or vocabulary)
 FAMILY_RELEASES = {"chatglm2": "chatglm2-6b", "chatglm3": "chatglm3-6b", "glm4": "glm-4-9b-chat"}
+SANDWICH_RELEASE = "glm-4-9b-0414"  # a Glm4ForCausalLM config that names no release
 
 
-def identify(name_or_path, padded_vocab_size: int, rope_ratio: float = 1.0,
-             source: str = "config.json") -> tuple[str, str]:
+def identify(name_or_path, padded_vocab_size: int, rope_ratio: float = 1.0, source: str = "config.json",
+             sandwich: bool | None = None) -> tuple[str, str]:
     """The release a config describes, and what told it: the longest release name in its `_name_or_path` (any path:
     the HF id, a hub cache folder, a local copy); else its family by a part of the name or by GLM-4's vocabulary. A
     ChatGLM-vocabulary config with a rope_ratio and no name is refused: the two rules differ and guessing would give
-    a wrong model."""
+    a wrong model. `sandwich`: the config's architecture says whether the layers have GLM-4-0414's extra norms."""
     name = name_or_path.lower() if isinstance(name_or_path, str) else ""
-    named = [r for r in RELEASES if r in name]
+    named = [r for r, rel in RELEASES.items() if r in name and sandwich in (None, rel.sandwich)]
     said = f"_name_or_path {name_or_path!r:.80}"
     if named:
         return max(named, key=len), f"named in {said}"
+    if sandwich:
+        return SANDWICH_RELEASE, "transformers' Glm4ForCausalLM config (GLM-4-0414's layers; no release named)"
     if "chatglm3" in name:
         return FAMILY_RELEASES["chatglm3"], f"'chatglm3' in {said}"
     if "glm-4" in name or "glm4" in name or padded_vocab_size == GLM4_VOCAB:

@@ -158,18 +158,27 @@ class MLP(nn.Cell):
 class Block(nn.Cell):
     def __init__(self, cfg: GLM2Config, dtype):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype)
+        norm = (lambda: RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype))
+        self.input_layernorm = norm()
         self.self_attention = SelfAttention(cfg, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype)
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(cfg, dtype)
+        # GLM-4-0414's "sandwich": a norm on each branch's output before its residual add
+        self.post_self_attn_layernorm = norm() if cfg.sandwich_norms else None
+        self.post_mlp_layernorm = norm() if cfg.sandwich_norms else None
         self.record = None  # the tracing hook (see GLM2ForCausalLM.trace)
 
     def construct(self, x, cos, sin, mask, cache=None, write=None):
         attn, kv = self.self_attention(self.input_layernorm(x), cos, sin, mask, cache, write)
+        if self.post_self_attn_layernorm is not None:
+            attn = self.post_self_attn_layernorm(attn)
         x = x + attn
         if self.record is not None:
             self.record("attention", x)
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        if self.post_mlp_layernorm is not None:
+            mlp = self.post_mlp_layernorm(mlp)
+        x = x + mlp
         if self.record is not None:
             self.record("mlp", x)
         return x, kv

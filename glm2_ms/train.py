@@ -246,15 +246,20 @@ def _export_adapter(trainer: Trainer, merge: bool) -> dict[str, str]:
     from converters.adapters import adapter_from_mindpet, write_mindpet, write_peft
     from converters.convert import convert
     from glm2_core.names import Layout
+    from glm2_core.releases import RELEASES
 
     from .lora import lora_state
 
     out, cfg, mcfg = trainer.out, trainer.cfg, trainer.model.config
     adapter = adapter_from_mindpet(lora_state(trainer.model), cfg.lora_alpha, cfg.lora_dropout)
-    paths = {"adapter": out / "adapter", "adapter-glm": out / "adapter-glm", "mindpet": out / "mindpet"}
+    # PEFT adapters: `adapter` in the names of the release's own HF form, and in transformers-GLM names too where
+    # that is another form (GLM-4-0414's own form is transformers')
+    native = RELEASES[mcfg.release].native
+    forms = {"adapter": native, **({"adapter-glm": "glm"} if native != "glm" else {})}
+    paths = {**{key: out / key for key in forms}, "mindpet": out / "mindpet"}
     base = str(trainer.model_dir.resolve())  # PEFT loads the base from here, whatever the current folder
-    write_peft(adapter, paths["adapter"], "chatglm", mcfg, base)
-    write_peft(adapter, paths["adapter-glm"], "glm", mcfg, base)
+    for key, layout in forms.items():
+        write_peft(adapter, paths[key], layout, mcfg, base)
     write_mindpet(adapter, paths["mindpet"])
     if merge:
         paths["merged"] = out / "merged"

@@ -4,6 +4,7 @@ strace's fault injection (a real process stopped, or failed, at an exact system 
 The backends the toolkit is built on (MindSpore, torch, transformers, sentencepiece, pyyaml) are imported plainly:
 when one is missing or broken the suite fails. Only the genuinely optional extras (`optional`) skip their tests,
 and the summary names them (conftest.py)."""
+import base64
 import os
 import shutil
 import subprocess
@@ -66,3 +67,19 @@ def spread(events: list, sample: list) -> list:
     room = max(wanted - (len(events) - len(writes)), 1)
     kept = set(writes[::-(-len(writes) // room)])
     return [e for e in events if e[1] != "write" or e in kept]
+
+
+def glm4_ranks(path, words=("你好",), size=151329):
+    """A ranks file of GLM-4's size: the 256 bytes in the GPT-2 byte order GLM-4 keeps ("\\n" at 198), each of
+    `words` reached by merging its prefixes, with "你好" at its published rank 109377; the rest fillers."""
+    first = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    tokens = [bytes([b]) for b in first + [b for b in range(256) if b not in first]]
+    merges = [w.encode()[:i] for w in words for i in range(2, len(w.encode()) + 1)]
+    fillers = iter(f"<filler {i}>".encode() for i in range(size))
+    while len(tokens) < 109377 - len(merges) + 1:
+        tokens.append(next(fillers))
+    tokens += merges
+    while len(tokens) < size:
+        tokens.append(next(fillers))
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
+    return path

@@ -64,11 +64,17 @@ class NumpyGLM2:
             s = np.where(kpos <= qpos, s, -np.inf)
             s = np.exp(s - s.max(-1, keepdims=True))
             out[:, head] = (s / s.sum(-1, keepdims=True)) @ vv
-        h = h + out.reshape(-1, nh * d) @ w[p + "self_attention.dense.weight"].T
+        attn = out.reshape(-1, nh * d) @ w[p + "self_attention.dense.weight"].T
+        if p + "post_self_attn_layernorm.weight" in w:  # GLM-4-0414: Glm4DecoderLayer's norm before the add
+            attn = rms_norm(attn, w[p + "post_self_attn_layernorm.weight"], c.layernorm_epsilon)
+        h = h + attn
         x = rms_norm(h, w[p + "post_attention_layernorm.weight"], c.layernorm_epsilon)
         gate_up = x @ w[p + "mlp.dense_h_to_4h.weight"].T
         gate, up = gate_up[:, :c.ffn_hidden_size], gate_up[:, c.ffn_hidden_size:]
-        return h + (gate / (1 + np.exp(-gate)) * up) @ w[p + "mlp.dense_4h_to_h.weight"].T
+        mlp = (gate / (1 + np.exp(-gate)) * up) @ w[p + "mlp.dense_4h_to_h.weight"].T
+        if p + "post_mlp_layernorm.weight" in w:
+            mlp = rms_norm(mlp, w[p + "post_mlp_layernorm.weight"], c.layernorm_epsilon)
+        return h + mlp
 
     def hidden(self, ids, start=0):
         h = self.w["transformer.embedding.word_embeddings.weight"][np.asarray(ids)]

@@ -1,9 +1,9 @@
 """The tokenizers reproduce the originals' ids: ChatGLM2's and ChatGLM3's on the real tokenizer.model, GLM-4's
 chat format on a ranks file of its size."""
-import base64
 
 import numpy as np
 import pytest
+from helpers import glm4_ranks
 
 from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt
 
@@ -98,26 +98,10 @@ def test_role_responses_text_and_tool_calls(glm3):
     assert reply == {"name": "track", "content": "plain"}
 
 
-def _glm4_ranks(path, words=("你好",), size=151329):
-    """A ranks file of GLM-4's size: the 256 bytes in the GPT-2 byte order GLM-4 keeps ("\\n" at 198), each of
-    `words` reached by merging its prefixes, with "你好" at its published rank 109377; the rest fillers."""
-    first = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    tokens = [bytes([b]) for b in first + [b for b in range(256) if b not in first]]
-    merges = [w.encode()[:i] for w in words for i in range(2, len(w.encode()) + 1)]
-    fillers = iter(f"<filler {i}>".encode() for i in range(size))
-    while len(tokens) < 109377 - len(merges) + 1:
-        tokens.append(next(fillers))
-    tokens += merges
-    while len(tokens) < size:
-        tokens.append(next(fillers))
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
-    return path
-
-
 @pytest.fixture(scope="module")
 def glm4(tmp_path_factory):
     folder = tmp_path_factory.mktemp("glm4")
-    _glm4_ranks(folder / "tokenizer.model")
+    glm4_ranks(folder / "tokenizer.model")
     return GLM2Tokenizer.from_pretrained(folder)
 
 

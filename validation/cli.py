@@ -21,8 +21,8 @@ BY_DTYPE = "by --compute-dtype, as in the README"
 @option("--max-new-tokens", default=32, type=COUNT)  # 0: the layer passes alone (README)
 @option("--streamed/--whole")
 @click.option("--reference", type=click.Choice(["torch", "glm", "remote-code"]), default="torch", show_default=True,
-              help="torch: our PyTorch reference; glm: transformers' GlmForCausalLM on an export of HF_DIR; "
-                   "remote-code: HF_DIR's own modeling_chatglm.py.")
+              help="torch: our PyTorch reference; glm: transformers' GlmForCausalLM (Glm4ForCausalLM for "
+                   "GLM-4-0414) on an export of HF_DIR; remote-code: HF_DIR's own modeling_chatglm.py.")
 @click.option("--report", type=PATH, show_default="none: print only",
               help="Write report.json, report.md and parity.png into this new folder.")
 @option("--overwrite")

@@ -137,10 +137,11 @@ def _whole(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
     ref, ref_load = timed(REFERENCES[reference], hf_dir, dtype)
     check_new_tokens(ms_side.model.config, tok_ids, new_tokens, dtype, memory=True)  # the models are in memory now
     rows = []
-    for ids in tok_ids:
+    for ids in tok_ids:  # --max-new-tokens 0: the traces alone (transformers' generate refuses 0 new tokens)
         (ms_trace, ms_s), (ref_trace, ref_s) = timed(ms_side.trace, ids), timed(ref.trace, ids)
-        (ms_tokens, ms_gen_s), (ref_tokens, ref_gen_s) = timed(ms_side.generate, ids, new_tokens), \
-            timed(ref.generate, ids, new_tokens)
+        (ms_tokens, ms_gen_s), (ref_tokens, ref_gen_s) = (timed(ms_side.generate, ids, new_tokens),
+                                                          timed(ref.generate, ids, new_tokens)) if new_tokens else \
+            (([], 0.0), ([], 0.0))
         rows.append((ms_trace, ref_trace, ms_tokens, ref_tokens,
                      {"ms_forward": ms_s, "ref_forward": ref_s, "ms_generate": ms_gen_s, "ref_generate": ref_gen_s}))
     return rows, {"ms": ms_load, "ref": ref_load}, ref.name
@@ -159,7 +160,9 @@ def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
     if reference not in STREAMED:
         raise UserError(f"--reference {reference} runs whole models only (its modules are the folder's "
                               f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
-    sides = {"ref": lambda: STREAMED[reference](hf_dir, dtype), "ms": lambda: MindSporeLayers(ms_dir, dtype)}
+    made = {}  # the reference's layers, which name the modules they run
+    sides = {"ref": lambda: made.setdefault("ref", STREAMED[reference](hf_dir, dtype)),
+             "ms": lambda: MindSporeLayers(ms_dir, dtype)}
     traces, trace_s, load_s = {}, {}, {}
     tokens = {side: [[] for _ in tok_ids] for side in sides}
     gen_s = {side: [0.0 for _ in tok_ids] for side in sides}
@@ -171,7 +174,7 @@ def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
     rows = [(traces["ms"][k], traces["ref"][k], tokens["ms"][k], tokens["ref"][k],
              {"ms_forward": trace_s["ms"][k], "ref_forward": trace_s["ref"][k], "ms_generate": gen_s["ms"][k],
               "ref_generate": gen_s["ref"][k]}) for k in range(len(tok_ids))]
-    return rows, load_s, STREAMED[reference].name
+    return rows, load_s, made["ref"].name
 
 
 def greedy(side, hf_dir, ms_dir, dtype, reference, tok_ids, new_tokens) -> tuple[list, list, float]:

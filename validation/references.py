@@ -41,13 +41,15 @@ def _flat(t: torch.Tensor, hidden: int) -> np.ndarray:
 
 
 def hook_layer(layer, attn: str, i: int, hidden: int, records: list) -> list:
-    """Hooks that append layer i's residual after attention (its input + the attention output) and after the MLP
-    (its output) to `records`; returns their handles."""
+    """Hooks that append layer i's residual after attention (its input + what the attention branch adds: the
+    attention output, or on GLM-4-0414 its norm's output) and after the MLP (its output) to `records`; returns
+    their handles."""
     state = {}
+    branch = getattr(layer, "post_self_attn_layernorm", None) or getattr(layer, attn)
     return [layer.register_forward_pre_hook(
                 lambda m, args, kwargs: state.__setitem__("x", _first(args) if args else kwargs["hidden_states"]),
                 with_kwargs=True),
-            getattr(layer, attn).register_forward_hook(
+            branch.register_forward_hook(
                 lambda m, a, out: records.append(
                     (f"layer {i} attention", _flat(state["x"], hidden) + _flat(_first(out), hidden)))),
             layer.register_forward_hook(
@@ -107,7 +109,9 @@ def glm_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
     with tempfile.TemporaryDirectory(prefix="glm2-parity-glm-") as tmp:  # a full model copy: gone once loaded
         convert(hf_dir, Path(tmp) / "glm", target=Layout("glm"), fmt="safetensors", dtype=storage,
                 progress=False)
-        model = transformers.GlmForCausalLM.from_pretrained(Path(tmp) / "glm", dtype=TORCH_DTYPES[storage]).eval()
+        # GlmForCausalLM, or Glm4ForCausalLM for GLM-4-0414: the class its config.json's model_type names
+        model = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "glm",
+                                                                  dtype=TORCH_DTYPES[storage]).eval()
     m = model.model
     compute_in(m.embed_tokens, [*m.layers, m.norm, model.lm_head], dtype)
 
@@ -117,7 +121,7 @@ def glm_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
         return out[0, len(ids):].tolist()
 
     return TorchTrace(model, model.model.layers, "self_attn", model.model.norm, model.config.hidden_size,
-                      lambda x: model(x, use_cache=False).logits, generate, GLM_NAME)
+                      lambda x: model(x, use_cache=False).logits, generate, f"transformers {type(model).__name__}")
 
 
 def remote_code_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
@@ -150,7 +154,6 @@ def remote_code_reference(hf_dir: Path, dtype: str, stored: bool = False) -> Tor
 
 
 REFERENCES = {"torch": torch_reference, "glm": glm_reference, "remote-code": remote_code_reference}
-GLM_NAME = "transformers GlmForCausalLM"
 
 
 def stored_dtype(path: Path) -> str:
@@ -256,29 +259,35 @@ class TorchLayers(_TorchLayers):
 
 
 class GlmLayers(_TorchLayers):
-    """transformers' own GLM modules (embedding, GlmDecoderLayer, GlmRMSNorm, lm_head) wired as GlmModel.forward
-    wires them: its rotary embedding and `create_causal_mask`."""
+    """transformers' own GLM modules (embedding, GlmDecoderLayer, GlmRMSNorm, lm_head; Glm4's for GLM-4-0414) wired
+    as GlmModel.forward wires them: its rotary embedding and `create_causal_mask`."""
 
-    layout, attn, block_prefix, name = "glm", "self_attn", "model.layers.{}.", GLM_NAME
+    layout, attn, block_prefix = "glm", "self_attn", "model.layers.{}."
     norm_prefix, output_prefix = "model.norm.", "lm_head."
 
     def __init__(self, hf_dir: Path, dtype: str):
+        import importlib
+
         import transformers
 
         super().__init__(hf_dir, dtype)
-        self.config = transformers.GlmConfig.from_dict(self.cfg.glm_json(dtype))
+        config = self.cfg.glm_json(dtype)
+        kind = config["model_type"]  # glm, or glm4 (GLM-4-0414)
+        self.modeling = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+        self.prefix = "Glm4" if kind == "glm4" else "Glm"
+        self.name = f"transformers {self.prefix}ForCausalLM"
+        self.config = getattr(transformers, f"{self.prefix}Config").from_dict(config)
         self.config._attn_implementation = "sdpa"  # what GlmForCausalLM.from_pretrained picks on this torch
 
     def start(self, arrays, rows):
         from transformers.masking_utils import create_causal_mask
-        from transformers.models.glm import modeling_glm
 
         from .streamed import lookup, of
 
         c = self.config
         # the model's nn.Embedding on the rows in use (its padding index only matters to gradients)
         embedding = self.module(lambda: torch.nn.Embedding(len(rows), c.hidden_size), of(arrays, "model.embed_tokens."))
-        rotary = modeling_glm.GlmRotaryEmbedding(config=c)
+        rotary = getattr(self.modeling, f"{self.prefix}RotaryEmbedding")(config=c)
 
         @torch.no_grad()
         def start(ids):
@@ -290,9 +299,7 @@ class GlmLayers(_TorchLayers):
         return start
 
     def block(self, i):
-        from transformers.models.glm.modeling_glm import GlmDecoderLayer
-
-        return GlmDecoderLayer(self.config, i)
+        return getattr(self.modeling, f"{self.prefix}DecoderLayer")(self.config, i)
 
     @staticmethod
     def run_block(block, state):
@@ -301,9 +308,7 @@ class GlmLayers(_TorchLayers):
                      use_cache=False)
 
     def final_norm(self):
-        from transformers.models.glm.modeling_glm import GlmRMSNorm
-
-        return GlmRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        return getattr(self.modeling, f"{self.prefix}RMSNorm")(self.config.hidden_size, eps=self.config.rms_norm_eps)
 
 
 STREAMED = {"torch": TorchLayers, "glm": GlmLayers}  # remote-code: its modules are the folder's own, not streamed

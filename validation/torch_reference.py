@@ -81,11 +81,14 @@ class Block(nn.Module):
         self.self_attention = SelfAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.mlp = MLP(cfg)
+        # GLM-4-0414: a norm on each branch's output before its residual add; identity for the other releases
+        sandwich = (lambda: RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon) if cfg.sandwich_norms else nn.Identity())
+        self.post_self_attn_layernorm, self.post_mlp_layernorm = sandwich(), sandwich()
 
     def forward(self, x, cos, sin, mask, past=None):
         attn, kv = self.self_attention(self.input_layernorm(x), cos, sin, mask, past)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        x = x + self.post_self_attn_layernorm(attn)
+        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x))), kv
 
 
 class Embedding(nn.Module):

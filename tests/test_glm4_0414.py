@@ -1,0 +1,201 @@
+"""GLM-4-0414 (transformers' Glm4ForCausalLM): GLM's network plus a norm on each branch's output before its residual
+add. Its HF folder in, every MindSpore layout and back bit for bit; the runtime, the PyTorch reference and
+transformers' own Glm4ForCausalLM compute what an independent forward (tests/numpy_glm2.py) computes."""
+import json
+
+import numpy as np
+import pytest
+from numpy_glm2 import NumpyGLM2
+
+from converters.checkpoint import open_checkpoint
+from converters.convert import convert
+from converters.mindformers_yaml import MINDFORMERS_YAML
+from converters.source import Source
+from converters.synth import synthesize
+from glm2_core.config import GLM2Config
+from glm2_core.dtypes import to_float32
+from glm2_core.errors import UserError
+from glm2_core.names import Layout
+
+PROMPT = [int(i) for i in np.random.default_rng(11).integers(3, 151000, 100)]
+
+
+@pytest.fixture(scope="module")
+def glm4_0414(tmp_path_factory):
+    """A tiny float32 GLM-4-9B-0414 as the release publishes it: transformers' names, model_type glm4."""
+    cfg = GLM2Config.preset("tiny", release="glm-4-9b-0414", padded_vocab_size=151552, layernorm_epsilon=1e-5,
+                            eos_token_id=(151329, 151336, 151338), pad_token_id=151329)
+    out = tmp_path_factory.mktemp("glm4-0414") / "hf"
+    synthesize(out, cfg, "float32", "safetensors", seed=5)
+    with open_checkpoint(out) as c, Source.open(out) as src:
+        groups, _ = src.groups(Layout("chatglm"))
+        weights = {name: to_float32(arr, dt) for name, arr, dt in src.stream(groups, "float32")}
+        assert {n for n in c.tensors if "post_self_attn" in n} == {
+            f"model.layers.{i}.post_self_attn_layernorm.weight" for i in range(cfg.num_layers)}
+    return out, cfg, NumpyGLM2(weights, cfg).logits(PROMPT)
+
+
+def _close(got, want):
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_the_folder_is_transformers_glm4_and_reads_back(glm4_0414):
+    src, cfg, _ = glm4_0414
+    config = json.loads((src / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("glm4", ["Glm4ForCausalLM"])
+    assert GLM2Config.from_pretrained(src) == cfg and cfg.sandwich_norms
+    unnamed = {k: v for k, v in config.items() if k != "_name_or_path"}  # as the hub's config.json is
+    assert GLM2Config.from_mapping(unnamed).release == "glm-4-9b-0414"
+
+
+def test_transformers_glm4_the_runtime_and_the_reference_agree_with_the_forward(glm4_0414):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    ms = pytest.importorskip("mindspore")
+    from glm2_ms.loading import from_pretrained
+    from validation.torch_reference import load_reference
+
+    src, cfg, want = glm4_0414
+    glm4 = transformers.Glm4ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        _close(glm4(torch.tensor([PROMPT])).logits[0].double().numpy(), want)
+        _close(load_reference(src, "float32")(torch.tensor([PROMPT]))[0].double().numpy()[0], want)
+    _close(from_pretrained(src, dtype="float32")(ms.Tensor([PROMPT], ms.int32)).asnumpy()[0], want)
+
+
+def test_greedy_generation_matches_transformers(glm4_0414):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("mindspore")
+    from glm2_ms.generation import Decoder
+    from glm2_ms.loading import from_pretrained
+
+    src, cfg, _ = glm4_0414
+    glm4 = transformers.Glm4ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = glm4.generate(torch.tensor([PROMPT[:40]]), max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                               eos_token_id=None, pad_token_id=cfg.pad_token_id)[0, 40:].tolist()
+    ours = Decoder(from_pretrained(src, dtype="float32")).generate(np.array([PROMPT[:40]]), max_new_tokens=6,
+                                                                   eos_token_id=-1)[0, 40:].tolist()
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("layout", [Layout("mindformers"), Layout("mindformers", True, True, True),
+                                    Layout("mindformers-legacy")], ids=lambda lay: lay.describe())
+def test_every_mindspore_layout_and_back_bit_exact(glm4_0414, tmp_path, layout):
+    src, cfg, _ = glm4_0414
+    summary = convert(src, tmp_path / "ms", target=layout, fmt="ckpt", progress=False)
+    assert GLM2Config.from_pretrained(tmp_path / "ms") == cfg
+    assert not (tmp_path / "ms" / MINDFORMERS_YAML).exists() or layout.name != "mindformers"
+    if layout.name == "mindformers":
+        assert any("no sandwich norms" in n for n in summary.notes)
+    convert(tmp_path / "ms", tmp_path / "back", target=Layout("glm"), fmt="safetensors", progress=False)
+    with open_checkpoint(src) as a, open_checkpoint(tmp_path / "back") as b:
+        assert set(a.tensors) == set(b.tensors)
+        assert all(t.read().tobytes() == b.tensors[n].read().tobytes() for n, t in a.tensors.items())
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "glm4"
+
+
+def test_the_thudm_form_is_refused_before_anything_is_written(glm4_0414, tmp_path):
+    src, _, _ = glm4_0414
+    with pytest.raises(UserError, match="glm-4-9b-0414 has no THUDM ChatGLM form .* --layout glm"):
+        convert(src, tmp_path / "out", target=Layout("chatglm"), fmt="safetensors", progress=False)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def lora_0414(glm4_0414, tmp_path_factory):
+    """A LoRA finetune of the tiny GLM-4-0414 on real ADGEN lines (its tokenizer: a ranks file of GLM-4's size)."""
+    pytest.importorskip("mindspore")
+    from conftest import DATA
+    from helpers import glm4_ranks
+
+    from glm2_ms.train import Trainer, export
+    from glm2_ms.train_config import TrainConfig
+
+    src, _, _ = glm4_0414
+    base = tmp_path_factory.mktemp("base") / "hf"
+    convert(src, base, target=Layout("glm"), fmt="safetensors", progress=False)
+    glm4_ranks(base / "tokenizer.model")
+    out = tmp_path_factory.mktemp("lora")
+    cfg = TrainConfig.load(None, method="lora", max_steps=8, learning_rate=2e-2, lr_end=1e-3, warmup_steps=2,
+                           batch_size=4, max_source_length=32, max_target_length=32, seed=0,
+                           target_modules="query_key_value,dense")
+    trainer = Trainer(base, DATA / "adgen_train_head200.json", out, cfg, progress=False)
+    losses = trainer.train()
+    return base, trainer, losses, export(trainer, merge=True)
+
+
+def test_a_lora_finetune_learns_merges_and_exports_to_transformers(lora_0414, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import mindspore as ms
+
+    from glm2_ms.loading import from_pretrained
+
+    base, trainer, losses, paths = lora_0414
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    trainer.model.set_train(False)
+    want = trainer.model(ms.Tensor([PROMPT[:48]], ms.int32)).asnumpy()[0]
+    merged = from_pretrained(paths["merged"], dtype="float32")
+    np.testing.assert_allclose(merged(ms.Tensor([PROMPT[:48]], ms.int32)).asnumpy()[0], want, atol=1e-5)
+    convert(paths["merged"], tmp_path / "hf", target=Layout("glm"), fmt="safetensors", progress=False)
+    with torch.no_grad():
+        got = transformers.Glm4ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()(
+            torch.tensor([PROMPT[:48]])).logits[0].numpy()
+        assert np.abs(got - want).max() <= 1e-4
+        glm4 = transformers.Glm4ForCausalLM.from_pretrained(base, dtype=torch.float32)
+        adapted = peft.PeftModel.from_pretrained(glm4, paths["adapter"]).eval()
+        assert np.abs(adapted(torch.tensor([PROMPT[:48]])).logits[0].numpy() - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("reference, streamed", [("torch", True), ("glm", True), ("glm", False)])
+def test_parity_passes_against_our_reference_and_transformers_glm4(lora_0414, tmp_path, reference, streamed):
+    """The whole report, and the streamed one (transformers' Glm4DecoderLayer and Glm4RMSNorm, layer by layer)."""
+    from validation.parity import run_parity
+
+    base = lora_0414[0]  # the HF folder with a GLM-4-sized tokenizer
+    convert(base, tmp_path / "ms", target=Layout("mindformers"), fmt="ckpt", progress=False)
+    report = run_parity(base, tmp_path / "ms", ["你好", "Write a short poem about the sea."], "float32",
+                        new_tokens=0, reference=reference, streamed=streamed)
+    assert report["passed"], json.dumps(report["prompts"][0]["stages"])
+    assert report["reference"] == ("transformers Glm4ForCausalLM" if reference == "glm" else report["reference"])
+    assert len(report["prompts"][0]["stages"]) == 2 * 2 + 2
+
+
+def test_presets_have_the_published_sizes():
+    import math
+
+    from glm2_core.names import canonical_shapes
+
+    sizes = {name: sum(map(math.prod, canonical_shapes(GLM2Config.preset(name)).values()))
+             for name in ("glm4-9b-0414", "glm4-32b-0414")}
+    assert round(sizes["glm4-9b-0414"] / 1e9, 2) == 9.40  # GLM-4-9B's 9.40B + two norms a layer
+    assert round(sizes["glm4-32b-0414"] / 1e9, 2) == 32.57  # llama.cpp's count of GLM-4-32B-0414
+    assert GLM2Config.preset("glm4-9b-0414").sandwich_norms
+
+
+def test_a_full_finetune_learns_and_exports_to_transformers(lora_0414, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import mindspore as ms
+    from conftest import DATA
+
+    from glm2_ms.train import Trainer, export
+    from glm2_ms.train_config import TrainConfig
+
+    base = lora_0414[0]
+    cfg = TrainConfig.load(None, method="full", max_steps=6, learning_rate=1e-3, warmup_steps=1, batch_size=4,
+                           max_source_length=32, max_target_length=32, seed=0)
+    trainer = Trainer(base, DATA / "adgen_train_head200.json", tmp_path / "run", cfg, progress=False)
+    losses = trainer.train()
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    trainer.model.set_train(False)
+    want = trainer.model(ms.Tensor([PROMPT[:48]], ms.int32)).asnumpy()[0]
+    convert(export(trainer)["model"], tmp_path / "hf", target=Layout("glm"), fmt="safetensors", progress=False)
+    with torch.no_grad():
+        got = transformers.Glm4ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()(
+            torch.tensor([PROMPT[:48]])).logits[0].numpy()
+    assert np.abs(got - want).max() <= 1e-4
