@@ -5,6 +5,7 @@ compares two of them. Only the tensors of one canonical weight are in memory at 
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,17 +69,21 @@ def manifest_layout(ckpt: Checkpoint) -> dict:
     return layout
 
 
-def model_config(ckpt: Checkpoint, layout: Layout, config_path: Path | None) -> GLM2Config:
+def model_config(ckpt: Checkpoint, layout: Layout, config_path: Path | None,
+                 release: str | None = None) -> GLM2Config:
+    """The checkpoint's config: the file given, its config.json, its manifest's record or its shapes; `release`:
+    the one the user named (--release), where the folder cannot tell."""
     if config_path is not None:
-        return GLM2Config.from_file(config_path)
+        return GLM2Config.from_file(config_path, release)
     if ckpt.config is not None:
-        return GLM2Config.from_mapping(ckpt.config, str(ckpt.folder / CONFIG))
+        return GLM2Config.from_mapping(ckpt.config, str(ckpt.folder / CONFIG), release)
     if ckpt.manifest and "config" in ckpt.manifest:
         where = str(ckpt.folder / MANIFEST)
         if not isinstance(ckpt.manifest["config"], dict):
             raise CheckpointError(f"{where}: 'config' is not an object")
-        return GLM2Config.from_dict(ckpt.manifest["config"], where)
-    return infer_config({n: t.shape for n, t in ckpt.tensors.items()}, layout, str(ckpt.path))
+        return GLM2Config.from_dict(ckpt.manifest["config"], where, release)
+    cfg = infer_config({n: t.shape for n, t in ckpt.tensors.items()}, layout, str(ckpt.path))
+    return dataclasses.replace(cfg, release=release, told_by="--release") if release else cfg
 
 
 @dataclass
@@ -93,7 +98,7 @@ class Source(Closing):
 
     @classmethod
     def open(cls, path, rearranged_rope: bool | None = None, config: Path | None = None,
-             opened: Checkpoint | None = None, verify_checksums: bool = True) -> Source:
+             opened: Checkpoint | None = None, verify_checksums: bool = True, release: str | None = None) -> Source:
         """The checkpoint at `path` (or the already `opened` one, which the Source then owns)."""
         ckpt = opened if opened is not None else open_checkpoint(path, verify_checksums)
         try:
@@ -110,7 +115,7 @@ class Source(Closing):
             if rearranged_rope is None:
                 rearranged_rope = manifest_layout(ckpt).get("rearrange_rope", False) is True
             layout = detect_layout(weights, rearranged_rope, str(path))
-            cfg = model_config(ckpt, layout, config)
+            cfg = model_config(ckpt, layout, config, release)
             mappings = weight_map(layout, cfg)
             cls._check(ckpt, weights, mappings, str(path))
             return cls(ckpt, layout, cfg, mappings, dropped)

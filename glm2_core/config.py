@@ -122,7 +122,8 @@ class GLM2Config:
             raise CheckpointError(f"{source}: {exc}") from None
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> GLM2Config:
+    def from_dict(cls, d: dict, source: str = "config.json", release: str | None = None) -> GLM2Config:
+        """From THUDM's field set (or our manifests'); `release`: the one the caller was told (--release)."""
         own = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - own - _PASSIVE - set(_UNSUPPORTED) - {"family"})
         if unknown:
@@ -135,6 +136,8 @@ class GLM2Config:
             if d.get(key) not in (None, False, 0):
                 raise CheckpointError(f"{source}: {key}={d[key]!r:.40}: {what.format(d[key])}, not supported")
         kw = {k: v for k, v in d.items() if k in own}
+        if release:
+            kw["release"], kw["told_by"] = release, "--release"
         if "release" not in kw and d.get("family") in FAMILY_RELEASES:  # our manifests before the releases
             kw["release"], kw["told_by"] = FAMILY_RELEASES[d["family"]], f"the family in {source}"
         if "release" not in kw:
@@ -152,7 +155,8 @@ class GLM2Config:
         return cls._build(source, **kw)
 
     @classmethod
-    def from_glm_dict(cls, d: dict, source: str = "config.json", sandwich: bool = False) -> GLM2Config:
+    def from_glm_dict(cls, d: dict, source: str = "config.json", sandwich: bool = False,
+                      release: str | None = None) -> GLM2Config:
         """From the config of transformers' native GlmForCausalLM (as `ms2hf --layout glm` writes it), or with
         `sandwich` of its Glm4ForCausalLM (GLM-4-0414)."""
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -172,7 +176,8 @@ class GLM2Config:
         if missing:
             raise CheckpointError(f"{source}: GLM config lacks {', '.join(missing)}")
         kw = {ours: d[theirs] for ours, theirs in {**_GLM_SIZES, **_GLM_OTHERS}.items() if theirs in d}
-        release, told_by = identify(d.get("_name_or_path"), kw["padded_vocab_size"], ratio, source, sandwich)
+        release, told_by = (release, "--release") if release else \
+            identify(d.get("_name_or_path"), kw["padded_vocab_size"], ratio, source, sandwich)
         cfg = cls._build(source, **kw, rope_ratio=ratio, release=release, told_by=told_by,
                          torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32")
         given = {"rope_type": kind, "rope_theta": theta, **({"factor": factor} if kind == "linear" else {})}
@@ -183,15 +188,17 @@ class GLM2Config:
         return cfg
 
     @classmethod
-    def from_mapping(cls, d: dict, source: str = "config.json") -> GLM2Config:
+    def from_mapping(cls, d: dict, source: str = "config.json", release: str | None = None) -> GLM2Config:
         """Either field set: transformers' GlmForCausalLM (model_type "glm") or Glm4ForCausalLM ("glm4"), or
         THUDM's ChatGLM."""
         kind = d.get("model_type")
-        return cls.from_glm_dict(d, source, kind == "glm4") if kind in GLM_MODEL_TYPES else cls.from_dict(d, source)
+        if kind in GLM_MODEL_TYPES:
+            return cls.from_glm_dict(d, source, kind == "glm4", release)
+        return cls.from_dict(d, source, release)
 
     @classmethod
-    def from_file(cls, path) -> GLM2Config:
-        return cls.from_mapping(read_json(path, "config"), str(path))
+    def from_file(cls, path, release: str | None = None) -> GLM2Config:
+        return cls.from_mapping(read_json(path, "config"), str(path), release)
 
     @classmethod
     def from_pretrained(cls, path) -> GLM2Config:

@@ -30,7 +30,7 @@ import click
 from .dtypes import COMPUTE_DTYPES, DTYPES
 from .errors import CheckpointError, UserError
 from .names import HF_LAYOUTS, LAYOUTS
-from .releases import FAMILIES
+from .releases import RELEASES
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 PACKAGE = "glm2-toolkit"
@@ -104,9 +104,10 @@ VOCABULARY: dict[str, dict] = {
     "--lora-alpha": dict(type=POSITIVE, default=None,
                          help="LoRA alpha: the adapter's update B·A is scaled by alpha / r."),
     # generation
-    "--family": dict(type=click.Choice(FAMILIES), default=None,
-                     show_default="the one the folder tells: its config.json, its tokenizer",
-                     help="Model family, for its tokenizer and chat format (a finetune saved under a local name)."),
+    "--release": dict(type=click.Choice(tuple(RELEASES)), default=None,
+                      show_default="the one the folder tells: its config.json (glm2-convert inspect says which)",
+                      help="The published model the folder holds: its tokenizer, chat format, RoPE rule and layers "
+                           "(for a finetune saved under a local name)."),
     "--max-new-tokens": dict(type=AT_LEAST_ONE, help="Generate at most this many new tokens (bounded "
                                                              "by the model's context and the memory its cache "
                                                              "needs)."),

@@ -49,7 +49,6 @@ RELEASES = {r.name: r for r in (
         "GLM-4-9B-0414", "GLM-4-32B-0414", "GLM-4-32B-Base-0414", "GLM-Z1-9B-0414", "GLM-Z1-32B-0414",
         "GLM-Z1-Rumination-32B-0414")),
 )}
-FAMILIES = tuple(dict.fromkeys(r.family for r in RELEASES.values()))
 # a folder that names no release by its full name: the one it most likely is, by a part of its name (or vocabulary)
 FAMILY_RELEASES = {"chatglm2": "chatglm2-6b", "chatglm3": "chatglm3-6b", "glm4": "glm-4-9b-chat"}
 SANDWICH_RELEASE = "glm-4-9b-0414"  # a Glm4ForCausalLM config that names no release

@@ -7,6 +7,7 @@ import click
 
 from glm2_core.errors import UserError
 from glm2_core.options import ExistingPath, Tool, option, options, sampling_options
+from glm2_core.releases import RELEASES
 
 from .sampling import SamplingConfig
 
@@ -24,7 +25,7 @@ def sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
 
 # float32 arithmetic over weights kept as stored: CPU float16 matmuls are ~13x slower than float32 ones
 runtime_options = options(sampling_options(max_new_tokens=64), option("--dtype"), option("--compute-dtype"),
-                          option("--family"), option("--stats"))
+                          option("--release"), option("--stats"))
 
 
 def peak_rss_gb() -> float:
@@ -33,8 +34,9 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def _load(model_dir, dtype, compute_dtype, family):
-    """The model (on CPU), its tokenizer and the seconds it took."""
+def _load(model_dir, dtype, compute_dtype, release):
+    """The model (on CPU), its tokenizer and the seconds it took; `release` (--release) where the folder cannot
+    tell: its tokenizer family, chat format and RoPE rule."""
     import time
 
     from .loading import from_pretrained, use_cpu
@@ -42,8 +44,8 @@ def _load(model_dir, dtype, compute_dtype, family):
 
     use_cpu()
     clock = time.perf_counter()
-    tok = GLM2Tokenizer.from_pretrained(model_dir, family)
-    return from_pretrained(model_dir, None if dtype == "keep" else dtype, compute_dtype), tok, \
+    tok = GLM2Tokenizer.from_pretrained(model_dir, release and RELEASES[release].family)
+    return from_pretrained(model_dir, None if dtype == "keep" else dtype, compute_dtype, release=release), tok, \
         time.perf_counter() - clock
 
 
@@ -71,10 +73,10 @@ def _echo_growing(texts) -> str:
 @click.option("--chat", is_flag=True, help="Format the prompt as a first chat round (the model family's format).")
 @runtime_options
 def generate(model_dir, prompt, chat, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed,
-             dtype, compute_dtype, family, stats):
+             dtype, compute_dtype, release, stats):
     """Generate a continuation of PROMPT with the MindSpore runtime of the model in MODEL_DIR."""
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
-    model, tok, load_s = _load(model_dir, dtype, compute_dtype, family)
+    model, tok, load_s = _load(model_dir, dtype, compute_dtype, release)
     ids = tok.build_chat_input(prompt) if chat else tok.encode(prompt)
     model.decoder.budget((1, len(ids)), max_new_tokens, option=NEW_TOKENS)
     tokens = model.decoder.stream([ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.stop_ids,
@@ -88,7 +90,7 @@ def generate(model_dir, prompt, chat, max_new_tokens, sample, temperature, top_k
 @click.argument("model_dir", type=ExistingPath())
 @runtime_options
 def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, dtype,
-         compute_dtype, family, stats):
+         compute_dtype, release, stats):
     """Chat with the model in MODEL_DIR, the history kept: `clear` forgets it, `exit` (or Ctrl-D) quits, Ctrl-C
     stops. The line is edited with readline (arrows, history). A message whose round (the history, the message and
     --max-new-tokens) would pass the model's context, or not fit in memory, is not sent: the chat goes on, the
@@ -98,7 +100,7 @@ def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetitio
     from .dialogue import chat_input, stream_chat
 
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
-    model, tok, load_s = _load(model_dir, dtype, compute_dtype, family)
+    model, tok, load_s = _load(model_dir, dtype, compute_dtype, release)
     model.decoder.budget(chat_input(tok, "").shape, max_new_tokens, option=NEW_TOKENS)  # not even a first round
     history: list = []
     click.echo("glm2-chat: type a message; 'clear' forgets the history, 'exit' quits.")

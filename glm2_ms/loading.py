@@ -46,16 +46,18 @@ def to_tensor(arr: np.ndarray, dtype: str) -> ms.Tensor:
 
 
 def from_pretrained(path, dtype: str | None = None, compute_dtype: str | None = None,
-                    config: Path | None = None, rearranged_rope: bool | None = None) -> GLM2ForCausalLM:
+                    config: Path | None = None, rearranged_rope: bool | None = None,
+                    release: str | None = None) -> GLM2ForCausalLM:
     """Build the model from a converter folder, a HF folder, or one weights file (+ config.json beside it).
 
     `dtype`: storage dtype of the parameters (default: the checkpoint's); `compute_dtype`: float32 or float16
-    (default: the storage dtype, float32 for bfloat16). Memory: the parameters plus one tensor in flight."""
+    (default: the storage dtype, float32 for bfloat16); `release`: the release the folder holds, where its config
+    cannot tell (glm2_core.releases). Memory: the parameters plus one tensor in flight."""
     if dtype is not None and dtype not in MS_DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(MS_DTYPES)}")
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
         raise UserError(f"compute dtype must be {' or '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
-    with Source.open(path, rearranged_rope, config) as src:
+    with Source.open(path, rearranged_rope, config, release=release) as src:
         storage = dtype or src.dtype
         if storage not in MS_DTYPES:
             raise CheckpointError(f"{path}: weights are {storage}; pass dtype= float32, float16 or bfloat16")

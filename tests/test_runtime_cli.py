@@ -48,8 +48,24 @@ def test_missing_model_is_one_line_error(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_family_option_overrides_what_the_folder_tells(ms_dir):
-    """--family: a ChatGLM2 folder chatted with in ChatGLM3's role format (its tokenizer, stops and name)."""
-    proc = run("chat", ms_dir, "--family", "chatglm3", "--max-new-tokens", "2", stdin="你好\nexit\n")
+def test_release_option_overrides_what_the_folder_tells(ms_dir):
+    """--release: a ChatGLM2 folder chatted with as ChatGLM3-6B (its role format, tokenizer, stops and name)."""
+    proc = run("chat", ms_dir, "--release", "chatglm3-6b", "--max-new-tokens", "2", stdin="你好\nexit\n")
     assert proc.returncode == 0, proc.stderr
     assert "ChatGLM3: " in proc.stdout and "ChatGLM2: " not in proc.stdout
+
+
+def test_a_folder_that_cannot_tell_its_rope_rule_needs_release(ms_dir, tmp_path):
+    """A config with rope_ratio and no release named is one line naming the fix; --release runs it."""
+    import json
+    import shutil
+
+    folder = tmp_path / "local"
+    shutil.copytree(ms_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_name_or_path": "/data/my-finetune", "rope_ratio": 16}))
+    refused = run("generate", folder, "--prompt", "你好", "--max-new-tokens", "2")
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "rope_ratio 16 but _name_or_path '/data/my-finetune' names no release" in refused.stderr
+    told = run("generate", folder, "--prompt", "你好", "--max-new-tokens", "2", "--release", "chatglm2-6b-32k")
+    assert told.returncode == 0 and told.stdout.strip(), told.stderr
