@@ -24,8 +24,8 @@ def _print_summary(summary, as_json: bool) -> None:
 def common(src: str = "SRC"):
     """The options of every conversion (`src`: the input argument's name, for the help)."""
     return options(option("--no-crc-check"), option("--dtype"), option("--overwrite"), option("--allow-overflow"),
-                   option("--config", src=src), option("--rearranged-rope", src=src), option("--quiet"),
-                   option("--json"))
+                   option("--config", src=src), option("--rearranged-rope", src=src), option("--release"),
+                   option("--quiet"), option("--json"))
 
 
 def _preset_help() -> str:
@@ -73,7 +73,7 @@ def synth(out_dir, preset, num_layers, dtype, fmt, seed, max_shard_size, overwri
 @option("--keep-optimizer")
 @common()
 def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_optimizer, no_crc_check, dtype,
-          overwrite, allow_overflow, config, rearranged_rope, quiet, as_json):
+          overwrite, allow_overflow, config, rearranged_rope, release, quiet, as_json):
     """Convert a HF ChatGLM2 checkpoint (folder or file) into a MindSpore folder."""
     from glm2_core.names import Layout
 
@@ -82,7 +82,7 @@ def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_opti
     summary = convert(src, dst, target=Layout(layout, qkv_split, mlp_split, rearrange_rope), fmt=fmt, dtype=dtype,
                       overwrite=overwrite, allow_overflow=allow_overflow, keep_optimizer=keep_optimizer,
                       rearranged_rope=rearranged_rope, config=config, progress=not quiet,
-                      verify_checksums=not no_crc_check)
+                      verify_checksums=not no_crc_check, release=release)
     _print_summary(summary, as_json)
 
 
@@ -94,7 +94,7 @@ def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_opti
 @option("--max-shard-size")
 @common()
 def ms2hf(src, dst, layout, fmt, max_shard_size, no_crc_check, dtype, overwrite, allow_overflow, config,
-          rearranged_rope, quiet, as_json):
+          rearranged_rope, release, quiet, as_json):
     """Convert a MindSpore checkpoint (any MindFormers layout) into a HF folder."""
     from glm2_core.names import Layout
 
@@ -104,7 +104,7 @@ def ms2hf(src, dst, layout, fmt, max_shard_size, no_crc_check, dtype, overwrite,
     summary = convert(src, dst, target=Layout(layout), fmt=fmt, dtype=dtype,
                       max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, allow_overflow=allow_overflow,
                       rearranged_rope=rearranged_rope, config=config, progress=not quiet,
-                      verify_checksums=not no_crc_check)
+                      verify_checksums=not no_crc_check, release=release)
     _print_summary(summary, as_json)
 
 
@@ -117,7 +117,7 @@ def ms2hf(src, dst, layout, fmt, max_shard_size, no_crc_check, dtype, overwrite,
 @option("--format", default=None, show_default="ckpt, or safetensors for a HF --layout")
 @common(src="BASE")
 def merge_lora(base, adapter, dst, lora_alpha, layout, fmt, no_crc_check, dtype, overwrite, allow_overflow, config,
-               rearranged_rope, quiet, as_json):
+               rearranged_rope, release, quiet, as_json):
     """Fold the LoRA ADAPTER (PEFT folder, mindpet .ckpt or a LoRA run's checkpoint) into BASE, writing DST;
     W += (alpha/r)·B·A."""
     from glm2_core.names import Layout
@@ -132,7 +132,7 @@ def merge_lora(base, adapter, dst, lora_alpha, layout, fmt, no_crc_check, dtype,
     lora = read_adapter(adapter, lora_alpha)
     summary = convert(base, dst, target=Layout(layout), fmt=fmt, dtype=dtype, overwrite=overwrite,
                       allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config, progress=not quiet,
-                      adapter=lora, verify_checksums=not no_crc_check, inputs=(adapter,))
+                      adapter=lora, verify_checksums=not no_crc_check, inputs=(adapter,), release=release)
     _print_summary(summary, as_json)
     if not as_json:
         click.echo(f"  merged LoRA r={lora.rank} alpha={lora.alpha:g} (scaling {lora.scaling:g}) into "

@@ -153,18 +153,19 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
             overwrite: bool = False, allow_overflow: bool = False, keep_optimizer: bool = False,
             rearranged_rope: bool | None = None, config: Path | None = None, progress: bool = True, adapter=None,
             opened=None, bundled_tokenizer: bool = False, verify_checksums: bool = True,
-            inputs: tuple = ()) -> Summary:
+            inputs: tuple = (), release: str | None = None) -> Summary:
     """Convert the checkpoint at `src` (or the Checkpoint `opened` from it) into a new folder `dst` (MindSpore, or
     a HF folder for a HF layout); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
     into the weights. The tokenizer files written are those beside the source; with `bundled_tokenizer`, a source
     without a tokenizer.model gets its family's bundled one (a shard merge, a finetune's export). DST may not
     overlap `src`, the files of `opened`, `config` or the other `inputs` (an adapter, a strategy): a weights
-    file's folder cannot be replaced (it holds the file), a new folder beside the file is fine."""
+    file's folder cannot be replaced (it holds the file), a new folder beside the file is fine. `release`: the
+    release the source holds where its config cannot tell (--release); the output's config names it."""
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     protected = [*([src] if opened is None else opened.files), *inputs, config]
     _check_request(dst, target, fmt, dtype, keep_optimizer, overwrite, protected)
-    with Source.open(src, rearranged_rope, config, opened, verify_checksums) as source:
+    with Source.open(src, rearranged_rope, config, opened, verify_checksums, release) as source:
         lora = source.dropped["LoRA adapters"]
         if lora and adapter is None:
             raise CheckpointError(f"{src}: holds LoRA adapters ({lora[0]}, …): merge them with "

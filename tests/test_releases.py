@@ -143,3 +143,23 @@ def test_inspect_names_the_release_and_what_told_it(tmp_path, name, told):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "_name_or_path": name}))
     assert inspect(tmp_path / "m")["release"] == told
+
+
+def test_convert_asks_for_the_release_an_unnamed_folder_cannot_tell(tmp_path):
+    """hf2ms of a config with rope_ratio and no release named: one line, nothing written; with --release the output's
+    config.json names it, so the folder tells from then on."""
+    from click.testing import CliRunner
+
+    from converters.cli import main
+
+    synthesize(tmp_path / "hf", GLM2Config.preset("tiny"), "float32", "safetensors")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "_name_or_path": None, "rope_ratio": 16}))
+    refused = CliRunner().invoke(main, ["hf2ms", str(tmp_path / "hf"), str(tmp_path / "ms"), "--quiet"])
+    assert refused.exit_code == 1 and "names no release" in refused.output and not (tmp_path / "ms").exists()
+    told = CliRunner().invoke(main, ["hf2ms", str(tmp_path / "hf"), str(tmp_path / "ms"), "--quiet",
+                                     "--release", "chatglm2-6b-32k"])
+    assert told.exit_code == 0, told.output
+    cfg = GLM2Config.from_pretrained(tmp_path / "ms")
+    assert (cfg.release, cfg.rope_ratio, cfg.told_by) == ("chatglm2-6b-32k", 16, "named in _name_or_path "
+                                                                                 "'THUDM/chatglm2-6b-32k'")
