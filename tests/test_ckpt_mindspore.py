@@ -160,3 +160,33 @@ def test_mindformers_paged_attention_buffers_are_dropped_and_listed(hf_tiny, tmp
     ids = ms.Tensor([[64790, 64792, 36474, 54591]], ms.int32)
     np.testing.assert_array_equal(from_pretrained(mf, config=src / "config.json")(ids).asnumpy(),
                                   from_pretrained(src)(ids).asnumpy())
+
+
+def test_trailer_of_a_tensor_cut_into_records_is_the_files_crc_and_mindspore_checks_it(tmp_path, monkeypatch):
+    """A tensor over CHUNK_BYTES is written as several records: the trailer's CRC-32 covers them in file order (each
+    record's header, then its data; the order was once headers first, a wrong trailer for every tensor over 512 MiB,
+    which GLM-4's embedding is), as the converters write it (CRCs handed in from the checksum thread), and
+    MindSpore's own crc_check accepts the file."""
+    import zlib
+
+    from converters.formats import ckpt as ckpt_mod
+    from converters.model_folder import weight_files
+    from converters.output import WeightsWriter
+
+    monkeypatch.setattr(ckpt_mod, "CHUNK_BYTES", 2 << 20)  # a multiple of the checksum thread's 1 MiB blocks
+    monkeypatch.setattr(CkptWriter, "PIECE", 2 << 20)
+    big = np.random.default_rng(0).standard_normal((5 * 2**18 + 3,), np.float32)  # 3 records
+    small = np.arange(7, dtype=np.float32)
+    plan = [("big", big.shape, "float32"), ("small", small.shape, "float32")]
+    with WeightsWriter(tmp_path, "ckpt", weight_files(plan, "ckpt", "mindformers"), None) as writer:
+        writer.write("big", big, "float32")
+        writer.write("small", small, "float32")
+    path = tmp_path / "mindspore_model.ckpt"
+    data = path.read_bytes()
+    assert data.count(b"big") == 3 and data[-17:-10] == b"crc_num"
+    assert int.from_bytes(data[-10:], "big") == zlib.crc32(data[:-17])
+    loaded = ms.load_checkpoint(str(path), crc_check=True)
+    np.testing.assert_array_equal(loaded["big"].asnumpy(), big)
+    with CkptFile(path) as f:
+        np.testing.assert_array_equal(f.tensors["big"].read(), big)
+        f.check_complete()

@@ -211,10 +211,10 @@ class CkptWriter:
             n = min(CHUNK_BYTES, data.nbytes - at)
             header = _record_header(name, data.shape, ttype, n)
             self._f.write(header)
-            self._parts.append([crc32(header), len(header)])
             write_bytes(self._f, data, at, n)
-            pieces.append([None if self._deferred else _crc_of(data, at, n), n])
-        self._parts += pieces
+            piece = [None if self._deferred else _crc_of(data, at, n), n]
+            self._parts += [[crc32(header), len(header)], piece]  # in file order: each record's header, its data
+            pieces.append(piece)
         if self._deferred:
             self._waiting[name] = pieces
 
