@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from glm2_core.assets import bundled_tokenizer
 from glm2_core.dtypes import DTYPES, nbytes
 from glm2_core.errors import CheckpointError, UserError, listed
 from glm2_core.names import EMBEDDING, HF_LAYOUTS, INV_FREQ, Layout, inv_freq
@@ -212,8 +213,11 @@ def _tokenizer(source: Source, fallback: bool) -> tuple[list[Path], str]:
     """The tokenizer files to write and, when they are not the model's own, a note saying so."""
     if not fallback:
         files = source.ckpt.tokenizer_files
+        family = source.cfg.family
+        instead = "the runtime falls back to the bundled ChatGLM2/3 one" if bundled_tokenizer(family) else \
+            f"{family}'s is not bundled: copy the release's tokenizer.model beside the weights to run them"
         return files, "" if any(f.name == TOKENIZER_MODEL for f in files) else \
-            "no tokenizer.model beside the source: none written (the runtime falls back to the bundled ChatGLM2/3 one)"
+            f"no tokenizer.model beside the source: none written ({instead})"
     files, bundled = tokenizer_or_bundled(source.ckpt.folder, source.cfg.family)
     if not bundled:
         return files, ""
