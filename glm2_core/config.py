@@ -130,16 +130,18 @@ class GLM2Config:
             raise CheckpointError(f"{source}: unknown config fields {', '.join(unknown)} (not a ChatGLM2 config?)")
         for key, want in _REQUIRED.items():
             if key in d and d[key] != want:
-                raise CheckpointError(f"{source}: {key}={d[key]!r} describes a different network; ChatGLM2 has "
+                raise CheckpointError(f"{source}: {key}={d[key]!r:.40} describes a different network; ChatGLM2 has "
                                       f"{key}={want!r}")
         for key, what in _UNSUPPORTED.items():
             if d.get(key) not in (None, False, 0):
-                raise CheckpointError(f"{source}: {key}={d[key]!r:.40}: {what.format(d[key])}, not supported")
+                raise CheckpointError(f"{source}: {key}={d[key]!r:.40}: {what.format(f'{d[key]!s:.40}')}, not "
+                                      f"supported")
         kw = {k: v for k, v in d.items() if k in own}
         if release:
             kw["release"], kw["told_by"] = release, "--release"
-        if "release" not in kw and d.get("family") in FAMILY_RELEASES:  # our manifests before the releases
-            kw["release"], kw["told_by"] = FAMILY_RELEASES[d["family"]], f"the family in {source}"
+        legacy = d.get("family")  # what our manifests recorded before the releases
+        if "release" not in kw and isinstance(legacy, str) and legacy in FAMILY_RELEASES:
+            kw["release"], kw["told_by"] = FAMILY_RELEASES[legacy], f"the family in {source}"
         if "release" not in kw:
             kw["release"], kw["told_by"] = identify(d.get("_name_or_path"),
                                                     d.get("padded_vocab_size", cls.padded_vocab_size),

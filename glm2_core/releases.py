@@ -75,8 +75,8 @@ def identify(name_or_path, padded_vocab_size: int, rope_ratio: float = 1.0, sour
         return FAMILY_RELEASES["chatglm2"], (f"'chatglm2' in {said}" if name else
                                              "no release named; ChatGLM2's vocabulary and RoPE")
     raise CheckpointError(
-        f"{source}: rope_ratio {rope_ratio} but _name_or_path {name_or_path!r:.60} names no release: ChatGLM2-6B-32k "
-        f"divides the positions by it, ChatGLM3-6B-32k/128k multiply the base; set _name_or_path to "
+        f"{source}: rope_ratio {rope_ratio!s:.40} but _name_or_path {name_or_path!r:.60} names no release: "
+        f"ChatGLM2-6B-32k divides the positions by it, ChatGLM3-6B-32k/128k multiply the base; set _name_or_path to "
         f"{RELEASES['chatglm2-6b-32k'].repo} or {RELEASES['chatglm3-6b-32k'].repo}")
 
 

@@ -163,3 +163,18 @@ def test_convert_asks_for_the_release_an_unnamed_folder_cannot_tell(tmp_path):
     cfg = GLM2Config.from_pretrained(tmp_path / "ms")
     assert (cfg.release, cfg.rope_ratio, cfg.told_by) == ("chatglm2-6b-32k", 16, "named in _name_or_path "
                                                                                  "'THUDM/chatglm2-6b-32k'")
+
+
+@pytest.mark.parametrize("bad", [{"family": []}, {"pre_seq_len": "x" * 100_000},
+                                 {"rope_ratio": "r" * 100_000, "_name_or_path": None}, {"rmsnorm": "y" * 100_000}],
+                         ids=["unhashable-family", "huge-pre-seq-len", "huge-rope-ratio", "huge-rmsnorm"])
+def test_hostile_release_fields_end_in_one_short_line(bad):
+    """The fields this registry reads: a value of any type ends in a CheckpointError of bounded length (an old
+    manifest's `family` that is not a family name is ignored: the config tells its release otherwise)."""
+    config = {**GLM2Config.preset("6b").chatglm_json(), **bad}
+    try:
+        GLM2Config.from_dict(config)
+    except CheckpointError as exc:
+        assert len(str(exc)) < 400 and "\n" not in str(exc)
+    else:
+        assert list(bad) == ["family"]
