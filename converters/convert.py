@@ -19,7 +19,6 @@ from glm2_core.outputs import MODEL, check_output
 from glm2_core.releases import RELEASES
 
 from . import __version__
-from .mindformers_yaml import unexpressible
 from .model_folder import (
     CONFIG,
     TOKENIZER_MODEL,
@@ -176,13 +175,13 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
         watched = fingerprints(source.ckpt.files)
         planned = plan(source, target, fmt, dtype, keep_optimizer, max_shard_bytes)
         tokenizer, note = _tokenizer(source, bundled_tokenizer)
-        notes = [n for n in (note, target.name == "mindformers" and unexpressible(source.cfg)) if n]
         need = planned.total + sum(f.stat().st_size for f in tokenizer)
         with staged_folder(dst, overwrite, protected, need, MODEL, watched) as tmp:
             records = write_weights(source, planned, tmp, fmt, target.name, dtype=dtype,
                                     allow_overflow=allow_overflow, adapter=adapter, progress=progress,
                                     desc=f"{src.name} -> {dst.name}")
-            write_beside_weights(tmp, source.cfg, target, planned.dtype, fmt, planned.shards, tokenizer)
+            notes = ([note] if note else []) + write_beside_weights(tmp, source.cfg, target, planned.dtype, fmt,
+                                                                    planned.shards, tokenizer)
             kept = {"optimizer state"} if keep_optimizer else set()
             kept |= {"LoRA adapters"} if adapter is not None else set()  # merged, not dropped
             dropped = {k: v for k, v in source.dropped.items() if v and k not in kept}

@@ -121,17 +121,20 @@ def copy_files(folder: Path, files: list[Path]) -> None:
 
 
 def write_beside_weights(folder: Path, cfg: GLM2Config, target: Layout, dtype: str, fmt: str,
-                         shards: list[tuple[str, PLAN]], tokenizer: list[Path]) -> None:
+                         shards: list[tuple[str, PLAN]], tokenizer: list[Path]) -> list[str]:
     """What a folder holds besides its weights and manifest: config.json, MindFormers' yaml (MindSpore output in
-    its current names), the tokenizer, and the HF index of a sharded folder."""
+    its current names), the tokenizer, and the HF index of a sharded folder; returns a note for each file left out
+    and why (a release MindFormers' ChatGLM2 cannot run gets no yaml)."""
     from .mindformers_yaml import MINDFORMERS_YAML, mindformers_yaml, unexpressible
 
     write_config(folder, cfg, target.name, dtype)
-    if target.name == "mindformers" and not unexpressible(cfg):
+    why_not = unexpressible(cfg) if target.name == "mindformers" else ""
+    if target.name == "mindformers" and not why_not:
         (folder / MINDFORMERS_YAML).write_text(mindformers_yaml(cfg, target, dtype, shards[0][0], fmt))
     copy_files(folder, tokenizer)
     if target.name in HF_LAYOUTS and len(shards) > 1:
         _write_index(folder, shards, fmt)
+    return [why_not] if why_not else []
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

@@ -241,8 +241,8 @@ def detect_layout(names, rearrange_rope: bool = False, where: str = "checkpoint"
     embeddings = {Layout(f).targets(BY_TEMPLATE[EMBEDDING])[0][0]: f for f in LAYOUTS}
     found = [f for name, f in embeddings.items() if name in templates]
     if len(found) != 1:
-        found = "several embeddings" if found else "no embedding"
-        raise CheckpointError(f"{where}: cannot tell the checkpoint's layout: {found} among its names "
+        raise CheckpointError(f"{where}: cannot tell the checkpoint's layout: "
+                              f"{'several embeddings' if found else 'no embedding'} among its names "
                               f"(expected one of {', '.join(embeddings)})")
     mf = found[0] == "mindformers"
     split = {flag: mf and BY_TEMPLATE[canonical].layouts[variant][0][0] in templates

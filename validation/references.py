@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from converters.source import Source
+from glm2_core.config import GLM_MODEL_TYPES
 from glm2_core.dtypes import weights_for
 from glm2_core.errors import CheckpointError
 from glm2_core.names import Layout
@@ -273,9 +274,9 @@ class GlmLayers(_TorchLayers):
         super().__init__(hf_dir, dtype)
         config = self.cfg.glm_json(dtype)
         kind = config["model_type"]  # glm, or glm4 (GLM-4-0414)
+        self.name = f"transformers {GLM_MODEL_TYPES[kind]}"
         self.modeling = importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
-        self.prefix = "Glm4" if kind == "glm4" else "Glm"
-        self.name = f"transformers {self.prefix}ForCausalLM"
+        self.prefix = GLM_MODEL_TYPES[kind].removesuffix("ForCausalLM")  # transformers' names: Glm4DecoderLayer, …
         self.config = getattr(transformers, f"{self.prefix}Config").from_dict(config)
         self.config._attn_implementation = "sdpa"  # what GlmForCausalLM.from_pretrained picks on this torch
 
