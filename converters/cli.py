@@ -69,7 +69,7 @@ def synth(out_dir, preset, num_layers, dtype, fmt, seed, max_shard_size, overwri
 @click.option("--qkv-split", is_flag=True, help="Store query_key_value as wq/wk/wv (qkv_concat=False).")
 @click.option("--mlp-split", is_flag=True, help="Store dense_h_to_4h as dense_left/dense_right (mlp_concat=False).")
 @click.option("--rearrange-rope", is_flag=True, help="Permute q/k rows per head (use_rearrange_rope=True).")
-@option("--format", choices=("ckpt", "safetensors"), default="ckpt")
+@option("--format", choices=("ckpt", "safetensors"), show_default="ckpt; safetensors for mindformers-mcore")
 @option("--keep-optimizer")
 @common()
 def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_optimizer, no_crc_check, dtype,
@@ -78,8 +78,10 @@ def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_opti
     from glm2_core.names import Layout
 
     from .convert import convert
+    from .model_folder import weights_format
 
-    summary = convert(src, dst, target=Layout(layout, qkv_split, mlp_split, rearrange_rope), fmt=fmt, dtype=dtype,
+    summary = convert(src, dst, target=Layout(layout, qkv_split, mlp_split, rearrange_rope),
+                      fmt=weights_format(fmt, layout), dtype=dtype,
                       overwrite=overwrite, allow_overflow=allow_overflow, keep_optimizer=keep_optimizer,
                       rearranged_rope=rearranged_rope, config=config, progress=not quiet,
                       verify_checksums=not no_crc_check, release=release)

@@ -14,7 +14,7 @@ from pathlib import Path
 from glm2_core.assets import bundled_tokenizer
 from glm2_core.dtypes import DTYPES, nbytes
 from glm2_core.errors import CheckpointError, UserError, listed
-from glm2_core.names import EMBEDDING, HF_LAYOUTS, INV_FREQ, Layout, inv_freq
+from glm2_core.names import EMBEDDING, INV_FREQ, LAYOUTS, Layout, inv_freq
 from glm2_core.outputs import MODEL, check_output
 from glm2_core.releases import RELEASES
 
@@ -98,7 +98,7 @@ def _check_request(dst: Path, target: Layout, fmt: str, dtype: str, keep_optimiz
     """Refuse what cannot be done before anything is opened (the output's rules: glm2_core.outputs)."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    if keep_optimizer and target.name in HF_LAYOUTS:
+    if keep_optimizer and target.spec.hf:
         raise UserError("--keep-optimizer: optimizer state has no place in a HF folder")
     weights_format(fmt, target.name)
     check_output(dst, overwrite, inputs, kind=MODEL)
@@ -120,11 +120,11 @@ def plan(source: Source, target: Layout, fmt: str, dtype: str, keep_optimizer: b
     return Plan(groups, extras, weight_files(items, fmt, target.name, max_shard_bytes), model_dtype, restore)
 
 
-def write_weights(source: Source, planned: Plan, folder: Path, fmt: str, family: str, *, dtype: str,
+def write_weights(source: Source, planned: Plan, folder: Path, fmt: str, layout: str, *, dtype: str,
                   allow_overflow: bool, adapter, progress: bool, desc: str) -> list[dict]:
     """The weights files of the plan (with an `adapter`, its deltas merged); returns the records of every tensor
     written (name, shape, dtype, file, sha256), after the source's whole-file checksums held."""
-    metadata = None if fmt != "safetensors" else {"format": "pt" if family in HF_LAYOUTS else "ms"}
+    metadata = None if fmt != "safetensors" else {"format": "pt" if LAYOUTS[layout].hf else "ms"}
     tensors, first = source.ckpt.tensors, planned.shards[0][1][0][0]
     with WeightsWriter(folder, fmt, planned.shards, metadata) as writer, \
             _progress(planned.total, progress, desc) as bar:
@@ -192,10 +192,14 @@ def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shar
 
 
 def _check_expressible(src: Path, cfg, target: Layout) -> None:
-    """A release the target layout's HF form cannot describe is refused, not written as another model."""
-    if target.name == "chatglm" and RELEASES[cfg.release].native != "chatglm":
+    """A model the target layout cannot describe is refused, not written as another model."""
+    if target.expresses(cfg):
+        return
+    if cfg.sandwich_norms:
         raise UserError(f"{src}: {cfg.release} has no THUDM ChatGLM form (its modeling code has no sandwich norms); "
                         f"--layout {RELEASES[cfg.release].native} writes its own (transformers' Glm4ForCausalLM)")
+    raise UserError(f"{src}: --layout {target.name} holds GLM-4-0414's layers only (MindFormers' mcore Glm4 always "
+                    f"applies its sandwich norms); {cfg.release} has none: write --layout mindformers")
 
 
 def _config_hint(src: Path, source: Source, config: Path | None) -> str:

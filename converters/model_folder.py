@@ -3,7 +3,8 @@ beside the weights (config.json, the HF index, MindFormers' yaml, manifest.json)
 
     HF (chatglm, glm):  model.safetensors or pytorch_model.bin, or shards model-00001-of-00003.safetensors …
                         with model.safetensors.index.json / pytorch_model.bin.index.json
-    MindSpore:          mindspore_model.ckpt or mindspore_model.safetensors, and mindformers_config.yaml
+    MindSpore:          mindspore_model.ckpt or mindspore_model.safetensors, and mindformers_config.yaml (for
+                        MindFormers' ChatGLM2 names)
     both:               config.json, the tokenizer files, manifest.json (what this toolkit wrote, tensor by tensor)
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from glm2_core.config import GLM2Config
 from glm2_core.dtypes import nbytes
 from glm2_core.errors import UserError
 from glm2_core.jsonio import write_json
-from glm2_core.names import HF_LAYOUTS, Layout
+from glm2_core.names import LAYOUTS, Layout
 from glm2_core.outputs import MODEL, stamp
 
 from .output import PLAN
@@ -32,20 +33,19 @@ MS_WEIGHTS = {"ckpt": "mindspore_model.ckpt", "safetensors": "mindspore_model.sa
 DEFAULT_SHARD_BYTES = 2 * 10**9  # transformers' default max_shard_size "2GB"
 
 
-def weights_format(fmt: str | None, family: str) -> str:
-    """The weights format of an output in the `family`'s names (default: ckpt for MindSpore names, safetensors
-    for HF); refused when the two do not go together."""
-    hf = family in HF_LAYOUTS
-    fmt = fmt or ("safetensors" if hf else "ckpt")
-    if fmt != "safetensors" and (fmt == "bin") != hf:
-        raise UserError(f"--format {fmt} does not go with --layout {family} (ckpt is for MindSpore names, bin for "
-                        f"HF names)")
-    return fmt
+def weights_format(fmt: str | None, layout: str) -> str:
+    """The weights format of an output in the `layout`'s names (default: the layout's first); refused when the two
+    do not go together."""
+    formats = LAYOUTS[layout].formats
+    if fmt is not None and fmt not in formats:
+        raise UserError(f"--format {fmt} does not go with --layout {layout} (it is written as "
+                        f"{' or '.join(formats)})")
+    return fmt or formats[0]
 
 
-def weight_files(plan: PLAN, fmt: str, family: str, max_shard_bytes: int | None = None) -> list[tuple[str, PLAN]]:
+def weight_files(plan: PLAN, fmt: str, layout: str, max_shard_bytes: int | None = None) -> list[tuple[str, PLAN]]:
     """The weights files of a folder and the tensors each holds: HF shards, or MindSpore's one file."""
-    if family not in HF_LAYOUTS:
+    if not LAYOUTS[layout].hf:
         return [(MS_WEIGHTS[fmt], plan)]
     groups: list[PLAN] = [[]]
     size = 0
@@ -110,9 +110,9 @@ def tokenizer_model(folder: Path | None, family: str = "chatglm2") -> Path:
 
 
 # ---- writing
-def write_config(folder: Path, cfg: GLM2Config, family: str, dtype: str) -> None:
-    """config.json in the field set of the layout's family: transformers' GLM, or THUDM's for the others."""
-    write_json(folder / CONFIG, cfg.glm_json(dtype) if family == "glm" else cfg.chatglm_json(dtype))
+def write_config(folder: Path, cfg: GLM2Config, layout: str, dtype: str) -> None:
+    """config.json in the layout's field set: transformers' GLM, or THUDM's."""
+    write_json(folder / CONFIG, cfg.glm_json(dtype) if LAYOUTS[layout].config == "glm" else cfg.chatglm_json(dtype))
 
 
 def copy_files(folder: Path, files: list[Path]) -> None:
@@ -132,7 +132,7 @@ def write_beside_weights(folder: Path, cfg: GLM2Config, target: Layout, dtype: s
     if target.name == "mindformers" and not why_not:
         (folder / MINDFORMERS_YAML).write_text(mindformers_yaml(cfg, target, dtype, shards[0][0], fmt))
     copy_files(folder, tokenizer)
-    if target.name in HF_LAYOUTS and len(shards) > 1:
+    if target.spec.hf and len(shards) > 1:
         _write_index(folder, shards, fmt)
     return [why_not] if why_not else []
 

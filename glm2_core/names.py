@@ -2,7 +2,8 @@
 
 Canonical names are the HF ChatGLM2 ones (`SCHEMA`). Every other layout stores each canonical tensor as one or
 more tensors, each a selection of its rows: a rename takes all rows, a q/k/v or gate/up split takes a row range,
-and MindFormers' rearranged RoPE permutes the q and k rows inside every head. A row selection is invertible
+MindFormers' rearranged RoPE permutes the q and k rows inside every head, and its mcore names interleave them
+(q/k/v by key-value group, gate/up row by row). A row selection is invertible
 (scatter the rows back), so hf2ms and ms2hf are the same table, gathered one way and scattered the other; the
 layout of a set of names and the sizes of a bare checkpoint are read from the same table.
 """
@@ -27,15 +28,42 @@ QKV_WEIGHT, QKV_BIAS = L + "self_attention.query_key_value.weight", L + "self_at
 MLP_UP, MLP_DOWN = L + "mlp.dense_h_to_4h.weight", L + "mlp.dense_4h_to_h.weight"
 SANDWICH = L + "post_self_attn_layernorm.weight"  # GLM-4-0414's (with post_mlp_layernorm)
 
-LAYOUTS = ("chatglm", "mindformers", "mindformers-legacy", "glm")
-HF_LAYOUTS = ("chatglm", "glm")  # written as HF folders; the others as MindSpore checkpoints
+M = "decoder.layers.{i}."
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    """What a layout is besides its names: how it is written and which architectures its names can hold."""
+    what: str                  # for --help
+    formats: tuple[str, ...]   # the weights formats it is written in, the default first
+    config: str = "chatglm"    # the config.json written beside it: THUDM's fields ("chatglm") or transformers' ("glm")
+    sandwich: tuple[bool, ...] = (False, True)  # the values of GLM-4-0414's sandwich norms its names can hold
+
+    @property
+    def hf(self) -> bool:
+        """Written as a HF folder (else as a MindSpore checkpoint)."""
+        return "bin" in self.formats
+
+
+LAYOUTS = {
+    "mindformers": LayoutSpec("MindFormers' current names", ("ckpt", "safetensors")),
+    "mindformers-legacy": LayoutSpec("MindFormers r0.8–r1.1", ("ckpt", "safetensors")),
+    # MindFormers 2.1.0's mcore Glm4 (inference only), which reads a folder of safetensors and transformers' config
+    "mindformers-mcore": LayoutSpec("MindFormers 2.1's mcore Glm4, GLM-4-0414 only", ("safetensors", "ckpt"), "glm",
+                                    sandwich=(True,)),
+    "chatglm": LayoutSpec("THUDM's HF names, a HF folder", ("safetensors", "bin"), sandwich=(False,)),
+    "glm": LayoutSpec("transformers' GlmForCausalLM, a HF folder", ("safetensors", "bin"), "glm"),
+}
+HF_LAYOUTS = tuple(name for name, spec in LAYOUTS.items() if spec.hf)
+MS_LAYOUTS = tuple(name for name in LAYOUTS if name not in HF_LAYOUTS)
 
 
 def _qkv(p: str) -> dict[str, object]:
     return {"mindformers/qkv-split": [(L + f"self_attention.wq.{p}", "q"), (L + f"self_attention.wk.{p}", "k"),
                                       (L + f"self_attention.wv.{p}", "v")],
             "glm": [(G + f"self_attn.q_proj.{p}", "q"), (G + f"self_attn.k_proj.{p}", "k"),
-                    (G + f"self_attn.v_proj.{p}", "v")]}
+                    (G + f"self_attn.v_proj.{p}", "v")],
+            "mindformers-mcore": [(M + f"self_attention.linear_qkv.{p}", "qkv-by-group")]}
 
 
 @dataclass(frozen=True)
@@ -53,25 +81,32 @@ class Weight:
 SCHEMA = (
     Weight(EMBEDDING, lambda c: (c.padded_vocab_size, c.hidden_size),
            {"mindformers": "transformer.embedding.embedding_weight",
-            "mindformers-legacy": "transformer.embedding.embedding_table", "glm": "model.embed_tokens.weight"}),
-    Weight(L + "input_layernorm.weight", lambda c: (c.hidden_size,), {"glm": G + "input_layernorm.weight"}),
+            "mindformers-legacy": "transformer.embedding.embedding_table", "glm": "model.embed_tokens.weight",
+            "mindformers-mcore": "embedding.word_embeddings.weight"}),
+    Weight(L + "input_layernorm.weight", lambda c: (c.hidden_size,),
+           {"glm": G + "input_layernorm.weight", "mindformers-mcore": M + "input_layernorm.weight"}),
     Weight(QKV_WEIGHT, lambda c: (c.qkv_rows, c.hidden_size), _qkv("weight"), rope=True),
     Weight(QKV_BIAS, lambda c: (c.qkv_rows,), _qkv("bias"), rope=True, present=lambda c: c.add_qkv_bias),
     Weight(L + "self_attention.dense.weight", lambda c: (c.hidden_size, c.q_rows),
-           {"glm": G + "self_attn.o_proj.weight"}),
+           {"glm": G + "self_attn.o_proj.weight", "mindformers-mcore": M + "self_attention.linear_proj.weight"}),
     Weight(SANDWICH, lambda c: (c.hidden_size,),
-           {"glm": G + "post_self_attn_layernorm.weight"}, present=lambda c: c.sandwich_norms),
+           {"glm": G + "post_self_attn_layernorm.weight", "mindformers-mcore": M + "post_self_attn_layernorm.weight"},
+           present=lambda c: c.sandwich_norms),
     Weight(L + "post_attention_layernorm.weight", lambda c: (c.hidden_size,),
-           {"glm": G + "post_attention_layernorm.weight"}),
+           {"glm": G + "post_attention_layernorm.weight", "mindformers-mcore": M + "pre_mlp_layernorm.weight"}),
     Weight(MLP_UP, lambda c: (2 * c.ffn_hidden_size, c.hidden_size),
            {"mindformers/mlp-split": [(L + "mlp.dense_left.weight", "gate"), (L + "mlp.dense_right.weight", "up")],
-            "glm": G + "mlp.gate_up_proj.weight"}),
-    Weight(MLP_DOWN, lambda c: (c.hidden_size, c.ffn_hidden_size), {"glm": G + "mlp.down_proj.weight"}),
-    Weight(L + "post_mlp_layernorm.weight", lambda c: (c.hidden_size,), {"glm": G + "post_mlp_layernorm.weight"},
+            "glm": G + "mlp.gate_up_proj.weight",
+            "mindformers-mcore": [(M + "mlp.linear_fc1.weight", "gate-up-by-row")]}),
+    Weight(MLP_DOWN, lambda c: (c.hidden_size, c.ffn_hidden_size),
+           {"glm": G + "mlp.down_proj.weight", "mindformers-mcore": M + "mlp.linear_fc2.weight"}),
+    Weight(L + "post_mlp_layernorm.weight", lambda c: (c.hidden_size,),
+           {"glm": G + "post_mlp_layernorm.weight", "mindformers-mcore": M + "post_mlp_layernorm.weight"},
            present=lambda c: c.sandwich_norms),
-    Weight("transformer.encoder.final_layernorm.weight", lambda c: (c.hidden_size,), {"glm": "model.norm.weight"}),
+    Weight("transformer.encoder.final_layernorm.weight", lambda c: (c.hidden_size,),
+           {"glm": "model.norm.weight", "mindformers-mcore": "decoder.final_layernorm.weight"}),
     Weight(OUTPUT, lambda c: (c.padded_vocab_size, c.hidden_size),
-           {"glm": "lm_head.weight"}),
+           {"glm": "lm_head.weight", "mindformers-mcore": "output_layer.weight"}),
 )
 BY_TEMPLATE = {w.template: w for w in SCHEMA}
 VARIANTS = {"qkv_split": (QKV_WEIGHT, "mindformers/qkv-split"), "mlp_split": (MLP_UP, "mindformers/mlp-split")}
@@ -130,6 +165,15 @@ class Layout:
             raise UserError(f"layout {self.name}: split/rearranged variants exist only for the current "
                                   f"MindFormers names (--layout mindformers)")
 
+    @property
+    def spec(self) -> LayoutSpec:
+        return LAYOUTS[self.name]
+
+    def expresses(self, cfg: GLM2Config) -> bool:
+        """Whether this layout's names can hold the model (MindFormers' mcore Glm4 always has sandwich norms;
+        THUDM's ChatGLM code never)."""
+        return cfg.sandwich_norms in self.spec.sandwich
+
     def describe(self) -> str:
         flags = [f for f, on in (("qkv-split", self.qkv_split), ("mlp-split", self.mlp_split),
                                  ("rearranged-rope", self.rearrange_rope)) if on]
@@ -160,8 +204,23 @@ def _rope_perm(d: int) -> np.ndarray:
     return np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)])
 
 
+def _interleaved(part: str, cfg: GLM2Config) -> np.ndarray:
+    """MindFormers' mcore fused rows (its loader's `deal_training_qkv_weight` / `deal_training_ffn_weight`):
+    linear_qkv holds, key-value group by group, the group's q heads, its k head, its v head; linear_fc1 holds gate
+    row 0, up row 0, gate row 1, …"""
+    if part == "gate-up-by-row":
+        ffn = cfg.ffn_hidden_size
+        return np.stack([np.arange(ffn), ffn + np.arange(ffn)], axis=1).reshape(-1)
+    groups, d = cfg.multi_query_group_num, cfg.kv_channels
+    q = np.arange(cfg.q_rows).reshape(groups, -1)
+    k = cfg.q_rows + np.arange(cfg.kv_rows).reshape(groups, d)
+    return np.concatenate([q, k, k + cfg.kv_rows], axis=1).reshape(-1)
+
+
 def _rows(part: str, weight: Weight, layout: Layout, cfg: GLM2Config):
     """A slice (contiguous rows) or an index array selecting the rows of the canonical tensor."""
+    if part in ("qkv-by-group", "gate-up-by-row"):
+        return _interleaved(part, cfg)
     q, kv, ffn = cfg.q_rows, cfg.kv_rows, cfg.ffn_hidden_size
     spans = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "gate": (0, ffn), "up": (ffn, 2 * ffn)}
     if not (layout.rearrange_rope and weight.rope):

@@ -29,12 +29,11 @@ import click
 
 from .dtypes import COMPUTE_DTYPES, DTYPES
 from .errors import CheckpointError, UserError
-from .names import HF_LAYOUTS, LAYOUTS
+from .names import HF_LAYOUTS, LAYOUTS, MS_LAYOUTS
 from .releases import RELEASES
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 PACKAGE = "glm2-toolkit"
-MS_LAYOUTS = tuple(f for f in LAYOUTS if f not in HF_LAYOUTS)
 
 
 class Interrupted(Exception):
@@ -71,8 +70,6 @@ class Number(click.FloatRange):
 POSITIVE, COUNT, AT_LEAST_ONE = Number(min=0, min_open=True), click.IntRange(min=0), click.IntRange(min=1)
 PROBABILITY, SEED = Number(0, 1, min_open=True), click.IntRange(0, 2**32 - 1)
 TOLERANCE, FRACTION = Number(min=0), Number(0, 1)  # an absolute or relative difference allowed; a share
-LAYOUTS = {"mindformers": "MindFormers' current names", "mindformers-legacy": "MindFormers r0.8–r1.1",
-           "chatglm": "THUDM's HF names, a HF folder", "glm": "transformers' GlmForCausalLM, a HF folder"}
 
 # flag → click.option keyword arguments (a `decls` entry: the declarations, when not just the flag)
 VOCABULARY: dict[str, dict] = {
@@ -153,7 +150,7 @@ def option(flag: str, *, default=_UNSET, choices=None, show_default=None, requir
     spec = dict(VOCABULARY[flag])
     decls = spec.pop("decls", (flag,))
     names = choices or getattr(spec.get("type"), "choices", ())
-    layouts = ", ".join(f"{name} ({LAYOUTS[name]})" for name in names if name in LAYOUTS)
+    layouts = ", ".join(f"{name} ({LAYOUTS[name].what})" for name in names if name in LAYOUTS)
     keep = " (keep: as they are stored)" if "keep" in names else ""
     spec["help"] = spec["help"].format(src=src, layouts=layouts, keep=keep)
     if "show_default" in spec:

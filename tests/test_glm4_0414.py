@@ -82,10 +82,11 @@ def test_greedy_generation_matches_transformers(glm4_0414):
 
 
 @pytest.mark.parametrize("layout", [Layout("mindformers"), Layout("mindformers", True, True, True),
-                                    Layout("mindformers-legacy")], ids=lambda lay: lay.describe())
+                                    Layout("mindformers-legacy"), Layout("mindformers-mcore")],
+                         ids=lambda lay: lay.describe())
 def test_every_mindspore_layout_and_back_bit_exact(glm4_0414, tmp_path, layout):
     src, cfg, _ = glm4_0414
-    summary = convert(src, tmp_path / "ms", target=layout, fmt="ckpt", progress=False)
+    summary = convert(src, tmp_path / "ms", target=layout, fmt=layout.spec.formats[0], progress=False)
     assert GLM2Config.from_pretrained(tmp_path / "ms") == cfg
     assert not (tmp_path / "ms" / MINDFORMERS_YAML).exists() or layout.name != "mindformers"
     if layout.name == "mindformers":
@@ -97,6 +98,54 @@ def test_every_mindspore_layout_and_back_bit_exact(glm4_0414, tmp_path, layout):
         assert set(a.tensors) == set(b.tensors)
         assert all(t.read().tobytes() == b.tensors[n].read().tobytes() for n, t in a.tensors.items())
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "glm4"
+
+
+MCORE_LAYER = ("input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+               "self_attention.linear_proj.weight", "post_self_attn_layernorm.weight", "pre_mlp_layernorm.weight",
+               "mlp.linear_fc1.weight", "mlp.linear_fc2.weight", "post_mlp_layernorm.weight")
+
+
+def test_mcore_names_and_fused_rows_are_those_mindformers_loader_reads(glm4_0414, tmp_path):
+    """MindFormers 2.1.0 reads a folder of safetensors in its mcore names with `deal_training_qkv_weight` (linear_qkv
+    reshaped to [groups, (q heads per group + 2)·head, …]: each group's q heads, then its k, then its v head) and
+    `deal_training_ffn_weight` (linear_fc1 reshaped to [ffn, 2, …]: gate and up row by row); restated here from its
+    source, applied to the release's own q/k/v and gate/up tensors, and inverted back to them."""
+    src, cfg, want = glm4_0414
+    ms = pytest.importorskip("mindspore")
+    from glm2_ms.loading import from_pretrained
+
+    convert(src, tmp_path / "mcore", target=Layout("mindformers-mcore"), fmt="safetensors", progress=False)
+    assert sorted(p.name for p in (tmp_path / "mcore").glob("*.safetensors")) == ["mindspore_model.safetensors"]
+    assert json.loads((tmp_path / "mcore" / "config.json").read_text())["architectures"] == ["Glm4ForCausalLM"]
+    groups, d, ffn = cfg.multi_query_group_num, cfg.kv_channels, cfg.ffn_hidden_size
+    with open_checkpoint(src) as hf, open_checkpoint(tmp_path / "mcore") as mc:
+        assert set(mc.tensors) == {"embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
+                                   "output_layer.weight"} | {f"decoder.layers.{i}.{n}" for i in range(cfg.num_layers)
+                                                             for n in MCORE_LAYER}
+        for i, kind in ((i, k) for i in range(cfg.num_layers) for k in ("weight", "bias")):
+            q, k, v = (hf.tensors[f"model.layers.{i}.self_attn.{x}_proj.{kind}"].read() for x in "qkv")
+            qkv = mc.tensors[f"decoder.layers.{i}.self_attention.linear_qkv.{kind}"].read()
+            theirs = np.concatenate([q.reshape(groups, -1, *q.shape[1:]), k.reshape(groups, d, *k.shape[1:]),
+                                     v.reshape(groups, d, *v.shape[1:])], axis=1).reshape(qkv.shape)
+            assert qkv.tobytes() == theirs.tobytes()
+            per_group = qkv.reshape(groups, -1, *qkv.shape[1:])
+            n_rep_d = q.shape[0] // groups
+            assert per_group[:, :n_rep_d].reshape(q.shape).tobytes() == q.tobytes()
+            assert per_group[:, n_rep_d + d:].reshape(v.shape).tobytes() == v.tobytes()
+        for i in range(cfg.num_layers):
+            gate_up = hf.tensors[f"model.layers.{i}.mlp.gate_up_proj.weight"].read()
+            fc1 = mc.tensors[f"decoder.layers.{i}.mlp.linear_fc1.weight"].read()
+            rows = fc1.reshape(ffn, 2, -1)
+            assert rows[:, 0].tobytes() == gate_up[:ffn].tobytes() and rows[:, 1].tobytes() == gate_up[ffn:].tobytes()
+    _close(from_pretrained(tmp_path / "mcore", dtype="float32")(ms.Tensor([PROMPT], ms.int32)).asnumpy()[0], want)
+
+
+def test_mcore_names_refuse_a_model_without_sandwich_norms(tmp_path):
+    src = tmp_path / "glm4"
+    synthesize(src, GLM2Config.preset("tiny", release="glm-4-9b-chat"), "float32", "safetensors", seed=2)
+    with pytest.raises(UserError, match="mindformers-mcore holds GLM-4-0414's layers only"):
+        convert(src, tmp_path / "out", target=Layout("mindformers-mcore"), fmt="safetensors", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_thudm_form_is_refused_before_anything_is_written(glm4_0414, tmp_path):
