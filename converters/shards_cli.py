@@ -33,18 +33,19 @@ def split_command(full, dst, strategy, prefix, overwrite, quiet):
 @click.argument("paths", nargs=-1, required=True, type=PATH)
 @option("--strategy")
 @option("--layout")
-@option("--format", default=None, show_default="ckpt, or safetensors for a HF --layout")
+@option("--format", default=None, show_default="ckpt; safetensors for a HF --layout or mindformers-mcore")
 @option("--keep-optimizer")
 @option("--lora-alpha", show_default="what a glm2-finetune run recorded; needed for other LoRA runs' shards")
 @option("--dtype")
 @option("--max-shard-size")
 @option("--config", src="the shards", show_default="the config.json beside the rank folders, as glm2-finetune and "
                                                   "split write it")
+@option("--release")
 @option("--overwrite")
 @option("--quiet")
 @option("--json")
-def main(paths, strategy, layout, fmt, keep_optimizer, lora_alpha, dtype, max_shard_size, config, overwrite, quiet,
-         as_json):
+def main(paths, strategy, layout, fmt, keep_optimizer, lora_alpha, dtype, max_shard_size, config, release, overwrite,
+         quiet, as_json):
     """Merge the rank checkpoints of a distributed run into one model at DST (MindSpore, or HF with a HF
     --layout); `split` goes the other way (see glm2-merge-shards split --help).
 
@@ -61,7 +62,7 @@ def main(paths, strategy, layout, fmt, keep_optimizer, lora_alpha, dtype, max_sh
     *sources, dst = paths
     summary, stats = merge(list(sources), strategy, dst, target=Layout(layout), fmt=weights_format(fmt, layout),
                            lora_alpha=lora_alpha, dtype=dtype, overwrite=overwrite, keep_optimizer=keep_optimizer,
-                           max_shard_bytes=parse_size(max_shard_size), config=config,
+                           max_shard_bytes=parse_size(max_shard_size), config=config, release=release,
                            progress=not quiet)
     _print_summary(summary, as_json)
     if not as_json:

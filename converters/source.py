@@ -18,6 +18,7 @@ from glm2_core.dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, f
 from glm2_core.errors import CheckpointError
 from glm2_core.names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
 from glm2_core.outputs import MANIFEST
+from glm2_core.releases import TOLD_BY_USER
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .formats.base import Closing, FileSpan, TensorRef
@@ -83,7 +84,7 @@ def model_config(ckpt: Checkpoint, layout: Layout, config_path: Path | None,
             raise CheckpointError(f"{where}: 'config' is not an object")
         return GLM2Config.from_dict(ckpt.manifest["config"], where, release)
     cfg = infer_config({n: t.shape for n, t in ckpt.tensors.items()}, layout, str(ckpt.path))
-    return dataclasses.replace(cfg, release=release, told_by="--release") if release else cfg
+    return dataclasses.replace(cfg, release=release, told_by=TOLD_BY_USER) if release else cfg
 
 
 @dataclass

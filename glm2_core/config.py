@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import CheckpointError, UserError
 from .jsonio import read_json
-from .releases import FAMILY_RELEASES, GLM4_VOCAB, RELEASES, ROPE_BASE, identify, rope_rule
+from .releases import FAMILY_RELEASES, GLM4_VOCAB, RELEASES, ROPE_BASE, TOLD_BY_USER, identify, rope_rule
 
 # Fields of the real THUDM config.json (and of its 32k/later variants) that do not change the weights or math.
 _PASSIVE = {"_name_or_path", "model_type", "architectures", "auto_map", "apply_query_key_layer_scaling",
@@ -138,7 +138,7 @@ class GLM2Config:
                                       f"supported")
         kw = {k: v for k, v in d.items() if k in own}
         if release:
-            kw["release"], kw["told_by"] = release, "--release"
+            kw["release"], kw["told_by"] = release, TOLD_BY_USER
         legacy = d.get("family")  # what our manifests recorded before the releases
         if "release" not in kw and isinstance(legacy, str) and legacy in FAMILY_RELEASES:
             kw["release"], kw["told_by"] = FAMILY_RELEASES[legacy], f"the family in {source}"
@@ -178,7 +178,7 @@ class GLM2Config:
         if missing:
             raise CheckpointError(f"{source}: GLM config lacks {', '.join(missing)}")
         kw = {ours: d[theirs] for ours, theirs in {**_GLM_SIZES, **_GLM_OTHERS}.items() if theirs in d}
-        release, told_by = (release, "--release") if release else \
+        release, told_by = (release, TOLD_BY_USER) if release else \
             identify(d.get("_name_or_path"), kw["padded_vocab_size"], ratio, source, sandwich)
         cfg = cls._build(source, **kw, rope_ratio=ratio, release=release, told_by=told_by,
                          torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32")

@@ -52,6 +52,7 @@ RELEASES = {r.name: r for r in (
 # a folder that names no release by its full name: the one it most likely is, by a part of its name (or vocabulary)
 FAMILY_RELEASES = {"chatglm2": "chatglm2-6b", "chatglm3": "chatglm3-6b", "glm4": "glm-4-9b-chat"}
 SANDWICH_RELEASE = "glm-4-9b-0414"  # a Glm4ForCausalLM config that names no release
+TOLD_BY_USER = "--release"  # a config's `told_by` when the user named the release
 
 
 def identify(name_or_path, padded_vocab_size: int, rope_ratio: float = 1.0, source: str = "config.json",

@@ -4,10 +4,11 @@ No submodule is named like an export: `from glm2_ms import chat` would otherwise
 imported (the import system sets the attribute, and this module's `__getattr__` is never asked again)."""
 from glm2_core.config import GLM2Config
 
-__all__ = ["GLM2Config", "GLM2Tokenizer", "GLM2ForCausalLM", "Decoder", "SamplingConfig", "from_pretrained", "chat",
-           "stream_chat"]
+__all__ = ["GLM2Config", "GLM2Tokenizer", "GLM2ForCausalLM", "Decoder", "SamplingConfig", "open_model",
+           "from_pretrained", "chat", "stream_chat"]
 _LAZY = {"GLM2Tokenizer": "tokenizer", "GLM2ForCausalLM": "model", "Decoder": "generation",
-         "SamplingConfig": "sampling", "from_pretrained": "loading", "chat": "dialogue", "stream_chat": "dialogue"}
+         "SamplingConfig": "sampling", "open_model": "loading", "from_pretrained": "loading", "chat": "dialogue",
+         "stream_chat": "dialogue"}
 
 
 def __getattr__(name):

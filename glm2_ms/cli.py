@@ -7,7 +7,6 @@ import click
 
 from glm2_core.errors import UserError
 from glm2_core.options import ExistingPath, Tool, option, options, sampling_options
-from glm2_core.releases import RELEASES
 
 from .sampling import SamplingConfig
 
@@ -39,14 +38,14 @@ def _load(model_dir, dtype, compute_dtype, release):
     tell: its tokenizer family, chat format and RoPE rule."""
     import time
 
-    from .loading import from_pretrained, use_cpu
-    from .tokenizer import GLM2Tokenizer
+    from .loading import open_model, use_cpu
 
     use_cpu()
     clock = time.perf_counter()
-    tok = GLM2Tokenizer.from_pretrained(model_dir, release and RELEASES[release].family)
-    return from_pretrained(model_dir, None if dtype == "keep" else dtype, compute_dtype, release=release), tok, \
-        time.perf_counter() - clock
+    with open_model(model_dir, release=release) as folder:
+        tok = folder.tokenizer  # before minutes of loading: a folder without one is refused at once
+        model = folder.load(None if dtype == "keep" else dtype, compute_dtype)
+    return model, tok, time.perf_counter() - clock
 
 
 def _report(stats: bool, load_s: float, decoder) -> None:

@@ -63,9 +63,10 @@ def train_config(path, settings: dict) -> TrainConfig:
 @click.option("--merge", is_flag=True, help="LoRA: also write the base model with the adapter merged.")
 @click.option("--device", type=click.Choice(["CPU", "Ascend", "GPU"]), default="CPU", show_default=True,
               help="MindSpore device (CPU is what this project tests).")
+@option("--release")
 @option("--quiet")
 @config_options
-def main(model_dir, train_data, out_dir, config_file, resume, merge, device, quiet, **settings):
+def main(model_dir, train_data, out_dir, config_file, resume, merge, device, release, quiet, **settings):
     """Finetune the ChatGLM2 in MODEL_DIR (a folder glm2-convert wrote, or any checkpoint it reads) on MindSpore.
 
     Writes to --out (a new or empty folder; with --resume, the run's): checkpoints (checkpoint/rank_{r}/,
@@ -81,17 +82,19 @@ def main(model_dir, train_data, out_dir, config_file, resume, merge, device, qui
     # msrun names a worker's rank before MindSpore does
     with nullcontext() if scheduler else run_lock(out_dir, int(os.environ.get("RANK_ID", "0"))):
         check_out(out_dir, resume)
-        _run(model_dir, train_data, out_dir, cfg, resume, merge, device, quiet)
+        _run(model_dir, train_data, out_dir, cfg, resume, merge, device, release, quiet)
 
 
-def _run(model_dir, train_data, out_dir, cfg, resume: bool, merge: bool, device: str, quiet: bool) -> None:
+def _run(model_dir, train_data, out_dir, cfg, resume: bool, merge: bool, device: str, release: str | None,
+         quiet: bool) -> None:
     from .distributed import world
     from .loading import use_device
     from .train import Trainer, export
 
     use_device(device)
     rank, size = world()
-    trainer = Trainer(model_dir, train_data, out_dir, cfg, resume=resume, progress=not quiet, rank=rank, world=size)
+    trainer = Trainer(model_dir, train_data, out_dir, cfg, resume=resume, progress=not quiet, rank=rank, world=size,
+                      release=release)
     if rank == 0:
         skipped = {k: v for k, v in trainer.skipped.items() if v}
         click.echo(f"{len(trainer.data)} training examples ({skipped or 'none'} skipped), {trainer.total} steps, "

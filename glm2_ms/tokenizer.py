@@ -23,8 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
+from converters.model_folder import tokenizer_model
 from glm2_core.assets import bundled_tokenizer
+from glm2_core.config import GLM2Config
 from glm2_core.errors import CheckpointError
+from glm2_core.jsonio import read_json
+from glm2_core.releases import TOLD_BY_USER
 
 DEFAULT_MODEL = bundled_tokenizer()[0]  # the tokenizer.model this toolkit ships (ChatGLM2's and ChatGLM3's)
 ROLES = ("system", "user", "assistant", "observation")
@@ -175,11 +179,25 @@ class GLM2Tokenizer:
     @classmethod
     def from_pretrained(cls, path: str | Path, family: str | None = None) -> GLM2Tokenizer:
         """The tokenizer of a model folder, as transformers' AutoTokenizer is loaded: its tokenizer.model (else the
-        bundled one, for the families it belongs to), of the family the folder tells (`detect_family`)."""
-        from converters.model_folder import tokenizer_model
+        bundled one, for the families it belongs to), of the family the folder tells (`detect_family`) or
+        `family`. Loading the model too? `glm2_ms.loading.open_model` opens the folder once for both."""
+        path = Path(path)
+        if family is None:
+            config = path / "config.json"
+            named = GLM2Config.from_file(config).family if config.is_file() else "chatglm2"
+            family = detect_family(path, named)
+        return cls._of_family(path, family)
 
-        family = family or detect_family(Path(path))
-        return cls(tokenizer_model(Path(path), family), family)
+    @classmethod
+    def of_model(cls, folder: Path, cfg: GLM2Config) -> GLM2Tokenizer:
+        """The tokenizer of a model whose config (`GLM2Config`) is read already: the family of its release, or of its
+        tokenizer files where they say more (`detect_family`); the release's, if the user named it (--release)."""
+        family = cfg.family if cfg.told_by == TOLD_BY_USER else detect_family(folder, cfg.family)
+        return cls._of_family(folder, family)
+
+    @classmethod
+    def _of_family(cls, folder: Path, family: str) -> GLM2Tokenizer:
+        return cls(tokenizer_model(folder, family), family)
 
     def prefix(self) -> list[int]:
         return [self.special[t] for t in self.family.prefix]
@@ -263,20 +281,15 @@ class GLM2Tokenizer:
         return self.batch([self.encode(t) for t in texts], max_length)
 
 
-def detect_family(folder: Path) -> str:
-    """The tokenizer family of a model folder: GLM-4 when its tokenizer.model is a ranks file; for a sentencepiece
-    model, ChatGLM3 when the folder names it (config.json's `_name_or_path`, or a tokenizer_config.json chat
-    template with role tokens), else ChatGLM2; without a tokenizer.model, its config's family. Pass the family
-    where a folder says nothing (a finetune saved under a local name)."""
-    from glm2_core.config import GLM2Config
-
+def detect_family(folder: Path, named: str = "chatglm2") -> str:
+    """The tokenizer family of a model folder whose config names the family `named`: GLM-4 when its tokenizer.model
+    is a ranks file; for a sentencepiece model, ChatGLM3 when the config names it or a tokenizer_config.json chat
+    template has role tokens, else ChatGLM2; without a tokenizer.model, `named`."""
     vocab = folder / "tokenizer.model" if folder.is_dir() else folder
     if vocab.is_file() and vocabulary_kind(vocab) == "tiktoken":
         return "glm4"
     if not folder.is_dir():
         return "chatglm2"
-    config = folder / "config.json"
-    named = GLM2Config.from_file(config).family if config.is_file() else "chatglm2"
     if not vocab.is_file():
         return named
     template = _json(folder / "tokenizer_config.json").get("chat_template")
@@ -285,7 +298,5 @@ def detect_family(folder: Path) -> str:
 
 
 def _json(path: Path) -> dict:
-    from glm2_core.jsonio import read_json
-
     data = read_json(path) if path.is_file() else None
     return data if isinstance(data, dict) else {}

@@ -22,10 +22,9 @@ from glm2_core.errors import UserError
 
 from . import checkpointing as ckpt
 from .data import Lengths, TrainData, answer_windows, read_jsonl
-from .loading import from_pretrained
+from .loading import open_model
 from .lora import LoRAConfig, apply_lora, dropout_masks, size_dropout_masks
 from .model import GLM2ForCausalLM, use_native_kernels
-from .tokenizer import GLM2Tokenizer
 from .train_checkpoint import State, TrainingCheckpoint, network_state, resume_point
 from .train_config import TrainConfig
 from .train_step import TrainStep, token_loss
@@ -35,25 +34,26 @@ __all__ = ["Trainer", "export", "token_loss"]
 
 class Trainer:
     def __init__(self, model_dir, train_file, out_dir, cfg: TrainConfig, resume: bool = False,
-                 progress: bool = True, rank: int = 0, world: int = 1, model: GLM2ForCausalLM | None = None):
+                 progress: bool = True, rank: int = 0, world: int = 1, model: GLM2ForCausalLM | None = None,
+                 release: str | None = None):
         self.cfg, self.out, self.rank, self.world = cfg, Path(out_dir), rank, world
-        self.model_dir, self.progress = Path(model_dir), progress
+        self.model_dir, self.progress, self.release = Path(model_dir), progress, release  # release: --release
         lengths = Lengths(cfg.max_source_length, cfg.max_target_length, cfg.seq_length)
-        self.tok = GLM2Tokenizer.from_pretrained(self.model_dir)
-        lines = read_jsonl(train_file, cfg.prompt_column, cfg.response_column)
-        self.skipped = lines.skipped
-        self.data = TrainData(self.tok, lines, lengths)
-        self.seq = lengths.total
-        per_epoch = len(self.data) // (cfg.batch_size * world) // cfg.gradient_accumulation_steps
-        if per_epoch == 0:
-            raise UserError(f"{train_file}: {len(self.data)} examples do not fill one step of "
-                                  f"{cfg.batch_size * world * cfg.gradient_accumulation_steps}")
-        self.steps_per_epoch = per_epoch
-        self.total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
-        self.base = base_identity(self.model_dir)
-        point = resume_point(self.out, cfg, self.total, self.base, rank, world) if resume else None
-        self.model = model or from_pretrained(self.model_dir, dtype=_storage_dtype(cfg, self.model_dir),
-                                              compute_dtype=cfg.compute_dtype)
+        with open_model(self.model_dir, release=release) as folder:  # opened once: config, tokenizer, weights
+            self.tok = folder.tokenizer
+            lines = read_jsonl(train_file, cfg.prompt_column, cfg.response_column)
+            self.skipped = lines.skipped
+            self.data = TrainData(self.tok, lines, lengths)
+            self.seq = lengths.total
+            per_epoch = len(self.data) // (cfg.batch_size * world) // cfg.gradient_accumulation_steps
+            if per_epoch == 0:
+                raise UserError(f"{train_file}: {len(self.data)} examples do not fill one step of "
+                                f"{cfg.batch_size * world * cfg.gradient_accumulation_steps}")
+            self.steps_per_epoch = per_epoch
+            self.total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+            self.base = base_identity(self.model_dir)
+            point = resume_point(self.out, cfg, self.total, self.base, rank, world) if resume else None
+            self.model = model or folder.load(_storage_dtype(cfg, folder.source.dtype), cfg.compute_dtype)
         use_native_kernels(self.model, False)  # MindSpore's MatMul, whose backward training needs
         if cfg.method == "lora":
             apply_lora(self.model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
@@ -264,20 +264,17 @@ def _export_adapter(trainer: Trainer, merge: bool) -> dict[str, str]:
     if merge:
         paths["merged"] = out / "merged"
         convert(trainer.model_dir, paths["merged"], target=Layout("mindformers"), fmt="ckpt", overwrite=True,
-                progress=False, adapter=adapter)
+                progress=False, adapter=adapter, release=trainer.release)
     return {k: str(v) for k, v in paths.items()}
 
 
-def _storage_dtype(cfg: TrainConfig, model_dir: Path) -> str:
+def _storage_dtype(cfg: TrainConfig, stored: str) -> str:
     """The weights' dtype in memory: float32 for what is trained; LoRA's frozen base as the checkpoint stores it
     (float16 is cast to the compute dtype exactly where used, so the losses are those of a float32 copy) — except
     bfloat16, whose embedding lookup has no kernel inside a jit graph on CPU."""
     if cfg.method == "full":
         return "float32"
-    from converters.source import Source
-
-    with Source.open(model_dir) as src:
-        return "float32" if src.dtype == "bfloat16" else src.dtype
+    return "float32" if stored == "bfloat16" else stored
 
 
 def _rss_mb() -> float:

@@ -6,17 +6,28 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from conftest import DATA
 from numpy_glm2 import NumpyGLM2
+from strategy_fixtures import write_pb
+from test_finetune import TRAIN
+from test_shards import dp_mp
 
 from converters.checkpoint import open_checkpoint
 from converters.convert import convert
 from converters.mindformers_yaml import MINDFORMERS_YAML
+from converters.shards import split
+from converters.shards_cli import main as merge_shards
 from converters.synth import synthesize
 from glm2_core.config import GLM2Config
 from glm2_core.dtypes import to_float32
 from glm2_core.errors import CheckpointError
 from glm2_core.names import Layout
 from glm2_core.releases import RELEASES, identify
+from glm2_ms.cli import generate
+from glm2_ms.finetune_cli import main as finetune
+from validation.cli import main as parity
+from validation.eval_cli import main as evaluate
 
 PROMPT = [int(i) for i in np.random.default_rng(7).integers(3, 64000, 100)]
 
@@ -148,8 +159,6 @@ def test_inspect_names_the_release_and_what_told_it(tmp_path, name, told):
 def test_convert_asks_for_the_release_an_unnamed_folder_cannot_tell(tmp_path):
     """hf2ms of a config with rope_ratio and no release named: one line, nothing written; with --release the output's
     config.json names it, so the folder tells from then on."""
-    from click.testing import CliRunner
-
     from converters.cli import main
 
     synthesize(tmp_path / "hf", GLM2Config.preset("tiny"), "float32", "safetensors")
@@ -178,3 +187,57 @@ def test_hostile_release_fields_end_in_one_short_line(bad):
         assert len(str(exc)) < 400 and "\n" not in str(exc)
     else:
         assert list(bad) == ["family"]
+
+
+@pytest.fixture(scope="module")
+def unnamed_32k(tmp_path_factory):
+    """A ChatGLM2-6B-32k finetune saved under a local name, as a HF and a MindSpore folder: rope_ratio 16 and a
+    `_name_or_path` that names no release, so only the user can tell which RoPE rule it has."""
+    root = tmp_path_factory.mktemp("unnamed-32k")
+    synthesize(root / "hf", GLM2Config.preset("tiny", release="chatglm2-6b-32k", rope_ratio=16), "float32",
+               "safetensors")
+    convert(root / "hf", root / "ms", target=Layout("mindformers"), fmt="ckpt", progress=False)
+    for side in ("hf", "ms"):
+        config = json.loads((root / side / "config.json").read_text())
+        (root / side / "config.json").write_text(json.dumps({**config, "_name_or_path": "my-finetune"}))
+    return root
+
+
+def _tool_runs(unnamed, out):
+    """Each tool that opens a model folder: its command and arguments on the unnamed folders, writing into `out`."""
+    ms, hf = str(unnamed / "ms"), str(unnamed / "hf")
+    return {
+        "glm2-generate": (generate, [ms, "--prompt", "你好", "--max-new-tokens", "2"]),
+        "glm2-eval": (evaluate, [ms, "--data", str(DATA / "adgen_dev.json"), "--max-samples", "2", "--batch-size", "2",
+                                 "--max-new-tokens", "2", "--quiet", "--out", str(out)]),
+        "glm2-parity": (parity, [hf, ms, "--max-new-tokens", "2", "--whole", "--report", str(out)]),
+        "glm2-finetune": (finetune, [ms, "--train-data", str(TRAIN), "--out", str(out), "--max-steps", "1",
+                                     "--batch-size", "2", "--max-source-length", "8", "--max-target-length", "8",
+                                     "--quiet"]),
+    }
+
+
+@pytest.mark.parametrize("tool", ["glm2-generate", "glm2-eval", "glm2-parity", "glm2-finetune"])
+def test_every_tool_takes_the_release_a_folder_cannot_tell(unnamed_32k, tmp_path, tool):
+    """Without --release: one line that says so, nothing written; with it: the run completes."""
+    out = tmp_path / "out"
+    command, args = _tool_runs(unnamed_32k, out)[tool]
+    refused = CliRunner().invoke(command, args)
+    assert refused.exit_code == 1 and "names no release" in refused.output, refused.output
+    assert refused.output.count("\n") == 1 and not out.exists()
+    told = CliRunner().invoke(command, [*args, "--release", "chatglm2-6b-32k"])
+    assert told.exit_code == 0, told.output
+    assert tool == "glm2-generate" or out.is_dir()
+
+
+def test_merge_shards_takes_the_release_a_folder_cannot_tell(unnamed_32k, tmp_path):
+    full = unnamed_32k / "ms" / "mindspore_model.ckpt"
+    with open_checkpoint(full) as c:
+        strategy = write_pb(tmp_path / "strategy.ckpt", dp_mp(list(c.tensors)))
+    split(full, strategy, tmp_path / "shards", progress=False)
+    args = [str(tmp_path / "shards"), "--strategy", str(strategy), str(tmp_path / "merged"), "--quiet"]
+    refused = CliRunner().invoke(merge_shards, args)
+    assert refused.exit_code == 1 and "names no release" in refused.output and not (tmp_path / "merged").exists()
+    told = CliRunner().invoke(merge_shards, [*args, "--release", "chatglm2-6b-32k"])
+    assert told.exit_code == 0, told.output
+    assert GLM2Config.from_pretrained(tmp_path / "merged").release == "chatglm2-6b-32k"

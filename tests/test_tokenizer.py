@@ -147,7 +147,7 @@ def test_family_detected_from_the_folder(tmp_path, tok):
 
     shutil.copy(DEFAULT_MODEL, tmp_path / "tokenizer.model")
     assert detect_family(tmp_path) == "chatglm2"
+    assert detect_family(tmp_path, named="chatglm3") == "chatglm3"
     (tmp_path / "config.json").write_text('{"_name_or_path": "THUDM/chatglm3-6b"}')
-    assert detect_family(tmp_path) == "chatglm3"
     assert GLM2Tokenizer.from_pretrained(tmp_path).stop_ids == (2, 64795, 64797)
     assert GLM2Tokenizer.from_pretrained(tmp_path, family="chatglm2").stop_ids == (2,)

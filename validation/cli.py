@@ -18,6 +18,7 @@ BY_DTYPE = "by --compute-dtype, as in the README"
 @click.option("--prompts", type=ExistingPath(), show_default="five real prompts, Chinese and English",
               help="A text file, one prompt per line.")
 @option("--compute-dtype")
+@option("--release")
 @option("--max-new-tokens", default=32, type=COUNT)  # 0: the layer passes alone (README)
 @option("--streamed/--whole")
 @click.option("--reference", type=click.Choice(["torch", "glm", "remote-code"]), default="torch", show_default=True,
@@ -31,8 +32,8 @@ BY_DTYPE = "by --compute-dtype, as in the README"
               help="Max abs diff allowed after any attention or MLP, relative to the stage's largest |value|.")
 @click.option("--min-top1", type=FRACTION, show_default=BY_DTYPE, help="Minimum top-1 agreement (0..1).")
 @click.option("--min-greedy", type=FRACTION, show_default=BY_DTYPE, help="Minimum greedy token agreement (0..1).")
-def main(hf_dir, ms_dir, prompts, compute_dtype, max_new_tokens, streamed, reference, report, overwrite, logits_atol,
-         layer_rtol, min_top1, min_greedy):
+def main(hf_dir, ms_dir, prompts, compute_dtype, release, max_new_tokens, streamed, reference, report, overwrite,
+         logits_atol, layer_rtol, min_top1, min_greedy):
     """Run HF_DIR (the reference) and MS_DIR (the MindSpore runtime) on the same token ids and compare every
     layer, the logits and greedy generation; exit 1 when a threshold fails. Both sides compute in
     --compute-dtype, with their weights cast to it."""
@@ -46,7 +47,7 @@ def main(hf_dir, ms_dir, prompts, compute_dtype, max_new_tokens, streamed, refer
     texts = read_prompts(prompts) if prompts else DEFAULT_PROMPTS
     th = Thresholds.for_dtype(compute_dtype, logits_max_abs=logits_atol, layer_rel=layer_rtol, top1=min_top1,
                               greedy=min_greedy)
-    result = run_parity(hf_dir, ms_dir, texts, compute_dtype, max_new_tokens, reference, th, streamed)
+    result = run_parity(hf_dir, ms_dir, texts, compute_dtype, max_new_tokens, reference, th, streamed, release)
     if report:
         write_report(result, report, overwrite, sources)
     click.echo(markdown(result))

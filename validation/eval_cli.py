@@ -71,6 +71,7 @@ def scored_pairs(file: Path) -> list[tuple[str, str]]:
               help="Cut each reference to this many characters minus one, as MindFormers' evaluation does.")
 @sampling_options(max_new_tokens=256)
 @option("--compute-dtype")
+@option("--release")
 @option("--variant")
 @option("--out", default=Path("eval-out"))
 @option("--overwrite")
@@ -81,8 +82,8 @@ def scored_pairs(file: Path) -> list[tuple[str, str]]:
 @option("--resume")
 @option("--quiet")
 def main(model_dir, ms_dir, parity, data, runtime, max_samples, batch_size, max_source_length, max_target_length,
-         max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, compute_dtype, variant, out_dir,
-         overwrite, min_agreement, max_metric_diff, resume, quiet):
+         max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, compute_dtype, release, variant,
+         out_dir, overwrite, min_agreement, max_metric_diff, resume, quiet):
     """ADGEN evaluation of the model in MODEL_DIR: predictions.jsonl is written to --out as it goes (--resume
     continues it; an existing --out is refused otherwise, or replaced with --overwrite), metrics.json at the end.
     THUDM's sampled evaluation is --sample --top-p 0.7 --temperature 0.95."""
@@ -97,7 +98,7 @@ def main(model_dir, ms_dir, parity, data, runtime, max_samples, batch_size, max_
             if sample:
                 raise UserError("--parity compares greedy predictions; drop --sample")
             report = metric_parity(model_dir, ms_dir, data, out_dir, s, min_agreement, max_metric_diff,
-                                   progress=not quiet, resume=resume, overwrite=overwrite)
+                                   progress=not quiet, resume=resume, overwrite=overwrite, release=release)
             click.echo(parity_markdown(report))
             sys.exit(0 if report["passed"] else 1)
         if ms_dir is not None:
@@ -106,7 +107,7 @@ def main(model_dir, ms_dir, parity, data, runtime, max_samples, batch_size, max_
 
         sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
         result = evaluate(model_dir, data, out_dir, runtime, s, sampling, progress=not quiet, resume=resume,
-                          overwrite=overwrite)
+                          overwrite=overwrite, release=release)
         click.echo(json.dumps(result, indent=2, ensure_ascii=False))
 
 

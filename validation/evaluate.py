@@ -45,21 +45,22 @@ def samples(data: Path, tok, s: EvalSettings) -> list[tuple[str, list[int], str]
 class Runtime:
     """Greedy or sampled continuation of left-padded batches on MindSpore or on the PyTorch reference."""
 
-    def __init__(self, kind: str, model_dir: Path, sampling=None, compute_dtype: str = "float32"):
+    def __init__(self, kind: str, folder, sampling=None, compute_dtype: str = "float32"):
+        """`folder`: the model folder opened (glm2_ms.loading.ModelFolder)."""
         from glm2_core.dtypes import weights_for
 
         self.kind, self.sampling = kind, sampling
         if kind == "ms":
             from glm2_ms.generation import Decoder
-            from glm2_ms.loading import from_pretrained, use_cpu
+            from glm2_ms.loading import use_cpu
 
             use_cpu()
-            self.decoder = Decoder(from_pretrained(model_dir, weights_for(compute_dtype), compute_dtype))
+            self.decoder = Decoder(folder.load(weights_for(compute_dtype), compute_dtype))
             self.config = self.decoder.model.config
         elif kind == "torch":
-            from .torch_reference import load_reference
+            from .torch_reference import reference_from
 
-            self.decoder = load_reference(model_dir, weights_for(compute_dtype), compute_dtype=compute_dtype)
+            self.decoder = reference_from(folder.source, weights_for(compute_dtype), compute_dtype=compute_dtype)
             self.config = self.decoder.config
         else:
             raise UserError(f"runtime must be ms or torch, not {kind!r}")
@@ -69,7 +70,8 @@ class Runtime:
                                      sampling=self.sampling, eos_token_id=eos)
 
 
-def run_settings(model_dir: Path, data: Path, runtime: str, s: EvalSettings, sampling) -> dict:
+def run_settings(model_dir: Path, data: Path, runtime: str, s: EvalSettings, sampling,
+                 release: str | None = None) -> dict:
     """What the predictions depend on: the model, the data, the runtime and the generation settings. Recorded
     beside the predictions; a resume with other settings would mix two runs' predictions under one name."""
     from dataclasses import asdict
@@ -80,7 +82,7 @@ def run_settings(model_dir: Path, data: Path, runtime: str, s: EvalSettings, sam
         raise UserError(f"{data}: cannot read data ({exc.strerror or exc})") from None
     return {"model": str(Path(model_dir).resolve()), "runtime": runtime, "data": str(Path(data).resolve()),
             "data_sha256": digest, **{k: v for k, v in asdict(s).items() if k not in ("max_samples", "variant")},
-            "sampling": None if sampling is None else asdict(sampling)}
+            "sampling": None if sampling is None else asdict(sampling), **({"release": release} if release else {})}
 
 
 def check_out(out: Path, resume: bool, overwrite: bool, sources, marker: str = PREDICTIONS, kind: str = KIND) -> bool:
@@ -202,26 +204,27 @@ class EvalRun:
     --out. The model is loaded before --out is made: a model that does not load leaves no folder."""
 
     def __init__(self, model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: EvalSettings | None = None,
-                 sampling=None, resume: bool = False, overwrite: bool = False, within: str | None = None):
+                 sampling=None, resume: bool = False, overwrite: bool = False, within: str | None = None,
+                 release: str | None = None):
         """`within`: `out` lies in a folder of that kind (metric parity's), whose output rules the caller has checked
-        and whose manifest lists `out` as soon as it is made."""
-        from converters.source import Source
-        from glm2_ms.tokenizer import GLM2Tokenizer
+        and whose manifest lists `out` as soon as it is made; `release`: the release the folder holds where it
+        cannot tell (--release)."""
+        from glm2_ms.loading import open_model
 
         self.model_dir, self.out, self.runtime, self.overwrite, self.within = model_dir, Path(out), runtime, \
             overwrite, within
         self.s = s = s or EvalSettings()
-        self.settings = run_settings(model_dir, data, runtime, s, sampling)
+        self.settings = run_settings(model_dir, data, runtime, s, sampling, release)
         self.continued = resume and (self.out / PREDICTIONS).is_file() if within else \
             check_out(self.out, resume, overwrite, (model_dir, data))
         if self.continued:
             check_resume(self.out, self.settings)
-        self.tok = GLM2Tokenizer.from_pretrained(model_dir)
-        self.items = samples(data, self.tok, s)
-        with Source.open(model_dir) as src:
-            check_lengths(src.cfg, self.items, s, memory=False)  # before the load, which may take minutes
-        clock = time.perf_counter()
-        self.engine = Runtime(runtime, model_dir, sampling, s.compute_dtype)
+        with open_model(model_dir, release=release) as folder:  # opened once: config, tokenizer, weights
+            self.tok = folder.tokenizer
+            self.items = samples(data, self.tok, s)
+            check_lengths(folder.config, self.items, s, memory=False)  # before the load, which may take minutes
+            clock = time.perf_counter()
+            self.engine = Runtime(runtime, folder, sampling, s.compute_dtype)
         self.load_s, self.clock = time.perf_counter() - clock, clock
         check_lengths(self.engine.config, self.items, s, memory=True)  # the model is in memory now
 
@@ -257,26 +260,27 @@ class EvalRun:
 
 
 def evaluate(model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: EvalSettings | None = None,
-             sampling=None, progress: bool = True, resume: bool = False, overwrite: bool = False) -> dict:
+             sampling=None, progress: bool = True, resume: bool = False, overwrite: bool = False,
+             release: str | None = None) -> dict:
     """The ADGEN metrics of the model in `model_dir` on `data`; predictions, settings and metrics in `out`."""
-    return EvalRun(model_dir, data, out, runtime, s, sampling, resume, overwrite).run(progress)
+    return EvalRun(model_dir, data, out, runtime, s, sampling, resume, overwrite, release=release).run(progress)
 
 
 def metric_parity(hf_dir: Path, ms_dir: Path, data: Path, out: Path, s: EvalSettings, min_agreement: float = 1.0,
                   max_metric_diff: float = 0.0, progress: bool = True, resume: bool = False,
-                  overwrite: bool = False) -> dict:
+                  overwrite: bool = False, release: str | None = None) -> dict:
     """Greedy predictions of the torch reference on `hf_dir` and MindSpore on `ms_dir` over the same samples, in
     out/torch and out/ms; `out` itself is made once the reference has loaded."""
     import gc
 
     continued = check_out(out, resume, overwrite, (hf_dir, ms_dir, data), marker="torch", kind=PARITY_KIND)
-    ref_run = EvalRun(hf_dir, data, out / "torch", "torch", s, resume=resume, within=PARITY_KIND)
+    ref_run = EvalRun(hf_dir, data, out / "torch", "torch", s, resume=resume, within=PARITY_KIND, release=release)
     if not continued:
         start_folder(out, PARITY_KIND, overwrite)
     ref = ref_run.run(progress)
     del ref_run
     gc.collect()  # one model in memory at a time: the reference's goes before MindSpore's comes
-    got = EvalRun(ms_dir, data, out / "ms", "ms", s, resume=resume, within=PARITY_KIND).run(progress)
+    got = EvalRun(ms_dir, data, out / "ms", "ms", s, resume=resume, within=PARITY_KIND, release=release).run(progress)
     read = lambda p: [json.loads(x) for x in (p / PREDICTIONS).read_text().splitlines()]
     a, b = read(out / "torch"), read(out / "ms")
     rows, agree = [], 0

@@ -25,6 +25,17 @@ DEFAULT_PROMPTS = ["你好", "请介绍一下华为", "晚上睡不着应该怎�
 REPORT = "parity report"  # what our manifest.json calls a --report folder
 
 
+@dataclass(frozen=True)
+class Pair:
+    """What a parity run compares: the reference on `hf_dir` against MindSpore on `ms_dir`, both computing in
+    `dtype`; `release`: the release both hold where their configs cannot tell (--release)."""
+    hf_dir: Path
+    ms_dir: Path
+    dtype: str = "float32"
+    reference: str = "torch"
+    release: str | None = None
+
+
 @dataclass
 class Thresholds:
     logits_max_abs: float    # on the final logits
@@ -89,7 +100,7 @@ class MindSporeSide:
     """The whole MindSpore model as the runtime runs it: to compute in float32, its weights as stored (16-bit ones
     through the native kernel, or cast where used)."""
 
-    def __init__(self, ms_dir: Path, dtype: str):
+    def __init__(self, pair: Pair):
         import mindspore as ms
 
         from glm2_ms.generation import Decoder
@@ -97,7 +108,8 @@ class MindSporeSide:
 
         use_cpu()
         self.ms = ms
-        self.model = from_pretrained(ms_dir, dtype=weights_for(dtype), compute_dtype=dtype)
+        self.model = from_pretrained(pair.ms_dir, dtype=weights_for(pair.dtype), compute_dtype=pair.dtype,
+                                     release=pair.release)
         self.decoder = Decoder(self.model)
 
     def trace(self, ids):
@@ -112,30 +124,30 @@ class MindSporeSide:
             .tolist()
 
 
-def whole_model_bytes(ms_dir: Path, dtype: str) -> int:
+def whole_model_bytes(ms_dir: Path, dtype: str, release: str | None = None) -> int:
     """What the two whole models of `--whole` hold: MindSpore's weights as it keeps them to compute in `dtype`, the
     reference's in `dtype`."""
-    with Source.open(ms_dir) as src:
+    with Source.open(ms_dir, release=release) as src:
         params = sum(int(np.prod(shape)) for shape in canonical_shapes(src.cfg).values())
         kept = weights_for(dtype) or src.dtype
     return params * (BY_NAME[kept].itemsize + BY_NAME[dtype].itemsize)
 
 
-def fits_whole(ms_dir: Path, dtype: str) -> bool:
+def fits_whole(ms_dir: Path, dtype: str, release: str | None = None) -> bool:
     """Whether both whole models fit in the memory available now, with a quarter of it to spare for activations,
     the runtimes and the generation step."""
     from glm2_ms.loading import fits_in_memory
 
-    return fits_in_memory(whole_model_bytes(ms_dir, dtype), 0.75)
+    return fits_in_memory(whole_model_bytes(ms_dir, dtype, release), 0.75)
 
 
-def _whole(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
+def _whole(pair: Pair, tok_ids, new_tokens):
     """Both whole models side by side; per prompt: (MindSpore trace, reference trace, tokens both, seconds)."""
     from .references import REFERENCES, timed
 
-    ms_side, ms_load = timed(MindSporeSide, ms_dir, dtype)
-    ref, ref_load = timed(REFERENCES[reference], hf_dir, dtype)
-    check_new_tokens(ms_side.model.config, tok_ids, new_tokens, dtype, memory=True)  # the models are in memory now
+    ms_side, ms_load = timed(MindSporeSide, pair)
+    ref, ref_load = timed(lambda: REFERENCES[pair.reference](pair.hf_dir, pair.dtype, release=pair.release))
+    check_new_tokens(ms_side.model.config, tok_ids, new_tokens, pair.dtype, memory=True)  # the models are in memory now
     rows = []
     for ids in tok_ids:  # --max-new-tokens 0: the traces alone (transformers' generate refuses 0 new tokens)
         (ms_trace, ms_s), (ref_trace, ref_s) = timed(ms_side.trace, ids), timed(ref.trace, ids)
@@ -147,7 +159,7 @@ def _whole(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
     return rows, {"ms": ms_load, "ref": ref_load}, ref.name
 
 
-def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
+def _streamed(pair: Pair, tok_ids, new_tokens):
     """Each whole model's greedy tokens first, with its weights as stored, computing in `dtype`; each in a process of
     its own where the two whole models would not fit side by side: the process gives all its memory back when it
     ends (MindSpore's memory pool keeps what it held, the whole model's included, after the model is collected:
@@ -157,18 +169,18 @@ def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
     from .references import STREAMED
     from .streamed import MindSporeLayers, layer_major
 
-    if reference not in STREAMED:
-        raise UserError(f"--reference {reference} runs whole models only (its modules are the folder's "
-                              f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
+    if pair.reference not in STREAMED:
+        raise UserError(f"--reference {pair.reference} runs whole models only (its modules are the folder's "
+                        f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
     made = {}  # the reference's layers, which name the modules they run
-    sides = {"ref": lambda: made.setdefault("ref", STREAMED[reference](hf_dir, dtype)),
-             "ms": lambda: MindSporeLayers(ms_dir, dtype)}
+    sides = {"ref": lambda: made.setdefault("ref", STREAMED[pair.reference](pair.hf_dir, pair.dtype, pair.release)),
+             "ms": lambda: MindSporeLayers(pair.ms_dir, pair.dtype, pair.release)}
     traces, trace_s, load_s = {}, {}, {}
     tokens = {side: [[] for _ in tok_ids] for side in sides}
     gen_s = {side: [0.0 for _ in tok_ids] for side in sides}
-    run = greedy if fits_whole(ms_dir, dtype) else greedy_apart
+    run = greedy if fits_whole(pair.ms_dir, pair.dtype, pair.release) else greedy_apart
     for side in sides if new_tokens else ():  # --max-new-tokens 0: the layer passes alone
-        tokens[side], gen_s[side], load_s[side] = run(side, hf_dir, ms_dir, dtype, reference, tok_ids, new_tokens)
+        tokens[side], gen_s[side], load_s[side] = run(side, pair, tok_ids, new_tokens)
     for side, layers in sides.items():
         traces[side], trace_s[side] = layer_major(layers(), tok_ids)
     rows = [(traces["ms"][k], traces["ref"][k], tokens["ms"][k], tokens["ref"][k],
@@ -177,16 +189,16 @@ def _streamed(hf_dir, ms_dir, tok_ids, dtype, new_tokens, reference):
     return rows, load_s, made["ref"].name
 
 
-def greedy(side, hf_dir, ms_dir, dtype, reference, tok_ids, new_tokens) -> tuple[list, list, float]:
+def greedy(side, pair: Pair, tok_ids, new_tokens) -> tuple[list, list, float]:
     """Each prompt's greedy tokens from `side`'s whole model ("ms" or "ref"), weights as stored, and their seconds,
     and its load seconds."""
     from .references import REFERENCES, timed
 
-    make = (lambda: MindSporeSide(ms_dir, dtype)) if side == "ms" else \
-        (lambda: REFERENCES[reference](hf_dir, dtype, stored=True))
+    make = (lambda: MindSporeSide(pair)) if side == "ms" else \
+        (lambda: REFERENCES[pair.reference](pair.hf_dir, pair.dtype, stored=True, release=pair.release))
     model, load_s = timed(make)
-    with Source.open(ms_dir) as src:
-        check_new_tokens(src.cfg, tok_ids, new_tokens, dtype, memory=True)  # the model is in memory now
+    with Source.open(pair.ms_dir, release=pair.release) as src:
+        check_new_tokens(src.cfg, tok_ids, new_tokens, pair.dtype, memory=True)  # the model is in memory now
     runs = [timed(model.generate, ids, new_tokens) for ids in tok_ids]
     return [r[0] for r in runs], [r[1] for r in runs], load_s
 
@@ -214,26 +226,24 @@ def check_new_tokens(cfg, tok_ids: list[list[int]], new_tokens: int, dtype: str,
 
 
 def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "float32", new_tokens: int = 32,
-               reference: str = "torch", thresholds: Thresholds | None = None, streamed: bool | None = None) -> dict:
-    """`streamed`: run layer by layer (None: when the two whole models would not fit in the memory available)."""
-    from glm2_ms.tokenizer import GLM2Tokenizer
-
+               reference: str = "torch", thresholds: Thresholds | None = None, streamed: bool | None = None,
+               release: str | None = None) -> dict:
+    """`streamed`: run layer by layer (None: when the two whole models would not fit in the memory available);
+    `release`: the release both folders hold where their configs cannot tell."""
     from .references import REFERENCES
 
     if reference not in REFERENCES:
         raise UserError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCES)}")
+    pair = Pair(Path(hf_dir), Path(ms_dir), dtype, reference, release)
     th = thresholds or Thresholds.for_dtype(dtype)
-    tok_dir = Path(ms_dir) if (Path(ms_dir) / "tokenizer.model").is_file() else Path(hf_dir)
-    # the model's tokenizer and chat format; without one (GLM-4's is not bundled), ChatGLM2's: every GLM takes its ids
-    tok = GLM2Tokenizer.from_pretrained(tok_dir) if (tok_dir / "tokenizer.model").is_file() else GLM2Tokenizer()
-    tok_ids = [tok.build_chat_input(p) for p in prompts]
-    with Source.open(ms_dir) as src:
+    with Source.open(pair.ms_dir, release=release) as src:
         cfg = src.cfg
+    tok = _tokenizer(pair, cfg)
+    tok_ids = [tok.build_chat_input(p) for p in prompts]
     check_new_tokens(cfg, tok_ids, new_tokens, dtype, memory=False)  # before minutes of loading
     if streamed is None:
-        streamed = not fits_whole(ms_dir, dtype)
-    rows, load_s, ref_name = (_streamed if streamed else _whole)(hf_dir, ms_dir, tok_ids, dtype, new_tokens,
-                                                                 reference)
+        streamed = not fits_whole(pair.ms_dir, dtype, release)
+    rows, load_s, ref_name = (_streamed if streamed else _whole)(pair, tok_ids, new_tokens)
     results = [compare(p, ids, *row, th) for p, ids, row in zip(prompts, tok_ids, rows, strict=True)]
     return {
         "hf_dir": str(hf_dir), "ms_dir": str(ms_dir), "reference": ref_name, "dtype": dtype,
@@ -242,6 +252,17 @@ def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "flo
         "thresholds": asdict(th), "new_tokens": new_tokens, "load_seconds": load_s,
         "prompts": results, "passed": all(r["passed"] for r in results),
     }
+
+
+def _tokenizer(pair: Pair, cfg):
+    """The model's tokenizer and chat format: MS_DIR's tokenizer.model, else HF_DIR's; without one (GLM-4's is not
+    bundled), ChatGLM2's, whose ids every GLM takes."""
+    from glm2_ms.tokenizer import GLM2Tokenizer
+
+    for folder in (pair.ms_dir, pair.hf_dir):
+        if (folder / "tokenizer.model").is_file():
+            return GLM2Tokenizer.of_model(folder, cfg)
+    return GLM2Tokenizer()
 
 
 MODES = {"whole": "both whole models in memory",

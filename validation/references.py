@@ -84,12 +84,12 @@ class TorchTrace:
         return self.generate_fn(ids, n)
 
 
-def torch_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
+def torch_reference(hf_dir: Path, dtype: str, stored: bool = False, release: str | None = None) -> TorchTrace:
     """`stored`: the weights as stored when computing in float32 (cast per layer as it runs), as the generation
-    parity of a model too large for two float32 copies needs."""
+    parity of a model too large for two float32 copies needs; `release`: where the folder cannot tell."""
     from .torch_reference import load_reference
 
-    model = load_reference(hf_dir, weights_for(dtype) if stored else dtype, compute_dtype=dtype)
+    model = load_reference(hf_dir, weights_for(dtype) if stored else dtype, compute_dtype=dtype, release=release)
     t = model.transformer
 
     def generate(ids, n):
@@ -99,7 +99,7 @@ def torch_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrac
                       lambda x: model(x)[0], generate, TORCH_NAME)
 
 
-def glm_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
+def glm_reference(hf_dir: Path, dtype: str, stored: bool = False, release: str | None = None) -> TorchTrace:
     import transformers
 
     from converters.convert import convert
@@ -109,7 +109,7 @@ def glm_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
     storage = (weights_for(dtype) if stored else dtype) or stored_dtype(hf_dir)
     with tempfile.TemporaryDirectory(prefix="glm2-parity-glm-") as tmp:  # a full model copy: gone once loaded
         convert(hf_dir, Path(tmp) / "glm", target=Layout("glm"), fmt="safetensors", dtype=storage,
-                progress=False)
+                progress=False, release=release)
         # GlmForCausalLM, or Glm4ForCausalLM for GLM-4-0414: the class its config.json's model_type names
         model = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "glm",
                                                                   dtype=TORCH_DTYPES[storage]).eval()
@@ -125,7 +125,8 @@ def glm_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
                       lambda x: model(x, use_cache=False).logits, generate, f"transformers {type(model).__name__}")
 
 
-def remote_code_reference(hf_dir: Path, dtype: str, stored: bool = False) -> TorchTrace:
+def remote_code_reference(hf_dir: Path, dtype: str, stored: bool = False, release: str | None = None) -> TorchTrace:
+    """THUDM's own modeling_chatglm.py, which reads the folder's config itself (`release` changes nothing)."""
     if not (Path(hf_dir) / "modeling_chatglm.py").is_file():
         raise CheckpointError(f"{hf_dir}: no modeling_chatglm.py, so there is no remote code to run; use "
                               f"--reference torch or --reference glm")
@@ -168,10 +169,10 @@ class _TorchLayers:
 
     layout: str
 
-    def __init__(self, hf_dir: Path, dtype: str):
+    def __init__(self, hf_dir: Path, dtype: str, release: str | None = None):
         from .streamed import LayerWeights
 
-        self.weights = LayerWeights(hf_dir, Layout(self.layout), dtype)
+        self.weights = LayerWeights(hf_dir, Layout(self.layout), dtype, release)
         self.cfg, self.dtype = self.weights.cfg, dtype
         self.stages, self.close = self.weights.stages, self.weights.close
 
@@ -266,12 +267,12 @@ class GlmLayers(_TorchLayers):
     layout, attn, block_prefix = "glm", "self_attn", "model.layers.{}."
     norm_prefix, output_prefix = "model.norm.", "lm_head."
 
-    def __init__(self, hf_dir: Path, dtype: str):
+    def __init__(self, hf_dir: Path, dtype: str, release: str | None = None):
         import importlib
 
         import transformers
 
-        super().__init__(hf_dir, dtype)
+        super().__init__(hf_dir, dtype, release)
         config = self.cfg.glm_json(dtype)
         kind = config["model_type"]  # glm, or glm4 (GLM-4-0414)
         self.name = f"transformers {GLM_MODEL_TYPES[kind]}"

@@ -45,8 +45,8 @@ class LayerWeights:
     """A checkpoint read stage by stage, in `layout`'s names, its weights in the dtype a runtime computing in
     `compute` keeps them in (`weights_for`: as stored for float32 arithmetic, which casts them where used)."""
 
-    def __init__(self, path: Path, layout: Layout, compute: str):
-        self.src = Source.open(path)
+    def __init__(self, path: Path, layout: Layout, compute: str, release: str | None = None):
+        self.src = Source.open(path, release=release)
         self.dtype = weights_for(compute) or self.src.dtype
         try:
             groups, _ = self.src.groups(layout)
@@ -178,13 +178,13 @@ class MindSporeLayers:
     and RoPE tables, one stage's cells built and filled at a time. As in the whole model, the cells keep their
     weights in `LayerWeights.dtype` and compute in `dtype`, casting each weight where it is used."""
 
-    def __init__(self, ms_dir: Path, dtype: str):
+    def __init__(self, ms_dir: Path, dtype: str, release: str | None = None):
         import mindspore as ms
 
         from glm2_ms.loading import MS_DTYPES, RUNTIME_LAYOUT, use_cpu
 
         use_cpu()
-        self.weights = LayerWeights(ms_dir, RUNTIME_LAYOUT, dtype)
+        self.weights = LayerWeights(ms_dir, RUNTIME_LAYOUT, dtype, release)
         self.ms, self.dtype, self.storage = ms, MS_DTYPES[dtype], MS_DTYPES[self.weights.dtype]
         self.cfg = self.weights.cfg
         self.stages, self.close = self.weights.stages, self.weights.close

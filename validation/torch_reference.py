@@ -243,18 +243,23 @@ def compute_in(lookup, units, dtype: str) -> None:
 
 
 def load_reference(path, dtype: str | None = None, config: Path | None = None,
-                   compute_dtype: str | None = None) -> TorchGLM2:
-    """The reference model from any checkpoint the converters read, its weights in `dtype` (default: as stored),
-    computing in `compute_dtype` (default: the weights' dtype; see `compute_in`)."""
-    with Source.open(path, config=config) as src:
-        storage = dtype or src.dtype
-        model = empty(lambda: TorchGLM2(src.cfg), storage)
-        state = model.state_dict()
-        groups, _ = src.groups(Layout("chatglm"))
-        for name, arr, dt in src.stream(groups, storage):
-            fill(state, name, arr, dt)
-        src.ckpt.check_complete()
-        assert INV_FREQ not in state  # computed in the forward from the config, never read from files
+                   compute_dtype: str | None = None, release: str | None = None) -> TorchGLM2:
+    """The reference model from any checkpoint the converters read (`reference_from`)."""
+    with Source.open(path, config=config, release=release) as src:
+        return reference_from(src, dtype, compute_dtype)
+
+
+def reference_from(src: Source, dtype: str | None = None, compute_dtype: str | None = None) -> TorchGLM2:
+    """The reference model of an opened checkpoint, its weights in `dtype` (default: as stored), computing in
+    `compute_dtype` (default: the weights' dtype; see `compute_in`)."""
+    storage = dtype or src.dtype
+    model = empty(lambda: TorchGLM2(src.cfg), storage)
+    state = model.state_dict()
+    groups, _ = src.groups(Layout("chatglm"))
+    for name, arr, dt in src.stream(groups, storage):
+        fill(state, name, arr, dt)
+    src.ckpt.check_complete()
+    assert INV_FREQ not in state  # computed in the forward from the config, never read from files
     if compute_dtype is not None:
         t = model.transformer
         compute_in(t.embedding.word_embeddings, [*t.encoder.layers, t.encoder.final_layernorm, t.output_layer],
