@@ -44,6 +44,7 @@ RELEASES = {r.name: r for r in (
     Release("glm-4-9b", "glm4"),
     Release("glm-4-9b-chat", "glm4"),
     Release("glm-4-9b-chat-1m", "glm4"),
+    Release("glm-4-9b-chat-hf", "glm4", native="glm"),  # glm-4-9b-chat as transformers' GlmForCausalLM
     # GLM-4-0414: transformers' Glm4ForCausalLM (its config.json names no release: model_type glm4 tells it)
     *(Release(hf.lower(), "glm4", sandwich=True, hf=hf, native="glm") for hf in (
         "GLM-4-9B-0414", "GLM-4-32B-0414", "GLM-4-32B-Base-0414", "GLM-Z1-9B-0414", "GLM-Z1-32B-0414",

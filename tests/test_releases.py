@@ -41,6 +41,7 @@ PROMPT = [int(i) for i in np.random.default_rng(7).integers(3, 64000, 100)]
     ("zai-org/chatglm3-6b-128k", 65024, 500, "chatglm3-6b-128k"),
     ("THUDM/glm-4-9b-chat-1m", 151552, 10000, "glm-4-9b-chat-1m"),
     ("/data/my-finetune", 151552, 500, "glm-4-9b-chat"),
+    ("/hub/models--zai-org--GLM-4-9B-Chat-HF/snapshots/8599336", 151552, 500, "glm-4-9b-chat-hf"),
     (None, 65024, 1, "chatglm2-6b")])
 def test_a_folder_names_its_release(name, vocab, ratio, release):
     assert identify(name, vocab, ratio)[0] == release
