@@ -13,20 +13,19 @@ from glm2_core.errors import CheckpointError
 from glm2_core.jsonio import read_json
 from glm2_core.outputs import MANIFEST, TOOL
 
+from .formats import FORMATS
 from .formats.base import Closing, TensorRef
 from .model_folder import CONFIG, HF_WEIGHTS, INDEX_FILES, tokenizer_candidates, trusted
 
 
 def format_of(path: Path) -> str:
     suffix = path.suffix.lower()
-    if suffix == ".ckpt":
-        return "ckpt"
-    if suffix == ".safetensors":
-        return "safetensors"
-    if suffix in (".bin", ".pt", ".pth"):
-        return "bin"
-    raise CheckpointError(f"{path}: unknown weights file type {suffix or '(no suffix)'}; expected .ckpt, "
-                          f".safetensors or .bin")
+    for name, fmt in FORMATS.items():
+        if suffix in fmt.suffixes:
+            return name
+    known = [s for fmt in FORMATS.values() for s in fmt.suffixes]
+    raise CheckpointError(f"{path}: unknown weights file type {suffix or '(no suffix)'}; expected "
+                          f"{', '.join(known[:-1])} or {known[-1]}")
 
 
 def open_file(path: Path, verify_checksums: bool = True):
@@ -34,14 +33,7 @@ def open_file(path: Path, verify_checksums: bool = True):
     fmt = format_of(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    if fmt == "ckpt":
-        from .formats.ckpt import CkptFile
-        return CkptFile(path, verify_checksums)
-    if fmt == "safetensors":
-        from .formats.safetensors_io import SafetensorsFile
-        return SafetensorsFile(path)  # the format carries no checksum
-    from .formats.torch_bin import TorchBinFile
-    return TorchBinFile(path, verify_checksums)
+    return FORMATS[fmt].reader(path, verify_checksums)
 
 
 @dataclass

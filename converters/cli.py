@@ -9,8 +9,8 @@ import click
 
 from glm2_core.config import PRESETS, GLM2Config
 from glm2_core.dtypes import WEIGHT_DTYPES
-from glm2_core.names import HF_LAYOUTS, canonical_shapes
-from glm2_core.options import AT_LEAST_ONE, MS_LAYOUTS, PATH, ExistingPath, ToolGroup, option, options
+from glm2_core.names import HF_LAYOUTS, MS_LAYOUTS, canonical_shapes, formats_of
+from glm2_core.options import AT_LEAST_ONE, PATH, ExistingPath, ToolGroup, option, options
 
 
 def _print_summary(summary, as_json: bool) -> None:
@@ -69,7 +69,7 @@ def synth(out_dir, preset, num_layers, dtype, fmt, seed, max_shard_size, overwri
 @click.option("--qkv-split", is_flag=True, help="Store query_key_value as wq/wk/wv (qkv_concat=False).")
 @click.option("--mlp-split", is_flag=True, help="Store dense_h_to_4h as dense_left/dense_right (mlp_concat=False).")
 @click.option("--rearrange-rope", is_flag=True, help="Permute q/k rows per head (use_rearrange_rope=True).")
-@option("--format", choices=("ckpt", "safetensors"), show_default="ckpt; safetensors for mindformers-mcore")
+@option("--format", choices=formats_of(MS_LAYOUTS), show_default="ckpt; safetensors for mindformers-mcore")
 @option("--keep-optimizer")
 @common()
 def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_optimizer, no_crc_check, dtype,
@@ -92,7 +92,7 @@ def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_opti
 @click.argument("src", type=PATH)
 @click.argument("dst", type=PATH)
 @option("--layout", choices=HF_LAYOUTS, default="chatglm")
-@option("--format", choices=("safetensors", "bin"), default="safetensors")
+@option("--format", choices=formats_of(HF_LAYOUTS), default="safetensors")
 @option("--max-shard-size")
 @common()
 def ms2hf(src, dst, layout, fmt, max_shard_size, no_crc_check, dtype, overwrite, allow_overflow, config,

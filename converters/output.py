@@ -18,6 +18,7 @@ import numpy as np
 from glm2_core.errors import CheckpointError, UserError, sized
 from glm2_core.outputs import absolute, check_output
 
+from .formats import FORMATS
 from .formats.base import FileSpan, byte_blocks
 from .formats.checksums import crc32, crc32_combine
 
@@ -254,15 +255,7 @@ class WeightsWriter:
     def _start(self):
         file, plan = self._queue.pop(0)
         handle = open(self.folder / file, "wb")  # noqa: SIM115 (closed by _finish_file or abort)
-        if self.fmt == "bin":
-            from .formats.torch_bin import BinWriter
-            writer = BinWriter(handle, plan, Path(file).stem.split(".")[0])
-        elif self.fmt == "ckpt":
-            from .formats.ckpt import CkptWriter
-            writer = CkptWriter(handle, deferred_crc=True)
-        else:
-            from .formats.safetensors_io import SafetensorsWriter
-            writer = SafetensorsWriter(handle, plan, self.metadata)
+        writer = FORMATS[self.fmt].writer(handle, plan, file, self.metadata)
         self._open = (file, handle, writer, [n for n, _, _ in plan])
 
     def _finish_file(self):

@@ -58,6 +58,14 @@ HF_LAYOUTS = tuple(name for name, spec in LAYOUTS.items() if spec.hf)
 MS_LAYOUTS = tuple(name for name in LAYOUTS if name not in HF_LAYOUTS)
 
 
+def formats_of(layouts) -> tuple[str, ...]:
+    """The weights formats the layouts are written in, the first layout's default first."""
+    return tuple(dict.fromkeys(f for name in layouts for f in LAYOUTS[name].formats))
+
+
+FORMAT_NAMES = formats_of(LAYOUTS)  # ckpt, safetensors, bin
+
+
 def _qkv(p: str) -> dict[str, object]:
     return {"mindformers/qkv-split": [(L + f"self_attention.wq.{p}", "q"), (L + f"self_attention.wk.{p}", "k"),
                                       (L + f"self_attention.wv.{p}", "v")],

@@ -29,7 +29,7 @@ import click
 
 from .dtypes import COMPUTE_DTYPES, DTYPES
 from .errors import CheckpointError, UserError
-from .names import HF_LAYOUTS, LAYOUTS, MS_LAYOUTS
+from .names import FORMAT_NAMES, HF_LAYOUTS, LAYOUTS, MS_LAYOUTS
 from .releases import RELEASES
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
@@ -79,7 +79,7 @@ VOCABULARY: dict[str, dict] = {
                             help="Dtype of the arithmetic (the weights are cast where they are used)."),
     "--layout": dict(type=click.Choice(MS_LAYOUTS + HF_LAYOUTS), default="mindformers",
                      help="Weight names of the output: {layouts}."),
-    "--format": dict(decls=("--format", "fmt"), type=click.Choice(("ckpt", "safetensors", "bin")),
+    "--format": dict(decls=("--format", "fmt"), type=click.Choice(FORMAT_NAMES),
                      help="File format of the weights."),
     "--max-shard-size": dict(default="2GB", help="Largest weights file of a HF folder (e.g. 2GB, 500MB)."),
     "--config": dict(type=ExistingPath(), default=None, show_default="the config.json beside {src}",

@@ -1,1 +1,54 @@
-"""Readers that list tensors without loading them, and writers that take them one at a time."""
+"""Readers that list tensors without loading them, and writers that take them one at a time; `FORMATS` says, once,
+which file suffixes each format has and which reader and writer serve it."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _ckpt_reader(path: Path, verify: bool):
+    from .ckpt import CkptFile
+    return CkptFile(path, verify)
+
+
+def _safetensors_reader(path: Path, verify: bool):
+    from .safetensors_io import SafetensorsFile
+    return SafetensorsFile(path)  # the format carries no checksum
+
+
+def _bin_reader(path: Path, verify: bool):
+    from .torch_bin import TorchBinFile
+    return TorchBinFile(path, verify)
+
+
+def _ckpt_writer(handle, plan, file: str, metadata):
+    from .ckpt import CkptWriter
+    return CkptWriter(handle, deferred_crc=True)
+
+
+def _safetensors_writer(handle, plan, file: str, metadata):
+    from .safetensors_io import SafetensorsWriter
+    return SafetensorsWriter(handle, plan, metadata)
+
+
+def _bin_writer(handle, plan, file: str, metadata):
+    from .torch_bin import BinWriter
+    return BinWriter(handle, plan, Path(file).stem.split(".")[0])
+
+
+@dataclass(frozen=True)
+class Format:
+    """A weights file format: its suffixes, its reader (path, verify_checksums) and its writer (open handle, the
+    file's plan, its name, safetensors metadata). Readers and writers import on first use (torch_bin's zip
+    machinery, MindSpore's protobuf wire format)."""
+    suffixes: tuple[str, ...]
+    reader: Callable
+    writer: Callable
+
+
+FORMATS = {
+    "ckpt": Format((".ckpt",), _ckpt_reader, _ckpt_writer),
+    "safetensors": Format((".safetensors",), _safetensors_reader, _safetensors_writer),
+    "bin": Format((".bin", ".pt", ".pth"), _bin_reader, _bin_writer),
+}
