@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.model_folder import tokenizer_model
+from converters.model_folder import CONFIG, tokenizer_model
 from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
 from glm2_core.errors import CheckpointError
@@ -183,7 +183,7 @@ class GLM2Tokenizer:
         `family`. Loading the model too? `glm2_ms.loading.open_model` opens the folder once for both."""
         path = Path(path)
         if family is None:
-            config = path / "config.json"
+            config = path / CONFIG
             named = GLM2Config.from_file(config).family if config.is_file() else "chatglm2"
             family = detect_family(path, named)
         return cls._of_family(path, family)
