@@ -36,7 +36,7 @@ def _setting_option(f, kind):
 
 
 def config_options(fn):
-    """One flag per TrainConfig field, generated (README: every training setting is a flag)."""
+    """One flag per TrainConfig field, generated (docs/finetuning.md: every training setting is a flag)."""
     hints = typing.get_type_hints(TrainConfig)
     for f in reversed(fields(TrainConfig)):
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))

@@ -1,18 +1,27 @@
-"""Every ```python snippet in README.md runs as written, on a tiny converted checkpoint in place of the folder the
-README's commands make ("ms-6b")."""
+"""The user's pages cannot drift from the code: every ```python snippet in README.md and docs/*.md runs as written
+(on a tiny converted checkpoint in place of the folder the commands make, "ms-6b"), every option their shell
+examples give a tool exists, every module and tool they name exists, the CLI reference is what the tools print,
+and no page carries a date, a commit hash or an issue number (those belong in benchmarks/results/)."""
+import importlib.util
 import re
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
+import click
 import pytest
 
 from converters.convert import convert
 from glm2_core.names import Layout
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-SNIPPETS = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+TEXT = {page: page.read_text(encoding="utf-8") for page in PAGES}
+SNIPPETS = [s for text in TEXT.values() for s in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)]
 PLACEHOLDER = '"ms-6b"'
+TOOLS = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("glm2-")}
 
 
 def test_the_readme_has_python_snippets():
@@ -31,7 +40,7 @@ def test_readme_snippet_runs(snippet, hf_tiny, tmp_path):
     assert not list(work.iterdir())
 
 
-BASH = re.findall(r"^```bash\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
+BASH = [b for text in TEXT.values() for b in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M)]
 
 
 def _tool_calls(block: str):
@@ -45,12 +54,8 @@ def _tool_calls(block: str):
 
 
 def test_the_readme_commands_use_options_that_exist():
-    """Every --option the README's shell examples give a glm2-* tool is one that tool (or its subcommand) has."""
-    from importlib.metadata import entry_points
-
-    import click
-
-    tools = {ep.name: ep.load() for ep in entry_points(group="console_scripts") if ep.name.startswith("glm2-")}
+    """Every --option the pages' shell examples give a glm2-* tool is one that tool (or its subcommand) has."""
+    tools = {name: ep.load() for name, ep in TOOLS.items()}
     checked = 0
     for block in BASH:
         for tool, words in _tool_calls(block):
@@ -64,3 +69,39 @@ def test_the_readme_commands_use_options_that_exist():
                     assert word.split("=")[0] in known | {"--help"}, (tool, word)
                     checked += 1
     assert checked > 20
+
+
+def test_the_readme_is_a_page_a_newcomer_reads():
+    assert len(TEXT[README].splitlines()) <= 200
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_no_page_carries_a_date_a_hash_or_an_issue(page):
+    """Dated runs, commits and issues belong in benchmarks/results/; a page may link to such a record (the link's
+    target is not read)."""
+    text = re.sub(r"\]\([^)]*\)", "]()", TEXT[page])
+    found = re.findall(r"20\d\d-\d\d-\d\d|\bissues? \d+|\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b", text)
+    assert not found, found[:3]
+
+
+def _named_paths(text: str) -> set[str]:
+    """The repository paths a page names: `dir/…/file.py` (or .cc, .md) in code spans and links."""
+    spans = re.findall(r"`([^`\n]+)`", text) + re.findall(r"\]\(([^)#]+)", text)
+    return {m for span in spans for m in re.findall(r"(?:\.\./)?[\w.-]+(?:/[\w.-]+)+\.(?:py|cc|md)", span)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_module_and_tool_a_page_names_exists(page):
+    paths = _named_paths(TEXT[page])
+    missing = [p for p in paths if not (page.parent / p).exists() and not (ROOT / p).exists()]
+    assert not missing, missing
+    tools = set(re.findall(r"\bglm2-[a-z-]+[a-z]\b", TEXT[page])) - {"glm2-toolkit"}
+    assert tools <= set(TOOLS), tools - set(TOOLS)
+
+
+def test_the_cli_reference_is_what_the_tools_print():
+    spec = importlib.util.spec_from_file_location("make_cli_reference", ROOT / "docs" / "make_cli_reference.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    assert (ROOT / "docs" / "cli-reference.md").read_text(encoding="utf-8") == make.reference(), \
+        "docs/cli-reference.md is stale: python docs/make_cli_reference.py > docs/cli-reference.md"

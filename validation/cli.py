@@ -9,7 +9,7 @@ import click
 from glm2_core.errors import UserError
 from glm2_core.options import COUNT, FRACTION, PATH, TOLERANCE, ExistingPath, Tool, option
 
-BY_DTYPE = "by --compute-dtype, as in the README"
+BY_DTYPE = "by --compute-dtype, as in docs/parity.md"
 
 
 @click.command("glm2-parity", cls=Tool)
@@ -19,7 +19,7 @@ BY_DTYPE = "by --compute-dtype, as in the README"
               help="A text file, one prompt per line.")
 @option("--compute-dtype")
 @option("--release")
-@option("--max-new-tokens", default=32, type=COUNT)  # 0: the layer passes alone (README)
+@option("--max-new-tokens", default=32, type=COUNT)  # 0: the layer passes alone (docs/parity.md)
 @option("--streamed/--whole")
 @click.option("--reference", type=click.Choice(["torch", "glm", "remote-code"]), default="torch", show_default=True,
               help="torch: our PyTorch reference; glm: transformers' GlmForCausalLM (Glm4ForCausalLM for "

@@ -46,10 +46,10 @@ class Thresholds:
     @classmethod
     def for_dtype(cls, dtype: str, **overrides) -> Thresholds:
         base = {
-            # float32: both sides compute in fp32 (README, "Parity": measured relative layer differences ~1e-6)
+            # float32: both sides compute in fp32 (docs/parity.md: measured relative layer differences ~1e-6)
             "float32": cls(logits_max_abs=1e-4, layer_rel=1e-5, top1=1.0, greedy=1.0),
             # float16: each side rounds its fp16 matmuls its own way (MindSpore's kernels vs torch's); bounds from
-            # the spread measured on the tiny and the 6B-shaped models (README, "Parity"), with headroom
+            # the spread measured on the tiny and the 6B-shaped models (docs/parity.md), with headroom
             "float16": cls(logits_max_abs=5e-2, layer_rel=1e-2, top1=0.98, greedy=0.9),
         }[dtype]
         return cls(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
