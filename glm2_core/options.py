@@ -101,9 +101,12 @@ VOCABULARY: dict[str, dict] = {
     "--lora-alpha": dict(type=POSITIVE, default=None,
                          help="LoRA alpha: the adapter's update B·A is scaled by alpha / r."),
     # generation
-    "--release": dict(type=click.Choice(tuple(RELEASES)), default=None,
-                      show_default="the one the folder tells: its config.json (glm2-convert inspect says which)",
-                      help="The published model the folder holds: its tokenizer, chat format, RoPE rule and layers "
+    # the releases are named by the metavar, not listed: --help (and the CLI reference) stay as they are when a
+    # release is added; a name that is not one is refused with the list
+    "--release": dict(type=click.Choice(tuple(RELEASES)), default=None, metavar="RELEASE",
+                      show_default="the one the folder tells: its config.json; glm2-convert inspect says which",
+                      help="The published model the folder holds (a release name of docs/releases.md, lower case, "
+                           "e.g. chatglm2-6b-32k): its tokenizer, chat format, RoPE rule and layers "
                            "(for a finetune saved under a local name)."),
     "--max-new-tokens": dict(type=AT_LEAST_ONE, help="Generate at most this many new tokens (bounded "
                                                              "by the model's context and the memory its cache "
