@@ -40,7 +40,7 @@ def config(name: str):
 def models(name: str):
     """The MindSpore model and the PyTorch reference with the same synthetic weights."""
     from converters.synth import synthesize
-    from glm2_ms.loading import from_pretrained
+    from glm2_ms.api import from_pretrained
     from validation.torch_reference import load_reference
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +111,7 @@ def load_6b(path: str) -> None:
     """Child process: load with dtype=float16, then one short forward."""
     import mindspore as ms
 
-    from glm2_ms.loading import from_pretrained
+    from glm2_ms.api import from_pretrained
 
     t = time.perf_counter()
     model = from_pretrained(path, dtype="float16")

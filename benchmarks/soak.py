@@ -37,7 +37,7 @@ import numpy as np
 
 from glm2_core.config import GLM2Config
 from glm2_ms.generation import Decoder
-from glm2_ms.model import GLM2ForCausalLM
+from glm2_ms.model import GLM2Network
 
 DTYPES = {"float16": (ms.float16, np.float16), "float32": (ms.float32, np.float32)}
 
@@ -73,10 +73,10 @@ def compiled_graphs() -> int:
     return len(ms_compile_cache)
 
 
-def random_model(layers: int, dtype: str, seed: int = 0) -> GLM2ForCausalLM:
+def random_model(layers: int, dtype: str, seed: int = 0) -> GLM2Network:
     """The 6B widths with `layers` layers and random weights, one parameter in flight at a time."""
     ms_dtype, np_dtype = DTYPES[dtype]
-    model = GLM2ForCausalLM(GLM2Config.preset("6b", num_layers=layers), ms_dtype)
+    model = GLM2Network(GLM2Config.preset("6b", num_layers=layers), ms_dtype)
     rng = np.random.default_rng(seed)
     for p in model.get_parameters():
         if p.name.endswith("layernorm.weight"):
@@ -129,7 +129,7 @@ def prefill_seconds(decoders: list[Decoder], n: int, repeats: int = 5) -> tuple[
     return [t[0] for t in times], [float(np.median(t[1:])) for t in times], same
 
 
-def speed(model: GLM2ForCausalLM, prompt_lengths: list[int]) -> list[dict]:
+def speed(model: GLM2Network, prompt_lengths: list[int]) -> list[dict]:
     """Prefill seconds at each length: with a graph of its own shape and with the open graph; their ratio."""
     decoders = [Decoder(model, open_shapes=False), Decoder(model)]
     rows = []

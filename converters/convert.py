@@ -11,14 +11,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from glm2_core.assets import bundled_tokenizer
-from glm2_core.dtypes import DTYPES, nbytes
+from glm2_core.config import GLM2Config
+from glm2_core.dtypes import DTYPES, nbytes, stored
 from glm2_core.errors import CheckpointError, UserError, listed
 from glm2_core.names import EMBEDDING, INV_FREQ, LAYOUTS, Layout, inv_freq
 from glm2_core.outputs import MODEL, check_output
 from glm2_core.releases import RELEASES
 
 from . import __version__
+from .checkpoint import Checkpoint
+from .formats.base import TensorRef
 from .model_folder import (
     CONFIG,
     TOKENIZER_MODEL,
@@ -226,3 +231,19 @@ def _tokenizer(source: Source, fallback: bool) -> tuple[list[Path], str]:
         return files, ""
     return files, "no tokenizer beside the source: " + ("wrote the bundled ChatGLM2 tokenizer" if files else
                                                         f"none written ({source.cfg.family}'s is not bundled)")
+
+
+def write_model_folder(tensors: dict[str, np.ndarray], cfg: GLM2Config, dst: Path, *, source: Path,
+                       tokenizer_from: Path | None, overwrite: bool = False):
+    """A model folder from tensors in memory (in any layout's names; a finetuned model's parameters), written
+    by the converter exactly as it writes a checkpoint read from disk: MindFormers names in a .ckpt, config.json,
+    MindFormers' yaml, the tokenizer (`tokenizer_or_bundled(tokenizer_from)`) and manifest.json, whose source is
+    `source`. Returns the converter's Summary."""
+    refs = {}
+    for name, arr in tensors.items():
+        data, dtype = stored(np.ascontiguousarray(arr))
+        refs[name] = TensorRef(name, data.shape, dtype, Path(source), reader=lambda data=data: data)
+    # the tokenizer beside the weights is tokenizer_from's (convert's fallback: the family's bundled one)
+    in_memory = Checkpoint(Path(source), [], "memory", refs, config=cfg.chatglm_json(), folder=tokenizer_from)
+    return convert(source, dst, target=Layout("mindformers"), fmt="ckpt", opened=in_memory, overwrite=overwrite,
+                   bundled_tokenizer=True, progress=False)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
 from glm2_core.dtypes import nbytes
@@ -141,25 +139,3 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     """manifest.json of a model folder, written last: what the folder holds, tensor by tensor, and every entry this
     toolkit wrote into it (what `--overwrite` may replace: glm2_core.outputs)."""
     stamp(folder, MODEL, **manifest)
-
-
-def write_model_folder(tensors: dict[str, np.ndarray], cfg: GLM2Config, dst: Path, *, source: Path,
-                       tokenizer_from: Path | None, overwrite: bool = False):
-    """A model folder from tensors in memory (in any layout's names; a finetuned model's parameters), written
-    by the converter exactly as it writes a checkpoint read from disk: MindFormers names in a .ckpt, config.json,
-    MindFormers' yaml, the tokenizer (`tokenizer_or_bundled(tokenizer_from)`) and manifest.json, whose source is
-    `source`. Returns the converter's Summary."""
-    from glm2_core.dtypes import stored
-
-    from .checkpoint import Checkpoint
-    from .convert import convert
-    from .formats.base import TensorRef
-
-    refs = {}
-    for name, arr in tensors.items():
-        data, dtype = stored(np.ascontiguousarray(arr))
-        refs[name] = TensorRef(name, data.shape, dtype, Path(source), reader=lambda data=data: data)
-    # the tokenizer beside the weights is tokenizer_from's (convert's fallback: the family's bundled one)
-    in_memory = Checkpoint(Path(source), [], "memory", refs, config=cfg.chatglm_json(), folder=tokenizer_from)
-    return convert(source, dst, target=Layout("mindformers"), fmt="ckpt", opened=in_memory, overwrite=overwrite,
-                   bundled_tokenizer=True, progress=False)

@@ -6,8 +6,8 @@ from glm2_core.config import GLM2Config
 
 __all__ = ["GLM2Config", "GLM2Tokenizer", "GLM2ForCausalLM", "Decoder", "SamplingConfig", "open_model",
            "from_pretrained", "chat", "stream_chat"]
-_LAZY = {"GLM2Tokenizer": "tokenizer", "GLM2ForCausalLM": "model", "Decoder": "generation",
-         "SamplingConfig": "sampling", "open_model": "loading", "from_pretrained": "loading", "chat": "dialogue",
+_LAZY = {"GLM2Tokenizer": "tokenizer", "GLM2ForCausalLM": "api", "Decoder": "generation",
+         "SamplingConfig": "sampling", "open_model": "api", "from_pretrained": "api", "chat": "dialogue",
          "stream_chat": "dialogue"}
 
 

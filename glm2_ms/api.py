@@ -1,32 +1,45 @@
-"""The forms users know from transformers and THUDM's remote code, on `GLM2ForCausalLM`: `from_pretrained`,
-`generate`, `chat`, `stream_chat`. Each is a thin layer over `loading.from_pretrained` and the model's `Decoder`
-(built on first use and kept, so its compiled step is reused)."""
+"""The public API: a model folder opened once (`open_model`: its config, tokenizer and weights) and
+`GLM2ForCausalLM`, the network with the forms users know from transformers and THUDM's remote code:
+`from_pretrained`, `generate`, `chat`, `stream_chat`. Each is a thin layer over the model's `Decoder` (built on
+first use and kept, so its compiled step is reused)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 
+import mindspore as ms
+
+from converters.source import Source
+from glm2_core.config import GLM2Config
+from glm2_core.dtypes import COMPUTE_DTYPES
+from glm2_core.errors import CheckpointError, UserError
+
+from .dialogue import chat, stream_chat
+from .generation import Decoder
+from .loading import MS_DTYPES, RUNTIME_LAYOUT, load_into
+from .model import GLM2Network
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig
+from .tokenizer import GLM2Tokenizer
 
 CHAT_MAX_LENGTH = 8192  # THUDM's ChatGLM2 chat/stream_chat default (prompt + reply)
 
 
-class PretrainedMixin:
-    """Mixed into `GLM2ForCausalLM` (kept apart from the network itself)."""
+class GLM2ForCausalLM(GLM2Network):
+    """The network (glm2_ms/model.py) with `from_pretrained`, `generate`, `chat` and `stream_chat`."""
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        """`glm2_ms.from_pretrained(path, dtype=…, compute_dtype=…, config=…, rearranged_rope=…)`: any folder or
-        file glm2-convert reads, streamed into the parameters."""
-        from .loading import from_pretrained
-
+        """`glm2_ms.from_pretrained(path, dtype=…, compute_dtype=…, config=…, rearranged_rope=…, release=…)`: any
+        folder or file glm2-convert reads, streamed into the parameters."""
         return from_pretrained(path, **kwargs)
 
     @property
     def decoder(self):
         """The static-cache `Decoder` of this model (one per model: its compiled steps are kept)."""
         if "_decoder" not in self.__dict__:
-            from .generation import Decoder
-
             self.__dict__["_decoder"] = Decoder(self)
         return self.__dict__["_decoder"]
 
@@ -47,8 +60,6 @@ class PretrainedMixin:
                                     cfg.eos_token_id if eos_token_id is None else eos_token_id,
                                     cfg.pad_token_id if pad_token_id is None else pad_token_id, max_length)
         if as_tensor:
-            import mindspore as ms
-
             return ms.Tensor(out, ms.int32)
         return out
 
@@ -65,8 +76,6 @@ class PretrainedMixin:
         carry "tools"), `role` user or observation (a tool's result; by name: ChatGLM2's positional order is kept),
         and a response that calls a tool is {"name", "parameters"}. `kwargs`: top_k, repetition_penalty, seed.
         A round that does not fit (the context, the memory available) raises UserError before anything runs."""
-        from .dialogue import chat
-
         max_length = self.chat_length(max_length)
         return chat(self.decoder, tokenizer, query, history, max_new_tokens or max_length,
                     sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length, role)
@@ -75,8 +84,6 @@ class PretrainedMixin:
                     max_new_tokens: int | None = None, do_sample: bool = True, top_p: float = 0.8,
                     temperature: float = 0.8, role: str = "user", **kwargs) -> Iterator[tuple]:
         """Yields (response so far, history with this round so far) as tokens arrive; arguments as `chat`."""
-        from .dialogue import stream_chat
-
         max_length = self.chat_length(max_length)
         yield from stream_chat(self.decoder, tokenizer, query, history, max_new_tokens or max_length,
                                sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length, role)
@@ -86,3 +93,55 @@ def sampling(do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: f
              repetition_penalty: float = 1.0, seed: int | None = None) -> SamplingConfig:
     """transformers' generation arguments as a SamplingConfig (`do_sample=False`: greedy)."""
     return SamplingConfig(not do_sample, temperature, top_k, top_p, repetition_penalty, seed)
+
+
+@dataclass
+class ModelFolder:
+    """A model folder (or weights file) opened once: its weights' headers, its config and release (`config`), its
+    tokenizer; the model is built from it when asked (`load`). Nothing downstream reads config.json again."""
+    source: Source
+
+    @property
+    def config(self) -> GLM2Config:
+        return self.source.cfg
+
+    @cached_property
+    def tokenizer(self) -> GLM2Tokenizer:
+        """Its tokenizer.model (else its family's bundled one), in the family its release and files tell."""
+        return GLM2Tokenizer.of_model(self.source.ckpt.folder, self.config)
+
+    def load(self, dtype: str | None = None, compute_dtype: str | None = None) -> GLM2ForCausalLM:
+        """The runtime model. `dtype`: storage dtype of the parameters (default: the checkpoint's);
+        `compute_dtype`: float32 or float16 (default: the storage dtype, float32 for bfloat16). Memory: the
+        parameters plus one tensor in flight."""
+        if dtype is not None and dtype not in MS_DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(MS_DTYPES)}")
+        if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+            raise UserError(f"compute dtype must be {' or '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
+        src = self.source
+        storage = dtype or src.dtype
+        if storage not in MS_DTYPES:
+            raise CheckpointError(f"{src.ckpt.path}: weights are {storage}; pass dtype= float32, float16 or bfloat16")
+        model = GLM2ForCausalLM(src.cfg, MS_DTYPES[storage], compute_dtype and MS_DTYPES[compute_dtype])
+        groups, _ = src.groups(RUNTIME_LAYOUT)
+        load_into(model, src.stream(groups, storage))
+        src.ckpt.check_complete()
+        return model
+
+
+@contextmanager
+def open_model(path, config: Path | None = None, rearranged_rope: bool | None = None,
+               release: str | None = None) -> Iterator[ModelFolder]:
+    """`with open_model(folder) as m:` `m.config`, `m.tokenizer`, `m.load(…)`: a converter folder, a HF folder, or
+    one weights file (+ config.json beside it). `release`: the release it holds where its config cannot tell
+    (glm2_core.releases)."""
+    with Source.open(path, rearranged_rope, config, release=release) as src:
+        yield ModelFolder(src)
+
+
+def from_pretrained(path, dtype: str | None = None, compute_dtype: str | None = None,
+                    config: Path | None = None, rearranged_rope: bool | None = None,
+                    release: str | None = None) -> GLM2ForCausalLM:
+    """The model of a folder or file (`ModelFolder.load`), when its tokenizer is not needed."""
+    with open_model(path, config, rearranged_rope, release) as folder:
+        return folder.load(dtype, compute_dtype)

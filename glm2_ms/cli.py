@@ -38,7 +38,8 @@ def _load(model_dir, dtype, compute_dtype, release):
     tell: its tokenizer family, chat format and RoPE rule."""
     import time
 
-    from .loading import open_model, use_cpu
+    from .api import open_model
+    from .loading import use_cpu
 
     use_cpu()
     clock = time.perf_counter()

@@ -18,7 +18,7 @@ from mindspore import Tensor, nn
 from glm2_core.config import GLM2Config
 from glm2_core.errors import UserError
 
-from .model import MASKED, GLM2ForCausalLM, linears
+from .model import MASKED, GLM2Network, linears
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig, choose
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to this, so calls of similar length share a compiled step
@@ -99,7 +99,7 @@ class CachedStep(nn.Cell):
     The caches come in and go out flat (k0, v0, k1, v1, …): a jit graph whose input is a tuple of tensors is
     re-specialised on every call on this MindSpore (0.3 s a call), while flat tensor arguments are not."""
 
-    def __init__(self, model: GLM2ForCausalLM):
+    def __init__(self, model: GLM2Network):
         super().__init__()
         self.model = model
 
@@ -121,7 +121,7 @@ class PrefillStep(CachedStep):
     OPEN = ((0, 1), (0, 1), (0, 1, 2), (0, 1))  # embedded, position_ids, mask, write; each cache: CACHE_OPEN
     CACHE_OPEN = (0, 2)
 
-    def __init__(self, model: GLM2ForCausalLM):
+    def __init__(self, model: GLM2Network):
         super().__init__(model)
         self.construct = ms.jit(self.construct)
         self.opened = False
@@ -135,7 +135,7 @@ class PrefillStep(CachedStep):
         return super().__call__(*args)
 
 
-def compiled_fits(model: GLM2ForCausalLM) -> bool:
+def compiled_fits(model: GLM2Network) -> bool:
     """Whether the compiled step fits in the memory available. On CPU MindSpore 2.10 a compiled graph keeps what
     its nodes produced for as long as it lives, so the step holds a compute-dtype copy of every weight it casts
     (25 GB beside 12.5 GB of float16 weights at ChatGLM2-6B, unless the native kernel computes without them);
@@ -159,7 +159,7 @@ class Decoder:
     (`_prefill_step`), the prompt runs op by op, also at its own length: MindSpore keeps each operator's last
     inputs per shape, which is small now that only the last position reaches the output layer."""
 
-    def __init__(self, model: GLM2ForCausalLM, jit: bool | None = None, open_shapes: bool = True):
+    def __init__(self, model: GLM2Network, jit: bool | None = None, open_shapes: bool = True):
         """`jit`: compile the step (None: when `compiled_fits`, else run it op by op). `open_shapes=False`: a
         compiled prefill graph per prompt length instead (the behaviour before, kept for comparisons: each graph
         stays, so memory grows with the lengths met)."""
@@ -287,7 +287,7 @@ def describe(timings: dict) -> str:
     return text
 
 
-def _weights_note(model: GLM2ForCausalLM) -> str:
+def _weights_note(model: GLM2Network) -> str:
     """How 16-bit weights meet float32 arithmetic: in the native kernel, or cast at every step (and why)."""
     narrow = [c for c in linears(model) if c.weight.dtype != model.compute_dtype]
     if not narrow or model.compute_dtype != ms.float32:

@@ -21,7 +21,7 @@ from mindspore.common.initializer import initializer
 from glm2_core.errors import UserError
 from glm2_core.names import LORA_A, LORA_B
 
-from .model import GLM2ForCausalLM, Linear
+from .model import GLM2Network, Linear
 from .train_config import lora_targets
 
 
@@ -72,7 +72,7 @@ class LoRALinear(Linear):
         return y + (delta * self.scaling).reshape(y.shape)
 
 
-def _targets(model: GLM2ForCausalLM, modules: str):
+def _targets(model: GLM2Network, modules: str):
     """The Linear cells whose last name is one of the comma list `modules`, exactly (PEFT's rule: `dense` is not
     `dense_h_to_4h`), with their parent cell and attribute."""
     wanted = set(lora_targets(modules).split(","))
@@ -85,7 +85,7 @@ def _targets(model: GLM2ForCausalLM, modules: str):
     return found
 
 
-def apply_lora(model: GLM2ForCausalLM, cfg: LoRAConfig) -> list[str]:
+def apply_lora(model: GLM2Network, cfg: LoRAConfig) -> list[str]:
     """Wrap every Linear named in cfg.target_modules; freeze everything but the LoRA factors."""
     targets = _targets(model, cfg.target_modules)
     if not targets:
@@ -104,17 +104,17 @@ def _rename(cell, name: str) -> None:
         p.name = f"{name}.{attr}"
 
 
-def lora_cells(model: GLM2ForCausalLM) -> list[tuple[str, LoRALinear]]:
+def lora_cells(model: GLM2Network) -> list[tuple[str, LoRALinear]]:
     return [(n, c) for n, c in model.cells_and_names() if isinstance(c, LoRALinear)]
 
 
-def size_dropout_masks(model: GLM2ForCausalLM, batch: int, seq: int) -> None:
+def size_dropout_masks(model: GLM2Network, batch: int, seq: int) -> None:
     """Give the mask parameters the training batch's shape (before the train step is compiled)."""
     for _, cell in lora_cells(model):
         cell.dropout_mask.set_data(Tensor(np.ones((batch, seq, cell.weight.shape[1]), np.float32)))
 
 
-def dropout_masks(model: GLM2ForCausalLM, rng: np.random.Generator, batch: int, seq: int, p: float) -> list[Tensor]:
+def dropout_masks(model: GLM2Network, rng: np.random.Generator, batch: int, seq: int, p: float) -> list[Tensor]:
     """Fresh inverted-dropout masks for every LoRA cell, drawn in a fixed order from `rng` (the train step
     assigns them to the cells' dropout_mask parameters inside its graph)."""
     masks = []
@@ -124,7 +124,7 @@ def dropout_masks(model: GLM2ForCausalLM, rng: np.random.Generator, batch: int, 
     return masks
 
 
-def lora_state(model: GLM2ForCausalLM) -> dict[str, np.ndarray]:
+def lora_state(model: GLM2Network) -> dict[str, np.ndarray]:
     """The adapter: {name.mindpet_delta_lora_a/_b: float32 array}, copied (asnumpy may share the parameter's
     memory, so a saved state would follow later training)."""
     out = {}

@@ -14,8 +14,6 @@ from mindspore.common.initializer import initializer
 
 from glm2_core.config import GLM2Config
 
-from .api import PretrainedMixin
-
 MASKED = -1e9  # added to the scores of positions a query may not see (finite: fully padded rows stay finite)
 
 
@@ -166,7 +164,7 @@ class Block(nn.Cell):
         # GLM-4-0414's "sandwich": a norm on each branch's output before its residual add
         self.post_self_attn_layernorm = norm() if cfg.sandwich_norms else None
         self.post_mlp_layernorm = norm() if cfg.sandwich_norms else None
-        self.record = None  # the tracing hook (see GLM2ForCausalLM.trace)
+        self.record = None  # the tracing hook (see GLM2Network.trace)
 
     def construct(self, x, cos, sin, mask, cache=None, write=None):
         attn, kv = self.self_attention(self.input_layernorm(x), cos, sin, mask, cache, write)
@@ -231,7 +229,7 @@ class GLM2Model(nn.Cell):
         self.output_layer = Linear(cfg.hidden_size, cfg.padded_vocab_size, False, dtype)
         self.compute_dtype = compute_dtype
         self.inv_freq = Tensor(cfg.rope_inv_freq(), ms.float32)
-        self.record = None  # the tracing hook (see GLM2ForCausalLM.trace)
+        self.record = None  # the tracing hook (see GLM2Network.trace)
 
     def construct(self, input_ids, position_ids, mask, caches=None, write=None):
         """Hidden states after the final norm, and the layers' k/v (the updated caches when given)."""
@@ -253,9 +251,9 @@ class GLM2Model(nn.Cell):
         return x, kvs
 
 
-class GLM2ForCausalLM(nn.Cell, PretrainedMixin):
-    """`model(input_ids)` → logits [batch, seq, vocab] (float32), without a cache; `from_pretrained`, `generate`,
-    `chat` and `stream_chat` as in transformers and THUDM's code (glm2_ms/api.py).
+class GLM2Network(nn.Cell):
+    """`model(input_ids)` → logits [batch, seq, vocab] (float32), without a cache. The public class,
+    `glm2_ms.api.GLM2ForCausalLM`, adds `from_pretrained`, `generate`, `chat` and `stream_chat`.
 
     `attention_mask` [batch, seq] marks real tokens (left padding); position ids default to 0.. per row's first
     real token, as the original tokenizer makes them."""

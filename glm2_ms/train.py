@@ -21,10 +21,10 @@ from converters.runs import base_identity
 from glm2_core.errors import UserError
 
 from . import checkpointing as ckpt
+from .api import open_model
 from .data import Lengths, TrainData, answer_windows, read_jsonl
-from .loading import open_model
 from .lora import LoRAConfig, apply_lora, dropout_masks, size_dropout_masks
-from .model import GLM2ForCausalLM, use_native_kernels
+from .model import GLM2Network, use_native_kernels
 from .train_checkpoint import State, TrainingCheckpoint, network_state, resume_point
 from .train_config import TrainConfig
 from .train_step import TrainStep, token_loss
@@ -34,7 +34,7 @@ __all__ = ["Trainer", "export", "token_loss"]
 
 class Trainer:
     def __init__(self, model_dir, train_file, out_dir, cfg: TrainConfig, resume: bool = False,
-                 progress: bool = True, rank: int = 0, world: int = 1, model: GLM2ForCausalLM | None = None,
+                 progress: bool = True, rank: int = 0, world: int = 1, model: GLM2Network | None = None,
                  release: str | None = None):
         self.cfg, self.out, self.rank, self.world = cfg, Path(out_dir), rank, world
         self.model_dir, self.progress, self.release = Path(model_dir), progress, release  # release: --release
@@ -234,7 +234,7 @@ def export(trainer: Trainer, merge: bool = False) -> dict[str, str]:
     with the adapter folded in (streamed from the base on disk)."""
     out = trainer.out
     if trainer.cfg.method == "full":
-        from converters.model_folder import write_model_folder
+        from converters.convert import write_model_folder
 
         write_model_folder(network_state(trainer.model), trainer.model.config, out / "model", source=out,
                            tokenizer_from=trainer.model_dir, overwrite=True)

@@ -24,7 +24,7 @@ from mindspore.experimental.optim import AdamW
 from .data import IGNORE
 from .fused_adamw import FusedAdamW
 from .lora import lora_cells
-from .model import GLM2ForCausalLM, Linear, mask_and_positions, rope_tables
+from .model import GLM2Network, Linear, mask_and_positions, rope_tables
 from .optimizer_shards import OptimizerShards
 from .train_config import TrainConfig
 
@@ -52,7 +52,7 @@ def build_optimizer(cfg: TrainConfig, updated: list, decayed: int):
     return optimizer(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-def _backward(model: GLM2ForCausalLM, weights, masks: list, world: int):
+def _backward(model: GLM2Network, weights, masks: list, world: int):
     """Graph code: one micro-batch's loss and the gradients of loss × scale (the loss the global batch's)."""
     all_reduce = ops.AllReduce() if world > 1 else None
 
@@ -194,7 +194,7 @@ class BlockwiseBackward:
     The backward pass of a block takes its matmuls' outputs from the forward pass (`keep_matmul_outputs`) instead
     of computing them again."""
 
-    def __init__(self, model: GLM2ForCausalLM, weights, masks: list, world: int):
+    def __init__(self, model: GLM2Network, weights, masks: list, world: int):
         t = model.transformer
         dtype, norm, blocks = t.compute_dtype, t.encoder.final_layernorm, t.encoder.layers
         self.index = {id(p): i for i, p in enumerate(weights)}
@@ -284,7 +284,7 @@ class TrainStep:
     """The trainable weights (in the optimizer's order: the decayed matrices, then norms and biases), their
     optimizer and its shards, and the compiled graphs that take one optimizer step."""
 
-    def __init__(self, model: GLM2ForCausalLM, cfg: TrainConfig, rank: int = 0, world: int = 1):
+    def __init__(self, model: GLM2Network, cfg: TrainConfig, rank: int = 0, world: int = 1):
         self.cfg, self.world = cfg, world
         trainable = model.trainable_params()
         decay = [p for p in trainable if len(p.shape) > 1]

@@ -7,8 +7,8 @@ import pytest
 from converters.convert import convert
 from glm2_core.names import Layout
 from glm2_ms import GLM2ForCausalLM, GLM2Tokenizer, SamplingConfig
+from glm2_ms.api import from_pretrained
 from glm2_ms.dialogue import chat, role_response, stream_chat
-from glm2_ms.loading import from_pretrained
 
 QUERY = "晚上睡不着应该怎么办"
 

@@ -136,7 +136,7 @@ def test_mindformers_paged_attention_buffers_are_dropped_and_listed(hf_tiny, tmp
     from click.testing import CliRunner
 
     from converters.cli import main as convert_cli
-    from glm2_ms.loading import from_pretrained
+    from glm2_ms.api import from_pretrained
 
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "m", target=Layout("mindformers"), fmt="ckpt", progress=False)

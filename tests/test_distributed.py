@@ -190,7 +190,7 @@ def test_sharded_optimizer_halves_state_and_changes_nothing(runs):
 def test_rank_checkpoints_merge_ours_and_mindspores(runs, run, tmp_path):
     import mindspore as ms
 
-    from glm2_ms.loading import from_pretrained
+    from glm2_ms.api import from_pretrained
 
     out = runs / run
     r = subprocess.run([BIN / "glm2-merge-shards", out / "checkpoint", "--strategy", out / "strategy",

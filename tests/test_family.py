@@ -72,7 +72,7 @@ def test_glm4_logits_agree_in_transformers_glm_mindspore_and_an_independent_forw
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     ms = pytest.importorskip("mindspore")
-    from glm2_ms.loading import from_pretrained
+    from glm2_ms.api import from_pretrained
 
     src, cfg = glm4_tiny
     with open_checkpoint(src) as c:

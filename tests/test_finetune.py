@@ -16,8 +16,8 @@ from converters.cli import main as convert_cli
 from converters.convert import convert
 from converters.formats.ckpt import CkptFile, CkptWriter
 from glm2_core.names import Layout
+from glm2_ms.api import from_pretrained
 from glm2_ms.finetune_cli import main as finetune_cli
-from glm2_ms.loading import from_pretrained
 from glm2_ms.lora import lora_state
 from glm2_ms.train import Trainer, export
 from glm2_ms.train_config import TrainConfig

@@ -71,7 +71,7 @@ def test_a_new_run_needs_a_new_or_empty_out(base, tmp_path):
 # ---- item 5: --target-modules is PEFT's list of module names
 
 def test_target_modules_are_exact_module_names(base, tmp_path):
-    from glm2_ms.loading import from_pretrained
+    from glm2_ms.api import from_pretrained
     from glm2_ms.lora import LoRAConfig, apply_lora
 
     wrapped = apply_lora(from_pretrained(base), LoRAConfig(target_modules="dense"))

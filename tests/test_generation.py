@@ -5,8 +5,8 @@ import pytest
 
 from converters.convert import convert
 from glm2_core.names import Layout
+from glm2_ms.api import from_pretrained
 from glm2_ms.generation import Decoder, SamplingConfig, describe
-from glm2_ms.loading import from_pretrained
 from glm2_ms.tokenizer import GLM2Tokenizer
 
 ms.set_device("CPU")

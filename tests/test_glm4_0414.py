@@ -53,7 +53,7 @@ def test_transformers_glm4_the_runtime_and_the_reference_agree_with_the_forward(
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     ms = pytest.importorskip("mindspore")
-    from glm2_ms.loading import from_pretrained
+    from glm2_ms.api import from_pretrained
     from validation.torch_reference import load_reference
 
     src, cfg, want = glm4_0414
@@ -68,8 +68,8 @@ def test_greedy_generation_matches_transformers(glm4_0414):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("mindspore")
+    from glm2_ms.api import from_pretrained
     from glm2_ms.generation import Decoder
-    from glm2_ms.loading import from_pretrained
 
     src, cfg, _ = glm4_0414
     glm4 = transformers.Glm4ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -112,7 +112,7 @@ def test_mcore_names_and_fused_rows_are_those_mindformers_loader_reads(glm4_0414
     source, applied to the release's own q/k/v and gate/up tensors, and inverted back to them."""
     src, cfg, want = glm4_0414
     ms = pytest.importorskip("mindspore")
-    from glm2_ms.loading import from_pretrained
+    from glm2_ms.api import from_pretrained
 
     convert(src, tmp_path / "mcore", target=Layout("mindformers-mcore"), fmt="safetensors", progress=False)
     assert sorted(p.name for p in (tmp_path / "mcore").glob("*.safetensors")) == ["mindspore_model.safetensors"]
@@ -184,7 +184,7 @@ def test_a_lora_finetune_learns_merges_and_exports_to_transformers(lora_0414, tm
     peft = pytest.importorskip("peft")
     import mindspore as ms
 
-    from glm2_ms.loading import from_pretrained
+    from glm2_ms.api import from_pretrained
 
     base, trainer, losses, paths = lora_0414
     assert np.mean(losses[-3:]) < np.mean(losses[:3])

@@ -46,8 +46,8 @@ def test_built_once_into_the_cache(tmp_path, monkeypatch):
 
 
 def test_a_failing_build_leaves_the_cast_path_and_says_why(tmp_path, monkeypatch, hf_tiny):
+    from glm2_ms.api import from_pretrained
     from glm2_ms.generation import Decoder, describe
-    from glm2_ms.loading import from_pretrained
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "false")

@@ -6,7 +6,7 @@ import reference_data
 from glm2_core.names import Layout, weight_map
 from glm2_ms.generation import Decoder, cache_inputs
 from glm2_ms.loading import to_tensor
-from glm2_ms.model import GLM2ForCausalLM
+from glm2_ms.model import GLM2Network
 
 ms.set_device("CPU")
 
@@ -14,7 +14,7 @@ ms.set_device("CPU")
 def load_reference_model():
     weights, steps = reference_data.load()
     cfg = reference_data.CONFIG
-    model = GLM2ForCausalLM(cfg, ms.float32)
+    model = GLM2Network(cfg, ms.float32)
     params = {p.name: p for p in model.get_parameters()}
     for m in weight_map(Layout("mindformers"), cfg):
         if m.canonical in weights:

@@ -100,7 +100,7 @@ def _close(got, want):
 
 def test_the_runtime_and_the_torch_reference_follow_the_release(long_release):
     ms = pytest.importorskip("mindspore")
-    from glm2_ms.loading import from_pretrained
+    from glm2_ms.api import from_pretrained
     from validation.torch_reference import load_reference
 
     src, cfg, want = long_release

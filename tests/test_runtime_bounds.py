@@ -13,8 +13,8 @@ from helpers import optional
 from glm2_core.config import GLM2Config
 from glm2_core.errors import UserError
 from glm2_ms import cli as runtime_cli
+from glm2_ms.api import from_pretrained
 from glm2_ms.generation import Decoder, cache_bytes, check_budget
-from glm2_ms.loading import from_pretrained
 from glm2_ms.tokenizer import GLM2Tokenizer
 from validation import cli as parity_cli
 from validation import demo

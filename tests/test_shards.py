@@ -198,13 +198,13 @@ def test_split_loads_in_load_distributed_checkpoint(full, tmp_path):
 
     from glm2_core.config import GLM2Config
     from glm2_ms.loading import use_cpu
-    from glm2_ms.model import GLM2ForCausalLM
+    from glm2_ms.model import GLM2Network
 
     use_cpu()
     want = tensors(full["float16"])
     strategy = write_pb(tmp_path / "s.ckpt", dp_mp(list(want)))
     split(full["float16"], strategy, tmp_path / "shards", progress=False)
-    net = GLM2ForCausalLM(GLM2Config.from_file(full["config"]), ms.float16)
+    net = GLM2Network(GLM2Config.from_file(full["config"]), ms.float16)
     files = [str(tmp_path / "shards" / f"rank_{r}" / f"glm2_rank_{r}.ckpt") for r in range(8)]
     ms.load_distributed_checkpoint(net, files, None, str(strategy))
     params = {p.name: p.asnumpy().copy() for p in net.get_parameters()}

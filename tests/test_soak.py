@@ -7,8 +7,8 @@ import pytest
 from mindspore.graph.api import ms_compile_cache
 
 from glm2_ms import generation
+from glm2_ms.api import from_pretrained
 from glm2_ms.generation import Decoder, SamplingConfig, cache_length
-from glm2_ms.loading import from_pretrained
 
 ms.set_device("CPU")
 LENGTHS = range(5, 125, 12)  # 10 distinct prompt lengths over two cache lengths

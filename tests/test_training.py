@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_finetune import IDS, SMALL, TRAIN
 
-from glm2_ms.loading import from_pretrained
+from glm2_ms.api import from_pretrained
 from glm2_ms.train import Trainer
 from glm2_ms.train_config import TrainConfig
 

@@ -102,9 +102,10 @@ def _metric_parity(hf: Path, ms_dir: Path, out: Path) -> dict:
 
 
 def _generate(model_dir: Path) -> str:
+    from glm2_ms.api import from_pretrained
     from glm2_ms.dialogue import chat
     from glm2_ms.generation import Decoder
-    from glm2_ms.loading import from_pretrained, use_cpu
+    from glm2_ms.loading import use_cpu
 
     use_cpu()
     reply, _ = chat(Decoder(from_pretrained(model_dir)), _tokenizer(model_dir), "你好", max_new_tokens=8)

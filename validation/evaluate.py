@@ -209,7 +209,7 @@ class EvalRun:
         """`within`: `out` lies in a folder of that kind (metric parity's), whose output rules the caller has checked
         and whose manifest lists `out` as soon as it is made; `release`: the release the folder holds where it
         cannot tell (--release)."""
-        from glm2_ms.loading import open_model
+        from glm2_ms.api import open_model
 
         self.model_dir, self.out, self.runtime, self.overwrite, self.within = model_dir, Path(out), runtime, \
             overwrite, within

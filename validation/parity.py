@@ -103,8 +103,9 @@ class MindSporeSide:
     def __init__(self, pair: Pair):
         import mindspore as ms
 
+        from glm2_ms.api import from_pretrained
         from glm2_ms.generation import Decoder
-        from glm2_ms.loading import from_pretrained, use_cpu
+        from glm2_ms.loading import use_cpu
 
         use_cpu()
         self.ms = ms
