@@ -238,7 +238,13 @@ class _Tool:
         sys.exit(status if isinstance(status, int) else 0)
 
     def parse_args(self, ctx, args):
-        return super().parse_args(ctx, unalias(list(args), self.aliases))
+        used: list[str] = []
+        args = unalias(list(args), self.aliases, used)
+        for old in dict.fromkeys(used):  # an old spelling still works, and says it is one, once
+            new = self.aliases[old][0] if isinstance(self.aliases[old], tuple) else self.aliases[old]
+            click.echo(f"warning: {old} is an old spelling of {new or 'the positional argument'}, and will be "
+                       f"removed", err=True)
+        return super().parse_args(ctx, args)
 
     def format_usage(self, ctx, formatter):
         if not self.usage_lines:
@@ -298,10 +304,10 @@ class ToolGroup(_Tool, click.Group):
     command_class = Tool
 
 
-def unalias(args: list[str], aliases: dict) -> list[str]:
+def unalias(args: list[str], aliases: dict, used: list | None = None) -> list[str]:
     """Old spellings → the vocabulary. `aliases`: old flag → new flag (None: its value becomes a positional
     argument), or (new flag, {old value: new value}). Rewritten options go first, so that the new spelling given
-    later on the line wins."""
+    later on the line wins; the old flags met are appended to `used`."""
     front, rest, it = [], [], iter(args)
     for arg in it:
         if arg == "--":
@@ -312,6 +318,8 @@ def unalias(args: list[str], aliases: dict) -> list[str]:
             rest.append(arg)
             continue
         value = value if eq else next(it, "")
+        if used is not None:
+            used.append(flag)
         new, values = aliases[flag] if isinstance(aliases[flag], tuple) else (aliases[flag], {})
         value = values.get(value, value)
         front += [new, value] if new else [value]

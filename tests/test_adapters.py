@@ -61,8 +61,9 @@ def test_merge_lora_refuses_a_format_the_layout_cannot_take(hf_tiny, tiny_cfg, t
     res = CliRunner().invoke(main, ["merge-lora", str(hf_tiny()), str(tmp_path / "adapter"), str(tmp_path / "out"),
                                     *spelling, "--format", "ckpt"])
     assert res.exit_code == 1 and not (tmp_path / "out").exists()
-    assert res.output == ("error: --format ckpt does not go with --layout chatglm (ckpt is for MindSpore names, bin "
-                          "for HF names)\n")
+    warning = "warning: --hf is an old spelling of --layout, and will be removed\n" if spelling[0] == "--hf" else ""
+    assert res.output == warning + ("error: --format ckpt does not go with --layout chatglm (it is written as "
+                                    "safetensors or bin)\n")
 
 
 def test_convert_refuses_a_format_the_layout_cannot_take(hf_tiny, tmp_path):

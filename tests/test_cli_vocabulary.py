@@ -171,20 +171,35 @@ def test_help_texts():
     assert not [t for t in texts if "SRC" in t] and "BASE" in flags(merge)["--config"].help
     assert flags(merge)["--rearranged-rope"].help.startswith("BASE has")
 
-def test_old_spellings_are_hidden_aliases(tmp_path):
+def test_old_spellings_are_hidden_aliases_that_warn(tmp_path, capsys):
+    """Each old spelling still works and says, in one line on stderr, that it is one (once however often given);
+    the new spellings say nothing."""
     def params(tool, *args):
         cmd = dict(commands())[tool]
         with cmd.make_context(tool, [str(a) for a in args]) as ctx:
             return ctx.params
 
+    def warned(old, new):
+        assert capsys.readouterr().err == f"warning: {old} is an old spelling of {new}, and will be removed\n"
+
     assert params("glm2-convert ms2hf", "a", "b", "--target", "glm")["layout"] == "glm"
+    warned("--target", "--layout")
     assert params("glm2-convert merge-lora", "a", "b", "c", "--hf=chatglm")["layout"] == "chatglm"
+    warned("--hf", "--layout")
     assert params("glm2-merge-shards", "a", "b", "--strategy", tmp_path, "--to", "hf")["layout"] == "chatglm"
-    assert params("glm2-merge-shards", "a", "b", "--strategy", tmp_path, "--layout", "glm", "--to", "hf")[
-        "layout"] == "glm"  # the new spelling wins
+    warned("--to", "--layout")
+    assert params("glm2-merge-shards", "a", "b", "--strategy", tmp_path, "--layout", "glm", "--to", "hf",
+                  "--to", "ms")["layout"] == "glm"  # the new spelling wins
+    warned("--to", "--layout")
     got = params("glm2-finetune", "--train-data", tmp_path, "--model", tmp_path, "--out", "o", "--config", tmp_path)
     assert got["model_dir"] == tmp_path and got["config_file"] == tmp_path
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --model is an old spelling of the positional argument, and will be removed",
+        "warning: --config is an old spelling of --train-config, and will be removed"]
     assert params("glm2-eval", tmp_path, "--data", tmp_path, "--max-source-length", "9")["max_source_length"] == 9
+    warned("--max-source-length", "--max-source-chars")
+    assert params("glm2-convert ms2hf", "a", "b", "--layout", "glm")["layout"] == "glm"
+    assert capsys.readouterr().err == ""
     assert unalias(["x", "--", "--target", "glm"], {"--target": "--layout"}) == ["x", "--", "--target", "glm"]
 
 
