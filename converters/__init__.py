@@ -1,3 +1,1 @@
-"""Move ChatGLM2 checkpoints between HF/PyTorch and MindSpore, tensor by tensor."""
-
-__version__ = "0.1.0"
+"""Move GLM checkpoints between HF/PyTorch and MindSpore, tensor by tensor."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from glm2_core import __version__
 from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
 from glm2_core.dtypes import DTYPES, nbytes, stored
@@ -21,7 +22,6 @@ from glm2_core.names import EMBEDDING, INV_FREQ, LAYOUTS, Layout, inv_freq
 from glm2_core.outputs import MODEL, check_output
 from glm2_core.releases import RELEASES
 
-from . import __version__
 from .checkpoint import Checkpoint
 from .formats.base import TensorRef
 from .model_folder import (

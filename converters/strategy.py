@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from glm2_core import PACKAGE
 from glm2_core.errors import CheckpointError
 from glm2_core.jsonio import parse_json
 
@@ -365,7 +366,7 @@ def strategy_bytes(layouts: dict[str, ParamLayout], stage: int = 0) -> bytes:
     """A protobuf `ParallelStrategyMap` for one stage, as MindSpore writes it (`mindspore.build_searched_strategy`
     and `transform_checkpoints` read it)."""
     strategys = int_field(1, stage)
-    item = len_field(1, b"glm2-toolkit") + len_field(2, strategys)
+    item = len_field(1, PACKAGE.encode()) + len_field(2, strategys)
     out = int_field(MAP_STAGE, 1) + len_field(MAP_STRATEGY_ITEM, item)
     for name, lay in layouts.items():
         out += len_field(MAP_LAYOUT_ITEM, len_field(1, name.encode()) + len_field(2, _layout_pb(lay)))

@@ -37,5 +37,10 @@ def read_json(path, what: str = "JSON") -> dict:
     return doc
 
 
+def json_text(data) -> str:
+    """How this toolkit writes JSON: indented, UTF-8 as it is, a final newline."""
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
 def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+    path.write_text(json_text(data))

@@ -27,13 +27,13 @@ from pathlib import Path
 
 import click
 
+from . import PACKAGE
 from .dtypes import COMPUTE_DTYPES, DTYPES
 from .errors import CheckpointError, UserError
 from .names import FORMAT_NAMES, HF_LAYOUTS, LAYOUTS, MS_LAYOUTS
 from .releases import RELEASES
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
-PACKAGE = "glm2-toolkit"
 
 
 class Interrupted(Exception):

@@ -14,11 +14,12 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from . import PACKAGE
 from .errors import UserError, listed
 from .jsonio import write_json
 
 MANIFEST = "manifest.json"
-TOOL = "glm2-toolkit"
+TOOL = PACKAGE  # the "tool" our manifest.json files name
 MODEL = "model"  # the kind of a model folder (a manifest without a kind is one: the converters' first manifests)
 MAX_MANIFEST = 64 << 20
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from glm2_core.errors import UserError
+from glm2_core.jsonio import json_text, write_json
 
 from .metrics import METRICS, adgen_scores
 
@@ -232,7 +233,7 @@ class EvalRun:
         from converters.output import no_space
 
         out, s = self.out, self.s
-        settings = json.dumps(self.settings, indent=2, ensure_ascii=False) + "\n"
+        settings = json_text(self.settings)
         need, free = expected_bytes(self.items, s, settings), shutil.disk_usage(out.parent).free
         try:
             if not self.continued:
@@ -243,7 +244,7 @@ class EvalRun:
             metrics = adgen_scores([p["prediction"] for p in preds], [p["reference"] for p in preds], s.variant)
             result = {"model": str(self.model_dir), "runtime": self.runtime, "samples": len(preds),
                       "variant": s.variant, "metrics": metrics}
-            (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+            write_json(out / "metrics.json", result)
             restamp(out, KIND, {SETTINGS, PREDICTIONS, "metrics.json"})
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
@@ -297,7 +298,7 @@ def metric_parity(hf_dir: Path, ms_dir: Path, data: Path, out: Path, s: EvalSett
               "disagreements": rows, "torch": ref["metrics"], "ms": got["metrics"], "difference": diff,
               "tolerance": {"min_agreement": min_agreement, "max_metric_diff": max_metric_diff}}
     report["passed"] = report["agreement"] >= min_agreement and all(abs(v) <= max_metric_diff for v in diff.values())
-    (out / "parity.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_json(out / "parity.json", report)
     (out / "parity.md").write_text(parity_markdown(report))
     restamp(out, PARITY_KIND, {"parity.json", "parity.md"})
     return report

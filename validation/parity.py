@@ -7,7 +7,6 @@ greedy generation (token agreement, first divergence). Thresholds are per comput
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 from converters.source import Source
 from glm2_core.dtypes import BY_NAME, weights_for
 from glm2_core.errors import UserError
+from glm2_core.jsonio import write_json
 from glm2_core.names import canonical_shapes
 
 DEFAULT_PROMPTS = ["你好", "请介绍一下华为", "晚上睡不着应该怎么办",
@@ -278,7 +278,7 @@ def write_report(report: dict, out: Path, overwrite: bool = False, sources=()) -
     from glm2_core.outputs import stamp
 
     with staged_folder(out, overwrite, sources, kind=REPORT) as tmp:
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(markdown(report))
         plot(report, tmp / "parity.png")
         stamp(tmp, REPORT)

@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from glm2_core import cache_dir as package_cache
+
 SOURCE = Path(__file__).with_name("linear16.cc")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx2", "fma", "f16c"}
@@ -22,7 +24,7 @@ SWITCH = "GLM2_NATIVE_KERNELS"  # "0": never use them
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glm2-toolkit" / "kernels"
+    return package_cache() / "kernels"
 
 
 def _cpu_flags() -> set[str]:
