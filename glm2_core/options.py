@@ -31,6 +31,7 @@ from . import PACKAGE
 from .dtypes import COMPUTE_DTYPES, DTYPES
 from .errors import CheckpointError, UserError
 from .names import FORMAT_NAMES, HF_LAYOUTS, LAYOUTS, MS_LAYOUTS
+from .recipes import SAMPLING
 from .releases import RELEASES
 
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
@@ -114,9 +115,11 @@ VOCABULARY: dict[str, dict] = {
     "--sample/--greedy": dict(decls=("--sample/--greedy", "sample"), default=False,
                               help="Sample each token (with --temperature, --top-k, --top-p, --seed), or take the "
                                    "most likely one."),
-    "--temperature": dict(type=POSITIVE, default=0.95, help="Sampling temperature (> 0; lower is more conservative)."),
+    "--temperature": dict(type=POSITIVE, default=SAMPLING["sample"].temperature,
+                          help="Sampling temperature (> 0; lower is more conservative)."),
     "--top-k": dict(type=COUNT, default=0, help="Sample among the k most likely tokens only (0: no limit)."),
-    "--top-p": dict(type=PROBABILITY, default=0.7, help="Sample from the smallest set of tokens whose probabilities "
+    "--top-p": dict(type=PROBABILITY, default=SAMPLING["sample"].top_p,
+                    help="Sample from the smallest set of tokens whose probabilities "
                                                   "reach p (1: no limit)."),
     "--repetition-penalty": dict(type=POSITIVE, default=1.0,
                                  help="Penalise the tokens already in the text by this factor (1: off)."),

@@ -16,6 +16,7 @@ from converters.source import Source
 from glm2_core.config import GLM2Config
 from glm2_core.dtypes import COMPUTE_DTYPES
 from glm2_core.errors import CheckpointError, UserError
+from glm2_core.recipes import SAMPLING
 
 from .dialogue import chat, stream_chat
 from .generation import Decoder
@@ -25,6 +26,7 @@ from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig
 from .tokenizer import GLM2Tokenizer
 
 CHAT_MAX_LENGTH = 8192  # THUDM's ChatGLM2 chat/stream_chat default (prompt + reply)
+CHAT, GENERATE = SAMPLING["chat"], SAMPLING["generate"]
 
 
 class GLM2ForCausalLM(GLM2Network):
@@ -44,8 +46,9 @@ class GLM2ForCausalLM(GLM2Network):
         return self.__dict__["_decoder"]
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = DEFAULT_NEW_TOKENS,
-                 max_length: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 max_length: int | None = None, do_sample: bool = GENERATE.do_sample,
+                 temperature: float = GENERATE.temperature, top_k: int = 0, top_p: float = GENERATE.top_p,
+                 repetition_penalty: float = 1.0, seed: int | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None):
         """Prompt + new tokens per row, as transformers returns them: a MindSpore tensor for a tensor input, a numpy
         array otherwise. Rows are left-padded (`attention_mask` marks real tokens); finished rows are padded.
@@ -68,8 +71,8 @@ class GLM2ForCausalLM(GLM2Network):
         return min(CHAT_MAX_LENGTH, self.config.seq_length) if max_length is None else max_length
 
     def chat(self, tokenizer, query: str, history=None, max_length: int | None = None,
-             max_new_tokens: int | None = None, do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8,
-             role: str = "user", **kwargs):
+             max_new_tokens: int | None = None, do_sample: bool = CHAT.do_sample, top_p: float = CHAT.top_p,
+             temperature: float = CHAT.temperature, role: str = "user", **kwargs):
         """(response, history with this round), with THUDM's defaults (sampling, top_p 0.8, temperature 0.8,
         prompt + reply ≤ 8192 tokens, or the model's context where that is shorter). ChatGLM2: history
         [(query, response), …]; ChatGLM3/GLM-4: history of {"role", "content", …} messages (a system message may
@@ -81,15 +84,15 @@ class GLM2ForCausalLM(GLM2Network):
                     sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length, role)
 
     def stream_chat(self, tokenizer, query: str, history=None, max_length: int | None = None,
-                    max_new_tokens: int | None = None, do_sample: bool = True, top_p: float = 0.8,
-                    temperature: float = 0.8, role: str = "user", **kwargs) -> Iterator[tuple]:
+                    max_new_tokens: int | None = None, do_sample: bool = CHAT.do_sample, top_p: float = CHAT.top_p,
+                    temperature: float = CHAT.temperature, role: str = "user", **kwargs) -> Iterator[tuple]:
         """Yields (response so far, history with this round so far) as tokens arrive; arguments as `chat`."""
         max_length = self.chat_length(max_length)
         yield from stream_chat(self.decoder, tokenizer, query, history, max_new_tokens or max_length,
                                sampling(do_sample, temperature, top_p=top_p, **kwargs), max_length, role)
 
 
-def sampling(do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+def sampling(do_sample: bool, temperature: float = GENERATE.temperature, top_k: int = 0, top_p: float = GENERATE.top_p,
              repetition_penalty: float = 1.0, seed: int | None = None) -> SamplingConfig:
     """transformers' generation arguments as a SamplingConfig (`do_sample=False`: greedy)."""
     return SamplingConfig(not do_sample, temperature, top_k, top_p, repetition_penalty, seed)

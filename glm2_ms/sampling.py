@@ -6,15 +6,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from glm2_core.recipes import SAMPLING
+
 DEFAULT_NEW_TOKENS = 32  # when a caller of generate gives no limit
 
 
 @dataclass
 class SamplingConfig:
-    greedy: bool = True
-    temperature: float = 1.0
+    """How the next token is chosen; the defaults are transformers' (glm2_core.recipes)."""
+    greedy: bool = not SAMPLING["generate"].do_sample
+    temperature: float = SAMPLING["generate"].temperature
     top_k: int = 0
-    top_p: float = 1.0
+    top_p: float = SAMPLING["generate"].top_p
     repetition_penalty: float = 1.0
     seed: int | None = None
 
