@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 
 from glm2_core.errors import CheckpointError
+from glm2_core.files import CONFIG, HF_WEIGHTS, INDEX_FILES
 from glm2_core.jsonio import read_json
 from glm2_core.outputs import MANIFEST, TOOL
 
 from .formats import FORMATS
 from .formats.base import Closing, TensorRef
-from .model_folder import CONFIG, HF_WEIGHTS, INDEX_FILES, tokenizer_candidates, trusted
+from .model_folder import tokenizer_candidates, trusted
 
 
 def format_of(path: Path) -> str:

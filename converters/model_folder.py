@@ -1,12 +1,6 @@
-"""A model folder as the tools read and write it: the names of its files, its tokenizer, and the files written
-beside the weights (config.json, the HF index, MindFormers' yaml, manifest.json).
-
-    HF (chatglm, glm):  model.safetensors or pytorch_model.bin, or shards model-00001-of-00003.safetensors …
-                        with model.safetensors.index.json / pytorch_model.bin.index.json
-    MindSpore:          mindspore_model.ckpt or mindspore_model.safetensors, and mindformers_config.yaml (for
-                        MindFormers' ChatGLM2 names)
-    both:               config.json, the tokenizer files, manifest.json (what this toolkit wrote, tensor by tensor)
-"""
+"""A model folder as the tools read and write it: its tokenizer (and the bundled fallback), and the files written
+beside the weights (config.json, the HF index, MindFormers' yaml, manifest.json). The files' names:
+glm2_core/files.py."""
 from __future__ import annotations
 
 import shutil
@@ -16,18 +10,13 @@ from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
 from glm2_core.dtypes import nbytes
 from glm2_core.errors import UserError
+from glm2_core.files import CONFIG, HF_WEIGHTS, MS_WEIGHTS, TOKENIZER_FILES, TOKENIZER_MODEL
 from glm2_core.jsonio import write_json
 from glm2_core.names import LAYOUTS, Layout
 from glm2_core.outputs import MODEL, stamp
 
 from .output import PLAN
 
-CONFIG = "config.json"
-TOKENIZER_MODEL = "tokenizer.model"
-TOKENIZER_FILES = (TOKENIZER_MODEL, "tokenizer_config.json", "special_tokens_map.json", "tokenization_chatglm.py")
-HF_WEIGHTS = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin"}  # one file, or the stem of shards
-INDEX_FILES = {f"{name}.index.json": fmt for fmt, name in HF_WEIGHTS.items()}
-MS_WEIGHTS = {"ckpt": "mindspore_model.ckpt", "safetensors": "mindspore_model.safetensors"}
 DEFAULT_SHARD_BYTES = 2 * 10**9  # transformers' default max_shard_size "2GB"
 
 

@@ -21,11 +21,9 @@ import re
 from pathlib import Path
 
 from glm2_core.errors import CheckpointError
+from glm2_core.files import CONFIG, NETWORK, TRAINABLE, TRAINING
 from glm2_core.outputs import MANIFEST
 
-from .model_folder import CONFIG
-
-TRAINING, NETWORK, TRAINABLE = "checkpoint", "checkpoint_network", "checkpoint_trainable"
 HUB_BLOB = re.compile(r"^[0-9a-f]{64}$")  # a Hugging Face hub cache blob is named by its content's sha256
 NAME = re.compile(r"glm2_rank_(\d+)-(\d+)_(\d+)\.ckpt$")
 EPOCH_STEP = re.compile(r"-(\d+)_(\d+)\.(?:ckpt|safetensors)$")  # MindSpore's `{prefix}-{epoch}_{step}` files

@@ -18,13 +18,14 @@ import numpy as np
 
 from glm2_core.dtypes import BY_NAME, nbytes
 from glm2_core.errors import CheckpointError
+from glm2_core.files import CONFIG, TRAINING
 from glm2_core.names import MINDPET, OPTIMIZER_PREFIXES, classify
 from glm2_core.outputs import MODEL, check_output, stamp
 
 from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
 from .formats.base import TensorRef
 from .formats.ckpt import CkptWriter
-from .model_folder import CONFIG, copy_files
+from .model_folder import copy_files
 from .output import fingerprints, staged_folder
 from .runs import base_identity, check_base, epoch_step, newest_complete, record_of, recorded_lora, run_folder
 from .strategy import ParamLayout, Strategy, load_strategy
@@ -56,7 +57,7 @@ class MergeStats:
 
 
 def _rank_dirs(src: Path) -> dict[int, Path]:
-    for root in (src, src / "checkpoint"):  # a MindFormers output folder holds checkpoint/rank_{r}
+    for root in (src, src / TRAINING):  # a MindFormers output folder holds checkpoint/rank_{r}
         if root.is_dir():
             found = {int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := RANK_DIR.match(p.name))}
             if found:

@@ -16,13 +16,13 @@ import numpy as np
 from glm2_core.config import GLM2Config
 from glm2_core.dtypes import BY_NAME, cast, count_nonfinite, float16_overflow, float16_overflow_count, to_float32
 from glm2_core.errors import CheckpointError
+from glm2_core.files import CONFIG
 from glm2_core.names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
 from glm2_core.outputs import MANIFEST
 from glm2_core.releases import TOLD_BY_USER
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .formats.base import Closing, FileSpan, TensorRef
-from .model_folder import CONFIG
 
 NON_WEIGHTS = {"optimizer": "optimizer state", "cache": "KV-cache entries", "buffer": "buffers",
                "lora": "LoRA adapters"}

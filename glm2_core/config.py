@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import CheckpointError, UserError
+from .files import CONFIG
 from .jsonio import read_json
 from .releases import FAMILY_RELEASES, GLM4_VOCAB, RELEASES, ROPE_BASE, TOLD_BY_USER, identify, rope_rule
 
@@ -122,7 +123,7 @@ class GLM2Config:
             raise CheckpointError(f"{source}: {exc}") from None
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json", release: str | None = None) -> GLM2Config:
+    def from_dict(cls, d: dict, source: str = CONFIG, release: str | None = None) -> GLM2Config:
         """From THUDM's field set (or our manifests'); `release`: the one the caller was told (--release)."""
         own = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - own - _PASSIVE - set(_UNSUPPORTED) - {"family"})
@@ -157,7 +158,7 @@ class GLM2Config:
         return cls._build(source, **kw)
 
     @classmethod
-    def from_glm_dict(cls, d: dict, source: str = "config.json", sandwich: bool = False,
+    def from_glm_dict(cls, d: dict, source: str = CONFIG, sandwich: bool = False,
                       release: str | None = None) -> GLM2Config:
         """From the config of transformers' native GlmForCausalLM (as `ms2hf --layout glm` writes it), or with
         `sandwich` of its Glm4ForCausalLM (GLM-4-0414)."""
@@ -190,7 +191,7 @@ class GLM2Config:
         return cfg
 
     @classmethod
-    def from_mapping(cls, d: dict, source: str = "config.json", release: str | None = None) -> GLM2Config:
+    def from_mapping(cls, d: dict, source: str = CONFIG, release: str | None = None) -> GLM2Config:
         """Either field set: transformers' GlmForCausalLM (model_type "glm") or Glm4ForCausalLM ("glm4"), or
         THUDM's ChatGLM."""
         kind = d.get("model_type")
@@ -206,7 +207,7 @@ class GLM2Config:
     def from_pretrained(cls, path) -> GLM2Config:
         """From a folder (its config.json) or a config file, in the chatglm or the transformers-GLM field set."""
         path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
+        file = path / CONFIG if path.is_dir() else path
         if not file.is_file():
             raise CheckpointError(f"{path}: no config.json")
         return cls.from_file(file)

@@ -27,6 +27,7 @@ INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
 QKV_WEIGHT, QKV_BIAS = L + "self_attention.query_key_value.weight", L + "self_attention.query_key_value.bias"
 MLP_UP, MLP_DOWN = L + "mlp.dense_h_to_4h.weight", L + "mlp.dense_4h_to_h.weight"
 SANDWICH = L + "post_self_attn_layernorm.weight"  # GLM-4-0414's (with post_mlp_layernorm)
+INPUT_NORM, FINAL_NORM = L + "input_layernorm.weight", "transformer.encoder.final_layernorm.weight"
 
 M = "decoder.layers.{i}."
 
@@ -91,7 +92,7 @@ SCHEMA = (
            {"mindformers": "transformer.embedding.embedding_weight",
             "mindformers-legacy": "transformer.embedding.embedding_table", "glm": "model.embed_tokens.weight",
             "mindformers-mcore": "embedding.word_embeddings.weight"}),
-    Weight(L + "input_layernorm.weight", lambda c: (c.hidden_size,),
+    Weight(INPUT_NORM, lambda c: (c.hidden_size,),
            {"glm": G + "input_layernorm.weight", "mindformers-mcore": M + "input_layernorm.weight"}),
     Weight(QKV_WEIGHT, lambda c: (c.qkv_rows, c.hidden_size), _qkv("weight"), rope=True),
     Weight(QKV_BIAS, lambda c: (c.qkv_rows,), _qkv("bias"), rope=True, present=lambda c: c.add_qkv_bias),
@@ -111,7 +112,7 @@ SCHEMA = (
     Weight(L + "post_mlp_layernorm.weight", lambda c: (c.hidden_size,),
            {"glm": G + "post_mlp_layernorm.weight", "mindformers-mcore": M + "post_mlp_layernorm.weight"},
            present=lambda c: c.sandwich_norms),
-    Weight("transformer.encoder.final_layernorm.weight", lambda c: (c.hidden_size,),
+    Weight(FINAL_NORM, lambda c: (c.hidden_size,),
            {"glm": "model.norm.weight", "mindformers-mcore": "decoder.final_layernorm.weight"}),
     Weight(OUTPUT, lambda c: (c.padded_vocab_size, c.hidden_size),
            {"glm": "lm_head.weight", "mindformers-mcore": "output_layer.weight"}),
@@ -205,6 +206,16 @@ class Layout:
     def pieces(self) -> dict[str, tuple[Weight, str]]:
         """Every name (template) of this layout → the canonical weight it stores and the part of its rows."""
         return {name: (w, part) for w in SCHEMA for name, part in self.targets(w)}
+
+
+def prefix_of(layout: Layout, canonical: str, suffix: str = "weight") -> str:
+    """The prefix of the module that holds a canonical weight in `layout`, for code that builds that module and
+    fills it from the weights under the prefix: the weight's name there without `suffix` (the module's own part of
+    the name), a layer's number as `{}`. E.g. the THUDM names' block: "transformer.encoder.layers.{}."."""
+    name = layout.targets(BY_TEMPLATE[canonical])[0][0]
+    if not name.endswith(suffix):
+        raise AssertionError(f"{layout.name}: {name} does not end with {suffix}")
+    return name[:-len(suffix)].replace("{i}", "{}")
 
 
 def _rope_perm(d: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import CheckpointError
+from .files import CONFIG
 
 # RoPE rules: how config.json's `rope_ratio` (r) enters the angles position·θ_i, θ_i = base^(−2i/64).
 BASE = "base"            # base = 10000·r (ChatGLM3-32k/128k, GLM-4: THUDM's `base = base * rope_ratio`)
@@ -56,7 +57,7 @@ SANDWICH_RELEASE = "glm-4-9b-0414"  # a Glm4ForCausalLM config that names no rel
 TOLD_BY_USER = "--release"  # a config's `told_by` when the user named the release
 
 
-def identify(name_or_path, padded_vocab_size: int, rope_ratio: float = 1.0, source: str = "config.json",
+def identify(name_or_path, padded_vocab_size: int, rope_ratio: float = 1.0, source: str = CONFIG,
              sandwich: bool | None = None) -> tuple[str, str]:
     """The release a config describes, and what told it: the longest release name in its `_name_or_path` (any path:
     the HF id, a hub cache folder, a local copy); else its family by a part of the name or by GLM-4's vocabulary. A

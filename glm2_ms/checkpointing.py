@@ -19,9 +19,10 @@ import numpy as np
 
 from converters.formats.ckpt import CkptFile, CkptWriter
 from converters.model_folder import copy_files, tokenizer_or_bundled, write_config
-from converters.runs import NAME, NETWORK, TRAINABLE, TRAINING, ckpt_path, newest_complete, record_path
+from converters.runs import NAME, ckpt_path, newest_complete, record_path
 from glm2_core.dtypes import stored
 from glm2_core.errors import UserError
+from glm2_core.files import NETWORK, TRAINABLE, TRAINING
 from glm2_core.outputs import absolute
 
 

@@ -12,6 +12,7 @@ import click
 from click.core import ParameterSource
 
 from glm2_core.errors import UserError, listed
+from glm2_core.files import TRAINING
 from glm2_core.options import VOCABULARY, ExistingPath, Interrupted, Tool, option
 from glm2_core.outputs import absolute, refuse_overlap
 
@@ -115,7 +116,7 @@ def check_out(out_dir, resume: bool) -> None:
     _check_writable(out_dir)
     if resume:
         return
-    if (out_dir / "checkpoint").exists():
+    if (out_dir / TRAINING).exists():
         raise UserError(f"{out_dir}: holds checkpoints already; pass --resume, or another --out")
     if out_dir.is_symlink() and not out_dir.exists() or out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder; choose another --out")

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.model_folder import CONFIG, tokenizer_model
+from converters.model_folder import tokenizer_model
 from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
 from glm2_core.errors import CheckpointError
+from glm2_core.files import CONFIG, TOKENIZER_CONFIG, TOKENIZER_MODEL
 from glm2_core.jsonio import read_json
 from glm2_core.releases import TOLD_BY_USER
 
@@ -163,7 +164,7 @@ class GLM2Tokenizer:
             raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
         path = Path(model_file)
         if path.is_dir():
-            path = path / "tokenizer.model"
+            path = path / TOKENIZER_MODEL
         if not path.is_file():
             raise CheckpointError(f"{path}: no tokenizer.model")
         self.family = FAMILIES[family]
@@ -285,14 +286,14 @@ def detect_family(folder: Path, named: str = "chatglm2") -> str:
     """The tokenizer family of a model folder whose config names the family `named`: GLM-4 when its tokenizer.model
     is a ranks file; for a sentencepiece model, ChatGLM3 when the config names it or a tokenizer_config.json chat
     template has role tokens, else ChatGLM2; without a tokenizer.model, `named`."""
-    vocab = folder / "tokenizer.model" if folder.is_dir() else folder
+    vocab = folder / TOKENIZER_MODEL if folder.is_dir() else folder
     if vocab.is_file() and vocabulary_kind(vocab) == "tiktoken":
         return "glm4"
     if not folder.is_dir():
         return "chatglm2"
     if not vocab.is_file():
         return named
-    template = _json(folder / "tokenizer_config.json").get("chat_template")
+    template = _json(folder / TOKENIZER_CONFIG).get("chat_template")
     return "chatglm3" if named == "chatglm3" or (isinstance(template, str) and "<|user|>" in template) else \
         "chatglm2"
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from converters.runs import base_identity
 from glm2_core.errors import UserError
+from glm2_core.files import TRAIN_LOG
 
 from . import checkpointing as ckpt
 from .api import open_model
@@ -167,7 +168,7 @@ class Trainer:
         if self.rank == 0 and st.step % cfg.log_steps == 0:
             if self._log is None:  # opened with the first row: nothing is written before a step is done
                 self.out.mkdir(parents=True, exist_ok=True)
-                self._log = (self.out / "train_log.jsonl").open("a")
+                self._log = (self.out / TRAIN_LOG).open("a")
             self._log.write(json.dumps(row) + "\n")
             self._log.flush()
         if bar is not None:

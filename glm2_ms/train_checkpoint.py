@@ -18,8 +18,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor
 
-from converters.runs import NETWORK, TRAINING, check_base, ckpt_path, record_of, record_path, trainable_path
+from converters.runs import check_base, ckpt_path, record_of, record_path, trainable_path
 from glm2_core.errors import CheckpointError, sized
+from glm2_core.files import NETWORK, TRAIN_LOG, TRAINING
 
 from . import checkpointing as ckpt
 from .optimizer_shards import PREFIX
@@ -177,7 +178,7 @@ class TrainingCheckpoint:
     def _truncate_log(self, step: int) -> None:
         """Keep train_log.jsonl to the steps the resumed checkpoint holds: a killed run may have logged steps past
         its last checkpoint (the last line perhaps half written), which are trained again now."""
-        log = self.out / "train_log.jsonl"
+        log = self.out / TRAIN_LOG
         if log.is_file():
             rows = log.read_text().splitlines()
             kept = [line for line in rows if _logged_step(line) <= step]

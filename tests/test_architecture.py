@@ -84,3 +84,47 @@ def test_the_packages_are_layered():
     for module, targets in graph().items():
         package = module.split(".")[0]
         assert {t.split(".")[0] for t in targets} <= below[package] | {package}, (module, targets)
+
+
+FILE_OWNERS = {"glm2_core/files.py", "glm2_core/outputs.py"}  # the file names of model and run folders; manifest.json
+NAME_OWNER = "glm2_core/names.py"  # every layout's weight names
+WEIGHT_PREFIXES = ("transformer.", "model.layers", "model.embed_tokens", "model.norm", "lm_head.", "decoder.",
+                   "embedding.word_embeddings", "output_layer.")
+
+
+def _file_names() -> set[str]:
+    from glm2_core import files
+    from glm2_core.outputs import MANIFEST
+
+    names = {MANIFEST, *files.INDEX_FILES}
+    for key, value in vars(files).items():
+        if not key.startswith("_"):
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else [value]
+            names |= {v for v in items if isinstance(v, str)}
+    return {n for n in names if isinstance(n, str) and "." in n}
+
+
+def _literals(path: Path):
+    """(line, value) of every string constant of a file that is not a docstring."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            yield node.lineno, node.value
+
+
+def test_file_names_and_weight_names_are_typed_by_their_owners_only():
+    """A file name of a model or run folder is a string only in glm2_core/files.py (manifest.json in outputs.py); a
+    weight name or prefix only in glm2_core/names.py. Messages may say them; a constant that is one is refused."""
+    names, found = _file_names(), []
+    assert {"config.json", "tokenizer.model", "train_log.jsonl", "model.safetensors", "manifest.json"} <= names
+    for path in (p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")):
+        where = str(path.relative_to(ROOT))
+        for line, value in _literals(path):
+            if value in names and where not in FILE_OWNERS:
+                found.append(f"{where}:{line}: {value!r}")
+            if value.startswith(WEIGHT_PREFIXES) and where != NAME_OWNER:
+                found.append(f"{where}:{line}: {value!r}")
+    assert not found, found

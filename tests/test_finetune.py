@@ -201,9 +201,8 @@ def test_cli_refuses_disagreeing_lengths_and_writes_logs(base, tmp_path):
     assert (tmp_path / "o" / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
     # a larger --max-steps on resume would rebuild the lr schedule mid-run (the lr jumps up): refused, one line
     log = (tmp_path / "o" / "train_log.jsonl").read_text()
-    res = CliRunner().invoke(finetune_cli, ["--model", str(base), "--train-data", str(TRAIN), "--out",
-                                            str(tmp_path / "o"), "--config", str(cfg), "--max-steps", "4", "--resume",
-                                            "--quiet"])
+    res = CliRunner().invoke(finetune_cli, [str(base), "--train-data", str(TRAIN), "--out", str(tmp_path / "o"),
+                                            "--train-config", str(cfg), "--max-steps", "4", "--resume", "--quiet"])
     assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
     assert "the run was scheduled for 2 steps; resuming with 4 would rebuild the learning-rate schedule" in res.output
     assert "resume with --max-steps 2" in res.output

@@ -15,6 +15,7 @@ import numpy as np
 from converters.source import Source
 from glm2_core.dtypes import BY_NAME, weights_for
 from glm2_core.errors import UserError
+from glm2_core.files import TOKENIZER_MODEL
 from glm2_core.jsonio import write_json
 from glm2_core.names import canonical_shapes
 
@@ -261,7 +262,7 @@ def _tokenizer(pair: Pair, cfg):
     from glm2_ms.tokenizer import GLM2Tokenizer
 
     for folder in (pair.ms_dir, pair.hf_dir):
-        if (folder / "tokenizer.model").is_file():
+        if (folder / TOKENIZER_MODEL).is_file():
             return GLM2Tokenizer.of_model(folder, cfg)
     return GLM2Tokenizer()
 

@@ -23,7 +23,7 @@ from converters.source import Source
 from glm2_core.config import GLM_MODEL_TYPES
 from glm2_core.dtypes import weights_for
 from glm2_core.errors import CheckpointError
-from glm2_core.names import Layout
+from glm2_core.names import EMBEDDING, FINAL_NORM, INPUT_NORM, OUTPUT, Layout, prefix_of
 
 from .torch_reference import TORCH_DTYPES
 
@@ -227,15 +227,17 @@ class _TorchLayers:
 class TorchLayers(_TorchLayers):
     """validation/torch_reference.py's Embedding, Block, RMSNorm and output Linear, and its RoPE tables and mask."""
 
-    layout, attn, block_prefix, name = "chatglm", "self_attention", "transformer.encoder.layers.{}.", TORCH_NAME
-    norm_prefix, output_prefix = "transformer.encoder.final_layernorm.", "transformer.output_layer."
+    layout, attn, name = "chatglm", "self_attention", TORCH_NAME
+    block_prefix = prefix_of(Layout(layout), INPUT_NORM, "input_layernorm.weight")
+    norm_prefix, output_prefix = prefix_of(Layout(layout), FINAL_NORM), prefix_of(Layout(layout), OUTPUT)
+    embedding_prefix = prefix_of(Layout(layout), EMBEDDING, "word_embeddings.weight")
 
     def start(self, arrays, rows):
         from . import torch_reference as ref
         from .streamed import lookup, of
 
         embedding = self.module(lambda: ref.Embedding(dataclasses.replace(self.cfg, padded_vocab_size=len(rows))),
-                                of(arrays, "transformer.embedding."))
+                                of(arrays, self.embedding_prefix))
 
         @torch.no_grad()
         def start(ids):
@@ -264,8 +266,10 @@ class GlmLayers(_TorchLayers):
     """transformers' own GLM modules (embedding, GlmDecoderLayer, GlmRMSNorm, lm_head; Glm4's for GLM-4-0414) wired
     as GlmModel.forward wires them: its rotary embedding and `create_causal_mask`."""
 
-    layout, attn, block_prefix = "glm", "self_attn", "model.layers.{}."
-    norm_prefix, output_prefix = "model.norm.", "lm_head."
+    layout, attn = "glm", "self_attn"
+    block_prefix = prefix_of(Layout(layout), INPUT_NORM, "input_layernorm.weight")
+    norm_prefix, output_prefix = prefix_of(Layout(layout), FINAL_NORM), prefix_of(Layout(layout), OUTPUT)
+    embedding_prefix = prefix_of(Layout(layout), EMBEDDING)
 
     def __init__(self, hf_dir: Path, dtype: str, release: str | None = None):
         import importlib
@@ -288,7 +292,7 @@ class GlmLayers(_TorchLayers):
 
         c = self.config
         # the model's nn.Embedding on the rows in use (its padding index only matters to gradients)
-        embedding = self.module(lambda: torch.nn.Embedding(len(rows), c.hidden_size), of(arrays, "model.embed_tokens."))
+        embedding = self.module(lambda: torch.nn.Embedding(len(rows), c.hidden_size), of(arrays, self.embedding_prefix))
         rotary = getattr(self.modeling, f"{self.prefix}RotaryEmbedding")(config=c)
 
         @torch.no_grad()

@@ -24,7 +24,7 @@ import numpy as np
 
 from converters.source import Source, apply_dtype, out_dtype
 from glm2_core.dtypes import weights_for
-from glm2_core.names import EMBEDDING, OUTPUT, Layout
+from glm2_core.names import EMBEDDING, FINAL_NORM, INPUT_NORM, OUTPUT, Layout, prefix_of
 
 _LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.")
 EMBED, HEAD = "embedding", "head"  # the stages around the layers (numbered 0..n-1)
@@ -185,6 +185,9 @@ class MindSporeLayers:
 
         use_cpu()
         self.weights = LayerWeights(ms_dir, RUNTIME_LAYOUT, dtype, release)
+        self.prefix = {"embedding": prefix_of(RUNTIME_LAYOUT, EMBEDDING, "embedding_weight"),
+                       "block": prefix_of(RUNTIME_LAYOUT, INPUT_NORM, "input_layernorm.weight"),
+                       "norm": prefix_of(RUNTIME_LAYOUT, FINAL_NORM), "output": prefix_of(RUNTIME_LAYOUT, OUTPUT)}
         self.ms, self.dtype, self.storage = ms, MS_DTYPES[dtype], MS_DTYPES[self.weights.dtype]
         self.cfg = self.weights.cfg
         self.stages, self.close = self.weights.stages, self.weights.close
@@ -205,7 +208,7 @@ class MindSporeLayers:
         if stage == EMBED:
             rows = used_rows(prompts)
             embedding = self._filled(m.Embedding(dataclasses.replace(cfg, padded_vocab_size=len(rows)), storage),
-                                     rows_of(of(arrays, "transformer.embedding."), rows))
+                                     rows_of(of(arrays, self.prefix["embedding"]), rows))
             inv_freq = ms.Tensor(cfg.rope_inv_freq(), ms.float32)
 
             def start(ids):
@@ -216,18 +219,18 @@ class MindSporeLayers:
             return start
         if stage == HEAD:
             norm = self._filled(m.RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, storage),
-                                of(arrays, "transformer.encoder.final_layernorm."))
+                                of(arrays, self.prefix["norm"]))
 
             def head(states):
                 hiddens = [norm(state[0]) for state in states]
                 logits, seconds = logits_by_slice(
-                    of(arrays, "transformer.output_layer."), cfg.hidden_size, hiddens,
+                    of(arrays, self.prefix["output"]), cfg.hidden_size, hiddens,
                     lambda weights, rows: self._filled(m.Linear(cfg.hidden_size, rows, False, storage), weights),
                     lambda layer, hidden: self._rows(layer(hidden).astype(ms.float32)))
                 return [[("final norm", self._rows(h)), ("logits", x)]
                         for h, x in zip(hiddens, logits, strict=True)], seconds
             return head
-        block = self._filled(m.Block(cfg, storage), of(arrays, f"transformer.encoder.layers.{stage}."))
+        block = self._filled(m.Block(cfg, storage), of(arrays, self.prefix["block"].format(stage)))
 
         def layer(state):
             x, *context = state

@@ -5,7 +5,9 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-TOKENIZER = ("tokenizer.model", "tokenizer_config.json")
+from ..files import TOKENIZER_CONFIG, TOKENIZER_MODEL
+
+TOKENIZER = (TOKENIZER_MODEL, TOKENIZER_CONFIG)
 BUNDLED_FOR = ("chatglm2", "chatglm3")  # the families whose tokenizer.model this is
 
 
