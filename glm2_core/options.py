@@ -3,17 +3,7 @@
 
 `Tool` ends every user error with one line `error: <what>` on stderr and exit status 1 (click's own usage errors
 and missing paths included) and stops on Ctrl-C with exit status 130. It also accepts a command's old option
-spellings as hidden aliases.
-
-Ctrl-C and MindSpore: once MindSpore has run an op or a graph, SIGINT no longer reaches Python. Its runtime wraps
-the runs in `mindspore::SignalGuard`, which installs `DefaultIntHandler` (libmindspore_common.so; the runtime
-libraries carry copies of it) with `sigaction`: `kill(getpid(), SIGTERM)`. The guard's destructor puts back the
-handler it found, yet after the first op one of these copies stays installed (`sigaction` reads it back, also
-with the process idle), as if guards of several runtime threads put back each other's. Ctrl-C then became
-SIGTERM, and the process died "Terminated" (exit 143) without running our handlers. `Tool` turns that SIGTERM
-back into the KeyboardInterrupt it stands for, so each tool stops cleanly (`_interrupt`). The kernel gives a
-process-directed signal to the main thread first, so a blocking read there (glm2-chat's prompt) is interrupted
-too. A SIGTERM from outside is handled the same way.
+spellings as hidden aliases, each saying it is one.
 """
 from __future__ import annotations
 
@@ -391,8 +381,9 @@ def _raise_in_frame(frame, event, arg):
 
 @contextmanager
 def _interrupts():
-    """Ctrl-C (SIGINT, or the SIGTERM MindSpore turns it into: see the module docstring) → `_interrupt` while the
-    tool runs."""
+    """Ctrl-C → `_interrupt` while the tool runs; SIGTERM too, because once MindSpore has run an op its runtime's
+    SIGINT handler (`mindspore::SignalGuard`'s `DefaultIntHandler`, left installed) turns Ctrl-C into
+    `kill(getpid(), SIGTERM)`, which would otherwise end the process "Terminated" without our handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

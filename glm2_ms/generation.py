@@ -97,7 +97,8 @@ class CachedStep(nn.Cell):
     """Forward of new tokens against the cache: logits of each row's last position, and the updated caches.
 
     The caches come in and go out flat (k0, v0, k1, v1, …): a jit graph whose input is a tuple of tensors is
-    re-specialised on every call on this MindSpore (0.3 s a call), while flat tensor arguments are not."""
+    re-specialised on every call on this MindSpore, while flat tensor arguments are not (figures:
+    benchmarks/results/2026-12-04-figures-from-the-code.md)."""
 
     def __init__(self, model: GLM2Network):
         super().__init__()
@@ -204,7 +205,7 @@ class Decoder:
 
     def new_cache(self, batch: int, length: int) -> tuple:
         """Zeroed k and v for every layer, flat: (k0, v0, k1, v1, …), each [batch, groups, length, d]. Made from
-        host zeros: a Zeros kernel per tensor cost ~1 ms each in PyNative (8.8 ms of a 310 ms small prefill)."""
+        host zeros: a Zeros kernel per tensor costs a launch each in PyNative."""
         cfg, dtype = self.model.config, self.model.compute_dtype
         zeros = np.zeros((batch, cfg.multi_query_group_num, length, cfg.kv_channels), np.float32)
         return tuple(Tensor(zeros.copy(), dtype) for _ in range(2 * cfg.num_layers))

@@ -33,10 +33,9 @@ def token_loss(logits, targets):
     """Mean cross entropy over the targets that are not −100 (logits [n, vocab] float32, targets [n]).
 
     On MindSpore's fused LogSoftmax: the vocabulary-wide buffers decide this loss's memory on CPU, and log-sum-exp
-    written out kept ~5 of them through the backward pass (325 MB more at the peak for 260 answer positions, small
-    config, block by block or as one graph), ops.cross_entropy about twice that. The price is time: LogSoftmax's
-    gradient kernel takes ~250 ms a step there, ~140 ms more than the written-out ops (profile_step); a backward of
-    our own (softmax, multiply, scatter) was as fast but kept the logits and saved only 65 MB."""
+    written out kept several of them through the backward pass, ops.cross_entropy more. Memory is chosen over time:
+    LogSoftmax's gradient kernel is slower than the written-out ops, and a backward of our own saved little
+    (figures: benchmarks/results/2026-12-04-figures-from-the-code.md)."""
     picked = ops.gather_elements(ops.log_softmax(logits, -1), 1, ops.maximum(targets, 0).reshape(-1, 1))
     weight = (targets != IGNORE).astype(ms.float32)
     return -(picked.squeeze(-1) * weight).sum() / weight.sum()
@@ -73,8 +72,8 @@ def _backward(model: GLM2Network, weights, masks: list, world: int):
     return backward
 
 
-# Eagerly, the primitives: Tensor `/` (ops.div) on CPU holds ~5 buffers of its operand's size for one division,
-# RealDiv one (measured on a 133 MB gradient: +636 MB against +128 MB).
+# Eagerly, the primitives: Tensor `/` (ops.div) on CPU holds several buffers of its operand's size for one
+# division, RealDiv one (benchmarks/results/2026-12-04-figures-from-the-code.md).
 _mul, _real_div = ops.Mul(), ops.RealDiv()
 
 
@@ -97,9 +96,9 @@ def _update(opt, shards: OptimizerShards, reducer, clip, unscale_by: int | None)
 def clip_in_place(grads: list, max_norm: float) -> tuple:
     """ops.clip_by_global_norm's result (within float32 rounding; unchanged below max_norm), computed eagerly
     over a list it may overwrite: each square and each clipped gradient (which replaces its input) is the only
-    temporary alive. A graph keeps every intermediate (measured: clipping 78M float32 gradients in a graph adds
-    ~1 GB, three copies). Each gradient's rows are summed first: MindSpore's CPU ReduceSum over a whole tensor at
-    once is ~3× slower (11008 × 2048 floats: 101 ms, rows first 30 ms); each gradient is scaled in one pass."""
+    temporary alive; a graph would keep every intermediate, about three copies of the gradients. Each gradient's
+    rows are summed first: MindSpore's CPU ReduceSum over a whole tensor at once is slower; each gradient is
+    scaled in one pass (figures: benchmarks/results/2026-12-04-figures-from-the-code.md)."""
     limit = Tensor(max_norm, ms.float32)
     square_sum = ops.ReduceSum(False)
     sums = [square_sum(square_sum(ops.square(g), tuple(range(1, g.ndim))), ()).astype(ms.float32) for g in grads]
@@ -130,8 +129,8 @@ def _value_and_grad(fn, position, params: list, has_aux: bool = False):
 def _copy_into(slots: list, values) -> None:
     """Copies `values` into `slots` in place (Tensor.copy_, eagerly): a compiled graph reads a parameter's memory,
     so it sees the new values (set_data, which gives the parameter new memory, it would not), in order with the
-    graphs around it. On CPU a medium block's weights (173 MB) took 19 ms, where a jit graph of Assigns took
-    50 ms (a one-off measurement), and a medium LoRA step takes 8.1 s instead of 10.6 s (alternated runs)."""
+    graphs around it; faster on CPU than a jit graph of Assigns (figures:
+    benchmarks/results/2026-12-04-figures-from-the-code.md)."""
     for slot, value in zip(slots, values, strict=True):
         slot.copy_(value)
 
@@ -161,7 +160,7 @@ def keep_matmul_outputs(worker: nn.Cell, dtype) -> tuple[nn.Cell, list]:
 
     The matmuls are most of a block's forward pass; keeping their outputs (at GLM2's shapes about 10 hidden
     widths a token) lets the backward pass recompute only what lies between them, so a step does torch's passes
-    of matmuls, not one more (medium config, LoRA, profile_step: 122 → 98 MatMul calls a step, 12.7 → 9.6 s)."""
+    of matmuls, not one more (benchmarks/profile_step.py counts them)."""
     replayer = copy.deepcopy(worker)
     pairs = list(zip(worker.cells_and_names(), replayer.cells_and_names(), strict=True))
     kept = []

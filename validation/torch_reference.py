@@ -208,8 +208,8 @@ def compute_in(lookup, units, dtype: str) -> None:
     dropped (its stored tensors put back) as it is left, so only the running one is held in `dtype`. For float32
     over 16-bit weights the values are those of the float32 model on the rounded weights (16-bit values widen
     exactly). The copies are views of one workspace the size of the largest unit, reused by every unit (units run
-    one after another, none inside another): widening into fresh memory costs its page faults (0.8 s for the 6B
-    output layer, the copy itself 0.15 s), and narrowing back is not needed."""
+    one after another, none inside another): widening into fresh memory would cost its page faults, more than the
+    copy itself, and narrowing back is not needed."""
     to = TORCH_DTYPES[dtype]
     workspace = torch.empty(0, dtype=to)
 
