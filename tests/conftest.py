@@ -1,6 +1,8 @@
 import hashlib
+import importlib.abc
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -113,7 +115,57 @@ def no_native_kernels(monkeypatch):
     kernels._linear16.cache_clear()
 
 
+# The unit tier (`pytest -m unit`): the tests of these modules that run no MindSpore, torch, transformers or peft and
+# no subprocess (a test that does is marked `runtime`). Under -m unit those imports and subprocesses are refused, so
+# the tier cannot silently grow slow.
+UNIT_MODULES = {"test_architecture.py", "test_config.py", "test_numpy_oracle.py", "test_convert_roundtrip.py",
+                "test_cli_vocabulary.py", "test_data.py", "test_tokenizer.py", "test_bad_input.py",
+                "test_adapters.py", "test_readme.py"}
+RUNTIME_LIBRARIES = ("mindspore", "torch", "transformers", "peft")
+
+
+class _RefuseRuntime(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in RUNTIME_LIBRARIES:
+            raise ImportError(f"the unit tier imports no {name}: mark the test `runtime`")
+
+
+def _refuse_subprocess(*args, **kwargs):
+    raise RuntimeError("the unit tier runs no subprocess: mark the test `runtime`")
+
+
+def _unit_only(config) -> bool:
+    return (config.option.markexpr or "").strip() == "unit"
+
+
+def pytest_configure(config):
+    if _unit_only(config):
+        sys.meta_path.insert(0, _RefuseRuntime())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def unit_runs_no_subprocess(request):
+    """Under -m unit, in the process that runs the tests (xdist's controller starts its workers by subprocess)."""
+    if not _unit_only(request.config):
+        yield
+        return
+    saved, subprocess.Popen.__init__ = subprocess.Popen.__init__, _refuse_subprocess
+    yield
+    subprocess.Popen.__init__ = saved
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Under -m unit, the other modules are not even imported (their imports would be refused)."""
+    if _unit_only(config) and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return collection_path.name not in UNIT_MODULES
+    return None
+
+
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in UNIT_MODULES and not item.get_closest_marker("heavy") \
+                and not item.get_closest_marker("runtime"):
+            item.add_marker(pytest.mark.unit)
     items.sort(key=lambda item: SLOWEST.index(item.path.name) if item.path.name in SLOWEST else len(SLOWEST))
 
 

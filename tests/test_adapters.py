@@ -29,6 +29,7 @@ def write_glm_adapter(folder, cfg, parts, rank=2, alpha=4.0):
     return tensors
 
 
+@pytest.mark.runtime
 def test_glm_adapter_with_distinct_q_k_v_factors_is_fused_exactly(tmp_path, tiny_cfg):
     tensors = write_glm_adapter(tmp_path / "glm", tiny_cfg, "qkv")
     adapter = read_adapter(tmp_path / "glm")

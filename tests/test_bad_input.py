@@ -128,6 +128,7 @@ def test_a_deflated_record_that_inflates_past_its_stated_size(copy_of, tmp_path)
     assert tree_digest(src) == before
 
 
+@pytest.mark.runtime
 def test_bin_whose_pickle_would_run_code_is_refused(tmp_path, copy_of):
     import torch
     src = copy_of("bin")
@@ -199,6 +200,7 @@ def test_float16_overflow(copy_of, tmp_path):
     assert f"warning: wrote 1 values of {name} as inf" in ok.output
 
 
+@pytest.mark.runtime
 def test_another_architecture_is_named(tmp_path):
     """transformers' Llama shares GLM's embedding name: its folder is not taken for a GLM one."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -261,6 +263,7 @@ def test_existing_destination_needs_overwrite(hf_tiny, tmp_path):
     assert (dst / "notes.txt").read_text() == "mine too" and (dst / "mindspore_model.ckpt").is_file()
 
 
+@pytest.mark.runtime
 def test_cli_process_prints_one_line_and_exits_nonzero(tmp_path):
     bogus = tmp_path / "nothing.ckpt"
     bogus.write_bytes(b"\x0a\x05abc")
@@ -271,6 +274,7 @@ def test_cli_process_prints_one_line_and_exits_nonzero(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.runtime
 def test_conversion_needs_neither_torch_nor_mindspore(hf_tiny, tmp_path):
     """Every format converts, both ways, with torch, mindspore and safetensors unimportable (.bin is read and
     written by our own zip and pickle framing), and with zlib's CRC-32 in place of ISA-L's."""

@@ -150,6 +150,7 @@ def test_usage_errors_are_one_line_too(tmp_path):
                    "--format bin does not go with --layout mindformers")
 
 
+@pytest.mark.runtime
 def test_finetune_names_a_bad_data_file(hf_tiny, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("not json\n" + json.dumps({"content": "x"}) + "\n")

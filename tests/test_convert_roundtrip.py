@@ -64,6 +64,7 @@ def test_ms_output_has_the_layout_names(hf_tiny, tmp_path):
     assert "transformer.embedding.embedding_table" in set(tensor_bytes(tmp_path / "b"))
 
 
+@pytest.mark.runtime
 def test_rearranged_rope_permutes_rows_as_mindformers_does(hf_tiny, tmp_path, tiny_cfg):
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "r", target=Layout("mindformers", rearrange_rope=True), fmt="ckpt", progress=False)
@@ -174,6 +175,7 @@ def test_output_is_deterministic(hf_tiny, tmp_path):
     assert (tmp_path / "x/mindspore_model.ckpt").read_bytes() == (tmp_path / "y/mindspore_model.ckpt").read_bytes()
 
 
+@pytest.mark.runtime
 def test_bin_we_write_loads_in_torch_with_and_without_mmap(hf_tiny, tmp_path):
     """Our own zip framing (CRCs patched in after the fact, zip64 fields) against torch and zipfile."""
     import torch
@@ -198,6 +200,7 @@ def test_bin_we_write_loads_in_torch_with_and_without_mmap(hf_tiny, tmp_path):
     assert seen == {n: b for n, (_, _, b) in original.items()}
 
 
+@pytest.mark.runtime
 def test_hf_safetensors_output_reads_in_the_safetensors_library(hf_tiny, tmp_path):
     safetensors_torch = optional("safetensors.torch")
     import torch

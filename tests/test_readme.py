@@ -28,6 +28,7 @@ def test_the_readme_has_python_snippets():
     assert SNIPPETS and all(PLACEHOLDER in s for s in SNIPPETS)
 
 
+@pytest.mark.runtime
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
 def test_readme_snippet_runs(snippet, hf_tiny, tmp_path):
     model = tmp_path / "ms"

@@ -82,6 +82,7 @@ def test_chatglm3_system_tools_and_metadata(glm3):
         glm3.build_chat_input("hi", role="robot")
 
 
+@pytest.mark.runtime
 def test_role_responses_text_and_tool_calls(glm3):
     from glm2_ms.dialogue import role_response
 
@@ -118,6 +119,7 @@ def test_glm4_special_tokens_and_published_chat_ids(glm4):
     assert glm4.batch([[109377], [198, 109377]]).input_ids[0, 0] == 151329  # padded with <|endoftext|>
 
 
+@pytest.mark.runtime
 def test_glm4_json_tool_calls(glm4):
     from glm2_ms.dialogue import role_response
 
