@@ -152,7 +152,8 @@ def canonical_shapes(cfg: GLM2Config) -> dict[str, tuple[int, ...]]:
 
 
 # Entries of MindSpore training checkpoints that are not model weights.
-OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "accu_grad.")
+ADAM_MOMENTS = ("adam_m.", "adam_v.")  # MindFormers' names of AdamW's first and second moments
+OPTIMIZER_PREFIXES = (*ADAM_MOMENTS, "moment1.", "moment2.", "accu_grads.", "accu_grad.")
 OPTIMIZER_SCALARS = {"global_step", "epoch_num", "step_num", "loss_scale", "learning_rate", "current_iterator_step",
                      "last_overflow_iterator_step", "scale_sense", "beta1_power", "beta2_power"}
 # KV caches: MindFormers' older `key_past`/`kvcache_mgr.*` and 2.x's paged-attention blocks

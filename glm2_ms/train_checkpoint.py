@@ -21,13 +21,15 @@ from mindspore import Parameter, Tensor
 from converters.runs import check_base, ckpt_path, record_of, record_path, trainable_path
 from glm2_core.errors import CheckpointError, sized
 from glm2_core.files import NETWORK, TRAIN_LOG, TRAINING
+from glm2_core.names import ADAM_MOMENTS
 
 from . import checkpointing as ckpt
 from .optimizer_shards import PREFIX
 from .train_config import TrainConfig
 from .train_step import TrainStep
 
-MOMENTS = {"exp_avg.": "adam_m.", "exp_avg_sq.": "adam_v."}  # the optimizers' state names → MindFormers' names
+# the optimizers' state names → MindFormers' names
+MOMENTS = dict(zip(("exp_avg.", "exp_avg_sq."), ADAM_MOMENTS, strict=True))
 SCHEDULE = ("learning_rate", "lr_end", "warmup_steps", "lr_power")  # with the total step count: every step's lr
 # the settings a resume may change: how often it saves and logs, how many saves it keeps, and whether a step runs
 # block by block (the same losses, another memory peak); max_steps and epochs count through the total step count,

@@ -91,7 +91,8 @@ def hf_tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ms_tiny(hf_tiny, tmp_path_factory):
-    """MindSpore folders converted from `hf_tiny`'s .bin folders (MindFormers names, .ckpt), one per dtype."""
+    """MindSpore folders converted from `hf_tiny`'s .bin folders (MindFormers names, .ckpt), one per dtype: the
+    tiny model the runtime tests load (read only: a test that writes beside a model copies it)."""
     made = {}
 
     def get(dtype: str = "float16") -> Path:

@@ -4,8 +4,6 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from converters.convert import convert
-from glm2_core.names import Layout
 from glm2_ms import GLM2ForCausalLM, GLM2Tokenizer, SamplingConfig
 from glm2_ms.api import from_pretrained
 from glm2_ms.dialogue import chat, role_response, stream_chat
@@ -14,10 +12,8 @@ QUERY = "晚上睡不着应该怎么办"
 
 
 @pytest.fixture(scope="module")
-def folder(hf_tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("api") / "ms"
-    convert(hf_tiny(dtype="float32"), out, target=Layout("mindformers"), fmt="ckpt", progress=False)
-    return out
+def folder(ms_tiny):
+    return ms_tiny("float32")
 
 
 @pytest.fixture(scope="module")

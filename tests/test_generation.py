@@ -14,10 +14,8 @@ LAYOUTS = [Layout("mindformers"), Layout("mindformers-legacy"), Layout("mindform
 
 
 @pytest.fixture(scope="module")
-def tiny(hf_tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ms") / "tiny"
-    convert(hf_tiny(dtype="float32"), out, target=Layout("mindformers"), fmt="ckpt", progress=False)
-    return from_pretrained(out)
+def tiny(ms_tiny):
+    return from_pretrained(ms_tiny("float32"))
 
 
 @pytest.fixture(scope="module")

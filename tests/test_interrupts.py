@@ -12,18 +12,14 @@ from pathlib import Path
 import pytest
 from conftest import DATA
 
-from converters.convert import convert
-from glm2_core.names import Layout
 from glm2_ms.checkpointing import latest
 
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def ms_dir(hf_tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("interrupt") / "ms"
-    convert(hf_tiny(dtype="float32"), out, target=Layout("mindformers"), fmt="ckpt", progress=False)
-    return out
+def ms_dir(ms_tiny):
+    return ms_tiny("float32")
 
 
 class Tool:

@@ -1,5 +1,4 @@
 """The machine block and kernel anchors every benchmark prints (benchmarks/measure.py)."""
-import subprocess
 import sys
 from pathlib import Path
 
@@ -7,14 +6,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import measure
-
-
-def test_cpu_info_agrees_with_lscpu():
-    model, flags = measure.cpu_info()
-    lscpu = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True,
-                                                                check=True).stdout.splitlines() if ":" in line)
-    assert model == lscpu["Model name"].strip()
-    assert set(flags) == set(measure.KERNEL_FLAGS) & set(lscpu["Flags"].split())
 
 
 def test_cpu_info_names_the_kernel_flags_of_another_cpu():
@@ -25,15 +16,19 @@ def test_cpu_info_names_the_kernel_flags_of_another_cpu():
 def test_kernel_anchor_times_both_sides_at_a_tiny_shape():
     rows = measure.kernel_anchors([("p", 4, 32, 16, 3), ("q", 1, 32, 8, 1)], repeat=2)
     assert [(r["name"], r["shape"], r["count"]) for r in rows] == [("p", (4, 32, 16), 3), ("q", (1, 32, 8), 1)]
-    for r in rows:
-        assert r["ms"] > 0 and r["pt"] > 0 and r["ratio"] == pytest.approx(r["pt"] / r["ms"])
-    weighted = (3 * rows[0]["pt"] + rows[1]["pt"]) / (3 * rows[0]["ms"] + rows[1]["ms"])
-    assert measure.kernel_ratio(rows) == pytest.approx(weighted)
+    assert all(r["ms"] > 0 and r["pt"] > 0 for r in rows)
+
+
+def test_the_kernel_ratio_weights_each_product_by_its_calls():
+    """torch twice as fast on a product called 3 times, 4× slower on one called once: 7 ms of torch against 7 ms of
+    MindSpore, a ratio of 1 (unweighted, the two ratios 0.5 and 4 would average 2.25)."""
+    rows = [{"ms": 2.0, "pt": 1.0, "count": 3}, {"ms": 1.0, "pt": 4.0, "count": 1}]
+    assert measure.kernel_ratio(rows) == pytest.approx(1.0)
 
 
 def test_kernel_anchor_times_the_native_kernel_beside_when_asked(capsys):
     rows = measure.kernel_anchors([("p", 2, 32, 16, 1)], repeat=2, native=True)
-    assert rows[0]["ms16"] > 0 and rows[0]["ratio16"] == pytest.approx(rows[0]["pt"] / rows[0]["ms16"])
+    assert rows[0]["ms16"] > 0
     measure.print_anchors("tiny", rows)
     assert "native kernel" in capsys.readouterr().out
 

@@ -12,9 +12,6 @@ from pathlib import Path
 import click
 import pytest
 
-from converters.convert import convert
-from glm2_core.names import Layout
-
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
@@ -30,9 +27,8 @@ def test_the_readme_has_python_snippets():
 
 @pytest.mark.runtime
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
-def test_readme_snippet_runs(snippet, hf_tiny, tmp_path):
-    model = tmp_path / "ms"
-    convert(hf_tiny(dtype="float32"), model, target=Layout("mindformers"), fmt="ckpt", progress=False)
+def test_readme_snippet_runs(snippet, ms_tiny, tmp_path):
+    model = ms_tiny("float32")
     work = tmp_path / "cwd"
     work.mkdir()
     proc = subprocess.run([sys.executable, "-c", snippet.replace(PLACEHOLDER, repr(str(model)))], cwd=work,

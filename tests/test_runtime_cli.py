@@ -4,15 +4,10 @@ import sys
 
 import pytest
 
-from converters.convert import convert
-from glm2_core.names import Layout
-
 
 @pytest.fixture(scope="module")
-def ms_dir(hf_tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "ms"
-    convert(hf_tiny(dtype="float32"), out, target=Layout("mindformers"), fmt="ckpt", progress=False)
-    return out
+def ms_dir(ms_tiny):
+    return ms_tiny("float32")
 
 
 def run(module_fn, *args, stdin=None):

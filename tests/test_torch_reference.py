@@ -21,13 +21,15 @@ def test_reference_matches_original_hf_outputs_with_kv_cache():
             seen += len(ids)
 
 
-def test_reference_loads_every_format(hf_tiny):
-    a = load_reference(hf_tiny("bin", "float32"))
-    b = load_reference(hf_tiny("safetensors", "bfloat16"), dtype="float32")
+def test_reference_loads_every_format_to_the_same_model(hf_tiny):
+    """The same weights from a .bin and from safetensors give the same logits, bit for bit, in each dtype."""
     ids = torch.tensor([[64790, 64792, 36474, 54591]])
-    with torch.no_grad():
-        la, lb = a(ids)[0], b(ids)[0]
-    assert la.shape == (1, 4, 65024) and torch.isfinite(la).all() and torch.isfinite(lb).all()
+    for dtype in ("float32", "bfloat16"):
+        a, b = (load_reference(hf_tiny(fmt, dtype), dtype="float32") for fmt in ("bin", "safetensors"))
+        with torch.no_grad():
+            la, lb = a(ids)[0], b(ids)[0]
+        assert la.shape == (1, 4, 65024) and torch.isfinite(la).all()
+        assert torch.equal(la, lb), dtype
 
 
 def test_float32_compute_over_16bit_weights_equals_the_float32_model_and_keeps_them_16bit(hf_tiny):
