@@ -78,10 +78,8 @@ def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_opti
     from glm2_core.names import Layout
 
     from .convert import convert
-    from .model_folder import weights_format
 
-    summary = convert(src, dst, target=Layout(layout, qkv_split, mlp_split, rearrange_rope),
-                      fmt=weights_format(fmt, layout), dtype=dtype,
+    summary = convert(src, dst, target=Layout(layout, qkv_split, mlp_split, rearrange_rope), fmt=fmt, dtype=dtype,
                       overwrite=overwrite, allow_overflow=allow_overflow, keep_optimizer=keep_optimizer,
                       rearranged_rope=rearranged_rope, config=config, progress=not quiet,
                       verify_checksums=not no_crc_check, release=release)

@@ -18,6 +18,7 @@ from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
 from glm2_core.dtypes import DTYPES, nbytes, stored
 from glm2_core.errors import CheckpointError, UserError, listed
+from glm2_core.files import CONFIG, TOKENIZER_MODEL
 from glm2_core.names import EMBEDDING, INV_FREQ, LAYOUTS, Layout, inv_freq
 from glm2_core.outputs import MODEL, check_output
 from glm2_core.releases import RELEASES
@@ -25,8 +26,6 @@ from glm2_core.releases import RELEASES
 from .checkpoint import Checkpoint
 from .formats.base import TensorRef
 from .model_folder import (
-    CONFIG,
-    TOKENIZER_MODEL,
     tokenizer_or_bundled,
     weight_files,
     weights_format,
@@ -98,15 +97,17 @@ class Plan:
         return sum(nbytes(s, d) for _, plan in self.shards for _, s, d in plan)
 
 
-def _check_request(dst: Path, target: Layout, fmt: str, dtype: str, keep_optimizer: bool, overwrite: bool,
-                   inputs: list[Path]) -> None:
-    """Refuse what cannot be done before anything is opened (the output's rules: glm2_core.outputs)."""
+def _check_request(dst: Path, target: Layout, fmt: str | None, dtype: str, keep_optimizer: bool, overwrite: bool,
+                   inputs: list[Path]) -> str:
+    """Refuse what cannot be done before anything is opened (the output's rules: glm2_core.outputs); returns the
+    weights format (None: the layout's default)."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if keep_optimizer and target.spec.hf:
         raise UserError("--keep-optimizer: optimizer state has no place in a HF folder")
-    weights_format(fmt, target.name)
+    fmt = weights_format(fmt, target.name)
     check_output(dst, overwrite, inputs, kind=MODEL)
+    return fmt
 
 
 def plan(source: Source, target: Layout, fmt: str, dtype: str, keep_optimizer: bool,
@@ -154,22 +155,23 @@ def manifest(src: Path, source: Source, target: Layout, fmt: str, planned: Plan,
             "files": planned.files, "merged_lora": merged, "dropped": dropped, "tensors": records}
 
 
-def convert(src, dst, *, target: Layout, fmt: str, dtype: str = "keep", max_shard_bytes: int | None = None,
-            overwrite: bool = False, allow_overflow: bool = False, keep_optimizer: bool = False,
-            rearranged_rope: bool | None = None, config: Path | None = None, progress: bool = True, adapter=None,
-            opened=None, bundled_tokenizer: bool = False, verify_checksums: bool = True,
-            inputs: tuple = (), release: str | None = None) -> Summary:
+def convert(src, dst, *, target: Layout, fmt: str | None = None, dtype: str = "keep",
+            max_shard_bytes: int | None = None, overwrite: bool = False, allow_overflow: bool = False,
+            keep_optimizer: bool = False, rearranged_rope: bool | None = None, config: Path | None = None,
+            progress: bool = True, adapter=None, opened=None, bundled_tokenizer: bool = False,
+            verify_checksums: bool = True, inputs: tuple = (), release: str | None = None) -> Summary:
     """Convert the checkpoint at `src` (or the Checkpoint `opened` from it) into a new folder `dst` (MindSpore, or
-    a HF folder for a HF layout); with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged
-    into the weights. The tokenizer files written are those beside the source; with `bundled_tokenizer`, a source
-    without a tokenizer.model gets its family's bundled one (a shard merge, a finetune's export). DST may not
-    overlap `src`, the files of `opened`, `config` or the other `inputs` (an adapter, a strategy): a weights
-    file's folder cannot be replaced (it holds the file), a new folder beside the file is fine. `release`: the
-    release the source holds where its config cannot tell (--release); the output's config names it."""
+    a HF folder for a HF layout), its weights in `fmt` (default: the layout's first format); with an `adapter`
+    (converters.adapters.Adapter), its LoRA deltas are merged into the weights. The tokenizer files written are
+    those beside the source; with `bundled_tokenizer`, a source without a tokenizer.model gets its family's bundled
+    one (a shard merge, a finetune's export). DST may not overlap `src`, the files of `opened`, `config` or the
+    other `inputs` (an adapter, a strategy): a weights file's folder cannot be replaced (it holds the file), a new
+    folder beside the file is fine. `release`: the release the source holds where its config cannot tell
+    (--release); the output's config names it."""
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     protected = [*([src] if opened is None else opened.files), *inputs, config]
-    _check_request(dst, target, fmt, dtype, keep_optimizer, overwrite, protected)
+    fmt = _check_request(dst, target, fmt, dtype, keep_optimizer, overwrite, protected)
     with Source.open(src, rearranged_rope, config, opened, verify_checksums, release) as source:
         lora = source.dropped["LoRA adapters"]
         if lora and adapter is None:

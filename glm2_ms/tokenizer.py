@@ -181,7 +181,7 @@ class GLM2Tokenizer:
     def from_pretrained(cls, path: str | Path, family: str | None = None) -> GLM2Tokenizer:
         """The tokenizer of a model folder, as transformers' AutoTokenizer is loaded: its tokenizer.model (else the
         bundled one, for the families it belongs to), of the family the folder tells (`detect_family`) or
-        `family`. Loading the model too? `glm2_ms.loading.open_model` opens the folder once for both."""
+        `family`. Loading the model too? `glm2_ms.open_model` opens the folder once for both."""
         path = Path(path)
         if family is None:
             config = path / CONFIG
