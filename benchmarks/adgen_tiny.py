@@ -14,6 +14,13 @@ import shutil
 import time
 from pathlib import Path
 
+from converters.synth import synthesize
+from glm2_core.config import GLM2Config
+from glm2_ms.loading import use_cpu
+from glm2_ms.train import Trainer, export
+from glm2_ms.train_config import TrainConfig
+from validation.evaluate import EvalRequest, EvalSettings, evaluate
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "benchmarks" / "data" / "adgen_train_head5000.json"
 DEV = ROOT / "tests" / "data" / "adgen_dev.json"
@@ -26,20 +33,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-work" / "adgen-tiny")
     args = ap.parse_args()
 
-    from converters.synth import synthesize
-    from glm2_core.config import GLM2Config
-    from glm2_ms.loading import use_cpu
-    from glm2_ms.train import Trainer, export
-    from glm2_ms.train_config import TrainConfig
-    from validation.evaluate import EvalSettings, evaluate
-
     use_cpu()
     shutil.rmtree(args.out, ignore_errors=True)
     cfg = GLM2Config.preset("tiny", num_layers=2, hidden_size=256, ffn_hidden_size=688, num_attention_heads=4,
                             kv_channels=64)
     synthesize(args.out / "init", cfg, "float32", "safetensors", seed=0)
     settings = EvalSettings(max_samples=args.dev_samples, batch_size=10, max_new_tokens=64)
-    before = evaluate(args.out / "init", DEV, args.out / "eval-before", "ms", settings, progress=False)
+    before = evaluate(args.out / "init", EvalRequest(DEV, args.out / "eval-before", settings, progress=False))
 
     train = TrainConfig(method="full", batch_size=8, max_source_length=64, max_target_length=64,
                         learning_rate=2e-3, lr_end=1e-4, warmup_steps=20, epochs=1, seed=0)
@@ -49,7 +49,7 @@ def main() -> None:
         trainer.train(stop_after=50)
     seconds = time.monotonic() - start
     export(trainer)
-    after = evaluate(args.out / "run" / "model", DEV, args.out / "eval-after", "ms", settings, progress=False)
+    after = evaluate(args.out / "run" / "model", EvalRequest(DEV, args.out / "eval-after", settings, progress=False))
 
     losses = trainer.state.losses
     print(f"trained {trainer.state.step} steps x {train.batch_size} sequences of {trainer.seq} tokens "

@@ -22,6 +22,14 @@ from pathlib import Path
 
 from measure import print_machine, size_of
 
+from converters.formats.ckpt import CkptFile
+from converters.runs import record_path, trainable_path
+from converters.strategy import ParamLayout, strategy_bytes
+from glm2_ms.checkpointing import latest
+from glm2_ms.train import Trainer
+from glm2_ms.train_checkpoint import network_state
+from glm2_ms.train_config import TrainConfig
+
 BIN = Path(sys.executable).parent
 TRAIN = Path(__file__).resolve().parents[1] / "tests" / "data" / "adgen_train_head200.json"
 
@@ -50,8 +58,6 @@ def timed_saves(trainer) -> list[float]:
 def old_layout_bytes(trainer) -> int:
     """What the layout before wrote per save: the whole network in the training file and again in the network
     file, plus the moments and counters (as now)."""
-    from glm2_ms.train_checkpoint import network_state
-
     network = sum(a.nbytes for a in network_state(trainer.model).values())
     trained = sum(p.asnumpy().nbytes for p in trainer.train_step.weights)
     return 2 * network + 2 * trained + 16
@@ -66,11 +72,6 @@ def cp_seconds(files: list[Path], into: Path) -> float:
 
 
 def run(work: Path, layers: int) -> dict:
-    from converters.runs import record_path, trainable_path
-    from glm2_ms.checkpointing import latest
-    from glm2_ms.train import Trainer
-    from glm2_ms.train_config import TrainConfig
-
     found = {"synth_s": synth(work / "hf", layers)}
     cfg = TrainConfig.load(None, method="lora", max_steps=2, save_steps=1, batch_size=1, max_source_length=16,
                            max_target_length=16, seed=0)
@@ -99,10 +100,6 @@ def run(work: Path, layers: int) -> dict:
 
 def _strategy(work: Path) -> Path:
     """One process's rank files: every tensor whole on rank 0."""
-    from converters.formats.ckpt import CkptFile
-    from converters.strategy import ParamLayout, strategy_bytes
-    from glm2_ms.checkpointing import latest
-
     with CkptFile(latest(work / "run", 0)) as f:
         layouts = {n: ParamLayout((1,), (-1,) * len(t.shape)) for n, t in f.tensors.items() if t.shape}
     (work / "strategy.ckpt").write_bytes(strategy_bytes(layouts))

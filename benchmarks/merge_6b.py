@@ -18,6 +18,9 @@ from pathlib import Path
 
 from measure import drop_caches, print_machine, size_of, timed
 
+from converters.checkpoint import open_checkpoint
+from converters.strategy import ParamLayout, strategy_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -30,8 +33,6 @@ ms.transform_checkpoints(sys.argv[1], sys.argv[2], "merged", sys.argv[3], None)
 def megatron_layouts(names: list[str], dp: int, mp: int) -> dict:
     """Column-parallel qkv / h→4h, row-parallel dense / 4h→h, vocab-parallel embedding and output layer,
     replicated norms; the optimizer shards every weight across dp and the norms across all ranks."""
-    from converters.strategy import ParamLayout
-
     out = {}
     for n in names:
         if "layernorm" in n:
@@ -47,9 +48,6 @@ def megatron_layouts(names: list[str], dp: int, mp: int) -> dict:
 
 def build_shards(work: Path, layers: int, dp: int, mp: int) -> tuple[Path, Path, Path, tuple[float, float]]:
     """(HF source, shards folder, strategy file, split (wall, RSS))."""
-    from converters.checkpoint import open_checkpoint
-    from converters.strategy import strategy_bytes
-
     cli = f"{sys.executable} -m converters"
     hf = work / ("hf-6b-safetensors" if layers == 28 else f"hf-6b-{layers}l")
     if not hf.exists():

@@ -25,6 +25,9 @@ from decode import config, models, prefills, prompt_ids
 from finetune import ms_trainer, torch_trainer
 from measure import print_machine, set_threads
 
+from converters.synth import synthesize
+from glm2_ms.generation import Decoder, cache_length
+
 MS_MATMUL = {"MatMul", "BatchMatMul"}
 PT_MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 
@@ -81,8 +84,6 @@ def report(title: str, ms_side: tuple, pt_side: tuple, top: int) -> None:
 
 
 def profile_prefill(name: str, prompt: int, steps: int, top: int) -> None:
-    from glm2_ms.generation import Decoder
-
     ms_model, pt_model = models(name)
     runs = prefills(Decoder(ms_model), pt_model, prompt_ids(prompt), 64)
     for run in runs.values():
@@ -93,8 +94,6 @@ def profile_prefill(name: str, prompt: int, steps: int, top: int) -> None:
 def profile_decode(name: str, prompt: int, steps: int, top: int) -> None:
     """One decoding step after the prompt, repeated into the same cache slot (each call the same work)."""
     import torch
-
-    from glm2_ms.generation import Decoder, cache_length
 
     ms_model, pt_model = models(name)
     dec, ids = Decoder(ms_model), prompt_ids(prompt)
@@ -115,8 +114,6 @@ def profile_decode(name: str, prompt: int, steps: int, top: int) -> None:
 
 
 def profile_train(name: str, method: str, batch: int, steps: int, top: int) -> None:
-    from converters.synth import synthesize
-
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "hf"
         synthesize(model, config(name), "float32", "safetensors", seed=0)

@@ -38,6 +38,9 @@ from pathlib import Path
 import psutil
 from measure import cpu_info, drop_caches, kernel_anchors, print_anchors, print_machine, projection_shapes, size_of
 
+from glm2_core.config import GLM2Config
+from validation.parity import DEFAULT_PROMPTS
+
 ROOT = Path(__file__).resolve().parent.parent
 ADGEN = ROOT / "validation" / "assets" / "adgen_train_head200.json"
 BIN = Path(sys.executable).parent  # the venv's glm2-* commands
@@ -106,8 +109,6 @@ def anchors() -> None:
     """The products the loop's time is made of, timed here, alternating: each 6B projection on a 20-token prompt
     (the streamed parity's passes, a prefill) and on one token (a decoding step), in float32 in both libraries and
     over float16 weights through the native kernel."""
-    from glm2_core.config import GLM2Config
-
     cfg = GLM2Config.preset("6b")
     for title, rows in (("a 20-token prompt", 20), ("a decoding step", 1)):
         print_anchors(f"6B shapes, {title}", kernel_anchors(projection_shapes(cfg, rows, rows), native=True))
@@ -118,8 +119,6 @@ def supports(tool: str, flag: str) -> bool:
 
 
 def loop(args, work: Path) -> list[tuple]:
-    from validation.parity import DEFAULT_PROMPTS
-
     rows = []
 
     def prune(*folders: Path) -> None:

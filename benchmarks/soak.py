@@ -32,7 +32,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import mindspore as ms
+import mindspore as ms  # noqa: TID253
 import numpy as np
 
 from glm2_core.config import GLM2Config

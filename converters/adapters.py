@@ -18,9 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from glm2_core.dtypes import to_float32
 from glm2_core.errors import CheckpointError
 from glm2_core.jsonio import read_json, write_json
-from glm2_core.names import BY_TEMPLATE, LORA_A, LORA_B, MINDPET, Layout, layer_template, weight_map
+from glm2_core.names import BY_TEMPLATE, LORA_A, LORA_B, MINDPET, OPTIMIZER_PREFIXES, Layout, layer_template, weight_map
+
+from .checkpoint import open_checkpoint
+from .formats.ckpt import CkptWriter
+from .formats.safetensors_io import SafetensorsWriter
+from .runs import recorded_lora
 
 PEFT = re.compile(r"^base_model\.model\.(.*)\.lora_([AB])(?:\.default)?\.weight$")
 PEFT_PREFIX = "base_model.model."
@@ -50,8 +56,6 @@ class Adapter:
 def _settings(path: Path, folder: Path) -> tuple[Path, dict] | None:
     """(where, {r, lora_alpha, …}): `adapter_config.json` beside the adapter, or for a checkpoint of one of our
     LoRA runs, what the run recorded (converters/runs.py)."""
-    from .runs import recorded_lora
-
     config = folder / "adapter_config.json"
     if config.is_file():
         return config, read_json(config, "adapter config")
@@ -116,9 +120,6 @@ def _pairs(names_arrays, pattern: re.Pattern, where: str) -> dict[str, dict[str,
 
 def _lora_arrays(ckpt) -> list[tuple[str, np.ndarray]]:
     """The LoRA factors of a checkpoint (not the optimizer's moments of them, which a training checkpoint holds)."""
-    from glm2_core.dtypes import to_float32
-    from glm2_core.names import OPTIMIZER_PREFIXES
-
     return [(n, to_float32(t.read(), t.dtype)) for n, t in ckpt.tensors.items()
             if (MINDPET.match(n) or PEFT.match(n)) and not n.startswith(OPTIMIZER_PREFIXES)]
 
@@ -134,8 +135,6 @@ def adapter_from_mindpet(tensors: dict[str, np.ndarray], alpha: float, dropout: 
 def read_adapter(path, alpha: float | None = None, opened=None) -> Adapter:
     """A PEFT folder, a mindpet .ckpt (or its folder), or any MindSpore checkpoint holding mindpet tensors (also
     one already `opened`, e.g. merged rank shards)."""
-    from .checkpoint import open_checkpoint
-
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     where, config = (_settings(path, folder) if opened is None else None) or (None, None)
@@ -207,8 +206,6 @@ def peft_config(adapter: Adapter, modules, base_model: str = "") -> dict:
 def write_peft(adapter: Adapter, out: Path, target: str, cfg, base_model: str = "") -> None:
     """A PEFT adapter folder (adapter_model.safetensors, adapter_config.json) in the `target` layout's names
     (chatglm or glm)."""
-    from .formats.safetensors_io import SafetensorsWriter
-
     out.mkdir(parents=True, exist_ok=True)
     modules = layout_modules(adapter, target, cfg)
     tensors = {f"{PEFT_PREFIX}{m}.lora_{k}.weight": x for m, (a, b) in modules.items() for k, x in (("A", a), ("B", b))}
@@ -221,8 +218,6 @@ def write_peft(adapter: Adapter, out: Path, target: str, cfg, base_model: str = 
 
 def write_mindpet(adapter: Adapter, out: Path) -> None:
     """`adapter.ckpt` with mindpet names and `adapter_config.json` (rank, alpha) beside it."""
-    from .formats.ckpt import CkptWriter
-
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "adapter.ckpt", "wb") as f:
         w = CkptWriter(f)

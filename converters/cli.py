@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import asdict
 
 import click
 
@@ -11,11 +12,17 @@ from glm2_core.config import PRESETS, GLM2Config
 from glm2_core.dtypes import WEIGHT_DTYPES
 from glm2_core.names import HF_LAYOUTS, MS_LAYOUTS, canonical_shapes, formats_of
 from glm2_core.options import AT_LEAST_ONE, PATH, ExistingPath, ToolGroup, option, options
+from glm2_core.outputs import MODEL, check_output
+
+from . import inspect_verify
+from .adapters import read_adapter
+from .convert import Conversion, convert
+from .output import parse_size
+from .synth import synthesize
 
 
 def _print_summary(summary, as_json: bool) -> None:
     if as_json:
-        from dataclasses import asdict
         click.echo(json.dumps(asdict(summary), indent=2))
     else:
         click.echo("\n".join(summary.lines()))
@@ -53,9 +60,6 @@ def main():
 @option("--overwrite")
 def synth(out_dir, preset, num_layers, dtype, fmt, seed, max_shard_size, overwrite):
     """Write a random ChatGLM2 checkpoint laid out exactly like the THUDM release."""
-    from .output import parse_size
-    from .synth import synthesize
-
     cfg = GLM2Config.preset(preset, num_layers=num_layers)
     size = parse_size(max_shard_size or ("10MB" if preset == "tiny" else "2GB"))
     files = synthesize(out_dir, cfg, dtype, fmt, seed, size, overwrite)
@@ -72,18 +76,9 @@ def synth(out_dir, preset, num_layers, dtype, fmt, seed, max_shard_size, overwri
 @option("--format", choices=formats_of(MS_LAYOUTS), show_default="ckpt; safetensors for mindformers-mcore")
 @option("--keep-optimizer")
 @common()
-def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_optimizer, no_crc_check, dtype,
-          overwrite, allow_overflow, config, rearranged_rope, release, quiet, as_json):
+def hf2ms(src, dst, as_json, **flags):
     """Convert a HF ChatGLM2 checkpoint (folder or file) into a MindSpore folder."""
-    from glm2_core.names import Layout
-
-    from .convert import convert
-
-    summary = convert(src, dst, target=Layout(layout, qkv_split, mlp_split, rearrange_rope), fmt=fmt, dtype=dtype,
-                      overwrite=overwrite, allow_overflow=allow_overflow, keep_optimizer=keep_optimizer,
-                      rearranged_rope=rearranged_rope, config=config, progress=not quiet,
-                      verify_checksums=not no_crc_check, release=release)
-    _print_summary(summary, as_json)
+    _print_summary(convert(src, dst, Conversion.from_flags(**flags)), as_json)
 
 
 @main.command(aliases={"--target": "--layout"})
@@ -93,19 +88,9 @@ def hf2ms(src, dst, layout, qkv_split, mlp_split, rearrange_rope, fmt, keep_opti
 @option("--format", choices=formats_of(HF_LAYOUTS), default="safetensors")
 @option("--max-shard-size")
 @common()
-def ms2hf(src, dst, layout, fmt, max_shard_size, no_crc_check, dtype, overwrite, allow_overflow, config,
-          rearranged_rope, release, quiet, as_json):
+def ms2hf(src, dst, as_json, **flags):
     """Convert a MindSpore checkpoint (any MindFormers layout) into a HF folder."""
-    from glm2_core.names import Layout
-
-    from .convert import convert
-    from .output import parse_size
-
-    summary = convert(src, dst, target=Layout(layout), fmt=fmt, dtype=dtype,
-                      max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, allow_overflow=allow_overflow,
-                      rearranged_rope=rearranged_rope, config=config, progress=not quiet,
-                      verify_checksums=not no_crc_check, release=release)
-    _print_summary(summary, as_json)
+    _print_summary(convert(src, dst, Conversion.from_flags(**flags)), as_json)
 
 
 @main.command("merge-lora", aliases={"--hf": "--layout"})
@@ -116,23 +101,13 @@ def ms2hf(src, dst, layout, fmt, max_shard_size, no_crc_check, dtype, overwrite,
 @option("--layout")
 @option("--format", default=None, show_default="ckpt, or safetensors for a HF --layout")
 @common(src="BASE")
-def merge_lora(base, adapter, dst, lora_alpha, layout, fmt, no_crc_check, dtype, overwrite, allow_overflow, config,
-               rearranged_rope, release, quiet, as_json):
+def merge_lora(base, adapter, dst, lora_alpha, as_json, **flags):
     """Fold the LoRA ADAPTER (PEFT folder, mindpet .ckpt or a LoRA run's checkpoint) into BASE, writing DST;
     W += (alpha/r)·B·A."""
-    from glm2_core.names import Layout
-    from glm2_core.outputs import MODEL, check_output
-
-    from .adapters import read_adapter
-    from .convert import convert
-    from .model_folder import weights_format
-
-    fmt = weights_format(fmt, layout)
-    check_output(dst, overwrite, (base, adapter, config), kind=MODEL)  # before the adapter is read
+    how = Conversion.from_flags(**flags)
+    check_output(dst, how.overwrite, (base, adapter, how.config), kind=MODEL)  # before the adapter is read
     lora = read_adapter(adapter, lora_alpha)
-    summary = convert(base, dst, target=Layout(layout), fmt=fmt, dtype=dtype, overwrite=overwrite,
-                      allow_overflow=allow_overflow, rearranged_rope=rearranged_rope, config=config, progress=not quiet,
-                      adapter=lora, verify_checksums=not no_crc_check, inputs=(adapter,), release=release)
+    summary = convert(base, dst, how, adapter=lora, inputs=(adapter,))
     _print_summary(summary, as_json)
     if not as_json:
         click.echo(f"  merged LoRA r={lora.rank} alpha={lora.alpha:g} (scaling {lora.scaling:g}) into "
@@ -146,9 +121,7 @@ def merge_lora(base, adapter, dst, lora_alpha, layout, fmt, no_crc_check, dtype,
 def inspect(path, as_json, no_crc_check):
     """List the tensors of a checkpoint file or folder, with its detected layout and release, after checking the
     checksums its files carry (which reads every tensor; --no-crc-check lists without reading)."""
-    from .inspect_verify import inspect as run
-
-    info = run(path, verify_checksums=not no_crc_check)
+    info = inspect_verify.inspect(path, verify_checksums=not no_crc_check)
     if as_json:
         click.echo(json.dumps(info, indent=2, ensure_ascii=False))
         return
@@ -173,9 +146,6 @@ def inspect(path, as_json, no_crc_check):
 @option("--no-crc-check")
 def verify(a, b, atol, a_rearranged_rope, b_rearranged_rope, as_json, no_crc_check):
     """Compare two checkpoints of any formats/layouts tensor by tensor; exit 1 on a mismatch."""
-    from .inspect_verify import verify as run
-    from .inspect_verify import verify_lines
-
-    report = run(a, b, atol, a_rearranged_rope, b_rearranged_rope, verify_checksums=not no_crc_check)
-    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(verify_lines(report)))
+    report = inspect_verify.verify(a, b, atol, a_rearranged_rope, b_rearranged_rope, verify_checksums=not no_crc_check)
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(inspect_verify.verify_lines(report)))
     sys.exit(0 if report["ok"] else 1)

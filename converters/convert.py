@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from glm2_core import __version__
 from glm2_core.assets import bundled_tokenizer
@@ -19,7 +20,7 @@ from glm2_core.config import GLM2Config
 from glm2_core.dtypes import DTYPES, nbytes, stored
 from glm2_core.errors import CheckpointError, UserError, listed
 from glm2_core.files import CONFIG, TOKENIZER_MODEL
-from glm2_core.names import EMBEDDING, INV_FREQ, LAYOUTS, Layout, inv_freq
+from glm2_core.names import EMBEDDING, INV_FREQ, Layout, inv_freq
 from glm2_core.outputs import MODEL, check_output
 from glm2_core.releases import RELEASES
 
@@ -32,9 +33,45 @@ from .model_folder import (
     write_beside_weights,
     write_manifest,
 )
-from .output import PLAN, WeightsWriter, fingerprints, staged_folder
+from .output import PLAN, WeightsWriter, fingerprints, parse_size, staged_folder
 from .runs import run_folder
 from .source import Group, Source, out_dtype
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """How a checkpoint is written: every option of a conversion (hf2ms, ms2hf, merge-lora, a shard merge, a
+    finetune's export) in one request, so that a new option is a field here and a flag in the CLI. What needs no file
+    is checked on creation, before anything is opened."""
+    target: Layout
+    fmt: str | None = None  # None: the layout's first format
+    dtype: str = "keep"
+    max_shard_bytes: int | None = None
+    overwrite: bool = False
+    allow_overflow: bool = False
+    keep_optimizer: bool = False
+    rearranged_rope: bool | None = None
+    config: Path | None = None
+    release: str | None = None  # the release the source holds where its config cannot tell (--release)
+    verify_checksums: bool = True
+    progress: bool = True
+    bundled_tokenizer: bool = False  # a source without a tokenizer.model gets its family's bundled one
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.keep_optimizer and self.target.spec.hf:
+            raise UserError("--keep-optimizer: optimizer state has no place in a HF folder")
+        object.__setattr__(self, "fmt", weights_format(self.fmt, self.target.name))
+
+    @classmethod
+    def from_flags(cls, layout: str, *, qkv_split: bool = False, mlp_split: bool = False,
+                   rearrange_rope: bool = False, max_shard_size: str | None = None, no_crc_check: bool = False,
+                   quiet: bool = False, **same) -> Conversion:
+        """From the CLI's flags: those named unlike their field are read here, the rest (`same`) pass as they are."""
+        return cls(Layout(layout, qkv_split, mlp_split, rearrange_rope),
+                   max_shard_bytes=None if max_shard_size is None else parse_size(max_shard_size),
+                   verify_checksums=not no_crc_check, progress=not quiet, **same)
 
 
 @dataclass
@@ -71,8 +108,6 @@ class Summary:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    from tqdm import tqdm
-
     # disable=None: a bar only on a terminal, never in logs
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 disable=None if enabled else True, file=sys.stderr, leave=False, mininterval=0.5)
@@ -97,44 +132,31 @@ class Plan:
         return sum(nbytes(s, d) for _, plan in self.shards for _, s, d in plan)
 
 
-def _check_request(dst: Path, target: Layout, fmt: str | None, dtype: str, keep_optimizer: bool, overwrite: bool,
-                   inputs: list[Path]) -> str:
-    """Refuse what cannot be done before anything is opened (the output's rules: glm2_core.outputs); returns the
-    weights format (None: the layout's default)."""
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    if keep_optimizer and target.spec.hf:
-        raise UserError("--keep-optimizer: optimizer state has no place in a HF folder")
-    fmt = weights_format(fmt, target.name)
-    check_output(dst, overwrite, inputs, kind=MODEL)
-    return fmt
-
-
-def plan(source: Source, target: Layout, fmt: str, dtype: str, keep_optimizer: bool,
-         max_shard_bytes: int | None) -> Plan:
+def plan(source: Source, how: Conversion) -> Plan:
     """Every tensor of the output, in write order, with its shape and dtype, grouped into its files."""
     tensors = source.ckpt.tensors
-    groups, extras = source.groups(target, keep_optimizer)
-    model_dtype = out_dtype(source.dtype, dtype)
-    restore = target.name == "chatglm"
+    groups, extras = source.groups(how.target, how.keep_optimizer)
+    model_dtype = out_dtype(source.dtype, how.dtype)
+    restore = how.target.name == "chatglm"
     items = []
     for g in groups:
-        items += [(name, shape, out_dtype(tensors[g.src_names()[0]].dtype, dtype)) for name, shape in g.dst()]
+        items += [(name, shape, out_dtype(tensors[g.src_names()[0]].dtype, how.dtype)) for name, shape in g.dst()]
         if restore and g.source.canonical == EMBEDDING and not g.prefix:
             items.append((INV_FREQ, (source.cfg.kv_channels // 4,), model_dtype))
     items += [(n, tensors[n].shape, tensors[n].dtype) for n in extras]
-    return Plan(groups, extras, weight_files(items, fmt, target.name, max_shard_bytes), model_dtype, restore)
+    return Plan(groups, extras, weight_files(items, how.fmt, how.target.name, how.max_shard_bytes), model_dtype,
+                restore)
 
 
-def write_weights(source: Source, planned: Plan, folder: Path, fmt: str, layout: str, *, dtype: str,
-                  allow_overflow: bool, adapter, progress: bool, desc: str) -> list[dict]:
+def write_weights(source: Source, planned: Plan, folder: Path, how: Conversion, adapter, desc: str) -> list[dict]:
     """The weights files of the plan (with an `adapter`, its deltas merged); returns the records of every tensor
     written (name, shape, dtype, file, sha256), after the source's whole-file checksums held."""
-    metadata = None if fmt != "safetensors" else {"format": "pt" if LAYOUTS[layout].hf else "ms"}
+    metadata = None if how.fmt != "safetensors" else {"format": "pt" if how.target.spec.hf else "ms"}
     tensors, first = source.ckpt.tensors, planned.shards[0][1][0][0]
-    with WeightsWriter(folder, fmt, planned.shards, metadata) as writer, \
-            _progress(planned.total, progress, desc) as bar:
-        for name, arr, dt in source.stream(planned.groups, dtype, allow_overflow, bar.update, adapter, spans=True):
+    with WeightsWriter(folder, how.fmt, planned.shards, metadata) as writer, \
+            _progress(planned.total, how.progress, desc) as bar:
+        for name, arr, dt in source.stream(planned.groups, how.dtype, how.allow_overflow, bar.update, adapter,
+                                           spans=True):
             writer.write(name, arr, dt)
             if planned.restore_inv_freq and name == first:  # the buffer follows the embedding
                 writer.write(INV_FREQ, inv_freq(source.cfg, planned.dtype), planned.dtype)
@@ -155,45 +177,39 @@ def manifest(src: Path, source: Source, target: Layout, fmt: str, planned: Plan,
             "files": planned.files, "merged_lora": merged, "dropped": dropped, "tensors": records}
 
 
-def convert(src, dst, *, target: Layout, fmt: str | None = None, dtype: str = "keep",
-            max_shard_bytes: int | None = None, overwrite: bool = False, allow_overflow: bool = False,
-            keep_optimizer: bool = False, rearranged_rope: bool | None = None, config: Path | None = None,
-            progress: bool = True, adapter=None, opened=None, bundled_tokenizer: bool = False,
-            verify_checksums: bool = True, inputs: tuple = (), release: str | None = None) -> Summary:
+def convert(src, dst, how: Conversion | None = None, *, adapter=None, opened=None, inputs: tuple = (),
+            **options) -> Summary:
     """Convert the checkpoint at `src` (or the Checkpoint `opened` from it) into a new folder `dst` (MindSpore, or
-    a HF folder for a HF layout), its weights in `fmt` (default: the layout's first format); with an `adapter`
-    (converters.adapters.Adapter), its LoRA deltas are merged into the weights. The tokenizer files written are
-    those beside the source; with `bundled_tokenizer`, a source without a tokenizer.model gets its family's bundled
-    one (a shard merge, a finetune's export). DST may not overlap `src`, the files of `opened`, `config` or the
-    other `inputs` (an adapter, a strategy): a weights file's folder cannot be replaced (it holds the file), a new
-    folder beside the file is fine. `release`: the release the source holds where its config cannot tell
-    (--release); the output's config names it."""
+    a HF folder for a HF layout) as the request `how` says (or its fields given as keywords: `target=Layout(…)`, …);
+    with an `adapter` (converters.adapters.Adapter), its LoRA deltas are merged into the weights. The tokenizer files
+    written are those beside the source. DST may not overlap `src`, the files of `opened`, the config or the other
+    `inputs` (an adapter, a strategy): a weights file's folder cannot be replaced (it holds the file), a new folder
+    beside the file is fine."""
     started = time.perf_counter()
+    how = how or Conversion(**options)
     src, dst = Path(src), Path(dst)
-    protected = [*([src] if opened is None else opened.files), *inputs, config]
-    fmt = _check_request(dst, target, fmt, dtype, keep_optimizer, overwrite, protected)
-    with Source.open(src, rearranged_rope, config, opened, verify_checksums, release) as source:
+    protected = [*([src] if opened is None else opened.files), *inputs, how.config]
+    check_output(dst, how.overwrite, protected, kind=MODEL)
+    with Source.open(src, how.rearranged_rope, how.config, opened, how.verify_checksums, how.release) as source:
         lora = source.dropped["LoRA adapters"]
         if lora and adapter is None:
             raise CheckpointError(f"{src}: holds LoRA adapters ({lora[0]}, …): merge them with "
-                                  f"`glm2-convert merge-lora {src} {src} DST{_config_hint(src, source, config)}`, "
+                                  f"`glm2-convert merge-lora {src} {src} DST{_config_hint(src, source, how.config)}`, "
                                   f"or convert the base alone")
-        _check_expressible(src, source.cfg, target)
+        _check_expressible(src, source.cfg, how.target)
         watched = fingerprints(source.ckpt.files)
-        planned = plan(source, target, fmt, dtype, keep_optimizer, max_shard_bytes)
-        tokenizer, note = _tokenizer(source, bundled_tokenizer)
+        planned = plan(source, how)
+        tokenizer, note = _tokenizer(source, how.bundled_tokenizer)
         need = planned.total + sum(f.stat().st_size for f in tokenizer)
-        with staged_folder(dst, overwrite, protected, need, MODEL, watched) as tmp:
-            records = write_weights(source, planned, tmp, fmt, target.name, dtype=dtype,
-                                    allow_overflow=allow_overflow, adapter=adapter, progress=progress,
-                                    desc=f"{src.name} -> {dst.name}")
-            notes = ([note] if note else []) + write_beside_weights(tmp, source.cfg, target, planned.dtype, fmt,
+        with staged_folder(dst, how.overwrite, protected, need, MODEL, watched) as tmp:
+            records = write_weights(source, planned, tmp, how, adapter, desc=f"{src.name} -> {dst.name}")
+            notes = ([note] if note else []) + write_beside_weights(tmp, source.cfg, how.target, planned.dtype, how.fmt,
                                                                     planned.shards, tokenizer)
-            kept = {"optimizer state"} if keep_optimizer else set()
+            kept = {"optimizer state"} if how.keep_optimizer else set()
             kept |= {"LoRA adapters"} if adapter is not None else set()  # merged, not dropped
             dropped = {k: v for k, v in source.dropped.items() if v and k not in kept}
-            write_manifest(tmp, manifest(src, source, target, fmt, planned, records, adapter, dropped))
-    return Summary(str(src), str(dst), source.layout.describe(), target.describe(), fmt, planned.dtype,
+            write_manifest(tmp, manifest(src, source, how.target, how.fmt, planned, records, adapter, dropped))
+    return Summary(str(src), str(dst), source.layout.describe(), how.target.describe(), how.fmt, planned.dtype,
                    len(records), planned.total, time.perf_counter() - started, planned.files, dropped,
                    source.nonfinite, source.overflowed, notes)
 

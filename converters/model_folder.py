@@ -15,6 +15,7 @@ from glm2_core.jsonio import write_json
 from glm2_core.names import LAYOUTS, Layout
 from glm2_core.outputs import MODEL, stamp
 
+from .mindformers_yaml import MINDFORMERS_YAML, mindformers_yaml, unexpressible
 from .output import PLAN
 
 DEFAULT_SHARD_BYTES = 2 * 10**9  # transformers' default max_shard_size "2GB"
@@ -112,8 +113,6 @@ def write_beside_weights(folder: Path, cfg: GLM2Config, target: Layout, dtype: s
     """What a folder holds besides its weights and manifest: config.json, MindFormers' yaml (MindSpore output in
     its current names), the tokenizer, and the HF index of a sharded folder; returns a note for each file left out
     and why (a release MindFormers' ChatGLM2 cannot run gets no yaml)."""
-    from .mindformers_yaml import MINDFORMERS_YAML, mindformers_yaml, unexpressible
-
     write_config(folder, cfg, target.name, dtype)
     why_not = unexpressible(cfg) if target.name == "mindformers" else ""
     if target.name == "mindformers" and not why_not:

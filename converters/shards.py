@@ -11,7 +11,7 @@ import math
 import re
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,9 @@ from glm2_core.files import CONFIG, TRAINING
 from glm2_core.names import MINDPET, OPTIMIZER_PREFIXES, classify
 from glm2_core.outputs import MODEL, check_output, stamp
 
+from .adapters import read_adapter
 from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
+from .convert import Conversion, Summary, _progress, convert
 from .formats.base import TensorRef
 from .formats.ckpt import CkptWriter
 from .model_folder import copy_files
@@ -257,8 +259,6 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
           progress: bool = True) -> SplitSummary:
     """Cut a full MindSpore checkpoint into `dst/rank_{r}/{prefix}{r}.ckpt` for the strategy; the strategy
     files are copied to `dst/strategy/`. Each tensor is read once and its slices go to every rank's file."""
-    from .convert import _progress
-
     started = time.perf_counter()
     inputs = (full, strategy_path)
     check_output(dst, overwrite, inputs, kind=SHARDS)
@@ -333,41 +333,38 @@ def _write_ranks(folder: Path, plan, ranks: int, prefix: str, on_done) -> int:
     return written
 
 
-def merge(sources: list[Path], strategy_path: Path, dst: Path, *, target, fmt: str,
-          lora_alpha: float | None = None, config: Path | None = None, **options):
+def merge(sources: list[Path], strategy_path: Path, dst: Path, how: Conversion | None = None,
+          lora_alpha: float | None = None, **options) -> tuple[Summary, MergeStats]:
     """Rank shards → one checkpoint at `dst` (MindSpore, or a HF folder), through the converter. LoRA adapters
     found in the shards are folded into the weights, with the alpha given or, for one of our runs, recorded; the
     shards of a LoRA run that saved only its adapter are folded into the run's base model, which must still be the
-    one the run recorded. The model's config and tokenizer come from the run folder when it has them (the tokenizer
-    otherwise is the bundled ChatGLM2 one, which every ChatGLM2-6B checkpoint shares)."""
-    from .convert import convert
-
-    check_output(dst, options.get("overwrite", False), (*sources, strategy_path, config), kind=MODEL)
+    one the run recorded. `how`: the conversion (or its fields as keywords). The model's config and tokenizer come
+    from the run folder when it has them (the tokenizer otherwise is the bundled ChatGLM2 one, which every
+    ChatGLM2-6B checkpoint shares)."""
+    how = how or Conversion(**options)
+    check_output(dst, how.overwrite, (*sources, strategy_path, how.config), kind=MODEL)
     ckpt, stats = open_sharded(sources, strategy_path)
     with ckpt:
         adapter = _adapter(ckpt, sources[0], stats, lora_alpha)
         base = _run_base(stats) if adapter is not None and not any(
             classify(n) == "weight" for n in ckpt.tensors) else None
-        if config is None and stats.run_folder is not None and base is None:
-            config = stats.run_folder / CONFIG
+        if how.config is None and stats.run_folder is not None and base is None:
+            how = replace(how, config=stats.run_folder / CONFIG)
             stats.notes.append(f"config.json from {stats.run_folder}")
         inputs = (*sources, strategy_path)
         if base is not None:
-            summary = convert(base, dst, target=target, fmt=fmt, adapter=adapter, config=config, inputs=inputs,
-                              **options)
+            summary = convert(base, dst, how, adapter=adapter, inputs=inputs)
         else:
-            summary = convert(sources[0], dst, target=target, fmt=fmt, adapter=adapter, opened=ckpt, config=config,
-                              bundled_tokenizer=True, inputs=inputs, **options)
+            summary = convert(sources[0], dst, replace(how, bundled_tokenizer=True), adapter=adapter, opened=ckpt,
+                              inputs=inputs)
         stats.notes += summary.notes
-    if not options.get("keep_optimizer"):  # the converter dropped them, and its summary says so
+    if not how.keep_optimizer:  # the converter dropped them, and its summary says so
         stats.copied = [n for n in stats.copied if classify(n) != "optimizer"]
     return summary, stats
 
 
 def _adapter(ckpt: Checkpoint, source: Path, stats: MergeStats, lora_alpha: float | None):
     """The LoRA adapter the shards hold (None without one), with the alpha given or the run's recorded one."""
-    from .adapters import read_adapter
-
     if not any(MINDPET.match(n) for n in ckpt.tensors):
         return None
     recorded = recorded_lora(Path(stats.files[0]))

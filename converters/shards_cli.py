@@ -7,6 +7,8 @@ from glm2_core.errors import UserError
 from glm2_core.options import PATH, ExistingPath, Tool, option
 
 from .cli import _print_summary
+from .convert import Conversion
+from .shards import merge, split
 
 MERGE_USAGE = ("SRC_DIR --strategy FILE_OR_DIR DST [OPTIONS]", "RANK0.ckpt RANK1.ckpt … --strategy FILE DST [OPTIONS]",
                "split FULL_CKPT --strategy FILE DST_DIR [OPTIONS]")
@@ -22,8 +24,6 @@ MERGE_USAGE = ("SRC_DIR --strategy FILE_OR_DIR DST [OPTIONS]", "RANK0.ckpt RANK1
 def split_command(full, dst, strategy, prefix, overwrite, quiet):
     """Cut a full MindSpore checkpoint FULL into DST/rank_{r}/ files laid out by the strategy (config.json and the
     tokenizer beside FULL go to DST too)."""
-    from .shards import split
-
     click.echo("\n".join(split(full, strategy, dst, prefix=prefix, overwrite=overwrite, progress=not quiet).lines()))
 
 
@@ -44,26 +44,16 @@ def split_command(full, dst, strategy, prefix, overwrite, quiet):
 @option("--overwrite")
 @option("--quiet")
 @option("--json")
-def main(paths, strategy, layout, fmt, keep_optimizer, lora_alpha, dtype, max_shard_size, config, release, overwrite,
-         quiet, as_json):
+def main(paths, strategy, lora_alpha, as_json, **flags):
     """Merge the rank checkpoints of a distributed run into one model at DST (MindSpore, or HF with a HF
     --layout); `split` goes the other way (see glm2-merge-shards split --help).
 
     SRC_DIR holds rank_{r}/ folders of .ckpt or .safetensors files (or is a glm2-finetune or MindFormers output
     folder with checkpoint/rank_{r}/)."""
-    from glm2_core.names import Layout
-
-    from .model_folder import weights_format
-    from .output import parse_size
-    from .shards import merge
-
     if len(paths) < 2:
         raise UserError("expected SRC_DIR (or rank files) and DST")
     *sources, dst = paths
-    summary, stats = merge(list(sources), strategy, dst, target=Layout(layout), fmt=weights_format(fmt, layout),
-                           lora_alpha=lora_alpha, dtype=dtype, overwrite=overwrite, keep_optimizer=keep_optimizer,
-                           max_shard_bytes=parse_size(max_shard_size), config=config, release=release,
-                           progress=not quiet)
+    summary, stats = merge(list(sources), strategy, dst, Conversion.from_flags(**flags), lora_alpha)
     _print_summary(summary, as_json)
     if not as_json:
         click.echo("\n".join(stats.lines()))

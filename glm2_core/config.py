@@ -5,6 +5,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
+
 from .errors import CheckpointError, UserError
 from .files import CONFIG
 from .jsonio import read_json
@@ -84,8 +86,6 @@ class GLM2Config:
     def rope_inv_freq(self):
         """RoPE's inverse frequencies in float64, one per pair of the rotated half of a head, with the release's
         position scale folded in (angles = position · inv_freq)."""
-        import numpy as np
-
         base, scale = rope_rule(self.release, self.rope_ratio)
         rot = self.kv_channels // 2
         return 1.0 / base ** (np.arange(0, rot, 2, dtype=np.float64) / rot) / scale

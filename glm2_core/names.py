@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import GLM2Config
+from .dtypes import cast
 from .errors import CheckpointError, UserError
 from .releases import identify
 
@@ -383,8 +384,6 @@ def infer_config(shapes: dict[str, tuple[int, ...]], layout: Layout, where: str 
 def inv_freq(cfg: GLM2Config, dtype: str) -> np.ndarray:
     """The `rotary_pos_emb.inv_freq` buffer as the original code computes it: in the model's dtype, with base
     10000 whatever rope_ratio (the releases register it so; their forward computes θ itself, never reading it)."""
-    from .dtypes import cast
-
     dim = cfg.kv_channels // 2
     work = np.float16 if dtype == "float16" else np.float32
     exponent = (np.arange(0, dim, 2, dtype=np.float32) / dim).astype(work)

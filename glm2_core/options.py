@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 
 import click
@@ -221,11 +222,7 @@ class _Tool:
                     raise  # any other RuntimeError is a bug: its traceback goes on up
                 _fail(_out_of_memory(exc))
             except ModuleNotFoundError as exc:
-                extra = extra_of(exc.name or "")
-                if extra is None:
-                    raise  # not one of an extra's modules: a bug, whose traceback goes on up
-                _fail(f"{self.name} needs the [{extra}] extra (no module {exc.name!r}): pip install "
-                      f"'glm2-toolkit[{extra}]'")
+                missing_extra(self.name, exc)
             except OSError as exc:  # a path the tool could not read or write (permissions, a full disk, …)
                 _fail(_os_error(exc))
         sys.exit(status if isinstance(status, int) else 0)
@@ -266,8 +263,6 @@ _DISTRIBUTIONS = {"yaml": "pyyaml", "rouge_chinese": "rouge-chinese"}
 
 def extra_of(module: str) -> str | None:
     """The narrowest extra of this package that installs `module` (from the installed package's metadata)."""
-    from importlib.metadata import PackageNotFoundError, requires
-
     dist = _DISTRIBUTIONS.get(module.split(".")[0], module.split(".")[0]).lower()
     try:
         requirements = requires(PACKAGE) or []
@@ -281,10 +276,16 @@ def extra_of(module: str) -> str | None:
     return None
 
 
+def missing_extra(tool: str, exc: ModuleNotFoundError) -> None:
+    """The one line of a tool whose extra is not installed; any other missing module is a bug, raised on."""
+    extra = extra_of(exc.name or "")
+    if extra is None:
+        raise exc
+    _fail(f"{tool} needs the [{extra}] extra (no module {exc.name!r}): pip install '{PACKAGE}[{extra}]'")
+
+
 def _show_version(ctx, param, value):
     if value and not ctx.resilient_parsing:
-        from importlib.metadata import version
-
         click.echo(f"{ctx.command_path} {version(PACKAGE)}")
         ctx.exit()
 

@@ -2,6 +2,8 @@
 
 No submodule is named like an export: `from glm2_ms import chat` would otherwise give the module once it is
 imported (the import system sets the attribute, and this module's `__getattr__` is never asked again)."""
+import importlib
+
 from glm2_core.config import GLM2Config
 
 __all__ = ["GLM2Config", "GLM2Tokenizer", "GLM2ForCausalLM", "Decoder", "SamplingConfig", "open_model",
@@ -13,7 +15,5 @@ _LAZY = {"GLM2Tokenizer": "tokenizer", "GLM2ForCausalLM": "api", "Decoder": "gen
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)

@@ -20,6 +20,7 @@ import numpy as np
 from converters.formats.ckpt import CkptFile, CkptWriter
 from converters.model_folder import copy_files, tokenizer_or_bundled, write_config
 from converters.runs import NAME, ckpt_path, newest_complete, record_path
+from converters.strategy import strategy_bytes
 from glm2_core.dtypes import stored
 from glm2_core.errors import UserError
 from glm2_core.files import NETWORK, TRAINABLE, TRAINING
@@ -104,8 +105,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def write_strategy(out: Path, layouts: dict) -> Path:
     """`OUT/strategy/ckpt_strategy_rank_0.ckpt`, MindSpore's protobuf strategy of the rank checkpoints."""
-    from converters.strategy import strategy_bytes
-
     path = out / "strategy" / "ckpt_strategy_rank_0.ckpt"
     write_atomic(path, strategy_bytes(layouts))
     return path

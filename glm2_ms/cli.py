@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import json
+import resource
+import time
 
 import click
 
 from glm2_core.errors import UserError
 from glm2_core.options import ExistingPath, Tool, option, options, sampling_options
 
+from .api import open_model
+from .dialogue import chat_input, stream_chat
+from .generation import describe
+from .loading import use_cpu
 from .sampling import SamplingConfig
 
 NEW_TOKENS = "--max-new-tokens"
@@ -22,25 +28,19 @@ def sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
         raise UserError(str(exc)) from None
 
 
-# float32 arithmetic over weights kept as stored: CPU float16 matmuls are ~13x slower than float32 ones
+# float32 arithmetic over weights kept as stored: CPU float16 matmuls are much slower than float32 ones
+# (benchmarks/measure.py's kernel anchors)
 runtime_options = options(sampling_options(max_new_tokens=64), option("--dtype"), option("--compute-dtype"),
                           option("--release"), option("--stats"))
 
 
 def peak_rss_gb() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
 def _load(model_dir, dtype, compute_dtype, release):
     """The model (on CPU), its tokenizer and the seconds it took; `release` (--release) where the folder cannot
     tell: its tokenizer family, chat format and RoPE rule."""
-    import time
-
-    from .api import open_model
-    from .loading import use_cpu
-
     use_cpu()
     clock = time.perf_counter()
     with open_model(model_dir, release=release) as folder:
@@ -51,8 +51,6 @@ def _load(model_dir, dtype, compute_dtype, release):
 
 def _report(stats: bool, load_s: float, decoder) -> None:
     """--stats: one line on stderr."""
-    from .generation import describe
-
     if stats and decoder.timings is not None:
         click.echo(f"stats: load {load_s:.1f} s, peak RSS {peak_rss_gb():.2f} GB, {describe(decoder.timings)}",
                    err=True)
@@ -95,9 +93,7 @@ def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetitio
     stops. The line is edited with readline (arrows, history). A message whose round (the history, the message and
     --max-new-tokens) would pass the model's context, or not fit in memory, is not sent: the chat goes on, the
     history unchanged, and `clear` makes room."""
-    import readline  # noqa: F401  (imported for its effect: input() edits lines and keeps a history)
-
-    from .dialogue import chat_input, stream_chat
+    import readline  # noqa: F401, PLC0415  (for its effect on input(): line editing and history, in a chat only)
 
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
     model, tok, load_s = _load(model_dir, dtype, compute_dtype, release)

@@ -16,7 +16,10 @@ from glm2_core.files import TRAINING
 from glm2_core.options import VOCABULARY, ExistingPath, Interrupted, Tool, option
 from glm2_core.outputs import absolute, refuse_overlap
 
-from .checkpointing import run_lock
+from .checkpointing import latest, run_lock
+from .distributed import world
+from .loading import use_device
+from .train import Trainer, export
 from .train_config import TrainConfig
 
 
@@ -75,8 +78,6 @@ def main(model_dir, train_data, out_dir, config_file, resume, merge, device, rel
     or the finetuned model. Every training setting is a flag; a flag given overrides --train-config, which
     overrides the defaults shown. Ctrl-C stops after the running step and saves it (continue with --resume);
     a second Ctrl-C stops at once."""
-    if "MS_ROLE" in os.environ:  # a worker msrun started: MindSpore's connection retries and notes, errors only
-        os.environ.setdefault("GLOG_v", "3")  # (read when MindSpore is imported, below; GLOG_v=1 shows them)
     refuse_overlap(out_dir, (model_dir, train_data, config_file), "--out")
     cfg = train_config(config_file, settings)
     scheduler = os.environ.get("MS_ROLE") == "MS_SCHED"  # msrun's scheduler runs this command too, writing nothing
@@ -88,10 +89,6 @@ def main(model_dir, train_data, out_dir, config_file, resume, merge, device, rel
 
 def _run(model_dir, train_data, out_dir, cfg, resume: bool, merge: bool, device: str, release: str | None,
          quiet: bool) -> None:
-    from .distributed import world
-    from .loading import use_device
-    from .train import Trainer, export
-
     use_device(device)
     rank, size = world()
     trainer = Trainer(model_dir, train_data, out_dir, cfg, resume=resume, progress=not quiet, rank=rank, world=size,
@@ -139,8 +136,6 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def _kept(trainer) -> str:
-    from .checkpointing import latest
-
     step = trainer.state.step
     path = latest(trainer.out, trainer.rank, trainer.world)
     if path is None:

@@ -2,7 +2,7 @@
 fused `AdamWeightDecay` kernel: one kernel per parameter that updates it and its moments in place.
 
 The experimental AdamW spells the update out in about a dozen elementwise ops per parameter, each with a
-parameter-sized result; on CPU that costs ~4× the time of the fused kernel and those results' memory. The
+parameter-sized result; on CPU that costs several times the fused kernel's time and those results' memory. The
 kernel itself has no bias correction (why `nn.AdamWeightDecay` trains slowly); folding it into the kernel's
 per-step inputs gives the same update. With bc1 = 1 − β1ᵗ, bc2 = 1 − β2ᵗ, the kernel computes
     p ← p − lr'·(m / (√v + eps') + decay'·p)

@@ -13,11 +13,14 @@ from collections.abc import Iterator
 
 import mindspore as ms
 import numpy as np
+import psutil
 from mindspore import Tensor, nn
 
 from glm2_core.config import GLM2Config
 from glm2_core.errors import UserError
 
+from .kernels import why_not
+from .loading import fits_in_memory
 from .model import MASKED, GLM2Network, linears
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig, choose
 
@@ -67,8 +70,6 @@ def check_budget(cfg: GLM2Config, prompt_tokens: int, max_new_tokens, rows: int 
 
 def _check_memory(cfg: GLM2Config, rows: int, prompt: int, new: int, itemsize: int, option: str,
                   rows_option: str | None) -> None:
-    import psutil
-
     need = generation_bytes(cfg, rows, prompt, prompt + new, itemsize)
     available = psutil.virtual_memory().available
     if need <= CACHE_MEMORY_SHARE * available:
@@ -116,8 +117,8 @@ class CachedStep(nn.Cell):
 class PrefillStep(CachedStep):
     """The step compiled once for prompts of every length: its inputs' batch, token and cache-length dimensions are
     left open (`set_inputs`), so one graph serves them all at their own length, with no padding. A graph per input
-    shape kept what its nodes produced for as long as it lived (~100 MB more per prompt length at 0.94B
-    parameters); this one allocates per call."""
+    shape kept what its nodes produced for as long as it lived (a graph's worth more per prompt length); this one
+    allocates per call."""
 
     OPEN = ((0, 1), (0, 1), (0, 1, 2), (0, 1))  # embedded, position_ids, mask, write; each cache: CACHE_OPEN
     CACHE_OPEN = (0, 2)
@@ -141,8 +142,6 @@ def compiled_fits(model: GLM2Network) -> bool:
     its nodes produced for as long as it lives, so the step holds a compute-dtype copy of every weight it casts
     (25 GB beside 12.5 GB of float16 weights at ChatGLM2-6B, unless the native kernel computes without them);
     op by op, one cast is alive at a time."""
-    from .loading import fits_in_memory
-
     size = Tensor(np.zeros(()), model.compute_dtype).itemsize
     native = {id(c.weight) for c in linears(model) if c.native}
     copies = sum(p.size * size for p in model.get_parameters()
@@ -295,7 +294,6 @@ def _weights_note(model: GLM2Network) -> str:
         return ""
     if all(c.native for c in narrow):
         return "16-bit weights through the native float32 kernel"
-    from .kernels import why_not
 
     return f"16-bit weights cast to float32 at every step (no native kernel: {why_not() or 'not enabled'})"
 

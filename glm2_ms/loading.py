@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
+import psutil
 
 from glm2_core.names import Layout
 
@@ -29,8 +30,6 @@ def use_cpu() -> None:
 
 def fits_in_memory(nbytes: int, share: float) -> bool:
     """Whether `nbytes` fit in `share` of the memory available now (psutil), the rest left to what runs beside."""
-    import psutil
-
     return nbytes <= share * psutil.virtual_memory().available
 
 

@@ -14,6 +14,8 @@ from mindspore.common.initializer import initializer
 
 from glm2_core.config import GLM2Config
 
+from .kernels import linear16
+
 MASKED = -1e9  # added to the scores of positions a query may not see (finite: fully padded rows stay finite)
 
 
@@ -74,7 +76,6 @@ def use_native_kernels(cell, on: bool = True) -> bool:
     """Let every Linear in `cell` whose weight is 16-bit use the native float32 kernel (glm2_ms/kernels), where it
     can be built here; whether it could. `on=False` takes it back (training: the kernel has no backward)."""
     global LINEAR16
-    from .kernels import linear16
 
     op = linear16()
     LINEAR16 = op or LINEAR16  # cells given it before keep it

@@ -16,15 +16,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from converters.adapters import adapter_from_mindpet, write_mindpet, write_peft
+from converters.convert import convert, write_model_folder
 from converters.runs import base_identity
 from glm2_core.errors import UserError
 from glm2_core.files import TRAIN_LOG
+from glm2_core.names import Layout
+from glm2_core.releases import RELEASES
 
 from . import checkpointing as ckpt
 from .api import open_model
 from .data import Lengths, TrainData, answer_windows, read_jsonl
-from .lora import LoRAConfig, apply_lora, dropout_masks, size_dropout_masks
+from .lora import LoRAConfig, apply_lora, dropout_masks, lora_state, size_dropout_masks
 from .model import GLM2Network, use_native_kernels
 from .train_checkpoint import State, TrainingCheckpoint, network_state, resume_point
 from .train_config import TrainConfig
@@ -178,7 +183,6 @@ class Trainer:
     def _bar(self):
         if self.rank != 0 or not self.progress:
             return None
-        from tqdm import tqdm
 
         return tqdm(total=self.total, initial=self.state.step, desc=f"{self.cfg.method} finetune", unit="step",
                     disable=None)
@@ -235,8 +239,6 @@ def export(trainer: Trainer, merge: bool = False) -> dict[str, str]:
     with the adapter folded in (streamed from the base on disk)."""
     out = trainer.out
     if trainer.cfg.method == "full":
-        from converters.convert import write_model_folder
-
         write_model_folder(network_state(trainer.model), trainer.model.config, out / "model", source=out,
                            tokenizer_from=trainer.model_dir, overwrite=True)
         return {"model": str(out / "model")}
@@ -244,13 +246,6 @@ def export(trainer: Trainer, merge: bool = False) -> dict[str, str]:
 
 
 def _export_adapter(trainer: Trainer, merge: bool) -> dict[str, str]:
-    from converters.adapters import adapter_from_mindpet, write_mindpet, write_peft
-    from converters.convert import convert
-    from glm2_core.names import Layout
-    from glm2_core.releases import RELEASES
-
-    from .lora import lora_state
-
     out, cfg, mcfg = trainer.out, trainer.cfg, trainer.model.config
     adapter = adapter_from_mindpet(lora_state(trainer.model), cfg.lora_alpha, cfg.lora_dropout)
     # PEFT adapters: `adapter` in the names of the release's own HF form, and in transformers-GLM names too where

@@ -13,8 +13,12 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cache
 from pathlib import Path
 
+import click
+import yaml
+
 from glm2_core.dtypes import COMPUTE_DTYPES
 from glm2_core.errors import UserError
+from glm2_core.options import Number
 
 SHARED = None  # the help of a setting whose flag other tools share too: the CLI vocabulary's (glm2_core/options.py)
 LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")  # a GLM block's Linear cells
@@ -43,10 +47,6 @@ class Range:
 
     def click_type(self, kind):
         """click's IntRange / FloatRange for this range (click then refuses a bad flag in one line)."""
-        import click
-
-        from glm2_core.options import Number
-
         ranged = click.IntRange if kind is int else Number
         return ranged(self.low, self.high, min_open=self.low_open, max_open=self.high_open)
 
@@ -229,12 +229,7 @@ def _read_file(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read the config ({getattr(exc, 'strerror', None) or exc})") from None
     try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+        data = (yaml.safe_load(text) or {}) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except Exception as exc:  # yaml and json raise their own families; either way the file is bad
         raise UserError(f"{path}: cannot parse config ({str(exc).splitlines()[0] if str(exc) else exc})") from None
     if not isinstance(data, dict):

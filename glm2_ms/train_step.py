@@ -185,10 +185,10 @@ class BlockwiseBackward:
     which gives the block's parameter gradients and the upstream gradient of the block below; last the
     embedding's. Each stage runs the model's own cells; the gradients equal the whole graph's (tested).
 
-    Why: on CPU every compiled graph keeps its buffers (measured: a block's forward or backward graph adds its
-    own ~50–85 MB at the small config, whichever block it runs), so a whole-model graph holds every block's
-    activations, float32 weight casts and gradients buffers at once. Here one block's forward and backward graphs
-    are compiled once, on a working copy of a block (`worker`), and each block's parameters are copied into it
+    Why: on CPU every compiled graph keeps its buffers (a block's forward or backward graph adds its own, whichever
+    block it runs: benchmarks/results/2026-12-04-figures-from-the-code.md), so a whole-model graph holds every block's
+    activations, float32 weight casts and gradients buffers at once. Here one block's forward and backward graphs are
+    compiled once, on a working copy of a block (`worker`), and each block's parameters are copied into it
     (`_copy_into`, in place) before it runs: the graphs' buffers are one block's whatever the depth.
     The backward pass of a block takes its matmuls' outputs from the forward pass (`keep_matmul_outputs`) instead
     of computing them again."""
@@ -363,7 +363,6 @@ class TrainStep:
     def _grad_reducer(self):
         if self.world == 1:
             return lambda grads: grads
-        from mindspore import nn
 
         reducer = nn.DistributedGradReducer(self.weights, mean=True)
 

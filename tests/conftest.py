@@ -7,12 +7,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import MISSING
 
 import validation  # noqa: F401  (first: it sends library caches out of the temp dir, whichever test imports torch)
 from converters.convert import convert
 from converters.synth import synthesize
 from glm2_core.config import GLM2Config
 from glm2_core.names import Layout
+from glm2_ms import kernels
 
 DATA = Path(__file__).parent / "data"
 # The suite runs on two xdist workers, a module at a time each (its module fixtures, such as test_distributed's
@@ -108,8 +110,6 @@ def ms_tiny(hf_tiny, tmp_path_factory):
 @pytest.fixture
 def no_native_kernels(monkeypatch):
     """The runtime as on a machine where glm2_ms/kernels cannot be built: 16-bit weights cast where used."""
-    from glm2_ms import kernels
-
     monkeypatch.setenv(kernels.SWITCH, "0")
     kernels._linear16.cache_clear()
     yield
@@ -120,7 +120,7 @@ def no_native_kernels(monkeypatch):
 # no subprocess (a test that does is marked `runtime`). Under -m unit those imports and subprocesses are refused, so
 # the tier cannot silently grow slow.
 UNIT_MODULES = {"test_architecture.py", "test_config.py", "test_numpy_oracle.py", "test_convert_roundtrip.py",
-                "test_cli_vocabulary.py", "test_data.py", "test_tokenizer.py", "test_bad_input.py",
+                "test_data.py", "test_tokenizer.py", "test_bad_input.py",
                 "test_adapters.py", "test_readme.py"}
 RUNTIME_LIBRARIES = ("mindspore", "torch", "transformers", "peft")
 
@@ -172,22 +172,16 @@ def pytest_collection_modifyitems(items):
 
 def pytest_sessionfinish(session):
     """An xdist worker hands the optional extras it missed to the controller, whose summary names them."""
-    from helpers import MISSING
-
     if hasattr(session.config, "workeroutput"):
         session.config.workeroutput["missing"] = sorted(MISSING)
 
 
 def pytest_testnodedown(node, error):
-    from helpers import MISSING
-
     MISSING.update(getattr(node, "workeroutput", {}).get("missing", ()))
 
 
 def pytest_terminal_summary(terminalreporter):
     """Say which optional extras were missing, so that their skipped tests are not mistaken for passes."""
-    from helpers import MISSING
-
     if MISSING:
         terminalreporter.write_sep("-", "optional extras not installed")
         terminalreporter.write_line(f"tests skipped for want of: {', '.join(sorted(MISSING))} "

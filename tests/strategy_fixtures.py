@@ -3,6 +3,7 @@ shards cut from a full checkpoint by MindSpore itself (`transform_checkpoints`),
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 # tensor maps of a dp × mp device matrix [dp, mp]: 0 = the mp dim, 1 = the dp dim
@@ -67,8 +68,6 @@ def write_json(path: Path, layouts: dict[str, dict], stage: int = 0) -> Path:
 
 def ms_split(full_ckpt: Path, strategy: Path, out: Path, prefix: str = "glm2_rank_") -> Path:
     """MindSpore's own split of a full checkpoint into `out/rank_{r}/{prefix}{r}.ckpt` for `strategy`."""
-    import shutil
-
     import mindspore as ms
 
     src = out.parent / (out.name + "-full")

@@ -3,10 +3,14 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from converters.adapters import read_adapter, write_peft
+from converters.cli import main
+from converters.convert import convert
 from converters.formats.safetensors_io import SafetensorsWriter
-from glm2_core.errors import CheckpointError
+from glm2_core.errors import CheckpointError, UserError
+from glm2_core.names import Layout
 
 QKV = "transformer.encoder.layers.0.self_attention.query_key_value"
 
@@ -54,10 +58,6 @@ def test_glm_adapter_without_every_part_is_refused(tmp_path, tiny_cfg):
 @pytest.mark.parametrize("spelling", [["--hf", "chatglm"], ["--layout", "chatglm"]])
 def test_merge_lora_refuses_a_format_the_layout_cannot_take(hf_tiny, tiny_cfg, tmp_path, spelling):
     """A HF layout is never written as a MindSpore .ckpt: one line, exit 1, nothing written."""
-    from click.testing import CliRunner
-
-    from converters.cli import main
-
     write_glm_adapter(tmp_path / "adapter", tiny_cfg, "qkv")
     res = CliRunner().invoke(main, ["merge-lora", str(hf_tiny()), str(tmp_path / "adapter"), str(tmp_path / "out"),
                                     *spelling, "--format", "ckpt"])
@@ -68,10 +68,6 @@ def test_merge_lora_refuses_a_format_the_layout_cannot_take(hf_tiny, tiny_cfg, t
 
 
 def test_convert_refuses_a_format_the_layout_cannot_take(hf_tiny, tmp_path):
-    from converters.convert import convert
-    from glm2_core.errors import UserError
-    from glm2_core.names import Layout
-
     with pytest.raises(UserError, match="--format ckpt does not go with --layout glm"):
         convert(hf_tiny(), tmp_path / "out", target=Layout("glm"), fmt="ckpt", progress=False)
     assert not (tmp_path / "out").exists()

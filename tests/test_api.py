@@ -1,9 +1,15 @@
 """The forms users know from transformers and THUDM's code (`from_pretrained`, `generate`, `chat`, `stream_chat`)
 give what the Decoder underneath gives."""
-import mindspore as ms
+import inspect
+import pkgutil
+
+import mindspore as ms  # noqa: TID253
 import numpy as np
 import pytest
 
+import glm2_ms
+import glm2_ms.api
+import glm2_ms.cli
 from glm2_ms import GLM2ForCausalLM, GLM2Tokenizer, SamplingConfig
 from glm2_ms.api import from_pretrained
 from glm2_ms.dialogue import chat, role_response, stream_chat
@@ -87,13 +93,6 @@ def test_role_family_chat_keeps_message_history(model, folder):
 def test_every_export_of_glm2_ms_is_what_it_names():
     """`from glm2_ms import chat` gave the submodule glm2_ms.chat once that was imported (the import system sets
     the attribute, and the package's lazy __getattr__ is never asked): no submodule may be named like an export."""
-    import inspect
-    import pkgutil
-
-    import glm2_ms
-    import glm2_ms.api
-    import glm2_ms.cli
-
     assert not {m.name for m in pkgutil.iter_modules(glm2_ms.__path__)} & set(glm2_ms.__all__)
     names: dict = {}
     exec(f"from glm2_ms import {', '.join(glm2_ms.__all__)}", names)

@@ -2,7 +2,15 @@
 function, is an edge, and the graph of the four packages' modules has no loop. (A loop hides who depends on whom
 from readers and tools, and works only while the function-local imports stay where they are.)"""
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
+
+import pytest
+
+from glm2_core import files
+from glm2_core.outputs import MANIFEST
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("glm2_core", "converters", "glm2_ms", "validation")
@@ -93,9 +101,6 @@ WEIGHT_PREFIXES = ("transformer.", "model.layers", "model.embed_tokens", "model.
 
 
 def _file_names() -> set[str]:
-    from glm2_core import files
-    from glm2_core.outputs import MANIFEST
-
     names = {MANIFEST, *files.INDEX_FILES}
     for key, value in vars(files).items():
         if not key.startswith("_"):
@@ -128,3 +133,45 @@ def test_file_names_and_weight_names_are_typed_by_their_owners_only():
             if value.startswith(WEIGHT_PREFIXES) and where != NAME_OWNER:
                 found.append(f"{where}:{line}: {value!r}")
     assert not found, found
+
+
+UNIT = r"(?:ms|s|min|minutes?|h|hours?|[KMGT]i?B|tok/s|tokens/s|it/s|[KMG]B/s|x|×|%)"
+FIGURE = rf"\d[\d,]*(?:\.\d+)?\s?{UNIT}(?![\w/])"
+MEASURED = re.compile("|".join([
+    rf"[~≈]\s?{FIGURE}",  # approximate: read off a run
+    rf"\b(?:took|takes|cost|costs|measured|peaked)\b[^.;]{{0,40}}?{FIGURE}",
+    rf"\+{FIGURE}",  # a difference seen
+    rf"{FIGURE}\s+(?:instead of|against|vs\.?)\s+\d",
+    r"\d+(?:\.\d+)?\s?[x×]\s+(?:faster|slower|the time|less|more)\b",
+]))
+
+
+def _prose(path: Path):
+    """(line, text) of every comment and docstring of a file."""
+    text = path.read_text(encoding="utf-8")
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.COMMENT:
+            yield token.start[0], token.string
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                ast.get_docstring(node, clean=False):
+            yield node.body[0].lineno, " ".join(ast.get_docstring(node, clean=False).split())
+
+
+def test_measured_figures_live_in_the_results_not_in_the_code():
+    """A comment or docstring states a decision and points at the benchmark or results file that shows it; the
+    figure itself (read off one run, stale with the next machine or change) lives in benchmarks/results/."""
+    sources = [p for pkg in (*PACKAGES, "tests") for p in (ROOT / pkg).rglob("*.py")]
+    found = [f"{p.relative_to(ROOT)}:{line}: {m.group(0)!r}" for p in sources for line, text in _prose(p)
+             for m in MEASURED.finditer(text)]
+    assert len(sources) > 90 and not found, found
+
+
+@pytest.mark.parametrize("text, measured", [
+    ("a 6B index is ~20 KB", True), ("it took 21 s and 2 GB", True), ("costs a conversion ~5 s per 12.5 GB", True),
+    ("+2.45 GB after a 1.88 GB model", True), ("8.1 s instead of 10.6 s", True), ("~4x zlib's", True),
+    ("float16 matmuls are 13x slower than float32 ones", True), ("+636 MB against +128 MB", True),
+    ("MindSpore cuts tensors over 512 MiB", False), ('max_shard_size "2GB"', False), ("30 s by default", False),
+    ("1.5 GB in float16", False), ("x^(2^k): x^1, x^2", False)])
+def test_the_figure_finder_tells_a_measurement_from_a_fact(text, measured):
+    assert bool(MEASURED.search(text)) == measured

@@ -5,13 +5,17 @@ import shutil
 import struct
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import tree_digest
+from helpers import tensors
 
+from converters.checkpoint import open_checkpoint
 from converters.cli import main
+from converters.formats.ckpt import CkptWriter
 from converters.formats.safetensors_io import SafetensorsWriter
 
 
@@ -103,8 +107,6 @@ class _RunsCode:
 def test_a_deflated_record_that_inflates_past_its_stated_size(copy_of, tmp_path):
     """The record's stated size is right for its tensor, but its deflated bytes inflate to more: found when the
     tensor is read (long after indexing), and still one line."""
-    import zipfile
-
     src = copy_of()
     shard = sorted(src.glob("*.bin"))[0]
     with zipfile.ZipFile(shard) as z:
@@ -156,8 +158,6 @@ def test_index_naming_bad_shards(copy_of, tmp_path, bad):
 def _rewrite_single(src, drop=None, add=None, reshape=None, patch=None):
     """Replace a sharded safetensors folder by one model.safetensors with a tensor dropped, added, reshaped, or
     one value changed (patch=(name, index, value))."""
-    from converters.checkpoint import open_checkpoint
-
     with open_checkpoint(src) as c:
         tensors = {n: (t.read(), t.dtype) for n, t in c.tensors.items() if n != drop}
     if add:
@@ -224,10 +224,6 @@ def test_a_source_without_tokenizer_is_said(copy_of, tmp_path):
 def test_the_merge_lora_hint_works_as_printed(ms_ckpt, tmp_path):
     """A checkpoint holding LoRA factors and no config.json beside it (given with --config): the suggested
     command, --config and all, runs."""
-    from helpers import tensors
-
-    from converters.formats.ckpt import CkptWriter
-
     run_dir = tmp_path / "run" / "checkpoint" / "rank_0"
     run_dir.mkdir(parents=True)
     shutil.copyfile(ms_ckpt / "config.json", tmp_path / "run" / "config.json")

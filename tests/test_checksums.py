@@ -1,5 +1,6 @@
 """.bin offsets come from the zip itself and every byte copied is held to the checksum its file carries."""
 import io
+import os
 import random
 import shutil
 import zipfile
@@ -7,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
+import torch  # noqa: TID253
 from click.testing import CliRunner
 from conftest import tree_digest
 from helpers import tensor_bytes
@@ -174,7 +175,6 @@ def test_hub_cache_snapshot_of_symlinks_converts(hf_tiny, tmp_path):
 
 
 def test_output_folder_gets_the_umask_permissions(hf_tiny, tmp_path):
-    import os
     old = os.umask(0o022)
     try:
         assert run("hf2ms", hf_tiny(), tmp_path / "ms").exit_code == 0

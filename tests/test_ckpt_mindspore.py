@@ -1,12 +1,21 @@
 """Our .ckpt reader and writer against MindSpore's own save_checkpoint / load_checkpoint."""
-import mindspore as ms
+import zlib
+
+import mindspore as ms  # noqa: TID253
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from converters.checkpoint import open_checkpoint
+from converters.cli import main as convert_cli
 from converters.convert import convert
+from converters.formats import ckpt as ckpt_mod
 from converters.formats.ckpt import CkptFile, CkptWriter
+from converters.model_folder import weight_files
+from converters.output import WeightsWriter
+from glm2_core.errors import CheckpointError
 from glm2_core.names import Layout
+from glm2_ms.api import from_pretrained
 
 
 def ms_bits(t) -> np.ndarray:
@@ -101,11 +110,6 @@ def test_rows_are_read_alone_across_records_and_held_to_the_crc_trailer(tmp_path
     """Streamed parity reads an output layer a slice of rows at a time: rows [a, b) come from whichever records
     hold them, each piece read counts toward the file's CRC trailer (intact: it matches), and a flipped byte among
     the rows read is still caught."""
-    import zlib
-
-    from converters.formats import ckpt as ckpt_mod
-    from glm2_core.errors import CheckpointError
-
     monkeypatch.setattr(ckpt_mod, "CHUNK_BYTES", 1000)  # 7 records, rows of 64 bytes straddling their ends
     weight = np.arange(97 * 16, dtype=np.float32).reshape(97, 16)
     path = tmp_path / "rows.ckpt"
@@ -133,11 +137,6 @@ def test_rows_are_read_alone_across_records_and_held_to_the_crc_trailer(tmp_path
 def test_mindformers_paged_attention_buffers_are_dropped_and_listed(hf_tiny, tmp_path):
     """MindFormers 2.x saves each layer's paged-attention KV cache with the weights (`save_pretrained`, or
     `mindspore.save_checkpoint(net)`): ms2hf and from_pretrained drop them as cache and say so."""
-    from click.testing import CliRunner
-
-    from converters.cli import main as convert_cli
-    from glm2_ms.api import from_pretrained
-
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "m", target=Layout("mindformers"), fmt="ckpt", progress=False)
     params = [ms.Parameter(t, n) for n, t in ms.load_checkpoint(str(tmp_path / "m" / "mindspore_model.ckpt")).items()]
@@ -167,12 +166,6 @@ def test_trailer_of_a_tensor_cut_into_records_is_the_files_crc_and_mindspore_che
     record's header, then its data; the order was once headers first, a wrong trailer for every tensor over 512 MiB,
     which GLM-4's embedding is), as the converters write it (CRCs handed in from the checksum thread), and
     MindSpore's own crc_check accepts the file."""
-    import zlib
-
-    from converters.formats import ckpt as ckpt_mod
-    from converters.model_folder import weight_files
-    from converters.output import WeightsWriter
-
     monkeypatch.setattr(ckpt_mod, "CHUNK_BYTES", 2 << 20)  # a multiple of the checksum thread's 1 MiB blocks
     monkeypatch.setattr(CkptWriter, "PIECE", 2 << 20)
     big = np.random.default_rng(0).standard_normal((5 * 2**18 + 3,), np.float32)  # 3 records

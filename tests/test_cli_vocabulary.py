@@ -3,26 +3,33 @@ option has help and shows its default; every user error is one line `error: …`
 import json
 import re
 from dataclasses import fields
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, version
 
 import click
 import pytest
 from click.testing import CliRunner
 from conftest import DATA
 
+from glm2_core import launch
 from glm2_core.dtypes import COMPUTE_DTYPES, WEIGHT_DTYPES
-from glm2_core.options import VOCABULARY, VocabularyOption, unalias
+from glm2_core.options import VOCABULARY, Tool, VocabularyOption, unalias
+from glm2_ms.finetune_cli import train_config
 from glm2_ms.train_config import TrainConfig
 
-TOOLS = {ep.name: ep.load() for ep in entry_points(group="console_scripts") if ep.name.startswith("glm2-")}
+TOOLS = {name: launch.command(name) for name in launch.TOOLS}
 SAMPLING = {"--max-new-tokens", "--sample", "--greedy", "--temperature", "--top-k", "--top-p", "--repetition-penalty",
             "--seed"}
 
 
+def test_every_script_runs_its_tool_through_the_launcher():
+    scripts = {ep.name: ep.load() for ep in entry_points(group="console_scripts") if ep.name.startswith("glm2-")}
+    assert set(scripts) == set(TOOLS) == {"glm2-convert", "glm2-merge-shards", "glm2-generate", "glm2-chat",
+                                          "glm2-parity", "glm2-finetune", "glm2-eval", "glm2-demo"}
+    assert all(script.func is launch.run and script.args == (name,) for name, script in scripts.items())
+
+
 def commands():
     """(name, command) of every command a user can run, subcommands included."""
-    assert set(TOOLS) == {"glm2-convert", "glm2-merge-shards", "glm2-generate", "glm2-chat", "glm2-parity",
-                          "glm2-finetune", "glm2-eval", "glm2-demo"}
     for name, tool in TOOLS.items():
         subs = dict(getattr(tool, "commands", {}), **getattr(tool, "subcommands", {}))
         if not isinstance(tool, click.Group):
@@ -99,8 +106,6 @@ def test_the_vocabulary_means_one_thing_everywhere():
 
 
 def test_every_training_setting_is_a_flag_and_given_flags_override_the_file(tmp_path):
-    from glm2_ms.finetune_cli import train_config
-
     cmd = TOOLS["glm2-finetune"]
     generated = {p.name: p for p in options_of(cmd)}
     for f in fields(TrainConfig):
@@ -206,11 +211,6 @@ def test_old_spellings_are_hidden_aliases_that_warn(tmp_path, capsys):
 
 def test_an_allocation_that_fails_is_one_line(capsys):
     """MindSpore's "Memory not enough" and numpy's MemoryError end as one line, exit 1; other errors stay bugs."""
-    import click
-    import pytest
-
-    from glm2_core.options import Tool
-
     def command(exc):
         @click.command(cls=Tool)
         def run():
@@ -280,8 +280,6 @@ def test_every_option_at_a_bad_value_is_one_line(tmp_path):
 
 
 def test_every_tool_tells_its_version():
-    from importlib.metadata import version
-
     for tool in TOOLS:
         result = invoke(tool, "--version")
         assert result.exit_code == 0 and version("glm2-toolkit") in result.output, (tool, result.output)

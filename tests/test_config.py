@@ -6,7 +6,7 @@ from conftest import DATA
 
 from glm2_core.config import GLM2Config
 from glm2_core.errors import CheckpointError
-from glm2_core.names import canonical_shapes
+from glm2_core.names import LAYOUTS, Layout, canonical_shapes, detect_layout, infer_config, weight_map
 
 
 def test_real_config_json_is_the_6b_preset():
@@ -46,8 +46,6 @@ def test_contradictions_are_refused(change, needle):
 
 def test_sizes_inferred_from_the_shapes_of_every_layout():
     """A bare weights file without config.json: the sizes come from its shapes, in any layout (head size given)."""
-    from glm2_core.names import LAYOUTS, Layout, detect_layout, infer_config, weight_map
-
     cfg = GLM2Config.preset("tiny", add_qkv_bias=False, num_layers=3)
     layouts = [Layout(f) for f in LAYOUTS] + [Layout("mindformers", True, True, True)]
     for layout in layouts:

@@ -1,6 +1,8 @@
 """hf2ms → ms2hf gives back the same bytes, for every source format, dtype and MindFormers layout."""
+import hashlib
 import io
 import json
+import pickle
 import shutil
 import tempfile
 import zipfile
@@ -8,10 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from click.testing import CliRunner
 from helpers import LAYOUTS, optional, tensor_bytes
 
 from converters.checkpoint import open_checkpoint
+from converters.cli import main as convert_cli
 from converters.convert import convert
+from converters.formats.safetensors_io import SafetensorsWriter
+from converters.formats.torch_bin import _int
+from converters.mindformers_yaml import MINDFORMERS_YAML
 from glm2_core.names import Layout
 
 
@@ -98,10 +106,6 @@ def test_dtype_conversion_and_manifest(hf_tiny, tmp_path):
 def test_verify_after_a_dtype_change_compares_the_cast_values(hf_tiny, tmp_path):
     """float32 → float16/bfloat16: verify casts the wider side to the narrower dtype (either argument order) and
     says so; two roundings of the same values that disagree (float16 vs bfloat16) are still caught."""
-    from click.testing import CliRunner
-
-    from converters.cli import main as convert_cli
-
     src = hf_tiny("safetensors", "float32")
     for dtype in ("float16", "bfloat16"):
         convert(src, tmp_path / dtype, target=Layout(), fmt="ckpt", dtype=dtype, progress=False)
@@ -133,10 +137,6 @@ mask_generate fine_grain_interleave use_ring_attention post_self_attn_layernorm 
                                               (Layout("mindformers", True, True, True), "bfloat16", "safetensors")],
                          ids=["plain-fp16", "split-rearranged-bf16"])
 def test_mindformers_model_config_beside_the_weights(hf_tiny, tmp_path, tiny_cfg, layout, dtype, fmt):
-    import yaml
-
-    from converters.mindformers_yaml import MINDFORMERS_YAML
-
     convert(hf_tiny("safetensors", dtype), tmp_path / "ms", target=layout, fmt=fmt, progress=False)
     doc = yaml.safe_load((tmp_path / "ms" / MINDFORMERS_YAML).read_text())
     mc = doc["model"]["model_config"]
@@ -159,8 +159,6 @@ def test_mindformers_model_config_beside_the_weights(hf_tiny, tmp_path, tiny_cfg
 
 
 def test_manifest_hashes_match_the_written_bytes(hf_tiny, tmp_path):
-    import hashlib
-
     convert(hf_tiny(), tmp_path / "m", target=Layout(), fmt="ckpt", progress=False)
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     written = tensor_bytes(tmp_path / "m")
@@ -218,8 +216,6 @@ def test_hf_safetensors_output_reads_in_the_safetensors_library(hf_tiny, tmp_pat
 
 
 def test_nan_and_inf_in_a_source_are_reported(hf_tiny, tmp_path):
-    from converters.formats.safetensors_io import SafetensorsWriter
-
     with open_checkpoint(hf_tiny("safetensors", "float32")) as c:
         tensors = {n: (t.read(), t.dtype) for n, t in c.tensors.items()}
     name = "transformer.encoder.layers.1.self_attention.dense.weight"
@@ -238,9 +234,5 @@ def test_nan_and_inf_in_a_source_are_reported(hf_tiny, tmp_path):
 
 def test_bin_pickle_integers_of_every_width():
     """The hand-written data.pkl encodes shapes, strides and element counts of any size as pickle reads them."""
-    import pickle
-
-    from converters.formats.torch_bin import _int
-
     for v in (0, 1, 255, 256, 65535, 65536, 2**31 - 1, 2**31, 2**40 + 7, 12 * 2**33, -1):
         assert pickle.loads(b"\x80\x02" + _int(v) + b".") == v

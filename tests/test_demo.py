@@ -1,5 +1,5 @@
-"""glm2-demo, the README's first command: every step passes, and it leaves nothing behind (its outputs, ~160 MB,
-lived in the system temp dir and stayed there after every run)."""
+"""glm2-demo, the README's first command: every step passes, and it leaves nothing behind (its outputs once lived
+in the system temp dir and stayed there after every run)."""
 import tempfile
 
 from click.testing import CliRunner

@@ -21,6 +21,9 @@ from conftest import DATA, tree_digest
 from helpers import tensors
 from strategy_fixtures import glm2_maps, layout_entry, write_pb
 
+from validation.eval_cli import main as eval_cli
+from validation.evaluate import whole_lines
+
 BIN = Path(sys.executable).parent
 TOOLS = {  # a command writing {dst} from the sources in the work folder
     "hf2ms": ["glm2-convert", "hf2ms", "{work}/hf", "{dst}"],
@@ -214,8 +217,6 @@ EVAL = ["--data", str(DATA / "adgen_dev.json"), "--batch-size", "1", "--quiet"]
 
 
 def run_eval(model: Path, out: Path, *extra: str):
-    from validation.eval_cli import main as eval_cli
-
     return CliRunner().invoke(eval_cli, [str(model), *EVAL, "--out", str(out), *extra])
 
 
@@ -249,7 +250,5 @@ def test_eval_on_a_disk_that_fills_keeps_whole_predictions_and_resumes(ms_tiny, 
 
 
 def test_a_line_the_disk_stopped_halfway_is_cut(tmp_path):
-    from validation.evaluate import whole_lines
-
     (tmp_path / "p.jsonl").write_text('{"a": 1}\n{"b": 2}\n{"c"')
     assert whole_lines(tmp_path / "p.jsonl") == 2 and (tmp_path / "p.jsonl").read_text() == '{"a": 1}\n{"b": 2}\n'

@@ -20,7 +20,8 @@ from helpers import tensors
 
 from converters.convert import convert
 from converters.formats.ckpt import CkptFile
-from glm2_core.names import Layout
+from glm2_core.names import Layout, classify
+from glm2_ms.api import from_pretrained
 
 pytestmark = pytest.mark.heavy  # msrun runs
 BIN = Path(sys.executable).parent
@@ -190,8 +191,6 @@ def test_sharded_optimizer_halves_state_and_changes_nothing(runs):
 def test_rank_checkpoints_merge_ours_and_mindspores(runs, run, tmp_path):
     import mindspore as ms
 
-    from glm2_ms.api import from_pretrained
-
     out = runs / run
     r = subprocess.run([BIN / "glm2-merge-shards", out / "checkpoint", "--strategy", out / "strategy",
                         tmp_path / "merged", "--keep-optimizer", "--quiet"], capture_output=True, text=True)
@@ -243,8 +242,6 @@ def test_lora_rank_saves_hold_the_adapter_and_merge_into_the_base(runs, tmp_path
     """A LoRA run under msrun (sharded optimizer) saves only the adapter, its moments and the counters on each rank;
     glm2-merge-shards reassembles them and folds the adapter into the run's base: the model the exported adapter
     gives, bit for bit."""
-    from glm2_core.names import classify
-
     out = runs / "lora"
     for f in (out / "checkpoint").rglob("*.ckpt"):
         with CkptFile(f) as c:

@@ -6,15 +6,21 @@ import math
 import numpy as np
 import pytest
 import yaml
+from helpers import glm4_ranks
 from numpy_glm2 import NumpyGLM2
 
 from converters.checkpoint import open_checkpoint
 from converters.convert import convert
+from converters.model_folder import tokenizer_model, tokenizer_or_bundled
 from converters.synth import synthesize
 from glm2_core.config import GLM2Config
 from glm2_core.dtypes import to_float32
-from glm2_core.errors import CheckpointError
+from glm2_core.errors import CheckpointError, UserError
+from glm2_core.files import TOKENIZER_MODEL
 from glm2_core.names import Layout, canonical_shapes
+from glm2_ms.api import from_pretrained
+from glm2_ms.dialogue import role_response
+from glm2_ms.tokenizer import GLM2Tokenizer
 
 IDS = [151331, 151333, 151336, 198, 109377, 151337, 64790, 13]
 
@@ -72,7 +78,6 @@ def test_glm4_logits_agree_in_transformers_glm_mindspore_and_an_independent_forw
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     ms = pytest.importorskip("mindspore")
-    from glm2_ms.api import from_pretrained
 
     src, cfg = glm4_tiny
     with open_checkpoint(src) as c:
@@ -90,10 +95,31 @@ def test_glm4_logits_agree_in_transformers_glm_mindspore_and_an_independent_forw
 
 def test_the_bundled_tokenizer_is_only_for_its_families(tmp_path):
     """ChatGLM2's sentencepiece model serves ChatGLM3 too; a GLM-4 folder never gets it."""
-    from converters.model_folder import tokenizer_model, tokenizer_or_bundled
-    from glm2_core.errors import UserError
-
     assert tokenizer_or_bundled(tmp_path, "chatglm3")[0][0].name == "tokenizer.model"
     assert tokenizer_or_bundled(tmp_path, "glm4") == ([], True)
     with pytest.raises(UserError, match="glm4's is not bundled"):
         tokenizer_model(tmp_path, "glm4")
+
+
+def test_role_responses_text_and_tool_calls():
+    glm3 = GLM2Tokenizer(family="chatglm3")
+    asked = [{"role": "user", "content": "几点了"}]
+    reply, history = role_response(glm3, "\n 现在是[[训练时间]]。 ", asked)
+    assert reply == "现在是2023年。"
+    assert history[-1] == {"role": "assistant", "metadata": "", "content": "现在是[[训练时间]]。"}
+    tools = [{"role": "system", "content": "", "tools": [{"name": "track"}]}]
+    reply, history = role_response(glm3, "track\n ```python\ntool_call(symbol='10111', n=[1, 2])\n```", tools)
+    assert reply == {"name": "track", "parameters": {"symbol": "10111", "n": [1, 2]}} and len(history) == 2
+    reply, _ = role_response(glm3, "track\n ```python\ntool_call(__import__('os').system('x'))\n```", tools)
+    assert reply["name"] == "track" and "raw" in reply["parameters"]  # read as data, never run
+    reply, _ = role_response(glm3, "track\nplain", asked)
+    assert reply == {"name": "track", "content": "plain"}
+
+
+def test_glm4_json_tool_calls(tmp_path):
+    glm4_ranks(tmp_path / TOKENIZER_MODEL)
+    glm4 = GLM2Tokenizer.from_pretrained(tmp_path)
+    tools = [{"role": "system", "content": "", "tools": [{"name": "weather"}]}]
+    reply, _ = role_response(glm4, 'weather\n{"city": "北京"}', tools)
+    assert reply == {"name": "weather", "parameters": {"city": "北京"}}
+    assert role_response(glm4, "\n今年是[[训练时间]]", [])[0] == "今年是2024年"

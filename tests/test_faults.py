@@ -22,7 +22,8 @@ CONVERT = [str(Path(sys.executable).parent / "glm2-convert")]
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
-    """One layer at the 6B widths (~1.5 GB in float16): a conversion that takes long enough to be killed inside."""
+    """One layer at the 6B widths (1.5 GB in float16, with the embedding and output layer): a conversion that takes
+    long enough to be killed inside."""
     out = tmp_path_factory.mktemp("wide") / "hf"
     synthesize(out, GLM2Config.preset("6b", num_layers=1), "float16", "safetensors")
     return out

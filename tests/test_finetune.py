@@ -3,10 +3,10 @@
 import json
 from pathlib import Path
 
-import mindspore as ms
+import mindspore as ms  # noqa: TID253
 import numpy as np
 import pytest
-import torch
+import torch  # noqa: TID253
 from click.testing import CliRunner
 from conftest import DATA
 from helpers import optional
@@ -15,12 +15,20 @@ from converters.adapters import read_adapter, write_mindpet
 from converters.cli import main as convert_cli
 from converters.convert import convert
 from converters.formats.ckpt import CkptFile, CkptWriter
+from converters.runs import NAME
+from converters.shards import merge
+from converters.strategy import ParamLayout, strategy_bytes
+from glm2_core.errors import UserError
 from glm2_core.names import Layout
 from glm2_ms.api import from_pretrained
+from glm2_ms.data import Lengths, TrainData, answer_windows, read_jsonl
 from glm2_ms.finetune_cli import main as finetune_cli
+from glm2_ms.fused_adamw import FusedAdamW
 from glm2_ms.lora import lora_state
-from glm2_ms.train import Trainer, export
+from glm2_ms.tokenizer import GLM2Tokenizer
+from glm2_ms.train import Trainer, export, token_loss
 from glm2_ms.train_config import TrainConfig
+from validation.torch_reference import load_reference, with_peft_adapter
 
 TRAIN = DATA / "adgen_train_head200.json"
 IDS = [64790, 64792, 790, 30951, 517, 30910, 30939, 30996, 13, 13, 54761, 31211, 36474, 54591, 13, 13, 55437, 31211]
@@ -85,8 +93,6 @@ def test_merged_model_equals_the_lora_model(lora_run):
 def test_peft_adapter_on_torch_reference_and_transformers_glm(lora_run, base, tmp_path):
     peft = optional("peft")
     import transformers
-
-    from validation.torch_reference import load_reference, with_peft_adapter
 
     trainer, _, paths = lora_run
     want = logits(trainer.model)
@@ -157,10 +163,6 @@ def test_merge_lora_cli_reads_every_form(lora_run, base, tmp_path):
 def test_merge_shards_of_a_lora_run_folds_its_adapter_into_its_base(lora_run, base, tmp_path):
     """glm2-merge-shards on our own LoRA run folder, whose saves hold only the adapter: lora_alpha from the
     checkpoint's record, the base model the run recorded; the merged model computes the LoRA model's logits."""
-    from converters.runs import NAME
-    from converters.shards import merge
-    from converters.strategy import ParamLayout, strategy_bytes
-
     trainer, _, _ = lora_run
     newest = sorted((trainer.out / "checkpoint" / "rank_0").glob("*.ckpt"), key=lambda p: int(NAME.search(
         p.name).group(3)))[-1]
@@ -228,10 +230,6 @@ def test_float16_compute_with_dynamic_loss_scaling(base, tmp_path):
 def test_loss_on_answer_windows_equals_the_whole_sequence_loss(base):
     """The trainer computes logits only where the next token is a label; on real lines (long prompts, short
     answers, answers cut at the limit) that gives MindSpore's own cross entropy over the whole sequence."""
-    from glm2_ms.data import Lengths, TrainData, answer_windows, read_jsonl
-    from glm2_ms.tokenizer import GLM2Tokenizer
-    from glm2_ms.train import token_loss
-
     model = from_pretrained(base, dtype="float32")
     model.set_train(False)
     data = TrainData(GLM2Tokenizer(), read_jsonl(TRAIN), Lengths(24, 16))
@@ -247,9 +245,6 @@ def test_loss_on_answer_windows_equals_the_whole_sequence_loss(base):
 
 
 def test_answer_windows_refuse_labels_wider_than_the_window():
-    from glm2_core.errors import UserError
-    from glm2_ms.data import answer_windows
-
     labels = np.full((1, 10), -100, np.int32)
     labels[0, 2:8] = 5
     picks, targets = answer_windows(labels, 6)
@@ -263,8 +258,6 @@ def test_fused_adamw_is_adamw_with_bias_correction():
     mindspore.experimental.optim.AdamW on the same gradients."""
     from mindspore import Parameter
     from mindspore.experimental.optim import AdamW
-
-    from glm2_ms.fused_adamw import FusedAdamW
 
     rng = np.random.default_rng(0)
     shapes, decays = [(64, 32), (32,)], [0.1, 0.0]

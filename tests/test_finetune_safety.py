@@ -13,10 +13,13 @@ from conftest import tree_digest
 from test_finetune import TRAIN
 
 from glm2_core.errors import UserError
+from glm2_ms.api import from_pretrained
 from glm2_ms.checkpointing import latest
 from glm2_ms.finetune_cli import main as finetune_cli
+from glm2_ms.lora import LoRAConfig, apply_lora
 from glm2_ms.train import Trainer
 from glm2_ms.train_config import TrainConfig
+from validation.eval_cli import main as eval_cli
 
 TINY = ["--batch-size", "2", "--max-source-length", "8", "--max-target-length", "8", "--quiet"]
 TINY_CFG = dict(batch_size=2, max_source_length=8, max_target_length=8, seed=0)
@@ -71,9 +74,6 @@ def test_a_new_run_needs_a_new_or_empty_out(base, tmp_path):
 # ---- item 5: --target-modules is PEFT's list of module names
 
 def test_target_modules_are_exact_module_names(base, tmp_path):
-    from glm2_ms.api import from_pretrained
-    from glm2_ms.lora import LoRAConfig, apply_lora
-
     wrapped = apply_lora(from_pretrained(base), LoRAConfig(target_modules="dense"))
     assert [n.rsplit(".", 1)[-1] for n in wrapped] == ["dense", "dense"]  # not dense_h_to_4h, dense_4h_to_h
     wrapped = apply_lora(from_pretrained(base), LoRAConfig(target_modules="query_key_value, dense_4h_to_h"))
@@ -128,8 +128,6 @@ def test_config_values_are_checked_in_code_too():
     ('{"prediction": 1, "reference": "a"}\n', "line 1: prediction and reference must be strings"),
 ])
 def test_eval_score_names_the_bad_line(tmp_path, lines, needle):
-    from validation.eval_cli import main as eval_cli
-
     path = tmp_path / "predictions.jsonl"
     path.write_text(lines)
     res = CliRunner().invoke(eval_cli, ["score", str(path)])

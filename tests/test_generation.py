@@ -1,10 +1,12 @@
 """Converted checkpoints load into the runtime and generate; the cache, padding and sampling behave."""
-import mindspore as ms
+import mindspore as ms  # noqa: TID253
 import numpy as np
+import psutil
 import pytest
 
 from converters.convert import convert
 from glm2_core.names import Layout
+from glm2_ms import generation
 from glm2_ms.api import from_pretrained
 from glm2_ms.generation import Decoder, SamplingConfig, describe
 from glm2_ms.tokenizer import GLM2Tokenizer
@@ -116,8 +118,6 @@ def test_float32_compute_over_float16_weights_equals_float32_model_on_rounded_we
 def test_the_step_runs_op_by_op_when_its_compiled_copies_would_not_fit(hf_tiny, tok, monkeypatch, no_native_kernels):
     """Without the native kernel, Decoder picks the compiled step unless the float32 copies the graph keeps of
     16-bit weights would not fit in the memory available; op by op it gives the same tokens."""
-    import psutil
-
     model = from_pretrained(hf_tiny(dtype="float16"), compute_dtype="float32")
     ids = np.array([tok.build_chat_input("你好")], np.int32)
     compiled = Decoder(model)
@@ -131,8 +131,6 @@ def test_the_step_runs_op_by_op_when_its_compiled_copies_would_not_fit(hf_tiny, 
 def test_a_large_models_prompt_runs_op_by_op_beside_the_compiled_decoding_step(tiny, tok, monkeypatch):
     """Above PREFILL_COMPILED_UP_TO parameters the prefill is not compiled (the graph's float32 copies of the
     weights would not fit); the decoding step still is, and the tokens are the same."""
-    from glm2_ms import generation
-
     ids = np.array([tok.build_chat_input("晚上睡不着应该怎么办")], np.int32)
     compiled = Decoder(tiny, jit=True)
     monkeypatch.setattr(generation, "PREFILL_COMPILED_UP_TO", 0)

@@ -2,9 +2,12 @@
 add. Its HF folder in, every MindSpore layout and back bit for bit; the runtime, the PyTorch reference and
 transformers' own Glm4ForCausalLM compute what an independent forward (tests/numpy_glm2.py) computes."""
 import json
+import math
 
 import numpy as np
 import pytest
+from conftest import DATA
+from helpers import glm4_ranks
 from numpy_glm2 import NumpyGLM2
 
 from converters.checkpoint import open_checkpoint
@@ -15,7 +18,13 @@ from converters.synth import synthesize
 from glm2_core.config import GLM2Config
 from glm2_core.dtypes import to_float32
 from glm2_core.errors import UserError
-from glm2_core.names import Layout
+from glm2_core.names import Layout, canonical_shapes
+from glm2_ms.api import from_pretrained
+from glm2_ms.generation import Decoder
+from glm2_ms.train import Trainer, export
+from glm2_ms.train_config import TrainConfig
+from validation.parity import run_parity
+from validation.torch_reference import load_reference
 
 PROMPT = [int(i) for i in np.random.default_rng(11).integers(3, 151000, 100)]
 
@@ -53,8 +62,6 @@ def test_transformers_glm4_the_runtime_and_the_reference_agree_with_the_forward(
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     ms = pytest.importorskip("mindspore")
-    from glm2_ms.api import from_pretrained
-    from validation.torch_reference import load_reference
 
     src, cfg, want = glm4_0414
     glm4 = transformers.Glm4ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -68,8 +75,6 @@ def test_greedy_generation_matches_transformers(glm4_0414):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("mindspore")
-    from glm2_ms.api import from_pretrained
-    from glm2_ms.generation import Decoder
 
     src, cfg, _ = glm4_0414
     glm4 = transformers.Glm4ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -112,7 +117,6 @@ def test_mcore_names_and_fused_rows_are_those_mindformers_loader_reads(glm4_0414
     source, applied to the release's own q/k/v and gate/up tensors, and inverted back to them."""
     src, cfg, want = glm4_0414
     ms = pytest.importorskip("mindspore")
-    from glm2_ms.api import from_pretrained
 
     convert(src, tmp_path / "mcore", target=Layout("mindformers-mcore"), fmt="safetensors", progress=False)
     assert sorted(p.name for p in (tmp_path / "mcore").glob("*.safetensors")) == ["mindspore_model.safetensors"]
@@ -159,11 +163,6 @@ def test_the_thudm_form_is_refused_before_anything_is_written(glm4_0414, tmp_pat
 def lora_0414(glm4_0414, tmp_path_factory):
     """A LoRA finetune of the tiny GLM-4-0414 on real ADGEN lines (its tokenizer: a ranks file of GLM-4's size)."""
     pytest.importorskip("mindspore")
-    from conftest import DATA
-    from helpers import glm4_ranks
-
-    from glm2_ms.train import Trainer, export
-    from glm2_ms.train_config import TrainConfig
 
     src, _, _ = glm4_0414
     base = tmp_path_factory.mktemp("base") / "hf"
@@ -184,8 +183,6 @@ def test_a_lora_finetune_learns_merges_and_exports_to_transformers(lora_0414, tm
     peft = pytest.importorskip("peft")
     import mindspore as ms
 
-    from glm2_ms.api import from_pretrained
-
     base, trainer, losses, paths = lora_0414
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     trainer.model.set_train(False)
@@ -205,8 +202,6 @@ def test_a_lora_finetune_learns_merges_and_exports_to_transformers(lora_0414, tm
 @pytest.mark.parametrize("reference, streamed", [("torch", True), ("glm", True), ("glm", False)])
 def test_parity_passes_against_our_reference_and_transformers_glm4(lora_0414, tmp_path, reference, streamed):
     """The whole report, and the streamed one (transformers' Glm4DecoderLayer and Glm4RMSNorm, layer by layer)."""
-    from validation.parity import run_parity
-
     base = lora_0414[0]  # the HF folder with a GLM-4-sized tokenizer
     convert(base, tmp_path / "ms", target=Layout("mindformers"), fmt="ckpt", progress=False)
     report = run_parity(base, tmp_path / "ms", ["你好", "Write a short poem about the sea."], "float32",
@@ -217,10 +212,6 @@ def test_parity_passes_against_our_reference_and_transformers_glm4(lora_0414, tm
 
 
 def test_presets_have_the_published_sizes():
-    import math
-
-    from glm2_core.names import canonical_shapes
-
     sizes = {name: sum(map(math.prod, canonical_shapes(GLM2Config.preset(name)).values()))
              for name in ("glm4-9b-0414", "glm4-32b-0414")}
     assert round(sizes["glm4-9b-0414"] / 1e9, 2) == 9.40  # GLM-4-9B's 9.40B + two norms a layer
@@ -232,10 +223,6 @@ def test_a_full_finetune_learns_and_exports_to_transformers(lora_0414, tmp_path)
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     import mindspore as ms
-    from conftest import DATA
-
-    from glm2_ms.train import Trainer, export
-    from glm2_ms.train_config import TrainConfig
 
     base = lora_0414[0]
     cfg = TrainConfig.load(None, method="full", max_steps=6, learning_rate=1e-3, warmup_steps=1, batch_size=4,

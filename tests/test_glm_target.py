@@ -1,7 +1,7 @@
 """`ms2hf --layout glm` writes a folder transformers' native GlmForCausalLM loads and runs as ChatGLM2 does."""
 import numpy as np
-import torch
-import transformers
+import torch  # noqa: TID253
+import transformers  # noqa: TID253
 from numpy_glm2 import NumpyGLM2
 
 from converters.checkpoint import open_checkpoint

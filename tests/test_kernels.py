@@ -1,10 +1,14 @@
 """The native float32 kernel over 16-bit weights (glm2_ms/kernels): float32 arithmetic on the widened weights, built
 once into the cache, used in inference only, and the cast path wherever it cannot be built."""
-import mindspore as ms
+import subprocess
+
+import mindspore as ms  # noqa: TID253
 import numpy as np
 import pytest
 
 from glm2_ms import kernels
+from glm2_ms.api import from_pretrained
+from glm2_ms.generation import Decoder, describe
 from glm2_ms.model import Linear, use_native_kernels
 
 ms.set_device("CPU")
@@ -35,8 +39,6 @@ def test_linear16_is_float32_arithmetic_on_the_widened_weights(m, n, k, dtype):
 
 
 def test_built_once_into_the_cache(tmp_path, monkeypatch):
-    import subprocess
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     lib, why = kernels._build()
     assert why == "" and lib.parent == tmp_path / "glm2-toolkit" / "kernels" and lib.exists()
@@ -46,9 +48,6 @@ def test_built_once_into_the_cache(tmp_path, monkeypatch):
 
 
 def test_a_failing_build_leaves_the_cast_path_and_says_why(tmp_path, monkeypatch, hf_tiny):
-    from glm2_ms.api import from_pretrained
-    from glm2_ms.generation import Decoder, describe
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
     kernels._linear16.cache_clear()

@@ -7,6 +7,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import measure
 
+from glm2_core.config import GLM2Config
+
 
 def test_cpu_info_names_the_kernel_flags_of_another_cpu():
     text = "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16 amx_tile\n"
@@ -20,8 +22,9 @@ def test_kernel_anchor_times_both_sides_at_a_tiny_shape():
 
 
 def test_the_kernel_ratio_weights_each_product_by_its_calls():
-    """torch twice as fast on a product called 3 times, 4× slower on one called once: 7 ms of torch against 7 ms of
-    MindSpore, a ratio of 1 (unweighted, the two ratios 0.5 and 4 would average 2.25)."""
+    """Rows made up so that weighting matters: torch at half MindSpore's time on a product called 3 times, at four
+    times it on one called once, so both spend 7 in all: a ratio of 1 (unweighted, the two ratios 0.5 and 4 would
+    average 2.25)."""
     rows = [{"ms": 2.0, "pt": 1.0, "count": 3}, {"ms": 1.0, "pt": 4.0, "count": 1}]
     assert measure.kernel_ratio(rows) == pytest.approx(1.0)
 
@@ -34,8 +37,6 @@ def test_kernel_anchor_times_the_native_kernel_beside_when_asked(capsys):
 
 
 def test_projection_shapes_are_the_models_matmuls():
-    from glm2_core.config import GLM2Config
-
     cfg = GLM2Config.preset("tiny", multi_query_group_num=2, **measure.CONFIGS["small"])
     shapes = {name: (m, k, n, count) for name, m, k, n, count in measure.projection_shapes(cfg, 128, 1)}
     assert shapes == {"query_key_value": (128, 512, 512 + 2 * 2 * 64, 4), "dense": (128, 512, 512, 4),

@@ -10,9 +10,11 @@ optional("nltk")
 
 from click.testing import CliRunner  # noqa: E402
 from conftest import DATA  # noqa: E402
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu  # noqa: E402
-from rouge_chinese import Rouge  # noqa: E402
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu  # noqa: E402, TID253
+from rouge_chinese import Rouge  # noqa: E402, TID253
 
+from converters.convert import convert  # noqa: E402
+from glm2_core.names import Layout  # noqa: E402
 from validation import CACHE  # noqa: E402
 from validation.eval_cli import main as eval_cli  # noqa: E402
 from validation.metrics import adgen_scores, sample_scores  # noqa: E402
@@ -70,9 +72,6 @@ def test_score_cli(tmp_path):
 
 
 def test_eval_resumes_and_metric_parity_passes(hf_tiny, tmp_path):
-    from converters.convert import convert
-    from glm2_core.names import Layout
-
     src = hf_tiny(dtype="float32")
     convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True), fmt="ckpt", progress=False)
     common = ["--data", str(DATA / "adgen_dev.json"), "--max-samples", "6", "--batch-size", "3",

@@ -1,5 +1,5 @@
 """The MindSpore runtime against the original HF code's outputs, and its own consistency (cache, padding, layouts)."""
-import mindspore as ms
+import mindspore as ms  # noqa: TID253
 import numpy as np
 import reference_data
 

@@ -16,6 +16,7 @@ from strategy_fixtures import glm2_maps, layout_entry, write_pb
 from converters.adapters import Adapter, write_mindpet
 from converters.cli import main as convert_cli
 from converters.shards_cli import main as shards_cli
+from glm2_core import launch
 from glm2_core.names import L
 
 QKV = L.format(i=0) + "self_attention.query_key_value"
@@ -107,9 +108,7 @@ RUNTIME = {  # tool, its arguments with {dst}, its inputs, and whether it takes 
 
 @pytest.mark.parametrize("tool", sorted(RUNTIME))
 def test_no_runtime_output_path_loses_a_file(tree, tool, monkeypatch):
-    from importlib.metadata import entry_points
-
-    (command,) = [ep.load() for ep in entry_points(group="console_scripts") if ep.name == tool]
+    command = launch.command(tool)
     shutil.copyfile(Path(__file__).parent / "data" / "adgen_train_head200.json", tree / "data.json")
     args, inputs, takes_overwrite = RUNTIME[tool]
     monkeypatch.chdir(tree)

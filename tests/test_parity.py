@@ -1,18 +1,35 @@
 """glm2-parity: passes on every correct conversion, fails (and says where) on a broken one."""
 import json
+import tempfile
+import warnings
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import LAYOUTS
 
+from converters.checkpoint import open_checkpoint
 from converters.convert import convert
+from converters.formats.safetensors_io import SafetensorsWriter
 from converters.source import Source
 from glm2_core.config import GLM2Config
 from glm2_core.names import Layout, canonical_shapes
+from validation import parity, streamed
 from validation.cli import main as parity_cli
-from validation.parity import Thresholds, run_parity
+from validation.parity import (
+    DEFAULT_PROMPTS,
+    Thresholds,
+    _font_files,
+    _glyphs,
+    fits_whole,
+    legend_labels,
+    markdown,
+    plot,
+    run_parity,
+    whole_model_bytes,
+)
 from validation.references import glm_reference, torch_reference
+from validation.streamed import HEAD, LayerWeights, Rows
 
 PROMPTS = ["你好", "Write a short poem about the sea."]
 
@@ -53,8 +70,6 @@ def test_streamed_report_equals_whole_report(hf_tiny, tmp_path, monkeypatch):
     """Layer by layer (each side's own cells/modules, one block in memory; the embedding on the rows in use, the
     output layer in slices: 16 here), then each whole model's greedy tokens with float16 weights computing in
     float32, each in a process of its own as at 6B: the same numbers as both whole float32 models side by side."""
-    from validation import parity, streamed
-
     monkeypatch.setattr(streamed, "HEAD_BYTES", 4 * 64 * 4096)  # 4,096 of the 65,024 rows at a time
     monkeypatch.setattr(parity, "fits_whole", lambda *_: False)  # the greedy passes apart, as when they would not fit
     apart, spawn = [], parity.greedy_apart
@@ -62,10 +77,10 @@ def test_streamed_report_equals_whole_report(hf_tiny, tmp_path, monkeypatch):
     src = hf_tiny(dtype="float16")
     convert(src, tmp_path / "ms", target=Layout("mindformers", qkv_split=True), fmt="ckpt", progress=False)
     whole = run_parity(src, tmp_path / "ms", PROMPTS, "float32", new_tokens=8, streamed=False)
-    streamed = run_parity(src, tmp_path / "ms", PROMPTS, "float32", new_tokens=8, streamed=True)
-    assert whole["passed"] and (whole["mode"], streamed["mode"]) == ("whole", "streamed")
-    assert without_timings(streamed) == without_timings(whole)
-    assert len(streamed["prompts"][0]["stages"]) == 2 * 2 + 2  # every layer's attention and MLP, norm, logits
+    layered = run_parity(src, tmp_path / "ms", PROMPTS, "float32", new_tokens=8, streamed=True)
+    assert whole["passed"] and (whole["mode"], layered["mode"]) == ("whole", "streamed")
+    assert without_timings(layered) == without_timings(whole)
+    assert len(layered["prompts"][0]["stages"]) == 2 * 2 + 2  # every layer's attention and MLP, norm, logits
     assert apart == ["ref", "ms"]
 
 
@@ -74,8 +89,6 @@ def test_streamed_output_layer_is_read_by_rows(hf_tiny, tmp_path, fmt):
     """The output layer is not read whole: its rows come from the file a slice at a time, as the file holds them.
     (A safetensors file whose sha256 our manifest records is read whole, to be checked: here it is one another tool
     wrote, with no such record.)"""
-    from validation.streamed import HEAD, LayerWeights, Rows
-
     convert(hf_tiny(dtype="float16"), tmp_path / "ms", target=Layout("mindformers"), fmt=fmt, progress=False)
     if fmt == "safetensors":
         (tmp_path / "ms" / "manifest.json").unlink()
@@ -93,8 +106,6 @@ def test_streamed_output_layer_is_read_by_rows(hf_tiny, tmp_path, fmt):
 
 
 def test_whole_models_are_the_default_when_they_fit(hf_tiny, tmp_path):
-    from validation.parity import fits_whole, whole_model_bytes
-
     src = hf_tiny(dtype="float32")
     params = sum(int(np.prod(s)) for s in canonical_shapes(GLM2Config.preset("tiny")).values())
     assert whole_model_bytes(src, "float32") == 2 * 4 * params and whole_model_bytes(src, "float16") == 2 * 2 * params
@@ -122,8 +133,6 @@ def test_broken_conversion_fails_at_layer_0_attention(hf_tiny, tmp_path, mode):
 @pytest.fixture
 def fresh_temp_dir(tmp_path, monkeypatch):
     """An empty folder as this process's temp dir, to see what a tool leaves there."""
-    import tempfile
-
     (tmp_path / "system-temp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system-temp"))
     return tmp_path / "system-temp"
@@ -147,9 +156,6 @@ def test_reference_glm_and_report_files(hf_tiny, tmp_path, fresh_temp_dir):
 
 def test_reference_glm_export_is_removed_on_failure(hf_tiny, tmp_path, fresh_temp_dir):
     """The export refuses a weight beyond float16's range: the error is one line and the temp dir stays empty."""
-    from converters.checkpoint import open_checkpoint
-    from converters.formats.safetensors_io import SafetensorsWriter
-
     src = hf_tiny("safetensors", "float32")
     big = tmp_path / "big"  # the tiny model with one weight beyond float16's range
     big.mkdir()
@@ -185,10 +191,6 @@ def test_parity_png_legends_have_every_glyph(tmp_path, capfd):
     """The default prompts are mostly Chinese, which matplotlib's own font lacks (they were drawn as boxes, with a
     warning per glyph). Each legend entry is drawn in a font that has its glyphs, or — no such font installed —
     numbered as the prompts are in report.md; no glyph warning either way."""
-    import warnings
-
-    from validation.parity import DEFAULT_PROMPTS, _font_files, _glyphs, legend_labels, markdown, plot
-
     numbered = [f"prompt {i}" for i in range(1, 6)]
     default = _font_files()[0]
     assert legend_labels(DEFAULT_PROMPTS, fonts=[]) == (numbered, None)

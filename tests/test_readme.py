@@ -6,11 +6,12 @@ import importlib.util
 import re
 import subprocess
 import sys
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import click
 import pytest
+
+from glm2_core import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -18,7 +19,7 @@ PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 TEXT = {page: page.read_text(encoding="utf-8") for page in PAGES}
 SNIPPETS = [s for text in TEXT.values() for s in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)]
 PLACEHOLDER = '"ms-6b"'
-TOOLS = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("glm2-")}
+TOOLS = launch.TOOLS
 
 
 def test_the_readme_has_python_snippets():
@@ -50,9 +51,10 @@ def _tool_calls(block: str):
             yield words[at], words[at + 1:]
 
 
+@pytest.mark.runtime  # loading the tools imports MindSpore and torch
 def test_the_readme_commands_use_options_that_exist():
     """Every --option the pages' shell examples give a glm2-* tool is one that tool (or its subcommand) has."""
-    tools = {name: ep.load() for name, ep in TOOLS.items()}
+    tools = {name: launch.command(name) for name in TOOLS}
     checked = 0
     for block in BASH:
         for tool, words in _tool_calls(block):
@@ -96,6 +98,7 @@ def test_every_module_and_tool_a_page_names_exists(page):
     assert tools <= set(TOOLS), tools - set(TOOLS)
 
 
+@pytest.mark.runtime  # loading the tools imports MindSpore and torch
 def test_the_cli_reference_is_what_the_tools_print():
     spec = importlib.util.spec_from_file_location("make_cli_reference", ROOT / "docs" / "make_cli_reference.py")
     make = importlib.util.module_from_spec(spec)

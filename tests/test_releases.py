@@ -14,7 +14,9 @@ from test_finetune import TRAIN
 from test_shards import dp_mp
 
 from converters.checkpoint import open_checkpoint
+from converters.cli import main
 from converters.convert import convert
+from converters.inspect_verify import inspect
 from converters.mindformers_yaml import MINDFORMERS_YAML
 from converters.shards import split
 from converters.shards_cli import main as merge_shards
@@ -24,10 +26,12 @@ from glm2_core.dtypes import to_float32
 from glm2_core.errors import CheckpointError
 from glm2_core.names import Layout
 from glm2_core.releases import RELEASES, identify
+from glm2_ms.api import from_pretrained
 from glm2_ms.cli import generate
 from glm2_ms.finetune_cli import main as finetune
 from validation.cli import main as parity
 from validation.eval_cli import main as evaluate
+from validation.torch_reference import load_reference
 
 PROMPT = [int(i) for i in np.random.default_rng(7).integers(3, 64000, 100)]
 
@@ -100,8 +104,6 @@ def _close(got, want):
 
 def test_the_runtime_and_the_torch_reference_follow_the_release(long_release):
     ms = pytest.importorskip("mindspore")
-    from glm2_ms.api import from_pretrained
-    from validation.torch_reference import load_reference
 
     src, cfg, want = long_release
     _close(from_pretrained(src, dtype="float32")(ms.Tensor([PROMPT], ms.int32)).asnumpy()[0], want)
@@ -148,8 +150,6 @@ def test_manifests_written_before_the_releases_still_read():
     ("THUDM/chatglm2-6b-32k", "chatglm2-6b-32k (named in _name_or_path 'THUDM/chatglm2-6b-32k')"),
     ("/data/chatglm3-finetune", "chatglm3-6b ('chatglm3' in _name_or_path '/data/chatglm3-finetune')")])
 def test_inspect_names_the_release_and_what_told_it(tmp_path, name, told):
-    from converters.inspect_verify import inspect
-
     cfg = GLM2Config.preset("tiny", release=identify(name, 65024)[0])
     synthesize(tmp_path / "m", cfg, "float32", "safetensors")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -160,8 +160,6 @@ def test_inspect_names_the_release_and_what_told_it(tmp_path, name, told):
 def test_convert_asks_for_the_release_an_unnamed_folder_cannot_tell(tmp_path):
     """hf2ms of a config with rope_ratio and no release named: one line, nothing written; with --release the output's
     config.json names it, so the folder tells from then on."""
-    from converters.cli import main
-
     synthesize(tmp_path / "hf", GLM2Config.preset("tiny"), "float32", "safetensors")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "_name_or_path": None, "rope_ratio": 16}))

@@ -5,6 +5,7 @@ import json
 from collections import namedtuple
 
 import numpy as np
+import psutil
 import pytest
 from click.testing import CliRunner
 from conftest import DATA
@@ -17,11 +18,12 @@ from glm2_ms.api import from_pretrained
 from glm2_ms.generation import Decoder, cache_bytes, check_budget
 from glm2_ms.tokenizer import GLM2Tokenizer
 from validation import cli as parity_cli
-from validation import demo
+from validation import demo, evaluate, parity
+from validation.eval_cli import main as eval_cli
 from validation.parity import write_report
 
 CONTEXT = GLM2Config.preset("tiny").seq_length  # 2048
-HUGE = "100000000"  # the issue's: the cache it asked for took 24 GB before the OOM killer
+HUGE = "100000000"  # the issue's: a cache that, unbounded, was allocated until the OOM killer came
 Memory = namedtuple("Memory", "available")
 
 
@@ -38,8 +40,6 @@ def model(ms_dir):
 @pytest.fixture
 def little_memory(monkeypatch):
     """psutil reporting 1 MiB available: any cache of more than a few hundred positions does not fit."""
-    import psutil
-
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory(2**20))
 
 
@@ -119,11 +119,8 @@ def test_chat_ends_its_line_on_ctrl_d(ms_dir):
 
 
 def test_eval_bounds_new_tokens_and_batch_before_writing(ms_dir, tmp_path, monkeypatch):
-    from validation.eval_cli import main as eval_cli
-
     common = [ms_dir, "--data", DATA / "adgen_dev.json", "--max-samples", "4", "--out", tmp_path / "out"]
     one_line(run(eval_cli, *common, "--max-new-tokens", "5000"), "--max-new-tokens 5000", f"context of {CONTEXT}")
-    import psutil
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory(2**20))
     one_line(run(eval_cli, *common, "--max-new-tokens", "1000", "--batch-size", "4"), "memory available",
@@ -132,8 +129,6 @@ def test_eval_bounds_new_tokens_and_batch_before_writing(ms_dir, tmp_path, monke
 
 
 def test_parity_bounds_new_tokens_before_loading(hf_tiny, ms_dir, monkeypatch):
-    from validation import parity
-
     monkeypatch.setattr(parity, "_whole", lambda *a: pytest.fail("a model was loaded"))
     monkeypatch.setattr(parity, "_streamed", lambda *a: pytest.fail("a model was loaded"))
     one_line(run(parity_cli.main, hf_tiny(dtype="float32"), ms_dir, "--max-new-tokens", "5000"),
@@ -203,8 +198,6 @@ def metrics_extra():
 
 
 def test_eval_out_follows_the_output_rule(ms_dir, tmp_path):
-    from validation.eval_cli import main as eval_cli
-
     metrics_extra()
     data = tmp_path / "data" / "dev.json"
     data.parent.mkdir()
@@ -235,9 +228,6 @@ def test_eval_out_follows_the_output_rule(ms_dir, tmp_path):
 
 
 def test_eval_interrupted_says_how_to_continue(ms_dir, tmp_path, monkeypatch):
-    from validation import evaluate
-    from validation.eval_cli import main as eval_cli
-
     def interrupted(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(evaluate, "adgen_scores", interrupted)  # after the predictions are written
@@ -263,8 +253,6 @@ BAD_VALUES = {
 
 @pytest.mark.parametrize("tool,flag,value", [(t, f, v) for t, pairs in BAD_VALUES.items() for f, v in pairs])
 def test_a_bad_option_value_is_one_line(tool, flag, value, tmp_path):
-    from validation.eval_cli import main as eval_cli
-
     command, args = {"glm2-parity": (parity_cli.main, [tmp_path, tmp_path]),
                      "glm2-eval": (eval_cli, [tmp_path, "--data", DATA / "adgen_dev.json"]),
                      "glm2-generate": (runtime_cli.generate, [tmp_path, "--prompt", "hi", "--sample"])}[tool]

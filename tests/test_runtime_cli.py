@@ -1,4 +1,6 @@
 """glm2-generate and glm2-chat as a user runs them: real processes, real tokenizer, a converted tiny model."""
+import json
+import shutil
 import subprocess
 import sys
 
@@ -52,9 +54,6 @@ def test_release_option_overrides_what_the_folder_tells(ms_dir):
 
 def test_a_folder_that_cannot_tell_its_rope_rule_needs_release(ms_dir, tmp_path):
     """A config with rope_ratio and no release named is one line naming the fix; --release runs it."""
-    import json
-    import shutil
-
     folder = tmp_path / "local"
     shutil.copytree(ms_dir, folder)
     config = json.loads((folder / "config.json").read_text())

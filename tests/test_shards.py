@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from conftest import tree_digest
 from helpers import tensors
 from strategy_fixtures import REPLICATED, glm2_maps, layout_entry, ms_split, write_json, write_pb
 
@@ -16,8 +18,13 @@ from converters.convert import convert
 from converters.formats.ckpt import CRC_MARK, CRC_TRAILER
 from converters.shards import merge, split
 from converters.strategy import ParamLayout, load_strategy, strategy_bytes
+from glm2_core.assets import bundled_tokenizer
+from glm2_core.config import GLM2Config
 from glm2_core.errors import CheckpointError
 from glm2_core.names import Layout
+from glm2_ms.cli import generate
+from glm2_ms.loading import use_cpu
+from glm2_ms.model import GLM2Network
 
 BIN = Path(sys.executable).parent
 MS = Layout("mindformers")
@@ -196,10 +203,6 @@ def test_uneven_split(full, tmp_path):
 def test_split_loads_in_load_distributed_checkpoint(full, tmp_path):
     import mindspore as ms
 
-    from glm2_core.config import GLM2Config
-    from glm2_ms.loading import use_cpu
-    from glm2_ms.model import GLM2Network
-
     use_cpu()
     want = tensors(full["float16"])
     strategy = write_pb(tmp_path / "s.ckpt", dp_mp(list(want)))
@@ -277,8 +280,6 @@ def cli(*args):
 
 
 def refused(tmp_path, shards, strategy, *extra, config=None) -> str:
-    from conftest import tree_digest
-
     before = tree_digest(shards)
     dst = tmp_path / "out"
     r = cli(shards, "--strategy", strategy, dst, *extra)
@@ -315,9 +316,6 @@ def test_cli_merge_split_roundtrip(full, run, tmp_path):
     assert r.returncode == 0 and f"config.json from {tmp_path / 'split'}" in r.stdout, r.stderr
     assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == \
         (full["float16"].parent / "tokenizer.model").read_bytes()
-    from click.testing import CliRunner
-
-    from glm2_ms.cli import generate
 
     res = CliRunner().invoke(generate, [str(tmp_path / "merged"), "--prompt", "你好", "--max-new-tokens", "2"])
     assert res.exit_code == 0, res.output
@@ -325,8 +323,6 @@ def test_cli_merge_split_roundtrip(full, run, tmp_path):
 
 def test_merged_shards_without_a_tokenizer_get_the_bundled_one(run, full, tmp_path):
     """MindFormers' output folders hold no tokenizer: the merged model gets ChatGLM2's, and the summary says so."""
-    from glm2_core.assets import bundled_tokenizer
-
     r = cli(run[0], "--strategy", run[1], tmp_path / "merged", "--config", full["config"])
     assert r.returncode == 0 and "wrote the bundled ChatGLM2 tokenizer" in r.stdout, r.stderr
     for f in bundled_tokenizer():

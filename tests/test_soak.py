@@ -1,10 +1,10 @@
 """Long runs hold their memory: prompts of many distinct lengths share one compiled prefill graph (its shapes left
 open), at their own length, and it computes what a graph of their own shape does. (Op by op, the 6B path, the
 memory is measured by benchmarks/soak.py: nothing to count at a tiny size.)"""
-import mindspore as ms
+import mindspore as ms  # noqa: TID253
 import numpy as np
 import pytest
-from mindspore.graph.api import ms_compile_cache
+from mindspore.graph.api import ms_compile_cache  # noqa: TID253
 
 from glm2_ms import generation
 from glm2_ms.api import from_pretrained

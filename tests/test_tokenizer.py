@@ -1,11 +1,14 @@
 """The tokenizers reproduce the originals' ids: ChatGLM2's and ChatGLM3's on the real tokenizer.model, GLM-4's
 chat format on a ranks file of its size."""
 
+import shutil
+
 import numpy as np
 import pytest
 from helpers import glm4_ranks
 
-from glm2_ms.tokenizer import GLM2Tokenizer, build_prompt
+from glm2_core.errors import CheckpointError
+from glm2_ms.tokenizer import DEFAULT_MODEL, GLM2Tokenizer, build_prompt, detect_family
 
 
 @pytest.fixture(scope="module")
@@ -82,23 +85,6 @@ def test_chatglm3_system_tools_and_metadata(glm3):
         glm3.build_chat_input("hi", role="robot")
 
 
-@pytest.mark.runtime
-def test_role_responses_text_and_tool_calls(glm3):
-    from glm2_ms.dialogue import role_response
-
-    asked = [{"role": "user", "content": "几点了"}]
-    reply, history = role_response(glm3, "\n 现在是[[训练时间]]。 ", asked)
-    assert reply == "现在是2023年。"
-    assert history[-1] == {"role": "assistant", "metadata": "", "content": "现在是[[训练时间]]。"}
-    tools = [{"role": "system", "content": "", "tools": [{"name": "track"}]}]
-    reply, history = role_response(glm3, "track\n ```python\ntool_call(symbol='10111', n=[1, 2])\n```", tools)
-    assert reply == {"name": "track", "parameters": {"symbol": "10111", "n": [1, 2]}} and len(history) == 2
-    reply, _ = role_response(glm3, "track\n ```python\ntool_call(__import__('os').system('x'))\n```", tools)
-    assert reply["name"] == "track" and "raw" in reply["parameters"]  # read as data, never run
-    reply, _ = role_response(glm3, "track\nplain", asked)
-    assert reply == {"name": "track", "content": "plain"}
-
-
 @pytest.fixture(scope="module")
 def glm4(tmp_path_factory):
     folder = tmp_path_factory.mktemp("glm4")
@@ -119,34 +105,18 @@ def test_glm4_special_tokens_and_published_chat_ids(glm4):
     assert glm4.batch([[109377], [198, 109377]]).input_ids[0, 0] == 151329  # padded with <|endoftext|>
 
 
-@pytest.mark.runtime
-def test_glm4_json_tool_calls(glm4):
-    from glm2_ms.dialogue import role_response
-
-    tools = [{"role": "system", "content": "", "tools": [{"name": "weather"}]}]
-    reply, _ = role_response(glm4, 'weather\n{"city": "北京"}', tools)
-    assert reply == {"name": "weather", "parameters": {"city": "北京"}}
-    assert role_response(glm4, "\n今年是[[训练时间]]", [])[0] == "今年是2024年"
-
-
 @pytest.mark.parametrize("text, error", [
     ("IQ== 0\n", "256 single bytes"), ("IQ== 0\nIg== 2\n", "ranks must be 0, 1, 2"),
     ("IQ== 0\nIQ== 1\n", "ranks must be"),
     ("IQ==\n", "line 1 is not"), ("!!! 0\n", "line 1 is not"), ("IQ== 0 7\n", "line 1 is not"),
     ("IQ== x\n", "line 1 is not")])
 def test_bad_ranks_files_are_one_line_errors(tmp_path, text, error):
-    from glm2_core.errors import CheckpointError
-
     (tmp_path / "tokenizer.model").write_text(text)
     with pytest.raises(CheckpointError, match=error):
         GLM2Tokenizer(tmp_path, family="glm4")
 
 
 def test_family_detected_from_the_folder(tmp_path, tok):
-    import shutil
-
-    from glm2_ms.tokenizer import DEFAULT_MODEL, detect_family
-
     shutil.copy(DEFAULT_MODEL, tmp_path / "tokenizer.model")
     assert detect_family(tmp_path) == "chatglm2"
     assert detect_family(tmp_path, named="chatglm3") == "chatglm3"

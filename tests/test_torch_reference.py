@@ -1,7 +1,7 @@
 """The PyTorch reference against the original HF code's outputs, and against the MindSpore runtime."""
 import numpy as np
 import reference_data
-import torch
+import torch  # noqa: TID253
 
 from validation.torch_reference import TorchGLM2, load_reference
 

@@ -3,14 +3,17 @@ one-graph step computes. (A module of its own beside test_finetune.py: the suite
 import json
 from dataclasses import replace
 
-import mindspore as ms
+import mindspore as ms  # noqa: TID253
 import numpy as np
 import pytest
 from test_finetune import IDS, SMALL, TRAIN
 
 from glm2_ms.api import from_pretrained
+from glm2_ms.data import answer_windows
+from glm2_ms.lora import LoRAConfig, apply_lora, dropout_masks, size_dropout_masks
 from glm2_ms.train import Trainer
 from glm2_ms.train_config import TrainConfig
+from glm2_ms.train_step import TrainStep, clip_in_place, token_loss
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +48,6 @@ def test_resume_reproduces_the_uninterrupted_run(base, tmp_path, optimizer):
 def _backward_of(base, method: str, recompute: bool):
     """One micro-batch's loss and gradients (by name) from the train step's backward: block by block (recompute)
     or one graph, on a fresh model (LoRA: dropout masks drawn from a fixed generator)."""
-    from glm2_ms.data import answer_windows
-    from glm2_ms.lora import LoRAConfig, apply_lora, dropout_masks, size_dropout_masks
-    from glm2_ms.train_step import TrainStep
-
     labels = np.full((2, 12), -100, np.int32)
     labels[:, 6:11] = [[31, 32, 33, 34, 2], [41, 42, 43, 2, 2]]
     picks, targets = (ms.Tensor(a) for a in answer_windows(labels, 6))
@@ -89,8 +88,6 @@ def test_eager_clipping_is_clip_by_global_norm(max_norm):
     """The block-by-block step clips one gradient at a time, eagerly, with the primitives (Mul, RealDiv: Tensor
     `/` holds several operand-sized buffers on CPU): every value is ops.clip_by_global_norm's within float32
     rounding, and float64's clipping's; below max_norm, the gradients themselves, bit for bit."""
-    from glm2_ms.train_step import clip_in_place
-
     rng = np.random.default_rng(0)
     grads = [ms.Tensor(rng.standard_normal(shape).astype(np.float32) * 0.1) for shape in [(37, 5), (11,), (3, 4, 2)]]
     expected = ms.ops.clip_by_global_norm(tuple(grads), max_norm)
@@ -106,8 +103,6 @@ def test_eager_clipping_is_clip_by_global_norm(max_norm):
 def test_token_loss_and_its_gradient_are_cross_entropys():
     """The training loss (on the fused LogSoftmax) and its automatic gradient against cross entropy and its
     gradient (softmax − one-hot, each row weighted by its share of the mean) in float64, with ignored targets."""
-    from glm2_ms.train_step import token_loss
-
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((9, 50)) * 4).astype(np.float32)
     targets = rng.integers(0, 50, 9).astype(np.int32)

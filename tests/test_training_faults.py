@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mindspore as ms
+import mindspore as ms  # noqa: TID253
 import numpy as np
 import pytest
 from conftest import tree_digest
@@ -23,6 +23,7 @@ from test_finetune_safety import TINY, TINY_CFG, finetune, one_line
 
 from converters.formats.ckpt import CkptFile
 from converters.runs import record_path, trainable_path
+from converters.strategy import ParamLayout, strategy_bytes
 from glm2_ms.checkpointing import latest, run_lock
 from glm2_ms.lora import lora_state
 from glm2_ms.train import Trainer
@@ -98,8 +99,6 @@ def test_a_base_changed_in_place_is_refused_by_resume_and_merge(base, tmp_path):
 
 
 def _one_rank_strategy(run: Path, where: Path) -> Path:
-    from converters.strategy import ParamLayout, strategy_bytes
-
     with CkptFile(latest(run, 0)) as f:
         layouts = {n: ParamLayout((1,), (-1,) * len(t.shape)) for n, t in f.tensors.items() if t.shape}
     (where / "s.ckpt").write_bytes(strategy_bytes(layouts))

@@ -8,6 +8,9 @@ import click
 
 from glm2_core.errors import UserError
 from glm2_core.options import COUNT, FRACTION, PATH, TOLERANCE, ExistingPath, Tool, option
+from glm2_core.outputs import check_output
+
+from .parity import DEFAULT_PROMPTS, REPORT, Thresholds, markdown, run_parity, write_report
 
 BY_DTYPE = "by --compute-dtype, as in docs/parity.md"
 
@@ -37,10 +40,6 @@ def main(hf_dir, ms_dir, prompts, compute_dtype, release, max_new_tokens, stream
     """Run HF_DIR (the reference) and MS_DIR (the MindSpore runtime) on the same token ids and compare every
     layer, the logits and greedy generation; exit 1 when a threshold fails. Both sides compute in
     --compute-dtype, with their weights cast to it."""
-    from glm2_core.outputs import check_output
-
-    from .parity import DEFAULT_PROMPTS, REPORT, Thresholds, markdown, run_parity, write_report
-
     sources = (hf_dir, ms_dir, prompts)
     if report:
         check_output(report, overwrite, sources, "--report", kind=REPORT)  # before the run: it takes minutes

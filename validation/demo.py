@@ -13,7 +13,24 @@ from pathlib import Path
 
 import click
 
+from converters.convert import convert
+from converters.inspect_verify import verify
+from converters.output import staged_folder
+from converters.synth import synthesize
+from glm2_core.config import GLM2Config
+from glm2_core.names import Layout
 from glm2_core.options import PATH, Tool, option
+from glm2_core.outputs import check_output, stamp
+from glm2_ms.api import from_pretrained
+from glm2_ms.dialogue import chat
+from glm2_ms.generation import Decoder
+from glm2_ms.loading import use_cpu
+from glm2_ms.tokenizer import GLM2Tokenizer
+from glm2_ms.train import Trainer, export
+from glm2_ms.train_config import TrainConfig
+
+from .evaluate import EvalRequest, EvalSettings, metric_parity
+from .parity import DEFAULT_PROMPTS, run_parity
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 ADGEN_LINES = ASSETS / "adgen_train_head200.json"
@@ -32,7 +49,7 @@ def main(workdir: Path | None, overwrite: bool):
     ADGEN-metric parity against the PyTorch reference. Exit 1 when a check fails."""
     if workdir:
         sys.exit(_kept(Path(workdir), overwrite))
-    with tempfile.TemporaryDirectory(prefix="glm2-demo-") as root:  # ~160 MB of outputs: removed, also on failure
+    with tempfile.TemporaryDirectory(prefix="glm2-demo-") as root:  # its outputs: removed, also on failure
         code = _run(Path(root), None)
     sys.exit(code)
 
@@ -41,9 +58,6 @@ def _kept(workdir: Path, overwrite: bool) -> int:
     """The demo with its outputs in the new folder `workdir`, which appears only when every step has run (a step
     that fails with an error leaves nothing); an existing one is refused, or replaced with --overwrite when this
     toolkit wrote it, as every tool's output (`glm2_core.outputs`)."""
-    from converters.output import staged_folder
-    from glm2_core.outputs import check_output, stamp
-
     check_output(workdir, overwrite, (ASSETS,), "--workdir", kind=DEMO)
     with staged_folder(workdir, overwrite, (ASSETS,), kind=DEMO) as root:
         code = _run(root, workdir)
@@ -54,12 +68,6 @@ def _kept(workdir: Path, overwrite: bool) -> int:
 def _run(root: Path, kept: Path | None) -> int:
     """The demo's steps with their outputs under `root` (named relative to it: it may be a staging folder that
     becomes `kept`); the exit status."""
-    from converters.convert import convert
-    from converters.inspect_verify import verify
-    from converters.synth import synthesize
-    from glm2_core.config import GLM2Config
-    from glm2_core.names import Layout
-
     hf, ms_dir, back = root / "hf-tiny", root / "ms-tiny", root / "hf-roundtrip"
     cfg = GLM2Config.preset("tiny")
     files = synthesize(hf, cfg, "float32", "bin", seed=0, max_shard_bytes=10 * 10**6, overwrite=True)
@@ -95,33 +103,21 @@ def _run(root: Path, kept: Path | None) -> int:
 
 
 def _metric_parity(hf: Path, ms_dir: Path, out: Path) -> dict:
-    from .evaluate import EvalSettings, metric_parity
-
-    return metric_parity(hf, ms_dir, ADGEN_DEV, out, EvalSettings(max_samples=4, batch_size=4, max_new_tokens=8),
-                         progress=False)
+    settings = EvalSettings(max_samples=4, batch_size=4, max_new_tokens=8)
+    return metric_parity(hf, ms_dir, EvalRequest(ADGEN_DEV, out, settings, progress=False))
 
 
 def _generate(model_dir: Path) -> str:
-    from glm2_ms.api import from_pretrained
-    from glm2_ms.dialogue import chat
-    from glm2_ms.generation import Decoder
-    from glm2_ms.loading import use_cpu
-
     use_cpu()
     reply, _ = chat(Decoder(from_pretrained(model_dir)), _tokenizer(model_dir), "你好", max_new_tokens=8)
     return reply
 
 
 def _tokenizer(model_dir: Path):
-    from glm2_ms.tokenizer import GLM2Tokenizer
-
     return GLM2Tokenizer(model_dir)
 
 
 def _finetune(model_dir: Path, out: Path):
-    from glm2_ms.train import Trainer, export
-    from glm2_ms.train_config import TrainConfig
-
     cfg = TrainConfig(method="lora", max_steps=8, batch_size=4, max_source_length=32, max_target_length=32,
                       learning_rate=2e-2, warmup_steps=1)
     trainer = Trainer(model_dir, ADGEN_LINES, out, cfg, progress=False)
@@ -130,6 +126,4 @@ def _finetune(model_dir: Path, out: Path):
 
 
 def _parity(hf: Path, ms_dir: Path) -> dict:
-    from .parity import DEFAULT_PROMPTS, run_parity
-
     return run_parity(hf, ms_dir, DEFAULT_PROMPTS[:3], "float32", new_tokens=8)

@@ -12,6 +12,9 @@ import click
 from glm2_core.errors import UserError
 from glm2_core.options import FRACTION, TOLERANCE, ExistingPath, Interrupted, Tool, option, sampling_options
 
+from .evaluate import PREDICTIONS, EvalRequest, evaluate, metric_parity, parity_markdown
+from .metrics import adgen_scores
+
 USAGE = ("MODEL_DIR --data FILE [OPTIONS]", "--parity HF_DIR MS_DIR --data FILE [OPTIONS]", "score FILE [OPTIONS]")
 
 
@@ -20,8 +23,6 @@ USAGE = ("MODEL_DIR --data FILE [OPTIONS]", "--parity HF_DIR MS_DIR --data FILE 
 @option("--variant")
 def score(file, variant):
     """The ADGEN metrics of a predictions file (JSON lines with prediction and reference, as glm2-eval writes)."""
-    from .metrics import adgen_scores
-
     pairs = scored_pairs(file)
     click.echo(json.dumps(adgen_scores([p for p, _ in pairs], [r for _, r in pairs], variant), indent=2))
 
@@ -81,41 +82,28 @@ def scored_pairs(file: Path) -> list[tuple[str, str]]:
               help="--parity: largest allowed |MindSpore − torch| per metric (points).")
 @option("--resume")
 @option("--quiet")
-def main(model_dir, ms_dir, parity, data, runtime, max_samples, batch_size, max_source_length, max_target_length,
-         max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, compute_dtype, release, variant,
-         out_dir, overwrite, min_agreement, max_metric_diff, resume, quiet):
+def main(model_dir, ms_dir, parity, **flags):
     """ADGEN evaluation of the model in MODEL_DIR: predictions.jsonl is written to --out as it goes (--resume
     continues it; an existing --out is refused otherwise, or replaced with --overwrite), metrics.json at the end.
     THUDM's sampled evaluation is --sample --top-p 0.7 --temperature 0.95."""
-    from .evaluate import EvalSettings, evaluate, metric_parity, parity_markdown
-
-    with resumable(out_dir):
-        s = EvalSettings(max_samples, batch_size, max_source_length, max_target_length, max_new_tokens, variant,
-                         compute_dtype)
+    with resumable(flags["out_dir"]):
+        request = EvalRequest.from_flags(**flags)
         if parity:
             if ms_dir is None:
                 raise UserError("--parity needs two folders: HF_DIR MS_DIR")
-            if sample:
+            if not request.sampling.greedy:
                 raise UserError("--parity compares greedy predictions; drop --sample")
-            report = metric_parity(model_dir, ms_dir, data, out_dir, s, min_agreement, max_metric_diff,
-                                   progress=not quiet, resume=resume, overwrite=overwrite, release=release)
+            report = metric_parity(model_dir, ms_dir, request)
             click.echo(parity_markdown(report))
             sys.exit(0 if report["passed"] else 1)
         if ms_dir is not None:
             raise UserError(f"{ms_dir}: a second folder is for --parity only")
-        from glm2_ms.cli import sampling_config
-
-        sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
-        result = evaluate(model_dir, data, out_dir, runtime, s, sampling, progress=not quiet, resume=resume,
-                          overwrite=overwrite, release=release)
-        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(evaluate(model_dir, request), indent=2, ensure_ascii=False))
 
 
 @contextmanager
 def resumable(out: Path):
     """Ctrl-C: say what the run leaves, and how to continue it (the same command with --resume)."""
-    from .evaluate import PREDICTIONS
-
     try:
         yield
     except KeyboardInterrupt:

@@ -3,20 +3,32 @@ they come (so a run can resume), the published metrics at the end; and metric pa
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from converters.output import no_space, staged_folder
+from glm2_core.dtypes import BY_NAME, weights_for
 from glm2_core.errors import UserError
 from glm2_core.jsonio import json_text, write_json
+from glm2_core.outputs import absolute, check_output, refuse_overlap, stamp, written_entries
+from glm2_ms.api import open_model
+from glm2_ms.cli import peak_rss_gb, sampling_config
+from glm2_ms.data import eval_example, read_jsonl
+from glm2_ms.generation import Decoder, check_budget
+from glm2_ms.loading import use_cpu
+from glm2_ms.sampling import SamplingConfig
 
 from .metrics import METRICS, adgen_scores
+from .torch_reference import reference_from
 
 PREDICTIONS, SETTINGS = "predictions.jsonl", "settings.json"  # beside each other in --out
 TOKEN_BYTES = 32  # the most a prediction's line takes per new token in practice: its id in "tokens", its text
@@ -34,10 +46,33 @@ class EvalSettings:
     compute_dtype: str = "float32"  # over the weights as stored (float16: the weights in float16 too)
 
 
+@dataclass(frozen=True)
+class EvalRequest:
+    """One evaluation (or metric parity): every glm2-eval flag is a field here, or of `settings` (what the
+    predictions depend on, recorded for --resume), so that a new flag is a field and an option."""
+    data: Path
+    out: Path
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    sampling: SamplingConfig | None = None  # None: greedy, recorded as no sampling settings
+    runtime: str = "ms"  # or "torch": the PyTorch reference
+    release: str | None = None  # the release the folder holds where it cannot tell (--release)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    min_agreement: float = 1.0  # metric parity: fraction of samples whose predictions must be identical
+    max_metric_diff: float = 0.0  # metric parity: largest allowed |MindSpore − torch| per metric (points)
+
+    @classmethod
+    def from_flags(cls, data: Path, out_dir: Path, quiet: bool, sample: bool, temperature: float, top_k: int,
+                   top_p: float, repetition_penalty: float, seed: int, **flags) -> EvalRequest:
+        """From glm2-eval's flags: the settings' and the sampling's gathered, the rest passed as they are."""
+        settings = EvalSettings(**{f.name: flags.pop(f.name) for f in fields(EvalSettings)})
+        sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
+        return cls(data, out_dir, settings, sampling, progress=not quiet, **flags)
+
+
 def samples(data: Path, tok, s: EvalSettings) -> list[tuple[str, list[int], str]]:
     """(content, prompt ids, reference) per usable line, as MindFormers' evaluation prepares them."""
-    from glm2_ms.data import eval_example, read_jsonl
-
     lines = read_jsonl(data)
     pairs = lines.pairs[:s.max_samples] if s.max_samples else lines.pairs
     return [(c, *eval_example(tok, c, r, s.max_source_length, s.max_target_length)) for c, r in pairs]
@@ -48,19 +83,12 @@ class Runtime:
 
     def __init__(self, kind: str, folder, sampling=None, compute_dtype: str = "float32"):
         """`folder`: the model folder opened (glm2_ms.loading.ModelFolder)."""
-        from glm2_core.dtypes import weights_for
-
         self.kind, self.sampling = kind, sampling
         if kind == "ms":
-            from glm2_ms.generation import Decoder
-            from glm2_ms.loading import use_cpu
-
             use_cpu()
             self.decoder = Decoder(folder.load(weights_for(compute_dtype), compute_dtype))
             self.config = self.decoder.model.config
         elif kind == "torch":
-            from .torch_reference import reference_from
-
             self.decoder = reference_from(folder.source, weights_for(compute_dtype), compute_dtype=compute_dtype)
             self.config = self.decoder.config
         else:
@@ -75,8 +103,6 @@ def run_settings(model_dir: Path, data: Path, runtime: str, s: EvalSettings, sam
                  release: str | None = None) -> dict:
     """What the predictions depend on: the model, the data, the runtime and the generation settings. Recorded
     beside the predictions; a resume with other settings would mix two runs' predictions under one name."""
-    from dataclasses import asdict
-
     try:
         digest = hashlib.sha256(Path(data).read_bytes()).hexdigest()
     except OSError as exc:
@@ -90,8 +116,6 @@ def check_out(out: Path, resume: bool, overwrite: bool, sources, marker: str = P
     """The output rules for --out (`glm2_core.outputs`: apart from the model and the data, an existing folder only
     with --resume, which continues it, or --overwrite, which replaces a folder this toolkit wrote); whether the run
     continues the one in `out` (`marker`: what a run there has written)."""
-    from glm2_core.outputs import absolute, check_output, refuse_overlap
-
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     refuse_overlap(out, sources, "--out")
@@ -125,9 +149,6 @@ def check_resume(out: Path, settings: dict) -> None:
 def check_lengths(cfg, items, s: EvalSettings, memory: bool) -> None:
     """--max-new-tokens after the longest prompt within the model's context and (`memory`) a batch's cache within
     the memory available: the bound of every generation (`glm2_ms.generation.check_budget`)."""
-    from glm2_core.dtypes import BY_NAME
-    from glm2_ms.generation import check_budget
-
     check_budget(cfg, max(len(ids) for _, ids, _ in items), s.max_new_tokens, min(s.batch_size, len(items)),
                  BY_NAME[s.compute_dtype].itemsize, "--max-new-tokens", "--batch-size", memory=memory)
 
@@ -139,7 +160,6 @@ def predict(runtime: Runtime, tok, items, s: EvalSettings, out_file: Path, progr
     if [d["content"] for d in done] != [c for c, _, _ in items[:len(done)]]:
         raise UserError(f"{out_file}: holds predictions for other samples; use another --out")
     todo = items[len(done):]
-    from tqdm import tqdm
 
     bar = tqdm(total=len(items), initial=len(done), unit="sample", disable=None if progress else True,
                desc=f"eval ({runtime.kind})")
@@ -165,9 +185,6 @@ def start_folder(out: Path, kind: str, overwrite: bool, files: dict[str, str] | 
     """A new run folder holding `files` (name → text) and our manifest, appearing whole (replacing, with
     `overwrite`, one this toolkit wrote): an interrupted run leaves a folder that --resume continues and --overwrite
     may replace. Refused when the disk has not the `need` bytes the whole run will write."""
-    from converters.output import staged_folder
-    from glm2_core.outputs import stamp
-
     with staged_folder(out, overwrite, need=need, kind=kind) as tmp:
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -194,8 +211,6 @@ def whole_lines(path: Path) -> int:
 def restamp(folder: Path, kind: str, names: set[str]) -> None:
     """Our manifest brought up to date with the `names` written since; left as it was when the folder holds anything
     else (a resumed --out may have gained a file of the user's: claiming it would let --overwrite delete it)."""
-    from glm2_core.outputs import stamp, written_entries
-
     if {p.name for p in folder.iterdir()} <= (written_entries(folder) or set()) | names:
         stamp(folder, kind)
 
@@ -204,34 +219,29 @@ class EvalRun:
     """One evaluation, in two steps: every check and the model's load (nothing written), then `run`, which writes
     --out. The model is loaded before --out is made: a model that does not load leaves no folder."""
 
-    def __init__(self, model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: EvalSettings | None = None,
-                 sampling=None, resume: bool = False, overwrite: bool = False, within: str | None = None,
-                 release: str | None = None):
-        """`within`: `out` lies in a folder of that kind (metric parity's), whose output rules the caller has checked
-        and whose manifest lists `out` as soon as it is made; `release`: the release the folder holds where it
-        cannot tell (--release)."""
-        from glm2_ms.api import open_model
-
-        self.model_dir, self.out, self.runtime, self.overwrite, self.within = model_dir, Path(out), runtime, \
-            overwrite, within
-        self.s = s = s or EvalSettings()
-        self.settings = run_settings(model_dir, data, runtime, s, sampling, release)
-        self.continued = resume and (self.out / PREDICTIONS).is_file() if within else \
-            check_out(self.out, resume, overwrite, (model_dir, data))
+    def __init__(self, model_dir: Path, request: EvalRequest, within: str | None = None):
+        """`within`: the request's `out` lies in a folder of that kind (metric parity's), whose output rules the
+        caller has checked and whose manifest lists `out` as soon as it is made."""
+        r = request
+        self.model_dir, self.out, self.runtime, self.overwrite, self.within = model_dir, Path(r.out), r.runtime, \
+            r.overwrite, within
+        self.s = s = r.settings
+        self.progress = r.progress
+        self.settings = run_settings(model_dir, r.data, r.runtime, s, r.sampling, r.release)
+        self.continued = r.resume and (self.out / PREDICTIONS).is_file() if within else \
+            check_out(self.out, r.resume, r.overwrite, (model_dir, r.data))
         if self.continued:
             check_resume(self.out, self.settings)
-        with open_model(model_dir, release=release) as folder:  # opened once: config, tokenizer, weights
+        with open_model(model_dir, release=r.release) as folder:  # opened once: config, tokenizer, weights
             self.tok = folder.tokenizer
-            self.items = samples(data, self.tok, s)
+            self.items = samples(r.data, self.tok, s)
             check_lengths(folder.config, self.items, s, memory=False)  # before the load, which may take minutes
             clock = time.perf_counter()
-            self.engine = Runtime(runtime, folder, sampling, s.compute_dtype)
+            self.engine = Runtime(r.runtime, folder, r.sampling, s.compute_dtype)
         self.load_s, self.clock = time.perf_counter() - clock, clock
         check_lengths(self.engine.config, self.items, s, memory=True)  # the model is in memory now
 
-    def run(self, progress: bool = True) -> dict:
-        from converters.output import no_space
-
+    def run(self) -> dict:
         out, s = self.out, self.s
         settings = json_text(self.settings)
         need, free = expected_bytes(self.items, s, settings), shutil.disk_usage(out.parent).free
@@ -240,7 +250,7 @@ class EvalRun:
                 start_folder(out, KIND, self.overwrite, {SETTINGS: settings, PREDICTIONS: ""}, need)
                 if self.within:
                     restamp(out.parent, self.within, {out.name})
-            preds = predict(self.engine, self.tok, self.items, s, out / PREDICTIONS, progress)
+            preds = predict(self.engine, self.tok, self.items, s, out / PREDICTIONS, self.progress)
             metrics = adgen_scores([p["prediction"] for p in preds], [p["reference"] for p in preds], s.variant)
             result = {"model": str(self.model_dir), "runtime": self.runtime, "samples": len(preds),
                       "variant": s.variant, "metrics": metrics}
@@ -254,34 +264,30 @@ class EvalRun:
             raise UserError(f"{out}: {no_space(out, need, free, out.parent)}; the {kept} whole predictions written "
                             f"are kept (--resume continues them once there is room)") from None
         seconds = time.perf_counter() - self.clock
-        from glm2_ms.cli import peak_rss_gb
 
         return {**result, "seconds": seconds, "load_seconds": self.load_s,
                 "samples_per_s": len(self.items) / seconds, "peak_rss_gb": peak_rss_gb()}
 
 
-def evaluate(model_dir: Path, data: Path, out: Path, runtime: str = "ms", s: EvalSettings | None = None,
-             sampling=None, progress: bool = True, resume: bool = False, overwrite: bool = False,
-             release: str | None = None) -> dict:
-    """The ADGEN metrics of the model in `model_dir` on `data`; predictions, settings and metrics in `out`."""
-    return EvalRun(model_dir, data, out, runtime, s, sampling, resume, overwrite, release=release).run(progress)
+def evaluate(model_dir: Path, request: EvalRequest) -> dict:
+    """The ADGEN metrics of the model in `model_dir` on the request's data; predictions, settings and metrics in its
+    `out`."""
+    return EvalRun(model_dir, request).run()
 
 
-def metric_parity(hf_dir: Path, ms_dir: Path, data: Path, out: Path, s: EvalSettings, min_agreement: float = 1.0,
-                  max_metric_diff: float = 0.0, progress: bool = True, resume: bool = False,
-                  overwrite: bool = False, release: str | None = None) -> dict:
+def metric_parity(hf_dir: Path, ms_dir: Path, request: EvalRequest) -> dict:
     """Greedy predictions of the torch reference on `hf_dir` and MindSpore on `ms_dir` over the same samples, in
     out/torch and out/ms; `out` itself is made once the reference has loaded."""
-    import gc
-
-    continued = check_out(out, resume, overwrite, (hf_dir, ms_dir, data), marker="torch", kind=PARITY_KIND)
-    ref_run = EvalRun(hf_dir, data, out / "torch", "torch", s, resume=resume, within=PARITY_KIND, release=release)
+    r, out = request, request.out
+    continued = check_out(out, r.resume, r.overwrite, (hf_dir, ms_dir, r.data), marker="torch", kind=PARITY_KIND)
+    side = lambda runtime: replace(r, out=out / runtime, runtime=runtime, sampling=None, overwrite=False)
+    ref_run = EvalRun(hf_dir, side("torch"), within=PARITY_KIND)
     if not continued:
-        start_folder(out, PARITY_KIND, overwrite)
-    ref = ref_run.run(progress)
+        start_folder(out, PARITY_KIND, r.overwrite)
+    ref = ref_run.run()
     del ref_run
     gc.collect()  # one model in memory at a time: the reference's goes before MindSpore's comes
-    got = EvalRun(ms_dir, data, out / "ms", "ms", s, resume=resume, within=PARITY_KIND, release=release).run(progress)
+    got = EvalRun(ms_dir, side("ms"), within=PARITY_KIND).run()
     read = lambda p: [json.loads(x) for x in (p / PREDICTIONS).read_text().splitlines()]
     a, b = read(out / "torch"), read(out / "ms")
     rows, agree = [], 0
@@ -296,8 +302,9 @@ def metric_parity(hf_dir: Path, ms_dir: Path, data: Path, out: Path, s: EvalSett
     diff = {m: got["metrics"][m] - ref["metrics"][m] for m in METRICS}
     report = {"hf_dir": str(hf_dir), "ms_dir": str(ms_dir), "samples": len(a), "agreement": agree / len(a),
               "disagreements": rows, "torch": ref["metrics"], "ms": got["metrics"], "difference": diff,
-              "tolerance": {"min_agreement": min_agreement, "max_metric_diff": max_metric_diff}}
-    report["passed"] = report["agreement"] >= min_agreement and all(abs(v) <= max_metric_diff for v in diff.values())
+              "tolerance": {"min_agreement": r.min_agreement, "max_metric_diff": r.max_metric_diff}}
+    report["passed"] = report["agreement"] >= r.min_agreement and \
+        all(abs(v) <= r.max_metric_diff for v in diff.values())
     write_json(out / "parity.json", report)
     (out / "parity.md").write_text(parity_markdown(report))
     restamp(out, PARITY_KIND, {"parity.json", "parity.md"})

@@ -7,17 +7,28 @@ greedy generation (token agreement, first divergence). Thresholds are per comput
 """
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from converters.output import staged_folder
 from converters.source import Source
 from glm2_core.dtypes import BY_NAME, weights_for
 from glm2_core.errors import UserError
 from glm2_core.files import TOKENIZER_MODEL
 from glm2_core.jsonio import write_json
 from glm2_core.names import canonical_shapes
+from glm2_core.outputs import stamp
+from glm2_ms.api import from_pretrained
+from glm2_ms.generation import Decoder, check_budget
+from glm2_ms.loading import fits_in_memory, use_cpu
+from glm2_ms.tokenizer import GLM2Tokenizer
+
+from .references import REFERENCES, STREAMED, timed
+from .streamed import MindSporeLayers, layer_major
 
 DEFAULT_PROMPTS = ["你好", "请介绍一下华为", "晚上睡不着应该怎么办",
                    "类型#上衣*材质#牛仔布*颜色#白色*风格#简约*图案#刺绣*衣样式#外套*衣款式#破洞",
@@ -104,10 +115,6 @@ class MindSporeSide:
     def __init__(self, pair: Pair):
         import mindspore as ms
 
-        from glm2_ms.api import from_pretrained
-        from glm2_ms.generation import Decoder
-        from glm2_ms.loading import use_cpu
-
         use_cpu()
         self.ms = ms
         self.model = from_pretrained(pair.ms_dir, dtype=weights_for(pair.dtype), compute_dtype=pair.dtype,
@@ -138,15 +145,11 @@ def whole_model_bytes(ms_dir: Path, dtype: str, release: str | None = None) -> i
 def fits_whole(ms_dir: Path, dtype: str, release: str | None = None) -> bool:
     """Whether both whole models fit in the memory available now, with a quarter of it to spare for activations,
     the runtimes and the generation step."""
-    from glm2_ms.loading import fits_in_memory
-
     return fits_in_memory(whole_model_bytes(ms_dir, dtype, release), 0.75)
 
 
 def _whole(pair: Pair, tok_ids, new_tokens):
     """Both whole models side by side; per prompt: (MindSpore trace, reference trace, tokens both, seconds)."""
-    from .references import REFERENCES, timed
-
     ms_side, ms_load = timed(MindSporeSide, pair)
     ref, ref_load = timed(lambda: REFERENCES[pair.reference](pair.hf_dir, pair.dtype, release=pair.release))
     check_new_tokens(ms_side.model.config, tok_ids, new_tokens, pair.dtype, memory=True)  # the models are in memory now
@@ -163,14 +166,11 @@ def _whole(pair: Pair, tok_ids, new_tokens):
 
 def _streamed(pair: Pair, tok_ids, new_tokens):
     """Each whole model's greedy tokens first, with its weights as stored, computing in `dtype`; each in a process of
-    its own where the two whole models would not fit side by side: the process gives all its memory back when it
-    ends (MindSpore's memory pool keeps what it held, the whole model's included, after the model is collected:
-    +2.45 GB after a 1.88 GB model), and nothing of the layer passes sits beside it. Where they would fit, in this
-    process (a spawned interpreter costs seconds of imports). Then the traces of each side layer by layer (one
-    block in memory)."""
-    from .references import STREAMED
-    from .streamed import MindSporeLayers, layer_major
-
+    its own where the two whole models would not fit side by side: the process gives all its memory back when it ends
+    (MindSpore's memory pool keeps what it held, the whole model's included, after the model is collected:
+    benchmarks/results/2026-12-04-figures-from-the-code.md), and nothing of the layer passes sits beside it. Where they
+    would fit, in this process (a spawned interpreter costs seconds of imports). Then the traces of each side layer by
+    layer (one block in memory)."""
     if pair.reference not in STREAMED:
         raise UserError(f"--reference {pair.reference} runs whole models only (its modules are the folder's "
                         f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
@@ -194,8 +194,6 @@ def _streamed(pair: Pair, tok_ids, new_tokens):
 def greedy(side, pair: Pair, tok_ids, new_tokens) -> tuple[list, list, float]:
     """Each prompt's greedy tokens from `side`'s whole model ("ms" or "ref"), weights as stored, and their seconds,
     and its load seconds."""
-    from .references import REFERENCES, timed
-
     make = (lambda: MindSporeSide(pair)) if side == "ms" else \
         (lambda: REFERENCES[pair.reference](pair.hf_dir, pair.dtype, stored=True, release=pair.release))
     model, load_s = timed(make)
@@ -207,9 +205,6 @@ def greedy(side, pair: Pair, tok_ids, new_tokens) -> tuple[list, list, float]:
 
 def greedy_apart(*args) -> tuple[list, list, float]:
     """`greedy` in a spawned process of its own (a fresh interpreter: no fork of this one's threads and memory)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(greedy, *args).result()
 
@@ -218,8 +213,6 @@ def check_new_tokens(cfg, tok_ids: list[list[int]], new_tokens: int, dtype: str,
     """--max-new-tokens within the model's context after the longest prompt, and (`memory`) its cache within the
     memory available, one prompt at a time (`glm2_ms.generation.check_budget`, the bound of every generation;
     the reference's cache is as large as the runtime's). 0: no generation."""
-    from glm2_ms.generation import check_budget
-
     if new_tokens < 0:
         raise UserError(f"--max-new-tokens must be 0 (no generation) or more, got {new_tokens}")
     if new_tokens:
@@ -232,8 +225,6 @@ def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "flo
                release: str | None = None) -> dict:
     """`streamed`: run layer by layer (None: when the two whole models would not fit in the memory available);
     `release`: the release both folders hold where their configs cannot tell."""
-    from .references import REFERENCES
-
     if reference not in REFERENCES:
         raise UserError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCES)}")
     pair = Pair(Path(hf_dir), Path(ms_dir), dtype, reference, release)
@@ -259,8 +250,6 @@ def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "flo
 def _tokenizer(pair: Pair, cfg):
     """The model's tokenizer and chat format: MS_DIR's tokenizer.model, else HF_DIR's; without one (GLM-4's is not
     bundled), ChatGLM2's, whose ids every GLM takes."""
-    from glm2_ms.tokenizer import GLM2Tokenizer
-
     for folder in (pair.ms_dir, pair.hf_dir):
         if (folder / TOKENIZER_MODEL).is_file():
             return GLM2Tokenizer.of_model(folder, cfg)
@@ -275,9 +264,6 @@ def write_report(report: dict, out: Path, overwrite: bool = False, sources=()) -
     """report.json, report.md, parity.png and our manifest.json in the new folder `out`, which appears only
     complete; an existing one is replaced only with `overwrite`, and only a report folder this toolkit wrote
     (`glm2_core.outputs`)."""
-    from converters.output import staged_folder
-    from glm2_core.outputs import stamp
-
     with staged_folder(out, overwrite, sources, kind=REPORT) as tmp:
         write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(markdown(report))

@@ -12,20 +12,24 @@ few [seq, hidden] arrays. `STREAMED` holds the same references' modules run one 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+import torch  # noqa: TID253  (the references are torch modules)
 
+from converters.convert import convert
 from converters.source import Source
 from glm2_core.config import GLM_MODEL_TYPES
 from glm2_core.dtypes import weights_for
 from glm2_core.errors import CheckpointError
 from glm2_core.names import EMBEDDING, FINAL_NORM, INPUT_NORM, OUTPUT, Layout, prefix_of
 
-from .torch_reference import TORCH_DTYPES
+from . import torch_reference as ref
+from .streamed import EMBED, HEAD, LayerWeights, logits_by_slice, lookup, of, rows_of, used_rows
+from .torch_reference import TORCH_DTYPES, Block, RMSNorm, compute_in, empty, fill, load_reference
 
 TORCH_NAME = "torch (validation/torch_reference.py)"
 
@@ -87,8 +91,6 @@ class TorchTrace:
 def torch_reference(hf_dir: Path, dtype: str, stored: bool = False, release: str | None = None) -> TorchTrace:
     """`stored`: the weights as stored when computing in float32 (cast per layer as it runs), as the generation
     parity of a model too large for two float32 copies needs; `release`: where the folder cannot tell."""
-    from .torch_reference import load_reference
-
     model = load_reference(hf_dir, weights_for(dtype) if stored else dtype, compute_dtype=dtype, release=release)
     t = model.transformer
 
@@ -101,10 +103,6 @@ def torch_reference(hf_dir: Path, dtype: str, stored: bool = False, release: str
 
 def glm_reference(hf_dir: Path, dtype: str, stored: bool = False, release: str | None = None) -> TorchTrace:
     import transformers
-
-    from converters.convert import convert
-
-    from .torch_reference import compute_in
 
     storage = (weights_for(dtype) if stored else dtype) or stored_dtype(hf_dir)
     with tempfile.TemporaryDirectory(prefix="glm2-parity-glm-") as tmp:  # a full model copy: gone once loaded
@@ -143,8 +141,6 @@ def remote_code_reference(hf_dir: Path, dtype: str, stored: bool = False, releas
                               f"{transformers.__version__} ({type(exc).__name__}: {first}); use --reference torch "
                               f"or glm") from None
 
-    from .torch_reference import compute_in
-
     compute_in(t.embedding.word_embeddings, [*t.encoder.layers, t.encoder.final_layernorm, t.output_layer], dtype)
 
     def generate(ids, n):
@@ -170,8 +166,6 @@ class _TorchLayers:
     layout: str
 
     def __init__(self, hf_dir: Path, dtype: str, release: str | None = None):
-        from .streamed import LayerWeights
-
         self.weights = LayerWeights(hf_dir, Layout(self.layout), dtype, release)
         self.cfg, self.dtype = self.weights.cfg, dtype
         self.stages, self.close = self.weights.stages, self.weights.close
@@ -179,8 +173,6 @@ class _TorchLayers:
     def module(self, build, arrays: dict) -> torch.nn.Module:
         """`build()`'s module in the compute dtype, filled from `arrays` (widened by the copy when stored narrower:
         no float32 copy of the weights outside the module)."""
-        from .torch_reference import empty, fill
-
         module = empty(build, self.dtype)
         state = module.state_dict()
         if set(arrays) != set(state):
@@ -190,8 +182,6 @@ class _TorchLayers:
         return module
 
     def load(self, stage, prompts):
-        from .streamed import EMBED, HEAD, logits_by_slice, of, rows_of, used_rows
-
         arrays, h = self.weights.read(stage), self.cfg.hidden_size
         if stage == EMBED:
             rows = used_rows(prompts)
@@ -233,9 +223,6 @@ class TorchLayers(_TorchLayers):
     embedding_prefix = prefix_of(Layout(layout), EMBEDDING, "word_embeddings.weight")
 
     def start(self, arrays, rows):
-        from . import torch_reference as ref
-        from .streamed import lookup, of
-
         embedding = self.module(lambda: ref.Embedding(dataclasses.replace(self.cfg, padded_vocab_size=len(rows))),
                                 of(arrays, self.embedding_prefix))
 
@@ -248,8 +235,6 @@ class TorchLayers(_TorchLayers):
         return start
 
     def block(self, i):
-        from .torch_reference import Block
-
         return Block(self.cfg)
 
     @staticmethod
@@ -257,8 +242,6 @@ class TorchLayers(_TorchLayers):
         return block(*state)
 
     def final_norm(self):
-        from .torch_reference import RMSNorm
-
         return RMSNorm(self.cfg.hidden_size, self.cfg.layernorm_epsilon)
 
 
@@ -272,8 +255,6 @@ class GlmLayers(_TorchLayers):
     embedding_prefix = prefix_of(Layout(layout), EMBEDDING)
 
     def __init__(self, hf_dir: Path, dtype: str, release: str | None = None):
-        import importlib
-
         import transformers
 
         super().__init__(hf_dir, dtype, release)
@@ -287,8 +268,6 @@ class GlmLayers(_TorchLayers):
 
     def start(self, arrays, rows):
         from transformers.masking_utils import create_causal_mask
-
-        from .streamed import lookup, of
 
         c = self.config
         # the model's nn.Embedding on the rows in use (its padding index only matters to gradients)

@@ -25,6 +25,8 @@ import numpy as np
 from converters.source import Source, apply_dtype, out_dtype
 from glm2_core.dtypes import weights_for
 from glm2_core.names import EMBEDDING, FINAL_NORM, INPUT_NORM, OUTPUT, Layout, prefix_of
+from glm2_ms import model as m
+from glm2_ms.loading import MS_DTYPES, RUNTIME_LAYOUT, load_into, use_cpu
 
 _LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.")
 EMBED, HEAD = "embedding", "head"  # the stages around the layers (numbered 0..n-1)
@@ -143,8 +145,8 @@ def logits_by_slice(output: dict, hidden_size: int, hiddens: list, build, apply)
 def layer_major(side, prompts: list[list[int]]) -> tuple[list[list[tuple[str, np.ndarray]]], list[float]]:
     """Every prompt's records through every stage of `side`, one stage's weights at a time; also each prompt's
     compute seconds (reading excluded). The objects alive before the first stage (the libraries' modules) are
-    frozen out of the collector meanwhile: each stage's collection then walks only what the stages made (0.29 s
-    a collection otherwise at 6B, two per layer and side)."""
+    frozen out of the collector meanwhile: each stage's collection then walks only what the stages made, not the
+    libraries' objects, two collections per layer and side."""
     records: list[list] = [[] for _ in prompts]
     seconds = [0.0] * len(prompts)
     states: list = list(prompts)
@@ -181,8 +183,6 @@ class MindSporeLayers:
     def __init__(self, ms_dir: Path, dtype: str, release: str | None = None):
         import mindspore as ms
 
-        from glm2_ms.loading import MS_DTYPES, RUNTIME_LAYOUT, use_cpu
-
         use_cpu()
         self.weights = LayerWeights(ms_dir, RUNTIME_LAYOUT, dtype, release)
         self.prefix = {"embedding": prefix_of(RUNTIME_LAYOUT, EMBEDDING, "embedding_weight"),
@@ -193,8 +193,6 @@ class MindSporeLayers:
         self.stages, self.close = self.weights.stages, self.weights.close
 
     def _filled(self, cell, arrays: dict):
-        from glm2_ms.loading import load_into
-
         load_into(cell, ((name, arr, dt) for name, (arr, dt) in arrays.items()))
         return cell
 
@@ -202,8 +200,6 @@ class MindSporeLayers:
         return t.asnumpy().astype(np.float32).reshape(t.shape[-2], -1)
 
     def load(self, stage, prompts):
-        from glm2_ms import model as m
-
         ms, cfg, dtype, storage, arrays = self.ms, self.cfg, self.dtype, self.storage, self.weights.read(stage)
         if stage == EMBED:
             rows = used_rows(prompts)

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+import torch  # noqa: TID253  (the reference is a torch module)
+import torch.nn.functional as F  # noqa: TID253
+from torch import nn  # noqa: TID253
 
 from converters.source import Source
 from glm2_core.config import GLM2Config
 from glm2_core.names import INV_FREQ, Layout
+from glm2_ms.sampling import SamplingConfig, choose
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -164,8 +165,6 @@ class TorchGLM2(nn.Module):
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, sampling=None, eos_token_id=2,
                  pad_token_id=0) -> np.ndarray:
         """Same contract as the MindSpore Decoder.generate (shared sampling code)."""
-        from glm2_ms.sampling import SamplingConfig, choose
-
         sampling = sampling or SamplingConfig()
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
         ids = ids[None] if ids.dim() == 1 else ids

@@ -6,34 +6,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .ckpt import CkptFile, CkptWriter
+from .safetensors_io import SafetensorsFile, SafetensorsWriter
+from .torch_bin import BinWriter, TorchBinFile
+
 
 def _ckpt_reader(path: Path, verify: bool):
-    from .ckpt import CkptFile
     return CkptFile(path, verify)
 
 
 def _safetensors_reader(path: Path, verify: bool):
-    from .safetensors_io import SafetensorsFile
     return SafetensorsFile(path)  # the format carries no checksum
 
 
 def _bin_reader(path: Path, verify: bool):
-    from .torch_bin import TorchBinFile
     return TorchBinFile(path, verify)
 
 
 def _ckpt_writer(handle, plan, file: str, metadata):
-    from .ckpt import CkptWriter
     return CkptWriter(handle, deferred_crc=True)
 
 
 def _safetensors_writer(handle, plan, file: str, metadata):
-    from .safetensors_io import SafetensorsWriter
     return SafetensorsWriter(handle, plan, metadata)
 
 
 def _bin_writer(handle, plan, file: str, metadata):
-    from .torch_bin import BinWriter
     return BinWriter(handle, plan, Path(file).stem.split(".")[0])
 
 

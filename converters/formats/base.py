@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from glm2_core.dtypes import nbytes
+from glm2_core.errors import CheckpointError
 
 
 class Closing:
@@ -40,8 +41,6 @@ class TensorRef:
     sha256: str | None = None  # what the bytes must hash to, where only our manifest can tell (see FileSpan)
 
     def __post_init__(self):
-        from glm2_core.errors import CheckpointError
-
         try:
             self.name.encode("utf-8")
         except UnicodeEncodeError:
@@ -121,8 +120,6 @@ class FileSpan:
 
 
 def _cut(path: Path, end: int):
-    from glm2_core.errors import CheckpointError
-
     return CheckpointError(f"{path}: cut short while it was read: the bytes up to {end:,} are no longer there")
 
 
@@ -150,8 +147,6 @@ def write_bytes(out, data: np.ndarray | FileSpan, start: int = 0, n: int | None 
 
 def read_exact(f, offset: int, arr: np.ndarray, path: Path, what: str) -> None:
     """Fill `arr` with the bytes at `offset`; a short read means the file was cut off."""
-    from glm2_core.errors import CheckpointError
-
     f.seek(offset)
     view = memoryview(arr).cast("B")
     got = f.readinto(view)

@@ -6,7 +6,7 @@ instead of reading the file a second time in order.
 """
 from __future__ import annotations
 
-try:  # ISA-L's CRC-32 (carry-less multiply): ~4x zlib's, same values; zlib's where the wheel is missing
+try:  # ISA-L's CRC-32 (carry-less multiply): faster than zlib's, same values; zlib's where the wheel is missing
     from isal.isal_zlib import crc32
 except ImportError:
     from zlib import crc32

@@ -21,8 +21,8 @@ from glm2_core.jsonio import parse_json
 
 from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
 
-MAX_HEADER = 16 << 20  # the safetensors library allows 100 MB; a 6B model's header is ~20 KB, and a 100 MB one
-# takes seconds and gigabytes to parse
+MAX_HEADER = 16 << 20  # the safetensors library allows 100 MB; a 6B model's header lists 200 tensors, and a 100 MB
+# one takes seconds and gigabytes to parse (tests/fuzz/test_fuzz.py)
 
 
 class SafetensorsFile(Closing):

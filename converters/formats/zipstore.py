@@ -6,7 +6,7 @@ own prediction of that offset holds only for the exact layout its writer makes.
 
 A record's CRC-32 can be given after its bytes are written: `finish` patches it into the local header in place.
 That lets a caller compute the checksum on another thread while it writes the next record (`zipfile` computes
-it on the writing thread, which costs a conversion ~5 s per 12.5 GB). Every record and the end of the archive
+it on the writing thread, in the conversion's time: benchmarks/convert_6b.py). Every record and the end of the archive
 carry zip64 fields, as torch's own writer emits them, so sizes and offsets beyond 4 GiB need no second path.
 """
 from __future__ import annotations

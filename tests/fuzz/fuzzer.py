@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import random
+import re
 import resource
 import shutil
 import signal
@@ -29,6 +31,8 @@ import struct
 import sys
 import tempfile
 import time
+import traceback
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +42,16 @@ sys.path.insert(0, str(ROOT))
 
 from click.testing import CliRunner  # noqa: E402
 
+from converters.checkpoint import open_checkpoint  # noqa: E402
 from converters.cli import main as convert_cli  # noqa: E402
+from converters.convert import convert  # noqa: E402
+from converters.formats.ckpt import CRC_MARK, CRC_TRAILER  # noqa: E402
+from converters.shards import split  # noqa: E402
 from converters.shards_cli import main as merge_command  # noqa: E402
+from converters.strategy import ParamLayout, strategy_bytes  # noqa: E402
+from converters.synth import synthesize  # noqa: E402
 from glm2_core.config import GLM2Config  # noqa: E402
+from glm2_core.names import Layout  # noqa: E402
 
 CORPUS = Path(__file__).parent / "corpus"
 CASE_SECONDS = 10
@@ -79,13 +90,6 @@ ZIP_FIELD_TARGETS = {"bin-deflated"}
 
 def build_seeds(root: Path) -> set[str]:
     """The valid inputs the mutations start from; returns the targets available (legacy .bin needs torch)."""
-    from converters.convert import convert
-    from converters.formats.ckpt import CRC_MARK, CRC_TRAILER
-    from converters.shards import split
-    from converters.strategy import ParamLayout, strategy_bytes
-    from converters.synth import synthesize
-    from glm2_core.names import Layout
-
     root.mkdir()
     synthesize(root / "hf-safetensors", CFG, "float16", "safetensors", max_shard_bytes=10**9)
     synthesize(root / "hf-bin", CFG, "bfloat16", "bin", max_shard_bytes=10**9)
@@ -124,8 +128,6 @@ def build_seeds(root: Path) -> set[str]:
 
 def _deflate(path: Path) -> None:
     """The archive written again by Python's zipfile with every record deflated (as some tools re-save them)."""
-    import zipfile
-
     with zipfile.ZipFile(path) as z:
         members = [(i.filename, z.read(i)) for i in z.infolist()]
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
@@ -134,8 +136,6 @@ def _deflate(path: Path) -> None:
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    from converters.checkpoint import open_checkpoint
-
     with open_checkpoint(path) as c:
         return {n: t.shape for n, t in c.tensors.items()}
 
@@ -224,9 +224,6 @@ def mutate_safetensors(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 def mutate_records(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     """One record of a zip mutated (the pickle most often), the archive written again by zipfile, so that every
     CRC matches: what is left to catch the damage is the reader's own parsing."""
-    import io
-    import zipfile
-
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         members = [(i.filename, z.read(i)) for i in z.infolist()]
     pick = rng.choice([k for k, (n, _) in enumerate(members) if n.endswith("data.pkl")] * 3 + list(range(len(members))))
@@ -286,9 +283,6 @@ def mutate_zip_fields(data: bytes, rng: random.Random) -> tuple[bytes, str]:
 
 def _inflating_past(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     """A data record deflated from its bytes plus more, its stated size left as the tensor's."""
-    import io
-    import zipfile
-
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         members = [(i.filename, z.read(i)) for i in z.infolist()]
     pick = rng.choice([k for k, (n, _) in enumerate(members) if "/data/" in n])
@@ -359,7 +353,6 @@ def run_case(seeds: Path, work: Path, target: str, data: bytes) -> tuple[str, st
     lines = result.stderr.strip().splitlines()
     leftovers = [p.name for p in work.iterdir() if p.name not in ("src", "dst")]
     if result.exception is not None and not isinstance(result.exception, SystemExit):
-        import traceback
         tb = "".join(traceback.format_exception(result.exception)).strip().splitlines()
         return "violation", f"{type(result.exception).__name__}: {result.exception!s:.300} at {tb[-3:]}"
     if _digest(src) != before:
@@ -379,7 +372,6 @@ def run_case(seeds: Path, work: Path, target: str, data: bytes) -> tuple[str, st
 
 def error_kind(line: str, src: Path) -> str:
     """An error line without its paths and numbers: what kind of refusal it is."""
-    import re
     return re.sub(r"\d+", "N", line.replace(str(src), "SRC"))[:90]
 
 
