@@ -20,8 +20,10 @@ DATA = Path(__file__).parent / "data"
 # The suite runs on two xdist workers, a module at a time each (its module fixtures, such as test_distributed's
 # msrun runs, built once), in this order: the slowest modules first (`pytest --durations=40` shows which), so that
 # the two workers end together; the rest as collected.
-SLOWEST = ("test_distributed.py", "test_training.py", "test_finetune.py", "test_parity.py", "test_faults.py",
-           "test_generation.py", "test_runtime_cli.py", "test_demo.py")
+SLOWEST = ("test_distributed.py", "test_training.py", "test_training_faults.py", "test_faults.py", "test_finetune.py",
+           "test_soak.py", "test_parity.py", "test_generation.py", "test_runtime_cli.py", "test_glm4_0414.py",
+           "test_fuzz.py", "test_finetune_safety.py", "test_readme.py", "test_releases.py", "test_demo.py",
+           "test_disk_full.py", "test_shards.py", "test_runtime_bounds.py")
 
 
 def tree_digest(path: Path) -> dict[str, str]:

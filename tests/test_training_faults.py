@@ -187,17 +187,28 @@ def check_after_kill(out: Path, killed_step: int) -> None:
                 assert all(t.read() is not None for t in f.tensors.values())
 
 
-POINTS = {  # the suite's sample: mid-write, a whole unnamed file, a named file without its record, the record
-    "lora": [("training", "write", 3), ("training", "rename", 1), ("network", "rename", 1), ("record", "rename", 1)],
+POINTS = {  # the suite's sample: mid-write, a whole unnamed file, a named file without its record, the record (as
+    # strace counts: the LoRA network file is renamed at every save, so step 2's rename is its second)
+    "lora": [("training", "write", 3), ("training", "rename", 1), ("network", "rename", 2), ("record", "rename", 1)],
 }
+
+
+def kill_points(base: Path, whole: Path, method: str) -> list[tuple[str, str, int]]:
+    """The system calls to kill a save at, after the uninterrupted run at `whole`. The suite's sample needs no
+    listing of the save's calls (a point the save does not reach would not kill its run, which the test asserts),
+    so that run is not traced; with GLM2_KILL_POINTS, the calls are listed from it, traced, and spread."""
+    if os.environ.get("GLM2_KILL_POINTS"):
+        return spread(save_events(base, whole, method), POINTS.get(method, []))
+    done = subprocess.run(args(base, whole, method), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return POINTS[method]
 
 
 @needs_strace
 @pytest.mark.parametrize("method", ["lora", "full"] if os.environ.get("GLM2_KILL_POINTS") else ["lora"])
 def test_a_save_killed_at_any_system_call_resumes_to_the_uninterrupted_losses(base, tmp_path, method):
     whole = tmp_path / "whole"
-    events = save_events(base, whole, method)
-    points = spread(events, POINTS.get(method, []))
+    points = kill_points(base, whole, method)
     assert points
     for kind, call, n in points:
         out = tmp_path / f"{kind}-{call}-{n}"
@@ -211,8 +222,7 @@ def test_a_save_killed_at_any_system_call_resumes_to_the_uninterrupted_losses(ba
         assert logged(out) == logged(whole), (kind, call, n)  # each step once, the losses bit for bit
         assert not list(out.rglob("*.partial")), (kind, call, n)
         shutil.rmtree(out)
-    print(f"{method}: {len(points)} of the {len(events)} system calls of a save killed; each resumed to the "
-          f"uninterrupted losses")
+    print(f"{method}: {len(points)} system calls of a save killed; each resumed to the uninterrupted losses")
 
 
 @needs_strace
