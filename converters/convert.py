@@ -74,6 +74,13 @@ class Conversion:
                    verify_checksums=not no_crc_check, progress=not quiet, **same)
 
 
+def request(how: Conversion | None, options: dict) -> Conversion:
+    """The request of a call given either one `how` or its fields as keywords, not both."""
+    if how is not None and options:
+        raise TypeError(f"a Conversion and its fields as keywords ({', '.join(options)}): give one or the other")
+    return how or Conversion(**options)
+
+
 @dataclass
 class Summary:
     src: str
@@ -186,7 +193,7 @@ def convert(src, dst, how: Conversion | None = None, *, adapter=None, opened=Non
     `inputs` (an adapter, a strategy): a weights file's folder cannot be replaced (it holds the file), a new folder
     beside the file is fine."""
     started = time.perf_counter()
-    how = how or Conversion(**options)
+    how = request(how, options)
     src, dst = Path(src), Path(dst)
     protected = [*([src] if opened is None else opened.files), *inputs, how.config]
     check_output(dst, how.overwrite, protected, kind=MODEL)

@@ -24,7 +24,7 @@ from glm2_core.outputs import MODEL, check_output, stamp
 
 from .adapters import read_adapter
 from .checkpoint import Checkpoint, format_of, open_checkpoint, open_file
-from .convert import Conversion, Summary, _progress, convert
+from .convert import Conversion, Summary, _progress, convert, request
 from .formats.base import TensorRef
 from .formats.ckpt import CkptWriter
 from .model_folder import copy_files
@@ -341,7 +341,7 @@ def merge(sources: list[Path], strategy_path: Path, dst: Path, how: Conversion |
     one the run recorded. `how`: the conversion (or its fields as keywords). The model's config and tokenizer come
     from the run folder when it has them (the tokenizer otherwise is the bundled ChatGLM2 one, which every
     ChatGLM2-6B checkpoint shares)."""
-    how = how or Conversion(**options)
+    how = request(how, options)
     check_output(dst, how.overwrite, (*sources, strategy_path, how.config), kind=MODEL)
     ckpt, stats = open_sharded(sources, strategy_path)
     with ckpt:

@@ -16,10 +16,11 @@ from helpers import LAYOUTS, optional, tensor_bytes
 
 from converters.checkpoint import open_checkpoint
 from converters.cli import main as convert_cli
-from converters.convert import convert
+from converters.convert import Conversion, convert
 from converters.formats.safetensors_io import SafetensorsWriter
 from converters.formats.torch_bin import _int
 from converters.mindformers_yaml import MINDFORMERS_YAML
+from glm2_core.errors import UserError
 from glm2_core.names import Layout
 
 
@@ -236,3 +237,20 @@ def test_bin_pickle_integers_of_every_width():
     """The hand-written data.pkl encodes shapes, strides and element counts of any size as pickle reads them."""
     for v in (0, 1, 255, 256, 65535, 65536, 2**31 - 1, 2**31, 2**40 + 7, 12 * 2**33, -1):
         assert pickle.loads(b"\x80\x02" + _int(v) + b".") == v
+
+
+def test_a_conversion_request_reads_the_flags_and_refuses_what_needs_no_file(tmp_path):
+    """The CLI's flags become one Conversion (the flags named unlike their field read there); what can be refused
+    without opening a file is refused on creation; a call takes the request or its fields, not both."""
+    how = Conversion.from_flags("mindformers", qkv_split=True, max_shard_size="2GB", no_crc_check=True, quiet=True,
+                                fmt=None, dtype="bfloat16", keep_optimizer=True)
+    assert (how.target, how.fmt, how.max_shard_bytes, how.verify_checksums, how.progress) == \
+        (Layout("mindformers", qkv_split=True), "ckpt", 2 * 10**9, False, False)
+    assert Conversion(Layout("mindformers-mcore")).fmt == "safetensors"  # the layout's default format
+    for bad, message in [(dict(dtype="float8"), "unknown dtype"), (dict(keep_optimizer=True), "optimizer state"),
+                         (dict(fmt="ckpt"), "does not go with --layout chatglm")]:
+        with pytest.raises(UserError, match=message):
+            Conversion(Layout("chatglm"), **bad)
+    with pytest.raises(TypeError, match="one or the other"):
+        convert(tmp_path / "src", tmp_path / "dst", how, dtype="float16")
+    assert not (tmp_path / "dst").exists()
