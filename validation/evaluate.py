@@ -222,11 +222,9 @@ class EvalRun:
     def __init__(self, model_dir: Path, request: EvalRequest, within: str | None = None):
         """`within`: the request's `out` lies in a folder of that kind (metric parity's), whose output rules the
         caller has checked and whose manifest lists `out` as soon as it is made."""
-        r = request
-        self.model_dir, self.out, self.runtime, self.overwrite, self.within = model_dir, Path(r.out), r.runtime, \
-            r.overwrite, within
-        self.s = s = r.settings
-        self.progress = r.progress
+        r = self.request = request
+        s = r.settings
+        self.model_dir, self.out, self.within = model_dir, Path(r.out), within
         self.settings = run_settings(model_dir, r.data, r.runtime, s, r.sampling, r.release)
         self.continued = r.resume and (self.out / PREDICTIONS).is_file() if within else \
             check_out(self.out, r.resume, r.overwrite, (model_dir, r.data))
@@ -242,17 +240,17 @@ class EvalRun:
         check_lengths(self.engine.config, self.items, s, memory=True)  # the model is in memory now
 
     def run(self) -> dict:
-        out, s = self.out, self.s
+        r, out, s = self.request, self.out, self.request.settings
         settings = json_text(self.settings)
         need, free = expected_bytes(self.items, s, settings), shutil.disk_usage(out.parent).free
         try:
             if not self.continued:
-                start_folder(out, KIND, self.overwrite, {SETTINGS: settings, PREDICTIONS: ""}, need)
+                start_folder(out, KIND, r.overwrite, {SETTINGS: settings, PREDICTIONS: ""}, need)
                 if self.within:
                     restamp(out.parent, self.within, {out.name})
-            preds = predict(self.engine, self.tok, self.items, s, out / PREDICTIONS, self.progress)
+            preds = predict(self.engine, self.tok, self.items, s, out / PREDICTIONS, r.progress)
             metrics = adgen_scores([p["prediction"] for p in preds], [p["reference"] for p in preds], s.variant)
-            result = {"model": str(self.model_dir), "runtime": self.runtime, "samples": len(preds),
+            result = {"model": str(self.model_dir), "runtime": r.runtime, "samples": len(preds),
                       "variant": s.variant, "metrics": metrics}
             write_json(out / "metrics.json", result)
             restamp(out, KIND, {SETTINGS, PREDICTIONS, "metrics.json"})

@@ -27,9 +27,20 @@ from glm2_core.dtypes import weights_for
 from glm2_core.errors import CheckpointError
 from glm2_core.names import EMBEDDING, FINAL_NORM, INPUT_NORM, OUTPUT, Layout, prefix_of
 
-from . import torch_reference as ref
 from .streamed import EMBED, HEAD, LayerWeights, logits_by_slice, lookup, of, rows_of, used_rows
-from .torch_reference import TORCH_DTYPES, Block, RMSNorm, compute_in, empty, fill, load_reference
+from .torch_reference import (
+    TORCH_DTYPES,
+    Block,
+    Embedding,
+    RMSNorm,
+    attention_bias,
+    compute_in,
+    empty,
+    fill,
+    load_reference,
+    positions,
+    rope_tables,
+)
 
 TORCH_NAME = "torch (validation/torch_reference.py)"
 
@@ -223,15 +234,15 @@ class TorchLayers(_TorchLayers):
     embedding_prefix = prefix_of(Layout(layout), EMBEDDING, "word_embeddings.weight")
 
     def start(self, arrays, rows):
-        embedding = self.module(lambda: ref.Embedding(dataclasses.replace(self.cfg, padded_vocab_size=len(rows))),
+        embedding = self.module(lambda: Embedding(dataclasses.replace(self.cfg, padded_vocab_size=len(rows))),
                                 of(arrays, self.embedding_prefix))
 
         @torch.no_grad()
         def start(ids):
             mask = torch.ones(1, len(ids), dtype=torch.long)
             x = embedding.word_embeddings(torch.from_numpy(lookup(rows, ids)[None]))
-            cos, sin = ref.rope_tables(self.cfg, ref.positions(mask, 0), x.dtype)
-            return (x, cos, sin, ref.attention_bias(mask, 0, len(ids))), []
+            cos, sin = rope_tables(self.cfg, positions(mask, 0), x.dtype)
+            return (x, cos, sin, attention_bias(mask, 0, len(ids))), []
         return start
 
     def block(self, i):

@@ -11,16 +11,8 @@ from .safetensors_io import SafetensorsFile, SafetensorsWriter
 from .torch_bin import BinWriter, TorchBinFile
 
 
-def _ckpt_reader(path: Path, verify: bool):
-    return CkptFile(path, verify)
-
-
 def _safetensors_reader(path: Path, verify: bool):
     return SafetensorsFile(path)  # the format carries no checksum
-
-
-def _bin_reader(path: Path, verify: bool):
-    return TorchBinFile(path, verify)
 
 
 def _ckpt_writer(handle, plan, file: str, metadata):
@@ -38,15 +30,15 @@ def _bin_writer(handle, plan, file: str, metadata):
 @dataclass(frozen=True)
 class Format:
     """A weights file format: its suffixes, its reader (path, verify_checksums) and its writer (open handle, the
-    file's plan, its name, safetensors metadata). Readers and writers import on first use (torch_bin's zip
-    machinery, MindSpore's protobuf wire format)."""
+    file's plan, its name, safetensors metadata); the functions above adapt the classes that take other
+    arguments."""
     suffixes: tuple[str, ...]
     reader: Callable
     writer: Callable
 
 
 FORMATS = {
-    "ckpt": Format((".ckpt",), _ckpt_reader, _ckpt_writer),
+    "ckpt": Format((".ckpt",), CkptFile, _ckpt_writer),
     "safetensors": Format((".safetensors",), _safetensors_reader, _safetensors_writer),
-    "bin": Format((".bin", ".pt", ".pth"), _bin_reader, _bin_writer),
+    "bin": Format((".bin", ".pt", ".pth"), TorchBinFile, _bin_writer),
 }
