@@ -164,7 +164,8 @@ def open_checkpoint(path, verify_checksums: bool = True) -> Checkpoint:
             missing = sorted(set(weight_map) - set(ckpt.tensors))
             extra = sorted(set(ckpt.tensors) - set(weight_map))
             raise CheckpointError(f"{index}: index and shards disagree: missing {missing[:3]}, unlisted {extra[:3]}")
-        if (folder / CONFIG).is_file():
+        ckpt.config = getattr(ckpt.handles[0], "config", None) if len(ckpt.handles) == 1 else None  # a GGUF's own
+        if ckpt.config is None and (folder / CONFIG).is_file():
             ckpt.config = read_json(folder / CONFIG, "config")
         if (folder / MANIFEST).is_file():
             ckpt.manifest = read_json(folder / MANIFEST, "manifest")

@@ -1,4 +1,4 @@
-"""`glm2-convert`: synth, hf2ms, ms2hf, inspect, verify."""
+"""`glm2-convert`: synth, hf2ms, ms2hf, merge-lora, to-gguf, inspect, verify."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from glm2_core.names import HF_LAYOUTS, MS_LAYOUTS, canonical_shapes, formats_of
 from glm2_core.options import AT_LEAST_ONE, PATH, ExistingPath, ToolGroup, option, options
 from glm2_core.outputs import MODEL, check_output
 
-from . import inspect_verify
+from . import gguf_out, inspect_verify
 from .adapters import read_adapter
 from .convert import Conversion, convert
 from .output import parse_size
@@ -112,6 +112,22 @@ def merge_lora(base, adapter, dst, lora_alpha, as_json, **flags):
     if not as_json:
         click.echo(f"  merged LoRA r={lora.rank} alpha={lora.alpha:g} (scaling {lora.scaling:g}) into "
                    f"{len(lora.deltas)} modules")
+
+
+@main.command("to-gguf")
+@click.argument("src", type=PATH)
+@click.argument("dst", type=PATH)
+@option("--dtype", choices=gguf_out.gguf_dtypes())
+@options(option("--no-crc-check"), option("--overwrite"), option("--allow-overflow"), option("--config", src="SRC"),
+         option("--rearranged-rope", src="SRC"), option("--release"), option("--quiet"), option("--json"))
+def to_gguf(src, dst, as_json, **flags):
+    """Write SRC (any model folder or file the converters read) as one GGUF file for llama.cpp and ollama: llama.cpp's
+    chatglm architecture (glm4 for GLM-4-0414), with the model's tokenizer and chat template, checksummed.
+
+    --dtype q8_0 and q4_0 are llama.cpp's 32-value blocks. As llama.cpp's converter does, 1-D tensors, norms and
+    biases stay float32 and a tensor whose rows are not a multiple of 32 values is float16; a q4_0 file's output
+    layer is q8_0 (llama-quantize's Q6_K has no writer in the gguf package)."""
+    _print_summary(gguf_out.to_gguf(src, dst, Conversion.from_flags("gguf", **flags)), as_json)
 
 
 @main.command()

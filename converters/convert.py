@@ -17,7 +17,7 @@ from tqdm import tqdm
 from glm2_core import __version__
 from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
-from glm2_core.dtypes import DTYPES, nbytes, stored
+from glm2_core.dtypes import DTYPES, GGUF_QUANTS, nbytes, stored
 from glm2_core.errors import CheckpointError, UserError, listed
 from glm2_core.files import CONFIG, TOKENIZER_MODEL
 from glm2_core.names import EMBEDDING, INV_FREQ, Layout, inv_freq
@@ -58,8 +58,9 @@ class Conversion:
     bundled_tokenizer: bool = False  # a source without a tokenizer.model gets its family's bundled one
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise UserError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        allowed = DTYPES if self.target.spec.folder else DTYPES + GGUF_QUANTS
+        if self.dtype not in allowed:
+            raise UserError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(allowed)}")
         if self.keep_optimizer and self.target.spec.hf:
             raise UserError("--keep-optimizer: optimizer state has no place in a HF folder")
         object.__setattr__(self, "fmt", weights_format(self.fmt, self.target.name))

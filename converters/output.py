@@ -33,14 +33,7 @@ def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0,
     `overwrite`, and only a folder of that `kind` this toolkit wrote) and the free space for the `need` bytes it
     will hold are checked first. `watched`: the `fingerprints` of the files the output is made from, taken when
     they were opened; one that changed since fails the run (whatever else failed: the change is the cause)."""
-    target = absolute(dst)
-    if target.parent.is_dir() and os.access(target.parent, os.W_OK | os.X_OK):
-        _recover(target)  # first: an output a killed run had moved aside is the one the rules then look at
-    dst = check_output(dst, overwrite, sources, kind=kind)
-    free = shutil.disk_usage(dst.parent).free
-    if need > free:
-        raise CheckpointError(f"{dst.parent}: not enough free space: the output needs {sized(need)}, "
-                              f"{sized(free)} are free")
+    dst, free = _before_staging(dst, overwrite, sources, need, kind=kind)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
     except OSError as exc:
@@ -55,13 +48,77 @@ def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0,
         _into_place(tmp, dst, overwrite)
         _fsync(dst.parent)  # the rename itself lasts
     except BaseException as exc:
-        said = _changed(watched or {}) if isinstance(exc, Exception) else None
-        if said is None and isinstance(exc, OSError):
-            said = _failed(exc, dst, tmp, need, free)
+        said = _what_failed(exc, watched, dst, tmp, need, free)
         shutil.rmtree(tmp, ignore_errors=True)
         if said is None:
             raise
         raise CheckpointError(said) from None
+
+
+def _before_staging(dst: Path, overwrite: bool, sources, need: int, **rules) -> tuple[Path, int]:
+    """What every staged output checks first: the leftovers of killed runs beside it put right, the output rules
+    (`rules`: check_output's kind or ours_file), and the free space for `need` bytes; returns (dst, free bytes)."""
+    target = absolute(dst)
+    if target.parent.is_dir() and os.access(target.parent, os.W_OK | os.X_OK):
+        _recover(target)  # first: an output a killed run had moved aside is the one the rules then look at
+    dst = check_output(dst, overwrite, sources, **rules)
+    free = shutil.disk_usage(dst.parent).free
+    if need > free:
+        raise CheckpointError(f"{dst.parent}: not enough free space: the output needs {sized(need)}, "
+                              f"{sized(free)} are free")
+    return dst, free
+
+
+def _what_failed(exc: BaseException, watched: dict | None, dst: Path, tmp: Path, need: int, free: int) -> str | None:
+    """The one line a staged output's failure ends in (None: the exception says it): a source that changed meanwhile
+    is the cause whatever else failed; then a full disk or an unreadable or unwritable file."""
+    said = _changed(watched or {}) if isinstance(exc, Exception) else None
+    if said is None and isinstance(exc, OSError):
+        said = _failed(exc, dst, tmp, need, free)
+    return said
+
+
+@contextmanager
+def staged_file(dst: Path, overwrite: bool = False, sources=(), need: int = 0, ours=None,
+                watched: dict | None = None):
+    """Yield the path of an empty temporary file beside `dst`; on success it is flushed to disk and renamed to `dst`
+    (replacing it only with `overwrite`, and only a file `ours(path)` says this toolkit wrote); on any failure it is
+    removed. The checks and the `watched` sources as for `staged_folder`."""
+    dst, free = _before_staging(dst, overwrite, sources, need, ours_file=ours)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent)
+    except OSError as exc:
+        raise CheckpointError(f"{dst}: cannot write in {dst.parent} ({exc.strerror or exc})") from None
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would otherwise become the output's mode
+        os.close(fd)
+        yield tmp
+        _fsync(tmp)
+        changed = _changed(watched or {})
+        if changed:
+            raise CheckpointError(changed)
+        _file_into_place(tmp, dst, overwrite)
+        _fsync(dst.parent)
+    except BaseException as exc:
+        said = _what_failed(exc, watched, dst, tmp, need, free)
+        tmp.unlink(missing_ok=True)
+        if said is None:
+            raise
+        raise CheckpointError(said) from None
+
+
+def _file_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """The staged file renamed to `dst` in one step; without `overwrite` never over one that appeared meanwhile."""
+    if overwrite:
+        os.replace(tmp, dst)
+        return
+    try:
+        os.link(tmp, dst)  # fails if the name was taken since; rename would silently replace it
+    except FileExistsError:
+        raise CheckpointError(f"{dst}: appeared while this run was writing it (another process?); left as it is, "
+                              f"nothing was written") from None
+    tmp.unlink()
 
 
 def _into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
@@ -137,7 +194,14 @@ def _recover(dst: Path) -> None:
     said = []
     for entry in sorted(dst.parent.iterdir()):
         m = pattern.match(entry.name)
-        if m is None or _alive(int(m.group(2))) or entry.is_symlink() or not entry.is_dir():
+        if m is None or _alive(int(m.group(2))) or entry.is_symlink():
+            continue
+        if entry.is_file() and m.group(1) == "partial":  # a staged file (staged_file)
+            size = entry.stat().st_size
+            entry.unlink()
+            said.append(f"removed {entry.name} ({size / 1e6:,.1f} MB), left by a killed run")
+            continue
+        if not entry.is_dir():
             continue
         if m.group(1) == "old" and not dst.exists():
             entry.rename(dst)
@@ -174,7 +238,8 @@ def _failed(exc: OSError, dst: Path, tmp: Path, need: int, free: int) -> str:
 def no_space(folder: Path, need: int, free: int, where: Path) -> str:
     """What a user needs to know of a disk that filled while `folder` was written: how far it got, what the whole
     needs (when known) and what was free in `where` when it began (the rest went to another process's files)."""
-    written = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+    written = folder.stat().st_size if folder.is_file() else \
+        sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
     whole = f" of the {sized(need)} the output needs" if need else ""
     return f"no space left on device after writing {sized(written)}{whole}; {sized(free)} were free in {where} " \
            f"when it began"
@@ -294,9 +359,8 @@ class WeightsWriter:
                 if span.check is not None:
                     span.check(_combined(pieces))
                 if span.sha256 is not None and span.sha256 != self.records[-1]["sha256"]:
-                    raise CheckpointError(f"{span.file}: the bytes of {name!r} do not match the sha256 its "
-                                          f"manifest.json records: the file is corrupt (--no-crc-check reads it "
-                                          f"anyway)")
+                    raise CheckpointError(f"{span.file}: tensor {span.name or name!r} does not match the sha256 "
+                                          f"recorded for it: the file is corrupt (--no-crc-check reads it anyway)")
             if set_crc is not None:
                 set_crc(name, [c for c, _ in pieces])
 

@@ -70,7 +70,7 @@ class GLM2Config:
 
     @property
     def family(self) -> str:
-        """The release's tokenizer and chat format (glm2_ms.tokenizer.FAMILIES)."""
+        """The release's tokenizer and chat format (glm2_core.families.FAMILIES)."""
         return RELEASES[self.release].family
 
     @property

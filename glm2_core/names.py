@@ -31,6 +31,7 @@ SANDWICH = L + "post_self_attn_layernorm.weight"  # GLM-4-0414's (with post_mlp_
 INPUT_NORM, FINAL_NORM = L + "input_layernorm.weight", "transformer.encoder.final_layernorm.weight"
 
 M = "decoder.layers.{i}."
+B = "blk.{i}."  # llama.cpp's GGUF names
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,13 @@ class LayoutSpec:
 
     @property
     def hf(self) -> bool:
-        """Written as a HF folder (else as a MindSpore checkpoint)."""
+        """Written as a HF folder (else as a MindSpore checkpoint or a GGUF file)."""
         return "bin" in self.formats
+
+    @property
+    def folder(self) -> bool:
+        """Written as a model folder (else as one GGUF file, which carries its config and tokenizer)."""
+        return "gguf" not in self.formats
 
 
 LAYOUTS = {
@@ -55,9 +61,11 @@ LAYOUTS = {
                                     sandwich=(True,)),
     "chatglm": LayoutSpec("THUDM's HF names, a HF folder", ("safetensors", "bin"), sandwich=(False,)),
     "glm": LayoutSpec("transformers' GlmForCausalLM, a HF folder", ("safetensors", "bin"), "glm"),
+    # llama.cpp's `chatglm` and `glm4` architectures: THUDM's fused qkv and gate/up, renamed (to-gguf)
+    "gguf": LayoutSpec("llama.cpp's names, one GGUF file", ("gguf",)),
 }
 HF_LAYOUTS = tuple(name for name, spec in LAYOUTS.items() if spec.hf)
-MS_LAYOUTS = tuple(name for name in LAYOUTS if name not in HF_LAYOUTS)
+MS_LAYOUTS = tuple(name for name, spec in LAYOUTS.items() if spec.folder and not spec.hf)
 
 
 def formats_of(layouts) -> tuple[str, ...]:
@@ -65,7 +73,7 @@ def formats_of(layouts) -> tuple[str, ...]:
     return tuple(dict.fromkeys(f for name in layouts for f in LAYOUTS[name].formats))
 
 
-FORMAT_NAMES = formats_of(LAYOUTS)  # ckpt, safetensors, bin
+FORMAT_NAMES = formats_of(MS_LAYOUTS + HF_LAYOUTS)  # the formats of model folders: ckpt, safetensors, bin
 
 
 def _qkv(p: str) -> dict[str, object]:
@@ -73,7 +81,8 @@ def _qkv(p: str) -> dict[str, object]:
                                       (L + f"self_attention.wv.{p}", "v")],
             "glm": [(G + f"self_attn.q_proj.{p}", "q"), (G + f"self_attn.k_proj.{p}", "k"),
                     (G + f"self_attn.v_proj.{p}", "v")],
-            "mindformers-mcore": [(M + f"self_attention.linear_qkv.{p}", "qkv-by-group")]}
+            "mindformers-mcore": [(M + f"self_attention.linear_qkv.{p}", "qkv-by-group")],
+            "gguf": B + f"attn_qkv.{p}"}
 
 
 @dataclass(frozen=True)
@@ -92,31 +101,38 @@ SCHEMA = (
     Weight(EMBEDDING, lambda c: (c.padded_vocab_size, c.hidden_size),
            {"mindformers": "transformer.embedding.embedding_weight",
             "mindformers-legacy": "transformer.embedding.embedding_table", "glm": "model.embed_tokens.weight",
-            "mindformers-mcore": "embedding.word_embeddings.weight"}),
+            "mindformers-mcore": "embedding.word_embeddings.weight", "gguf": "token_embd.weight"}),
     Weight(INPUT_NORM, lambda c: (c.hidden_size,),
-           {"glm": G + "input_layernorm.weight", "mindformers-mcore": M + "input_layernorm.weight"}),
+           {"glm": G + "input_layernorm.weight", "mindformers-mcore": M + "input_layernorm.weight",
+            "gguf": B + "attn_norm.weight"}),
     Weight(QKV_WEIGHT, lambda c: (c.qkv_rows, c.hidden_size), _qkv("weight"), rope=True),
     Weight(QKV_BIAS, lambda c: (c.qkv_rows,), _qkv("bias"), rope=True, present=lambda c: c.add_qkv_bias),
     Weight(L + "self_attention.dense.weight", lambda c: (c.hidden_size, c.q_rows),
-           {"glm": G + "self_attn.o_proj.weight", "mindformers-mcore": M + "self_attention.linear_proj.weight"}),
+           {"glm": G + "self_attn.o_proj.weight", "mindformers-mcore": M + "self_attention.linear_proj.weight",
+            "gguf": B + "attn_output.weight"}),
     Weight(SANDWICH, lambda c: (c.hidden_size,),
-           {"glm": G + "post_self_attn_layernorm.weight", "mindformers-mcore": M + "post_self_attn_layernorm.weight"},
+           {"glm": G + "post_self_attn_layernorm.weight", "mindformers-mcore": M + "post_self_attn_layernorm.weight",
+            "gguf": B + "post_attention_norm.weight"},
            present=lambda c: c.sandwich_norms),
     Weight(L + "post_attention_layernorm.weight", lambda c: (c.hidden_size,),
-           {"glm": G + "post_attention_layernorm.weight", "mindformers-mcore": M + "pre_mlp_layernorm.weight"}),
+           {"glm": G + "post_attention_layernorm.weight", "mindformers-mcore": M + "pre_mlp_layernorm.weight",
+            "gguf": B + "ffn_norm.weight"}),
     Weight(MLP_UP, lambda c: (2 * c.ffn_hidden_size, c.hidden_size),
            {"mindformers/mlp-split": [(L + "mlp.dense_left.weight", "gate"), (L + "mlp.dense_right.weight", "up")],
             "glm": G + "mlp.gate_up_proj.weight",
-            "mindformers-mcore": [(M + "mlp.linear_fc1.weight", "gate-up-by-row")]}),
+            "mindformers-mcore": [(M + "mlp.linear_fc1.weight", "gate-up-by-row")], "gguf": B + "ffn_up.weight"}),
     Weight(MLP_DOWN, lambda c: (c.hidden_size, c.ffn_hidden_size),
-           {"glm": G + "mlp.down_proj.weight", "mindformers-mcore": M + "mlp.linear_fc2.weight"}),
+           {"glm": G + "mlp.down_proj.weight", "mindformers-mcore": M + "mlp.linear_fc2.weight",
+            "gguf": B + "ffn_down.weight"}),
     Weight(L + "post_mlp_layernorm.weight", lambda c: (c.hidden_size,),
-           {"glm": G + "post_mlp_layernorm.weight", "mindformers-mcore": M + "post_mlp_layernorm.weight"},
+           {"glm": G + "post_mlp_layernorm.weight", "mindformers-mcore": M + "post_mlp_layernorm.weight",
+            "gguf": B + "post_ffw_norm.weight"},
            present=lambda c: c.sandwich_norms),
     Weight(FINAL_NORM, lambda c: (c.hidden_size,),
-           {"glm": "model.norm.weight", "mindformers-mcore": "decoder.final_layernorm.weight"}),
+           {"glm": "model.norm.weight", "mindformers-mcore": "decoder.final_layernorm.weight",
+            "gguf": "output_norm.weight"}),
     Weight(OUTPUT, lambda c: (c.padded_vocab_size, c.hidden_size),
-           {"glm": "lm_head.weight", "mindformers-mcore": "output_layer.weight"}),
+           {"glm": "lm_head.weight", "mindformers-mcore": "output_layer.weight", "gguf": "output.weight"}),
 )
 BY_TEMPLATE = {w.template: w for w in SCHEMA}
 VARIANTS = {"qkv_split": (QKV_WEIGHT, "mindformers/qkv-split"), "mlp_split": (MLP_UP, "mindformers/mlp-split")}
@@ -126,7 +142,7 @@ VARIANTS = {"qkv_split": (QKV_WEIGHT, "mindformers/qkv-split"), "mlp_split": (ML
 LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
 MINDPET = re.compile(r"^(.*)\.(?:mindpet_delta|tk_delta)_lora_([ab])$")
 
-_LAYER = re.compile(r"(?<=\blayers\.)\d{1,6}(?=\.)")
+_LAYER = re.compile(r"(?:(?<=\blayers\.)|(?<=^blk\.))\d{1,6}(?=\.)")
 
 
 def layer_template(name: str) -> tuple[str, int | None]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import PACKAGE
@@ -75,10 +75,10 @@ def _written(doc: dict | None) -> set[str] | None:
 
 
 def check_output(dst, overwrite: bool, sources: Iterable = (), what: str = "the output",
-                 kind: str | None = None) -> Path:
+                 kind: str | None = None, ours_file: Callable[[Path], bool] | None = None) -> Path:
     """The checks on an output path before anything is written; returns it absolute. A missing parent folder is
     refused (nothing is created on the way); with a `kind`, --overwrite replaces only a folder of that kind (a
-    report never replaces a model)."""
+    report never replaces a model); an output that is one file replaces only a file `ours_file` recognises."""
     dst = absolute(dst)
     refuse_overlap(dst, sources, what)
     if not dst.parent.is_dir():
@@ -92,8 +92,11 @@ def check_output(dst, overwrite: bool, sources: Iterable = (), what: str = "the 
     if _within(absolute(Path.cwd()), dst):
         raise UserError(f"{dst}: is or holds the current folder; replacing it would leave this shell in a deleted "
                         f"folder: run from outside it")
-    if dst.is_symlink() or not dst.is_dir():
-        raise UserError(f"{dst}: exists and is not a folder this toolkit wrote; --overwrite replaces only those "
+    if ours_file is not None and dst.is_file() and not dst.is_symlink() and ours_file(dst):
+        return dst
+    if dst.is_symlink() or not dst.is_dir() or ours_file is not None:
+        thing = "file" if ours_file is not None else "folder"
+        raise UserError(f"{dst}: exists and is not a {thing} this toolkit wrote; --overwrite replaces only those "
                         f"(remove it yourself, or choose another path)")
     try:
         present = {p.name for p in dst.iterdir()}

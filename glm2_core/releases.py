@@ -2,7 +2,7 @@
 RoPE rule. Adding a release is adding a record here (and its tests).
 
 Three words, three things: a **release** is a published model (chatglm2-6b-32k); its **family** is the tokenizer and
-chat format it shares with others (`glm2_ms.tokenizer.FAMILIES`); a **layout** is how a checkpoint names its weights
+chat format it shares with others (`glm2_core.families.FAMILIES`); a **layout** is how a checkpoint names its weights
 (`glm2_core.names.LAYOUTS`).
 """
 from __future__ import annotations

@@ -1,22 +1,14 @@
 """The tokenizers of the GLM family, behaving as the originals' `tokenization_chatglm.py`.
 
-A family member's tokenizer is data (`Family`): its base vocabulary (ChatGLM2 and ChatGLM3: the same sentencepiece
-model; GLM-4: a tiktoken BPE ranks file), the special tokens that follow that vocabulary in id order, the prefix
-every prompt starts with, its chat format and the tokens generation stops at.
-
-- ChatGLM2: [MASK] [gMASK] [sMASK] sop eop = 64789…64793; a chat prompt is the text "[Round N]\\n\\n问：…\\n\\n答：".
-- ChatGLM3: the same five, then <|system|> <|user|> <|assistant|> <|observation|> = 64794…64797; a chat prompt is
-  role tokens: `<|role|>` + encode(metadata + "\\n") + encode(content) per message, then `<|assistant|>`.
-- GLM-4: <|endoftext|> [MASK] [gMASK] [sMASK] <sop> <eop> <|system|> … = 151329…; the same role format.
+A family member's tokenizer is data (`glm2_core.families.Family`): its base vocabulary (ChatGLM2 and ChatGLM3: the
+same sentencepiece model; GLM-4: a tiktoken BPE ranks file), the special tokens that follow that vocabulary in id
+order, the prefix every prompt starts with, its chat format and the tokens generation stops at.
 Pad is the sentencepiece `<unk>` (0) or GLM-4's `<|endoftext|>`; batches are padded on the left, with position ids
 restarting at 0 for each row's first real token.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,41 +19,11 @@ from converters.model_folder import tokenizer_model
 from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
 from glm2_core.errors import CheckpointError
-from glm2_core.files import CONFIG, TOKENIZER_CONFIG, TOKENIZER_MODEL
-from glm2_core.jsonio import read_json
+from glm2_core.families import FAMILIES, ROLES, TIKTOKEN, detect_family, read_ranks
+from glm2_core.files import CONFIG, TOKENIZER_MODEL
 from glm2_core.releases import TOLD_BY_USER
 
 DEFAULT_MODEL = bundled_tokenizer()[0]  # the tokenizer.model this toolkit ships (ChatGLM2's and ChatGLM3's)
-ROLES = ("system", "user", "assistant", "observation")
-_SP_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
-_ROLE_TOKENS = tuple(f"<|{r}|>" for r in ROLES)
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    title: str                 # how the model is called in a chat
-    vocabulary: str            # "sentencepiece" or "tiktoken"
-    specials: tuple[str, ...]  # after the base vocabulary, in id order
-    prefix: tuple[str, ...]    # every prompt starts with these
-    chat: str                  # "rounds" (ChatGLM2's text prompt) or "roles" (role tokens)
-    stops: tuple[str, ...] = ()  # generation stops at these as well as at eos
-    eos: str | None = None     # a special token; None: the sentencepiece model's </s>
-    pad: str | None = None     # a special token; None: the sentencepiece model's <unk>
-    tool_arguments: str = "python"  # how a tool call's arguments are written: tool_call(k=v, …) or JSON
-    trained: str = "2023年"    # what the reply's [[训练时间]] placeholder becomes
-
-
-FAMILIES = {f.name: f for f in (
-    Family("chatglm2", "ChatGLM2", "sentencepiece", _SP_SPECIALS, ("[gMASK]", "sop"), "rounds"),
-    Family("chatglm3", "ChatGLM3", "sentencepiece", _SP_SPECIALS + _ROLE_TOKENS, ("[gMASK]", "sop"), "roles",
-           stops=("<|user|>", "<|observation|>")),
-    Family("glm4", "GLM-4", "tiktoken",
-           ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>") + _ROLE_TOKENS
-           + ("<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"),
-           ("[gMASK]", "<sop>"), "roles", stops=("<|user|>", "<|observation|>"), eos="<|endoftext|>",
-           pad="<|endoftext|>", tool_arguments="json", trained="2024年"),
-)}
 
 
 def build_prompt(query: str, history: list[tuple[str, str]] | None = None) -> str:
@@ -96,9 +58,6 @@ class SentencePieceVocab:
 # GLM-4's pre-tokenizer (its tokenization_chatglm.py): the cl100k-style split
 GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
-MAX_RANKS_BYTES = 64 << 20  # GLM-4's ranks file is 2.6 MB
-
-
 class TiktokenVocab:
     """GLM-4's base vocabulary: a tiktoken BPE ranks file, one `base64(token) rank` per line, ranks 0…n-1."""
 
@@ -117,35 +76,6 @@ class TiktokenVocab:
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
-
-
-def read_ranks(path: Path) -> dict[bytes, int]:
-    """The ranks file, checked: size bounded, every line two fields, tokens unique, ranks exactly 0…n-1."""
-    if path.stat().st_size > MAX_RANKS_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, more than a BPE ranks file holds")
-    ranks: dict[bytes, int] = {}
-    for number, line in enumerate(path.read_bytes().splitlines(), 1):
-        fields = line.split()
-        try:
-            token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
-            if len(fields) != 2:
-                raise ValueError
-        except (IndexError, ValueError, binascii.Error):
-            raise CheckpointError(f"{path}: line {number} is not `base64-token rank`") from None
-        if token in ranks or rank != len(ranks):
-            raise CheckpointError(f"{path}: line {number}: ranks must be 0, 1, 2, … with each token once")
-        ranks[token] = rank
-    missing = sum(bytes([b]) not in ranks for b in range(256))
-    if missing:  # byte-level BPE: every text must split into tokens (tiktoken panics otherwise)
-        raise CheckpointError(f"{path}: {missing} of the 256 single bytes have no rank")
-    return ranks
-
-
-def vocabulary_kind(path: Path) -> str:
-    """"tiktoken" when the file starts with a ranks line (`base64 rank`), else "sentencepiece" (a protobuf)."""
-    with open(path, "rb") as f:
-        first = f.read(256).split(b"\n", 1)[0]
-    return "tiktoken" if re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\r?", first) else "sentencepiece"
 
 
 @dataclass
@@ -168,7 +98,7 @@ class GLM2Tokenizer:
         if not path.is_file():
             raise CheckpointError(f"{path}: no tokenizer.model")
         self.family = FAMILIES[family]
-        self.vocab = (TiktokenVocab if self.family.vocabulary == "tiktoken" else SentencePieceVocab)(path)
+        self.vocab = (TiktokenVocab if self.family.vocabulary == TIKTOKEN else SentencePieceVocab)(path)
         self.n_words = self.vocab.size
         self.special = {tok: self.n_words + i for i, tok in enumerate(self.family.specials)}
         self.vocab_size = self.n_words + len(self.special)
@@ -280,24 +210,3 @@ class GLM2Tokenizer:
     def __call__(self, texts: list[str] | str, max_length: int | None = None) -> Batch:
         texts = [texts] if isinstance(texts, str) else texts
         return self.batch([self.encode(t) for t in texts], max_length)
-
-
-def detect_family(folder: Path, named: str = "chatglm2") -> str:
-    """The tokenizer family of a model folder whose config names the family `named`: GLM-4 when its tokenizer.model
-    is a ranks file; for a sentencepiece model, ChatGLM3 when the config names it or a tokenizer_config.json chat
-    template has role tokens, else ChatGLM2; without a tokenizer.model, `named`."""
-    vocab = folder / TOKENIZER_MODEL if folder.is_dir() else folder
-    if vocab.is_file() and vocabulary_kind(vocab) == "tiktoken":
-        return "glm4"
-    if not folder.is_dir():
-        return "chatglm2"
-    if not vocab.is_file():
-        return named
-    template = _json(folder / TOKENIZER_CONFIG).get("chat_template")
-    return "chatglm3" if named == "chatglm3" or (isinstance(template, str) and "<|user|>" in template) else \
-        "chatglm2"
-
-
-def _json(path: Path) -> dict:
-    data = read_json(path) if path.is_file() else None
-    return data if isinstance(data, dict) else {}

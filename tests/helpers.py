@@ -18,8 +18,9 @@ from glm2_core.names import Layout
 LAYOUTS = [Layout("mindformers"), Layout("mindformers-legacy"), Layout("mindformers", qkv_split=True),
            Layout("mindformers", mlp_split=True), Layout("mindformers", rearrange_rope=True),
            Layout("mindformers", True, True, True)]
+# module → the extra that has it
 OPTIONAL = {"peft": "validation", "safetensors": "validation", "safetensors.torch": "validation",
-            "jieba": "metrics", "rouge_chinese": "metrics", "nltk": "metrics"}  # module → the extra that has it
+            "jieba": "metrics", "rouge_chinese": "metrics", "nltk": "metrics", "llama_cpp": "llama"}
 MISSING: set[str] = set()  # the optional modules this run lacked (conftest's summary lists them)
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import DATA
 
 from glm2_core import launch
-from glm2_core.dtypes import COMPUTE_DTYPES, WEIGHT_DTYPES
+from glm2_core.dtypes import COMPUTE_DTYPES, GGUF_QUANTS, WEIGHT_DTYPES
 from glm2_core.options import VOCABULARY, Tool, VocabularyOption, unalias
 from glm2_ms.finetune_cli import train_config
 from glm2_ms.train_config import TrainConfig
@@ -91,8 +91,9 @@ def test_the_vocabulary_means_one_thing_everywhere():
     by_name = dict(commands())
     for name, cmd in by_name.items():
         f = flags(cmd)
-        if "--dtype" in f:  # the weights' dtype, never the arithmetic's
-            assert set(f["--dtype"].type.choices) <= {"keep", *WEIGHT_DTYPES}, name
+        if "--dtype" in f:  # the weights' dtype, never the arithmetic's (a GGUF file's may be llama.cpp's blocks)
+            allowed = {"keep", *WEIGHT_DTYPES, *(GGUF_QUANTS if name == "glm2-convert to-gguf" else ())}
+            assert set(f["--dtype"].type.choices) <= allowed, name
         if "--compute-dtype" in f:
             assert tuple(f["--compute-dtype"].type.choices) == COMPUTE_DTYPES, name
         if "--layout" in f:  # ms2hf --target, merge-lora --hf and glm2-merge-shards --to are gone

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .ckpt import CkptFile, CkptWriter
+from .gguf_io import GGUFFile
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
 from .torch_bin import BinWriter, TorchBinFile
 
@@ -30,15 +31,16 @@ def _bin_writer(handle, plan, file: str, metadata):
 @dataclass(frozen=True)
 class Format:
     """A weights file format: its suffixes, its reader (path, verify_checksums) and its writer (open handle, the
-    file's plan, its name, safetensors metadata); the functions above adapt the classes that take other
-    arguments."""
+    file's plan, its name, safetensors metadata; None: not a model folder's format, written by its own command);
+    the functions above adapt the classes that take other arguments."""
     suffixes: tuple[str, ...]
     reader: Callable
-    writer: Callable
+    writer: Callable | None
 
 
 FORMATS = {
     "ckpt": Format((".ckpt",), CkptFile, _ckpt_writer),
     "safetensors": Format((".safetensors",), _safetensors_reader, _safetensors_writer),
     "bin": Format((".bin", ".pt", ".pth"), TorchBinFile, _bin_writer),
+    "gguf": Format((".gguf",), GGUFFile, None),  # llama.cpp's one-file format: read here, written by to-gguf
 }

@@ -24,6 +24,27 @@ class Closing:
         self.close()
 
 
+class WeightsFile(Closing):
+    """A weights file held open while its tensors are read: `_index()` lists them into `tensors` (and the file is
+    closed again if that fails)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.tensors: dict[str, TensorRef] = {}
+        self._f = open(self.path, "rb")  # noqa: SIM115 (held until close())
+        try:
+            self._index()
+        except BaseException:
+            self.close()
+            raise
+
+    def _index(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._f.close()
+
+
 @dataclass
 class TensorRef:
     name: str
@@ -60,7 +81,7 @@ class TensorRef:
 
     def span(self, on_block=None) -> FileSpan | None:
         return None if self.offset is None else FileSpan(self.file, self.offset, self.shape, self.dtype, on_block,
-                                                         self.check, self.sha256)
+                                                         self.check, self.sha256, self.name)
 
 
 BLOCK = 1 << 20  # bytes per checksum step: small enough to stay in cache between the CRC and `on_block`
@@ -78,8 +99,9 @@ class FileSpan:
     # block as the writer reads it back (beside the CRC): the source counts NaN/Inf there
     check: Callable[[int], None] | None = field(default=None, compare=False, repr=False)  # the source's proof:
     # given the CRC-32 of the bytes copied, raises when the file's checksum disagrees
-    sha256: str | None = None  # the source's proof where its manifest is the only one: the writer compares the
-    # sha256 it takes of the bytes copied
+    sha256: str | None = None  # the source's proof where only a sha256 we recorded can tell (a manifest, a GGUF's
+    # metadata): the writer compares the sha256 it takes of the bytes copied
+    name: str = ""  # the tensor's name in its file, for that message
 
     @property
     def nbytes(self) -> int:

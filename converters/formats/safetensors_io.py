@@ -10,7 +10,6 @@ import json
 import math
 import struct
 from itertools import pairwise
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -19,30 +18,17 @@ from glm2_core.dtypes import BY_NAME, BY_SAFETENSORS, nbytes
 from glm2_core.errors import CheckpointError
 from glm2_core.jsonio import parse_json
 
-from .base import Closing, FileSpan, TensorRef, read_exact, write_bytes
+from .base import FileSpan, TensorRef, WeightsFile, read_exact, write_bytes
 
 MAX_HEADER = 16 << 20  # the safetensors library allows 100 MB; a 6B model's header lists 200 tensors, and a 100 MB
 # one takes seconds and gigabytes to parse (tests/fuzz/test_fuzz.py)
 
 
-class SafetensorsFile(Closing):
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.tensors: dict[str, TensorRef] = {}
-        self._f: BinaryIO = open(self.path, "rb")  # noqa: SIM115 (held until close())
-        try:
-            self.metadata = self._index()
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        self._f.close()
-
+class SafetensorsFile(WeightsFile):
     def _bad(self, why: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: not a valid safetensors file ({why})")
 
-    def _index(self) -> dict:
+    def _index(self) -> None:
         size = self.path.stat().st_size
         raw = self._f.read(8)
         if len(raw) < 8:
@@ -83,7 +69,7 @@ class SafetensorsFile(Closing):
                 raise self._bad(f"tensors {a!r} and {b!r} overlap")
         # keep the file's own order of the data, which is the order writers meant
         self.tensors = {name: self.tensors[name] for _, _, name in spans}
-        return metadata
+        self.metadata = metadata
 
     def _read(self, offset: int, shape, dt, name: str) -> np.ndarray:
         arr = np.empty(shape, dt.storage)
