@@ -17,6 +17,7 @@ from glm2_core.outputs import MANIFEST, TOOL
 from .formats import FORMATS
 from .formats.base import Closing, TensorRef
 from .model_folder import tokenizer_candidates, trusted
+from .thudm_quant import dequantize, describe, quantization
 
 
 def format_of(path: Path) -> str:
@@ -50,6 +51,7 @@ class Checkpoint(Closing):
     folder: Path | None = None
     handles: list = field(default_factory=list)
     assembled_by: Path | None = None  # the strategy whose layouts assembled these tensors from rank slices
+    quantization: str | None = None  # a THUDM quantized release's weights, read dequantized (thudm_quant)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
     @property
@@ -105,12 +107,30 @@ def _weights_files(folder: Path) -> tuple[list[Path], Path | None, dict | None]:
         return [_inside(folder, n, folder / MANIFEST) for n in listed], None, None
     singles = [folder / n for n in HF_WEIGHTS.values() if (folder / n).is_file()]
     if not singles:
-        singles = sorted(p for p in folder.iterdir() if p.suffix in (".ckpt", ".safetensors", ".bin") and p.is_file())
+        singles = sorted(p for p in folder.iterdir() if p.suffix in (".ckpt", ".safetensors", ".bin", ".gguf")
+                         and p.is_file())
     if len(singles) != 1:
         what = "no weights file" if not singles else f"several weights files ({', '.join(p.name for p in singles)})"
         raise CheckpointError(f"{folder}: {what}; expected an index json, one model.safetensors / pytorch_model.bin, "
-                              f"or one .ckpt")
+                              f"or one .ckpt or .gguf")
     return singles, None, None
+
+
+def _read_beside(ckpt: Checkpoint, verify_checksums: bool) -> None:
+    """What the weights need from beside them: the config (a GGUF file carries its own), which also says whether
+    they are THUDM's int4/int8 (then read dequantized), and our manifest, whose digests a safetensors read is held
+    to."""
+    folder = ckpt.folder
+    ckpt.config = getattr(ckpt.handles[0], "config", None) if len(ckpt.handles) == 1 else None
+    if ckpt.config is None and (folder / CONFIG).is_file():
+        ckpt.config = read_json(folder / CONFIG, "config")
+    bits = quantization(ckpt.config)
+    if bits is not None:
+        ckpt.tensors, ckpt.quantization = dequantize(ckpt.tensors, bits, str(ckpt.path)), describe(bits)
+    if (folder / MANIFEST).is_file():
+        ckpt.manifest = read_json(folder / MANIFEST, "manifest")
+        if verify_checksums and ckpt.format == "safetensors":
+            _check_by_manifest(ckpt)
 
 
 def _check_by_manifest(ckpt: Checkpoint) -> None:
@@ -164,13 +184,7 @@ def open_checkpoint(path, verify_checksums: bool = True) -> Checkpoint:
             missing = sorted(set(weight_map) - set(ckpt.tensors))
             extra = sorted(set(ckpt.tensors) - set(weight_map))
             raise CheckpointError(f"{index}: index and shards disagree: missing {missing[:3]}, unlisted {extra[:3]}")
-        ckpt.config = getattr(ckpt.handles[0], "config", None) if len(ckpt.handles) == 1 else None  # a GGUF's own
-        if ckpt.config is None and (folder / CONFIG).is_file():
-            ckpt.config = read_json(folder / CONFIG, "config")
-        if (folder / MANIFEST).is_file():
-            ckpt.manifest = read_json(folder / MANIFEST, "manifest")
-            if verify_checksums and ckpt.format == "safetensors":
-                _check_by_manifest(ckpt)
+        _read_beside(ckpt, verify_checksums)
     except BaseException:
         ckpt.close()
         raise

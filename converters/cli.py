@@ -143,6 +143,8 @@ def inspect(path, as_json, no_crc_check):
         return
     click.echo(f"{info['path']}: {info['format']}, {len(info['files'])} file(s), layout {info['layout']}")
     click.echo(f"release {info['release']}")
+    if info["quantization"]:
+        click.echo(f"weights: {info['quantization']}, read dequantized")
     click.echo(f"{info['count']} tensors, {info['bytes'] / 1e6:.1f} MB, dtypes {info['dtypes']}")
     click.echo(f"checksums: {info['checksums']}")
     for kind, names in info["non_weights"].items():

@@ -51,7 +51,7 @@ def inspect(path: Path, verify_checksums: bool = True) -> dict:
             layout, release = found.describe(), _release(ckpt, found)
         return {
             "path": str(path), "format": ckpt.format, "files": [str(f) for f in ckpt.files], "layout": layout,
-            "release": release,
+            "release": release, "quantization": ckpt.quantization,
             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes}
                         for t in ckpt.tensors.values()],
             "strings": ckpt.strings, "count": len(ckpt.tensors), "bytes": ckpt.nbytes,

@@ -13,7 +13,8 @@ from .jsonio import read_json
 from .releases import FAMILY_RELEASES, GLM4_VOCAB, RELEASES, ROPE_BASE, TOLD_BY_USER, identify, rope_rule
 
 # Fields of the real THUDM config.json (and of its 32k/later variants) that do not change the weights or math.
-_PASSIVE = {"_name_or_path", "model_type", "architectures", "auto_map", "apply_query_key_layer_scaling",
+_PASSIVE = {"quantization_bit",  # THUDM's int4/int8 weights come dequantized (converters.thudm_quant)
+            "_name_or_path", "model_type", "architectures", "auto_map", "apply_query_key_layer_scaling",
             "attention_dropout", "attention_softmax_in_fp32", "bias_dropout_fusion", "fp32_residual_connection",
             "hidden_dropout", "use_cache", "transformers_version", "classifier_dropout", "interleaved_qkv",
             "torch_dtype", "dtype", "bos_token_id", "tie_word_embeddings", "multi_query_attention", "add_bias_linear",
@@ -24,8 +25,7 @@ _REQUIRED = {"add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True,
              "apply_residual_connection_post_layernorm": False, "tie_word_embeddings": False}
 # Fields that change the network when set: what a set value means (they are refused until supported).
 _UNSUPPORTED = {"pre_seq_len": "a P-Tuning v2 prefix of {} virtual tokens (THUDM's ptuning; merge or drop it first)",
-                "prefix_projection": "a P-Tuning v2 prefix projection",
-                "quantization_bit": "THUDM's int{} quantized weights (not readable yet; convert the float release)"}
+                "prefix_projection": "a P-Tuning v2 prefix projection"}
 
 
 # Upper bounds far above any GLM (GLM-4-9B: 40 layers, vocab 151552, seq 131072), checked before anything loops
@@ -195,7 +195,7 @@ class GLM2Config:
         """Either field set: transformers' GlmForCausalLM (model_type "glm") or Glm4ForCausalLM ("glm4"), or
         THUDM's ChatGLM."""
         kind = d.get("model_type")
-        if kind in GLM_MODEL_TYPES:
+        if isinstance(kind, str) and kind in GLM_MODEL_TYPES:
             return cls.from_glm_dict(d, source, kind == "glm4", release)
         return cls.from_dict(d, source, release)
 

@@ -20,6 +20,7 @@ LAYOUTS = [Layout("mindformers"), Layout("mindformers-legacy"), Layout("mindform
            Layout("mindformers", True, True, True)]
 # module → the extra that has it
 OPTIONAL = {"peft": "validation", "safetensors": "validation", "safetensors.torch": "validation",
+            "safetensors.numpy": "validation",
             "jieba": "metrics", "rouge_chinese": "metrics", "nltk": "metrics", "llama_cpp": "llama"}
 MISSING: set[str] = set()  # the optional modules this run lacked (conftest's summary lists them)
 

@@ -7,10 +7,10 @@
 - the source folder byte-for-byte unchanged.
 
 Targets: safetensors, .bin (zip, its records deflated, and legacy), .ckpt (with and without MindSpore's CRC
-trailer), config.json, a shard index, manifest.json, and protobuf / JSON strategy files. Binary files get
-byte-level mutations (bit flips, interesting integers at random places, cuts, inserts, copies), deflated records
-lies in their framing (stated and compressed sizes, data descriptors); JSON files get structural ones (wrong
-types, huge or deep values, lone surrogates, missing or extra keys) as well.
+trailer), GGUF (with our digests), config.json, a shard index, manifest.json, and protobuf / JSON strategy files.
+Binary files get byte-level mutations (bit flips, interesting integers at random places, cuts, inserts, copies),
+deflated records lies in their framing (stated and compressed sizes, data descriptors); JSON files get structural
+ones (wrong types, huge or deep values, lone surrogates, missing or extra keys) as well.
 
 `python tests/fuzz/fuzzer.py --seconds 600` runs a longer session and prints the counts; the suite runs a short
 one (tests/fuzz/test_fuzz.py) and replays every input in tests/fuzz/corpus/ (each a replacement for one target's
@@ -40,14 +40,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from converters.checkpoint import open_checkpoint  # noqa: E402
 from converters.cli import main as convert_cli  # noqa: E402
 from converters.convert import convert  # noqa: E402
 from converters.formats.ckpt import CRC_MARK, CRC_TRAILER  # noqa: E402
+from converters.gguf_out import SHA_KEY  # noqa: E402
 from converters.shards import split  # noqa: E402
 from converters.shards_cli import main as merge_command  # noqa: E402
+from converters.source import Source  # noqa: E402
 from converters.strategy import ParamLayout, strategy_bytes  # noqa: E402
 from converters.synth import synthesize  # noqa: E402
 from glm2_core.config import GLM2Config  # noqa: E402
@@ -75,6 +79,7 @@ TARGETS = {
     "bin-deflated": Target("hf-deflated", "pytorch_model.bin", "hf2ms"),  # deflated records: sizes, descriptors
     "ckpt": Target("ms", "mindspore_model.ckpt", "ms2hf"),
     "ckpt-crc": Target("ms-crc", "mindspore_model.ckpt", "ms2hf"),
+    "gguf": Target("gguf", "model.gguf", "hf2ms"),
     "config": Target("hf-safetensors", "config.json", "hf2ms"),
     "index": Target("hf-sharded", "model.safetensors.index.json", "hf2ms"),
     "manifest": Target("ms", "manifest.json", "ms2hf"),
@@ -112,6 +117,7 @@ def build_seeds(root: Path) -> set[str]:
                                         "param_split_shape": [], "field": 0, "opt_weight_shard_step": 0,
                                         "opt_weight_shard_size": 0} for n, lay in layouts.items()}}
     (root / "ranks-json" / "strategy" / "strategy.json").write_text(json.dumps(doc))
+    _gguf_seed(root / "hf-safetensors", root / "gguf")
     shutil.copytree(root / "hf-bin", root / "hf-deflated")
     _deflate(root / "hf-deflated" / "pytorch_model.bin")
     available = set(TARGETS)
@@ -124,6 +130,32 @@ def build_seeds(root: Path) -> set[str]:
         legacy = root / "hf-legacy" / "pytorch_model.bin"
         torch.save(torch.load(legacy, weights_only=True), legacy, _use_new_zipfile_serialization=False)
     return available
+
+
+def _gguf_seed(src: Path, out: Path) -> None:
+    """A GGUF file of CFG as to-gguf writes one, less its vocabulary (CFG's 64 rows hold no tokenizer; the reader
+    needs none): llama.cpp's chatglm keys and names, float16 tensors and our sha256 of each."""
+    out.mkdir()
+    w = gguf.GGUFWriter(out / "model.gguf", "chatglm")
+    w.add_name("chatglm2-6b")
+    for add, value in ((w.add_context_length, CFG.seq_length), (w.add_embedding_length, CFG.hidden_size),
+                       (w.add_feed_forward_length, CFG.ffn_hidden_size), (w.add_block_count, CFG.num_layers),
+                       (w.add_head_count, CFG.num_attention_heads), (w.add_head_count_kv, CFG.multi_query_group_num),
+                       (w.add_key_length, CFG.kv_channels), (w.add_layer_norm_rms_eps, CFG.layernorm_epsilon),
+                       (w.add_rope_dimension_count, CFG.kv_channels // 2), (w.add_rope_freq_base, 10000.0)):
+        add(value)
+    digests = []
+    with Source.open(src) as s:
+        groups, _ = s.groups(Layout("gguf"))
+        for g in groups:
+            arr = np.ascontiguousarray(s.canonical(g)[0])
+            w.add_tensor(g.dst()[0][0], arr)
+            digests.append(hashlib.sha256(arr.tobytes()).hexdigest())
+    w.add_array(SHA_KEY, digests)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def _deflate(path: Path) -> None:
@@ -300,7 +332,18 @@ def _inflating_past(data: bytes, rng: random.Random) -> tuple[bytes, str]:
     return bytes(out), f"inflates {extra} past {members[pick][0]}"
 
 
+def mutate_gguf_header(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """Byte mutations within the metadata and tensor table only (before the first tensor's data), where the parser
+    works; elsewhere most mutations meet a digest."""
+    end = data.find(b"blk.1.ffn_down.weight")  # the last entries of the tensor table
+    end = len(data) if end < 0 else end + 64
+    head, how = mutate_bytes(data[:end], rng)
+    return head + data[end:], f"header {how}"
+
+
 def mutation_for(target: str, rng: random.Random):
+    if target == "gguf" and rng.random() < 0.7:
+        return mutate_gguf_header
     if target in RECORD_TARGETS:
         return mutate_records
     if target in ZIP_FIELD_TARGETS and rng.random() < 0.7:
