@@ -199,11 +199,8 @@ def convert(src, dst, how: Conversion | None = None, *, adapter=None, opened=Non
     protected = [*([src] if opened is None else opened.files), *inputs, how.config]
     check_output(dst, how.overwrite, protected, kind=MODEL)
     with Source.open(src, how.rearranged_rope, how.config, opened, how.verify_checksums, how.release) as source:
-        lora = source.dropped["LoRA adapters"]
-        if lora and adapter is None:
-            raise CheckpointError(f"{src}: holds LoRA adapters ({lora[0]}, …): merge them with "
-                                  f"`glm2-convert merge-lora {src} {src} DST{_config_hint(src, source, how.config)}`, "
-                                  f"or convert the base alone")
+        if adapter is None:
+            refuse_unmerged_lora(src, source, how.config)
         _check_expressible(src, source.cfg, how.target)
         watched = fingerprints(source.ckpt.files)
         planned = plan(source, how)
@@ -220,6 +217,15 @@ def convert(src, dst, how: Conversion | None = None, *, adapter=None, opened=Non
     return Summary(str(src), str(dst), source.layout.describe(), how.target.describe(), how.fmt, planned.dtype,
                    len(records), planned.total, time.perf_counter() - started, planned.files, dropped,
                    source.nonfinite, source.overflowed, notes)
+
+
+def refuse_unmerged_lora(src: Path, source: Source, config: Path | None) -> None:
+    """A checkpoint that holds LoRA adapters is not written without them (that would be another model)."""
+    lora = source.dropped["LoRA adapters"]
+    if lora:
+        raise CheckpointError(f"{src}: holds LoRA adapters ({lora[0]}, …): merge them with "
+                              f"`glm2-convert merge-lora {src} {src} DST{_config_hint(src, source, config)}`, "
+                              f"or convert the base alone")
 
 
 def _check_expressible(src: Path, cfg, target: Layout) -> None:

@@ -35,9 +35,11 @@ from glm2_core.families import FAMILIES, SENTENCEPIECE, detect_family, read_rank
 from glm2_core.files import TOKENIZER_CONFIG, TOKENIZER_MODEL
 from glm2_core.jsonio import read_json
 from glm2_core.names import BY_TEMPLATE, OUTPUT, Layout
+from glm2_core.outputs import check_output
 from glm2_core.releases import RELEASES, rope_rule
 
-from .convert import Conversion, Summary, _check_expressible, _progress, request
+from .convert import Conversion, Summary, _check_expressible, _progress, refuse_unmerged_lora, request
+from .formats.gguf_io import scan
 from .model_folder import tokenizer_or_bundled
 from .output import fingerprints, staged_file
 from .source import Source, apply_dtype, out_dtype
@@ -86,8 +88,8 @@ class Planned:
 def is_ours(path: Path) -> bool:
     """Whether `path` is a GGUF file this toolkit wrote (its metadata names our version): what --overwrite replaces."""
     try:
-        return TOOL_KEY in gguf.GGUFReader(path).fields
-    except Exception:  # any file the reader cannot parse is not ours
+        return TOOL_KEY in scan(path, CheckpointError)[0]
+    except (CheckpointError, OSError):  # a file that is not a GGUF, or cannot be read, is not ours
         return False
 
 
@@ -95,12 +97,14 @@ def to_gguf(src, dst, how: Conversion | None = None, **options) -> Summary:
     """Write the model at `src` (any folder or file the converters read) as the GGUF file `dst`, its weights in
     `how.dtype` (keep, float32, float16, bfloat16, q8_0 or q4_0)."""
     started = time.perf_counter()
-    how = request(how, {"target": LAYOUT, **options} if options or how is None else options)
-    if not how.target == LAYOUT:
+    how = Conversion(target=LAYOUT, **options) if how is None else request(how, options)
+    if how.target != LAYOUT:
         raise UserError(f"to-gguf writes the gguf layout, not {how.target.describe()}")
     src, dst = Path(src), Path(dst)
     protected = [src, how.config]
+    check_output(dst, how.overwrite, protected, ours_file=is_ours)  # before the source is read
     with Source.open(src, how.rearranged_rope, how.config, None, how.verify_checksums, how.release) as source:
+        refuse_unmerged_lora(src, source, how.config)
         _check_expressible(src, source.cfg, LAYOUT)
         groups, _ = source.groups(LAYOUT)
         want = TYPES[out_dtype(source.dtype, how.dtype) if how.dtype == "keep" else how.dtype]
@@ -117,8 +121,9 @@ def to_gguf(src, dst, how: Conversion | None = None, **options) -> Summary:
     fallback = sorted({p.name for p in planned if p.type == T.F16 and want in (T.Q8_0, T.Q4_0)})
     notes = [vocab_note] if vocab_note else []
     notes += [f"float16 (rows not a multiple of 32): {', '.join(fallback[:3])}"] if fallback else []
+    dropped = {kind: names for kind, names in source.dropped.items() if names}
     return Summary(str(src), str(dst), source.layout.describe(), f"gguf ({arch_of(source.cfg).name.lower()})",
-                   "gguf", NAMES[want], len(planned), total, time.perf_counter() - started, [dst.name], {},
+                   "gguf", NAMES[want], len(planned), total, time.perf_counter() - started, [dst.name], dropped,
                    source.nonfinite, source.overflowed, notes)
 
 

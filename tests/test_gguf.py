@@ -2,9 +2,11 @@
 and quantizers, against the source's tensors, an independent forward (tests/numpy_glm2.py) and, where the
 llama-cpp-python extra is installed, llama.cpp itself running the files written here."""
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -15,6 +17,8 @@ from numpy_glm2 import NumpyGLM2
 
 from converters.checkpoint import open_checkpoint
 from converters.convert import convert
+from converters.formats.ckpt import CkptWriter
+from converters.formats.gguf_io import scan
 from converters.gguf_out import SHA_KEY, SOURCE_KEY, to_gguf
 from converters.source import Source
 from converters.synth import synthesize
@@ -37,13 +41,28 @@ def canonical(folder) -> dict[str, tuple[np.ndarray, str]]:
         return {name: s.canonical(g) for g in groups for name, _ in g.dst()}
 
 
-def read_gguf(path) -> tuple[gguf.GGUFReader, dict]:
-    r = gguf.GGUFReader(path)
-    return r, {t.name: t for t in r.tensors}
+@dataclass
+class Stored:
+    """A tensor of a GGUF file as the tests look at it (the names of gguf.GGUFReader's tensors)."""
+    tensor_type: int
+    shape: np.ndarray  # GGUF's order: the fastest dimension first
+    data: np.ndarray  # its bytes
+    data_offset: int
+
+
+def read_gguf(path) -> tuple[dict, dict[str, Stored]]:
+    """The metadata and tensors, by the scan GGUF in uses, which test_the_scan_reads_what_the_gguf_package_reads
+    holds to the gguf package's reader (that one takes seconds on a vocabulary, so it is not used everywhere)."""
+    kv, table = scan(Path(path), AssertionError)
+    raw = np.fromfile(path, np.uint8)
+    sizes = {t.name: int(np.prod(t.shape)) // gguf.GGML_QUANT_SIZES[T(t.type)][0] * gguf.GGML_QUANT_SIZES[T(t.type)][1]
+             for t in table}
+    return kv, {t.name: Stored(t.type, np.array(t.shape[::-1]), raw[t.offset:t.offset + sizes[t.name]], t.offset)
+                for t in table}
 
 
 def fields(path) -> dict:
-    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+    return scan(Path(path), AssertionError)[0]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +101,7 @@ def test_every_tensor_is_written_in_its_type(hf_tiny, tmp_path, source, dtype):
     assert list(got) == list(want) and summary.tensors == len(want)
     main = {"keep": {"float32": T.F32, "float16": T.F16, "bfloat16": T.BF16}[source], "float16": T.F16,
             "q8_0": T.Q8_0, "q4_0": T.Q4_0}[dtype]
-    digests = reader.fields[SHA_KEY].contents()
+    digests = reader[SHA_KEY]
     for (name, t), digest in zip(got.items(), digests, strict=True):
         arr, stored = want[name]
         kind = T(t.tensor_type)
@@ -108,8 +127,16 @@ def test_metadata_is_what_llama_cpp_reads(releases, tmp_path):
     with its specials and padding, stop tokens and chat template, for each kind of release."""
     seen = {}
     for release in ("chatglm2-6b", "chatglm2-6b-32k", "chatglm3-6b-32k", "glm-4-9b-chat", "glm-4-9b-0414"):
-        to_gguf(releases(release), tmp_path / f"{release}.gguf", dtype="float16", progress=False)
+        to_gguf(releases(release), tmp_path / f"{release}.gguf", dtype="q8_0", progress=False)
         seen[release] = fields(tmp_path / f"{release}.gguf")
+        if release not in ("chatglm2-6b-32k", "glm-4-9b-chat"):  # the library's reader takes seconds: both kinds
+            continue  # of vocabulary, RoPE scaling keys and GLM-4's merges
+        # GGUF in's scan and the gguf package's own reader agree on every key and every tensor
+        library = gguf.GGUFReader(tmp_path / f"{release}.gguf")
+        assert seen[release] == {k: f.contents() for k, f in library.fields.items() if not k.startswith("GGUF.")}
+        ours = read_gguf(tmp_path / f"{release}.gguf")[1]
+        assert [(n, t.tensor_type, t.shape.tolist(), t.data_offset, t.data.tobytes()) for n, t in ours.items()] == \
+            [(t.name, t.tensor_type, t.shape.tolist(), int(t.data_offset), bytes(t.data)) for t in library.tensors]
     g2, g2_32k, g3, g4, g0414 = seen.values()
     assert g2["general.architecture"] == "chatglm" and g0414["general.architecture"] == "glm4"
     assert {k: g2[f"chatglm.{k}"] for k in ("embedding_length", "feed_forward_length", "block_count",
@@ -137,7 +164,7 @@ def test_metadata_is_what_llama_cpp_reads(releases, tmp_path):
     # the ranks file makes 你好 (e4 bd a0 e5 a5 bd) by adding one byte at a time: the merges, in GPT-2's alphabet
     assert merges[:5] == ["ä ½", "ä½ ł", "ä½ł å", "ä½łå ¥", "ä½łå¥ ½"]
     assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= \
-        {t.name for t in gguf.GGUFReader(tmp_path / "glm-4-9b-0414.gguf").tensors}
+        set(read_gguf(tmp_path / "glm-4-9b-0414.gguf")[1])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -214,6 +241,36 @@ def test_the_output_rules_hold_for_a_file(hf_tiny, tmp_path):
     with pytest.raises(CheckpointError, match="overflows float16"):
         to_gguf(hot, tmp_path / "y.gguf", dtype="float16", verify_checksums=False, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.gguf", "hot", "mine.gguf"]
+
+
+def test_what_a_killed_run_left_is_removed_by_the_next(hf_tiny, tmp_path, capfd):
+    """A run killed mid-write leaves only its hidden staging file; the next run to that output removes it, says so,
+    and leaves anything else (another live run's file, the user's) alone."""
+    dead = tmp_path / ".m.gguf.partial-4194305-abcd1234"  # the kernel gives no pid above 2^22
+    live = tmp_path / f".m.gguf.partial-{os.getpid()}-abcd1234"
+    dead.write_bytes(b"half a file")
+    live.write_bytes(b"being written")
+    to_gguf(hf_tiny("safetensors", "float32"), tmp_path / "m.gguf", progress=False)
+    assert not dead.exists() and live.read_bytes() == b"being written"
+    assert f"removed {dead.name}" in capfd.readouterr().err
+
+
+def test_a_checkpoint_with_unmerged_lora_is_refused(hf_tiny, tmp_path):
+    """Written without its adapters it would be another model: refused before anything is written."""
+    ms = tmp_path / "ms"
+    convert(hf_tiny("safetensors", "float32"), ms, target=Layout("mindformers"), progress=False)
+    qkv = "transformer.encoder.layers.0.self_attention.query_key_value"
+    with open(tmp_path / "lora.ckpt", "wb") as f, open_checkpoint(ms) as c:
+        w = CkptWriter(f)
+        for name, ref in c.tensors.items():
+            w.write(name, ref.read(), ref.dtype)
+            if name == f"{qkv}.weight":
+                w.write(f"{qkv}.mindpet_delta_lora_a", np.zeros((2, ref.shape[1]), np.float32), "float32")
+                w.write(f"{qkv}.mindpet_delta_lora_b", np.zeros((ref.shape[0], 2), np.float32), "float32")
+        w.finish()
+    with pytest.raises(CheckpointError, match="holds LoRA adapters"):
+        to_gguf(tmp_path / "lora.ckpt", tmp_path / "m.gguf", config=ms / "config.json", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def llama_logits(path: Path, ids: list[int]) -> np.ndarray:

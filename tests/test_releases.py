@@ -58,8 +58,7 @@ def test_an_unnamed_rope_ratio_is_refused_not_guessed():
 
 @pytest.mark.parametrize("field, value, needle", [
     ("pre_seq_len", 128, "a P-Tuning v2 prefix of 128 virtual tokens"),
-    ("prefix_projection", True, "a P-Tuning v2 prefix projection"),
-    ("quantization_bit", 4, "THUDM's int4 quantized weights")])
+    ("prefix_projection", True, "a P-Tuning v2 prefix projection")])
 def test_fields_that_change_the_network_are_refused(field, value, needle):
     cfg = GLM2Config.preset("6b").chatglm_json()
     assert GLM2Config.from_dict({**cfg, field: None if field == "pre_seq_len" else 0 * value}) == GLM2Config()
