@@ -1,4 +1,4 @@
-"""`glm2-convert to-gguf`: any model the converters read, as one GGUF file that llama.cpp (and ollama) run.
+"""`glm2-convert to-gguf`: any model the converters read, as one GGUF file that llama.cpp runs.
 
 Written with the `gguf` package (llama.cpp's own: its writer, constants and numpy quantizers), in four steps:
 plan (each tensor's GGUF name, shape and type), the metadata (architecture, sizes, RoPE, the vocabulary and chat
@@ -14,8 +14,8 @@ here the output layer of a q4_0 file is q8_0. A row whose length is not a multip
 back to float16, as in llama.cpp.
 
 GGUF carries no checksums. Ours are in the file's metadata (`glm2_toolkit.sha256`: each tensor's data, in the
-file's order), written as placeholders with the header and filled in once the data is written; `glm2-convert
-verify` checks them.
+file's order), written as placeholders with the header and filled in once the data is written; every read of the
+file by this toolkit (converters/formats/gguf_io.py) is held to them.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import numpy as np
 from glm2_core import PACKAGE, __version__
 from glm2_core.dtypes import GGUF_QUANTS, to_float32
 from glm2_core.errors import CheckpointError, UserError
-from glm2_core.families import FAMILIES, SENTENCEPIECE, detect_family, read_ranks
+from glm2_core.families import FAMILIES, SENTENCEPIECE, family_of, read_ranks
 from glm2_core.files import TOKENIZER_CONFIG, TOKENIZER_MODEL
 from glm2_core.jsonio import read_json
 from glm2_core.names import BY_TEMPLATE, OUTPUT, Layout
@@ -39,7 +39,7 @@ from glm2_core.outputs import check_output
 from glm2_core.releases import RELEASES, rope_rule
 
 from .convert import Conversion, Summary, _check_expressible, _progress, refuse_unmerged_lora, request
-from .formats.gguf_io import scan
+from .formats.gguf_io import SHA_KEY, SOURCE_KEY, TOOL_KEY, scan
 from .model_folder import tokenizer_or_bundled
 from .output import fingerprints, staged_file
 from .source import Source, apply_dtype, out_dtype
@@ -53,7 +53,6 @@ NAMES = {t: name for name, t in TYPES.items()}
 FLOAT_NAMES = {t: NAMES[t] for t in (T.F32, T.F16, T.BF16)}  # the float types, as our dtypes name them
 LAYOUT = Layout("gguf")
 OUTPUT_NAME = LAYOUT.targets(BY_TEMPLATE[OUTPUT])[0][0]
-TOOL_KEY, SHA_KEY, SOURCE_KEY = "glm2_toolkit.version", "glm2_toolkit.sha256", "glm2_toolkit.source"
 CHUNK_VALUES = 1 << 22  # values converted at a time, so that no tensor is ever whole in float32
 SHA_ENTRY = 8 + 64  # a string in a GGUF array: its uint64 length, then 64 hex digits
 
@@ -116,7 +115,7 @@ def to_gguf(src, dst, how: Conversion | None = None, **options) -> Summary:
         total = sum(p.nbytes for p in planned)
         with staged_file(dst, how.overwrite, protected, total + (1 << 24), is_ours,
                          fingerprints(source.ckpt.files)) as tmp:
-            _write(writer, tmp, source, groups, planned, how, desc=f"{src.name} -> {dst.name}")
+            _write(writer, tmp, source, groups, planned, how, total, desc=f"{src.name} -> {dst.name}")
         source.ckpt.check_complete()
     fallback = sorted({p.name for p in planned if p.type == T.F16 and want in (T.Q8_0, T.Q4_0)})
     notes = [vocab_note] if vocab_note else []
@@ -168,18 +167,10 @@ def _vocabulary(w: gguf.GGUFWriter, source: Source, src: Path) -> str:
     if not files:
         raise CheckpointError(f"{src}: no {TOKENIZER_MODEL} beside the weights, and {source.cfg.family}'s is not "
                               f"bundled: copy the release's {TOKENIZER_MODEL} there (a GGUF file needs its tokenizer)")
-    model = files[0]
-    family = FAMILIES[detect_family(model.parent if not bundled else model, source.cfg.family)]
-    size = source.cfg.padded_vocab_size
-    if family.vocabulary == SENTENCEPIECE:
-        base = _sentencepiece(w, model, family, size)
-        eos, pad = base["eos"], base["unk"]
-    else:
-        n = _bpe(w, model, family, size)
-        eos = pad = n + family.specials.index(family.eos)
-        w.add_unk_token_id(eos)
-        base = {"n": n}
-    special = {tok: base["n"] + i for i, tok in enumerate(family.specials)}
+    family = FAMILIES[family_of(folder, source.cfg)]
+    vocabulary = _sentencepiece if family.vocabulary == SENTENCEPIECE else _bpe
+    n, eos, pad = vocabulary(w, files[0], family, source.cfg.padded_vocab_size)
+    special = {tok: n + i for i, tok in enumerate(family.specials)}
     w.add_eos_token_id(eos)
     w.add_pad_token_id(pad)
     for stop, add in zip(family.stops, (w.add_eot_token_id, w.add_eom_token_id), strict=False):
@@ -196,7 +187,8 @@ def _padded(size: int, used: int) -> list[str]:
     return [f"[PAD{i}]" for i in range(used, size)]
 
 
-def _sentencepiece(w: gguf.GGUFWriter, model: Path, family, size: int) -> dict[str, int]:
+def _sentencepiece(w: gguf.GGUFWriter, model: Path, family, size: int) -> tuple[int, int, int]:
+    """The sentencepiece model's keys; returns (its size, eos id, pad id: its <unk>)."""
     import sentencepiece as spm  # the [mindspore] extra's; missing: the command says so in one line
 
     try:
@@ -215,7 +207,7 @@ def _sentencepiece(w: gguf.GGUFWriter, model: Path, family, size: int) -> dict[s
     w.add_token_list([sp.id_to_piece(i) for i in range(n)] + list(family.specials) + _padded(size, used))
     w.add_token_scores([sp.get_score(i) for i in range(n)] + [0.0] * (size - n))
     w.add_token_types(types + [gguf.TokenType.CONTROL] * len(family.specials) + [gguf.TokenType.UNUSED] * (size - used))
-    return {"n": n, "eos": sp.eos_id(), "unk": sp.unk_id()}
+    return n, sp.eos_id(), sp.unk_id()
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -239,7 +231,9 @@ def _merge_of(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes] | No
     return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
-def _bpe(w: gguf.GGUFWriter, model: Path, family, size: int) -> int:
+def _bpe(w: gguf.GGUFWriter, model: Path, family, size: int) -> tuple[int, int, int]:
+    """GLM-4's ranks as byte-level BPE keys; returns (the ranks' size, eos id, pad id: both <|endoftext|>, also the
+    unknown token, as llama.cpp's converter sets it)."""
     ranks = read_ranks(model)
     n = len(ranks)
     used = n + len(family.specials)
@@ -258,11 +252,13 @@ def _bpe(w: gguf.GGUFWriter, model: Path, family, size: int) -> int:
     w.add_token_types([gguf.TokenType.NORMAL] * n + [gguf.TokenType.CONTROL] * len(family.specials)
                       + [gguf.TokenType.UNUSED] * (size - used))
     w.add_token_merges(merges)
-    return n
+    eos = n + family.specials.index(family.eos)
+    w.add_unk_token_id(eos)
+    return n, eos, eos
 
 
 def _write(w: gguf.GGUFWriter, path: Path, source: Source, groups, planned: list[Planned], how: Conversion,
-           desc: str) -> None:
+           total: int, desc: str) -> None:
     """The header, metadata and tensor infos by the `gguf` writer; then each tensor's data, aligned as the format
     says, converted a slice of rows at a time and hashed as written; then the digests over their placeholders."""
     w.write_header_to_file(path=path)
@@ -271,7 +267,7 @@ def _write(w: gguf.GGUFWriter, path: Path, source: Source, groups, planned: list
     w.write_ti_data_to_file()
     w.close()
     digests, by_name = [], {p.name: p for p in planned}
-    with open(path, "r+b") as f, _progress(sum(p.nbytes for p in planned), how.progress, desc) as bar:
+    with open(path, "r+b") as f, _progress(total, how.progress, desc) as bar:
         f.seek(0, 2)
         for name, arr, dtype in source.stream(groups, "keep", how.allow_overflow):
             p = by_name[name]
@@ -294,7 +290,8 @@ def _encoded(arr: np.ndarray, dtype: str, p: Planned, allow_overflow: bool, sour
     for a in range(0, rows.shape[0], step):
         part = rows[a:a + step]
         if p.type in FLOAT_NAMES:
-            out = apply_dtype(part, p.name, dtype, FLOAT_NAMES[p.type], allow_overflow, overflowed=source.overflowed)
+            out = apply_dtype(part, p.name, dtype, FLOAT_NAMES[p.type], allow_overflow, str(source.ckpt.path),
+                              source.overflowed)
             yield np.ascontiguousarray(out).tobytes()
         else:
             yield gguf.quants.quantize(to_float32(part, dtype), p.type).tobytes()

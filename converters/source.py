@@ -45,7 +45,7 @@ def apply_dtype(arr: np.ndarray, name: str, src: str, dst: str, allow_overflow: 
             raise CheckpointError(f"{where + ': ' if where else ''}tensor {name!r}: value {peak:g} overflows float16 "
                                   f"(max 65504); pass --allow-overflow to write it as inf")
         if overflowed is not None:
-            overflowed[name] = float16_overflow_count(arr, src)
+            overflowed[name] = overflowed.get(name, 0) + float16_overflow_count(arr, src)  # a tensor may come in parts
     return cast(arr, src, dst)
 
 

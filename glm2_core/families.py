@@ -19,6 +19,7 @@ from pathlib import Path
 from .errors import CheckpointError
 from .files import TOKENIZER_CONFIG, TOKENIZER_MODEL
 from .jsonio import read_json
+from .releases import TOLD_BY_USER
 
 ROLES = ("system", "user", "assistant", "observation")
 _SP_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
@@ -110,6 +111,14 @@ def detect_family(folder: Path, named: str = "chatglm2") -> str:
     template = _json(folder / TOKENIZER_CONFIG).get("chat_template")
     return "chatglm3" if named == "chatglm3" or (isinstance(template, str) and "<|user|>" in template) else \
         "chatglm2"
+
+
+def family_of(folder: Path | None, cfg) -> str:
+    """The tokenizer family of a model whose config (`GLM2Config`) is read: its release's if the user named the
+    release (--release), else what the tokenizer files in its folder say beyond it (`detect_family`)."""
+    if cfg.told_by == TOLD_BY_USER or folder is None:
+        return cfg.family
+    return detect_family(folder, cfg.family)
 
 
 def _json(path: Path) -> dict:

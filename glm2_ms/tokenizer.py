@@ -19,9 +19,8 @@ from converters.model_folder import tokenizer_model
 from glm2_core.assets import bundled_tokenizer
 from glm2_core.config import GLM2Config
 from glm2_core.errors import CheckpointError
-from glm2_core.families import FAMILIES, ROLES, TIKTOKEN, detect_family, read_ranks
+from glm2_core.families import FAMILIES, ROLES, TIKTOKEN, detect_family, family_of, read_ranks
 from glm2_core.files import CONFIG, TOKENIZER_MODEL
-from glm2_core.releases import TOLD_BY_USER
 
 DEFAULT_MODEL = bundled_tokenizer()[0]  # the tokenizer.model this toolkit ships (ChatGLM2's and ChatGLM3's)
 
@@ -123,8 +122,7 @@ class GLM2Tokenizer:
     def of_model(cls, folder: Path, cfg: GLM2Config) -> GLM2Tokenizer:
         """The tokenizer of a model whose config (`GLM2Config`) is read already: the family of its release, or of its
         tokenizer files where they say more (`detect_family`); the release's, if the user named it (--release)."""
-        family = cfg.family if cfg.told_by == TOLD_BY_USER else detect_family(folder, cfg.family)
-        return cls._of_family(folder, family)
+        return cls._of_family(folder, family_of(folder, cfg))
 
     @classmethod
     def _of_family(cls, folder: Path, family: str) -> GLM2Tokenizer:

@@ -97,7 +97,7 @@ def test_the_packages_are_layered():
 FILE_OWNERS = {"glm2_core/files.py", "glm2_core/outputs.py"}  # the file names of model and run folders; manifest.json
 NAME_OWNER = "glm2_core/names.py"  # every layout's weight names
 WEIGHT_PREFIXES = ("transformer.", "model.layers", "model.embed_tokens", "model.norm", "lm_head.", "decoder.",
-                   "embedding.word_embeddings", "output_layer.")
+                   "embedding.word_embeddings", "output_layer.", "blk.", "token_embd.")
 
 
 def _file_names() -> set[str]:

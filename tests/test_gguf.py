@@ -167,6 +167,19 @@ def test_metadata_is_what_llama_cpp_reads(releases, tmp_path):
         set(read_gguf(tmp_path / "glm-4-9b-0414.gguf")[1])
 
 
+def test_a_folder_without_its_tokenizer_gets_its_familys_vocabulary(releases, tmp_path):
+    """A ChatGLM3 folder without tokenizer files: the bundled sentencepiece model, with ChatGLM3's role tokens."""
+    src = tmp_path / "chatglm3"
+    shutil.copytree(releases("chatglm3-6b-32k"), src)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (src / name).unlink(missing_ok=True)
+    summary = to_gguf(src, tmp_path / "m.gguf", progress=False)
+    assert any("bundled" in note for note in summary.notes)
+    meta = fields(tmp_path / "m.gguf")
+    assert meta["tokenizer.ggml.tokens"][64795] == "<|user|>" and meta["tokenizer.ggml.eot_token_id"] == 64795
+    assert "[gMASK]sop" in meta["tokenizer.chat_template"]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_gguf_to_mindspore_and_back_is_bit_exact(hf_tiny, tmp_path, dtype):
     """GGUF in: the MindSpore folder holds the source's tensors exactly; written as GGUF again, every tensor and

@@ -21,16 +21,20 @@ import gguf
 import numpy as np
 
 from glm2_core.errors import CheckpointError
+from glm2_core.names import BY_TEMPLATE, EMBEDDING, QKV_BIAS, Layout
 from glm2_core.releases import RELEASES, SANDWICH_RELEASE
 
 from .base import TensorRef, WeightsFile, read_exact
 
 T = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
+K = gguf.Keys
+EMBEDDING_NAME, QKV_BIAS_NAME = (Layout("gguf").targets(BY_TEMPLATE[w])[0][0] for w in (EMBEDDING, QKV_BIAS))
 STORED = {T.F32: "float32", T.F16: "float16", T.BF16: "bfloat16"}  # read as stored (bfloat16 as its bits)
 DEQUANTIZED = (T.Q8_0, T.Q4_0)  # read as float32 values
 ARCHES = {"chatglm": False, "glm4": True}  # llama.cpp's GLM architectures → whether the layers have sandwich norms
-SHA_KEY = "glm2_toolkit.sha256"
+# our keys in a file to-gguf wrote: the toolkit's version (what --overwrite looks for), the source, each tensor's sha256
+TOOL_KEY, SOURCE_KEY, SHA_KEY = "glm2_toolkit.version", "glm2_toolkit.source", "glm2_toolkit.sha256"
 SCALARS = {V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
            V.FLOAT32: "<f", V.BOOL: "<?", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d"}
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -109,9 +113,9 @@ def scan(path: Path, bad) -> tuple[dict, list[TensorInfo]]:
                     raise bad(f"tensor {name!r} has {dims} dimensions")
                 shape = tuple(c.unpack("<Q") for _ in range(dims))[::-1]
                 table.append((name, shape, c.unpack("<I"), c.unpack("<Q")))
-            align = kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+            align = kv.get(K.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
             if type(align) is not int or not 1 <= align <= 1 << 20:
-                raise bad(f"general.alignment {align!r:.20}")
+                raise bad(f"{K.General.ALIGNMENT} {align!r:.20}")
             start = -(-c.pos // align) * align
             return kv, [TensorInfo(n, s, k, start + o) for n, s, k, o in table]
 
@@ -126,7 +130,8 @@ class GGUFFile(WeightsFile):
 
     def _index(self) -> None:
         self.kv, table = scan(self.path, self._bad)
-        self.arch = self._string("general.architecture")
+        self.size = self.path.stat().st_size
+        self.arch = self._string(K.General.ARCHITECTURE)
         if self.arch not in ARCHES:
             raise self._bad(f"architecture {self.arch!r:.40} is not a GLM (expected {' or '.join(ARCHES)})")
         digests = self._digests(table) if self.verify else {}
@@ -147,11 +152,13 @@ class GGUFFile(WeightsFile):
         return value
 
     def _number(self, key: str, default=None):
-        value = self.kv.get(f"{self.arch}.{key}")
+        """The architecture's `key` (one of gguf.Keys' `{arch}.…` templates) as a number."""
+        key = key.format(arch=self.arch)
+        value = self.kv.get(key)
         if value is None and default is not None:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self._bad(f"{self.arch}.{key} is {value!r:.40}, not a number")
+            raise self._bad(f"{key} is {value!r:.40}, not a number")
         return float(str(np.float32(value))) if isinstance(value, float) else value  # 1e-05, not 9.99999974e-06
 
     def _digests(self, table: list[TensorInfo]) -> dict[str, str]:
@@ -176,7 +183,7 @@ class GGUFFile(WeightsFile):
         if any(n < 1 or n > 1 << 40 for n in shape) or shape[-1] % block:
             raise self._bad(f"tensor {t.name!r} has shape {list(shape)}")
         size = int(np.prod(shape, dtype=np.int64)) // block * size
-        if offset + size > self.path.stat().st_size:
+        if offset + size > self.size:
             raise CheckpointError(f"{self.path}: truncated file: tensor {t.name!r} ends at byte {offset + size}")
 
         def raw() -> np.ndarray:
@@ -198,35 +205,35 @@ class GGUFFile(WeightsFile):
     def _config(self) -> dict:
         """THUDM's config fields from the metadata. The release comes from general.name (which to-gguf writes as
         the release's repository name); RoPE from the base or llama.cpp's linear scaling."""
-        heads = int(self._number("attention.head_count"))
-        hidden = int(self._number("embedding_length"))
-        embd = self.tensors.get("token_embd.weight")
+        heads = int(self._number(K.Attention.HEAD_COUNT))
+        hidden = int(self._number(K.LLM.EMBEDDING_LENGTH))
+        embd = self.tensors.get(EMBEDDING_NAME)
         if embd is None or len(embd.shape) != 2:
-            raise self._bad("no token_embd.weight matrix")
-        scaling = self.kv.get(f"{self.arch}.rope.scaling.type")
-        base = float(self._number("rope.freq_base", 10000.0))
-        ratio = float(self._number("rope.scaling.factor")) if scaling == "linear" else base / 10000.0
-        name = self.kv.get("general.name")
+            raise self._bad(f"no {EMBEDDING_NAME} matrix")
+        scaling = self.kv.get(K.Rope.SCALING_TYPE.format(arch=self.arch))
+        base = float(self._number(K.Rope.FREQ_BASE, 10000.0))
+        ratio = float(self._number(K.Rope.SCALING_FACTOR)) if scaling == "linear" else base / 10000.0
+        name = self.kv.get(K.General.NAME)
         name = name if isinstance(name, str) else ""
         sandwich = ARCHES[self.arch]
         if sandwich and not any(r in name.lower() for r, rel in RELEASES.items() if rel.sandwich):
             name = RELEASES[SANDWICH_RELEASE].repo
-        eos = [self.kv.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        eos = [self.kv.get(k) for k in (K.Tokenizer.EOS_ID, K.Tokenizer.EOT_ID, K.Tokenizer.EOM_ID)]
         eos = [int(e) for e in eos if isinstance(e, int) and not isinstance(e, bool)]
-        several = self.kv.get("tokenizer.ggml.model") == "gpt2"  # GLM-4 stops at all three
-        pad = self.kv.get("tokenizer.ggml.padding_token_id")
+        several = self.kv.get(K.Tokenizer.MODEL) == "gpt2"  # GLM-4 stops at all three
+        pad = self.kv.get(K.Tokenizer.PAD_ID)
         ids = {**({"eos_token_id": eos if several else eos[0]} if eos else {}),
                **({"pad_token_id": int(pad)} if isinstance(pad, int) and not isinstance(pad, bool) else {})}
-        return {"_name_or_path": name, "num_layers": int(self._number("block_count")), **ids,
+        return {"_name_or_path": name, "num_layers": int(self._number(K.LLM.BLOCK_COUNT)), **ids,
                 "torch_dtype": embd.dtype,
-                "hidden_size": hidden, "ffn_hidden_size": int(self._number("feed_forward_length")),
+                "hidden_size": hidden, "ffn_hidden_size": int(self._number(K.LLM.FEED_FORWARD_LENGTH)),
                 "num_attention_heads": heads,
-                "multi_query_group_num": int(self._number("attention.head_count_kv", heads)),
-                "kv_channels": int(self._number("attention.key_length", hidden // max(heads, 1))),
+                "multi_query_group_num": int(self._number(K.Attention.HEAD_COUNT_KV, heads)),
+                "kv_channels": int(self._number(K.Attention.KEY_LENGTH, hidden // max(heads, 1))),
                 "padded_vocab_size": embd.shape[0],
-                "layernorm_epsilon": float(self._number("attention.layer_norm_rms_epsilon")),
-                "rope_ratio": ratio, "add_qkv_bias": "blk.0.attn_qkv.bias" in self.tensors,
-                "seq_length": int(self._number("context_length"))}
+                "layernorm_epsilon": float(self._number(K.Attention.LAYERNORM_RMS_EPS)),
+                "rope_ratio": ratio, "add_qkv_bias": QKV_BIAS_NAME.format(i=0) in self.tensors,
+                "seq_length": int(self._number(K.LLM.CONTEXT_LENGTH))}
 
     def check_complete(self) -> None:
         """Every tensor read was checked against its digest as it was read."""
