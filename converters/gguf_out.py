@@ -29,13 +29,14 @@ import gguf
 import numpy as np
 
 from glm2_core import PACKAGE, __version__
-from glm2_core.dtypes import GGUF_QUANTS, to_float32
+from glm2_core.dtypes import GGUF_QUANTS
 from glm2_core.errors import CheckpointError, UserError
 from glm2_core.families import FAMILIES, SENTENCEPIECE, family_of, read_ranks
 from glm2_core.files import TOKENIZER_CONFIG, TOKENIZER_MODEL
 from glm2_core.jsonio import read_json
 from glm2_core.names import BY_TEMPLATE, OUTPUT, Layout
 from glm2_core.outputs import check_output
+from glm2_core.quants import CHUNK_VALUES, KINDS, kind_for, quantized_slices, takes_blocks
 from glm2_core.releases import RELEASES, rope_rule
 
 from .convert import Conversion, Summary, _check_expressible, _progress, refuse_unmerged_lora, request
@@ -53,7 +54,6 @@ NAMES = {t: name for name, t in TYPES.items()}
 FLOAT_NAMES = {t: NAMES[t] for t in (T.F32, T.F16, T.BF16)}  # the float types, as our dtypes name them
 LAYOUT = Layout("gguf")
 OUTPUT_NAME = LAYOUT.targets(BY_TEMPLATE[OUTPUT])[0][0]
-CHUNK_VALUES = 1 << 22  # values converted at a time, so that no tensor is ever whole in float32
 SHA_ENTRY = 8 + 64  # a string in a GGUF array: its uint64 length, then 64 hex digits
 
 
@@ -66,10 +66,9 @@ def tensor_type(name: str, shape: tuple[int, ...], want: T) -> T:
     """A tensor's GGUF type by llama.cpp's converter's rules (the module docstring says which)."""
     if len(shape) == 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return T.F32
-    if want == T.Q4_0 and name == OUTPUT_NAME:
-        return T.Q8_0
-    block = gguf.GGML_QUANT_SIZES[want][0]
-    return T.F16 if shape[-1] % block else want
+    if want not in NAMES or NAMES[want] not in KINDS:
+        return want
+    return TYPES[kind_for(NAMES[want], name == OUTPUT_NAME)] if takes_blocks(shape) else T.F16
 
 
 @dataclass(frozen=True)
@@ -294,7 +293,7 @@ def _encoded(arr: np.ndarray, dtype: str, p: Planned, allow_overflow: bool, sour
                               source.overflowed)
             yield np.ascontiguousarray(out).tobytes()
         else:
-            yield gguf.quants.quantize(to_float32(part, dtype), p.type).tobytes()
+            yield from (q.tobytes() for q in quantized_slices(part, dtype, NAMES[p.type]))
 
 
 def gguf_dtypes() -> tuple[str, ...]:

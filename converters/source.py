@@ -19,6 +19,7 @@ from glm2_core.errors import CheckpointError
 from glm2_core.files import CONFIG
 from glm2_core.names import OPTIMIZER_PREFIXES, Layout, Mapping, classify, detect_layout, infer_config, weight_map
 from glm2_core.outputs import MANIFEST
+from glm2_core.quants import quantize
 from glm2_core.releases import TOLD_BY_USER
 
 from .checkpoint import Checkpoint, open_checkpoint
@@ -197,6 +198,13 @@ class Source(Closing):
             return None
         return refs[0]
 
+    def stored_blocks(self, group: Group, kind: str | None) -> np.ndarray | None:
+        """The group's one target matrix as the blocks of `kind` its file stores, when it stores it so."""
+        ref = self.as_stored(group) if kind else None
+        if ref is None or ref.blocks is None or ref.blocks[0] != kind:
+            return None
+        return ref.blocks[1]()
+
     def unchanged(self, group: Group, dtype: str) -> FileSpan | None:
         """The group's one target tensor as it lies in the source file, when the target stores exactly those
         bytes; its NaN/Inf are counted as the writer reads it back for its checksums."""
@@ -212,11 +220,13 @@ class Source(Closing):
         return ref.span(count)
 
     def stream(self, groups: list[Group], dtype: str = "keep", allow_overflow: bool = False,
-               on_done=lambda nbytes: None, adapter=None,
-               spans: bool = False) -> Iterator[tuple[str, np.ndarray | FileSpan, str]]:
+               on_done=lambda nbytes: None, adapter=None, spans: bool = False,
+               blocks: dict[str, str] | None = None) -> Iterator[tuple[str, np.ndarray | FileSpan, str]]:
         """(target name, array, dtype) for every target tensor of `groups`, in order; with an `adapter`, its
         LoRA deltas are folded into the canonical weights they belong to (in float32, then the source dtype).
         With `spans`, a tensor whose bytes the target keeps as they are comes as a FileSpan instead of an array.
+        `blocks` names target matrices wanted in llama.cpp's blocks (glm2_core.quants), by kind: each comes as
+        uint8 blocks and its kind for its dtype, as the file stores them where it does, else quantized.
 
         The next group is read on a second thread while the caller writes this one, so reading and writing
         overlap as they do in `cp` (file reads and numpy release the GIL). At most three groups are in memory:
@@ -227,12 +237,19 @@ class Source(Closing):
             if stray:
                 raise CheckpointError(f"adapter modules not in the model: {', '.join(stray[:3])}")
 
-        def load(g: Group):
+        blocks = blocks or {}
+
+        def load(g: Group) -> list[tuple[np.ndarray | FileSpan, str]]:
+            """The group's target tensors and their dtypes."""
             delta = adapter.delta(g.source.canonical.removesuffix(".weight")) \
                 if adapter is not None and not g.prefix and g.source.canonical.endswith(".weight") else None
             span = self.unchanged(g, dtype) if spans and delta is None else None
             if span is not None:
-                return span, span.dtype
+                return [(span, span.dtype)]
+            kinds = [blocks.get(name) for name, _ in g.dst()]
+            stored = self.stored_blocks(g, kinds[0]) if delta is None else None
+            if stored is not None:
+                return [(stored, kinds[0])]
             arr, src_dtype = self.canonical(g)
             if delta is not None:
                 if delta.shape != arr.shape:
@@ -241,17 +258,19 @@ class Source(Closing):
                 arr = cast(to_float32(arr, src_dtype) + delta, "float32", src_dtype)
             dst_dtype = out_dtype(src_dtype, dtype)
             where = str(self.ckpt.tensors[g.src_names()[0]].file)
-            return apply_dtype(arr, g.source.canonical, src_dtype, dst_dtype, allow_overflow, where,
-                               self.overflowed), dst_dtype
+            return [(quantize(part, src_dtype, kind), kind) if kind else
+                    (apply_dtype(part, g.source.canonical, src_dtype, dst_dtype, allow_overflow, where,
+                                 self.overflowed), dst_dtype)
+                    for part, kind in zip(g.target.gather(arr), kinds, strict=True)]
 
         with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
             pending = pool.submit(load, groups[0]) if groups else None
             for i, g in enumerate(groups):
-                arr, dst_dtype = pending.result()
+                parts = pending.result()
                 pending = pool.submit(load, groups[i + 1]) if i + 1 < len(groups) else None
-                for (name, _), part in zip(g.dst(), g.target.gather(arr), strict=True):
-                    yield name, part, dst_dtype
-                del arr
+                for (name, _), (part, part_dtype) in zip(g.dst(), parts, strict=True):
+                    yield name, part, part_dtype
+                del parts, part
                 if i:  # one group late: the writer may still be hashing the last bytes it was given
                     on_done(self.release(groups[i - 1]))
             if groups:

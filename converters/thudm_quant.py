@@ -17,10 +17,12 @@ import numpy as np
 from glm2_core.dtypes import BY_NAME, cast, to_float32
 from glm2_core.errors import CheckpointError
 from glm2_core.names import MLP_DOWN, MLP_UP, QKV_WEIGHT, L, layer_template
+from glm2_core.quants import BLOCK, row_bytes
 
 from .formats.base import TensorRef
 
 BITS = (4, 8)
+BLOCKS = {8: "q8_0", 4: "q4_0"}  # the block kind that holds each exactly (the runtime computes with them)
 SCALE = "_scale"  # a quantized `….weight` has its `….weight_scale`
 QUANTIZED = (QKV_WEIGHT, L + "self_attention.dense.weight", MLP_UP, MLP_DOWN)  # the THUDM names quantized
 
@@ -79,7 +81,30 @@ def _float_weight(name: str, q: TensorRef, scale: TensorRef, bits: int, where: s
         scale.release()
         return cast(values, "float32", dtype)
 
-    return TensorRef(name, (rows, packed * 8 // bits), dtype, q.file, read)
+    def blocks() -> np.ndarray:
+        out = _as_blocks(q.read(), scale.read(), bits)
+        q.release()
+        scale.release()
+        return out
+
+    exact = dtype == "float16" and packed * 8 // bits % BLOCK == 0  # a block's scale is float16
+    return TensorRef(name, (rows, packed * 8 // bits), dtype, q.file, read,
+                     blocks=(BLOCKS[bits], blocks) if exact else None)
+
+
+def _as_blocks(q: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """The same weights as llama.cpp's blocks, exactly: every block of a row takes the row's scale, int8 values
+    stay as they are (q8_0), int4 values v become the nibbles v + 8 (q4_0), its bytes holding weights j and j + 16."""
+    values = _unpacked(q, bits)
+    rows, k = values.shape
+    out = np.empty((rows, k // BLOCK, row_bytes(BLOCKS[bits], BLOCK)), np.uint8)
+    out[:, :, :2] = scale.astype("<f2").view(np.uint8).reshape(rows, 1, 2)
+    if bits == 8:
+        out[:, :, 2:] = values.view(np.uint8).reshape(rows, -1, BLOCK)
+    else:
+        nibbles = (values + 8).astype(np.uint8).reshape(rows, -1, BLOCK)
+        out[:, :, 2:] = nibbles[:, :, :BLOCK // 2] | (nibbles[:, :, BLOCK // 2:] << 4)
+    return out.reshape(rows, -1)
 
 
 def _unpacked(q: np.ndarray, bits: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from . import PACKAGE
-from .dtypes import COMPUTE_DTYPES, DTYPES
+from .dtypes import COMPUTE_DTYPES, DTYPES, GGUF_QUANTS
 from .errors import CheckpointError, UserError
 from .names import FORMAT_NAMES, HF_LAYOUTS, LAYOUTS, MS_LAYOUTS
 from .recipes import SAMPLING
@@ -69,6 +69,11 @@ VOCABULARY: dict[str, dict] = {
     "--dtype": dict(type=click.Choice(DTYPES), default="keep", help="Dtype of the weights{keep}."),
     "--compute-dtype": dict(type=click.Choice(COMPUTE_DTYPES), default="float32",
                             help="Dtype of the arithmetic (the weights are cast where they are used)."),
+    "--quantize": dict(type=click.Choice(GGUF_QUANTS), default=None,
+                       show_default="the weights as stored (a q8_0/q4_0 GGUF file or THUDM int4/int8 folder keeps its "
+                                    "own blocks)",
+                       help="Quantize the weight matrices as they load, to llama.cpp's q8_0 or q4_0 blocks, which "
+                            "the native kernel computes with in float32 (q4_0 keeps the output layer in q8_0)."),
     "--layout": dict(type=click.Choice(MS_LAYOUTS + HF_LAYOUTS), default="mindformers",
                      help="Weight names of the output: {layouts}."),
     "--format": dict(decls=("--format", "fmt"), type=click.Choice(FORMAT_NAMES),

@@ -20,8 +20,8 @@ from glm2_core.recipes import SAMPLING
 
 from .dialogue import chat, stream_chat
 from .generation import Decoder
-from .loading import MS_DTYPES, RUNTIME_LAYOUT, load_into
-from .model import GLM2Network
+from .loading import MS_DTYPES, RUNTIME_LAYOUT, block_plan, load_into
+from .model import GLM2Network, linears
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig
 from .tokenizer import GLM2Tokenizer
 
@@ -34,8 +34,8 @@ class GLM2ForCausalLM(GLM2Network):
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        """`glm2_ms.from_pretrained(path, dtype=…, compute_dtype=…, config=…, rearranged_rope=…, release=…)`: any
-        folder or file glm2-convert reads, streamed into the parameters."""
+        """`glm2_ms.from_pretrained(path, dtype=…, compute_dtype=…, config=…, rearranged_rope=…, release=…,
+        quantize=…)`: any folder or file glm2-convert reads, streamed into the parameters."""
         return from_pretrained(path, **kwargs)
 
     @property
@@ -113,21 +113,31 @@ class ModelFolder:
         """Its tokenizer.model (else its family's bundled one), in the family its release and files tell."""
         return GLM2Tokenizer.of_model(self.source.ckpt.folder, self.config)
 
-    def load(self, dtype: str | None = None, compute_dtype: str | None = None) -> GLM2ForCausalLM:
-        """The runtime model. `dtype`: storage dtype of the parameters (default: the checkpoint's);
-        `compute_dtype`: float32 or float16 (default: the storage dtype, float32 for bfloat16). Memory: the
-        parameters plus one tensor in flight."""
+    def load(self, dtype: str | None = None, compute_dtype: str | None = None,
+             quantize: str | None = None) -> GLM2ForCausalLM:
+        """The runtime model. `dtype`: storage dtype of the float parameters (default: the checkpoint's, float16
+        beside quantized weights where it is float32); `compute_dtype`: float32 or float16 (default: the storage
+        dtype, float32 for bfloat16 and beside quantized weights); `quantize`: q8_0 or q4_0, the weight matrices
+        quantized as they load (`loading.block_plan`; a GGUF or THUDM int4/int8 source keeps its own blocks
+        without it). Memory: the parameters plus one tensor in flight."""
         if dtype is not None and dtype not in MS_DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(MS_DTYPES)}")
         if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
             raise UserError(f"compute dtype must be {' or '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
         src = self.source
-        storage = dtype or src.dtype
+        groups, _ = src.groups(RUNTIME_LAYOUT)
+        plan = block_plan(src, groups, quantize)
+        if plan and compute_dtype not in (None, "float32"):
+            raise UserError(f"quantized weights compute in float32, not {compute_dtype}")
+        storage = dtype or ("float16" if plan and src.dtype == "float32" else src.dtype)
         if storage not in MS_DTYPES:
             raise CheckpointError(f"{src.ckpt.path}: weights are {storage}; pass dtype= float32, float16 or bfloat16")
-        model = GLM2ForCausalLM(src.cfg, MS_DTYPES[storage], compute_dtype and MS_DTYPES[compute_dtype])
-        groups, _ = src.groups(RUNTIME_LAYOUT)
-        load_into(model, src.stream(groups, storage))
+        model = GLM2ForCausalLM(src.cfg, MS_DTYPES[storage], MS_DTYPES[compute_dtype or "float32"] if plan
+                                else compute_dtype and MS_DTYPES[compute_dtype])
+        for sub in linears(model):
+            if sub.weight.name in plan:
+                sub.hold_blocks(plan[sub.weight.name])
+        load_into(model, src.stream(groups, storage, blocks=plan))
         src.ckpt.check_complete()
         return model
 
@@ -144,7 +154,7 @@ def open_model(path, config: Path | None = None, rearranged_rope: bool | None = 
 
 def from_pretrained(path, dtype: str | None = None, compute_dtype: str | None = None,
                     config: Path | None = None, rearranged_rope: bool | None = None,
-                    release: str | None = None) -> GLM2ForCausalLM:
+                    release: str | None = None, quantize: str | None = None) -> GLM2ForCausalLM:
     """The model of a folder or file (`ModelFolder.load`), when its tokenizer is not needed."""
     with open_model(path, config, rearranged_rope, release) as folder:
-        return folder.load(dtype, compute_dtype)
+        return folder.load(dtype, compute_dtype, quantize)

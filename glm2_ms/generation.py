@@ -288,12 +288,14 @@ def describe(timings: dict) -> str:
 
 
 def _weights_note(model: GLM2Network) -> str:
-    """How 16-bit weights meet float32 arithmetic: in the native kernel, or cast at every step (and why)."""
+    """How 16-bit and quantized weights meet float32 arithmetic: in the native kernel, or cast at every step (and
+    why)."""
     narrow = [c for c in linears(model) if c.weight.dtype != model.compute_dtype]
     if not narrow or model.compute_dtype != ms.float32:
         return ""
     if all(c.native for c in narrow):
-        return "16-bit weights through the native float32 kernel"
+        kinds = sorted({c.blocks or "16-bit" for c in narrow}, key=lambda k: (k == "16-bit", k))
+        return f"{' and '.join(kinds)} weights through the native float32 kernel"
 
     return f"16-bit weights cast to float32 at every step (no native kernel: {why_not() or 'not enabled'})"
 

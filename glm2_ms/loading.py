@@ -6,11 +6,16 @@ import mindspore as ms
 import numpy as np
 import psutil
 
-from glm2_core.names import Layout
+from converters.source import Source
+from glm2_core.errors import UserError
+from glm2_core.names import BY_TEMPLATE, EMBEDDING, OUTPUT, Layout
+from glm2_core.quants import KINDS, kind_for, takes_blocks
 
+from .kernels import native_linear, why_not
 from .model import use_native_kernels
 
 RUNTIME_LAYOUT = Layout("mindformers")  # the runtime's parameter names
+EMBEDDING_NAME, OUTPUT_NAME = (RUNTIME_LAYOUT.targets(BY_TEMPLATE[t])[0][0] for t in (EMBEDDING, OUTPUT))
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
@@ -40,12 +45,37 @@ def to_tensor(arr: np.ndarray, dtype: str) -> ms.Tensor:
     return ms.Tensor(np.array(arr, copy=True))
 
 
+def block_plan(src: Source, groups, want: str | None) -> dict[str, str]:
+    """Which weights to hold in llama.cpp's blocks, by runtime parameter name → kind. With `want` (q8_0 or q4_0):
+    every weight matrix whose rows are whole blocks, the output layer by `kind_for`. Without: those the source
+    stores in blocks (a q8_0/q4_0 GGUF file, THUDM's int4/int8) as they are stored, where the native kernel can be
+    built (elsewhere they are read as the float weights they stand for). The embedding stays float: a lookup."""
+    if want is not None and want not in KINDS:
+        raise UserError(f"unknown quantization {want!r}; expected one of {', '.join(KINDS)}")
+    if native_linear() is None:
+        if want is None:
+            return {}
+        raise UserError(f"quantize={want} needs the native kernel, which cannot be built here: {why_not()}")
+    plan = {}
+    for g in groups:
+        (name, shape), *rest = g.dst()
+        if name == EMBEDDING_NAME or len(shape) != 2:
+            continue
+        if want is not None:
+            plan.update({n: kind_for(want, n == OUTPUT_NAME) for n, s in [(name, shape), *rest] if takes_blocks(s)})
+            continue
+        ref = src.as_stored(g)
+        if ref is not None and ref.blocks is not None:
+            plan[name] = ref.blocks[0]
+    return plan
+
+
 def load_into(cell, weights) -> None:
     """Set every parameter of `cell` from `weights` ((name, array, dtype) by the cell's parameter names), for
     inference (with the native kernels, where they can be built)."""
     params = {p.name: p for p in cell.get_parameters()}
     for name, arr, dt in weights:
-        params.pop(name).set_data(to_tensor(arr, dt))
+        params.pop(name).set_data(to_tensor(arr, "uint8" if dt in KINDS else dt))
     if params:
         raise AssertionError(f"parameters left unset: {sorted(params)[:3]}")
     cell.set_train(False)

@@ -13,8 +13,9 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from glm2_core.config import GLM2Config
+from glm2_core.quants import row_bytes
 
-from .kernels import linear16
+from .kernels import native_linear
 
 MASKED = -1e9  # added to the scores of positions a query may not see (finite: fully padded rows stay finite)
 
@@ -39,14 +40,16 @@ class RMSNorm(nn.Cell):
 
 class Linear(nn.Cell):
     """y = x Wᵀ (+ b) with W [out, in] as torch stores it. In inference, float32 x against a 16-bit W goes to the
-    native kernel when `use_native_kernels` gave it one (no float32 copy of W); otherwise W is cast where used."""
+    native kernel when `use_native_kernels` gave it one (no float32 copy of W); otherwise W is cast where used.
+    A W held in llama.cpp's blocks (`hold_blocks`) always goes to the native kernel."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool, dtype):
         super().__init__()
         self.weight = _param((n_out, n_in), dtype)
         self.bias = _param((n_out,), dtype) if bias else None
         self.matmul = ops.MatMul(transpose_b=True)
-        self.native = False  # use LINEAR16 (set by `use_native_kernels`)
+        self.native = False  # use NATIVE_LINEAR (set by `use_native_kernels`)
+        self.blocks = None  # the weight's block kind (glm2_core.quants) when it holds blocks
         # block-by-block training (train_step.keep_matmul_outputs): `saved` keeps the matmul's output in the
         # forward pass, and `replay` gives it back in the backward pass instead of computing it
         self.saved = self.replay = None
@@ -55,7 +58,7 @@ class Linear(nn.Cell):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.native and not self.training and x.dtype == ms.float32:
-            y = LINEAR16(x2, self.weight)
+            y = NATIVE_LINEAR(x2, self.weight)
         elif self.replay is not None:  # (static)
             y = self.replay(x2, self.weight, self.saved)
         else:
@@ -68,23 +71,33 @@ class Linear(nn.Cell):
         return y.reshape(shape[:-1] + (y.shape[-1],))
 
 
-LINEAR16 = None  # the native kernel's operator, once `use_native_kernels` built it (a module global, not a cell
-#                 attribute: cells are deep-copied, which a custom operator does not survive)
+    def hold_blocks(self, kind: str) -> None:
+        """Make the weight a parameter of llama.cpp's blocks of `kind` (uint8 [out, row bytes], set when loaded),
+        in place of the float one, which was never allocated."""
+        n, k = self.weight.shape
+        self.weight = Parameter(initializer("zeros", (n, row_bytes(kind, k)), ms.uint8), name=self.weight.name)
+        self.blocks = kind
+
+
+NATIVE_LINEAR = None  # the native kernel's operator, once `use_native_kernels` built it (a module global, not a
+#                      cell attribute: cells are deep-copied, which a custom operator does not survive)
 
 
 def use_native_kernels(cell, on: bool = True) -> bool:
     """Let every Linear in `cell` whose weight is 16-bit use the native float32 kernel (glm2_ms/kernels), where it
-    can be built here; whether it could. `on=False` takes it back (training: the kernel has no backward)."""
-    global LINEAR16
+    can be built here; whether it could. `on=False` takes it back (training: the kernel has no backward). Weights
+    held in blocks use it always: a model with them is built only where it can be (`glm2_ms.api`)."""
+    global NATIVE_LINEAR
 
-    op = linear16()
-    LINEAR16 = op or LINEAR16  # cells given it before keep it
+    op = native_linear()
+    NATIVE_LINEAR = op or NATIVE_LINEAR  # cells given it before keep it
     native = on and op is not None
     for sub in linears(cell):
-        if sub.weight.dtype in (ms.float16, ms.bfloat16):
+        if sub.blocks is not None:
+            sub.native = True
+        elif sub.weight.dtype in (ms.float16, ms.bfloat16):
             sub.native = native
     return native
-
 
 
 def linears(cell) -> list[Linear]:

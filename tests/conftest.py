@@ -113,9 +113,9 @@ def ms_tiny(hf_tiny, tmp_path_factory):
 def no_native_kernels(monkeypatch):
     """The runtime as on a machine where glm2_ms/kernels cannot be built: 16-bit weights cast where used."""
     monkeypatch.setenv(kernels.SWITCH, "0")
-    kernels._linear16.cache_clear()
+    kernels._native_linear.cache_clear()
     yield
-    kernels._linear16.cache_clear()
+    kernels._native_linear.cache_clear()
 
 
 # The unit tier (`pytest -m unit`): the tests of these modules that run no MindSpore, torch, transformers or peft and

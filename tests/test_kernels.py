@@ -24,7 +24,7 @@ def widened(bits: np.ndarray, dtype: str) -> np.ndarray:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_linear16_is_float32_arithmetic_on_the_widened_weights(m, n, k, dtype):
-    op = kernels.linear16()
+    op = kernels.native_linear()
     assert op is not None, kernels.why_not()
     rng = np.random.default_rng(k)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -50,9 +50,9 @@ def test_built_once_into_the_cache(tmp_path, monkeypatch):
 def test_a_failing_build_leaves_the_cast_path_and_says_why(tmp_path, monkeypatch, hf_tiny):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    kernels._linear16.cache_clear()
+    kernels._native_linear.cache_clear()
     try:
-        assert kernels.linear16() is None and kernels.why_not().startswith("false failed")
+        assert kernels.native_linear() is None and kernels.why_not().startswith("false failed")
         assert list((tmp_path / "glm2-toolkit" / "kernels").iterdir()) == []
         model = from_pretrained(hf_tiny(dtype="float16"), compute_dtype="float32")
         assert not model.transformer.output_layer.native
@@ -60,7 +60,7 @@ def test_a_failing_build_leaves_the_cast_path_and_says_why(tmp_path, monkeypatch
         dec.generate(np.array([[64790, 64792, 790]], np.int32), max_new_tokens=2)
         assert "cast to float32 at every step (no native kernel: false failed" in describe(dec.timings)
     finally:
-        kernels._linear16.cache_clear()
+        kernels._native_linear.cache_clear()
 
 
 def test_training_takes_the_gradient_through_mindspores_matmul():

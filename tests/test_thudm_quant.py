@@ -14,11 +14,14 @@ from helpers import optional, tensors
 
 from converters.checkpoint import open_checkpoint
 from converters.convert import convert
+from converters.source import Source
 from converters.thudm_quant import QUANTIZED
 from glm2_core.dtypes import to_float32
 from glm2_core.files import CONFIG
 from glm2_core.names import Layout, layer_template
+from glm2_core.quants import dequantize
 from glm2_ms.api import from_pretrained
+from glm2_ms.model import linears
 
 BIN = Path(sys.executable).parent
 
@@ -90,13 +93,29 @@ def test_inspect_says_what_the_weights_are(release):
     assert r.returncode == 0 and f"THUDM int{bits} (quantization_bit {bits})" in r.stdout, r.stderr
 
 
-def test_the_runtime_loads_the_release_as_its_float_model(release, tmp_path):
+def test_without_the_native_kernel_the_runtime_loads_the_float_model(release, tmp_path, no_native_kernels):
     src, _, _ = release
     convert(src, tmp_path / "float", target=Layout("chatglm"), progress=False)
     ids = ms.Tensor([[64790, 64792, 36474, 54591]], ms.int32)
     a = from_pretrained(src, dtype="float32")(ids).asnumpy()
     b = from_pretrained(tmp_path / "float", dtype="float32")(ids).asnumpy()
     assert np.array_equal(a, b)
+
+
+def test_the_runtime_holds_thudms_integers_as_blocks(release):
+    """int8 as q8_0, int4 as q4_0, each block scaled by its row's scale: the exact products, nothing rounded."""
+    src, bits, values = release
+    model = from_pretrained(src, dtype="float32")
+    held = {c.weight.name: c for c in linears(model) if c.blocks}
+    assert len(held) == 4 * model.config.num_layers  # the four THUDM quantizes; the output layer stays float
+    with Source.open(src) as source:
+        groups, _ = source.groups(Layout("mindformers"))
+        thudm = {name: source.as_stored(g).name for g in groups for name, _ in g.dst()}
+    for name, cell in held.items():
+        stored, scale = decoded(src, thudm[name], bits)
+        exact = stored.astype(np.float64) * scale.astype(np.float64)[:, None]
+        assert cell.blocks == f"q{bits}_0"
+        assert np.array_equal(dequantize(cell.weight.asnumpy(), cell.blocks), exact.astype(np.float32)), name
 
 
 QKV = "transformer.encoder.layers.0.self_attention.query_key_value.weight"

@@ -72,6 +72,7 @@ def scored_pairs(file: Path) -> list[tuple[str, str]]:
               help="Cut each reference to this many characters minus one, as MindFormers' evaluation does.")
 @sampling_options(max_new_tokens=256)
 @option("--compute-dtype")
+@option("--quantize")
 @option("--release")
 @option("--variant")
 @option("--out", default=Path("eval-out"))

@@ -44,6 +44,7 @@ class EvalSettings:
     max_new_tokens: int = 256
     variant: str = "thudm"
     compute_dtype: str = "float32"  # over the weights as stored (float16: the weights in float16 too)
+    quantize: str | None = None  # the weight matrices quantized as they load (MindSpore runtime only)
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,15 @@ def samples(data: Path, tok, s: EvalSettings) -> list[tuple[str, list[int], str]
 class Runtime:
     """Greedy or sampled continuation of left-padded batches on MindSpore or on the PyTorch reference."""
 
-    def __init__(self, kind: str, folder, sampling=None, compute_dtype: str = "float32"):
-        """`folder`: the model folder opened (glm2_ms.loading.ModelFolder)."""
+    def __init__(self, kind: str, folder, sampling=None, compute_dtype: str = "float32", quantize: str | None = None):
+        """`folder`: the model folder opened (glm2_ms.loading.ModelFolder); `quantize`: glm2_ms's q8_0/q4_0."""
         self.kind, self.sampling = kind, sampling
         if kind == "ms":
             use_cpu()
-            self.decoder = Decoder(folder.load(weights_for(compute_dtype), compute_dtype))
+            self.decoder = Decoder(folder.load(weights_for(compute_dtype), compute_dtype, quantize))
             self.config = self.decoder.model.config
+        elif quantize is not None:
+            raise UserError(f"--quantize is for the MindSpore runtime, not {kind}")
         elif kind == "torch":
             self.decoder = reference_from(folder.source, weights_for(compute_dtype), compute_dtype=compute_dtype)
             self.config = self.decoder.config
@@ -235,7 +238,7 @@ class EvalRun:
             self.items = samples(r.data, self.tok, s)
             check_lengths(folder.config, self.items, s, memory=False)  # before the load, which may take minutes
             clock = time.perf_counter()
-            self.engine = Runtime(r.runtime, folder, r.sampling, s.compute_dtype)
+            self.engine = Runtime(r.runtime, folder, r.sampling, s.compute_dtype, s.quantize)
         self.load_s, self.clock = time.perf_counter() - clock, clock
         check_lengths(self.engine.config, self.items, s, memory=True)  # the model is in memory now
 

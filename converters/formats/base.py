@@ -60,6 +60,8 @@ class TensorRef:
     rows: Callable[[int, int], np.ndarray] | None = field(default=None, repr=False)  # rows [a, b) of the first
     # dimension alone, read from the file (and counted into its checksum), where the format can
     sha256: str | None = None  # what the bytes must hash to, where only our manifest can tell (see FileSpan)
+    blocks: tuple[str, Callable[[], np.ndarray]] | None = field(default=None, repr=False)  # a matrix stored in
+    # llama.cpp's blocks (glm2_core.quants): their kind, and a reader of them as uint8 [rows, row bytes]
 
     def __post_init__(self):
         try:

@@ -22,6 +22,7 @@ import numpy as np
 
 from glm2_core.errors import CheckpointError
 from glm2_core.names import BY_TEMPLATE, EMBEDDING, QKV_BIAS, Layout
+from glm2_core.quants import KINDS
 from glm2_core.releases import RELEASES, SANDWICH_RELEASE
 
 from .base import TensorRef, WeightsFile, read_exact
@@ -31,7 +32,7 @@ V = gguf.GGUFValueType
 K = gguf.Keys
 EMBEDDING_NAME, QKV_BIAS_NAME = (Layout("gguf").targets(BY_TEMPLATE[w])[0][0] for w in (EMBEDDING, QKV_BIAS))
 STORED = {T.F32: "float32", T.F16: "float16", T.BF16: "bfloat16"}  # read as stored (bfloat16 as its bits)
-DEQUANTIZED = (T.Q8_0, T.Q4_0)  # read as float32 values
+DEQUANTIZED = tuple(KINDS.values())  # read as float32 values, or as their blocks
 ARCHES = {"chatglm": False, "glm4": True}  # llama.cpp's GLM architectures → whether the layers have sandwich norms
 # our keys in a file to-gguf wrote: the toolkit's version (what --overwrite looks for), the source, each tensor's sha256
 TOOL_KEY, SOURCE_KEY, SHA_KEY = "glm2_toolkit.version", "glm2_toolkit.source", "glm2_toolkit.sha256"
@@ -200,7 +201,8 @@ class GGUFFile(WeightsFile):
             self.tensors[t.name] = TensorRef(t.name, shape, dtype, self.path, read, offset=offset, sha256=digest)
         else:
             read = lambda: gguf.quants.dequantize(raw().reshape(*shape[:-1], -1), kind).reshape(shape)
-            self.tensors[t.name] = TensorRef(t.name, shape, "float32", self.path, read)
+            blocks = (kind.name.lower(), lambda: raw().reshape(int(np.prod(shape[:-1])), -1))
+            self.tensors[t.name] = TensorRef(t.name, shape, "float32", self.path, read, blocks=blocks)
 
     def _config(self) -> dict:
         """THUDM's config fields from the metadata. The release comes from general.name (which to-gguf writes as

@@ -1,9 +1,10 @@
 """Native CPU kernels, built on first use by the machine's C++ compiler into the user's cache folder.
 
-`linear16()` is MindSpore's "aot" custom operator y = x · Wᵀ for float32 x and float16 or bfloat16 W, in float32
-arithmetic, without a float32 copy of W (linear16.cc says why). It is None where it cannot be built here (no
-compiler, a CPU without AVX2, FMA and F16C, a failed build, or GLM2_NATIVE_KERNELS=0): the runtime then casts each
-weight as before, and `why_not()` says why.
+`native_linear()` is MindSpore's "aot" custom operator y = x · Wᵀ for float32 x and a W in float16, bfloat16 or
+GGUF's q8_0 or q4_0 blocks, in float32 arithmetic, without a float32 copy of W (linear.cc says why). It is None
+where it cannot be built here (no compiler, a CPU without AVX2, FMA and F16C, a failed build, or
+GLM2_NATIVE_KERNELS=0): the runtime then casts 16-bit weights where used, cannot hold quantized ones, and
+`why_not()` says why.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from glm2_core import cache_dir as package_cache
 
-SOURCE = Path(__file__).with_name("linear16.cc")
+SOURCE = Path(__file__).with_name("linear.cc")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx2", "fma", "f16c"}
 SWITCH = "GLM2_NATIVE_KERNELS"  # "0": never use them
@@ -47,7 +48,7 @@ def _build() -> tuple[Path | None, str]:
     if compiler is None:
         return None, "no C++ compiler (g++) on PATH"
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"linear16-{digest}.so"
+    lib = cache_dir() / f"linear-{digest}.so"
     if lib.exists():
         return lib, ""
     lib.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ def _build() -> tuple[Path | None, str]:
 
 
 @functools.cache
-def _linear16():
+def _native_linear():
     lib, why = _build()
     if lib is None:
         return None, why
@@ -75,14 +76,15 @@ def _linear16():
     def dtype(x, w):
         return ms.float32
 
-    return ops.Custom(f"{lib}:Linear16", out_shape=shape, out_dtype=dtype, func_type="aot"), ""
+    return ops.Custom(f"{lib}:Linear", out_shape=shape, out_dtype=dtype, func_type="aot"), ""
 
 
-def linear16():
-    """The operator: `op(x [m, k] float32, w [n, k] float16|bfloat16)` → [m, n] float32; or None."""
-    return _linear16()[0]
+def native_linear():
+    """The operator: `op(x [m, k] float32, w)` → [m, n] float32, w float16|bfloat16 [n, k] or uint8 blocks
+    [n, k/32 · bytes per block] (`glm2_ms.quant`); or None."""
+    return _native_linear()[0]
 
 
 def why_not() -> str:
-    """Why `linear16()` is None ("" when it is not)."""
-    return _linear16()[1]
+    """Why `native_linear()` is None ("" when it is not)."""
+    return _native_linear()[1]

@@ -1,0 +1,246 @@
+// y[m, n] = sum_k x[m, k] * w[n, k]: float32 activations against 16-bit or block-quantized weights, float32 arithmetic.
+//
+// Why: on CPU, MindSpore computes in float32 over 16-bit weights by casting each weight to a float32 copy and then
+// running its MatMul, so every decoding step of ChatGLM2-6B writes and reads 25 GB of casts (and a compiled step
+// keeps them all); and it has no int8 or int4 matmul at all. Here each weight row is widened in registers or in
+// cache, a block of rows at a time, and used at once: a step reads the weights once, as stored. Used for a few
+// rows (decoding, a prompt); training keeps MindSpore's MatMul.
+//
+// Weight formats: float16 or bfloat16 [N, K]; or GGUF's blocks of 32 weights, as uint8 [N, K/32 * bytes]: q8_0 is
+// a float16 scale d and 32 int8 q (w = d * q; 34 bytes), q4_0 a float16 scale d and 16 bytes whose byte j holds
+// weight j in its low nibble and weight j + 16 in its high one (w = d * (nibble - 8); 18 bytes).
+//
+// Entry point in MindSpore's "aot" custom-operator form (params: x [M, K] float32, w, y [M, N] float32).
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+namespace {
+
+enum Kind { F16, BF16, Q8_0, Q4_0 };
+
+constexpr int64_t kBlock = 512;  // weight elements widened at a time per row: 4 rows of 2 KB float32 stay in L1
+constexpr int kCols = 4;         // weight rows (output columns) per pass, each widened once for every row of x
+constexpr int kRows = 3;         // rows of x per register tile: 3 x 4 accumulators
+constexpr int64_t kQK = 32;      // weights per quantized block
+
+template <Kind K>
+constexpr int64_t block_bytes() {
+  return K == Q8_0 ? 2 + kQK : 2 + kQK / 2;
+}
+
+inline __m256 widen(const uint16_t *w, bool bf16) {
+  __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i *>(w));
+  if (!bf16) return _mm256_cvtph_ps(bits);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+inline float widen1(uint16_t w, bool bf16) {
+  if (!bf16) return _cvtsh_ss(w);
+  uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline __m256 ints(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)); }
+
+// The 32 integers of a quantized block (before its scale) as 4 vectors of 8 floats, in weight order.
+template <Kind K>
+inline void block_values(const uint8_t *blk, __m256 v[4]) {
+  if constexpr (K == Q8_0) {
+    for (int i = 0; i < 4; ++i) v[i] = ints(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(blk + 2 + 8 * i)));
+  } else {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2));
+    const __m128i low4 = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    const __m128i lo = _mm_sub_epi8(_mm_and_si128(bytes, low4), eight);
+    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), eight);
+    v[0] = ints(lo), v[1] = ints(_mm_srli_si128(lo, 8)), v[2] = ints(hi), v[3] = ints(_mm_srli_si128(hi, 8));
+  }
+}
+
+inline __m256 block_scale(const uint8_t *blk) {
+  uint16_t h;
+  memcpy(&h, blk, sizeof h);
+  return _mm256_set1_ps(_cvtsh_ss(h));
+}
+
+// out[0 .. len) = the weights k0 .. k0 + len of one weight row `r`, as float32 (k0 and len whole blocks for
+// quantized rows).
+template <Kind K>
+void fill(const uint8_t *r, int64_t k0, int64_t len, float *out) {
+  if constexpr (K == F16 || K == BF16) {
+    const uint16_t *row = reinterpret_cast<const uint16_t *>(r) + k0;
+    const int64_t vec = len & ~int64_t(7);
+    for (int64_t j = 0; j < vec; j += 8) _mm256_store_ps(out + j, widen(row + j, K == BF16));
+    for (int64_t j = vec; j < len; ++j) out[j] = widen1(row[j], K == BF16);
+  } else {
+    for (int64_t b = 0; b < len / kQK; ++b) {
+      const uint8_t *blk = r + (k0 / kQK + b) * block_bytes<K>();
+      __m256 v[4];
+      block_values<K>(blk, v);
+      const __m256 d = block_scale(blk);
+      for (int i = 0; i < 4; ++i) _mm256_store_ps(out + b * kQK + 8 * i, _mm256_mul_ps(v[i], d));
+    }
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R rows of x (from `x`, stride k) against the kCols widened rows over `len` elements: sums added to `partial`.
+template <int R>
+void tile(const float *x, int64_t k, const float (*wide)[kBlock], int64_t len, float *partial) {
+  __m256 acc[R][kCols];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kCols; ++c) acc[r][c] = _mm256_setzero_ps();
+  const int64_t vec = len & ~int64_t(7);
+  for (int64_t j = 0; j < vec; j += 8) {
+    __m256 w[kCols];
+    for (int c = 0; c < kCols; ++c) w[c] = _mm256_load_ps(wide[c] + j);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * k + j);
+      for (int c = 0; c < kCols; ++c) acc[r][c] = _mm256_fmadd_ps(xv, w[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kCols; ++c) {
+      float s = hsum(acc[r][c]);
+      for (int64_t j = vec; j < len; ++j) s += x[r * k + j] * wide[c][j];
+      partial[r * kCols + c] += s;
+    }
+}
+
+// A weight matrix: row i starts at data + i * row_bytes.
+struct Weights {
+  const uint8_t *data;
+  int64_t row_bytes;
+  const uint8_t *row(int64_t i) const { return data + i * row_bytes; }
+};
+
+// Output columns n0 .. n0 + cols - 1 (cols <= kCols) of every row: the weight rows widened a block at a time,
+// each block used by all rows of x before the next is read.
+template <Kind K>
+void columns(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k, int64_t n0, int cols,
+             float *partial) {
+  alignas(32) float wide[kCols][kBlock];
+  memset(partial, 0, sizeof(float) * m * kCols);
+  for (int64_t k0 = 0; k0 < k; k0 += kBlock) {
+    const int64_t len = k - k0 < kBlock ? k - k0 : kBlock;
+    for (int c = 0; c < kCols; ++c) {
+      if (c < cols)
+        fill<K>(w.row(n0 + c), k0, len, wide[c]);
+      else
+        memset(wide[c], 0, sizeof wide[c]);
+    }
+    int64_t r = 0;
+    for (; r + kRows <= m; r += kRows) tile<kRows>(x + r * k + k0, k, wide, len, partial + r * kCols);
+    if (m - r == 2) tile<2>(x + r * k + k0, k, wide, len, partial + r * kCols);
+    if (m - r == 1) tile<1>(x + r * k + k0, k, wide, len, partial + r * kCols);
+  }
+  for (int64_t r = 0; r < m; ++r)
+    for (int c = 0; c < cols; ++c) y[r * n + n0 + c] = partial[r * kCols + c];
+}
+
+// One or two rows of x (decoding): each weight row is widened straight from memory into the FMAs, with no staging
+// in L1 (which costs a store and a load per element where a row of x uses each weight once). A quantized block's
+// 32 products are summed before its scale multiplies them.
+template <int R, Kind K>
+void direct(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_t n0, int cols) {
+  const uint8_t *rows[kCols];
+  for (int c = 0; c < kCols; ++c) rows[c] = w.row(n0 + (c < cols ? c : 0));
+  __m256 acc[R][kCols];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kCols; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t vec = k & ~int64_t(7);
+  if constexpr (K == F16 || K == BF16) {
+    for (int64_t j = 0; j < vec; j += 8) {
+      __m256 wv[kCols];
+      for (int c = 0; c < kCols; ++c) wv[c] = widen(reinterpret_cast<const uint16_t *>(rows[c]) + j, K == BF16);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_loadu_ps(x + r * k + j);
+        for (int c = 0; c < kCols; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+      }
+    }
+  } else {
+    vec = k;
+    for (int64_t b = 0; b < k / kQK; ++b) {
+      for (int c = 0; c < kCols; ++c) {
+        const uint8_t *blk = rows[c] + b * block_bytes<K>();
+        __m256 v[4];
+        block_values<K>(blk, v);
+        const __m256 d = block_scale(blk);
+        for (int r = 0; r < R; ++r) {
+          const float *xb = x + r * k + b * kQK;
+          __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xb), v[0]);
+          for (int i = 1; i < 4; ++i) t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * i), v[i], t);
+          acc[r][c] = _mm256_fmadd_ps(t, d, acc[r][c]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < cols; ++c) {
+      float s = hsum(acc[r][c]);
+      for (int64_t j = vec; j < k; ++j)
+        s += x[r * k + j] * widen1(reinterpret_cast<const uint16_t *>(rows[c])[j], K == BF16);
+      y[r * n + n0 + c] = s;
+    }
+}
+
+template <Kind K>
+void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
+#pragma omp parallel
+  {
+    std::vector<float> partial(m * kCols);
+#pragma omp for schedule(static)
+    for (int64_t n0 = 0; n0 < n; n0 += kCols) {
+      const int cols = n - n0 < kCols ? static_cast<int>(n - n0) : kCols;
+      if (m == 1)
+        direct<1, K>(x, w, y, n, k, n0, cols);
+      else if (m == 2)
+        direct<2, K>(x, w, y, n, k, n0, cols);
+      else
+        columns<K>(x, w, y, m, n, k, n0, cols, partial.data());
+    }
+  }
+}
+
+// The weight format of w's dtype and row length; -1 when it is none of them.
+int kind_of(const char *dtype, int64_t row, int64_t k) {
+  if (strcmp(dtype, "float16") == 0) return row == k ? F16 : -1;
+  if (strcmp(dtype, "bfloat16") == 0) return row == k ? BF16 : -1;
+  if (strcmp(dtype, "uint8") != 0 || k % kQK != 0) return -1;
+  if (row == k / kQK * block_bytes<Q8_0>()) return Q8_0;
+  if (row == k / kQK * block_bytes<Q4_0>()) return Q4_0;
+  return -1;
+}
+
+}  // namespace
+
+extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                      void *extra) {
+  (void)stream, (void)extra;
+  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
+  if (strcmp(dtypes[0], "float32") != 0 || strcmp(dtypes[2], "float32") != 0) return 2;
+  const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][0], row = shapes[1][1];
+  if (shapes[2][0] != m || shapes[2][1] != n) return 4;
+  const int kind = kind_of(dtypes[1], row, k);
+  const int64_t row_bytes = strcmp(dtypes[1], "uint8") == 0 ? row : 2 * row;
+  const float *x = static_cast<const float *>(params[0]);
+  const Weights w{static_cast<const uint8_t *>(params[1]), row_bytes};
+  float *y = static_cast<float *>(params[2]);
+  switch (kind) {
+    case F16: linear<F16>(x, w, y, m, n, k); return 0;
+    case BF16: linear<BF16>(x, w, y, m, n, k); return 0;
+    case Q8_0: linear<Q8_0>(x, w, y, m, n, k); return 0;
+    case Q4_0: linear<Q4_0>(x, w, y, m, n, k); return 0;
+    default: return 3;
+  }
+}

@@ -1,0 +1,120 @@
+"""Quantized weights in the runtime: the native kernel over llama.cpp's q8_0 and q4_0 blocks against float64
+arithmetic on the dequantized weights (the `gguf` package's own dequantizer), and models that hold blocks, loaded
+straight from a GGUF file's blocks or quantized at load, computing what the same weights dequantized compute."""
+import mindspore as ms  # noqa: TID253
+import numpy as np
+import pytest
+from test_gguf import read_gguf
+
+from converters.gguf_out import to_gguf
+from converters.source import Source
+from glm2_core.errors import UserError
+from glm2_core.names import Layout
+from glm2_core.quants import KINDS, dequantize, quantize, row_bytes
+from glm2_ms import kernels
+from glm2_ms.api import from_pretrained
+from glm2_ms.generation import Decoder, describe
+from glm2_ms.model import linears
+
+ms.set_device("CPU")
+# (m, n, k): rows of x 1, 2 (decoding) and 3+ (a prompt: the staged path, its tiles of 3 and their rest),
+# columns in passes of 4 and their rest, k in blocks of 32 within and across the 512-value stage
+SHAPES = [(1, 1, 32), (1, 5, 96), (2, 13, 544), (3, 4, 1056), (4, 7, 64), (7, 9, 32), (5, 6, 512)]
+PROMPT = np.array([[64790, 64792, 790, 30951, 517, 30910, 30940, 30996]], np.int32)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_the_kernel_is_float32_arithmetic_on_the_dequantized_blocks(m, n, k, kind):
+    op = kernels.native_linear()
+    assert op is not None, kernels.why_not()
+    rng = np.random.default_rng(k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    blocks = quantize(rng.standard_normal((n, k)).astype(np.float32), "float32", kind)
+    assert blocks.shape == (n, row_bytes(kind, k))
+    got = op(ms.Tensor(x), ms.Tensor(blocks)).asnumpy()
+    w = dequantize(blocks, kind).astype(np.float64)
+    exact = x.astype(np.float64) @ w.T
+    bound = np.abs(x).astype(np.float64) @ np.abs(w).T * k * np.finfo(np.float32).eps
+    assert got.dtype == np.float32 and got.shape == (m, n)
+    assert (np.abs(got - exact) <= bound).all()
+
+
+@pytest.fixture(scope="module")
+def gguf_files(hf_tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for kind in KINDS:
+        out[kind] = folder / f"tiny-{kind}.gguf"
+        to_gguf(hf_tiny("safetensors", "float16"), out[kind], dtype=kind, progress=False)
+    return out
+
+
+def blocks_of(model) -> dict[str, tuple[str, np.ndarray]]:
+    return {c.weight.name: (c.blocks, c.weight.asnumpy()) for c in linears(model) if c.blocks}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_gguf_files_blocks_are_held_as_stored(gguf_files, kind):
+    """Every weight matrix holds the file's bytes (none dequantized and quantized again); the embedding is float."""
+    _, stored = read_gguf(gguf_files[kind])
+    model = from_pretrained(gguf_files[kind])
+    held = blocks_of(model)
+    with Source.open(gguf_files[kind]) as src:
+        groups, _ = src.groups(Layout("mindformers"))
+        gguf_name = {name: src.as_stored(g).name for g in groups for name, _ in g.dst()}
+    assert len(held) == 4 * model.config.num_layers + 1
+    for name, (held_kind, data) in held.items():
+        file_tensor = stored[gguf_name[name]]
+        assert held_kind == {int(t): n for n, t in KINDS.items()}[int(file_tensor.tensor_type)]
+        assert data.tobytes() == file_tensor.data.tobytes(), name
+    assert model.transformer.embedding.embedding_weight.dtype == ms.float16
+    assert model.transformer.output_layer.blocks == "q8_0"  # under q4_0 too (glm2_core.quants.kind_for)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_blocks_compute_what_the_dequantized_weights_compute(gguf_files, kind, monkeypatch):
+    """Same greedy tokens, logits within float32 rounding, as the float32 model of the same file dequantized
+    (what a machine without the native kernel loads)."""
+    quantized = from_pretrained(gguf_files[kind], dtype="float32")
+    assert blocks_of(quantized)
+    dec = Decoder(quantized)
+    got = dec.generate(PROMPT, max_new_tokens=12)
+    assert {"q8_0": "; q8_0 weights", "q4_0": "; q4_0 and q8_0 weights"}[kind] + " through the native float32 kernel" \
+        in describe(dec.timings)
+    logits = quantized(ms.Tensor(PROMPT)).asnumpy()
+    monkeypatch.setenv(kernels.SWITCH, "0")
+    kernels._native_linear.cache_clear()
+    try:
+        plain = from_pretrained(gguf_files[kind], dtype="float32")
+    finally:
+        monkeypatch.delenv(kernels.SWITCH)
+        kernels._native_linear.cache_clear()
+    assert not blocks_of(plain)
+    np.testing.assert_array_equal(got, plain.generate(PROMPT, max_new_tokens=12))
+    want = plain(ms.Tensor(PROMPT)).asnumpy()
+    assert np.abs(logits - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_quantize_at_load_gives_the_blocks_to_gguf_writes(hf_tiny, gguf_files, kind):
+    """quantize= on a float folder: the same bytes as the GGUF file of the same kind, by the same rule."""
+    _, stored = read_gguf(gguf_files[kind])
+    held = blocks_of(from_pretrained(hf_tiny("safetensors", "float16"), quantize=kind))
+    from_file = blocks_of(from_pretrained(gguf_files[kind]))
+    assert held.keys() == from_file.keys()
+    for name, (held_kind, data) in held.items():
+        assert held_kind == from_file[name][0] and data.tobytes() == from_file[name][1].tobytes(), name
+
+
+def test_what_cannot_be_quantized_is_refused_in_one_line(hf_tiny, gguf_files, no_native_kernels):
+    with pytest.raises(UserError, match="unknown quantization 'q5_k'"):
+        from_pretrained(hf_tiny("safetensors", "float16"), quantize="q5_k")
+    with pytest.raises(UserError, match="needs the native kernel, which cannot be built here: GLM2_NATIVE_KERNELS=0"):
+        from_pretrained(hf_tiny("safetensors", "float16"), quantize="q8_0")
+    assert not blocks_of(from_pretrained(gguf_files["q8_0"]))  # read as the float weights it stands for
+
+
+def test_quantized_weights_compute_in_float32(hf_tiny):
+    with pytest.raises(UserError, match="quantized weights compute in float32, not float16"):
+        from_pretrained(hf_tiny("safetensors", "float16"), quantize="q8_0", compute_dtype="float16")
