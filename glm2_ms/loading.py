@@ -9,10 +9,10 @@ import psutil
 from converters.source import Source
 from glm2_core.errors import UserError
 from glm2_core.names import BY_TEMPLATE, EMBEDDING, OUTPUT, Layout
-from glm2_core.quants import KINDS, kind_for, takes_blocks
+from glm2_core.quants import KINDS, kind_for, quantize, takes_blocks
 
 from .kernels import native_linear, why_not
-from .model import use_native_kernels
+from .model import linears, use_native_kernels
 
 RUNTIME_LAYOUT = Layout("mindformers")  # the runtime's parameter names
 EMBEDDING_NAME, OUTPUT_NAME = (RUNTIME_LAYOUT.targets(BY_TEMPLATE[t])[0][0] for t in (EMBEDDING, OUTPUT))
@@ -39,10 +39,24 @@ def fits_in_memory(nbytes: int, share: float) -> bool:
 
 
 def to_tensor(arr: np.ndarray, dtype: str) -> ms.Tensor:
-    """A MindSpore tensor owning a copy of `arr` (bfloat16 arrives as uint16 bits)."""
+    """A MindSpore tensor of `arr` (bfloat16 arrives as uint16 bits). It shares the memory of an array the reader
+    allocated for this tensor (`_owned`), and copies any other (a file mapping, a buffer that lives on): MindSpore's
+    own copy (`Tensor(arr)`) runs at about 1 GB/s, slower than the disk."""
+    if not _owned(arr):
+        arr = np.array(arr, order="C", copy=True)
     if dtype == "bfloat16":
-        return ms.Tensor(np.ascontiguousarray(arr).view(np.uint16)).view(ms.bfloat16)
-    return ms.Tensor(np.array(arr, copy=True))
+        return ms.Tensor.from_numpy(arr.view(np.uint16)).view(ms.bfloat16)
+    return ms.Tensor.from_numpy(arr)
+
+
+def _owned(arr: np.ndarray) -> bool:
+    """Whether `arr` is C-contiguous, writeable and, through its views, numpy's own allocation (not a mapping)."""
+    if not (arr.flags.c_contiguous and arr.flags.writeable):
+        return False
+    root = arr
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    return root.base is None and root.flags.owndata
 
 
 def block_plan(src: Source, groups, want: str | None) -> dict[str, str]:
@@ -50,12 +64,10 @@ def block_plan(src: Source, groups, want: str | None) -> dict[str, str]:
     every weight matrix whose rows are whole blocks, the output layer by `kind_for`. Without: those the source
     stores in blocks (a q8_0/q4_0 GGUF file, THUDM's int4/int8) as they are stored, where the native kernel can be
     built (elsewhere they are read as the float weights they stand for). The embedding stays float: a lookup."""
-    if want is not None and want not in KINDS:
-        raise UserError(f"unknown quantization {want!r}; expected one of {', '.join(KINDS)}")
-    if native_linear() is None:
-        if want is None:
-            return {}
-        raise UserError(f"quantize={want} needs the native kernel, which cannot be built here: {why_not()}")
+    if want is not None:
+        check_quantize(want)
+    elif native_linear() is None:
+        return {}
     plan = {}
     for g in groups:
         (name, shape), *rest = g.dst()
@@ -70,9 +82,34 @@ def block_plan(src: Source, groups, want: str | None) -> dict[str, str]:
     return plan
 
 
+def check_quantize(want: str) -> None:
+    """A quantization the runtime can hold here: q8_0 or q4_0, with the native kernel built."""
+    if want not in KINDS:
+        raise UserError(f"unknown quantization {want!r}; expected one of {', '.join(KINDS)}")
+    if native_linear() is None:
+        raise UserError(f"quantize={want} needs the native kernel, which cannot be built here: {why_not()}")
+
+
+def quantized(cell, arrays: dict, want: str, output: bool = False) -> dict:
+    """`arrays` ({parameter name of `cell`: (array, dtype)}) with each Linear weight of `cell` whose rows are whole
+    blocks quantized to `want` (an `output` layer's by `kind_for`) and its Linear holding them: a part of a model
+    built as `from_pretrained(…, quantize=want)` builds it."""
+    check_quantize(want)
+    out = dict(arrays)
+    for sub in linears(cell):
+        name = sub.weight.name
+        if name in out and takes_blocks(sub.weight.shape):
+            kind = kind_for(want, output)
+            sub.hold_blocks(kind)
+            out[name] = (quantize(*out[name], kind), kind)
+    return out
+
+
 def load_into(cell, weights) -> None:
     """Set every parameter of `cell` from `weights` ((name, array, dtype) by the cell's parameter names), for
-    inference (with the native kernels, where they can be built)."""
+    inference (with the native kernels, where they can be built), and launch this process's kernels blocking:
+    MindSpore's asynchronous launch keeps a thread spinning beside the one that runs a kernel, which on a 2-core
+    machine takes the core the kernel's second thread needs (figures: benchmarks/results)."""
     params = {p.name: p for p in cell.get_parameters()}
     for name, arr, dt in weights:
         params.pop(name).set_data(to_tensor(arr, "uint8" if dt in KINDS else dt))
@@ -80,3 +117,4 @@ def load_into(cell, weights) -> None:
         raise AssertionError(f"parameters left unset: {sorted(params)[:3]}")
     cell.set_train(False)
     use_native_kernels(cell)
+    ms.runtime.launch_blocking()

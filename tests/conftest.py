@@ -109,6 +109,17 @@ def ms_tiny(hf_tiny, tmp_path_factory):
     return get
 
 
+@pytest.fixture(params=["avx512", "avx2"])
+def kernel_isa(request, monkeypatch):
+    """The native kernel built for each instruction set: AVX-512 where this CPU has it (else that case is the AVX2
+    build again), and AVX2 (GLM2_NATIVE_KERNELS=avx2)."""
+    if request.param == "avx2":
+        monkeypatch.setenv(kernels.SWITCH, "avx2")
+    kernels._native_linear.cache_clear()
+    yield kernels.isa()
+    kernels._native_linear.cache_clear()
+
+
 @pytest.fixture
 def no_native_kernels(monkeypatch):
     """The runtime as on a machine where glm2_ms/kernels cannot be built: 16-bit weights cast where used."""

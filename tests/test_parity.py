@@ -216,3 +216,25 @@ def test_parity_png_legends_have_every_glyph(tmp_path, capfd):
     assert "Glyph" not in capfd.readouterr().err
     assert (tmp_path / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 1 | 你好 | 9 |" in markdown(report) and "| 5 | Write a short poem about | 9 |" in markdown(report)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_a_quantized_model_is_judged_by_top1_and_kl(hf_tiny, tmp_path, monkeypatch, kind):
+    """--quantize: MindSpore's weight matrices quantized, against the float reference; layer by layer (quantized
+    block by block, the output layer by slices) the same numbers as the whole quantized model; the report gives the
+    top-1 agreement and KL and holds no float threshold to it."""
+    monkeypatch.setattr(streamed, "HEAD_BYTES", 4 * 64 * 4096)
+    src = hf_tiny(dtype="float16")
+    convert(src, tmp_path / "ms", target=Layout("mindformers"), fmt="ckpt", progress=False)
+    whole = run_parity(src, tmp_path / "ms", PROMPTS, "float32", new_tokens=8, streamed=False, quantize=kind)
+    layered = run_parity(src, tmp_path / "ms", PROMPTS, "float32", new_tokens=8, streamed=True, quantize=kind)
+    assert without_timings(layered) == without_timings(whole)
+    for p in whole["prompts"]:
+        assert p["logits_max_abs"] > 1e-4 and p["kl"] > 0
+        assert p["top1_agreement"] >= Thresholds.for_quantized(kind).top1
+    assert whole["passed"] and whole["quantize"] == kind and whole["thresholds"]["logits_max_abs"] is None
+    assert f"quantized to {kind}" in markdown(whole) and "none on the layers and logits" in markdown(whole)
+    plot(whole, tmp_path / "parity.png")
+    refused = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--quantize", kind,
+                                              "--compute-dtype", "float16"])
+    assert refused.exit_code == 1 and "quantized weights compute in float32, not float16" in refused.output

@@ -25,7 +25,7 @@ PROMPT = np.array([[64790, 64792, 790, 30951, 517, 30910, 30940, 30996]], np.int
 
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("m,n,k", SHAPES)
-def test_the_kernel_is_float32_arithmetic_on_the_dequantized_blocks(m, n, k, kind):
+def test_the_kernel_is_float32_arithmetic_on_the_dequantized_blocks(m, n, k, kind, kernel_isa):
     op = kernels.native_linear()
     assert op is not None, kernels.why_not()
     rng = np.random.default_rng(k + n)

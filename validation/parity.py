@@ -7,6 +7,7 @@ greedy generation (token agreement, first divergence). Thresholds are per comput
 """
 from __future__ import annotations
 
+import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from glm2_core.names import canonical_shapes
 from glm2_core.outputs import stamp
 from glm2_ms.api import from_pretrained
 from glm2_ms.generation import Decoder, check_budget
-from glm2_ms.loading import fits_in_memory, use_cpu
+from glm2_ms.loading import check_quantize, fits_in_memory, use_cpu
 from glm2_ms.tokenizer import GLM2Tokenizer
 
 from .references import REFERENCES, STREAMED, timed
@@ -46,6 +47,7 @@ class Pair:
     dtype: str = "float32"
     reference: str = "torch"
     release: str | None = None
+    quantize: str | None = None  # MindSpore's weight matrices quantized as they load (glm2_ms: q8_0 or q4_0)
 
 
 @dataclass
@@ -65,6 +67,16 @@ class Thresholds:
             "float16": cls(logits_max_abs=5e-2, layer_rel=1e-2, top1=0.98, greedy=0.9),
         }[dtype]
         return cls(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def for_quantized(cls, kind: str, **overrides) -> Thresholds:
+        """A quantized model is not the float model to rounding: no bound on its layers or logits, and top-1
+        agreement against the float reference at least what docs/parity.md measured, with headroom."""
+        base = cls(logits_max_abs=math.inf, layer_rel=math.inf, top1=QUANTIZED_TOP1[kind], greedy=0.0)
+        return cls(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+QUANTIZED_TOP1 = {"q8_0": 0.9, "q4_0": 0.7}  # the default --min-top1 of glm2-parity --quantize
 
 
 def _kl(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
@@ -118,7 +130,7 @@ class MindSporeSide:
         use_cpu()
         self.ms = ms
         self.model = from_pretrained(pair.ms_dir, dtype=weights_for(pair.dtype), compute_dtype=pair.dtype,
-                                     release=pair.release)
+                                     release=pair.release, quantize=pair.quantize)
         self.decoder = Decoder(self.model)
 
     def trace(self, ids):
@@ -176,7 +188,7 @@ def _streamed(pair: Pair, tok_ids, new_tokens):
                         f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
     made = {}  # the reference's layers, which name the modules they run
     sides = {"ref": lambda: made.setdefault("ref", STREAMED[pair.reference](pair.hf_dir, pair.dtype, pair.release)),
-             "ms": lambda: MindSporeLayers(pair.ms_dir, pair.dtype, pair.release)}
+             "ms": lambda: MindSporeLayers(pair.ms_dir, pair.dtype, pair.release, pair.quantize)}
     traces, trace_s, load_s = {}, {}, {}
     tokens = {side: [[] for _ in tok_ids] for side in sides}
     gen_s = {side: [0.0 for _ in tok_ids] for side in sides}
@@ -222,13 +234,18 @@ def check_new_tokens(cfg, tok_ids: list[list[int]], new_tokens: int, dtype: str,
 
 def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "float32", new_tokens: int = 32,
                reference: str = "torch", thresholds: Thresholds | None = None, streamed: bool | None = None,
-               release: str | None = None) -> dict:
+               release: str | None = None, quantize: str | None = None) -> dict:
     """`streamed`: run layer by layer (None: when the two whole models would not fit in the memory available);
-    `release`: the release both folders hold where their configs cannot tell."""
+    `release`: the release both folders hold where their configs cannot tell; `quantize`: MindSpore's weight
+    matrices quantized (q8_0 or q4_0) against the float reference, judged by `Thresholds.for_quantized`."""
     if reference not in REFERENCES:
         raise UserError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCES)}")
-    pair = Pair(Path(hf_dir), Path(ms_dir), dtype, reference, release)
-    th = thresholds or Thresholds.for_dtype(dtype)
+    if quantize is not None:
+        check_quantize(quantize)
+        if dtype != "float32":
+            raise UserError(f"quantized weights compute in float32, not {dtype}")
+    pair = Pair(Path(hf_dir), Path(ms_dir), dtype, reference, release, quantize)
+    th = thresholds or (Thresholds.for_quantized(quantize) if quantize else Thresholds.for_dtype(dtype))
     with Source.open(pair.ms_dir, release=release) as src:
         cfg = src.cfg
     tok = _tokenizer(pair, cfg)
@@ -239,10 +256,11 @@ def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "flo
     rows, load_s, ref_name = (_streamed if streamed else _whole)(pair, tok_ids, new_tokens)
     results = [compare(p, ids, *row, th) for p, ids, row in zip(prompts, tok_ids, rows, strict=True)]
     return {
-        "hf_dir": str(hf_dir), "ms_dir": str(ms_dir), "reference": ref_name, "dtype": dtype,
+        "hf_dir": str(hf_dir), "ms_dir": str(ms_dir), "reference": ref_name, "dtype": dtype, "quantize": quantize,
         "mode": "streamed" if streamed else "whole",
         "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "vocab": cfg.padded_vocab_size},
-        "thresholds": asdict(th), "new_tokens": new_tokens, "load_seconds": load_s,
+        "thresholds": {k: None if v == math.inf else v for k, v in asdict(th).items()}, "new_tokens": new_tokens,
+        "load_seconds": load_s,
         "prompts": results, "passed": all(r["passed"] for r in results),
     }
 
@@ -271,14 +289,21 @@ def write_report(report: dict, out: Path, overwrite: bool = False, sources=()) -
         stamp(tmp, REPORT)
 
 
+def _bounds(th: dict) -> str:
+    if th["logits_max_abs"] is None:
+        return "none on the layers and logits (a quantized model), "
+    return (f"logits max abs ≤ {th['logits_max_abs']:g}, every layer's max abs diff ≤ {th['layer_rel']:g} × its "
+            f"max |value|, ")
+
+
 def markdown(r: dict) -> str:
     th = r["thresholds"]
+    quantized = f", its weight matrices quantized to {r['quantize']}" if r.get("quantize") else ""
     lines = [f"# Logits parity: {'PASS' if r['passed'] else 'FAIL'}", "",
-             f"- MindSpore: `{r['ms_dir']}`; reference: {r['reference']} on `{r['hf_dir']}`; compute {r['dtype']}; "
-             f"{MODES[r['mode']]}",
+             f"- MindSpore: `{r['ms_dir']}`{quantized}; reference: {r['reference']} on `{r['hf_dir']}`; compute "
+             f"{r['dtype']}; {MODES[r['mode']]}",
              f"- model: {r['model']['layers']} layers, hidden {r['model']['hidden']}, vocab {r['model']['vocab']}",
-             f"- thresholds: logits max abs ≤ {th['logits_max_abs']:g}, every layer's max abs diff ≤ "
-             f"{th['layer_rel']:g} × its max |value|, top-1 ≥ {th['top1']:.0%}, greedy agreement ≥ "
+             f"- thresholds: {_bounds(th)}top-1 ≥ {th['top1']:.0%}, greedy agreement ≥ "
              f"{th['greedy']:.0%} over {r['new_tokens']} tokens", "",
              "| # | prompt | tokens | worst layer max abs (rel) | logits max abs | rel | top-1 | KL | greedy "
              "| first divergence | MS / ref forward s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -348,7 +373,8 @@ def plot(r: dict, path: Path) -> None:
         ax.semilogy(range(len(stages)), [max(s["rel"], 1e-12) for s in stages], marker="o", ms=3, label=label)
     names = [s["stage"] for s in r["prompts"][0]["stages"]]
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.axhline(r["thresholds"]["layer_rel"], color="red", ls="--", lw=1, label=THRESHOLD_LABEL)
+    if r["thresholds"]["layer_rel"] is not None:  # none for a quantized model
+        ax.axhline(r["thresholds"]["layer_rel"], color="red", ls="--", lw=1, label=THRESHOLD_LABEL)
     ax.set_ylabel("max |MindSpore − reference| / max |reference|")
     ax.set_title(f"{r['reference']} vs MindSpore, {r['dtype']}: {'PASS' if r['passed'] else 'FAIL'}")
     ax.legend(prop=FontProperties(fname=font, size=7) if font else FontProperties(size=7))

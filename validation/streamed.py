@@ -26,7 +26,7 @@ from converters.source import Source, apply_dtype, out_dtype
 from glm2_core.dtypes import weights_for
 from glm2_core.names import EMBEDDING, FINAL_NORM, INPUT_NORM, OUTPUT, Layout, prefix_of
 from glm2_ms import model as m
-from glm2_ms.loading import MS_DTYPES, RUNTIME_LAYOUT, load_into, use_cpu
+from glm2_ms.loading import MS_DTYPES, RUNTIME_LAYOUT, load_into, quantized, use_cpu
 
 _LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.")
 EMBED, HEAD = "embedding", "head"  # the stages around the layers (numbered 0..n-1)
@@ -180,10 +180,12 @@ class MindSporeLayers:
     and RoPE tables, one stage's cells built and filled at a time. As in the whole model, the cells keep their
     weights in `LayerWeights.dtype` and compute in `dtype`, casting each weight where it is used."""
 
-    def __init__(self, ms_dir: Path, dtype: str, release: str | None = None):
+    def __init__(self, ms_dir: Path, dtype: str, release: str | None = None, quantize: str | None = None):
+        """`quantize`: the weight matrices quantized as `from_pretrained(…, quantize=…)` holds them."""
         import mindspore as ms
 
         use_cpu()
+        self.quantize = quantize
         self.weights = LayerWeights(ms_dir, RUNTIME_LAYOUT, dtype, release)
         self.prefix = {"embedding": prefix_of(RUNTIME_LAYOUT, EMBEDDING, "embedding_weight"),
                        "block": prefix_of(RUNTIME_LAYOUT, INPUT_NORM, "input_layernorm.weight"),
@@ -192,7 +194,9 @@ class MindSporeLayers:
         self.cfg = self.weights.cfg
         self.stages, self.close = self.weights.stages, self.weights.close
 
-    def _filled(self, cell, arrays: dict):
+    def _filled(self, cell, arrays: dict, output: bool = False):
+        if self.quantize:
+            arrays = quantized(cell, arrays, self.quantize, output)
         load_into(cell, ((name, arr, dt) for name, (arr, dt) in arrays.items()))
         return cell
 
@@ -221,7 +225,8 @@ class MindSporeLayers:
                 hiddens = [norm(state[0]) for state in states]
                 logits, seconds = logits_by_slice(
                     of(arrays, self.prefix["output"]), cfg.hidden_size, hiddens,
-                    lambda weights, rows: self._filled(m.Linear(cfg.hidden_size, rows, False, storage), weights),
+                    lambda weights, rows: self._filled(m.Linear(cfg.hidden_size, rows, False, storage), weights,
+                                                       output=True),
                     lambda layer, hidden: self._rows(layer(hidden).astype(ms.float32)))
                 return [[("final norm", self._rows(h)), ("logits", x)]
                         for h, x in zip(hiddens, logits, strict=True)], seconds

@@ -5,6 +5,8 @@ import errno
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,11 +171,39 @@ def write_bytes(out, data: np.ndarray | FileSpan, start: int = 0, n: int | None 
         out.write(memoryview(np.ascontiguousarray(data)).cast("B")[start:start + n])
 
 
-def read_exact(f, offset: int, arr: np.ndarray, path: Path, what: str) -> None:
-    """Fill `arr` with the bytes at `offset`; a short read means the file was cut off."""
+READ_CHUNK = 1 << 26  # bytes read at a time into a tensor's buffer
+PAGE = 4096
+
+
+def read_exact(f, offset: int, arr: np.ndarray, path: Path, what: str, digest=None) -> None:
+    """Fill `arr` (C-contiguous) with the bytes at `offset`; a short read means the file was cut off. With `digest`
+    (a hashlib object), each chunk is hashed on a second thread while the next one is read.
+
+    Each chunk's pages are touched before the read: a read into pages not yet mapped runs 3-5× slower on these
+    virtual machines than the faults and the read apart (figures: benchmarks/results)."""
+    flat = arr.reshape(-1).view(np.uint8)
     f.seek(offset)
-    view = memoryview(arr).cast("B")
-    got = f.readinto(view)
-    if got != len(view):
-        raise CheckpointError(f"{path}: truncated file: tensor {what!r} needs {len(view)} bytes at offset {offset}, "
-                              f"only {got} present")
+    hashing = None
+    with _hasher() if digest is not None else _no_pool() as pool:
+        for at in range(0, flat.size, READ_CHUNK):
+            chunk = flat[at:at + READ_CHUNK]
+            chunk[::PAGE] = 0
+            got = f.readinto(memoryview(chunk))
+            if got != chunk.size:
+                raise CheckpointError(f"{path}: truncated file: tensor {what!r} needs {flat.size} bytes at offset "
+                                      f"{offset}, only {at + (got or 0)} present")
+            if pool is not None:
+                if hashing is not None:
+                    hashing.result()
+                hashing = pool.submit(digest.update, chunk)
+        if hashing is not None:
+            hashing.result()
+
+
+def _hasher() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="hash")
+
+
+@contextmanager
+def _no_pool():
+    yield None

@@ -189,8 +189,9 @@ class GGUFFile(WeightsFile):
 
         def raw() -> np.ndarray:
             data = np.empty(size, np.uint8)
-            read_exact(self._f, offset, data, self.path, t.name)
-            if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+            h = hashlib.sha256() if digest is not None else None
+            read_exact(self._f, offset, data, self.path, t.name, h)
+            if h is not None and h.hexdigest() != digest:
                 raise CheckpointError(f"{self.path}: tensor {t.name!r} does not match the sha256 the file records: "
                                       f"the file is corrupt (--no-crc-check reads it anyway)")
             return data

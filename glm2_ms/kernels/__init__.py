@@ -21,7 +21,9 @@ from glm2_core import cache_dir as package_cache
 SOURCE = Path(__file__).with_name("linear.cc")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx2", "fma", "f16c"}
-SWITCH = "GLM2_NATIVE_KERNELS"  # "0": never use them
+# the decoding paths' 16-wide build, chosen at run time where the CPU has these (linear.cc's __AVX512F__ parts)
+AVX512 = {"avx512f", "avx512bw", "avx512vl"}
+SWITCH = "GLM2_NATIVE_KERNELS"  # "0": never use them; "avx2": the AVX2 build even where AVX-512 is
 
 
 def cache_dir() -> Path:
@@ -37,6 +39,12 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def isa() -> str:
+    """The instruction set the kernel is built for here: avx512 where the CPU has it (unless GLM2_NATIVE_KERNELS is
+    avx2), else avx2."""
+    return "avx512" if _cpu_flags() >= AVX512 and os.environ.get(SWITCH) != "avx2" else "avx2"
+
+
 def _build() -> tuple[Path | None, str]:
     """The shared library (built once per source and flags), or None and the reason."""
     if os.environ.get(SWITCH) == "0":
@@ -47,14 +55,15 @@ def _build() -> tuple[Path | None, str]:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         return None, "no C++ compiler (g++) on PATH"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    flags = FLAGS + [f"-m{f}" for f in sorted(AVX512)] if isa() == "avx512" else FLAGS
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     lib = cache_dir() / f"linear-{digest}.so"
     if lib.exists():
         return lib, ""
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         built = Path(tmp) / lib.name
-        run = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
+        run = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
                              check=False)
         if run.returncode:
             return None, f"{Path(compiler).name} failed: {run.stderr.strip().splitlines()[-1:]}"

@@ -194,6 +194,71 @@ void direct(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_t n
     }
 }
 
+#ifdef __AVX512F__
+// 16 weights of a quantized block (its first or second half) as floats, before the scale.
+template <Kind K>
+inline __m512 half_values(const uint8_t *blk, int half) {
+  if constexpr (K == Q8_0) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2 + 16 * half))));
+  } else {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2));
+    const __m128i nibbles = half ? _mm_srli_epi16(bytes, 4) : bytes;
+    const __m128i v = _mm_sub_epi8(_mm_and_si128(nibbles, _mm_set1_epi8(0x0F)), _mm_set1_epi8(8));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v));
+  }
+}
+
+// `direct` with 16-wide vectors (chosen when the library is built for AVX-512).
+template <int R, Kind K>
+void direct512(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_t n0, int cols) {
+  const uint8_t *rows[kCols];
+  for (int c = 0; c < kCols; ++c) rows[c] = w.row(n0 + (c < cols ? c : 0));
+  __m512 acc[R][kCols];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t vec = k & ~int64_t(15);
+  if constexpr (K == F16 || K == BF16) {
+    for (int64_t j = 0; j < vec; j += 16) {
+      __m512 wv[kCols];
+      for (int c = 0; c < kCols; ++c) {
+        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(reinterpret_cast<const uint16_t *>(rows[c]) + j));
+        wv[c] = K == BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)) : _mm512_cvtph_ps(bits);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 xv = _mm512_loadu_ps(x + r * k + j);
+        for (int c = 0; c < kCols; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+      }
+    }
+  } else {
+    vec = k;
+    for (int64_t b = 0; b < k / kQK; ++b) {
+      __m512 xv[R][2];
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < 2; ++h) xv[r][h] = _mm512_loadu_ps(x + r * k + b * kQK + 16 * h);
+      for (int c = 0; c < kCols; ++c) {
+        const uint8_t *blk = rows[c] + b * block_bytes<K>();
+        const __m512 v0 = half_values<K>(blk, 0), v1 = half_values<K>(blk, 1);
+        uint16_t h;
+        memcpy(&h, blk, sizeof h);
+        const __m512 d = _mm512_set1_ps(_cvtsh_ss(h));
+        for (int r = 0; r < R; ++r)
+          acc[r][c] = _mm512_fmadd_ps(_mm512_fmadd_ps(xv[r][1], v1, _mm512_mul_ps(xv[r][0], v0)), d, acc[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < cols; ++c) {
+      float s = _mm512_reduce_add_ps(acc[r][c]);
+      for (int64_t j = vec; j < k; ++j)
+        s += x[r * k + j] * widen1(reinterpret_cast<const uint16_t *>(rows[c])[j], K == BF16);
+      y[r * n + n0 + c] = s;
+    }
+}
+#define DIRECT direct512
+#else
+#define DIRECT direct
+#endif
+
 template <Kind K>
 void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
 #pragma omp parallel
@@ -203,9 +268,9 @@ void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k
     for (int64_t n0 = 0; n0 < n; n0 += kCols) {
       const int cols = n - n0 < kCols ? static_cast<int>(n - n0) : kCols;
       if (m == 1)
-        direct<1, K>(x, w, y, n, k, n0, cols);
+        DIRECT<1, K>(x, w, y, n, k, n0, cols);
       else if (m == 2)
-        direct<2, K>(x, w, y, n, k, n0, cols);
+        DIRECT<2, K>(x, w, y, n, k, n0, cols);
       else
         columns<K>(x, w, y, m, n, k, n0, cols, partial.data());
     }

@@ -1,0 +1,185 @@
+"""The runtime against llama.cpp on the same GGUF files at the ChatGLM2-6B shapes: f16, q8_0 and q4_0, batch 1.
+
+    python benchmarks/side_by_side_6b.py [--workdir bench-work] [--layers 28] [--kinds f16,q8_0,q4_0]
+                                         [--prompt 200] [--new 32] [--repeat 2] [--threads 2]
+
+One synthetic 6B-shaped checkpoint (`--layers` for quick runs) written by to-gguf in each kind; each side then runs
+in a process of its own on the same file, the sides alternating, the page cache dropped before each (a cold start):
+load, the prompt (random ids, the same for both), `--new` greedy tokens. Printed per kind: cold start to the first
+token (load + prefill), prefill and decode tokens/s, decode as a fraction of the machine's limit (read bandwidth,
+measured in the same run, ÷ the bytes a step reads: the weights as stored and the KV cache), peak RSS against the
+file, and how many greedy tokens the two sides share. Our side is `from_pretrained(file)`: its weights held as the
+file stores them (16-bit through the native kernel, blocks through its q8_0/q4_0 paths), float32 arithmetic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from bandwidth import read_bandwidth
+from measure import drop_caches, print_machine
+
+KINDS = {"f16": "float16", "q8_0": "q8_0", "q4_0": "q4_0"}  # this script's name → to-gguf's --dtype
+
+
+def prompt_ids(n: int) -> list[int]:
+    return [int(i) for i in np.random.default_rng(0).integers(100, 60000, n)]
+
+
+def run_ours(path: Path, prompt: list[int], new: int, threads: int) -> dict:
+    from measure import set_ms_threads
+
+    set_ms_threads(threads)
+    from glm2_ms.api import from_pretrained
+    from glm2_ms.generation import Decoder
+
+    clock = time.perf_counter()
+    model = from_pretrained(path, compute_dtype="float32")
+    load = time.perf_counter() - clock
+    dec = Decoder(model)
+    tokens = [int(t[0]) for t in dec.stream(np.array([prompt], np.int32), max_new_tokens=new, eos_token_id=-1)]
+    t = dec.timings
+    steps = t["decode_s"][1:]  # the first step compiles
+    return {"load": load, "prefill": t["prefill_s"], "decode": len(steps) / sum(steps), "tokens": tokens,
+            "weights": t["weights"]}
+
+
+def run_llama(path: Path, prompt: list[int], new: int, threads: int) -> dict:
+    import llama_cpp
+
+    clock = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new + 16, n_batch=512, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    load = time.perf_counter() - clock
+    clock = time.perf_counter()
+    llm.eval(prompt)
+    prefill = time.perf_counter() - clock
+    tokens, stamps = [], []
+    for _ in range(new):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tokens.append(token)
+        stamps.append(time.perf_counter())
+        if len(tokens) < new:
+            llm.eval([token])
+    steps = np.diff(stamps)[1:]
+    return {"load": load, "prefill": prefill, "decode": len(steps) / steps.sum(), "tokens": tokens}
+
+
+SIDES = {"ours": run_ours, "llama": run_llama}
+
+
+def child(side: str, path: Path, prompt: int, new: int, threads: int) -> None:
+    out = SIDES[side](path, prompt_ids(prompt), new, threads)
+    out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RESULT " + json.dumps(out))
+
+
+def side_run(side: str, path: Path, args) -> dict:
+    drop_caches()
+    proc = subprocess.run([sys.executable, __file__, "--child", side, "--file", str(path), "--prompt", str(args.prompt),
+                           "--new", str(args.new), "--threads", str(args.threads)], capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        raise SystemExit(f"{side} on {path.name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def bytes_per_step(cfg, path: Path, position: int) -> int:
+    """What a decode step reads: every tensor of the file but the embedding (one row of it), and the KV cache up to
+    `position` in float32 (ours; llama.cpp's is float16, half of that)."""
+    import gguf
+
+    from converters.formats.gguf_io import scan
+
+    _, table = scan(path, RuntimeError)
+    weights = 0
+    for t in table:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t.type)]
+        weights += 0 if t.name == "token_embd.weight" else int(np.prod(t.shape)) // block * size
+    return weights + 2 * cfg.num_layers * cfg.multi_query_group_num * cfg.kv_channels * position * 4
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", type=Path, default=Path("bench-work"))
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--prompt", type=int, default=200)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child", choices=tuple(SIDES))
+    ap.add_argument("--file", type=Path)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.file, args.prompt, args.new, args.threads)
+    from converters.gguf_out import to_gguf
+    from converters.synth import synthesize
+    from glm2_core.config import GLM2Config
+
+    print_machine(args.threads)
+    bw = read_bandwidth(args.threads)["median"]
+    print(f"read bandwidth, {args.threads} threads: median {bw:.1f} GB/s; page cache dropped before each run: "
+          f"{drop_caches()}", flush=True)
+    cfg = GLM2Config.preset("6b", num_layers=args.layers)
+    work = args.workdir
+    src = work / f"hf-6b-{args.layers}l"
+    if not src.exists():
+        synthesize(src, cfg, "float16", "safetensors", seed=0)
+    rows = []
+    for kind in args.kinds.split(","):
+        path = work / f"6b-{args.layers}l-{kind}.gguf"
+        if not path.exists():
+            to_gguf(src, path, dtype=KINDS[kind], progress=False)
+        runs = {side: [] for side in SIDES}
+        for i in range(args.repeat):
+            for side in (SIDES if i % 2 == 0 else reversed(SIDES)):
+                runs[side].append(side_run(side, path, args))
+        rows.append(summary(kind, path, runs, bytes_per_step(cfg, path, args.prompt + args.new // 2), bw, args))
+        print(json.dumps(rows[-1]), flush=True)
+    print_tables(rows, args)
+
+
+def summary(kind: str, path: Path, runs: dict, step_bytes: int, bw: float, args) -> dict:
+    """Medians over the runs of each side, and their ratios."""
+    med = {side: {k: statistics.median(r[k] for r in rs) for k in ("load", "prefill", "decode", "rss")}
+           for side, rs in runs.items()}
+    same = sum(a == b for a, b in zip(runs["ours"][0]["tokens"], runs["llama"][0]["tokens"], strict=True))
+    limit = bw * 1e9 / step_bytes
+    return {"kind": kind, "file_gb": path.stat().st_size / 1e9, "step_gb": step_bytes / 1e9, "limit": limit,
+            **{f"{s}_{k}": v for s, m in med.items() for k, v in m.items()},
+            "same_tokens": f"{same}/{args.new}", "weights": runs["ours"][0]["weights"]}
+
+
+def print_tables(rows: list[dict], args) -> None:
+    print(f"\nChatGLM2-6B shapes, {args.layers} layers; prompt {args.prompt} tokens, {args.new} new, greedy, "
+          f"{args.threads} threads each side; median of {args.repeat} cold runs per side, alternating\n")
+    print("| weights | file | decode limit tok/s | ours decode tok/s (/ limit) | llama.cpp (/ limit) | "
+          "ours / llama.cpp | prefill tok/s ours | llama.cpp | ours / llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        pre_o, pre_l = args.prompt / r["ours_prefill"], args.prompt / r["llama_prefill"]
+        print(f"| {r['kind']} | {r['file_gb']:.2f} GB | {r['limit']:.2f} | {r['ours_decode']:.2f} "
+              f"({r['ours_decode'] / r['limit']:.2f}) | {r['llama_decode']:.2f} ({r['llama_decode'] / r['limit']:.2f}) "
+              f"| {r['ours_decode'] / r['llama_decode']:.2f}x | {pre_o:.1f} | {pre_l:.1f} | {pre_o / pre_l:.2f}x |")
+    print("\n| weights | cold start to first token: ours (load + prefill) | llama.cpp | ours / llama.cpp | "
+          "peak RSS ours (/ file) | llama.cpp (/ file) | same greedy tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        first_o, first_l = r["ours_load"] + r["ours_prefill"], r["llama_load"] + r["llama_prefill"]
+        gb = r["file_gb"] * 1e9
+        print(f"| {r['kind']} | {first_o:.1f} s ({r['ours_load']:.1f} + {r['ours_prefill']:.1f}) | {first_l:.1f} s "
+              f"({r['llama_load']:.1f} + {r['llama_prefill']:.1f}) | {first_o / first_l:.2f}x | "
+              f"{r['ours_rss'] / 1e9:.2f} GB ({r['ours_rss'] / gb:.2f}) | {r['llama_rss'] / 1e9:.2f} GB "
+              f"({r['llama_rss'] / gb:.2f}) | {r['same_tokens']} |")
+
+
+if __name__ == "__main__":
+    main()
