@@ -21,7 +21,7 @@ from glm2_core.recipes import SAMPLING
 from .dialogue import chat, stream_chat
 from .generation import Decoder
 from .loading import MS_DTYPES, RUNTIME_LAYOUT, block_plan, load_into
-from .model import GLM2Network, linears
+from .model import GLM2Network, block_holders
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig
 from .tokenizer import GLM2Tokenizer
 
@@ -134,9 +134,9 @@ class ModelFolder:
             raise CheckpointError(f"{src.ckpt.path}: weights are {storage}; pass dtype= float32, float16 or bfloat16")
         model = GLM2ForCausalLM(src.cfg, MS_DTYPES[storage], MS_DTYPES[compute_dtype or "float32"] if plan
                                 else compute_dtype and MS_DTYPES[compute_dtype])
-        for sub in linears(model):
-            if sub.weight.name in plan:
-                sub.hold_blocks(plan[sub.weight.name])
+        for name, (sub, _) in block_holders(model, holding=False).items():
+            if name in plan:
+                sub.hold_blocks(plan[name])
         load_into(model, src.stream(groups, storage, blocks=plan))
         src.ckpt.check_complete()
         return model

@@ -8,14 +8,14 @@ import psutil
 
 from converters.source import Source
 from glm2_core.errors import UserError
-from glm2_core.names import BY_TEMPLATE, EMBEDDING, OUTPUT, Layout
+from glm2_core.names import BY_TEMPLATE, OUTPUT, Layout
 from glm2_core.quants import KINDS, kind_for, quantize, takes_blocks
 
 from .kernels import native_linear, why_not
-from .model import linears, use_native_kernels
+from .model import block_holders, use_native_kernels
 
 RUNTIME_LAYOUT = Layout("mindformers")  # the runtime's parameter names
-EMBEDDING_NAME, OUTPUT_NAME = (RUNTIME_LAYOUT.targets(BY_TEMPLATE[t])[0][0] for t in (EMBEDDING, OUTPUT))
+OUTPUT_NAME = RUNTIME_LAYOUT.targets(BY_TEMPLATE[OUTPUT])[0][0]
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
@@ -63,7 +63,8 @@ def block_plan(src: Source, groups, want: str | None) -> dict[str, str]:
     """Which weights to hold in llama.cpp's blocks, by runtime parameter name → kind. With `want` (q8_0 or q4_0):
     every weight matrix whose rows are whole blocks, the output layer by `kind_for`. Without: those the source
     stores in blocks (a q8_0/q4_0 GGUF file, THUDM's int4/int8) as they are stored, where the native kernel can be
-    built (elsewhere they are read as the float weights they stand for). The embedding stays float: a lookup."""
+    built (elsewhere they are read as the float weights they stand for). The embedding too: its rows are
+    dequantized as they are looked up."""
     if want is not None:
         check_quantize(want)
     elif native_linear() is None:
@@ -71,7 +72,7 @@ def block_plan(src: Source, groups, want: str | None) -> dict[str, str]:
     plan = {}
     for g in groups:
         (name, shape), *rest = g.dst()
-        if name == EMBEDDING_NAME or len(shape) != 2:
+        if len(shape) != 2:
             continue
         if want is not None:
             plan.update({n: kind_for(want, n == OUTPUT_NAME) for n, s in [(name, shape), *rest] if takes_blocks(s)})
@@ -91,14 +92,13 @@ def check_quantize(want: str) -> None:
 
 
 def quantized(cell, arrays: dict, want: str, output: bool = False) -> dict:
-    """`arrays` ({parameter name of `cell`: (array, dtype)}) with each Linear weight of `cell` whose rows are whole
-    blocks quantized to `want` (an `output` layer's by `kind_for`) and its Linear holding them: a part of a model
+    """`arrays` ({parameter name of `cell`: (array, dtype)}) with each weight matrix of `cell` whose rows are whole
+    blocks quantized to `want` (an `output` layer's by `kind_for`) and its cell holding them: a part of a model
     built as `from_pretrained(…, quantize=want)` builds it."""
     check_quantize(want)
     out = dict(arrays)
-    for sub in linears(cell):
-        name = sub.weight.name
-        if name in out and takes_blocks(sub.weight.shape):
+    for name, (sub, weight) in block_holders(cell, holding=False).items():
+        if name in out and takes_blocks(weight.shape):
             kind = kind_for(want, output)
             sub.hold_blocks(kind)
             out[name] = (quantize(*out[name], kind), kind)

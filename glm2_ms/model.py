@@ -15,7 +15,7 @@ from mindspore.common.initializer import initializer
 from glm2_core.config import GLM2Config
 from glm2_core.quants import row_bytes
 
-from .kernels import native_linear
+from .kernels import native_embedding, native_linear
 
 MASKED = -1e9  # added to the scores of positions a query may not see (finite: fully padded rows stay finite)
 
@@ -74,13 +74,18 @@ class Linear(nn.Cell):
     def hold_blocks(self, kind: str) -> None:
         """Make the weight a parameter of llama.cpp's blocks of `kind` (uint8 [out, row bytes], set when loaded),
         in place of the float one, which was never allocated."""
-        n, k = self.weight.shape
-        self.weight = Parameter(initializer("zeros", (n, row_bytes(kind, k)), ms.uint8), name=self.weight.name)
+        self.weight = _blocks_param(self.weight, kind)
         self.blocks = kind
+
+
+def _blocks_param(float_param: Parameter, kind: str) -> Parameter:
+    n, k = float_param.shape
+    return Parameter(initializer("zeros", (n, row_bytes(kind, k)), ms.uint8), name=float_param.name)
 
 
 NATIVE_LINEAR = None  # the native kernel's operator, once `use_native_kernels` built it (a module global, not a
 #                      cell attribute: cells are deep-copied, which a custom operator does not survive)
+NATIVE_EMBEDDING = {}  # block kind → the native lookup of an embedding in those blocks (set as NATIVE_LINEAR is)
 
 
 def use_native_kernels(cell, on: bool = True) -> bool:
@@ -91,6 +96,9 @@ def use_native_kernels(cell, on: bool = True) -> bool:
 
     op = native_linear()
     NATIVE_LINEAR = op or NATIVE_LINEAR  # cells given it before keep it
+    for sub, _ in block_holders(cell).values():
+        if isinstance(sub, Embedding):
+            NATIVE_EMBEDDING[sub.blocks] = native_embedding(sub.blocks)
     native = on and op is not None
     for sub in linears(cell):
         if sub.blocks is not None:
@@ -103,6 +111,19 @@ def use_native_kernels(cell, on: bool = True) -> bool:
 def linears(cell) -> list[Linear]:
     """Every Linear in `cell`; `.native` tells which use the native kernel."""
     return [sub for _, sub in cell.cells_and_names() if isinstance(sub, Linear)]
+
+
+def block_holders(cell, holding: bool = True) -> dict:
+    """The cells of `cell` that can hold a weight in blocks (Linears, the Embedding) and that weight, by its
+    parameter name: those that hold blocks (`holding`), or all of them."""
+    out = {}
+    for _, sub in cell.cells_and_names():
+        weight = sub.weight if isinstance(sub, Linear) else sub.embedding_weight if isinstance(sub, Embedding) \
+            else None
+        if weight is not None and (sub.blocks is not None or not holding):
+            out[weight.name] = (sub, weight)
+    return out
+
 
 def rotate(x, cos, sin):
     """RoPE on the first half of each head as interleaved pairs (x0, x1) → (x0·c − x1·s, x1·c + x0·s).
@@ -200,9 +221,17 @@ class Embedding(nn.Cell):
     def __init__(self, cfg: GLM2Config, dtype):
         super().__init__()
         self.embedding_weight = _param((cfg.padded_vocab_size, cfg.hidden_size), dtype)
+        self.blocks = None  # the table's block kind when it holds blocks (looked up by the native kernel)
+
+    def hold_blocks(self, kind: str) -> None:
+        """As `Linear.hold_blocks`: the table in llama.cpp's blocks, its rows dequantized as they are looked up."""
+        self.embedding_weight = _blocks_param(self.embedding_weight, kind)
+        self.blocks = kind
 
     def construct(self, ids):
         w = self.embedding_weight
+        if self.blocks is not None:  # (static)
+            return NATIVE_EMBEDDING[self.blocks](ids.astype(ms.int32), w)
         if w.dtype == ms.bfloat16:  # no bfloat16 Gather on CPU: gather the bits (PyNative only: view is not in jit)
             return ops.gather(w.view(ms.uint16), ids, 0).view(ms.bfloat16)
         return ops.gather(w, ids, 0)

@@ -14,7 +14,7 @@ from glm2_core.quants import KINDS, dequantize, quantize, row_bytes
 from glm2_ms import kernels
 from glm2_ms.api import from_pretrained
 from glm2_ms.generation import Decoder, describe
-from glm2_ms.model import linears
+from glm2_ms.model import block_holders
 
 ms.set_device("CPU")
 # (m, n, k): rows of x 1, 2 (decoding) and 3+ (a prompt: the staged path, its tiles of 3 and their rest),
@@ -40,6 +40,17 @@ def test_the_kernel_is_float32_arithmetic_on_the_dequantized_blocks(m, n, k, kin
     assert (np.abs(got - exact) <= bound).all()
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_the_embedding_lookup_gives_the_dequantized_rows(kind, kernel_isa):
+    op = kernels.native_embedding(kind)
+    table = quantize(np.random.default_rng(1).standard_normal((50, 96)).astype(np.float32), "float32", kind)
+    ids = np.array([[0, 49, 7], [7, 3, 0]], np.int32)
+    got = op(ms.Tensor(ids), ms.Tensor(table)).asnumpy()
+    assert got.shape == (2, 3, 96) and np.array_equal(got, dequantize(table, kind)[ids])
+    with pytest.raises(RuntimeError):
+        op(ms.Tensor(np.array([[3, 50]], np.int32)), ms.Tensor(table)).asnumpy()
+
+
 @pytest.fixture(scope="module")
 def gguf_files(hf_tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("quantized")
@@ -51,24 +62,23 @@ def gguf_files(hf_tiny, tmp_path_factory):
 
 
 def blocks_of(model) -> dict[str, tuple[str, np.ndarray]]:
-    return {c.weight.name: (c.blocks, c.weight.asnumpy()) for c in linears(model) if c.blocks}
+    return {name: (cell.blocks, weight.asnumpy()) for name, (cell, weight) in block_holders(model).items()}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_a_gguf_files_blocks_are_held_as_stored(gguf_files, kind):
-    """Every weight matrix holds the file's bytes (none dequantized and quantized again); the embedding is float."""
+    """Every weight matrix holds the file's bytes (none dequantized and quantized again), the embedding's too."""
     _, stored = read_gguf(gguf_files[kind])
     model = from_pretrained(gguf_files[kind])
     held = blocks_of(model)
     with Source.open(gguf_files[kind]) as src:
         groups, _ = src.groups(Layout("mindformers"))
         gguf_name = {name: src.as_stored(g).name for g in groups for name, _ in g.dst()}
-    assert len(held) == 4 * model.config.num_layers + 1
+    assert len(held) == 4 * model.config.num_layers + 2
     for name, (held_kind, data) in held.items():
         file_tensor = stored[gguf_name[name]]
         assert held_kind == {int(t): n for n, t in KINDS.items()}[int(file_tensor.tensor_type)]
         assert data.tobytes() == file_tensor.data.tobytes(), name
-    assert model.transformer.embedding.embedding_weight.dtype == ms.float16
     assert model.transformer.output_layer.blocks == "q8_0"  # under q4_0 too (glm2_core.quants.kind_for)
 
 

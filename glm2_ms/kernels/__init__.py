@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from glm2_core import cache_dir as package_cache
+from glm2_core.quants import BLOCK, row_bytes
 
 SOURCE = Path(__file__).with_name("linear.cc")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
@@ -86,6 +87,30 @@ def _native_linear():
         return ms.float32
 
     return ops.Custom(f"{lib}:Linear", out_shape=shape, out_dtype=dtype, func_type="aot"), ""
+
+
+def native_embedding(kind: str):
+    """The lookup `op(ids int32 [...], blocks uint8 [vocab, row bytes])` → [..., hidden] float32 of an embedding held
+    in `kind`'s blocks (q8_0 or q4_0; rows dequantized as `glm2_core.quants.dequantize` does; an id out of range
+    is an error); or None where the kernel cannot be built."""
+    lib, _ = _build()
+    return None if lib is None else _embedding_op(str(lib), kind)
+
+
+@functools.cache
+def _embedding_op(lib: str, kind: str):
+    import mindspore as ms
+    from mindspore import ops
+
+    per_row = row_bytes(kind, BLOCK)
+
+    def shape(ids, w):
+        return (*ids, w[1] // per_row * BLOCK)
+
+    def dtype(ids, w):
+        return ms.float32
+
+    return ops.Custom(f"{lib}:Embed{kind.capitalize()}", out_shape=shape, out_dtype=dtype, func_type="aot")
 
 
 def native_linear():

@@ -15,7 +15,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#include <vector>
 
 namespace {
 
@@ -74,7 +73,7 @@ void fill(const uint8_t *r, int64_t k0, int64_t len, float *out) {
   if constexpr (K == F16 || K == BF16) {
     const uint16_t *row = reinterpret_cast<const uint16_t *>(r) + k0;
     const int64_t vec = len & ~int64_t(7);
-    for (int64_t j = 0; j < vec; j += 8) _mm256_store_ps(out + j, widen(row + j, K == BF16));
+    for (int64_t j = 0; j < vec; j += 8) _mm256_storeu_ps(out + j, widen(row + j, K == BF16));
     for (int64_t j = vec; j < len; ++j) out[j] = widen1(row[j], K == BF16);
   } else {
     for (int64_t b = 0; b < len / kQK; ++b) {
@@ -82,7 +81,7 @@ void fill(const uint8_t *r, int64_t k0, int64_t len, float *out) {
       __m256 v[4];
       block_values<K>(blk, v);
       const __m256 d = block_scale(blk);
-      for (int i = 0; i < 4; ++i) _mm256_store_ps(out + b * kQK + 8 * i, _mm256_mul_ps(v[i], d));
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * kQK + 8 * i, _mm256_mul_ps(v[i], d));
     }
   }
 }
@@ -94,9 +93,10 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// R rows of x (from `x`, stride k) against the kCols widened rows over `len` elements: sums added to `partial`.
+// R rows of x (from `x`, stride k) against the kCols widened rows over `len` elements: the sums of the first
+// `cols` added to out[r * n + c].
 template <int R>
-void tile(const float *x, int64_t k, const float (*wide)[kBlock], int64_t len, float *partial) {
+void tile(const float *x, int64_t k, const float (*wide)[kBlock], int64_t len, float *out, int64_t n, int cols) {
   __m256 acc[R][kCols];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < kCols; ++c) acc[r][c] = _mm256_setzero_ps();
@@ -110,10 +110,10 @@ void tile(const float *x, int64_t k, const float (*wide)[kBlock], int64_t len, f
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kCols; ++c) {
+    for (int c = 0; c < cols; ++c) {
       float s = hsum(acc[r][c]);
       for (int64_t j = vec; j < len; ++j) s += x[r * k + j] * wide[c][j];
-      partial[r * kCols + c] += s;
+      out[r * n + c] += s;
     }
 }
 
@@ -124,28 +124,22 @@ struct Weights {
   const uint8_t *row(int64_t i) const { return data + i * row_bytes; }
 };
 
-// Output columns n0 .. n0 + cols - 1 (cols <= kCols) of every row: the weight rows widened a block at a time,
-// each block used by all rows of x before the next is read.
+// The weights k0 .. k0 + len of output columns n0 .. n0 + cols - 1 (cols <= kCols), widened once, against every
+// row of x: their products added to y.
 template <Kind K>
-void columns(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k, int64_t n0, int cols,
-             float *partial) {
+void columns(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k, int64_t k0, int64_t len,
+             int64_t n0, int cols) {
   alignas(32) float wide[kCols][kBlock];
-  memset(partial, 0, sizeof(float) * m * kCols);
-  for (int64_t k0 = 0; k0 < k; k0 += kBlock) {
-    const int64_t len = k - k0 < kBlock ? k - k0 : kBlock;
-    for (int c = 0; c < kCols; ++c) {
-      if (c < cols)
-        fill<K>(w.row(n0 + c), k0, len, wide[c]);
-      else
-        memset(wide[c], 0, sizeof wide[c]);
-    }
-    int64_t r = 0;
-    for (; r + kRows <= m; r += kRows) tile<kRows>(x + r * k + k0, k, wide, len, partial + r * kCols);
-    if (m - r == 2) tile<2>(x + r * k + k0, k, wide, len, partial + r * kCols);
-    if (m - r == 1) tile<1>(x + r * k + k0, k, wide, len, partial + r * kCols);
+  for (int c = 0; c < kCols; ++c) {
+    if (c < cols)
+      fill<K>(w.row(n0 + c), k0, len, wide[c]);
+    else
+      memset(wide[c], 0, sizeof wide[c]);
   }
-  for (int64_t r = 0; r < m; ++r)
-    for (int c = 0; c < cols; ++c) y[r * n + n0 + c] = partial[r * kCols + c];
+  int64_t r = 0;
+  for (; r + kRows <= m; r += kRows) tile<kRows>(x + r * k + k0, k, wide, len, y + r * n + n0, n, cols);
+  if (m - r == 2) tile<2>(x + r * k + k0, k, wide, len, y + r * n + n0, n, cols);
+  if (m - r == 1) tile<1>(x + r * k + k0, k, wide, len, y + r * n + n0, n, cols);
 }
 
 // One or two rows of x (decoding): each weight row is widened straight from memory into the FMAs, with no staging
@@ -259,21 +253,30 @@ void direct512(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_
 #define DIRECT direct
 #endif
 
+// Decoding (one or two rows of x): the output columns shared among the threads, each weight read once. A prompt
+// (more rows): a block of kBlock weights at a time along k, for every column, so that the rows of x in that block
+// (a few hundred KB) stay in L2 while every column meets them; each thread keeps the same columns at every block
+// (a static schedule over the same iterations), so no two threads add into the same output.
 template <Kind K>
 void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
-#pragma omp parallel
-  {
-    std::vector<float> partial(m * kCols);
-#pragma omp for schedule(static)
+  if (m <= 2) {
+#pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < n; n0 += kCols) {
       const int cols = n - n0 < kCols ? static_cast<int>(n - n0) : kCols;
       if (m == 1)
         DIRECT<1, K>(x, w, y, n, k, n0, cols);
-      else if (m == 2)
-        DIRECT<2, K>(x, w, y, n, k, n0, cols);
       else
-        columns<K>(x, w, y, m, n, k, n0, cols, partial.data());
+        DIRECT<2, K>(x, w, y, n, k, n0, cols);
     }
+    return;
+  }
+  memset(y, 0, sizeof(float) * m * n);
+#pragma omp parallel
+  for (int64_t k0 = 0; k0 < k; k0 += kBlock) {
+    const int64_t len = k - k0 < kBlock ? k - k0 : kBlock;
+#pragma omp for schedule(static) nowait
+    for (int64_t n0 = 0; n0 < n; n0 += kCols)
+      columns<K>(x, w, y, m, n, k, k0, len, n0, n - n0 < kCols ? static_cast<int>(n - n0) : kCols);
   }
 }
 
@@ -287,7 +290,48 @@ int kind_of(const char *dtype, int64_t row, int64_t k) {
   return -1;
 }
 
+// y[i] = the weights of row ids[i], dequantized (an embedding lookup in blocks): false for an id out of range.
+template <Kind K>
+bool embed(const int32_t *ids, int64_t count, Weights w, int64_t vocab, int64_t h, float *y) {
+  bool ok = true;
+#pragma omp parallel for schedule(static) reduction(&& : ok)
+  for (int64_t i = 0; i < count; ++i) {
+    if (ids[i] < 0 || ids[i] >= vocab) {
+      ok = false;
+      continue;
+    }
+    fill<K>(w.row(ids[i]), 0, h, y + i * h);
+  }
+  return ok;
+}
+
+template <Kind K>
+int embed_entry(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 3 || ndims[1] != 2 || ndims[2] != ndims[0] + 1) return 1;
+  if (strcmp(dtypes[0], "int32") != 0 || strcmp(dtypes[1], "uint8") != 0 || strcmp(dtypes[2], "float32") != 0)
+    return 2;
+  int64_t count = 1;
+  for (int d = 0; d < ndims[0]; ++d) count *= shapes[0][d];
+  const int64_t h = shapes[2][ndims[2] - 1], vocab = shapes[1][0];
+  if (h % kQK != 0 || shapes[1][1] != h / kQK * block_bytes<K>()) return 3;
+  const Weights w{static_cast<const uint8_t *>(params[1]), shapes[1][1]};
+  return embed<K>(static_cast<const int32_t *>(params[0]), count, w, vocab, h, static_cast<float *>(params[2])) ? 0 : 5;
+}
+
 }  // namespace
+
+// The embedding lookup of ids [...] int32 in blocks [vocab, row bytes] uint8, giving y [..., hidden] float32.
+extern "C" int EmbedQ8_0(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                         void *extra) {
+  (void)stream, (void)extra;
+  return embed_entry<Q8_0>(nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int EmbedQ4_0(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                         void *extra) {
+  (void)stream, (void)extra;
+  return embed_entry<Q4_0>(nparam, params, ndims, shapes, dtypes);
+}
 
 extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                       void *extra) {
