@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bandwidth import read_bandwidth
+from bandwidth import fma_peak, read_bandwidth
 from measure import drop_caches, print_machine
 
 KINDS = {"f16": "float16", "q8_0": "q8_0", "q4_0": "q4_0"}  # this script's name → to-gguf's --dtype
@@ -52,30 +52,67 @@ def run_ours(path: Path, prompt: list[int], new: int, threads: int) -> dict:
 
 
 def run_llama(path: Path, prompt: list[int], new: int, threads: int) -> dict:
+    """llama.cpp's own greedy generation: its prefill is the time to its first token."""
     import llama_cpp
 
     clock = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new + 16, n_batch=512, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
     load = time.perf_counter() - clock
-    clock = time.perf_counter()
-    llm.eval(prompt)
-    prefill = time.perf_counter() - clock
-    tokens, stamps = [], []
-    for _ in range(new):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        tokens.append(token)
+    tokens, stamps = [], [time.perf_counter()]
+    for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        tokens.append(int(token))
         stamps.append(time.perf_counter())
-        if len(tokens) < new:
-            llm.eval([token])
-    steps = np.diff(stamps)[1:]
-    return {"load": load, "prefill": prefill, "decode": len(steps) / steps.sum(), "tokens": tokens}
+        if len(tokens) == new:
+            break
+    steps = np.diff(stamps)[2:]  # after the prefill and the first step
+    return {"load": load, "prefill": stamps[1] - stamps[0], "decode": len(steps) / steps.sum(), "tokens": tokens}
+
+
+def run_kernels(kinds: list[str], prompt: int, threads: int) -> dict:
+    """The native kernel alone on each matrix of a 6B layer and the output layer, random weights in each kind:
+    seconds of one decoding row (median of 5) and of the prompt's rows (median of 2)."""
+    import mindspore as ms
+    from measure import set_ms_threads
+
+    from glm2_core.config import GLM2Config
+    from glm2_core.quants import quantize
+    from glm2_ms.kernels import native_linear
+
+    set_ms_threads(threads)
+    ms.runtime.launch_blocking()
+    op, cfg, rng = native_linear(), GLM2Config.preset("6b"), np.random.default_rng(0)
+    h = cfg.hidden_size
+    shapes = {"qkv": (cfg.q_rows + 2 * cfg.kv_rows, h), "dense": (h, cfg.q_rows),
+              "h_to_4h": (2 * cfg.ffn_hidden_size, h), "4h_to_h": (h, cfg.ffn_hidden_size),
+              "output": (cfg.padded_vocab_size, h)}
+    out = {}
+    for kind in kinds:
+        for name, (n, k) in shapes.items():
+            w = rng.standard_normal((n, k), np.float32)
+            w = ms.Tensor(w.astype(np.float16) if kind == "f16" else quantize(w, "float32", kind))
+            times = {}
+            for m, runs in ((1, 5), (prompt, 2)):
+                x = ms.Tensor(rng.standard_normal((m, k), np.float32))
+                op(x, w).asnumpy()
+                times[m] = statistics.median(_seconds(op, x, w) for _ in range(runs))
+            out[f"{kind} {name}"] = {"bytes": w.nbytes, "flops": 2 * n * k, "decode": times[1],
+                                     "prefill": times[prompt]}
+    return out
+
+
+def _seconds(op, x, w) -> float:
+    clock = time.perf_counter()
+    op(x, w).asnumpy()
+    return time.perf_counter() - clock
 
 
 SIDES = {"ours": run_ours, "llama": run_llama}
 
 
 def child(side: str, path: Path, prompt: int, new: int, threads: int) -> None:
+    if side == "kernels":
+        return print("RESULT " + json.dumps(run_kernels(str(path).split(","), prompt, threads)))
     out = SIDES[side](path, prompt_ids(prompt), new, threads)
     out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(out))
@@ -115,7 +152,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--child", choices=tuple(SIDES))
+    ap.add_argument("--child", choices=(*SIDES, "kernels"))
     ap.add_argument("--file", type=Path)
     args = ap.parse_args()
     if args.child:
@@ -145,6 +182,35 @@ def main() -> None:
         rows.append(summary(kind, path, runs, bytes_per_step(cfg, path, args.prompt + args.new // 2), bw, args))
         print(json.dumps(rows[-1]), flush=True)
     print_tables(rows, args)
+    kernels = side_run("kernels", Path(args.kinds), args)
+    print_profile(rows, kernels, cfg, bw, fma_peak(args.threads), args)
+
+
+def print_profile(rows: list[dict], kernels: dict, cfg, bw: float, peak: float, args) -> None:
+    """Where our time goes: the native kernel alone on the model's matrices (decode: one row; prefill: the prompt's
+    rows), against the same step end to end; the rest is everything around the matmuls (attention, norms, RoPE,
+    the cache, MindSpore's op dispatch)."""
+    print(f"\nthe native kernel alone at the 6B shapes ({cfg.num_layers} layers in the sums below; float32 FMA rate "
+          f"{peak:.0f} GFLOP/s and read bandwidth {bw:.1f} GB/s, both measured in this run)\n")
+    print("| weights | matrix | decode row: ms | GB/s (/ bandwidth) | prompt rows: ms | GFLOP/s (/ FMA rate) |")
+    print("|---|---|---|---|---|---|")
+    for key, k in kernels.items():
+        kind, name = key.split()
+        gbs, gflops = k["bytes"] / k["decode"] / 1e9, k["flops"] * args.prompt / k["prefill"] / 1e9
+        print(f"| {kind} | {name} | {k['decode'] * 1e3:.2f} | {gbs:.1f} ({gbs / bw:.2f}) | {k['prefill'] * 1e3:.0f} | "
+              f"{gflops:.0f} ({gflops / peak:.2f}) |")
+    print("\n| weights | decode step: kernels alone ms | end to end ms | share in the kernels | "
+          "prompt: kernels alone s | end to end s | share in the kernels |")
+    print("|---|---|---|---|---|---|---|")
+    layers = cfg.num_layers
+    for r in rows:
+        mats = {key.split()[1]: v for key, v in kernels.items() if key.split()[0] == r["kind"]}
+        per_layer = [v for name, v in mats.items() if name != "output"]
+        dec = layers * sum(v["decode"] for v in per_layer) + mats["output"]["decode"]
+        pre = layers * sum(v["prefill"] for v in per_layer) + mats["output"]["decode"]  # the last position only
+        step, prompt = 1 / r["ours_decode"], r["ours_prefill"]
+        print(f"| {r['kind']} | {dec * 1e3:.0f} | {step * 1e3:.0f} | {dec / step:.2f} | {pre:.1f} | {prompt:.1f} | "
+              f"{pre / prompt:.2f} |")
 
 
 def summary(kind: str, path: Path, runs: dict, step_bytes: int, bw: float, args) -> dict:
