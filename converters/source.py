@@ -169,8 +169,9 @@ class Source(Closing):
         extras = [n for n in self.ckpt.tensors if classify(n) == "optimizer" and n not in consumed]
         return groups, extras
 
-    def canonical(self, group: Group) -> tuple[np.ndarray, str]:
-        """One canonical tensor assembled from its source pieces (NaN/Inf counted into `nonfinite`)."""
+    def canonical(self, group: Group, count: bool = True) -> tuple[np.ndarray, str]:
+        """One canonical tensor assembled from its source pieces (NaN/Inf counted into `nonfinite` unless not
+        `count`)."""
         refs = [self.ckpt.tensors[n] for n in group.src_names()]
         dtype = refs[0].dtype
         if any(r.dtype != dtype for r in refs):
@@ -178,7 +179,7 @@ class Source(Closing):
                                   f"({', '.join(f'{r.name}: {r.dtype}' for r in refs)})")
         parts = [r.read() for r in refs]
         for r, a in zip(refs, parts, strict=True):
-            bad = count_nonfinite(a, r.dtype)
+            bad = count_nonfinite(a, r.dtype) if count else 0
             if bad:
                 self.nonfinite[r.name] = bad
         return group.source.scatter(parts), dtype
@@ -220,13 +221,14 @@ class Source(Closing):
         return ref.span(count)
 
     def stream(self, groups: list[Group], dtype: str = "keep", allow_overflow: bool = False,
-               on_done=lambda nbytes: None, adapter=None, spans: bool = False,
-               blocks: dict[str, str] | None = None) -> Iterator[tuple[str, np.ndarray | FileSpan, str]]:
+               on_done=lambda nbytes: None, adapter=None, spans: bool = False, blocks: dict[str, str] | None = None,
+               count: bool = True) -> Iterator[tuple[str, np.ndarray | FileSpan, str]]:
         """(target name, array, dtype) for every target tensor of `groups`, in order; with an `adapter`, its
         LoRA deltas are folded into the canonical weights they belong to (in float32, then the source dtype).
         With `spans`, a tensor whose bytes the target keeps as they are comes as a FileSpan instead of an array.
         `blocks` names target matrices wanted in llama.cpp's blocks (glm2_core.quants), by kind: each comes as
-        uint8 blocks and its kind for its dtype, as the file stores them where it does, else quantized.
+        uint8 blocks and its kind for its dtype, as the file stores them where it does, else quantized. `count`:
+        NaN/Inf counted into `nonfinite`, for a conversion's summary (the runtime, which reports none, skips it).
 
         The next group is read on a second thread while the caller writes this one, so reading and writing
         overlap as they do in `cp` (file reads and numpy release the GIL). At most three groups are in memory:
@@ -250,7 +252,7 @@ class Source(Closing):
             stored = self.stored_blocks(g, kinds[0]) if delta is None else None
             if stored is not None:
                 return [(stored, kinds[0])]
-            arr, src_dtype = self.canonical(g)
+            arr, src_dtype = self.canonical(g, count)
             if delta is not None:
                 if delta.shape != arr.shape:
                     raise CheckpointError(f"adapter delta for {g.source.canonical} has shape {list(delta.shape)}, "

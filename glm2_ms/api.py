@@ -137,7 +137,7 @@ class ModelFolder:
         for name, (sub, _) in block_holders(model, holding=False).items():
             if name in plan:
                 sub.hold_blocks(plan[name])
-        load_into(model, src.stream(groups, storage, blocks=plan))
+        load_into(model, src.stream(groups, storage, blocks=plan, count=False))
         src.ckpt.check_complete()
         return model
 

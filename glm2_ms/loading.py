@@ -41,7 +41,7 @@ def fits_in_memory(nbytes: int, share: float) -> bool:
 def to_tensor(arr: np.ndarray, dtype: str) -> ms.Tensor:
     """A MindSpore tensor of `arr` (bfloat16 arrives as uint16 bits). It shares the memory of an array the reader
     allocated for this tensor (`_owned`), and copies any other (a file mapping, a buffer that lives on): MindSpore's
-    own copy (`Tensor(arr)`) runs at about 1 GB/s, slower than the disk."""
+    own copy (`Tensor(arr)`) is slower than the disk."""
     if not _owned(arr):
         arr = np.array(arr, order="C", copy=True)
     if dtype == "bfloat16":

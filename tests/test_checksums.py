@@ -1,4 +1,5 @@
 """.bin offsets come from the zip itself and every byte copied is held to the checksum its file carries."""
+import hashlib
 import io
 import os
 import random
@@ -15,9 +16,11 @@ from helpers import tensor_bytes
 
 from converters.checkpoint import open_checkpoint
 from converters.cli import main
+from converters.formats import base
 from converters.formats.checksums import crc32_combine
 from converters.synth import synthesize
 from glm2_core.config import GLM2Config
+from glm2_core.errors import CheckpointError
 
 
 def run(*args):
@@ -213,3 +216,26 @@ def test_views_and_shared_storages_read_as_torch_reads_them(tmp_path):
         for name, t in state.items():
             np.testing.assert_array_equal(c.tensors[name].read(), t.numpy(), err_msg=name)
             assert (c.tensors[name].offset is not None) == (name in ("whole", "half")), name
+
+
+@pytest.mark.parametrize("outgrows", [False, True])
+def test_reads_are_whole_hashed_and_drop_the_cache_only_of_a_file_larger_than_memory(tmp_path, monkeypatch, outgrows):
+    """read_exact in chunks: every byte in place, the digest of all of them, and (only for a file larger than half
+    the memory available) each chunk read dropped from the page cache, the file itself untouched."""
+    monkeypatch.setattr(base, "READ_CHUNK", 1000)
+    data = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"head" + data.tobytes())
+    with open(path, "rb") as f:
+        assert not base._outgrows_memory(f)  # a few KB: kept in the cache
+    dropped = []
+    monkeypatch.setattr(base, "_outgrows_memory", lambda f: outgrows)
+    monkeypatch.setattr(base.os, "posix_fadvise", lambda fd, at, n, advice: dropped.append((at, n, advice)))
+    out, digest = np.empty(5000, np.uint8), hashlib.sha256()
+    with open(path, "rb") as f:
+        base.read_exact(f, 4, out, path, "t", digest)
+    assert np.array_equal(out, data) and digest.hexdigest() == hashlib.sha256(data.tobytes()).hexdigest()
+    assert dropped == ([(4 + a, 1000, os.POSIX_FADV_DONTNEED) for a in range(0, 5000, 1000)] if outgrows else [])
+    assert path.read_bytes() == b"head" + data.tobytes()
+    with pytest.raises(CheckpointError, match="truncated file"), open(path, "rb") as f:
+        base.read_exact(f, 8, np.empty(5000, np.uint8), path, "t")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import math
 import os
 from collections.abc import Callable
@@ -179,10 +180,14 @@ def read_exact(f, offset: int, arr: np.ndarray, path: Path, what: str, digest=No
     """Fill `arr` (C-contiguous) with the bytes at `offset`; a short read means the file was cut off. With `digest`
     (a hashlib object), each chunk is hashed on a second thread while the next one is read.
 
-    Each chunk's pages are touched before the read: a read into pages not yet mapped runs 3-5× slower on these
-    virtual machines than the faults and the read apart (figures: benchmarks/results)."""
+    Each chunk's pages are touched before the read: on these virtual machines a read into pages not yet mapped is
+    several times slower than the faults and the read apart. From a file larger than half the memory available,
+    the bytes read are dropped from the page cache (`posix_fadvise`, the file untouched): the cache cannot keep
+    such a file beside the copy being made of it, and reclaiming it as the copy grows slowed a 6B load (figures:
+    benchmarks/results/2026-12-04-side-by-side-llama-cpp-6b.md)."""
     flat = arr.reshape(-1).view(np.uint8)
     f.seek(offset)
+    drop = _outgrows_memory(f)
     hashing = None
     with _hasher() if digest is not None else _no_pool() as pool:
         for at in range(0, flat.size, READ_CHUNK):
@@ -196,8 +201,21 @@ def read_exact(f, offset: int, arr: np.ndarray, path: Path, what: str, digest=No
                 if hashing is not None:
                     hashing.result()
                 hashing = pool.submit(digest.update, chunk)
+            if drop:
+                os.posix_fadvise(f.fileno(), offset + at, chunk.size, os.POSIX_FADV_DONTNEED)
         if hashing is not None:
             hashing.result()
+
+
+def _outgrows_memory(f) -> bool:
+    """Whether the open file `f` is larger than half the memory available now (Linux's MemAvailable; False where
+    that cannot be read)."""
+    try:
+        with open("/proc/meminfo") as info:
+            available = next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+        return os.fstat(f.fileno()).st_size > available // 2
+    except (OSError, StopIteration, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
 
 
 def _hasher() -> ThreadPoolExecutor:
