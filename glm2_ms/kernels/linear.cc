@@ -15,7 +15,6 @@
 #include <stdint.h>
 #include <string.h>
 
-
 namespace {
 
 enum Kind { F16, BF16, Q8_0, Q4_0 };
