@@ -114,19 +114,22 @@ class ModelFolder:
         return GLM2Tokenizer.of_model(self.source.ckpt.folder, self.config)
 
     def load(self, dtype: str | None = None, compute_dtype: str | None = None,
-             quantize: str | None = None) -> GLM2ForCausalLM:
+             quantize: str | None = None, training: bool = False) -> GLM2ForCausalLM:
         """The runtime model. `dtype`: storage dtype of the float parameters (default: the checkpoint's, float16
         beside quantized weights where it is float32); `compute_dtype`: float32 or float16 (default: the storage
         dtype, float32 for bfloat16 and beside quantized weights); `quantize`: q8_0 or q4_0, the weight matrices
         quantized as they load (`loading.block_plan`; a GGUF or THUDM int4/int8 source keeps its own blocks
-        without it). Memory: the parameters plus one tensor in flight."""
+        without it). `training`: float weights only (a source's blocks read as the floats they stand for), and
+        MindSpore's launch left as it is. Memory: the parameters plus one tensor in flight."""
         if dtype is not None and dtype not in MS_DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(MS_DTYPES)}")
         if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
             raise UserError(f"compute dtype must be {' or '.join(COMPUTE_DTYPES)}, not {compute_dtype!r}")
         src = self.source
         groups, _ = src.groups(RUNTIME_LAYOUT)
-        plan = block_plan(src, groups, quantize)
+        if training and quantize is not None:
+            raise UserError("a quantized model cannot be trained: finetune the float model, then quantize it")
+        plan = {} if training else block_plan(src, groups, quantize)
         if plan and compute_dtype not in (None, "float32"):
             raise UserError(f"quantized weights compute in float32, not {compute_dtype}")
         storage = dtype or ("float16" if plan and src.dtype == "float32" else src.dtype)
@@ -137,7 +140,7 @@ class ModelFolder:
         for name, (sub, _) in block_holders(model, holding=False).items():
             if name in plan:
                 sub.hold_blocks(plan[name])
-        load_into(model, src.stream(groups, storage, blocks=plan, count=False))
+        load_into(model, src.stream(groups, storage, blocks=plan, count=False), blocking=not training)
         src.ckpt.check_complete()
         return model
 

@@ -105,11 +105,11 @@ def quantized(cell, arrays: dict, want: str, output: bool = False) -> dict:
     return out
 
 
-def load_into(cell, weights) -> None:
+def load_into(cell, weights, blocking: bool = True) -> None:
     """Set every parameter of `cell` from `weights` ((name, array, dtype) by the cell's parameter names), for
-    inference (with the native kernels, where they can be built), and launch this process's kernels blocking:
-    MindSpore's asynchronous launch keeps a thread spinning beside the one that runs a kernel, which on a 2-core
-    machine takes the core the kernel's second thread needs (figures: benchmarks/results)."""
+    inference (with the native kernels, where they can be built), and (`blocking`) launch this process's kernels
+    blocking: MindSpore's asynchronous launch keeps a thread spinning beside the one that runs a kernel, which on a
+    2-core machine takes the core the kernel's second thread needs (figures: benchmarks/results)."""
     params = {p.name: p for p in cell.get_parameters()}
     for name, arr, dt in weights:
         params.pop(name).set_data(to_tensor(arr, "uint8" if dt in KINDS else dt))
@@ -117,4 +117,5 @@ def load_into(cell, weights) -> None:
         raise AssertionError(f"parameters left unset: {sorted(params)[:3]}")
     cell.set_train(False)
     use_native_kernels(cell)
-    ms.runtime.launch_blocking()
+    if blocking:
+        ms.runtime.launch_blocking()

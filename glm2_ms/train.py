@@ -59,7 +59,8 @@ class Trainer:
             self.total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
             self.base = base_identity(self.model_dir)
             point = resume_point(self.out, cfg, self.total, self.base, rank, world) if resume else None
-            self.model = model or folder.load(_storage_dtype(cfg, folder.source.dtype), cfg.compute_dtype)
+            self.model = model or folder.load(_storage_dtype(cfg, folder.source.dtype), cfg.compute_dtype,
+                                              training=True)
         use_native_kernels(self.model, False)  # MindSpore's MatMul, whose backward training needs
         if cfg.method == "lora":
             apply_lora(self.model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,

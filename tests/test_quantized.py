@@ -12,7 +12,7 @@ from glm2_core.errors import UserError
 from glm2_core.names import Layout
 from glm2_core.quants import KINDS, dequantize, quantize, row_bytes
 from glm2_ms import kernels
-from glm2_ms.api import from_pretrained
+from glm2_ms.api import from_pretrained, open_model
 from glm2_ms.generation import Decoder, describe
 from glm2_ms.model import block_holders
 
@@ -128,3 +128,12 @@ def test_what_cannot_be_quantized_is_refused_in_one_line(hf_tiny, gguf_files, no
 def test_quantized_weights_compute_in_float32(hf_tiny):
     with pytest.raises(UserError, match="quantized weights compute in float32, not float16"):
         from_pretrained(hf_tiny("safetensors", "float16"), quantize="q8_0", compute_dtype="float16")
+
+
+def test_a_model_loaded_for_training_holds_floats(gguf_files):
+    """Training needs MindSpore's MatMul and its backward: a q4_0 file is read as the float weights it stands for."""
+    with open_model(gguf_files["q4_0"]) as folder:
+        model = folder.load("float32", "float32", training=True)
+        assert not blocks_of(model)
+        with pytest.raises(UserError, match="a quantized model cannot be trained"):
+            folder.load("float32", "float32", quantize="q8_0", training=True)
