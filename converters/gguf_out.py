@@ -36,7 +36,7 @@ from glm2_core.files import TOKENIZER_CONFIG, TOKENIZER_MODEL
 from glm2_core.jsonio import read_json
 from glm2_core.names import BY_TEMPLATE, OUTPUT, Layout
 from glm2_core.outputs import check_output
-from glm2_core.quants import CHUNK_VALUES, KINDS, kind_for, quantized_slices, takes_blocks
+from glm2_core.quants import CHUNK_VALUES, KINDS, block_kind, quantized_slices
 from glm2_core.releases import RELEASES, rope_rule
 
 from .convert import Conversion, Summary, _check_expressible, _progress, refuse_unmerged_lora, request
@@ -68,7 +68,8 @@ def tensor_type(name: str, shape: tuple[int, ...], want: T) -> T:
         return T.F32
     if want not in NAMES or NAMES[want] not in KINDS:
         return want
-    return TYPES[kind_for(NAMES[want], name == OUTPUT_NAME)] if takes_blocks(shape) else T.F16
+    kind = block_kind(NAMES[want], shape, name == OUTPUT_NAME)
+    return T.F16 if kind is None else TYPES[kind]
 
 
 @dataclass(frozen=True)

@@ -75,20 +75,21 @@ def _float_weight(name: str, q: TensorRef, scale: TensorRef, bits: int, where: s
                               f"float per row of {name!r} ({rows})")
     dtype = scale.dtype
 
-    def read() -> np.ndarray:
-        values = _unpacked(q.read(), bits).astype(np.float32) * to_float32(scale.read(), dtype)[:, None]
-        q.release()
-        scale.release()
-        return cast(values, "float32", dtype)
+    def reader(make):
+        """A reader of `make(integers, scales)`, which lets go of both once read."""
+        def read() -> np.ndarray:
+            out = make(q.read(), scale.read())
+            q.release()
+            scale.release()
+            return out
+        return read
 
-    def blocks() -> np.ndarray:
-        out = _as_blocks(q.read(), scale.read(), bits)
-        q.release()
-        scale.release()
-        return out
+    def product(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        return cast(_unpacked(values, bits).astype(np.float32) * to_float32(scales, dtype)[:, None], "float32", dtype)
 
     exact = dtype == "float16" and packed * 8 // bits % BLOCK == 0  # a block's scale is float16
-    return TensorRef(name, (rows, packed * 8 // bits), dtype, q.file, read,
+    blocks = reader(lambda values, scales: _as_blocks(values, scales, bits))
+    return TensorRef(name, (rows, packed * 8 // bits), dtype, q.file, reader(product),
                      blocks=(BLOCKS[bits], blocks) if exact else None)
 
 

@@ -24,14 +24,12 @@ def row_bytes(kind: str, k: int) -> int:
     return k // BLOCK * gguf.GGML_QUANT_SIZES[KINDS[kind]][1]
 
 
-def takes_blocks(shape: tuple[int, ...]) -> bool:
-    """Whether a weight matrix can be stored in blocks: rows of whole blocks (else llama.cpp keeps it in float16)."""
-    return len(shape) == 2 and shape[-1] % BLOCK == 0
-
-
-def kind_for(want: str, output_layer: bool) -> str:
-    """The kind a weight takes when `want` is asked: the output layer of a q4_0 model is q8_0 (llama-quantize gives
-    it Q6_K, which the `gguf` package cannot write; q8_0 is the nearest it can)."""
+def block_kind(want: str, shape: tuple[int, ...], output_layer: bool) -> str | None:
+    """The kind a weight matrix of `shape` takes when `want` is asked, or None where its rows are not whole blocks
+    (llama.cpp keeps such a matrix in float16). The output layer of a q4_0 model is q8_0 (llama-quantize gives it
+    Q6_K, which the `gguf` package cannot write; q8_0 is the nearest it can)."""
+    if len(shape) != 2 or shape[-1] % BLOCK:
+        return None
     return "q8_0" if output_layer and want == "q4_0" else want
 
 

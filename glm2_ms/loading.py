@@ -9,7 +9,7 @@ import psutil
 from converters.source import Source
 from glm2_core.errors import UserError
 from glm2_core.names import BY_TEMPLATE, OUTPUT, Layout
-from glm2_core.quants import KINDS, kind_for, quantize, takes_blocks
+from glm2_core.quants import KINDS, block_kind, quantize
 
 from .kernels import native_linear, why_not
 from .model import block_holders, use_native_kernels
@@ -61,7 +61,7 @@ def _owned(arr: np.ndarray) -> bool:
 
 def block_plan(src: Source, groups, want: str | None) -> dict[str, str]:
     """Which weights to hold in llama.cpp's blocks, by runtime parameter name → kind. With `want` (q8_0 or q4_0):
-    every weight matrix whose rows are whole blocks, the output layer by `kind_for`. Without: those the source
+    every weight matrix whose rows are whole blocks, the output layer by `block_kind`. Without: those the source
     stores in blocks (a q8_0/q4_0 GGUF file, THUDM's int4/int8) as they are stored, where the native kernel can be
     built (elsewhere they are read as the float weights they stand for). The embedding too: its rows are
     dequantized as they are looked up."""
@@ -75,7 +75,8 @@ def block_plan(src: Source, groups, want: str | None) -> dict[str, str]:
         if len(shape) != 2:
             continue
         if want is not None:
-            plan.update({n: kind_for(want, n == OUTPUT_NAME) for n, s in [(name, shape), *rest] if takes_blocks(s)})
+            kinds = {n: block_kind(want, s, n == OUTPUT_NAME) for n, s in [(name, shape), *rest]}
+            plan.update({n: kind for n, kind in kinds.items() if kind})
             continue
         ref = src.as_stored(g)
         if ref is not None and ref.blocks is not None:
@@ -93,13 +94,13 @@ def check_quantize(want: str) -> None:
 
 def quantized(cell, arrays: dict, want: str, output: bool = False) -> dict:
     """`arrays` ({parameter name of `cell`: (array, dtype)}) with each weight matrix of `cell` whose rows are whole
-    blocks quantized to `want` (an `output` layer's by `kind_for`) and its cell holding them: a part of a model
+    blocks quantized to `want` (an `output` layer's by `block_kind`) and its cell holding them: a part of a model
     built as `from_pretrained(…, quantize=want)` builds it."""
     check_quantize(want)
     out = dict(arrays)
     for name, (sub, weight) in block_holders(cell, holding=False).items():
-        if name in out and takes_blocks(weight.shape):
-            kind = kind_for(want, output)
+        kind = block_kind(want, weight.shape, output) if name in out else None
+        if kind:
             sub.hold_blocks(kind)
             out[name] = (quantize(*out[name], kind), kind)
     return out

@@ -79,7 +79,7 @@ def test_a_gguf_files_blocks_are_held_as_stored(gguf_files, kind):
         file_tensor = stored[gguf_name[name]]
         assert held_kind == {int(t): n for n, t in KINDS.items()}[int(file_tensor.tensor_type)]
         assert data.tobytes() == file_tensor.data.tobytes(), name
-    assert model.transformer.output_layer.blocks == "q8_0"  # under q4_0 too (glm2_core.quants.kind_for)
+    assert model.transformer.output_layer.blocks == "q8_0"  # under q4_0 too (glm2_core.quants.block_kind)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

@@ -22,7 +22,7 @@ import numpy as np
 
 from glm2_core.errors import CheckpointError
 from glm2_core.names import BY_TEMPLATE, EMBEDDING, QKV_BIAS, Layout
-from glm2_core.quants import KINDS
+from glm2_core.quants import KINDS, dequantize
 from glm2_core.releases import RELEASES, SANDWICH_RELEASE
 
 from .base import TensorRef, WeightsFile, read_exact
@@ -201,9 +201,10 @@ class GGUFFile(WeightsFile):
             read = lambda: raw().view(np.uint16 if dtype == "bfloat16" else dtype).reshape(shape)
             self.tensors[t.name] = TensorRef(t.name, shape, dtype, self.path, read, offset=offset, sha256=digest)
         else:
-            read = lambda: gguf.quants.dequantize(raw().reshape(*shape[:-1], -1), kind).reshape(shape)
-            blocks = (kind.name.lower(), lambda: raw().reshape(int(np.prod(shape[:-1])), -1))
-            self.tensors[t.name] = TensorRef(t.name, shape, "float32", self.path, read, blocks=blocks)
+            kind_name = kind.name.lower()
+            rows = lambda: raw().reshape(int(np.prod(shape[:-1])), -1)
+            read = lambda: dequantize(rows(), kind_name).reshape(shape)
+            self.tensors[t.name] = TensorRef(t.name, shape, "float32", self.path, read, blocks=(kind_name, rows))
 
     def _config(self) -> dict:
         """THUDM's config fields from the metadata. The release comes from general.name (which to-gguf writes as

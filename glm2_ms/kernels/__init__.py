@@ -77,16 +77,12 @@ def _native_linear():
     lib, why = _build()
     if lib is None:
         return None, why
-    import mindspore as ms
     from mindspore import ops
 
     def shape(x, w):
         return (x[0], w[0])
 
-    def dtype(x, w):
-        return ms.float32
-
-    return ops.Custom(f"{lib}:Linear", out_shape=shape, out_dtype=dtype, func_type="aot"), ""
+    return ops.Custom(f"{lib}:Linear", out_shape=shape, out_dtype=_float32, func_type="aot"), ""
 
 
 def native_embedding(kind: str):
@@ -99,7 +95,6 @@ def native_embedding(kind: str):
 
 @functools.cache
 def _embedding_op(lib: str, kind: str):
-    import mindspore as ms
     from mindspore import ops
 
     per_row = row_bytes(kind, BLOCK)
@@ -107,15 +102,19 @@ def _embedding_op(lib: str, kind: str):
     def shape(ids, w):
         return (*ids, w[1] // per_row * BLOCK)
 
-    def dtype(ids, w):
-        return ms.float32
+    return ops.Custom(f"{lib}:Embed{kind.capitalize()}", out_shape=shape, out_dtype=_float32, func_type="aot")
 
-    return ops.Custom(f"{lib}:Embed{kind.capitalize()}", out_shape=shape, out_dtype=dtype, func_type="aot")
+
+def _float32(*inputs):
+    """Both operators' output dtype, whatever their inputs'."""
+    import mindspore as ms
+
+    return ms.float32
 
 
 def native_linear():
     """The operator: `op(x [m, k] float32, w)` → [m, n] float32, w float16|bfloat16 [n, k] or uint8 blocks
-    [n, k/32 · bytes per block] (`glm2_ms.quant`); or None."""
+    [n, k/32 · bytes per block] (`glm2_core.quants`); or None."""
     return _native_linear()[0]
 
 
