@@ -97,6 +97,8 @@ class Source(Closing):
     dropped: dict[str, list[str]]
     nonfinite: dict[str, int] = field(default_factory=dict)
     overflowed: dict[str, int] = field(default_factory=dict)  # values written as inf (--allow-overflow)
+    proofs: list = field(default_factory=list)  # (prefetch, prove) of every tensor `stream(mapped=True)` handed
+    # out mapped: owed by whoever holds those views (TensorRef)
 
     @classmethod
     def open(cls, path, rearranged_rope: bool | None = None, config: Path | None = None,
@@ -206,6 +208,28 @@ class Source(Closing):
             return None
         return ref.blocks[1]()
 
+    def mapped(self, group: Group, dtype: str, kind: str | None) -> tuple[np.ndarray, str] | None:
+        """The group's one target tensor as a view of its file's mapping (`TensorRef.mapped`) and its dtype (or
+        block kind), when the target is exactly the bytes stored: the dtype kept, or the same block kind; its proof
+        is added to `proofs`."""
+        ref = self.as_stored(group)
+        if ref is None or ref.mapped is None:
+            return None
+        stored = ref.blocks[0] if ref.blocks is not None else None
+        if kind != stored or (stored is None and out_dtype(ref.dtype, dtype) != ref.dtype):
+            return None
+        self.proofs.append((ref.prefetch, ref.prove))
+        return ref.mapped(), kind or ref.dtype
+
+    def kept(self, group: Group, dtype: str, kind: str | None, mapped: bool) -> tuple[np.ndarray, str] | None:
+        """The group's one target tensor exactly as stored, where it is, and its dtype or block kind: a view of its
+        file's mapping (`mapped`, where the format gives one), or else its blocks of `kind`, read."""
+        view = self.mapped(group, dtype, kind) if mapped else None
+        if view is not None:
+            return view
+        stored = self.stored_blocks(group, kind)
+        return None if stored is None else (stored, kind)
+
     def unchanged(self, group: Group, dtype: str) -> FileSpan | None:
         """The group's one target tensor as it lies in the source file, when the target stores exactly those
         bytes; its NaN/Inf are counted as the writer reads it back for its checksums."""
@@ -222,13 +246,15 @@ class Source(Closing):
 
     def stream(self, groups: list[Group], dtype: str = "keep", allow_overflow: bool = False,
                on_done=lambda nbytes: None, adapter=None, spans: bool = False, blocks: dict[str, str] | None = None,
-               count: bool = True) -> Iterator[tuple[str, np.ndarray | FileSpan, str]]:
+               count: bool = True, mapped: bool = False) -> Iterator[tuple[str, np.ndarray | FileSpan, str]]:
         """(target name, array, dtype) for every target tensor of `groups`, in order; with an `adapter`, its
         LoRA deltas are folded into the canonical weights they belong to (in float32, then the source dtype).
         With `spans`, a tensor whose bytes the target keeps as they are comes as a FileSpan instead of an array.
         `blocks` names target matrices wanted in llama.cpp's blocks (glm2_core.quants), by kind: each comes as
         uint8 blocks and its kind for its dtype, as the file stores them where it does, else quantized. `count`:
         NaN/Inf counted into `nonfinite`, for a conversion's summary (the runtime, which reports none, skips it).
+        `mapped`: a tensor kept as stored comes as a view of its file's mapping where the format gives one, nothing
+        read yet; its checksum is then owed (`proofs`).
 
         The next group is read on a second thread while the caller writes this one, so reading and writing
         overlap as they do in `cp` (file reads and numpy release the GIL). At most three groups are in memory:
@@ -249,9 +275,9 @@ class Source(Closing):
             if span is not None:
                 return [(span, span.dtype)]
             kinds = [blocks.get(name) for name, _ in g.dst()]
-            stored = self.stored_blocks(g, kinds[0]) if delta is None else None
-            if stored is not None:
-                return [(stored, kinds[0])]
+            kept = self.kept(g, dtype, kinds[0], mapped) if delta is None else None
+            if kept is not None:
+                return [kept]
             arr, src_dtype = self.canonical(g, count)
             if delta is not None:
                 if delta.shape != arr.shape:

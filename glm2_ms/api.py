@@ -20,7 +20,7 @@ from glm2_core.recipes import SAMPLING
 
 from .dialogue import chat, stream_chat
 from .generation import Decoder
-from .loading import MS_DTYPES, RUNTIME_LAYOUT, block_plan, load_into
+from .loading import MS_DTYPES, RUNTIME_LAYOUT, Proofs, block_plan, load_into
 from .model import GLM2Network, block_holders
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig
 from .tokenizer import GLM2Tokenizer
@@ -35,7 +35,7 @@ class GLM2ForCausalLM(GLM2Network):
     @classmethod
     def from_pretrained(cls, path, **kwargs):
         """`glm2_ms.from_pretrained(path, dtype=…, compute_dtype=…, config=…, rearranged_rope=…, release=…,
-        quantize=…)`: any folder or file glm2-convert reads, streamed into the parameters."""
+        quantize=…, mapped=…)`: any folder or file glm2-convert reads, streamed into the parameters."""
         return from_pretrained(path, **kwargs)
 
     @property
@@ -114,13 +114,16 @@ class ModelFolder:
         return GLM2Tokenizer.of_model(self.source.ckpt.folder, self.config)
 
     def load(self, dtype: str | None = None, compute_dtype: str | None = None,
-             quantize: str | None = None, training: bool = False) -> GLM2ForCausalLM:
+             quantize: str | None = None, training: bool = False, mapped: bool = True) -> GLM2ForCausalLM:
         """The runtime model. `dtype`: storage dtype of the float parameters (default: the checkpoint's, float16
         beside quantized weights where it is float32); `compute_dtype`: float32 or float16 (default: the storage
         dtype, float32 for bfloat16 and beside quantized weights); `quantize`: q8_0 or q4_0, the weight matrices
         quantized as they load (`loading.block_plan`; a GGUF or THUDM int4/int8 source keeps its own blocks
         without it). `training`: float weights only (a source's blocks read as the floats they stand for), and
-        MindSpore's launch left as it is. Memory: the parameters plus one tensor in flight."""
+        MindSpore's launch left as it is. `mapped` (inference): weights kept as their file stores them are the
+        file's pages, mapped copy-on-write where the format allows (GGUF), read as the first prompt uses them,
+        their checksums checked meanwhile (`loading.Proofs`); the file must then stay as it is while the model
+        runs. Memory: the parameters plus one tensor in flight."""
         if dtype is not None and dtype not in MS_DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(MS_DTYPES)}")
         if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
@@ -140,8 +143,12 @@ class ModelFolder:
         for name, (sub, _) in block_holders(model, holding=False).items():
             if name in plan:
                 sub.hold_blocks(plan[name])
-        load_into(model, src.stream(groups, storage, blocks=plan, count=False), blocking=not training)
+        mapped = mapped and not training
+        load_into(model, src.stream(groups, storage, blocks=plan, count=False, mapped=mapped), blocking=not training)
         src.ckpt.check_complete()
+        if src.proofs:
+            model.__dict__["_proofs"] = Proofs(src.proofs)
+            src.proofs = []
         return model
 
 
@@ -157,7 +164,7 @@ def open_model(path, config: Path | None = None, rearranged_rope: bool | None = 
 
 def from_pretrained(path, dtype: str | None = None, compute_dtype: str | None = None,
                     config: Path | None = None, rearranged_rope: bool | None = None,
-                    release: str | None = None, quantize: str | None = None) -> GLM2ForCausalLM:
+                    release: str | None = None, quantize: str | None = None, mapped: bool = True) -> GLM2ForCausalLM:
     """The model of a folder or file (`ModelFolder.load`), when its tokenizer is not needed."""
     with open_model(path, config, rearranged_rope, release) as folder:
-        return folder.load(dtype, compute_dtype, quantize)
+        return folder.load(dtype, compute_dtype, quantize, mapped=mapped)

@@ -249,6 +249,7 @@ class Decoder:
         rng = np.random.default_rng(sampling.seed)
         clock = time.perf_counter()
         logits, caches = self.forward(ids, positions, valid, 0, self.new_cache(b, length))
+        self.model.settle()
         self.timings = {"prefill_tokens": int(mask.sum()), "prefill_s": time.perf_counter() - clock, "rows": b,
                         "decode_s": [], "compiled": self.compiled, "compiled_prefill": self.compiled_prefill,
                         "weights": self.weights_note}

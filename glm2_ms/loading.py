@@ -2,6 +2,9 @@
 by `glm2_ms.api.open_model`)."""
 from __future__ import annotations
 
+import mmap
+import threading
+
 import mindspore as ms
 import numpy as np
 import psutil
@@ -40,23 +43,69 @@ def fits_in_memory(nbytes: int, share: float) -> bool:
 
 def to_tensor(arr: np.ndarray, dtype: str) -> ms.Tensor:
     """A MindSpore tensor of `arr` (bfloat16 arrives as uint16 bits). It shares the memory of an array the reader
-    allocated for this tensor (`_owned`), and copies any other (a file mapping, a buffer that lives on): MindSpore's
-    own copy (`Tensor(arr)`) is slower than the disk."""
-    if not _owned(arr):
+    allocated for this tensor or of a copy-on-write file mapping (`_shareable`), and copies any other (a read-only
+    mapping, a buffer that lives on): MindSpore's own copy (`Tensor(arr)`) is slower than the disk."""
+    if not _shareable(arr):
         arr = np.array(arr, order="C", copy=True)
     if dtype == "bfloat16":
         return ms.Tensor.from_numpy(arr.view(np.uint16)).view(ms.bfloat16)
     return ms.Tensor.from_numpy(arr)
 
 
-def _owned(arr: np.ndarray) -> bool:
-    """Whether `arr` is C-contiguous, writeable and, through its views, numpy's own allocation (not a mapping)."""
+def _shareable(arr: np.ndarray) -> bool:
+    """Whether `arr` is C-contiguous, writeable and, through its views, numpy's own allocation or a mapping (a
+    writeable mapping is a copy-on-write one: no reader maps a file for writing)."""
     if not (arr.flags.c_contiguous and arr.flags.writeable):
         return False
     root = arr
     while isinstance(root.base, np.ndarray):
         root = root.base
-    return root.base is None and root.flags.owndata
+    buffer = root.base.obj if isinstance(root.base, memoryview) else root.base
+    return isinstance(buffer, mmap.mmap) or (root.base is None and root.flags.owndata)
+
+
+class Proofs:
+    """What is owed on weights loaded as views of their files' mappings ((prefetch, prove) pairs, `TensorRef`), run
+    while the model starts on its first prompt: one thread reads the files in ahead of the arithmetic, in large
+    sequential reads, and a second checks each tensor against its file's checksum once it is read, so a cold start
+    costs about the larger of reading and computing, not their sum. `wait` gives the verdict; nothing computed
+    from the weights is handed out before it (`GLM2Network.settle`)."""
+
+    def __init__(self, owed: list):
+        self.owed, self.error = owed, None
+        self.read = [threading.Event() for _ in owed]
+        self.threads = [threading.Thread(target=self._guarded, args=(fn,), name=name, daemon=True)
+                        for fn, name in ((self._prefetch, "read-weights"), (self._prove, "prove-weights"))]
+        for t in self.threads:
+            t.start()
+
+    def _guarded(self, fn) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # handed to wait(), in the thread that uses the weights
+            self.error = self.error or exc
+        finally:
+            for event in self.read:  # a failed read frees the checker, which then stops
+                event.set()
+
+    def _prefetch(self) -> None:
+        for (prefetch, _), event in zip(self.owed, self.read, strict=True):
+            prefetch()
+            event.set()
+
+    def _prove(self) -> None:
+        for (_, prove), event in zip(self.owed, self.read, strict=True):
+            event.wait()
+            if self.error is not None:
+                return
+            if prove is not None:
+                prove()
+
+    def wait(self) -> None:
+        for t in self.threads:
+            t.join()
+        if self.error is not None:
+            raise self.error
 
 
 def block_plan(src: Source, groups, want: str | None) -> dict[str, str]:

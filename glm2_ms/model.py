@@ -314,6 +314,15 @@ class GLM2Network(nn.Cell):
         hidden, _ = self.transformer(input_ids, position_ids, mask)
         return self.logits(hidden, picks)
 
+    def settle(self) -> None:
+        """Wait for the checksums still owed on weights loaded mapped (`glm2_ms.loading.Proofs`), raising if one
+        fails. Called (PyNative) by what hands out something computed from the weights, after its arithmetic, so
+        that the two overlap: the decoder's prefill, `trace`; a caller of the forward itself calls it."""
+        proofs = self.__dict__.get("_proofs")  # in __dict__: a Cell attribute would be deep-copied
+        if proofs is not None:
+            proofs.wait()  # a failed check raises again at every call
+            del self.__dict__["_proofs"]
+
     def logits(self, hidden, picks=None):
         """The output layer over the final norm's `hidden` (at the flat positions `picks` only, when given)."""
         if picks is not None:
@@ -335,4 +344,6 @@ class GLM2Network(nn.Cell):
         finally:
             for cell in hooked:
                 cell.record = None
-        return out + [("logits", t.output_layer(hidden).astype(ms.float32))]
+        out.append(("logits", t.output_layer(hidden).astype(ms.float32)))
+        self.settle()
+        return out

@@ -11,9 +11,11 @@ from helpers import MISSING
 
 import validation  # noqa: F401  (first: it sends library caches out of the temp dir, whichever test imports torch)
 from converters.convert import convert
+from converters.gguf_out import to_gguf
 from converters.synth import synthesize
 from glm2_core.config import GLM2Config
 from glm2_core.names import Layout
+from glm2_core.quants import KINDS as QUANT_KINDS
 from glm2_ms import kernels
 
 DATA = Path(__file__).parent / "data"
@@ -107,6 +109,17 @@ def ms_tiny(hf_tiny, tmp_path_factory):
         return made[dtype]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gguf_files(hf_tiny, tmp_path_factory):
+    """The tiny model as GGUF files of every block kind, and of float16."""
+    folder = tmp_path_factory.mktemp("gguf")
+    out = {}
+    for kind in ("float16", *QUANT_KINDS):
+        out[kind] = folder / f"tiny-{kind}.gguf"
+        to_gguf(hf_tiny("safetensors", "float16"), out[kind], dtype=kind, progress=False)
+    return out
 
 
 @pytest.fixture(params=["avx512", "avx2"])

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from test_gguf import read_gguf
 
-from converters.gguf_out import to_gguf
 from converters.source import Source
 from glm2_core.errors import UserError
 from glm2_core.names import Layout
@@ -49,16 +48,6 @@ def test_the_embedding_lookup_gives_the_dequantized_rows(kind, kernel_isa):
     assert got.shape == (2, 3, 96) and np.array_equal(got, dequantize(table, kind)[ids])
     with pytest.raises(RuntimeError):
         op(ms.Tensor(np.array([[3, 50]], np.int32)), ms.Tensor(table)).asnumpy()
-
-
-@pytest.fixture(scope="module")
-def gguf_files(hf_tiny, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("quantized")
-    out = {}
-    for kind in KINDS:
-        out[kind] = folder / f"tiny-{kind}.gguf"
-        to_gguf(hf_tiny("safetensors", "float16"), out[kind], dtype=kind, progress=False)
-    return out
 
 
 def blocks_of(model) -> dict[str, tuple[str, np.ndarray]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import math
 import os
@@ -65,6 +66,13 @@ class TensorRef:
     sha256: str | None = None  # what the bytes must hash to, where only our manifest can tell (see FileSpan)
     blocks: tuple[str, Callable[[], np.ndarray]] | None = field(default=None, repr=False)  # a matrix stored in
     # llama.cpp's blocks (glm2_core.quants): their kind, and a reader of them as uint8 [rows, row bytes]
+    mapped: Callable[[], np.ndarray] | None = field(default=None, repr=False)  # the bytes as stored (blocks as
+    # uint8 rows), a view of a copy-on-write mapping of the file: nothing is read until the view is used, and the
+    # file is never written
+    prefetch: Callable[[], None] | None = field(default=None, repr=False)  # for whoever took `mapped`: reads the
+    # bytes into the page cache ahead of their use (`read_through`)
+    prove: Callable[[], None] | None = field(default=None, repr=False)  # owed by whoever took `mapped`, where the
+    # file records a checksum: checks the mapped bytes against it (raises CheckpointError); after `prefetch`
 
     def __post_init__(self):
         try:
@@ -205,6 +213,31 @@ def read_exact(f, offset: int, arr: np.ndarray, path: Path, what: str, digest=No
                 os.posix_fadvise(f.fileno(), offset + at, chunk.size, os.POSIX_FADV_DONTNEED)
         if hashing is not None:
             hashing.result()
+
+
+READ_THROUGH_STEP = 1 << 23  # bytes per read of `read_through`; also per step of `sha256_of`
+
+
+def read_through(path: Path, inode: int, offset: int, size: int) -> None:
+    """Read bytes [offset, offset + size) of `path` into the page cache in large sequential reads, as `cp` does
+    (touching a mapping's pages one fault at a time reads in small pieces), into one reused buffer. `inode`: the
+    file a mapping was made of; another file at `path` now is an error."""
+    buf = memoryview(bytearray(min(READ_THROUGH_STEP, size)))
+    with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_ino != inode:
+            raise CheckpointError(f"{path}: replaced by another file while the model was loaded from it")
+        for at in range(0, size, READ_THROUGH_STEP):
+            n = min(READ_THROUGH_STEP, size - at)
+            if os.preadv(f.fileno(), [buf[:n]], offset + at) != n:
+                raise _cut(path, offset + at + n)
+
+
+def sha256_of(data: memoryview) -> str:
+    """The sha256 of `data` (a mapping's bytes), READ_THROUGH_STEP at a time: the GIL is free while each is hashed."""
+    h = hashlib.sha256()
+    for at in range(0, len(data), READ_THROUGH_STEP):
+        h.update(data[at:at + READ_THROUGH_STEP])
+    return h.hexdigest()
 
 
 def _outgrows_memory(f) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from glm2_core.names import BY_TEMPLATE, EMBEDDING, QKV_BIAS, Layout
 from glm2_core.quants import KINDS, dequantize
 from glm2_core.releases import RELEASES, SANDWICH_RELEASE
 
-from .base import TensorRef, WeightsFile, read_exact
+from .base import TensorRef, WeightsFile, read_exact, read_through, sha256_of
 
 T = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
@@ -127,6 +128,7 @@ class GGUFFile(WeightsFile):
 
     def __init__(self, path: Path, verify: bool = True):
         self.verify = verify
+        self._map = None
         super().__init__(path)
 
     def _index(self) -> None:
@@ -192,19 +194,42 @@ class GGUFFile(WeightsFile):
             h = hashlib.sha256() if digest is not None else None
             read_exact(self._f, offset, data, self.path, t.name, h)
             if h is not None and h.hexdigest() != digest:
-                raise CheckpointError(f"{self.path}: tensor {t.name!r} does not match the sha256 the file records: "
-                                      f"the file is corrupt (--no-crc-check reads it anyway)")
+                raise self._corrupt(t.name)
             return data
+
+        def prove() -> None:
+            if sha256_of(memoryview(self._map)[offset:offset + size]) != digest:
+                raise self._corrupt(t.name)
+
+        owed = {"prefetch": lambda: read_through(self.path, self._inode, offset, size),
+                "prove": prove if digest is not None else None}
 
         if kind in STORED:
             dtype = STORED[kind]
-            read = lambda: raw().view(np.uint16 if dtype == "bfloat16" else dtype).reshape(shape)
-            self.tensors[t.name] = TensorRef(t.name, shape, dtype, self.path, read, offset=offset, sha256=digest)
+            stored = np.uint16 if dtype == "bfloat16" else dtype
+            read = lambda: raw().view(stored).reshape(shape)
+            mapped = lambda: self._view(offset, size).view(stored).reshape(shape)
+            self.tensors[t.name] = TensorRef(t.name, shape, dtype, self.path, read, offset=offset, sha256=digest,
+                                             mapped=mapped, **owed)
         else:
             kind_name = kind.name.lower()
-            rows = lambda: raw().reshape(int(np.prod(shape[:-1])), -1)
+            count = int(np.prod(shape[:-1]))
+            rows = lambda: raw().reshape(count, -1)
             read = lambda: dequantize(rows(), kind_name).reshape(shape)
-            self.tensors[t.name] = TensorRef(t.name, shape, "float32", self.path, read, blocks=(kind_name, rows))
+            self.tensors[t.name] = TensorRef(t.name, shape, "float32", self.path, read, blocks=(kind_name, rows),
+                                             mapped=lambda: self._view(offset, size).reshape(count, -1), **owed)
+
+    def _view(self, offset: int, size: int) -> np.ndarray:
+        """Bytes [offset, offset + size) of a copy-on-write mapping of the file (made on first use, and kept while
+        any view of it lives)."""
+        if self._map is None:
+            self._map = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._inode = os.fstat(self._f.fileno()).st_ino
+        return np.frombuffer(self._map, np.uint8, size, offset)
+
+    def _corrupt(self, name: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: tensor {name!r} does not match the sha256 the file records: the file "
+                               f"is corrupt (--no-crc-check reads it anyway)")
 
     def _config(self) -> dict:
         """THUDM's config fields from the metadata. The release comes from general.name (which to-gguf writes as

@@ -254,8 +254,10 @@ void direct512(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_
 
 // Decoding (one or two rows of x): the output columns shared among the threads, each weight read once. A prompt
 // (more rows): a block of kBlock weights at a time along k, for every column, so that the rows of x in that block
-// (a few hundred KB) stay in L2 while every column meets them; each thread keeps the same columns at every block
-// (a static schedule over the same iterations), so no two threads add into the same output.
+// (a few hundred KB) stay in L2 while every column meets them. Within a block the columns go to whichever thread
+// is free (a dynamic schedule: a thread that shares its core with another, such as the checksums of weights still
+// being read, does not hold the other back), and each block ends in a barrier, so no two threads add into the
+// same output at once.
 template <Kind K>
 void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
   if (m <= 2) {
@@ -273,7 +275,7 @@ void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k
 #pragma omp parallel
   for (int64_t k0 = 0; k0 < k; k0 += kBlock) {
     const int64_t len = k - k0 < kBlock ? k - k0 : kBlock;
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(dynamic, 8)
     for (int64_t n0 = 0; n0 < n; n0 += kCols)
       columns<K>(x, w, y, m, n, k, k0, len, n0, n - n0 < kCols ? static_cast<int>(n - n0) : kCols);
   }
