@@ -155,6 +155,15 @@ def quantized(cell, arrays: dict, want: str, output: bool = False) -> dict:
     return out
 
 
+def hold_stored(cell, arrays: dict) -> None:
+    """Make each cell of `cell` whose weight comes in blocks in `arrays` ({parameter name: (array, dtype or block
+    kind)}, as `Source.stream(blocks=block_plan(…))` gives them) hold those blocks: a part of a model built from a
+    source that stores blocks holds them as `from_pretrained` does."""
+    for name, (sub, _) in block_holders(cell, holding=False).items():
+        if name in arrays and arrays[name][1] in KINDS:
+            sub.hold_blocks(arrays[name][1])
+
+
 def load_into(cell, weights, blocking: bool = True) -> None:
     """Set every parameter of `cell` from `weights` ((name, array, dtype) by the cell's parameter names), for
     inference (with the native kernels, where they can be built), and (`blocking`) launch this process's kernels

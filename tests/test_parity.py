@@ -218,6 +218,17 @@ def test_parity_png_legends_have_every_glyph(tmp_path, capfd):
     assert "| 1 | 你好 | 9 |" in markdown(report) and "| 5 | Write a short poem about | 9 |" in markdown(report)
 
 
+def test_a_gguf_files_blocks_are_held_alike_whole_and_layer_by_layer(hf_tiny, gguf_files, monkeypatch):
+    """A q4_0 GGUF file as the MindSpore side, without --quantize: both modes hold the file's blocks, as
+    from_pretrained does, and give the same numbers (layer by layer used to read them as floats)."""
+    monkeypatch.setattr(streamed, "HEAD_BYTES", 4 * 64 * 4096)
+    src = hf_tiny(dtype="float16")
+    whole = run_parity(src, gguf_files["q4_0"], PROMPTS, "float32", new_tokens=4, streamed=False)
+    layered = run_parity(src, gguf_files["q4_0"], PROMPTS, "float32", new_tokens=4, streamed=True)
+    assert without_timings(layered) == without_timings(whole)
+    assert all(p["logits_max_abs"] > 1e-4 for p in whole["prompts"])  # q4_0, not the float weights
+
+
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
 def test_a_quantized_model_is_judged_by_top1_and_kl(hf_tiny, tmp_path, monkeypatch, kind):
     """--quantize: MindSpore's weight matrices quantized, against the float reference; layer by layer (quantized

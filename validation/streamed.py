@@ -26,7 +26,7 @@ from converters.source import Source, apply_dtype, out_dtype
 from glm2_core.dtypes import weights_for
 from glm2_core.names import EMBEDDING, FINAL_NORM, INPUT_NORM, OUTPUT, Layout, prefix_of
 from glm2_ms import model as m
-from glm2_ms.loading import MS_DTYPES, RUNTIME_LAYOUT, load_into, quantized, use_cpu
+from glm2_ms.loading import MS_DTYPES, RUNTIME_LAYOUT, block_plan, hold_stored, load_into, quantized, use_cpu
 
 _LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.")
 EMBED, HEAD = "embedding", "head"  # the stages around the layers (numbered 0..n-1)
@@ -47,11 +47,15 @@ class LayerWeights:
     """A checkpoint read stage by stage, in `layout`'s names, its weights in the dtype a runtime computing in
     `compute` keeps them in (`weights_for`: as stored for float32 arithmetic, which casts them where used)."""
 
-    def __init__(self, path: Path, layout: Layout, compute: str, release: str | None = None):
+    def __init__(self, path: Path, layout: Layout, compute: str, release: str | None = None,
+                 blocks: bool = False):
+        """`blocks`: the weights the source stores in llama.cpp's blocks come as those blocks, where the runtime
+        holds them so (`glm2_ms.loading.block_plan`)."""
         self.src = Source.open(path, release=release)
         self.dtype = weights_for(compute) or self.src.dtype
         try:
             groups, _ = self.src.groups(layout)
+            self.blocks = block_plan(self.src, groups, None) if blocks else {}
             self.by_stage: dict = {}
             for g in groups:
                 self.by_stage.setdefault(stage_of(g.source.canonical), []).append(g)
@@ -70,9 +74,10 @@ class LayerWeights:
         """{name: (array, dtype)} of one stage's weights; the output layer as `Rows`, where its format reads rows
         alone (a ChatGLM2-6B output layer is 0.5 GB in float16, GLM-4-9B's 1.24 GB)."""
         groups = self.by_stage[stage]
-        lazy = {g.dst()[0][0]: rows for g in groups if g.source.canonical == OUTPUT and (rows := self._rows(g))}
+        lazy = {name: rows for g in groups if g.source.canonical == OUTPUT and (name := g.dst()[0][0]) not in
+                self.blocks and (rows := self._rows(g))}
         eager = [g for g in groups if g.dst()[0][0] not in lazy]
-        return {name: (arr, dt) for name, arr, dt in self.src.stream(eager, self.dtype)} | lazy
+        return {name: (arr, dt) for name, arr, dt in self.src.stream(eager, self.dtype, blocks=self.blocks)} | lazy
 
     def _rows(self, group) -> Rows | None:
         ref = self.src.as_stored(group)
@@ -186,7 +191,7 @@ class MindSporeLayers:
 
         use_cpu()
         self.quantize = quantize
-        self.weights = LayerWeights(ms_dir, RUNTIME_LAYOUT, dtype, release)
+        self.weights = LayerWeights(ms_dir, RUNTIME_LAYOUT, dtype, release, blocks=quantize is None)
         self.prefix = {"embedding": prefix_of(RUNTIME_LAYOUT, EMBEDDING, "embedding_weight"),
                        "block": prefix_of(RUNTIME_LAYOUT, INPUT_NORM, "input_layernorm.weight"),
                        "norm": prefix_of(RUNTIME_LAYOUT, FINAL_NORM), "output": prefix_of(RUNTIME_LAYOUT, OUTPUT)}
@@ -197,6 +202,8 @@ class MindSporeLayers:
     def _filled(self, cell, arrays: dict, output: bool = False):
         if self.quantize:
             arrays = quantized(cell, arrays, self.quantize, output)
+        else:
+            hold_stored(cell, arrays)
         load_into(cell, ((name, arr, dt) for name, (arr, dt) in arrays.items()))
         return cell
 
