@@ -74,6 +74,10 @@ VOCABULARY: dict[str, dict] = {
                                     "own blocks)",
                        help="Quantize the weight matrices as they load, to llama.cpp's q8_0 or q4_0 blocks, which "
                             "the native kernel computes with in float32 (q4_0 keeps the output layer in q8_0)."),
+    "--mmap/--no-mmap": dict(decls=("--mmap/--no-mmap", "mapped"), default=True,
+                             help="Use a GGUF file's weights where they lie (mapped, read and checked beside the "
+                                  "first prompt; the file must not change while the model runs), or read them "
+                                  "into memory first."),
     "--layout": dict(type=click.Choice(MS_LAYOUTS + HF_LAYOUTS), default="mindformers",
                      help="Weight names of the output: {layouts}."),
     "--format": dict(decls=("--format", "fmt"), type=click.Choice(FORMAT_NAMES),
