@@ -38,6 +38,14 @@ class GLM2ForCausalLM(GLM2Network):
         quantize=…, mapped=…)`: any folder or file glm2-convert reads, streamed into the parameters."""
         return from_pretrained(path, **kwargs)
 
+    def __call__(self, *args, **kwargs):
+        """The forward (`GLM2Network.construct`), then the wait for any checksums still owed on mapped weights
+        (`settle`): logits are not handed out before them. Called from Python (PyNative); a graph that calls the
+        model compiles its construct, and a model loaded for training owes none."""
+        out = super().__call__(*args, **kwargs)
+        self.settle()
+        return out
+
     @property
     def decoder(self):
         """The static-cache `Decoder` of this model (one per model: its compiled steps are kept)."""

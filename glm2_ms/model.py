@@ -317,7 +317,8 @@ class GLM2Network(nn.Cell):
     def settle(self) -> None:
         """Wait for the checksums still owed on weights loaded mapped (`glm2_ms.loading.Proofs`), raising if one
         fails. Called (PyNative) by what hands out something computed from the weights, after its arithmetic, so
-        that the two overlap: the decoder's prefill, `trace`; a caller of the forward itself calls it."""
+        that the two overlap: the decoder's prefill, `trace`, and a call of the public model
+        (`glm2_ms.api.GLM2ForCausalLM`)."""
         proofs = self.__dict__.get("_proofs")  # in __dict__: a Cell attribute would be deep-copied
         if proofs is not None:
             proofs.wait()  # a failed check raises again at every call

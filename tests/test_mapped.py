@@ -75,6 +75,9 @@ def test_a_corrupt_tensor_stops_the_first_prompt_and_every_one_after(gguf_files,
             model.generate(PROMPT, max_new_tokens=4)
     with pytest.raises(CheckpointError, match="blk.1.ffn_up.weight"):
         model.trace(ms.Tensor(PROMPT))
+    direct = from_pretrained(path, compute_dtype="float32")
+    with pytest.raises(CheckpointError, match="blk.1.ffn_up.weight"):
+        direct(ms.Tensor(PROMPT))  # the forward itself: no logits before the checks
     with pytest.raises(CheckpointError, match="blk.1.ffn_up.weight"):
         from_pretrained(path, compute_dtype="float32", mapped=False)
     for mmap in ("--mmap", "--no-mmap"):  # found beside the first prompt, or as the weights are read
