@@ -218,8 +218,12 @@ class Source(Closing):
         stored = ref.blocks[0] if ref.blocks is not None else None
         if kind != stored or (stored is None and out_dtype(ref.dtype, dtype) != ref.dtype):
             return None
+        try:
+            view = ref.mapped()
+        except OSError:  # a file system that cannot map files: read as any other
+            return None
         self.proofs.append((ref.prefetch, ref.prove))
-        return ref.mapped(), kind or ref.dtype
+        return view, kind or ref.dtype
 
     def kept(self, group: Group, dtype: str, kind: str | None, mapped: bool) -> tuple[np.ndarray, str] | None:
         """The group's one target tensor exactly as stored, where it is, and its dtype or block kind: a view of its

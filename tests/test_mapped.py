@@ -2,6 +2,7 @@
 as the first prompt uses them while a second thread checks them against the file's sha256s. The same tokens and
 logits as weights read into memory; the file never written; a corrupt tensor found before anything computed from
 it is handed out, and named."""
+import errno
 import hashlib
 import subprocess
 
@@ -111,3 +112,14 @@ def test_a_file_replaced_while_mapped_is_refused(gguf_files, tmp_path):
         replacement.replace(path)
         with pytest.raises(CheckpointError, match="replaced by another file while the model was loaded"):
             ref.prefetch()
+
+
+def test_a_file_system_that_cannot_map_is_read_instead(gguf_files, monkeypatch):
+    def refuse(self, offset, size):
+        raise OSError(errno.ENODEV, "No such device")  # what mmap raises where the file system cannot map
+
+    monkeypatch.setattr(GGUFFile, "_view", refuse)
+    model = from_pretrained(gguf_files["q8_0"], compute_dtype="float32")
+    assert "_proofs" not in model.__dict__
+    np.testing.assert_array_equal(model.generate(PROMPT, max_new_tokens=4),
+                                  from_pretrained(gguf_files["q8_0"], mapped=False).generate(PROMPT, max_new_tokens=4))
