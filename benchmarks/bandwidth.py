@@ -70,8 +70,6 @@ typedef __m256 vec;
 #define LANES 8
 #endif
 
-int fma_lanes(void) { return LANES; }
-
 double fma_flops(long steps, int threads) {
     double total = 0.0;
     #pragma omp parallel num_threads(threads) reduction(+:total)

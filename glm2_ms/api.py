@@ -20,8 +20,8 @@ from glm2_core.recipes import SAMPLING
 
 from .dialogue import chat, stream_chat
 from .generation import Decoder
-from .loading import MS_DTYPES, RUNTIME_LAYOUT, Proofs, block_plan, load_into
-from .model import GLM2Network, block_holders
+from .loading import MS_DTYPES, RUNTIME_LAYOUT, Proofs, block_plan, hold_blocks, load_into
+from .model import GLM2Network
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig
 from .tokenizer import GLM2Tokenizer
 
@@ -148,9 +148,7 @@ class ModelFolder:
             raise CheckpointError(f"{src.ckpt.path}: weights are {storage}; pass dtype= float32, float16 or bfloat16")
         model = GLM2ForCausalLM(src.cfg, MS_DTYPES[storage], MS_DTYPES[compute_dtype or "float32"] if plan
                                 else compute_dtype and MS_DTYPES[compute_dtype])
-        for name, (sub, _) in block_holders(model, holding=False).items():
-            if name in plan:
-                sub.hold_blocks(plan[name])
+        hold_blocks(model, plan)
         mapped = mapped and not training
         load_into(model, src.stream(groups, storage, blocks=plan, count=False, mapped=mapped), blocking=not training)
         src.ckpt.check_complete()

@@ -155,13 +155,12 @@ def quantized(cell, arrays: dict, want: str, output: bool = False) -> dict:
     return out
 
 
-def hold_stored(cell, arrays: dict) -> None:
-    """Make each cell of `cell` whose weight comes in blocks in `arrays` ({parameter name: (array, dtype or block
-    kind)}, as `Source.stream(blocks=block_plan(…))` gives them) hold those blocks: a part of a model built from a
-    source that stores blocks holds them as `from_pretrained` does."""
+def hold_blocks(cell, plan: dict[str, str]) -> None:
+    """Make each cell of `cell` whose weight `plan` names (parameter name → block kind, as `block_plan` gives it)
+    hold that weight in blocks of its kind, before the weights are loaded."""
     for name, (sub, _) in block_holders(cell, holding=False).items():
-        if name in arrays and arrays[name][1] in KINDS:
-            sub.hold_blocks(arrays[name][1])
+        if name in plan:
+            sub.hold_blocks(plan[name])
 
 
 def load_into(cell, weights, blocking: bool = True) -> None:

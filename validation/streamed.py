@@ -25,8 +25,9 @@ import numpy as np
 from converters.source import Source, apply_dtype, out_dtype
 from glm2_core.dtypes import weights_for
 from glm2_core.names import EMBEDDING, FINAL_NORM, INPUT_NORM, OUTPUT, Layout, prefix_of
+from glm2_core.quants import KINDS
 from glm2_ms import model as m
-from glm2_ms.loading import MS_DTYPES, RUNTIME_LAYOUT, block_plan, hold_stored, load_into, quantized, use_cpu
+from glm2_ms.loading import MS_DTYPES, RUNTIME_LAYOUT, block_plan, hold_blocks, load_into, quantized, use_cpu
 
 _LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.")
 EMBED, HEAD = "embedding", "head"  # the stages around the layers (numbered 0..n-1)
@@ -202,8 +203,8 @@ class MindSporeLayers:
     def _filled(self, cell, arrays: dict, output: bool = False):
         if self.quantize:
             arrays = quantized(cell, arrays, self.quantize, output)
-        else:
-            hold_stored(cell, arrays)
+        else:  # the blocks a source stores, as the whole model holds them
+            hold_blocks(cell, {name: kind for name, (_, kind) in arrays.items() if kind in KINDS})
         load_into(cell, ((name, arr, dt) for name, (arr, dt) in arrays.items()))
         return cell
 

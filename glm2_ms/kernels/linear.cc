@@ -188,8 +188,8 @@ void direct(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_t n
 }
 
 #ifdef __AVX512F__
-constexpr int kWideCols = 8;  // weight rows a 16-wide decoding pass streams side by side: more rows in flight read
-                              // memory faster than 4 (and the registers hold 2 rows of x by 8 accumulators)
+constexpr int kDecodeCols = 8;  // weight rows a 16-wide decoding pass streams side by side: more rows in flight
+                                // read memory faster than 4 (and the registers hold 2 rows of x by 8 accumulators)
 
 // 16 weights of a quantized block (its first or second half) as floats, before the scale.
 template <Kind K>
@@ -207,22 +207,22 @@ inline __m512 half_values(const uint8_t *blk, int half) {
 // `direct` with 16-wide vectors (chosen when the library is built for AVX-512).
 template <int R, Kind K>
 void direct512(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_t n0, int cols) {
-  const uint8_t *rows[kWideCols];
-  for (int c = 0; c < kWideCols; ++c) rows[c] = w.row(n0 + (c < cols ? c : 0));
-  __m512 acc[R][kWideCols];
+  const uint8_t *rows[kDecodeCols];
+  for (int c = 0; c < kDecodeCols; ++c) rows[c] = w.row(n0 + (c < cols ? c : 0));
+  __m512 acc[R][kDecodeCols];
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < kWideCols; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < kDecodeCols; ++c) acc[r][c] = _mm512_setzero_ps();
   int64_t vec = k & ~int64_t(15);
   if constexpr (K == F16 || K == BF16) {
     for (int64_t j = 0; j < vec; j += 16) {
-      __m512 wv[kWideCols];
-      for (int c = 0; c < kWideCols; ++c) {
+      __m512 wv[kDecodeCols];
+      for (int c = 0; c < kDecodeCols; ++c) {
         const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(reinterpret_cast<const uint16_t *>(rows[c]) + j));
         wv[c] = K == BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)) : _mm512_cvtph_ps(bits);
       }
       for (int r = 0; r < R; ++r) {
         const __m512 xv = _mm512_loadu_ps(x + r * k + j);
-        for (int c = 0; c < kWideCols; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+        for (int c = 0; c < kDecodeCols; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
       }
     }
   } else {
@@ -231,7 +231,7 @@ void direct512(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_
       __m512 xv[R][2];
       for (int r = 0; r < R; ++r)
         for (int h = 0; h < 2; ++h) xv[r][h] = _mm512_loadu_ps(x + r * k + b * kQK + 16 * h);
-      for (int c = 0; c < kWideCols; ++c) {
+      for (int c = 0; c < kDecodeCols; ++c) {
         const uint8_t *blk = rows[c] + b * block_bytes<K>();
         const __m512 v0 = half_values<K>(blk, 0), v1 = half_values<K>(blk, 1);
         uint16_t h;
@@ -251,7 +251,6 @@ void direct512(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_
     }
 }
 #define DIRECT direct512
-constexpr int kDecodeCols = kWideCols;
 #else
 #define DIRECT direct
 constexpr int kDecodeCols = kCols;
