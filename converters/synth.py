@@ -34,10 +34,11 @@ def _values(name: str, shape: tuple[int, ...], dtype: str, seed: int) -> np.ndar
 
 
 def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "bin", seed: int = 0,
-               max_shard_bytes: int | None = None, overwrite: bool = False) -> list[str]:
+               max_shard_bytes: int | None = None, overwrite: bool = False, script=None) -> list[str]:
     """Write a HF folder as the release publishes it (config, sharded weights + index, tokenizer): THUDM's ChatGLM
     names, or transformers' GLM names for GLM-4-0414; returns the weight files. GLM-4's tokenizer is not bundled:
-    its folders get none."""
+    its folders get none. `script(canonical name, shape)`: a tensor's values where it returns an array (a model
+    whose behaviour a test sets), else the seeded random ones."""
     if fmt not in ("bin", "safetensors"):
         raise UserError(f"unknown format {fmt!r}; expected bin or safetensors")
     if dtype not in ("float16", "bfloat16", "float32"):
@@ -53,7 +54,9 @@ def synthesize(out: Path, cfg: GLM2Config, dtype: str = "float16", fmt: str = "b
     with staged_folder(Path(out), overwrite, need=need, kind=MODEL) as tmp:
         with WeightsWriter(tmp, fmt, shards, {"format": "pt"} if fmt == "safetensors" else None) as writer:
             for i, m in enumerate(maps):
-                parts = m.gather(_values(m.canonical, m.shape, dtype, seed))
+                chosen = script and script(m.canonical, m.shape)
+                parts = m.gather(_values(m.canonical, m.shape, dtype, seed) if chosen is None
+                                 else cast(np.asarray(chosen, np.float32), "float32", dtype))
                 for piece, values in zip(m.pieces, parts, strict=True):
                     writer.write(piece.name, values, dtype)
                 if i == 0 and layout.name == "chatglm":

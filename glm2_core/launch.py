@@ -21,6 +21,7 @@ TOOLS = {  # tool → its click command, as module:attribute (pyproject.toml's s
     "glm2-parity": "validation.cli:main",
     "glm2-eval": "validation.eval_cli:main",
     "glm2-demo": "validation.demo:main",
+    "glm2-serve": "glm2_ms.serve:main",
 }
 
 
@@ -48,3 +49,4 @@ finetune = partial(run, "glm2-finetune")
 parity = partial(run, "glm2-parity")
 evaluate = partial(run, "glm2-eval")
 demo = partial(run, "glm2-demo")
+serve = partial(run, "glm2-serve")

@@ -84,13 +84,15 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def cache_inputs(s: int, valid: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
-    """The additive mask [b, s, max_len] and the one-hot slot map [s, max_len] for s new tokens at `start`."""
-    length = valid.shape[1]
-    slots = start + np.arange(s)
-    allowed = (np.arange(length)[None, :] <= slots[:, None])[None] & valid[:, None, :].astype(bool)
-    write = np.zeros((s, length), np.float32)
-    write[np.arange(s), slots] = 1
+def cache_inputs(s: int, valid: np.ndarray, start) -> tuple[np.ndarray, np.ndarray]:
+    """The additive mask [b, s, max_len] and the one-hot slot map [b, s, max_len] for s new tokens of each row at
+    `start` (one slot for every row, or [b] slots: a row < 0 writes nothing and attends to its valid slots)."""
+    b, length = valid.shape
+    slots = np.asarray(start).reshape(-1, 1) + np.arange(s)  # [1 or b, s]
+    allowed = (np.arange(length) <= slots[..., None]) & valid[:, None, :].astype(bool)
+    write = np.zeros((b, s, length), np.float32)
+    rows, cols = np.nonzero(np.broadcast_to(slots >= 0, (b, s)))
+    write[rows, cols, np.broadcast_to(slots, (b, s))[rows, cols]] = 1
     return np.where(allowed, 0.0, MASKED).astype(np.float32), write
 
 
@@ -120,7 +122,7 @@ class PrefillStep(CachedStep):
     shape kept what its nodes produced for as long as it lived (a graph's worth more per prompt length); this one
     allocates per call."""
 
-    OPEN = ((0, 1), (0, 1), (0, 1, 2), (0, 1))  # embedded, position_ids, mask, write; each cache: CACHE_OPEN
+    OPEN = ((0, 1), (0, 1), (0, 1, 2), (0, 1, 2))  # embedded, position_ids, mask, write; each cache: CACHE_OPEN
     CACHE_OPEN = (0, 2)
 
     def __init__(self, model: GLM2Network):

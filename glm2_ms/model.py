@@ -151,7 +151,8 @@ class SelfAttention(nn.Cell):
 
     def construct(self, x, cos, sin, mask, cache=None, write=None):
         """x [b, s, hidden]; mask [b, s, kv_len] additive. With a cache (k, v of [b, groups, max_len, d]),
-        the new k/v go to the slots `write` [s, max_len] (one-hot rows) and attention runs over the cache."""
+        the new k/v go to the slots `write` [b, s, max_len] (one-hot rows: each row of the batch its own slots, so a
+        server's rows may sit at different lengths) and attention runs over the cache."""
         b, s, _ = x.shape
         h, g, d = self.heads, self.groups, self.d
         # the fused output is h/g query blocks of g·d, then k and v (g·d each): a Split into those equal parts
@@ -163,8 +164,8 @@ class SelfAttention(nn.Cell):
         v = parts[per + 1].reshape(b, s, g, d)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, g, s, d]
         if cache is not None:
-            keep = (1 - write.sum(0)).reshape(1, 1, -1, 1)
-            place = write.transpose(1, 0).reshape(1, 1, write.shape[1], s).broadcast_to((b, g, -1, -1))
+            keep = (1 - write.sum(1)).reshape(b, 1, -1, 1)
+            place = write.transpose(0, 2, 1).reshape(b, 1, write.shape[2], s).broadcast_to((b, g, -1, -1))
             k = cache[0] * keep + self.bmm(place, k)
             v = cache[1] * keep + self.bmm(place, v)
         # queries of one kv group side by side: [b, g, (h/g)·s, d]

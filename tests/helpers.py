@@ -6,8 +6,14 @@ when one is missing or broken the suite fails. Only the genuinely optional extra
 and the summary names them (conftest.py)."""
 import base64
 import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +91,34 @@ def glm4_ranks(path, words=("你好",), size=151329):
         tokens.append(next(fillers))
     path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(tokens)))
     return path
+
+
+@contextmanager
+def serving(model, *args):
+    """A glm2-serve process on a free port of 127.0.0.1: yields (process, base URL) once it says it is ready; its
+    stderr is read all along into `process.lines`. At the end SIGTERM, and its exit status must be 0."""
+    tool = Path(sys.executable).parent / "glm2-serve"
+    proc = subprocess.Popen([tool, model, "--port", "0", *map(str, args)], stderr=subprocess.PIPE, text=True)
+    proc.lines, ready = [], threading.Event()
+
+    def drain():
+        for line in proc.stderr:
+            proc.lines.append(line)
+            if "ready at " in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        ready.wait(300)
+        url = next((m.group(1) for m in map(re.compile(r"ready at (http://\S+)").search, proc.lines) if m), None)
+        assert url, "glm2-serve ended before it was ready:\n" + "".join(proc.lines)[-3000:]
+        yield proc, url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(proc.lines)[-3000:]

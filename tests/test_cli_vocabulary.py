@@ -24,7 +24,7 @@ SAMPLING = {"--max-new-tokens", "--sample", "--greedy", "--temperature", "--top-
 def test_every_script_runs_its_tool_through_the_launcher():
     scripts = {ep.name: ep.load() for ep in entry_points(group="console_scripts") if ep.name.startswith("glm2-")}
     assert set(scripts) == set(TOOLS) == {"glm2-convert", "glm2-merge-shards", "glm2-generate", "glm2-chat",
-                                          "glm2-parity", "glm2-finetune", "glm2-eval", "glm2-demo"}
+                                          "glm2-parity", "glm2-finetune", "glm2-eval", "glm2-demo", "glm2-serve"}
     assert all(script.func is launch.run and script.args == (name,) for name, script in scripts.items())
 
 
