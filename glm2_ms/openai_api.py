@@ -162,7 +162,10 @@ class Conversation:
         self.ids = tok.build_chat_input(last["content"], history, last["role"])
         self.opening = ""
         if isinstance(req.tool_choice, NamedChoice):  # the call is begun in the prompt: the tool's name, its line
-            self.opening = req.tool_choice.function.get("name", "") + "\n"
+            name = req.tool_choice.function.get("name")
+            if name not in {t.function.name for t in req.tools or []}:
+                raise UserError(f"tool_choice names {name!r}, which is not one of the request's tools")
+            self.opening = name + "\n"
             self.ids += tok.vocab.encode(self.opening)
 
 

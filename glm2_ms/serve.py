@@ -6,6 +6,7 @@ error object with its status, and the server goes on after it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -79,7 +80,7 @@ class Run:
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.start, self.first, self.made, self.finish, self.gone = time.perf_counter(), None, 0, None, False
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+        self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
         room = served.engine.context - len(ids)
         if room < 1:
             raise UserError(f"the prompt's {len(ids)} tokens fill the server's context of {served.engine.context} "
@@ -88,8 +89,12 @@ class Run:
         if new > room:
             raise UserError(f"max_tokens {new}: the prompt's {len(ids)} tokens and {new} new ones pass the "
                             f"server's context of {served.engine.context} tokens; at most {room} fit")
-        self.job = Job(ids, new, req.sampling(), frozenset(served.tok.stop_ids),
-                       lambda token, why: loop.call_soon_threadsafe(self.events.put_nowait, (token, why)))
+        self.job = Job(ids, new, req.sampling(), frozenset(served.tok.stop_ids), self._emit)
+
+    def _emit(self, token, why) -> None:
+        """From the engine's thread: the event onto this request's queue (dropped once the server's loop ended)."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (token, why))
 
     async def deltas(self, request: Request | None = None):
         """Yields each piece of text as it may be shown; `finish` is set when it ends. With `request`, a client

@@ -1,5 +1,6 @@
 """The user's pages cannot drift from the code: every ```python snippet in README.md and docs/*.md runs as written
-(on a tiny converted checkpoint in place of the folder the commands make, "ms-6b"), every option their shell
+(on a tiny converted checkpoint in place of the folder the commands make, "ms-6b"; a client's snippet against
+glm2-serve of that checkpoint in place of the server at SERVED), every option their shell
 examples give a tool exists, every module and tool they name exists, the CLI reference is what the tools print,
 and no page carries a date, a commit hash or an issue number (those belong in benchmarks/results/)."""
 import importlib.util
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import click
 import pytest
+from helpers import serving
 
 from glm2_core import launch
 
@@ -19,21 +21,31 @@ PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 TEXT = {page: page.read_text(encoding="utf-8") for page in PAGES}
 SNIPPETS = [s for text in TEXT.values() for s in re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)]
 PLACEHOLDER = '"ms-6b"'
+SERVED = "http://127.0.0.1:8000"  # a client snippet's server: glm2-serve ms-6b, with its defaults
 TOOLS = launch.TOOLS
 
 
 def test_the_readme_has_python_snippets():
-    assert SNIPPETS and all(PLACEHOLDER in s for s in SNIPPETS)
+    assert SNIPPETS and all(PLACEHOLDER in s or SERVED in s for s in SNIPPETS)
+
+
+@pytest.fixture(scope="module")
+def served(ms_tiny):
+    """glm2-serve of the tiny checkpoint, its folder named as the pages name it."""
+    with serving(ms_tiny("float32"), "--name", "ms-6b") as (_, url):
+        yield url
 
 
 @pytest.mark.runtime
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
-def test_readme_snippet_runs(snippet, ms_tiny, tmp_path):
+def test_readme_snippet_runs(snippet, ms_tiny, tmp_path, request):
     model = ms_tiny("float32")
     work = tmp_path / "cwd"
     work.mkdir()
-    proc = subprocess.run([sys.executable, "-c", snippet.replace(PLACEHOLDER, repr(str(model)))], cwd=work,
-                          capture_output=True, text=True, timeout=300)
+    code = snippet.replace(PLACEHOLDER, repr(str(model)))
+    if SERVED in snippet:
+        code = code.replace(SERVED, request.getfixturevalue("served"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(work.iterdir())
 
