@@ -5,9 +5,10 @@
 
 The load: N clients × M requests each, ADGEN prompts of mixed lengths, greedy, streaming or not; some clients
 disconnect mid-stream and some send malformed requests. Every good request's reply must equal the same request run
-alone (first, one at a time, on the same server); no response may be a 5xx; the server's RSS after the load is
-compared with its RSS after the requests run alone (warm). Prints p50/p99 latency and time to first token, and the
-aggregate tokens/s. `--scaling`: aggregate tokens/s of k concurrent streams of the same request. `--vs-generate`:
+alone (first, one at a time, on the same server); no response may be a 5xx. The load runs twice: the server's RSS
+after the second round is compared with its RSS after the first (warm: the shapes met compiled). Prints p50/p99
+latency, time to first token and the aggregate tokens/s of the second round. `--scaling`: aggregate tokens/s of k
+concurrent streams of the same request, end to end and in the decoding steps alone. `--vs-generate`:
 single-stream decode through the server against `glm2-generate --stats` on the same model, alternated.
 """
 from __future__ import annotations
@@ -154,9 +155,14 @@ def load(server: Server, plan: list[list[dict]], alone: dict) -> dict:
             "tokens_per_s": sum(x["tokens"] for x in good) / wall, "wall_s": wall}
 
 
+def engine_counters(server: Server) -> dict:
+    lines = httpx.get(server.url + "/metrics").text.splitlines()
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in lines) if k.startswith("glm2_engine")}
+
+
 def scaling(server: Server, counts: list[int], max_tokens: int) -> dict:
-    """Aggregate tokens/s of k streams of one ADGEN request, each run to max_tokens (no stop token: greedy with
-    the stop ids out of reach is not asked for; a reply that stops early counts the tokens it made)."""
+    """k streams of one ADGEN request at once, for each k: the aggregate tokens/s end to end (k prefills
+    included) and of the decoding steps alone (the rows they carried over their time, from /metrics)."""
     prompt = json.loads(PROMPTS.read_text().splitlines()[0])["content"]
     r = {"prompt": prompt, "max_tokens": max_tokens}
     out = {}
@@ -167,13 +173,18 @@ def scaling(server: Server, counts: list[int], max_tokens: int) -> dict:
             with httpx.Client(timeout=3600) as client:
                 got[i] = ask(client, server, r, True)
 
-        clock = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        out[k] = sum(g["tokens"] for g in got) / (time.perf_counter() - clock)
+        for _ in range(2):  # the first round compiles the step of k rows; the second is measured
+            before, clock = engine_counters(server), time.perf_counter()
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        wall, after = time.perf_counter() - clock, engine_counters(server)
+        rows = after["glm2_engine_step_rows_total"] - before["glm2_engine_step_rows_total"]
+        out[k] = {"end_to_end": sum(g["tokens"] for g in got) / wall,
+                  "decoding": rows / (after["glm2_engine_step_seconds_total"] -
+                                      before["glm2_engine_step_seconds_total"])}
     return out
 
 
@@ -219,15 +230,19 @@ def main() -> None:
             with httpx.Client(timeout=600) as client:
                 alone = {(r["prompt"], r["max_tokens"]): ask(client, server, r, False)["text"]
                          for mine in plan for r in mine if r["kind"] == "good"}
+            first = load(server, plan, alone)  # the warm-up: every batch and cache-length shape the load meets
             warm = server.rss_mb()
             result = load(server, plan, alone)
-            result.update(rss_warm_mb=warm, rss_after_mb=server.rss_mb())
+            result.update(mismatches=result["mismatches"] + first["mismatches"],
+                          server_errors=result["server_errors"] + first["server_errors"],
+                          rss_warm_mb=warm, rss_after_mb=server.rss_mb())
         if a.vs_generate:
             pairs = [(decode_rate(server, a.max_tokens), generate_rate(a.model, a.max_tokens))
                      for _ in range(a.repeat)]
             result["serve_decode_tokens_per_s"] = [s for s, _ in pairs]
             result["generate_decode_tokens_per_s"] = [g for _, g in pairs]
             result["serve_over_generate"] = float(np.median([s / g for s, g in pairs]))
+        result["server_rss_mb"] = server.rss_mb()
     finally:
         result["exit_status"] = server.stop()
     print(json.dumps(result, indent=None if a.json else 2))

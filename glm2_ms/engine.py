@@ -64,6 +64,7 @@ class EngineStats:
     prefill_tokens: int = 0
     generated_tokens: int = 0
     busy_s: float = 0.0
+    step_s: float = 0.0  # in decoding steps: step_rows / step_s is the decoding rate of the batch
     shapes: set = field(default_factory=set)  # the (batch, cache length) shapes stepped: one compiled step each
 
 
@@ -205,8 +206,10 @@ class Engine:
         for r, row in self._live():
             ids[r, 0], positions[r, 0], starts[r] = row.last, row.column, row.column
             valid[r, :row.column + 1] = 1
+        clock = time.perf_counter()
         logits, self.caches = self.decoder.forward(ids, positions, valid, starts, self.caches)
         self.caches = list(self.caches)
+        self.stats.step_s += time.perf_counter() - clock
         self.stats.steps += 1
         self.stats.step_rows += self.busy
         self.stats.shapes.add((b, length))

@@ -58,6 +58,7 @@ class Counters:
                   f"glm2_slots_busy {engine.busy}", f"glm2_slots_total {engine.slots}",
                   f"glm2_queue_waiting {engine.waiting}",
                   f"glm2_engine_steps_total {stats.steps}", f"glm2_engine_step_rows_total {stats.step_rows}",
+                  f"glm2_engine_step_seconds_total {stats.step_s:.6f}",
                   f"glm2_engine_busy_seconds_total {stats.busy_s:.6f}"]
         return "\n".join(lines) + "\n"
 
@@ -184,7 +185,7 @@ def make_app(served: Served, shutdown_timeout: float = 30.0) -> FastAPI:
     async def chat(req: ChatRequest, request: Request):
         if req.model != served.name:
             return _unknown_model(req.model)
-        conversation = Conversation(served.tok, req)
+        conversation = await asyncio.to_thread(Conversation, served.tok, req)  # (a long prompt: not on the loop)
         run = Run(served, "chat", conversation.ids, req, Transcript(served.tok, req.stop, conversation))
         return await _serve(run, req.stream, request)
 
@@ -192,7 +193,7 @@ def make_app(served: Served, shutdown_timeout: float = 30.0) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request):
         if req.model != served.name:
             return _unknown_model(req.model)
-        ids = served.tok.encode(req.text)
+        ids = await asyncio.to_thread(served.tok.encode, req.text)
         run = Run(served, "completion", ids, req, Transcript(served.tok, req.stop))
         return await _serve(run, req.stream, request)
 

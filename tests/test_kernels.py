@@ -13,7 +13,8 @@ from glm2_ms.model import Linear, use_native_kernels
 
 ms.set_device("CPU")
 # (m, n, k): every remainder of the 8- and 16-wide loops, the column passes and the row tiles
-SHAPES = [(1, 1, 8), (1, 5, 13), (2, 13, 520), (3, 4, 1030), (4, 7, 64), (7, 9, 8), (1, 6, 40), (2, 3, 1047)]
+SHAPES = [(1, 1, 8), (1, 5, 13), (2, 13, 520), (3, 4, 1030), (4, 7, 64), (7, 9, 8), (1, 6, 40), (2, 3, 1047),
+          (17, 5, 40)]
 
 
 def widened(bits: np.ndarray, dtype: str) -> np.ndarray:

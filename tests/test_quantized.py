@@ -16,9 +16,11 @@ from glm2_ms.generation import Decoder, describe
 from glm2_ms.model import block_holders
 
 ms.set_device("CPU")
-# (m, n, k): rows of x 1, 2 (decoding) and 3+ (a prompt: the staged path, its tiles of 3 and their rest),
-# columns in passes of 4 and their rest, k in blocks of 32 within and across the 512-value stage
-SHAPES = [(1, 1, 32), (1, 5, 96), (2, 13, 544), (3, 4, 1056), (4, 7, 64), (7, 9, 32), (5, 6, 512)]
+# (m, n, k): rows of x up to 8 (decoding, a server's batch: the direct pass, a pair of rows at a time and the odd
+# one) and 9+ (a prompt: the staged path, its tiles of 3 and their rest), columns in passes of 4 and their rest, k
+# in blocks of 32 within and across the 512-value stage
+SHAPES = [(1, 1, 32), (1, 5, 96), (2, 13, 544), (3, 4, 1056), (4, 7, 64), (7, 9, 32), (5, 6, 512), (9, 4, 1056),
+          (11, 7, 544), (10, 5, 64)]
 PROMPT = np.array([[64790, 64792, 790, 30951, 517, 30910, 30940, 30996]], np.int32)
 
 

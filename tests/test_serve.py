@@ -83,6 +83,8 @@ def test_completions_models_and_health(server, model_dir):
                for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed repeats a sampled reply
     assert httpx.get(url + "/health").json()["status"] == "ok"
+    logged = [line for line in server[0].lines if line.startswith(f"glm2-serve: {one.id} completion 200 in ")]
+    assert logged and " out 6 ttft " in logged[0]  # a request's line: id, status, tokens, time to first token
 
 
 def test_a_stop_sequence_ends_the_reply_before_it(server, model_dir):
@@ -160,6 +162,9 @@ def test_the_client_sees_refusals_as_its_own_errors(server, model_dir):
     assert r.status_code == 413 and r.json()["error"]["message"]
     assert httpx.get(url + "/v2/nothing").status_code == 404
     assert httpx.get(url + "/v1/chat/completions").json()["error"]["message"]
+    assert any("POST /v1/chat/completions 413" in line for line in server[0].lines)  # refusals are logged too
+    counted = metrics(url)
+    assert counted['glm2_requests_total{status="413"}'] >= 1 and counted['glm2_requests_total{status="404"}'] >= 1
 
 
 def test_fuzzed_bodies_end_in_errors_never_in_failures(server, model_dir):

@@ -22,6 +22,9 @@ enum Kind { F16, BF16, Q8_0, Q4_0 };
 constexpr int64_t kBlock = 512;  // weight elements widened at a time per row: 4 rows of 2 KB float32 stay in L1
 constexpr int kCols = 4;         // weight rows (output columns) per pass, each widened once for every row of x
 constexpr int kRows = 3;         // rows of x per register tile: 3 x 4 accumulators
+// rows of x up to which a quantized weight goes through decoding's direct pass (a pair of rows at a time, each pair
+// unpacking the blocks anew); a 16-bit one always does, its widening being cheaper than the prompt pass's staging
+constexpr int64_t kDirectRows = 8;
 constexpr int64_t kQK = 32;      // weights per quantized block
 
 template <Kind K>
@@ -141,8 +144,8 @@ void columns(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t 
   if (m - r == 1) tile<1>(x + r * k + k0, k, wide, len, y + r * n + n0, n, cols);
 }
 
-// One or two rows of x (decoding): each weight row is widened straight from memory into the FMAs, with no staging
-// in L1 (which costs a store and a load per element where a row of x uses each weight once). A quantized block's
+// One or two rows of x: each weight row is widened straight from memory (or L2, for the next pair of rows) into
+// the FMAs, with no staging in L1 (which costs a store and a load per element). A quantized block's
 // 32 products are summed before its scale multiplies them.
 template <int R, Kind K>
 void direct(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_t n0, int cols) {
@@ -256,22 +259,25 @@ void direct512(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_
 constexpr int kDecodeCols = kCols;
 #endif
 
-// Decoding (one or two rows of x): the output columns shared among the threads, each weight read once. A prompt
-// (more rows): a block of kBlock weights at a time along k, for every column, so that the rows of x in that block
-// (a few hundred KB) stay in L2 while every column meets them. Within a block the columns go to whichever thread
-// is free (a dynamic schedule: a thread that shares its core with another, such as the checksums of weights still
-// being read, does not hold the other back), and each block ends in a barrier, so no two threads add into the
-// same output at once.
+// Decoding (up to kDirectRows rows of x: one request, or a server's batch of them; any number of rows over
+// 16-bit weights): the output columns shared among the threads, each weight read from memory once, the rows of x
+// two at a time over it. A prompt over quantized weights (more rows): a block of kBlock weights at a time along k,
+// for every column, so that the rows of x in that block (a few hundred KB) stay in L2 while every column meets
+// them. Within a block the columns go to whichever thread is free (a dynamic schedule: a thread that shares its
+// core with another, such as the checksums of weights still being read, does not hold the other back), and each
+// block ends in a barrier, so no two threads add into the same output at once.
 template <Kind K>
 void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
-  if (m <= 2) {
+  if (m <= kDirectRows || K == F16 || K == BF16) {
 #pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < n; n0 += kDecodeCols) {
       const int cols = n - n0 < kDecodeCols ? static_cast<int>(n - n0) : kDecodeCols;
-      if (m == 1)
-        DIRECT<1, K>(x, w, y, n, k, n0, cols);
-      else
-        DIRECT<2, K>(x, w, y, n, k, n0, cols);
+      for (int64_t r = 0; r < m; r += 2) {  // the second pair on meets these weight rows in L2, not memory
+        if (m - r == 1)
+          DIRECT<1, K>(x + r * k, w, y + r * n, n, k, n0, cols);
+        else
+          DIRECT<2, K>(x + r * k, w, y + r * n, n, k, n0, cols);
+      }
     }
     return;
   }
