@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,21 @@ class Family:
     pad: str | None = None     # a special token; None: the sentencepiece model's <unk>
     tool_arguments: str = "python"  # how a tool call's arguments are written: tool_call(k=v, …) or JSON
     trained: str = "2023年"    # what the reply's [[训练时间]] placeholder becomes
+    # how tools are declared: None, as indented JSON after the system message's content (ChatGLM3's
+    # build_chat_input); else (preamble, what follows each function) of a system message of their own (GLM-4's
+    # chat template), each function under "## name" as indented JSON
+    tools_message: tuple[str, str] | None = None
+
+    def tool_system(self, content: str, tools: list) -> list[str]:
+        """The system messages of a system message whose `tools` (functions, or OpenAI's {"type": "function",
+        "function": …}) the model may call."""
+        if self.tools_message is None:
+            return [content + "\n" + json.dumps(tools, indent=4, ensure_ascii=False)]
+        preamble, after = self.tools_message
+        functions = [t.get("function", t) for t in tools]
+        declared = preamble + "".join(f"\n\n## {f['name']}\n\n{json.dumps(f, indent=4, ensure_ascii=False)}{after}"
+                                      for f in functions)
+        return [declared] + ([content] if content else [])
 
 
 FAMILIES = {f.name: f for f in (
@@ -62,7 +78,10 @@ FAMILIES = {f.name: f for f in (
            ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>") + _ROLE_TOKENS
            + ("<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"),
            ("[gMASK]", "<sop>"), "roles", _roles_template("[gMASK]<sop>", ""), stops=("<|user|>", "<|observation|>"),
-           eos="<|endoftext|>", pad="<|endoftext|>", tool_arguments="json", trained="2024年"),
+           eos="<|endoftext|>", pad="<|endoftext|>", tool_arguments="json", trained="2024年",
+           tools_message=("你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+                          "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具",
+                          "\n在调用上述函数时，请使用 Json 格式表示调用的参数。")),
 )}
 
 MAX_RANKS_BYTES = 64 << 20  # GLM-4's ranks file is 2.6 MB

@@ -8,7 +8,6 @@ restarting at 0 for each row's first real token.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,15 +172,17 @@ class GLM2Tokenizer:
     def build_chat_input(self, query: str, history=None, role: str = "user") -> list[int]:
         """The prompt of a chat round. ChatGLM2: history is [(query, reply), …] and every query the user's;
         ChatGLM3/GLM-4: history is [{"role", "content", "metadata"?, "tools"?}, …] as their `chat` keeps it (a
-        system message's tools are appended to its content as indented JSON) and `role` says who speaks."""
+        system message's tools declared as the release declares them: `Family.tool_system`) and `role` says who
+        speaks."""
         if self.family.chat == "rounds":
             return self.encode(build_prompt(query, history))
         ids = self.prefix()
         for item in history or []:
-            content = item["content"]
             if item["role"] == "system" and "tools" in item:
-                content += "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
-            ids += self.message(item["role"], content, item.get("metadata", ""))
+                for content in self.family.tool_system(item["content"], item["tools"]):
+                    ids += self.message("system", content)
+                continue
+            ids += self.message(item["role"], item["content"], item.get("metadata", ""))
         return ids + self.message(role, query) + [self.special["<|assistant|>"]]
 
     def answer_ids(self, answer: str) -> list[int]:

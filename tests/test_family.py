@@ -123,3 +123,21 @@ def test_glm4_json_tool_calls(tmp_path):
     reply, _ = role_response(glm4, 'weather\n{"city": "北京"}', tools)
     assert reply == {"name": "weather", "parameters": {"city": "北京"}}
     assert role_response(glm4, "\n今年是[[训练时间]]", [])[0] == "今年是2024年"
+
+
+def test_tools_are_declared_as_each_release_declares_them(tmp_path):
+    """ChatGLM3 appends them to the system message as indented JSON (its build_chat_input); GLM-4 gives them a
+    system message of their own, each function under its name (its chat template), the system's text after it."""
+    tools = [{"name": "weather", "parameters": {"city": "string"}}]
+    glm3 = GLM2Tokenizer(family="chatglm3")
+    ids = glm3.build_chat_input("你好", [{"role": "system", "content": "S", "tools": tools}])
+    assert ids == glm3.prefix() + glm3.message("system", "S\n" + json.dumps(tools, indent=4, ensure_ascii=False)) + \
+        glm3.message("user", "你好") + [glm3.special["<|assistant|>"]]
+    glm4_ranks(tmp_path / TOKENIZER_MODEL)
+    glm4 = GLM2Tokenizer.from_pretrained(tmp_path)
+    for declared in (tools, [{"type": "function", "function": tools[0]}]):
+        text = glm4.decode(glm4.build_chat_input("你好", [{"role": "system", "content": "S", "tools": declared}]),
+                           skip_special_tokens=False)
+        assert text.startswith("[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。")
+        assert '# 可用工具\n\n## weather\n\n{\n    "name": "weather",' in text
+        assert text.endswith("在调用上述函数时，请使用 Json 格式表示调用的参数。<|system|>\nS<|user|>\n你好<|assistant|>")
