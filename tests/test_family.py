@@ -140,4 +140,4 @@ def test_tools_are_declared_as_each_release_declares_them(tmp_path):
                            skip_special_tokens=False)
         assert text.startswith("[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。")
         assert '# 可用工具\n\n## weather\n\n{\n    "name": "weather",' in text
-        assert text.endswith("在调用上述函数时，请使用 Json 格式表示调用的参数。<|system|>\nS<|user|>\n你好<|assistant|>")
+        assert text.endswith("请使用 Json 格式表示调用的参数。<|system|>\nS<|user|>\n你好<|assistant|>")
