@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py MODEL [--clients 8] [--requests 4] [--slots 8] [--json]
     python benchmarks/serve_load.py MODEL --scaling 1,2,4,8 --vs-generate --max-tokens 32   # the 6B figures
+    python benchmarks/serve_load.py MODEL --engine-vs-decoder --repeat 6                    # in one process
 
 The load: N clients × M requests each, ADGEN prompts of mixed lengths, greedy, streaming or not; some clients
 disconnect mid-stream and some send malformed requests. Every good request's reply must equal the same request run
@@ -9,7 +10,10 @@ alone (first, one at a time, on the same server); no response may be a 5xx. The 
 after the second round is compared with its RSS after the first (warm: the shapes met compiled). Prints p50/p99
 latency, time to first token and the aggregate tokens/s of the second round. `--scaling`: aggregate tokens/s of k
 concurrent streams of the same request, end to end and in the decoding steps alone. `--vs-generate`:
-single-stream decode through the server against `glm2-generate --stats` on the same model, alternated.
+single-stream decode through the server against `glm2-generate --stats` on the same model, alternated, with the
+engine's own step rate beside the client's. `--engine-vs-decoder`: in one process on one loaded model, the
+engine's single stream against `Decoder.stream` (glm2-generate's loop), alternated: two processes each loading the
+model vary too much between runs to show a few percent.
 """
 from __future__ import annotations
 
@@ -188,12 +192,17 @@ def scaling(server: Server, counts: list[int], max_tokens: int) -> dict:
     return out
 
 
-def decode_rate(server: Server, max_tokens: int) -> float:
-    """Single-stream decode tokens/s through the server: tokens after the first over the time after it."""
+def decode_rate(server: Server, max_tokens: int) -> tuple[float, float]:
+    """Single-stream decode tokens/s through the server: as its client sees it (tokens after the first over the
+    time after it), and as its engine stepped (the decoding steps' rows over their time, from /metrics)."""
     prompt = json.loads(PROMPTS.read_text().splitlines()[0])["content"]
+    before = engine_counters(server)
     with httpx.Client(timeout=3600) as client:
         out = ask(client, server, {"prompt": prompt, "max_tokens": max_tokens}, True)
-    return (out["tokens"] - 1) / (out["latency"] - out["ttft"])
+    after = engine_counters(server)
+    steps = after["glm2_engine_step_rows_total"] - before["glm2_engine_step_rows_total"]
+    return (out["tokens"] - 1) / (out["latency"] - out["ttft"]), steps / (
+        after["glm2_engine_step_seconds_total"] - before["glm2_engine_step_seconds_total"])
 
 
 def generate_rate(model: Path, max_tokens: int) -> float:
@@ -202,6 +211,41 @@ def generate_rate(model: Path, max_tokens: int) -> float:
     r = subprocess.run([tool, model, "--prompt", prompt, "--chat", "--max-new-tokens", str(max_tokens), "--stats"],
                        capture_output=True, text=True, check=True)
     return float(re.search(r"decode ([\d.]+) tokens/s", r.stderr).group(1))
+
+
+def engine_vs_decoder(model_path: Path, max_tokens: int, repeat: int, context: int) -> dict:
+    """In one process, on one loaded model, alternating: the engine's single job against `Decoder.stream` (what
+    glm2-generate runs), the same chat prompt, greedy, max_tokens each; decode tokens/s after the first step."""
+    from glm2_ms.api import open_model
+    from glm2_ms.engine import Engine, Job
+    from glm2_ms.loading import use_cpu
+    from glm2_ms.sampling import SamplingConfig
+
+    use_cpu()
+    with open_model(model_path) as folder:
+        tok, model = folder.tokenizer, folder.load(compute_dtype="float32")  # as the tools load it
+    ids = tok.build_chat_input(json.loads(PROMPTS.read_text().splitlines()[0])["content"])
+    engine = Engine(model, 1, context, 1)
+    engine.start()
+
+    def by_engine() -> float:
+        times, done = [], threading.Event()
+        engine.submit(Job(ids, max_tokens, SamplingConfig(greedy=True), frozenset(),
+                          lambda token, why: done.set() if why else times.append(time.perf_counter())))
+        done.wait()
+        return (len(times) - 2) / (times[-1] - times[1])
+
+    def by_decoder() -> float:
+        times = [time.perf_counter() for _ in model.decoder.stream([ids], max_new_tokens=max_tokens,
+                                                                   eos_token_id=-1)]
+        return (len(times) - 2) / (times[-1] - times[1])
+
+    by_engine(), by_decoder()  # each side's steps compiled
+    pairs = [(by_engine(), by_decoder()) if i % 2 == 0 else tuple(reversed((by_decoder(), by_engine())))
+             for i in range(repeat)]
+    engine.stop(60)
+    return {"engine_tokens_per_s": [e for e, _ in pairs], "decoder_tokens_per_s": [d for _, d in pairs],
+            "engine_over_decoder": float(np.median([e / d for e, d in pairs]))}
 
 
 def main() -> None:
@@ -217,9 +261,14 @@ def main() -> None:
     p.add_argument("--vs-generate", action="store_true", help="single-stream decode against glm2-generate")
     p.add_argument("--repeat", type=int, default=2, help="alternations of --vs-generate")
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
+    p.add_argument("--engine-vs-decoder", action="store_true",
+                   help="in one process: the engine's single stream against Decoder.stream, alternated")
     a = p.parse_args()
     if not a.json:
         print_machine()
+    if a.engine_vs_decoder:
+        print(json.dumps(engine_vs_decoder(a.model, a.max_tokens, a.repeat, a.context), indent=2))
+        return
     server = Server(a.model, ["--slots", str(a.slots), "--context", str(a.context), "--queue", "256"])
     try:
         result = {}
@@ -237,11 +286,13 @@ def main() -> None:
                           server_errors=result["server_errors"] + first["server_errors"],
                           rss_warm_mb=warm, rss_after_mb=server.rss_mb())
         if a.vs_generate:
-            pairs = [(decode_rate(server, a.max_tokens), generate_rate(a.model, a.max_tokens))
+            pairs = [(*decode_rate(server, a.max_tokens), generate_rate(a.model, a.max_tokens))
                      for _ in range(a.repeat)]
-            result["serve_decode_tokens_per_s"] = [s for s, _ in pairs]
-            result["generate_decode_tokens_per_s"] = [g for _, g in pairs]
-            result["serve_over_generate"] = float(np.median([s / g for s, g in pairs]))
+            result["serve_decode_tokens_per_s"] = [s for s, _, _ in pairs]
+            result["serve_engine_step_tokens_per_s"] = [e for _, e, _ in pairs]
+            result["generate_decode_tokens_per_s"] = [g for _, _, g in pairs]
+            result["serve_over_generate"] = float(np.median([s / g for s, _, g in pairs]))
+            result["engine_over_generate"] = float(np.median([e / g for _, e, g in pairs]))
         result["server_rss_mb"] = server.rss_mb()
     finally:
         result["exit_status"] = server.stop()
