@@ -87,13 +87,8 @@ class Engine:
         """`slots`: requests decoded together; `context`: prompt + new tokens of one request at most (each slot's
         cache length); `queue`: requests that may wait for a slot. The caches the slots need at full length are
         checked against the memory available here, before anything is allocated."""
-        cfg = model.config
-        if context > cfg.seq_length:
-            raise UserError(f"--context {context} passes the model's context of {cfg.seq_length} tokens "
-                            f"(seq_length in its config.json)")
         self.model, self.decoder = model, model.decoder
-        check_budget(cfg, 0, context, rows=slots, itemsize=self.decoder.itemsize, option="--context",
-                     rows_option="--slots")
+        self.check(model.config, slots, context, self.decoder.itemsize)
         self.slots, self.context, self.queue_size = slots, context, queue
         self.longest = cache_length(context)
         self.rows: list[_Row | None] = [None] * slots
@@ -103,6 +98,15 @@ class Engine:
         self.stopping = False
         self.stats = EngineStats()
         self.thread = threading.Thread(target=self._run, name="glm2-engine", daemon=True)
+
+    @staticmethod
+    def check(cfg, slots: int, context: int, itemsize: int) -> None:
+        """`context` within the model's, and the caches of `slots` rows at that length within the memory available
+        (`itemsize`: the cache's bytes per value): UserError otherwise, naming --context and --slots."""
+        if context > cfg.seq_length:
+            raise UserError(f"--context {context} passes the model's context of {cfg.seq_length} tokens "
+                            f"(seq_length in its config.json)")
+        check_budget(cfg, 0, context, rows=slots, itemsize=itemsize, option="--context", rows_option="--slots")
 
     # -- the caller's side --------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from glm2_core.errors import UserError
 from glm2_core.options import AT_LEAST_ONE, ExistingPath, Tool, option, options
 
+from .api import open_model
 from .cli import _load
 from .engine import Engine, Job, QueueFull
 from .openai_api import ChatRequest, CompletionRequest, Conversation, Transcript, error_body
@@ -401,9 +402,11 @@ def main(model_dir, host, port, name, slots, context, queue, shutdown_timeout, d
          mapped, release):
     """Serve the model in MODEL_DIR with OpenAI's API: /v1/chat/completions (streaming, tools for ChatGLM3 and
     GLM-4), /v1/completions, /v1/models, /health and /metrics."""
-    sock = _listen(host, port)  # a port in use is refused before minutes of loading
+    sock = _listen(host, port)  # a port in use, or a context that cannot be, is refused before minutes of loading
+    with open_model(model_dir, release=release) as folder:
+        context = context or min(folder.config.seq_length, 4096)
+        Engine.check(folder.config, slots, context, 2 if compute_dtype == "float16" and not quantize else 4)
     model, tok, load_s = _load(model_dir, dtype, compute_dtype, quantize, mapped, release)
-    context = context or min(model.config.seq_length, 4096)
     served = Served(name or model_dir.resolve().name, tok, Engine(model, slots, context, queue))
     warm_up(served)
     logging.basicConfig(format="glm2-serve: %(message)s", level=logging.INFO)

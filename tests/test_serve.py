@@ -246,6 +246,10 @@ def test_a_port_in_use_or_a_missing_model_is_one_line(model_dir, tmp_path):
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: cannot listen")
     r = subprocess.run([tool, tmp_path / "none"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    for args, said in ((["--context", "4096"], "passes the model's context of 2048"),
+                       (["--slots", "100000", "--context", "2048"], "lower --context or --slots")):
+        r = subprocess.run([tool, model_dir, "--port", "0", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "ready at" not in r.stderr and said in r.stderr.strip().splitlines()[-1]
 
 
 def served_chat(url: str, name: str, query: str = "你好", tokens: int = 8) -> str:
