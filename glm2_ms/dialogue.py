@@ -73,15 +73,23 @@ def _generation(decoder: Decoder, tok: GLM2Tokenizer, query: str, history: Histo
                      pad_token_id=tok.pad_id, max_length=max_length)
 
 
+def output_text(tok: GLM2Tokenizer, new: list[int]) -> str:
+    """The generated ids as the family's reply is read from them: ChatGLM2's text; in the role format with the
+    special tokens that split its parts (`<|assistant|>`), the padding left out."""
+    if tok.family.chat == "rounds":
+        return tok.decode(new)
+    return tok.decode([i for i in new if i != tok.pad_id], skip_special_tokens=False)
+
+
 def _reply(tok: GLM2Tokenizer, new: list[int], query: str, history: History | None, role: str):
     """The reply and the new history from the generated ids (the stop token, if reached, dropped)."""
     if new and new[-1] in tok.stop_ids:
         new = new[:-1]
     if tok.family.chat == "rounds":
-        reply = process_response(tok.decode(new), tok.family.trained)
+        reply = process_response(output_text(tok, new), tok.family.trained)
         return reply, list(history or []) + [(query, reply)]
     asked = list(history or []) + [{"role": role, "content": query}]
-    return role_response(tok, tok.decode([i for i in new if i != tok.pad_id], skip_special_tokens=False), asked)
+    return role_response(tok, output_text(tok, new), asked)
 
 
 def chat(decoder: Decoder, tok: GLM2Tokenizer, query: str, history: History | None = None,

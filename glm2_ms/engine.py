@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from mindspore import Tensor, ops
@@ -61,11 +61,8 @@ class EngineStats:
     """Counters read by /metrics (written on the engine thread only)."""
     steps: int = 0
     step_rows: int = 0  # summed over steps: the average batch is step_rows / steps
-    prefill_tokens: int = 0
-    generated_tokens: int = 0
     busy_s: float = 0.0
     step_s: float = 0.0  # in decoding steps: step_rows / step_s is the decoding rate of the batch
-    shapes: set = field(default_factory=set)  # the (batch, cache length) shapes stepped: one compiled step each
 
 
 def _failure(exc: Exception) -> str:
@@ -110,10 +107,15 @@ class Engine:
 
     # -- the caller's side --------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        """Queue `job` (its prompt and max_new already checked against `context`); QueueFull when the queue is."""
-        if job.max_new < 1 or not job.ids or len(job.ids) + job.max_new > self.context:
-            raise UserError(f"the prompt's {len(job.ids)} tokens and {job.max_new} new ones pass the server's "
-                            f"context of {self.context}")
+        """Queue `job`: UserError when its prompt and max_new do not fit in `context` (each request's bound, said
+        in the words a client reads), QueueFull when the queue is full."""
+        n, room = len(job.ids), self.context - len(job.ids)
+        if n == 0 or room < 1:
+            raise UserError(f"the prompt's {n} tokens fill the server's context of {self.context} tokens "
+                            f"(glm2-serve --context)" if n else "the prompt is empty")
+        if not 1 <= job.max_new <= room:
+            raise UserError(f"max_tokens {job.max_new}: the prompt's {n} tokens and {job.max_new} new ones pass the "
+                            f"server's context of {self.context} tokens; at most {room} fit")
         with self.wake:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
@@ -194,7 +196,6 @@ class Engine:
         logits, small = self.decoder.forward(np.array([job.ids], np.int32), np.arange(n, dtype=np.int32)[None],
                                              valid, 0, self.decoder.new_cache(1, length))
         self.model.settle()
-        self.stats.prefill_tokens += n
         self._fit(max(r + 1, self._rows_in_use()), max(n, self._columns_in_use()) + 1)
         for big, part in zip(self.caches, small, strict=True):
             big[r:r + 1, :, :n] = part[:, :, :n]
@@ -216,7 +217,6 @@ class Engine:
         self.stats.step_s += time.perf_counter() - clock
         self.stats.steps += 1
         self.stats.step_rows += self.busy
-        self.stats.shapes.add((b, length))
         for r, row in self._live():
             row.column += 1
             self._choose(r, row, logits[r:r + 1])
@@ -226,7 +226,6 @@ class Engine:
         row.history.append(token)
         row.made += 1
         row.last = token
-        self.stats.generated_tokens += 1
         row.job.emit(token, None)
         if token in row.job.stops:
             self._finish(r, "stop")

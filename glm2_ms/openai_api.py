@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from glm2_core.errors import UserError
 from glm2_core.recipes import SAMPLING
 
-from .dialogue import ASSISTANT, process_response, role_response
+from .dialogue import ASSISTANT, output_text, process_response, role_response
 from .sampling import SamplingConfig
 from .tokenizer import GLM2Tokenizer
 
@@ -148,15 +148,16 @@ class Conversation:
     history the reply continues; `opening`: text the prompt already put in the model's mouth)."""
 
     def __init__(self, tok: GLM2Tokenizer, req: ChatRequest):
-        self.tok, self.tools = tok, bool(req.tools) and req.tool_choice != "none"
+        self.tok = tok
         if tok.family.chat == "rounds":
             if req.tools:
                 raise UserError(f"tools: {tok.family.title} has no tool format (ChatGLM3 and GLM-4 have)")
             query, history = _rounds(req.messages)
             self.ids, self.asked, self.opening = tok.build_chat_input(query, history), None, ""
             return
-        history = _roles(tok, req.messages, [t.function.model_dump(exclude_none=True) for t in req.tools or []]
-                         if self.tools else None)
+        shown = req.tools and req.tool_choice != "none"
+        history = _roles(tok, req.messages, [t.function.model_dump(exclude_none=True) for t in req.tools]
+                         if shown else None)
         last = history.pop()
         self.asked = history + [last]
         self.ids = tok.build_chat_input(last["content"], history, last["role"])
@@ -250,10 +251,9 @@ class Transcript:
             return None, [call]
         return self._cut(text or ""), None
 
-    def rest(self) -> str:
-        """What `add` held back, at the end."""
-        text, _ = self.reply()
-        return text[len(self.shown):] if text and text.startswith(self.shown) else ""
+    def rest(self, content: str | None) -> str:
+        """What `add` held back of the finished reply's `content` (`reply`'s)."""
+        return content[len(self.shown):] if content and content.startswith(self.shown) else ""
 
     def _reply(self) -> tuple[str | None, dict | None]:
         """(text, None), (None, tool call), or (None, None) while the role format's metadata line is unfinished."""
@@ -261,8 +261,8 @@ class Transcript:
         if chat is None:
             return tok.decode(self.tokens), None
         if chat.asked is None:
-            return process_response(tok.decode(self.tokens), tok.family.trained), None
-        output = chat.opening + tok.decode([i for i in self.tokens if i != tok.pad_id], skip_special_tokens=False)
+            return process_response(output_text(tok, self.tokens), tok.family.trained), None
+        output = chat.opening + output_text(tok, self.tokens)
         if "\n" not in output.split(ASSISTANT)[-1]:
             return None, None
         reply, _ = role_response(tok, output, chat.asked)

@@ -83,14 +83,7 @@ class Run:
         self.start, self.first, self.made, self.finish, self.gone = time.perf_counter(), None, 0, None, False
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
-        room = served.engine.context - len(ids)
-        if room < 1:
-            raise UserError(f"the prompt's {len(ids)} tokens fill the server's context of {served.engine.context} "
-                            f"tokens (glm2-serve --context)")
-        new = req.new_tokens or room
-        if new > room:
-            raise UserError(f"max_tokens {new}: the prompt's {len(ids)} tokens and {new} new ones pass the "
-                            f"server's context of {served.engine.context} tokens; at most {room} fit")
+        new = req.new_tokens or served.engine.context - len(ids)  # the context's room (Engine.submit bounds it)
         self.job = Job(ids, new, req.sampling(), frozenset(served.tok.stop_ids), self._emit)
 
     def _emit(self, token, why) -> None:
@@ -295,7 +288,7 @@ async def _chunks(run: Run):
             yield json.dumps(error_body(run.finish, "server_error"))
             return
         content, calls = run.transcript.reply()
-        rest = run.transcript.rest()
+        rest = run.transcript.rest(content)
         if calls:
             yield _chunk(run, {"tool_calls": [{"index": 0, **c} for c in calls]})
         elif rest:

@@ -68,23 +68,17 @@ inline __m256 block_scale(const uint8_t *blk) {
   return _mm256_set1_ps(_cvtsh_ss(h));
 }
 
-// out[0 .. len) = the weights k0 .. k0 + len of one weight row `r`, as float32 (k0 and len whole blocks for
-// quantized rows).
+// out[0 .. len) = the weights k0 .. k0 + len of one quantized weight row `r`, as float32 (k0 and len whole
+// blocks). 16-bit rows are never staged: they always take the direct pass.
 template <Kind K>
 void fill(const uint8_t *r, int64_t k0, int64_t len, float *out) {
-  if constexpr (K == F16 || K == BF16) {
-    const uint16_t *row = reinterpret_cast<const uint16_t *>(r) + k0;
-    const int64_t vec = len & ~int64_t(7);
-    for (int64_t j = 0; j < vec; j += 8) _mm256_storeu_ps(out + j, widen(row + j, K == BF16));
-    for (int64_t j = vec; j < len; ++j) out[j] = widen1(row[j], K == BF16);
-  } else {
-    for (int64_t b = 0; b < len / kQK; ++b) {
-      const uint8_t *blk = r + (k0 / kQK + b) * block_bytes<K>();
-      __m256 v[4];
-      block_values<K>(blk, v);
-      const __m256 d = block_scale(blk);
-      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * kQK + 8 * i, _mm256_mul_ps(v[i], d));
-    }
+  static_assert(K == Q8_0 || K == Q4_0);
+  for (int64_t b = 0; b < len / kQK; ++b) {
+    const uint8_t *blk = r + (k0 / kQK + b) * block_bytes<K>();
+    __m256 v[4];
+    block_values<K>(blk, v);
+    const __m256 d = block_scale(blk);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * kQK + 8 * i, _mm256_mul_ps(v[i], d));
   }
 }
 
@@ -268,7 +262,8 @@ constexpr int kDecodeCols = kCols;
 // block ends in a barrier, so no two threads add into the same output at once.
 template <Kind K>
 void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
-  if (m <= kDirectRows || K == F16 || K == BF16) {
+  constexpr bool sixteen_bit = K == F16 || K == BF16;
+  if (sixteen_bit || m <= kDirectRows) {
 #pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < n; n0 += kDecodeCols) {
       const int cols = n - n0 < kDecodeCols ? static_cast<int>(n - n0) : kDecodeCols;
@@ -281,13 +276,15 @@ void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k
     }
     return;
   }
-  memset(y, 0, sizeof(float) * m * n);
+  if constexpr (!sixteen_bit) {
+    memset(y, 0, sizeof(float) * m * n);
 #pragma omp parallel
-  for (int64_t k0 = 0; k0 < k; k0 += kBlock) {
-    const int64_t len = k - k0 < kBlock ? k - k0 : kBlock;
+    for (int64_t k0 = 0; k0 < k; k0 += kBlock) {
+      const int64_t len = k - k0 < kBlock ? k - k0 : kBlock;
 #pragma omp for schedule(dynamic, 8)
-    for (int64_t n0 = 0; n0 < n; n0 += kCols)
-      columns<K>(x, w, y, m, n, k, k0, len, n0, n - n0 < kCols ? static_cast<int>(n - n0) : kCols);
+      for (int64_t n0 = 0; n0 < n; n0 += kCols)
+        columns<K>(x, w, y, m, n, k, k0, len, n0, n - n0 < kCols ? static_cast<int>(n - n0) : kCols);
+    }
   }
 }
 
