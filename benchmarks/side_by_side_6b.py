@@ -2,6 +2,7 @@
 
     python benchmarks/side_by_side_6b.py [--workdir bench-work] [--layers 28] [--kinds f16,q8_0,q4_0]
                                          [--prompt 200] [--new 32] [--repeat 2] [--threads 2]
+                                         [--activations float32|q8_0]
 
 One synthetic 6B-shaped checkpoint (`--layers` for quick runs) written by to-gguf in each kind; each side then runs
 in a process of its own on the same file, the sides alternating, the page cache dropped before each (a cold start):
@@ -9,7 +10,9 @@ load, the prompt (random ids, the same for both), `--new` greedy tokens. Printed
 token (load + prefill), prefill and decode tokens/s, decode as a fraction of the machine's limit (read bandwidth,
 measured in the same run, ÷ the bytes a step reads: the weights as stored and the KV cache), peak RSS against the
 file, and how many greedy tokens the two sides share. Our side is `from_pretrained(file)`: its weights held as the
-file stores them (16-bit through the native kernel, blocks through its q8_0/q4_0 paths), float32 arithmetic.
+file stores them (16-bit through the native kernel, blocks through its q8_0/q4_0 paths), float32 arithmetic;
+`--activations q8_0` quantizes the activations of the q8_0/q4_0 files' products as llama.cpp does (the f16 file
+keeps float32).
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ import numpy as np
 from bandwidth import fma_peak, read_bandwidth
 from measure import drop_caches, print_machine
 
+from glm2_core.dtypes import ACTIVATIONS
+
 KINDS = {"f16": "float16", "q8_0": "q8_0", "q4_0": "q4_0"}  # this script's name → to-gguf's --dtype
 
 
@@ -33,7 +38,11 @@ def prompt_ids(n: int) -> list[int]:
     return [int(i) for i in np.random.default_rng(0).integers(100, 60000, n)]
 
 
-def run_ours(path: Path, prompt: list[int], new: int, threads: int) -> dict:
+def activations_for(kind: str, activations: str) -> str:
+    return "float32" if kind == "f16" else activations
+
+
+def run_ours(path: Path, prompt: list[int], new: int, threads: int, activations: str) -> dict:
     from measure import set_ms_threads
 
     set_ms_threads(threads)
@@ -41,7 +50,7 @@ def run_ours(path: Path, prompt: list[int], new: int, threads: int) -> dict:
     from glm2_ms.generation import Decoder
 
     clock = time.perf_counter()
-    model = from_pretrained(path, compute_dtype="float32")
+    model = from_pretrained(path, compute_dtype="float32", activations=activations)
     load = time.perf_counter() - clock
     dec = Decoder(model)
     tokens = [int(t[0]) for t in dec.stream(np.array([prompt], np.int32), max_new_tokens=new, eos_token_id=-1)]
@@ -51,7 +60,7 @@ def run_ours(path: Path, prompt: list[int], new: int, threads: int) -> dict:
             "weights": t["weights"]}
 
 
-def run_llama(path: Path, prompt: list[int], new: int, threads: int) -> dict:
+def run_llama(path: Path, prompt: list[int], new: int, threads: int, activations: str) -> dict:
     """llama.cpp's own greedy generation: its prefill is the time to its first token."""
     import llama_cpp
 
@@ -69,19 +78,20 @@ def run_llama(path: Path, prompt: list[int], new: int, threads: int) -> dict:
     return {"load": load, "prefill": stamps[1] - stamps[0], "decode": len(steps) / steps.sum(), "tokens": tokens}
 
 
-def run_kernels(kinds: list[str], prompt: int, threads: int) -> dict:
-    """The native kernel alone on each matrix of a 6B layer and the output layer, random weights in each kind:
-    seconds of one decoding row (median of 5) and of the prompt's rows (median of 2)."""
+def run_kernels(kinds: list[str], prompt: int, threads: int, activations: str) -> dict:
+    """The native kernel alone on each matrix of a 6B layer and the output layer, random weights in each kind (the
+    operator `activations` chooses for blocks): seconds of one decoding row (median of 5) and of the prompt's rows
+    (median of 2)."""
     import mindspore as ms
     from measure import set_ms_threads
 
     from glm2_core.config import GLM2Config
     from glm2_core.quants import quantize
-    from glm2_ms.kernels import native_linear
+    from glm2_ms.kernels import native_linear, native_linear_q8
 
     set_ms_threads(threads)
     ms.runtime.launch_blocking()
-    op, cfg, rng = native_linear(), GLM2Config.preset("6b"), np.random.default_rng(0)
+    cfg, rng = GLM2Config.preset("6b"), np.random.default_rng(0)
     h = cfg.hidden_size
     shapes = {"qkv": (cfg.q_rows + 2 * cfg.kv_rows, h), "dense": (h, cfg.q_rows),
               "h_to_4h": (2 * cfg.ffn_hidden_size, h), "4h_to_h": (h, cfg.ffn_hidden_size),
@@ -91,6 +101,7 @@ def run_kernels(kinds: list[str], prompt: int, threads: int) -> dict:
         for name, (n, k) in shapes.items():
             w = rng.standard_normal((n, k), np.float32)
             w = ms.Tensor(w.astype(np.float16) if kind == "f16" else quantize(w, "float32", kind))
+            op = native_linear_q8() if activations_for(kind, activations) == "q8_0" else native_linear()
             times = {}
             for m, runs in ((1, 5), (prompt, 2)):
                 x = ms.Tensor(rng.standard_normal((m, k), np.float32))
@@ -110,10 +121,11 @@ def _seconds(op, x, w) -> float:
 SIDES = {"ours": run_ours, "llama": run_llama}
 
 
-def child(side: str, path: Path, prompt: int, new: int, threads: int) -> None:
+def child(side: str, path: Path, args) -> None:
     if side == "kernels":
-        return print("RESULT " + json.dumps(run_kernels(str(path).split(","), prompt, threads)))
-    out = SIDES[side](path, prompt_ids(prompt), new, threads)
+        return print("RESULT " + json.dumps(run_kernels(str(path).split(","), args.prompt, args.threads,
+                                                        args.activations)))
+    out = SIDES[side](path, prompt_ids(args.prompt), args.new, args.threads, args.activations)
     out["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(out))
 
@@ -121,7 +133,8 @@ def child(side: str, path: Path, prompt: int, new: int, threads: int) -> None:
 def side_run(side: str, path: Path, args) -> dict:
     drop_caches()
     proc = subprocess.run([sys.executable, __file__, "--child", side, "--file", str(path), "--prompt", str(args.prompt),
-                           "--new", str(args.new), "--threads", str(args.threads)], capture_output=True, text=True)
+                           "--new", str(args.new), "--threads", str(args.threads), "--activations",
+                           args.activations], capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         raise SystemExit(f"{side} on {path.name} failed:\n{proc.stderr[-3000:]}")
@@ -152,11 +165,14 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--activations", choices=ACTIVATIONS, default="float32")
     ap.add_argument("--child", choices=(*SIDES, "kernels"))
     ap.add_argument("--file", type=Path)
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.file, args.prompt, args.new, args.threads)
+        if args.child == "ours":
+            args.activations = activations_for(args.file.stem.rsplit("-", 1)[-1], args.activations)
+        return child(args.child, args.file, args)
     from converters.gguf_out import to_gguf
     from converters.synth import synthesize
     from glm2_core.config import GLM2Config

@@ -47,6 +47,7 @@ FLOATS = ("float32", "float16", "bfloat16", "float64")
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")  # what ChatGLM2 weights are stored in
 DTYPES = ("keep", *WEIGHT_DTYPES)  # what an output's weights may be (keep: as stored)
 GGUF_QUANTS = ("q8_0", "q4_0")  # llama.cpp's block quantizations, which a GGUF output may take too
+ACTIVATIONS = ("float32", "q8_0")  # what the native kernel multiplies weights in blocks with (exact, or llama.cpp's)
 COMPUTE_DTYPES = ("float32", "float16")  # the runtimes' arithmetic (MindSpore on CPU has no bfloat16 matmul)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from . import PACKAGE
-from .dtypes import COMPUTE_DTYPES, DTYPES, GGUF_QUANTS
+from .dtypes import ACTIVATIONS, COMPUTE_DTYPES, DTYPES, GGUF_QUANTS
 from .errors import CheckpointError, UserError
 from .names import FORMAT_NAMES, HF_LAYOUTS, LAYOUTS, MS_LAYOUTS
 from .recipes import SAMPLING
@@ -74,6 +74,10 @@ VOCABULARY: dict[str, dict] = {
                                     "own blocks)",
                        help="Quantize the weight matrices as they load, to llama.cpp's q8_0 or q4_0 blocks, which "
                             "the native kernel computes with in float32 (q4_0 keeps the output layer in q8_0)."),
+    "--activations": dict(type=click.Choice(ACTIVATIONS), default="float32",
+                          help="What weights in q8_0/q4_0 blocks multiply with: float32 (exact), or the activations "
+                               "quantized to q8_0 blocks with integer sums per block, as llama.cpp computes (faster, "
+                               "not exact)."),
     "--mmap/--no-mmap": dict(decls=("--mmap/--no-mmap", "mapped"), default=True,
                              help="Use a GGUF file's weights where they lie (mapped, read and checked beside the "
                                   "first prompt; the file must not change while the model runs), or read them "

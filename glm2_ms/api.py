@@ -21,7 +21,7 @@ from glm2_core.recipes import SAMPLING
 from .dialogue import chat, stream_chat
 from .generation import Decoder
 from .loading import MS_DTYPES, RUNTIME_LAYOUT, Proofs, block_plan, hold_blocks, load_into
-from .model import GLM2Network
+from .model import GLM2Network, check_activations, quantize_activations
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig
 from .tokenizer import GLM2Tokenizer
 
@@ -35,7 +35,7 @@ class GLM2ForCausalLM(GLM2Network):
     @classmethod
     def from_pretrained(cls, path, **kwargs):
         """`glm2_ms.from_pretrained(path, dtype=…, compute_dtype=…, config=…, rearranged_rope=…, release=…,
-        quantize=…, mapped=…)`: any folder or file glm2-convert reads, streamed into the parameters."""
+        quantize=…, mapped=…, activations=…)`: any folder or file glm2-convert reads, streamed into the parameters."""
         return from_pretrained(path, **kwargs)
 
     def __call__(self, *args, **kwargs):
@@ -122,7 +122,8 @@ class ModelFolder:
         return GLM2Tokenizer.of_model(self.source.ckpt.folder, self.config)
 
     def load(self, dtype: str | None = None, compute_dtype: str | None = None,
-             quantize: str | None = None, training: bool = False, mapped: bool = True) -> GLM2ForCausalLM:
+             quantize: str | None = None, training: bool = False, mapped: bool = True,
+             activations: str = "float32") -> GLM2ForCausalLM:
         """The runtime model. `dtype`: storage dtype of the float parameters (default: the checkpoint's, float16
         beside quantized weights where it is float32); `compute_dtype`: float32 or float16 (default: the storage
         dtype, float32 for bfloat16 and beside quantized weights); `quantize`: q8_0 or q4_0, the weight matrices
@@ -131,7 +132,9 @@ class ModelFolder:
         MindSpore's launch left as it is. `mapped` (inference): weights kept as their file stores them are the
         file's pages, mapped copy-on-write where the format allows (GGUF), read as the first prompt uses them,
         their checksums checked meanwhile (`loading.Proofs`); the file must then stay as it is while the model
-        runs. Memory: the parameters plus one tensor in flight."""
+        runs. `activations`: what weights in blocks multiply with, float32 (exact) or q8_0 (llama.cpp's arithmetic,
+        faster on a CPU of few cores: `model.quantize_activations`).
+        Memory: the parameters plus one tensor in flight."""
         if dtype is not None and dtype not in MS_DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(MS_DTYPES)}")
         if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
@@ -141,6 +144,7 @@ class ModelFolder:
         if training and quantize is not None:
             raise UserError("a quantized model cannot be trained: finetune the float model, then quantize it")
         plan = {} if training else block_plan(src, groups, quantize)
+        check_activations(activations, bool(plan) or training)
         if plan and compute_dtype not in (None, "float32"):
             raise UserError(f"quantized weights compute in float32, not {compute_dtype}")
         storage = dtype or ("float16" if plan and src.dtype == "float32" else src.dtype)
@@ -152,6 +156,7 @@ class ModelFolder:
         mapped = mapped and not training
         load_into(model, src.stream(groups, storage, blocks=plan, count=False, mapped=mapped), blocking=not training)
         src.ckpt.check_complete()
+        quantize_activations(model, "float32" if training else activations)
         if src.proofs:
             model.__dict__["_proofs"] = Proofs(src.proofs)
             src.proofs = []
@@ -170,7 +175,8 @@ def open_model(path, config: Path | None = None, rearranged_rope: bool | None = 
 
 def from_pretrained(path, dtype: str | None = None, compute_dtype: str | None = None,
                     config: Path | None = None, rearranged_rope: bool | None = None,
-                    release: str | None = None, quantize: str | None = None, mapped: bool = True) -> GLM2ForCausalLM:
+                    release: str | None = None, quantize: str | None = None, mapped: bool = True,
+                    activations: str = "float32") -> GLM2ForCausalLM:
     """The model of a folder or file (`ModelFolder.load`), when its tokenizer is not needed."""
     with open_model(path, config, rearranged_rope, release) as folder:
-        return folder.load(dtype, compute_dtype, quantize, mapped=mapped)
+        return folder.load(dtype, compute_dtype, quantize, mapped=mapped, activations=activations)

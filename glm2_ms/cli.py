@@ -30,22 +30,25 @@ def sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
 
 # float32 arithmetic over weights kept as stored: CPU float16 matmuls are much slower than float32 ones
 # (benchmarks/measure.py's kernel anchors)
-runtime_options = options(sampling_options(max_new_tokens=64), option("--dtype"), option("--compute-dtype"),
-                          option("--quantize"), option("--mmap/--no-mmap"), option("--release"), option("--stats"))
+# how a model loads (`_load`'s keywords): for every command that runs one
+load_options = options(option("--dtype"), option("--compute-dtype"), option("--quantize"), option("--activations"),
+                       option("--mmap/--no-mmap"), option("--release"))
+runtime_options = options(sampling_options(max_new_tokens=64), load_options, option("--stats"))
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def _load(model_dir, dtype, compute_dtype, quantize, mapped, release):
-    """The model (on CPU), its tokenizer and the seconds it took; `release` (--release) where the folder cannot
-    tell: its tokenizer family, chat format and RoPE rule."""
+def _load(model_dir, dtype, compute_dtype, quantize, activations, mapped, release):
+    """The model (on CPU), its tokenizer and the seconds it took, by `load_options`; `release` (--release) where
+    the folder cannot tell: its tokenizer family, chat format and RoPE rule."""
     use_cpu()
     clock = time.perf_counter()
     with open_model(model_dir, release=release) as folder:
         tok = folder.tokenizer  # before minutes of loading: a folder without one is refused at once
-        model = folder.load(None if dtype == "keep" else dtype, compute_dtype, quantize, mapped=mapped)
+        model = folder.load(None if dtype == "keep" else dtype, compute_dtype, quantize, mapped=mapped,
+                            activations=activations)
     return model, tok, time.perf_counter() - clock
 
 
@@ -71,10 +74,10 @@ def _echo_growing(texts) -> str:
 @click.option("--chat", is_flag=True, help="Format the prompt as a first chat round (the model family's format).")
 @runtime_options
 def generate(model_dir, prompt, chat, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed,
-             dtype, compute_dtype, quantize, mapped, release, stats):
+             stats, **loading):
     """Generate a continuation of PROMPT with the MindSpore runtime of the model in MODEL_DIR."""
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
-    model, tok, load_s = _load(model_dir, dtype, compute_dtype, quantize, mapped, release)
+    model, tok, load_s = _load(model_dir, **loading)
     ids = tok.build_chat_input(prompt) if chat else tok.encode(prompt)
     model.decoder.budget((1, len(ids)), max_new_tokens, option=NEW_TOKENS)
     tokens = model.decoder.stream([ids], max_new_tokens=max_new_tokens, sampling=sampling, eos_token_id=tok.stop_ids,
@@ -87,8 +90,8 @@ def generate(model_dir, prompt, chat, max_new_tokens, sample, temperature, top_k
 @click.command("glm2-chat", cls=Tool)
 @click.argument("model_dir", type=ExistingPath())
 @runtime_options
-def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, dtype,
-         compute_dtype, quantize, mapped, release, stats):
+def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetition_penalty, seed, stats,
+         **loading):
     """Chat with the model in MODEL_DIR, the history kept: `clear` forgets it, `exit` (or Ctrl-D) quits, Ctrl-C
     stops. The line is edited with readline (arrows, history). A message whose round (the history, the message and
     --max-new-tokens) would pass the model's context, or not fit in memory, is not sent: the chat goes on, the
@@ -96,7 +99,7 @@ def chat(model_dir, max_new_tokens, sample, temperature, top_k, top_p, repetitio
     import readline  # noqa: F401, PLC0415  (for its effect on input(): line editing and history, in a chat only)
 
     sampling = sampling_config(sample, temperature, top_k, top_p, repetition_penalty, seed)
-    model, tok, load_s = _load(model_dir, dtype, compute_dtype, quantize, mapped, release)
+    model, tok, load_s = _load(model_dir, **loading)
     model.decoder.budget(chat_input(tok, "").shape, max_new_tokens, option=NEW_TOKENS)  # not even a first round
     history: list = []
     click.echo("glm2-chat: type a message; 'clear' forgets the history, 'exit' quits.")

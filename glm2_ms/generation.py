@@ -298,7 +298,8 @@ def _weights_note(model: GLM2Network) -> str:
         return ""
     if all(c.native for c in narrow):
         kinds = sorted({c.blocks or "16-bit" for c in narrow}, key=lambda k: (k == "16-bit", k))
-        return f"{' and '.join(kinds)} weights through the native float32 kernel"
+        how = "kernel with q8_0 activations" if any(c.q8 for c in narrow) else "float32 kernel"
+        return f"{' and '.join(kinds)} weights through the native {how}"
 
     return f"16-bit weights cast to float32 at every step (no native kernel: {why_not() or 'not enabled'})"
 

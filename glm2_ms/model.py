@@ -13,9 +13,11 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from glm2_core.config import GLM2Config
+from glm2_core.dtypes import ACTIVATIONS
+from glm2_core.errors import UserError
 from glm2_core.quants import row_bytes
 
-from .kernels import native_embedding, native_linear
+from .kernels import native_embedding, native_linear, native_linear_q8
 
 MASKED = -1e9  # added to the scores of positions a query may not see (finite: fully padded rows stay finite)
 
@@ -41,7 +43,8 @@ class RMSNorm(nn.Cell):
 class Linear(nn.Cell):
     """y = x Wᵀ (+ b) with W [out, in] as torch stores it. In inference, float32 x against a 16-bit W goes to the
     native kernel when `use_native_kernels` gave it one (no float32 copy of W); otherwise W is cast where used.
-    A W held in llama.cpp's blocks (`hold_blocks`) always goes to the native kernel."""
+    A W held in llama.cpp's blocks (`hold_blocks`) always goes to the native kernel, which quantizes x to q8_0
+    blocks first where `quantize_activations` said so."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool, dtype):
         super().__init__()
@@ -50,6 +53,7 @@ class Linear(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
         self.native = False  # use NATIVE_LINEAR (set by `use_native_kernels`)
         self.blocks = None  # the weight's block kind (glm2_core.quants) when it holds blocks
+        self.q8 = False  # x quantized to q8_0 blocks against them (NATIVE_LINEAR_Q8)
         # block-by-block training (train_step.keep_matmul_outputs): `saved` keeps the matmul's output in the
         # forward pass, and `replay` gives it back in the backward pass instead of computing it
         self.saved = self.replay = None
@@ -58,7 +62,7 @@ class Linear(nn.Cell):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.native and not self.training and x.dtype == ms.float32:
-            y = NATIVE_LINEAR(x2, self.weight)
+            y = NATIVE_LINEAR_Q8(x2, self.weight) if self.q8 else NATIVE_LINEAR(x2, self.weight)
         elif self.replay is not None:  # (static)
             y = self.replay(x2, self.weight, self.saved)
         else:
@@ -85,6 +89,7 @@ def _blocks_param(float_param: Parameter, kind: str) -> Parameter:
 
 NATIVE_LINEAR = None  # the native kernel's operator, once `use_native_kernels` built it (a module global, not a
 #                      cell attribute: cells are deep-copied, which a custom operator does not survive)
+NATIVE_LINEAR_Q8 = None  # its form over q8_0 activations (set as NATIVE_LINEAR is)
 NATIVE_EMBEDDING = {}  # block kind → the native lookup of an embedding in those blocks (set as NATIVE_LINEAR is)
 
 
@@ -106,6 +111,28 @@ def use_native_kernels(cell, on: bool = True) -> bool:
         elif sub.weight.dtype in (ms.float16, ms.bfloat16):
             sub.native = native
     return native
+
+
+def check_activations(kind: str, blocks: bool) -> None:
+    """Refuse activations `kind` for a model with (`blocks`) or without weights in blocks, before it loads."""
+    if kind not in ACTIVATIONS:
+        raise UserError(f"unknown activations {kind!r}; expected one of {', '.join(ACTIVATIONS)}")
+    if kind != "float32" and not blocks:
+        raise UserError(f"activations {kind} go with weights in q8_0/q4_0 blocks, and this model has none "
+                        "(quantize= or --quantize gives them)")
+
+
+def quantize_activations(cell, kind: str) -> None:
+    """Let every Linear of `cell` holding q8_0/q4_0 blocks quantize its input to `kind`'s blocks (q8_0) and sum
+    each block's products in integers, as llama.cpp does; "float32" takes it back. Faster where a step is bound by
+    the arithmetic of widening the weights (a CPU of few cores), and not exact: each activation moves by up to half
+    a step of its block. Set when the model loads (`ModelFolder.load`, which checks `kind` first), before a decoder
+    compiles its steps with the operator chosen."""
+    global NATIVE_LINEAR_Q8
+
+    NATIVE_LINEAR_Q8 = NATIVE_LINEAR_Q8 or native_linear_q8()
+    for sub in linears(cell):
+        sub.q8 = sub.blocks is not None and kind == "q8_0"
 
 
 def linears(cell) -> list[Linear]:

@@ -25,10 +25,10 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from glm2_core.errors import UserError
-from glm2_core.options import AT_LEAST_ONE, ExistingPath, Tool, option, options
+from glm2_core.options import AT_LEAST_ONE, ExistingPath, Tool
 
 from .api import open_model
-from .cli import _load
+from .cli import _load, load_options
 from .engine import Engine, Job, QueueFull
 from .openai_api import ChatRequest, CompletionRequest, Conversation, Transcript, error_body
 from .sampling import SamplingConfig
@@ -389,17 +389,16 @@ def warm_up(served: Served) -> None:
               help="Requests that may wait for a slot; more are refused with 429 and Retry-After.")
 @click.option("--shutdown-timeout", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds SIGTERM waits for requests in flight before cancelling them.")
-@options(option("--dtype"), option("--compute-dtype"), option("--quantize"), option("--mmap/--no-mmap"),
-         option("--release"))
-def main(model_dir, host, port, name, slots, context, queue, shutdown_timeout, dtype, compute_dtype, quantize,
-         mapped, release):
+@load_options
+def main(model_dir, host, port, name, slots, context, queue, shutdown_timeout, **loading):
     """Serve the model in MODEL_DIR with OpenAI's API: /v1/chat/completions (streaming, tools for ChatGLM3 and
     GLM-4), /v1/completions, /v1/models, /health and /metrics."""
     sock = _listen(host, port)  # a port in use, or a context that cannot be, is refused before minutes of loading
-    with open_model(model_dir, release=release) as folder:
+    with open_model(model_dir, release=loading["release"]) as folder:
         context = context or min(folder.config.seq_length, 4096)
-        Engine.check(folder.config, slots, context, 2 if compute_dtype == "float16" and not quantize else 4)
-    model, tok, load_s = _load(model_dir, dtype, compute_dtype, quantize, mapped, release)
+        half = loading["compute_dtype"] == "float16" and not loading["quantize"]
+        Engine.check(folder.config, slots, context, 2 if half else 4)
+    model, tok, load_s = _load(model_dir, **loading)
     served = Served(name or model_dir.resolve().name, tok, Engine(model, slots, context, queue))
     warm_up(served)
     logging.basicConfig(format="glm2-serve: %(message)s", level=logging.INFO)

@@ -32,16 +32,22 @@ def rope(x, positions, base):
 
 
 class NumpyGLM2:
-    def __init__(self, weights: dict, cfg):
+    def __init__(self, weights: dict, cfg, inputs=None):
+        """`inputs`: what the left operand of every product with a weight matrix becomes first (default: itself;
+        llama.cpp's quantized activations, for instance)."""
         self.w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
         self.cfg = cfg
         self.cache = [None] * cfg.num_layers
+        self.inputs = inputs or (lambda x: x)
+
+    def dot(self, x, name):
+        return self.inputs(x) @ self.w[name].T
 
     def layer(self, i, h, positions):
         c, w = self.cfg, self.w
         p = f"transformer.encoder.layers.{i}."
         x = rms_norm(h, w[p + "input_layernorm.weight"], c.layernorm_epsilon)
-        qkv = x @ w[p + "self_attention.query_key_value.weight"].T
+        qkv = self.dot(x, p + "self_attention.query_key_value.weight")
         if c.add_qkv_bias:
             qkv = qkv + w[p + "self_attention.query_key_value.bias"]
         d, nh, g = c.kv_channels, c.num_attention_heads, c.multi_query_group_num
@@ -64,14 +70,14 @@ class NumpyGLM2:
             s = np.where(kpos <= qpos, s, -np.inf)
             s = np.exp(s - s.max(-1, keepdims=True))
             out[:, head] = (s / s.sum(-1, keepdims=True)) @ vv
-        attn = out.reshape(-1, nh * d) @ w[p + "self_attention.dense.weight"].T
+        attn = self.dot(out.reshape(-1, nh * d), p + "self_attention.dense.weight")
         if p + "post_self_attn_layernorm.weight" in w:  # GLM-4-0414: Glm4DecoderLayer's norm before the add
             attn = rms_norm(attn, w[p + "post_self_attn_layernorm.weight"], c.layernorm_epsilon)
         h = h + attn
         x = rms_norm(h, w[p + "post_attention_layernorm.weight"], c.layernorm_epsilon)
-        gate_up = x @ w[p + "mlp.dense_h_to_4h.weight"].T
+        gate_up = self.dot(x, p + "mlp.dense_h_to_4h.weight")
         gate, up = gate_up[:, :c.ffn_hidden_size], gate_up[:, c.ffn_hidden_size:]
-        mlp = (gate / (1 + np.exp(-gate)) * up) @ w[p + "mlp.dense_4h_to_h.weight"].T
+        mlp = self.dot(gate / (1 + np.exp(-gate)) * up, p + "mlp.dense_4h_to_h.weight")
         if p + "post_mlp_layernorm.weight" in w:
             mlp = rms_norm(mlp, w[p + "post_mlp_layernorm.weight"], c.layernorm_epsilon)
         return h + mlp
@@ -85,4 +91,4 @@ class NumpyGLM2:
 
     def logits(self, ids):
         self.cache = [None] * self.cfg.num_layers
-        return self.hidden(ids) @ self.w["transformer.output_layer.weight"].T
+        return self.dot(self.hidden(ids), "transformer.output_layer.weight")

@@ -229,6 +229,21 @@ def test_a_gguf_files_blocks_are_held_alike_whole_and_layer_by_layer(hf_tiny, gg
     assert all(p["logits_max_abs"] > 1e-4 for p in whole["prompts"])  # q4_0, not the float weights
 
 
+def test_q8_activations_are_reported_and_alike_whole_and_layer_by_layer(hf_tiny, gguf_files, monkeypatch):
+    """--activations q8_0 on a q4_0 file: both modes quantize every product's input alike (the same numbers), the
+    numbers are not the float32 activations' numbers, and the report says so; float weights refuse it."""
+    monkeypatch.setattr(streamed, "HEAD_BYTES", 4 * 64 * 4096)
+    src = hf_tiny(dtype="float16")
+    whole = run_parity(src, gguf_files["q4_0"], PROMPTS, "float32", new_tokens=4, streamed=False, activations="q8_0")
+    layered = run_parity(src, gguf_files["q4_0"], PROMPTS, "float32", new_tokens=4, streamed=True, activations="q8_0")
+    exact = run_parity(src, gguf_files["q4_0"], PROMPTS, "float32", new_tokens=0, streamed=False)
+    assert without_timings(layered) == without_timings(whole)
+    assert [p["kl"] for p in whole["prompts"]] != [p["kl"] for p in exact["prompts"]]
+    assert whole["activations"] == "q8_0" and "their activations in q8_0 blocks" in markdown(whole)
+    refused = CliRunner().invoke(parity_cli, [str(src), str(src), "--activations", "q8_0"])
+    assert refused.exit_code == 1 and "activations q8_0 go with weights in q8_0/q4_0 blocks" in refused.output
+
+
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
 def test_a_quantized_model_is_judged_by_top1_and_kl(hf_tiny, tmp_path, monkeypatch, kind):
     """--quantize: MindSpore's weight matrices quantized, against the float reference; layer by layer (quantized

@@ -4,16 +4,18 @@ straight from a GGUF file's blocks or quantized at load, computing what the same
 import mindspore as ms  # noqa: TID253
 import numpy as np
 import pytest
+from numpy_glm2 import NumpyGLM2
 from test_gguf import read_gguf
 
 from converters.source import Source
+from glm2_core.dtypes import to_float32
 from glm2_core.errors import UserError
 from glm2_core.names import Layout
 from glm2_core.quants import KINDS, dequantize, quantize, row_bytes
 from glm2_ms import kernels
 from glm2_ms.api import from_pretrained, open_model
 from glm2_ms.generation import Decoder, describe
-from glm2_ms.model import block_holders
+from glm2_ms.model import block_holders, linears
 
 ms.set_device("CPU")
 # (m, n, k): rows of x up to 8 (decoding, a server's batch: the direct pass, a pair of rows at a time and the odd
@@ -21,6 +23,9 @@ ms.set_device("CPU")
 # in blocks of 32 within and across the 512-value stage
 SHAPES = [(1, 1, 32), (1, 5, 96), (2, 13, 544), (3, 4, 1056), (4, 7, 64), (7, 9, 32), (5, 6, 512), (9, 4, 1056),
           (11, 7, 544), (10, 5, 64)]
+# with q8_0 activations a prompt (9+ rows) takes the laid-out pass: tiles of 8 columns and their rest, chunks of 32
+# blocks and their rest, rows 4 at a time and the rest
+Q8_SHAPES = [*SHAPES, (12, 17, 1056), (13, 8, 2080)]
 PROMPT = np.array([[64790, 64792, 790, 30951, 517, 30910, 30940, 30996]], np.int32)
 
 
@@ -39,6 +44,75 @@ def test_the_kernel_is_float32_arithmetic_on_the_dequantized_blocks(m, n, k, kin
     bound = np.abs(x).astype(np.float64) @ np.abs(w).T * k * np.finfo(np.float32).eps
     assert got.dtype == np.float32 and got.shape == (m, n)
     assert (np.abs(got - exact) <= bound).all()
+
+
+def q8_round_trip(x) -> np.ndarray:
+    """x (float32) as the q8_0 blocks of llama.cpp's activations stand for it: the `gguf` package's quantizer and
+    dequantizer, row by row."""
+    x32 = np.asarray(x, np.float32)
+    rows = x32.reshape(-1, x32.shape[-1])
+    return dequantize(quantize(rows, "float32", "q8_0"), "q8_0").reshape(x32.shape).astype(np.float64)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("m,n,k", Q8_SHAPES)
+def test_q8_activations_are_llama_cpps_arithmetic(m, n, k, kind, kernel_isa):
+    """LinearQ8: x quantized to q8_0 blocks exactly as the `gguf` package quantizes them, then float64-exact
+    products within float32 rounding of the sums; and not the float32 product."""
+    op = kernels.native_linear_q8()
+    rng = np.random.default_rng(k + n)
+    x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+    blocks = quantize(rng.standard_normal((n, k)).astype(np.float32), "float32", kind)
+    got = op(ms.Tensor(x), ms.Tensor(blocks)).asnumpy()
+    xq, w = q8_round_trip(x), dequantize(blocks, kind).astype(np.float64)
+    bound = np.abs(xq) @ np.abs(w).T * k * np.finfo(np.float32).eps
+    assert got.dtype == np.float32 and got.shape == (m, n)
+    assert (np.abs(got - xq @ w.T) <= bound).all()
+    assert (np.abs(got - x.astype(np.float64) @ w.T) > bound).any()
+
+
+def test_q8_activations_keep_zero_and_nan_rows_and_refuse_16_bit_weights(kernel_isa):
+    op = kernels.native_linear_q8()
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 96)).astype(np.float32)
+    x[1], x[2, 40], x[3, 3] = 0, np.nan, np.inf
+    got = op(ms.Tensor(x), ms.Tensor(quantize(rng.standard_normal((5, 96)).astype(np.float32), "float32",
+                                                "q4_0"))).asnumpy()
+    assert np.isfinite(got[0]).all() and (got[1] == 0).all() and np.isnan(got[2:]).all()
+    with pytest.raises(RuntimeError):
+        op(ms.Tensor(x), ms.Tensor(rng.standard_normal((5, 96)).astype(np.float16))).asnumpy()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_q8_activations_compute_the_model_as_llama_cpp_does(gguf_files, kind):
+    """A model loaded with activations="q8_0" against the float64 forward of the file's dequantized weights with
+    every weight product's input quantized first, as llama.cpp quantizes it: ten times closer to it than the exact
+    model is; the exact model is the closer one to the float64 forward without that step."""
+    with Source.open(gguf_files[kind]) as src:
+        groups, _ = src.groups(Layout("gguf"))
+        weights = {g.source.canonical: to_float32(*src.canonical(g)) for g in groups}
+        cfg = src.cfg
+    prompt = np.concatenate([PROMPT, PROMPT[:, 2:]], axis=1)  # 14 rows: a prompt's pass, past decoding's 8
+    want = NumpyGLM2(weights, cfg, inputs=q8_round_trip).logits(prompt[0].tolist())
+    float_want = NumpyGLM2(weights, cfg).logits(prompt[0].tolist())
+    fast = from_pretrained(gguf_files[kind], dtype="float32", activations="q8_0")
+    exact = from_pretrained(gguf_files[kind], dtype="float32")
+    assert all(c.q8 for c in linears(fast)) and not any(c.q8 for c in linears(exact))
+    got, plain = fast(ms.Tensor(prompt)).asnumpy()[0], exact(ms.Tensor(prompt)).asnumpy()[0]
+    assert np.abs(got - want).max() * 10 < np.abs(plain - want).max()
+    assert np.abs(plain - float_want).max() * 10 < np.abs(got - float_want).max()
+    dec = Decoder(fast)
+    tokens = dec.generate(PROMPT, max_new_tokens=6)
+    assert "weights through the native kernel with q8_0 activations" in describe(dec.timings)
+    np.testing.assert_array_equal(tokens, fast.generate(PROMPT, max_new_tokens=6))
+
+
+def test_q8_activations_need_weights_in_blocks(hf_tiny):
+    with pytest.raises(UserError, match="activations q8_0 go with weights in q8_0/q4_0 blocks, and this model has "
+                                        "none"):
+        from_pretrained(hf_tiny("safetensors", "float16"), activations="q8_0")
+    with pytest.raises(UserError, match="unknown activations 'int4'"):
+        from_pretrained(hf_tiny("safetensors", "float16"), quantize="q4_0", activations="int4")
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

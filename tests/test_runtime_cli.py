@@ -30,6 +30,18 @@ def test_generate_is_greedy_by_default_reproducible_and_reports_stats(ms_dir):
     assert s1.returncode == 0 and s1.stdout == s2.stdout
 
 
+def test_generate_with_q8_activations_says_so_and_a_float_model_refuses_them(ms_dir, gguf_files):
+    """--activations q8_0 over a q4_0 file: --stats names it; over float weights: one line, exit 1, before loading."""
+    ok = run("generate", gguf_files["q4_0"], "--prompt", "你好", "--max-new-tokens", "4", "--activations", "q8_0",
+             "--stats")
+    assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
+    assert "q4_0 and q8_0 weights through the native kernel with q8_0 activations" in ok.stderr
+    refused = run("generate", ms_dir, "--prompt", "你好", "--activations", "q8_0")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.strip().splitlines() == ["error: activations q8_0 go with weights in q8_0/q4_0 blocks, and "
+                                                   "this model has none (quantize= or --quantize gives them)"]
+
+
 def test_chat_keeps_history_and_clears_it(ms_dir):
     proc = run("chat", ms_dir, "--max-new-tokens", "4", stdin="你好\n再见\nclear\n你好\nexit\n")
     assert proc.returncode == 0, proc.stderr

@@ -259,14 +259,15 @@ def served_chat(url: str, name: str, query: str = "你好", tokens: int = 8) -> 
     return reply.choices[0].message.content
 
 
-def test_a_gguf_file_served_where_it_lies_and_a_model_quantized_as_it_loads(gguf_files, model_dir):
+def test_a_gguf_file_served_where_it_lies_a_model_quantized_as_it_loads_and_q8_activations(gguf_files, model_dir):
     from glm2_ms.api import open_model  # noqa: PLC0415  (MindSpore in this process only for this comparison)
-    for path, args in ((gguf_files["q4_0"], ()), (model_dir, ("--quantize", "q8_0"))):
+    for path, loading in ((gguf_files["q4_0"], {}), (model_dir, {"quantize": "q8_0"}),
+                          (gguf_files["q4_0"], {"activations": "q8_0"})):
+        args = [x for key, value in loading.items() for x in (f"--{key}", value)]
         with serving(path, "--slots", "2", "--context", "256", *args) as (_, url):
             served = served_chat(url, path.name)
         with open_model(path) as folder:
-            alone, _ = folder.load(quantize=args[1] if args else None).chat(folder.tokenizer, "你好",
-                                                                           max_new_tokens=8, do_sample=False)
+            alone, _ = folder.load(**loading).chat(folder.tokenizer, "你好", max_new_tokens=8, do_sample=False)
         assert served == alone
 
 

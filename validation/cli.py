@@ -22,6 +22,7 @@ BY_DTYPE = "by --compute-dtype or --quantize, as in docs/parity.md"
               help="A text file, one prompt per line.")
 @option("--compute-dtype")
 @option("--quantize")
+@option("--activations")
 @option("--release")
 @option("--max-new-tokens", default=32, type=COUNT)  # 0: the layer passes alone (docs/parity.md)
 @option("--streamed/--whole")
@@ -36,8 +37,8 @@ BY_DTYPE = "by --compute-dtype or --quantize, as in docs/parity.md"
               help="Max abs diff allowed after any attention or MLP, relative to the stage's largest |value|.")
 @click.option("--min-top1", type=FRACTION, show_default=BY_DTYPE, help="Minimum top-1 agreement (0..1).")
 @click.option("--min-greedy", type=FRACTION, show_default=BY_DTYPE, help="Minimum greedy token agreement (0..1).")
-def main(hf_dir, ms_dir, prompts, compute_dtype, quantize, release, max_new_tokens, streamed, reference, report,
-         overwrite, logits_atol, layer_rtol, min_top1, min_greedy):
+def main(hf_dir, ms_dir, prompts, compute_dtype, quantize, activations, release, max_new_tokens, streamed, reference,
+         report, overwrite, logits_atol, layer_rtol, min_top1, min_greedy):
     """Run HF_DIR (the reference) and MS_DIR (the MindSpore runtime) on the same token ids and compare every
     layer, the logits and greedy generation; exit 1 when a threshold fails. Both sides compute in
     --compute-dtype, with their weights cast to it. With --quantize, MindSpore's weight matrices are quantized and
@@ -49,7 +50,7 @@ def main(hf_dir, ms_dir, prompts, compute_dtype, quantize, release, max_new_toke
     given = dict(logits_max_abs=logits_atol, layer_rel=layer_rtol, top1=min_top1, greedy=min_greedy)
     th = Thresholds.for_quantized(quantize, **given) if quantize else Thresholds.for_dtype(compute_dtype, **given)
     result = run_parity(hf_dir, ms_dir, texts, compute_dtype, max_new_tokens, reference, th, streamed, release,
-                        quantize)
+                        quantize, activations)
     if report:
         write_report(result, report, overwrite, sources)
     click.echo(markdown(result))

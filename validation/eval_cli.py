@@ -73,6 +73,7 @@ def scored_pairs(file: Path) -> list[tuple[str, str]]:
 @sampling_options(max_new_tokens=256)
 @option("--compute-dtype")
 @option("--quantize")
+@option("--activations")
 @option("--release")
 @option("--variant")
 @option("--out", default=Path("eval-out"))

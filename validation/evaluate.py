@@ -45,6 +45,7 @@ class EvalSettings:
     variant: str = "thudm"
     compute_dtype: str = "float32"  # over the weights as stored (float16: the weights in float16 too)
     quantize: str | None = None  # the weight matrices quantized as they load (MindSpore runtime only)
+    activations: str = "float32"  # what weights in blocks multiply with (MindSpore runtime only)
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,19 @@ def samples(data: Path, tok, s: EvalSettings) -> list[tuple[str, list[int], str]
 class Runtime:
     """Greedy or sampled continuation of left-padded batches on MindSpore or on the PyTorch reference."""
 
-    def __init__(self, kind: str, folder, sampling=None, compute_dtype: str = "float32", quantize: str | None = None):
-        """`folder`: the model folder opened (glm2_ms.loading.ModelFolder); `quantize`: glm2_ms's q8_0/q4_0."""
+    def __init__(self, kind: str, folder, sampling=None, settings: EvalSettings | None = None):
+        """`folder`: the model folder opened (glm2_ms.loading.ModelFolder); `settings`: its compute dtype, and
+        glm2_ms's quantization and activations."""
         self.kind, self.sampling = kind, sampling
+        settings = settings or EvalSettings()
+        compute_dtype = settings.compute_dtype
         if kind == "ms":
             use_cpu()
-            self.decoder = Decoder(folder.load(weights_for(compute_dtype), compute_dtype, quantize))
+            self.decoder = Decoder(folder.load(weights_for(compute_dtype), compute_dtype, settings.quantize,
+                                               activations=settings.activations))
             self.config = self.decoder.model.config
-        elif quantize is not None:
-            raise UserError(f"--quantize is for the MindSpore runtime, not {kind}")
+        elif settings.quantize is not None or settings.activations != "float32":
+            raise UserError(f"--quantize and --activations are for the MindSpore runtime, not {kind}")
         elif kind == "torch":
             self.decoder = reference_from(folder.source, weights_for(compute_dtype), compute_dtype=compute_dtype)
             self.config = self.decoder.config
@@ -111,7 +116,8 @@ def run_settings(model_dir: Path, data: Path, runtime: str, s: EvalSettings, sam
     except OSError as exc:
         raise UserError(f"{data}: cannot read data ({exc.strerror or exc})") from None
     return {"model": str(Path(model_dir).resolve()), "runtime": runtime, "data": str(Path(data).resolve()),
-            "data_sha256": digest, **{k: v for k, v in asdict(s).items() if k not in ("max_samples", "variant")},
+            "data_sha256": digest, **{k: v for k, v in asdict(s).items() if k not in ("max_samples", "variant")
+                                      and (k, v) != ("activations", "float32")},  # as runs before the flag recorded
             "sampling": None if sampling is None else asdict(sampling), **({"release": release} if release else {})}
 
 
@@ -238,7 +244,7 @@ class EvalRun:
             self.items = samples(r.data, self.tok, s)
             check_lengths(folder.config, self.items, s, memory=False)  # before the load, which may take minutes
             clock = time.perf_counter()
-            self.engine = Runtime(r.runtime, folder, r.sampling, s.compute_dtype, s.quantize)
+            self.engine = Runtime(r.runtime, folder, r.sampling, s)
         self.load_s, self.clock = time.perf_counter() - clock, clock
         check_lengths(self.engine.config, self.items, s, memory=True)  # the model is in memory now
 

@@ -25,7 +25,8 @@ from glm2_core.names import canonical_shapes
 from glm2_core.outputs import stamp
 from glm2_ms.api import from_pretrained
 from glm2_ms.generation import Decoder, check_budget
-from glm2_ms.loading import check_quantize, fits_in_memory, use_cpu
+from glm2_ms.loading import RUNTIME_LAYOUT, block_plan, check_quantize, fits_in_memory, use_cpu
+from glm2_ms.model import check_activations
 from glm2_ms.tokenizer import GLM2Tokenizer
 
 from .references import REFERENCES, STREAMED, timed
@@ -48,6 +49,7 @@ class Pair:
     reference: str = "torch"
     release: str | None = None
     quantize: str | None = None  # MindSpore's weight matrices quantized as they load (glm2_ms: q8_0 or q4_0)
+    activations: str = "float32"  # what MindSpore's weights in blocks multiply with (glm2_ms: float32 or q8_0)
 
 
 @dataclass
@@ -133,7 +135,7 @@ class MindSporeSide:
         use_cpu()
         self.ms = ms
         self.model = from_pretrained(pair.ms_dir, dtype=weights_for(pair.dtype), compute_dtype=pair.dtype,
-                                     release=pair.release, quantize=pair.quantize)
+                                     release=pair.release, quantize=pair.quantize, activations=pair.activations)
         self.decoder = Decoder(self.model)
 
     def trace(self, ids):
@@ -191,7 +193,8 @@ def _streamed(pair: Pair, tok_ids, new_tokens):
                         f"own code); use --whole, or --reference {' or '.join(STREAMED)}")
     made = {}  # the reference's layers, which name the modules they run
     sides = {"ref": lambda: made.setdefault("ref", STREAMED[pair.reference](pair.hf_dir, pair.dtype, pair.release)),
-             "ms": lambda: MindSporeLayers(pair.ms_dir, pair.dtype, pair.release, pair.quantize)}
+             "ms": lambda: MindSporeLayers(pair.ms_dir, pair.dtype, pair.release, pair.quantize,
+                                                       pair.activations)}
     traces, trace_s, load_s = {}, {}, {}
     tokens = {side: [[] for _ in tok_ids] for side in sides}
     gen_s = {side: [0.0 for _ in tok_ids] for side in sides}
@@ -237,20 +240,22 @@ def check_new_tokens(cfg, tok_ids: list[list[int]], new_tokens: int, dtype: str,
 
 def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "float32", new_tokens: int = 32,
                reference: str = "torch", thresholds: Thresholds | None = None, streamed: bool | None = None,
-               release: str | None = None, quantize: str | None = None) -> dict:
+               release: str | None = None, quantize: str | None = None, activations: str = "float32") -> dict:
     """`streamed`: run layer by layer (None: when the two whole models would not fit in the memory available);
     `release`: the release both folders hold where their configs cannot tell; `quantize`: MindSpore's weight
-    matrices quantized (q8_0 or q4_0) against the float reference, judged by `Thresholds.for_quantized`."""
+    matrices quantized (q8_0 or q4_0) against the float reference, judged by `Thresholds.for_quantized`;
+    `activations`: what MindSpore's weights in blocks multiply with (q8_0: llama.cpp's arithmetic)."""
     if reference not in REFERENCES:
         raise UserError(f"unknown reference {reference!r}; expected one of {', '.join(REFERENCES)}")
     if quantize is not None:
         check_quantize(quantize)
         if dtype != "float32":
             raise UserError(f"quantized weights compute in float32, not {dtype}")
-    pair = Pair(Path(hf_dir), Path(ms_dir), dtype, reference, release, quantize)
+    pair = Pair(Path(hf_dir), Path(ms_dir), dtype, reference, release, quantize, activations)
     th = thresholds or (Thresholds.for_quantized(quantize) if quantize else Thresholds.for_dtype(dtype))
     with Source.open(pair.ms_dir, release=release) as src:
         cfg = src.cfg
+        check_activations(activations, bool(block_plan(src, src.groups(RUNTIME_LAYOUT)[0], quantize)))
     tok = _tokenizer(pair, cfg)
     tok_ids = [tok.build_chat_input(p) for p in prompts]
     check_new_tokens(cfg, tok_ids, new_tokens, dtype, memory=False)  # before minutes of loading
@@ -260,6 +265,7 @@ def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "flo
     results = [compare(p, ids, *row, th) for p, ids, row in zip(prompts, tok_ids, rows, strict=True)]
     return {
         "hf_dir": str(hf_dir), "ms_dir": str(ms_dir), "reference": ref_name, "dtype": dtype, "quantize": quantize,
+        "activations": activations,
         "mode": "streamed" if streamed else "whole",
         "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "vocab": cfg.padded_vocab_size},
         "thresholds": {k: None if v == math.inf else v for k, v in asdict(th).items()}, "new_tokens": new_tokens,
@@ -302,6 +308,8 @@ def _bounds(th: dict) -> str:
 def markdown(r: dict) -> str:
     th = r["thresholds"]
     quantized = f", its weight matrices quantized to {r['quantize']}" if r.get("quantize") else ""
+    if r.get("activations", "float32") != "float32":
+        quantized += f", their activations in {r['activations']} blocks"
     lines = [f"# Logits parity: {'PASS' if r['passed'] else 'FAIL'}", "",
              f"- MindSpore: `{r['ms_dir']}`{quantized}; reference: {r['reference']} on `{r['hf_dir']}`; compute "
              f"{r['dtype']}; {MODES[r['mode']]}",

@@ -186,12 +186,14 @@ class MindSporeLayers:
     and RoPE tables, one stage's cells built and filled at a time. As in the whole model, the cells keep their
     weights in `LayerWeights.dtype` and compute in `dtype`, casting each weight where it is used."""
 
-    def __init__(self, ms_dir: Path, dtype: str, release: str | None = None, quantize: str | None = None):
-        """`quantize`: the weight matrices quantized as `from_pretrained(…, quantize=…)` holds them."""
+    def __init__(self, ms_dir: Path, dtype: str, release: str | None = None, quantize: str | None = None,
+                 activations: str = "float32"):
+        """`quantize`: the weight matrices quantized as `from_pretrained(…, quantize=…)` holds them; `activations`:
+        what those in blocks multiply with, as `from_pretrained(…, activations=…)`."""
         import mindspore as ms
 
         use_cpu()
-        self.quantize = quantize
+        self.quantize, self.activations = quantize, activations
         self.weights = LayerWeights(ms_dir, RUNTIME_LAYOUT, dtype, release, blocks=quantize is None)
         self.prefix = {"embedding": prefix_of(RUNTIME_LAYOUT, EMBEDDING, "embedding_weight"),
                        "block": prefix_of(RUNTIME_LAYOUT, INPUT_NORM, "input_layernorm.weight"),
@@ -206,6 +208,7 @@ class MindSporeLayers:
         else:  # the blocks a source stores, as the whole model holds them
             hold_blocks(cell, {name: kind for name, (_, kind) in arrays.items() if kind in KINDS})
         load_into(cell, ((name, arr, dt) for name, (arr, dt) in arrays.items()))
+        m.quantize_activations(cell, self.activations)
         return cell
 
     def _rows(self, t) -> np.ndarray:

@@ -24,6 +24,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx2", "fma", "f16c"}
 # the decoding paths' 16-wide build, chosen at run time where the CPU has these (linear.cc's __AVX512F__ parts)
 AVX512 = {"avx512f", "avx512bw", "avx512vl"}
+VNNI = "avx512_vnni"  # with AVX-512: int8 activations' dot products in one instruction (LinearQ8)
 SWITCH = "GLM2_NATIVE_KERNELS"  # "0": never use them; "avx2": the AVX2 build even where AVX-512 is
 
 
@@ -57,6 +58,8 @@ def _build() -> tuple[Path | None, str]:
     if compiler is None:
         return None, "no C++ compiler (g++) on PATH"
     flags = FLAGS + [f"-m{f}" for f in sorted(AVX512)] if isa() == "avx512" else FLAGS
+    if isa() == "avx512" and VNNI in _cpu_flags():
+        flags = [*flags, "-mavx512vnni"]
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     lib = cache_dir() / f"linear-{digest}.so"
     if lib.exists():
@@ -73,7 +76,7 @@ def _build() -> tuple[Path | None, str]:
 
 
 @functools.cache
-def _native_linear():
+def _native_linear(entry: str = "Linear"):
     lib, why = _build()
     if lib is None:
         return None, why
@@ -82,7 +85,7 @@ def _native_linear():
     def shape(x, w):
         return (x[0], w[0])
 
-    return ops.Custom(f"{lib}:Linear", out_shape=shape, out_dtype=_float32, func_type="aot"), ""
+    return ops.Custom(f"{lib}:{entry}", out_shape=shape, out_dtype=_float32, func_type="aot"), ""
 
 
 def native_embedding(kind: str):
@@ -116,6 +119,12 @@ def native_linear():
     """The operator: `op(x [m, k] float32, w)` → [m, n] float32, w float16|bfloat16 [n, k] or uint8 blocks
     [n, k/32 · bytes per block] (`glm2_core.quants`); or None."""
     return _native_linear()[0]
+
+
+def native_linear_q8():
+    """The operator with the same signature over q8_0/q4_0 blocks only, x quantized to q8_0 blocks first as
+    llama.cpp quantizes activations (linear.cc's `LinearQ8`); or None."""
+    return _native_linear("LinearQ8")[0]
 
 
 def why_not() -> str:

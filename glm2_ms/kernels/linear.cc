@@ -10,10 +10,15 @@
 // a float16 scale d and 32 int8 q (w = d * q; 34 bytes), q4_0 a float16 scale d and 16 bytes whose byte j holds
 // weight j in its low nibble and weight j + 16 in its high one (w = d * (nibble - 8); 18 bytes).
 //
-// Entry point in MindSpore's "aot" custom-operator form (params: x [M, K] float32, w, y [M, N] float32).
+// Entry points in MindSpore's "aot" custom-operator form (params: x [M, K] float32, w, y [M, N] float32): Linear,
+// exact float32 arithmetic; LinearQ8, over blocks only, the activations quantized to q8_0 first, as llama.cpp
+// computes (below).
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <cmath>
+#include <vector>
 
 namespace {
 
@@ -288,6 +293,260 @@ void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k
   }
 }
 
+// ---- Activations in q8_0 blocks (the entry LinearQ8): llama.cpp's arithmetic over q8_0/q4_0 weights. Each row of
+// x is quantized as GGUF's q8_0 quantizes (per block of 32: d = max|x| / 127, q = round(x / d) half away from zero,
+// d kept as float16), and a block's 32 products are summed in integers; the sum times the two scales is added in
+// float32. A weight block then costs a few integer instructions instead of widening 32 weights to float32, which
+// is what bounds a quantized step over float32 activations on a CPU of two cores. Not exact: x changes by up to
+// half a step of its block (the float32 entry, Linear, is the exact one).
+struct Activations {
+  int64_t blocks;  // per row of x
+  std::vector<int8_t> q;
+  std::vector<float> d;       // each block's scale, as its float16 gives it back
+  std::vector<int32_t> sums;  // each block's sum of q (a q4_0 weight's offset of 8 costs 8 times it)
+
+  Activations(const float *x, int64_t m, int64_t k) : blocks(k / kQK), q(m * k), d(m * blocks), sums(m * blocks) {
+#pragma omp parallel for schedule(static) if (m > 1)
+    for (int64_t i = 0; i < m * blocks; ++i) quantize(x + i * kQK, i);
+  }
+
+  void quantize(const float *v, int64_t i) {
+    float amax = 0.0f;
+    bool finite = true;
+    for (int j = 0; j < kQK; ++j) {
+      const float a = std::fabs(v[j]);
+      finite = finite && std::isfinite(a);
+      amax = a > amax ? a : amax;
+    }
+    const float scale = amax / 127.0f, inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
+    int32_t sum = 0;
+    for (int j = 0; j < kQK; ++j) {
+      const int32_t value = finite ? static_cast<int32_t>(std::round(v[j] * inverse)) : 0;
+      q[i * kQK + j] = static_cast<int8_t>(value);
+      sum += value;
+    }
+    d[i] = finite ? _cvtsh_ss(_cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT)) : NAN;  // a NaN or inf stays one in y
+    sums[i] = sum;
+  }
+};
+
+// u8 × s8 products summed four at a time into int32 lanes, added to acc.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#ifdef __AVX512VNNI__
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else  // maddubs sums pairs in 16 bits: callers keep a pair's sum within them (2 · 128 · 127 at most)
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+// A weight block's 32 values as bytes for dot_u8s8: q4_0's nibbles as unsigned 0..15 (weights 0..15, then 16..31);
+// q8_0's magnitudes, its signs going onto the activations instead (block_dot).
+template <Kind K>
+inline __m256i block_bytes_u8(const uint8_t *blk, __m256i *raw) {
+  if constexpr (K == Q4_0) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+  } else {
+    *raw = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
+    return _mm256_abs_epi8(*raw);
+  }
+}
+
+// The block's integer dot with one block of the activations, as int32 lanes whose sum it is. q4_0: the lanes start
+// at −Σq, so that they add the weights' offset of 8, −8·Σq.
+template <Kind K>
+inline __m256i block_dot(__m256i u, __m256i raw, const int8_t *xq, int32_t xsum) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq));
+  if constexpr (K == Q4_0)
+    return dot_u8s8(_mm256_set1_epi32(-xsum), u, x);
+  else
+    return dot_u8s8(_mm256_setzero_si256(), u, _mm256_sign_epi8(x, raw));
+}
+
+// One weight row against R rows of the activations from r0: each block unpacked once for the R rows, blocks two at
+// a time into two sums per row (independent chains). One weight row at a time: a single stream per thread reads
+// memory faster here than several rows side by side, once the arithmetic is this light.
+template <Kind K, int R>
+void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int64_t n) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const int64_t nb = a.blocks;
+  for (int64_t b = 0; b < nb; b += 2) {
+    for (int half = 0; half < 2; ++half) {
+      if (b + half == nb) break;  // an odd count of blocks
+      const int64_t i = b + half;
+      const uint8_t *blk = w + i * block_bytes<K>();
+      uint16_t h;
+      memcpy(&h, blk, sizeof h);
+      const float dw = _cvtsh_ss(h);
+      __m256i raw;
+      const __m256i u = block_bytes_u8<K>(blk, &raw);
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = (r0 + r) * nb + i;
+        const __m256 sums = _mm256_cvtepi32_ps(block_dot<K>(u, raw, a.q.data() + at * kQK, a.sums[at]));
+        acc[r][half] = _mm256_fmadd_ps(sums, _mm256_set1_ps(dw * a.d[at]), acc[r][half]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * n] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+// ---- A prompt's rows over weights in blocks (more than kDirectRows), with activations in q8_0: 8 weight rows at a
+// time are laid out lane by lane (lane j: 4 consecutive values of row j, as unsigned bytes), a chunk of blocks at a
+// time, so that one integer multiply-add of 4 broadcast activation bytes advances all 8 outputs, and a block's scales
+// are applied to the 8 outputs at once: about 1.5 instructions per block and row of x, where a row at a time spends 5
+// (llama.cpp repacks its weights the same way, once, into memory of its own; here a chunk is laid out in L1 and used
+// for every row of the prompt before the next).
+constexpr int kTile = 8;          // weight rows (output columns) per tile: the 8 lanes of a vector
+constexpr int64_t kChunk = 32;    // blocks per laid-out chunk: 8 KB of values and 1 KB of scales stay in L1
+
+// The unsigned values a block's weights become and the offset each carries: q4_0 nibbles 0..15 (offset 8), q8_0
+// values + 128 (offset 128). The integer sum is then Σ u·x − offset·Σx.
+template <Kind K>
+constexpr int32_t unsigned_offset() {
+  return K == Q4_0 ? 8 : 128;
+}
+
+// Whether a prompt takes the laid-out pass: AVX2's byte multiply-add (without VNNI) sums pairs in 16 bits, which
+// q8_0's values + 128 would overflow.
+template <Kind K>
+constexpr bool laid_out() {
+#ifdef __AVX512VNNI__
+  return true;
+#else
+  return K == Q4_0;
+#endif
+}
+
+template <Kind K>
+inline __m256i unsigned_values(const uint8_t *blk) {
+  if constexpr (K == Q4_0) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+  } else {
+    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2)), _mm256_set1_epi8(-128));
+  }
+}
+
+// v[j] = the 8 dwords of row j; afterwards v[g] = dword g of rows 0..7.
+inline void transpose8(__m256i v[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {  // per 128-bit half: dwords 0, 1 (then 2, 3) of rows i and i + 1, interleaved
+    t[i] = _mm256_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // per half: one dword of 4 rows; u[i + g] holds dwords g and g + 4
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int g = 0; g < 4; ++g) {  // rows 0-3 and 4-7 side by side
+    v[g] = _mm256_permute2x128_si256(u[g], u[g + 4], 0x20);
+    v[g + 4] = _mm256_permute2x128_si256(u[g], u[g + 4], 0x31);
+  }
+}
+
+// A chunk of blocks of 8 weight rows, laid out: values[b][g] holds dword g of block b of each row, one per lane;
+// scales[b] the 8 rows' scales of block b.
+struct Tile {
+  alignas(32) int32_t values[kChunk][8][kTile];
+  alignas(32) float scales[kChunk][kTile];
+
+  template <Kind K>
+  void lay_out(Weights w, int64_t n0, int cols, int64_t b0, int64_t blocks) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256i v[8];
+      for (int j = 0; j < kTile; ++j) {
+        const uint8_t *blk = w.row(n0 + (j < cols ? j : 0)) + (b0 + b) * block_bytes<K>();
+        uint16_t h;
+        memcpy(&h, blk, sizeof h);
+        scales[b][j] = _cvtsh_ss(h);
+        v[j] = unsigned_values<K>(blk);
+      }
+      transpose8(v);
+      for (int g = 0; g < 8; ++g) _mm256_store_si256(reinterpret_cast<__m256i *>(values[b][g]), v[g]);
+    }
+  }
+};
+
+// The 8 outputs of one row of x over the tile's blocks: the lanes' integer sums per block, scaled and added to acc.
+template <Kind K, int R>
+inline void tile_rows(const Tile &t, const Activations &a, int64_t r0, int64_t b0, int64_t blocks, __m256 acc[R]) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i even[R], odd[R];
+    for (int r = 0; r < R; ++r) {
+      even[r] = _mm256_set1_epi32(-unsigned_offset<K>() * a.sums[(r0 + r) * a.blocks + b0 + b]);
+      odd[r] = _mm256_setzero_si256();
+    }
+    for (int g = 0; g < 8; g += 2) {
+      const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i *>(t.values[b][g]));
+      const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i *>(t.values[b][g + 1]));
+      for (int r = 0; r < R; ++r) {
+        const int32_t *xq = reinterpret_cast<const int32_t *>(a.q.data() + ((r0 + r) * a.blocks + b0 + b) * kQK);
+        even[r] = dot_u8s8(even[r], w0, _mm256_set1_epi32(xq[g]));
+        odd[r] = dot_u8s8(odd[r], w1, _mm256_set1_epi32(xq[g + 1]));
+      }
+    }
+    const __m256 dw = _mm256_load_ps(t.scales[b]);
+    for (int r = 0; r < R; ++r) {
+      const __m256 sums = _mm256_cvtepi32_ps(_mm256_add_epi32(even[r], odd[r]));
+      acc[r] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_set1_ps(a.d[(r0 + r) * a.blocks + b0 + b])), acc[r]);
+    }
+  }
+}
+
+template <Kind K, int R>
+inline void add_rows(const Tile &t, const Activations &a, int64_t r0, int64_t b0, int64_t blocks, float *y,
+                     int64_t n, int cols) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  tile_rows<K, R>(t, a, r0, b0, blocks, acc);
+  for (int r = 0; r < R; ++r) {
+    float *out = y + (r0 + r) * n;
+    if (cols == kTile) {
+      _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), acc[r]));
+    } else {
+      alignas(32) float lanes[kTile];
+      _mm256_store_ps(lanes, acc[r]);
+      for (int j = 0; j < cols; ++j) out[j] += lanes[j];
+    }
+  }
+}
+
+template <Kind K>
+void prompt_q8(const Activations &a, Weights w, float *y, int64_t m, int64_t n) {
+  memset(y, 0, sizeof(float) * m * n);
+#pragma omp parallel
+  {
+    Tile t;
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t n0 = 0; n0 < n; n0 += kTile) {
+      const int cols = n - n0 < kTile ? static_cast<int>(n - n0) : kTile;
+      for (int64_t b0 = 0; b0 < a.blocks; b0 += kChunk) {
+        const int64_t blocks = a.blocks - b0 < kChunk ? a.blocks - b0 : kChunk;
+        t.lay_out<K>(w, n0, cols, b0, blocks);
+        int64_t r = 0;
+        for (; r + 4 <= m; r += 4) add_rows<K, 4>(t, a, r, b0, blocks, y + n0, n, cols);
+        for (; r < m; ++r) add_rows<K, 1>(t, a, r, b0, blocks, y + n0, n, cols);
+      }
+    }
+  }
+}
+
+template <Kind K>
+void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
+  const Activations a(x, m, k);
+  if (m > kDirectRows && laid_out<K>()) return prompt_q8<K>(a, w, y, m, n);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4) dot_rows<K, 4>(w.row(i), a, r, y + r * n + i, n);
+    for (; r + 2 <= m; r += 2) dot_rows<K, 2>(w.row(i), a, r, y + r * n + i, n);
+    if (r < m) dot_rows<K, 1>(w.row(i), a, r, y + r * n + i, n);
+  }
+}
+
 // The weight format of w's dtype and row length; -1 when it is none of them.
 int kind_of(const char *dtype, int64_t row, int64_t k) {
   if (strcmp(dtype, "float16") == 0) return row == k ? F16 : -1;
@@ -341,23 +600,55 @@ extern "C" int EmbedQ4_0(int nparam, void **params, int *ndims, int64_t **shapes
   return embed_entry<Q4_0>(nparam, params, ndims, shapes, dtypes);
 }
 
+namespace {
+
+// The operands of a Linear call, checked: 0, or the error code MindSpore is given.
+struct Call {
+  const float *x;
+  Weights w;
+  float *y;
+  int64_t m, n, k;
+  int kind;
+
+  int parse(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+    if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
+    if (strcmp(dtypes[0], "float32") != 0 || strcmp(dtypes[2], "float32") != 0) return 2;
+    m = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
+    const int64_t row = shapes[1][1];
+    if (shapes[2][0] != m || shapes[2][1] != n) return 4;
+    kind = kind_of(dtypes[1], row, k);
+    x = static_cast<const float *>(params[0]);
+    w = Weights{static_cast<const uint8_t *>(params[1]), strcmp(dtypes[1], "uint8") == 0 ? row : 2 * row};
+    y = static_cast<float *>(params[2]);
+    return kind < 0 ? 3 : 0;
+  }
+};
+
+}  // namespace
+
+// y [m, n] = x [m, k] float32 · w [n, k]ᵀ in float32 arithmetic, w float16, bfloat16 or q8_0/q4_0 blocks.
 extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                       void *extra) {
   (void)stream, (void)extra;
-  if (nparam != 3 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
-  if (strcmp(dtypes[0], "float32") != 0 || strcmp(dtypes[2], "float32") != 0) return 2;
-  const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][0], row = shapes[1][1];
-  if (shapes[2][0] != m || shapes[2][1] != n) return 4;
-  const int kind = kind_of(dtypes[1], row, k);
-  const int64_t row_bytes = strcmp(dtypes[1], "uint8") == 0 ? row : 2 * row;
-  const float *x = static_cast<const float *>(params[0]);
-  const Weights w{static_cast<const uint8_t *>(params[1]), row_bytes};
-  float *y = static_cast<float *>(params[2]);
-  switch (kind) {
-    case F16: linear<F16>(x, w, y, m, n, k); return 0;
-    case BF16: linear<BF16>(x, w, y, m, n, k); return 0;
-    case Q8_0: linear<Q8_0>(x, w, y, m, n, k); return 0;
-    case Q4_0: linear<Q4_0>(x, w, y, m, n, k); return 0;
+  Call c;
+  if (const int error = c.parse(nparam, params, ndims, shapes, dtypes)) return error;
+  switch (c.kind) {
+    case F16: linear<F16>(c.x, c.w, c.y, c.m, c.n, c.k); return 0;
+    case BF16: linear<BF16>(c.x, c.w, c.y, c.m, c.n, c.k); return 0;
+    case Q8_0: linear<Q8_0>(c.x, c.w, c.y, c.m, c.n, c.k); return 0;
+    default: linear<Q4_0>(c.x, c.w, c.y, c.m, c.n, c.k); return 0;
+  }
+}
+
+// The same product with x quantized to q8_0 blocks first (linear_q8): w in q8_0 or q4_0 blocks only.
+extern "C" int LinearQ8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                        void *extra) {
+  (void)stream, (void)extra;
+  Call c;
+  if (const int error = c.parse(nparam, params, ndims, shapes, dtypes)) return error;
+  switch (c.kind) {
+    case Q8_0: linear_q8<Q8_0>(c.x, c.w, c.y, c.m, c.n, c.k); return 0;
+    case Q4_0: linear_q8<Q4_0>(c.x, c.w, c.y, c.m, c.n, c.k); return 0;
     default: return 3;
   }
 }
