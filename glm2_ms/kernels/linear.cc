@@ -299,18 +299,32 @@ void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k
 // float32. A weight block then costs a few integer instructions instead of widening 32 weights to float32, which
 // is what bounds a quantized step over float32 activations on a CPU of two cores. Not exact: x changes by up to
 // half a step of its block (the float32 entry, Linear, is the exact one).
+// How a kind's blocks meet the activations' bytes in dot_u8s8, which takes unsigned bytes against signed ones: as
+// unsigned values u = value + c with c = offset<K>() (q4_0's nibbles as stored, c = 8; q8_0's values + 128), the
+// integer sum being Σu·x − c·Σx; or (AVX2 without VNNI, q8_0: its 16-bit pair sums would overflow on values + 128)
+// as magnitudes against x with the weights' signs, c = 0.
+template <Kind K>
+constexpr int32_t offset() {
+#ifdef __AVX512VNNI__
+  return K == Q4_0 ? 8 : 128;
+#else
+  return K == Q4_0 ? 8 : 0;
+#endif
+}
+
 struct Activations {
   int64_t blocks;  // per row of x
   std::vector<int8_t> q;
-  std::vector<float> d;       // each block's scale, as its float16 gives it back
-  std::vector<int32_t> sums;  // each block's sum of q (a q4_0 weight's offset of 8 costs 8 times it)
+  std::vector<float> d;           // each block's scale, as its float16 gives it back
+  std::vector<int32_t> offsets;   // each block's −c·Σq: what the weights' offset c adds to its integer sum
 
-  Activations(const float *x, int64_t m, int64_t k) : blocks(k / kQK), q(m * k), d(m * blocks), sums(m * blocks) {
+  Activations(const float *x, int64_t m, int64_t k, int32_t c)
+      : blocks(k / kQK), q(m * k), d(m * blocks), offsets(m * blocks) {
 #pragma omp parallel for schedule(static) if (m > 1)
-    for (int64_t i = 0; i < m * blocks; ++i) quantize(x + i * kQK, i);
+    for (int64_t i = 0; i < m * blocks; ++i) quantize(x + i * kQK, i, c);
   }
 
-  void quantize(const float *v, int64_t i) {
+  void quantize(const float *v, int64_t i, int32_t c) {
     float amax = 0.0f;
     bool finite = true;
     for (int j = 0; j < kQK; ++j) {
@@ -326,7 +340,7 @@ struct Activations {
       sum += value;
     }
     d[i] = finite ? _cvtsh_ss(_cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT)) : NAN;  // a NaN or inf stays one in y
-    sums[i] = sum;
+    offsets[i] = -c * sum;
   }
 };
 
@@ -334,33 +348,38 @@ struct Activations {
 inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
 #ifdef __AVX512VNNI__
   return _mm256_dpbusd_epi32(acc, u, s);
-#else  // maddubs sums pairs in 16 bits: callers keep a pair's sum within them (2 · 128 · 127 at most)
+#else  // maddubs sums pairs in 16 bits: offset<K>() keeps a pair's sum within them (2 · 128 · 127 at most)
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 #endif
 }
 
-// A weight block's 32 values as bytes for dot_u8s8: q4_0's nibbles as unsigned 0..15 (weights 0..15, then 16..31);
-// q8_0's magnitudes, its signs going onto the activations instead (block_dot).
+// A block's 32 weights as dot_u8s8's unsigned bytes, in weight order (offset<K>()): q4_0's 16 bytes in both halves,
+// the high half shifted by 4, masked to nibbles; q8_0's values + 128, or their magnitudes.
 template <Kind K>
-inline __m256i block_bytes_u8(const uint8_t *blk, __m256i *raw) {
+inline __m256i unsigned_values(const uint8_t *blk) {
   if constexpr (K == Q4_0) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2));
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+    const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2)));
+    return _mm256_and_si256(_mm256_srlv_epi64(bytes, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
   } else {
-    *raw = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
-    return _mm256_abs_epi8(*raw);
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
+    return offset<K>() ? _mm256_xor_si256(w, _mm256_set1_epi8(-128)) : _mm256_abs_epi8(w);
   }
 }
 
-// The block's integer dot with one block of the activations, as int32 lanes whose sum it is. q4_0: the lanes start
-// at −Σq, so that they add the weights' offset of 8, −8·Σq.
+// The block's integer dot with one block of the activations (its −c·Σq in the first lane): int32 lanes whose sum
+// it is.
 template <Kind K>
-inline __m256i block_dot(__m256i u, __m256i raw, const int8_t *xq, int32_t xsum) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq));
-  if constexpr (K == Q4_0)
-    return dot_u8s8(_mm256_set1_epi32(-xsum), u, x);
-  else
-    return dot_u8s8(_mm256_setzero_si256(), u, _mm256_sign_epi8(x, raw));
+inline __m256i block_dot(const uint8_t *blk, __m256i u, const int8_t *xq, int32_t x_offset) {
+  __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq));
+  if constexpr (offset<K>() == 0) x = _mm256_sign_epi8(x, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2)));
+  return dot_u8s8(_mm256_castsi128_si256(_mm_cvtsi32_si128(x_offset)), u, x);
+}
+
+// A block's scale in every lane.
+inline __m256 block_scale8(const uint8_t *blk) {
+  int16_t h;
+  memcpy(&h, blk, sizeof h);
+  return _mm256_cvtph_ps(_mm_set1_epi16(h));
 }
 
 // One weight row against R rows of the activations from r0: each block unpacked once for the R rows, blocks two at
@@ -376,15 +395,12 @@ void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int6
       if (b + half == nb) break;  // an odd count of blocks
       const int64_t i = b + half;
       const uint8_t *blk = w + i * block_bytes<K>();
-      uint16_t h;
-      memcpy(&h, blk, sizeof h);
-      const float dw = _cvtsh_ss(h);
-      __m256i raw;
-      const __m256i u = block_bytes_u8<K>(blk, &raw);
+      const __m256 dw = block_scale8(blk);
+      const __m256i u = unsigned_values<K>(blk);
       for (int r = 0; r < R; ++r) {
         const int64_t at = (r0 + r) * nb + i;
-        const __m256 sums = _mm256_cvtepi32_ps(block_dot<K>(u, raw, a.q.data() + at * kQK, a.sums[at]));
-        acc[r][half] = _mm256_fmadd_ps(sums, _mm256_set1_ps(dw * a.d[at]), acc[r][half]);
+        const __m256 sums = _mm256_cvtepi32_ps(block_dot<K>(blk, u, a.q.data() + at * kQK, a.offsets[at]));
+        acc[r][half] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_set1_ps(a.d[at])), acc[r][half]);
       }
     }
   }
@@ -396,37 +412,9 @@ void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int6
 // time, so that one integer multiply-add of 4 broadcast activation bytes advances all 8 outputs, and a block's scales
 // are applied to the 8 outputs at once: about 1.5 instructions per block and row of x, where a row at a time spends 5
 // (llama.cpp repacks its weights the same way, once, into memory of its own; here a chunk is laid out in L1 and used
-// for every row of the prompt before the next).
+// for every row of the prompt before the next). Needs the unsigned values (offset<K>() > 0).
 constexpr int kTile = 8;          // weight rows (output columns) per tile: the 8 lanes of a vector
 constexpr int64_t kChunk = 32;    // blocks per laid-out chunk: 8 KB of values and 1 KB of scales stay in L1
-
-// The unsigned values a block's weights become and the offset each carries: q4_0 nibbles 0..15 (offset 8), q8_0
-// values + 128 (offset 128). The integer sum is then Σ u·x − offset·Σx.
-template <Kind K>
-constexpr int32_t unsigned_offset() {
-  return K == Q4_0 ? 8 : 128;
-}
-
-// Whether a prompt takes the laid-out pass: AVX2's byte multiply-add (without VNNI) sums pairs in 16 bits, which
-// q8_0's values + 128 would overflow.
-template <Kind K>
-constexpr bool laid_out() {
-#ifdef __AVX512VNNI__
-  return true;
-#else
-  return K == Q4_0;
-#endif
-}
-
-template <Kind K>
-inline __m256i unsigned_values(const uint8_t *blk) {
-  if constexpr (K == Q4_0) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2));
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
-  } else {
-    return _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2)), _mm256_set1_epi8(-128));
-  }
-}
 
 // v[j] = the 8 dwords of row j; afterwards v[g] = dword g of rows 0..7.
 inline void transpose8(__m256i v[8]) {
@@ -476,7 +464,7 @@ inline void tile_rows(const Tile &t, const Activations &a, int64_t r0, int64_t b
   for (int64_t b = 0; b < blocks; ++b) {
     __m256i even[R], odd[R];
     for (int r = 0; r < R; ++r) {
-      even[r] = _mm256_set1_epi32(-unsigned_offset<K>() * a.sums[(r0 + r) * a.blocks + b0 + b]);
+      even[r] = _mm256_set1_epi32(a.offsets[(r0 + r) * a.blocks + b0 + b]);
       odd[r] = _mm256_setzero_si256();
     }
     for (int g = 0; g < 8; g += 2) {
@@ -536,8 +524,8 @@ void prompt_q8(const Activations &a, Weights w, float *y, int64_t m, int64_t n) 
 
 template <Kind K>
 void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
-  const Activations a(x, m, k);
-  if (m > kDirectRows && laid_out<K>()) return prompt_q8<K>(a, w, y, m, n);
+  const Activations a(x, m, k, offset<K>());
+  if (m > kDirectRows && offset<K>() > 0) return prompt_q8<K>(a, w, y, m, n);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     int64_t r = 0;
