@@ -260,6 +260,10 @@ def test_a_quantized_model_is_judged_by_top1_and_kl(hf_tiny, tmp_path, monkeypat
         assert p["top1_agreement"] >= Thresholds.for_quantized(kind).top1
     assert whole["passed"] and whole["quantize"] == kind and whole["thresholds"]["logits_max_abs"] is None
     assert f"quantized to {kind}" in markdown(whole) and "none on the layers and logits" in markdown(whole)
+    fast = run_parity(src, tmp_path / "ms", PROMPTS, "float32", new_tokens=8, streamed=False, quantize=kind,
+                      activations="q8_0")
+    assert fast["passed"] and fast["thresholds"]["top1"] == Thresholds.for_quantized(kind, "q8_0").top1
+    assert [p["kl"] for p in fast["prompts"]] != [p["kl"] for p in whole["prompts"]]
     plot(whole, tmp_path / "parity.png")
     refused = CliRunner().invoke(parity_cli, [str(src), str(tmp_path / "ms"), "--quantize", kind,
                                               "--compute-dtype", "float16"])

@@ -12,7 +12,7 @@ from glm2_core.outputs import check_output
 
 from .parity import DEFAULT_PROMPTS, REPORT, Thresholds, markdown, run_parity, write_report
 
-BY_DTYPE = "by --compute-dtype or --quantize, as in docs/parity.md"
+BY_DTYPE = "by --compute-dtype, or --quantize and --activations, as in docs/parity.md"
 
 
 @click.command("glm2-parity", cls=Tool)
@@ -48,7 +48,8 @@ def main(hf_dir, ms_dir, prompts, compute_dtype, quantize, activations, release,
         check_output(report, overwrite, sources, "--report", kind=REPORT)  # before the run: it takes minutes
     texts = read_prompts(prompts) if prompts else DEFAULT_PROMPTS
     given = dict(logits_max_abs=logits_atol, layer_rel=layer_rtol, top1=min_top1, greedy=min_greedy)
-    th = Thresholds.for_quantized(quantize, **given) if quantize else Thresholds.for_dtype(compute_dtype, **given)
+    th = Thresholds.for_quantized(quantize, activations, **given) if quantize else \
+        Thresholds.for_dtype(compute_dtype, **given)
     result = run_parity(hf_dir, ms_dir, texts, compute_dtype, max_new_tokens, reference, th, streamed, release,
                         quantize, activations)
     if report:

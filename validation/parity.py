@@ -71,17 +71,17 @@ class Thresholds:
         return cls(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod
-    def for_quantized(cls, kind: str, **overrides) -> Thresholds:
+    def for_quantized(cls, kind: str, activations: str = "float32", **overrides) -> Thresholds:
         """A quantized model is not the float model to rounding: no bound on its layers or logits, and top-1
-        agreement against the float reference at least QUANTIZED_TOP1's."""
-        base = cls(logits_max_abs=math.inf, layer_rel=math.inf, top1=QUANTIZED_TOP1[kind], greedy=0.0)
+        agreement against the float reference at least QUANTIZED_TOP1's for its weights and activations."""
+        base = cls(logits_max_abs=math.inf, layer_rel=math.inf, top1=QUANTIZED_TOP1[kind, activations], greedy=0.0)
         return cls(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
 
 
-# the default --min-top1 of glm2-parity --quantize, below what docs/parity.md measured for q8_0 on every prompt; q4_0
-# has none: on synthetic weights (nearly flat logits) its top-1 says more about the weights than about q4_0, so a
-# trained model's bound is the user's --min-top1
-QUANTIZED_TOP1 = {"q8_0": 0.9, "q4_0": 0.0}
+# the default --min-top1 of glm2-parity --quantize by (weights, activations), below what docs/parity.md measured for
+# q8_0 on every prompt; q4_0 has none: on synthetic weights (nearly flat logits) its top-1 says more about the weights
+# than about q4_0, so a trained model's bound is the user's --min-top1
+QUANTIZED_TOP1 = {("q8_0", "float32"): 0.9, ("q8_0", "q8_0"): 0.85, ("q4_0", "float32"): 0.0, ("q4_0", "q8_0"): 0.0}
 
 
 def _kl(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
@@ -252,7 +252,7 @@ def run_parity(hf_dir: Path, ms_dir: Path, prompts: list[str], dtype: str = "flo
         if dtype != "float32":
             raise UserError(f"quantized weights compute in float32, not {dtype}")
     pair = Pair(Path(hf_dir), Path(ms_dir), dtype, reference, release, quantize, activations)
-    th = thresholds or (Thresholds.for_quantized(quantize) if quantize else Thresholds.for_dtype(dtype))
+    th = thresholds or (Thresholds.for_quantized(quantize, activations) if quantize else Thresholds.for_dtype(dtype))
     with Source.open(pair.ms_dir, release=release) as src:
         cfg = src.cfg
         check_activations(activations, bool(block_plan(src, src.groups(RUNTIME_LAYOUT)[0], quantize)))
