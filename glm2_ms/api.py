@@ -133,7 +133,7 @@ class ModelFolder:
         file's pages, mapped copy-on-write where the format allows (GGUF), read as the first prompt uses them,
         their checksums checked meanwhile (`loading.Proofs`); the file must then stay as it is while the model
         runs. `activations`: what weights in blocks multiply with, float32 (exact) or q8_0 (llama.cpp's arithmetic,
-        faster on a CPU of few cores: `model.quantize_activations`).
+        faster on a CPU of few cores: `glm2_ms.model.quantize_activations`).
         Memory: the parameters plus one tensor in flight."""
         if dtype is not None and dtype not in MS_DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; expected one of {', '.join(MS_DTYPES)}")
@@ -144,7 +144,7 @@ class ModelFolder:
         if training and quantize is not None:
             raise UserError("a quantized model cannot be trained: finetune the float model, then quantize it")
         plan = {} if training else block_plan(src, groups, quantize)
-        check_activations(activations, bool(plan) or training)
+        check_activations(activations, bool(plan))  # training: none (floats)
         if plan and compute_dtype not in (None, "float32"):
             raise UserError(f"quantized weights compute in float32, not {compute_dtype}")
         storage = dtype or ("float16" if plan and src.dtype == "float32" else src.dtype)
@@ -156,7 +156,7 @@ class ModelFolder:
         mapped = mapped and not training
         load_into(model, src.stream(groups, storage, blocks=plan, count=False, mapped=mapped), blocking=not training)
         src.ckpt.check_complete()
-        quantize_activations(model, "float32" if training else activations)
+        quantize_activations(model, activations)
         if src.proofs:
             model.__dict__["_proofs"] = Proofs(src.proofs)
             src.proofs = []
