@@ -202,3 +202,5 @@ def test_a_model_loaded_for_training_holds_floats(gguf_files):
         assert not blocks_of(model)
         with pytest.raises(UserError, match="a quantized model cannot be trained"):
             folder.load("float32", "float32", quantize="q8_0", training=True)
+        with pytest.raises(UserError, match="activations q8_0 go with weights in q8_0/q4_0 blocks"):
+            folder.load("float32", "float32", training=True, activations="q8_0")
