@@ -210,5 +210,6 @@ def pytest_terminal_summary(terminalreporter):
     """Say which optional extras were missing, so that their skipped tests are not mistaken for passes."""
     if MISSING:
         terminalreporter.write_sep("-", "optional extras not installed")
+        extras = ",".join(sorted({entry.split("[")[1].rstrip("]") for entry in MISSING}))
         terminalreporter.write_line(f"tests skipped for want of: {', '.join(sorted(MISSING))} "
-                                    f"(pip install -e '.[test]' installs them)")
+                                    f"(pip install -e '.[{extras}]' installs them)")
