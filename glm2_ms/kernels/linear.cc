@@ -67,10 +67,10 @@ inline void block_values(const uint8_t *blk, __m256 v[4]) {
   }
 }
 
-inline __m256 block_scale(const uint8_t *blk) {
-  uint16_t h;
+inline __m256 block_scale(const uint8_t *blk) {  // in every lane
+  int16_t h;
   memcpy(&h, blk, sizeof h);
-  return _mm256_set1_ps(_cvtsh_ss(h));
+  return _mm256_cvtph_ps(_mm_set1_epi16(h));
 }
 
 // out[0 .. len) = the weights k0 .. k0 + len of one quantized weight row `r`, as float32 (k0 and len whole
@@ -299,6 +299,7 @@ void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k
 // float32. A weight block then costs a few integer instructions instead of widening 32 weights to float32, which
 // is what bounds a quantized step over float32 activations on a CPU of two cores. Not exact: x changes by up to
 // half a step of its block (the float32 entry, Linear, is the exact one).
+//
 // How a kind's blocks meet the activations' bytes in dot_u8s8, which takes unsigned bytes against signed ones: as
 // unsigned values u = value + c with c = offset<K>() (q4_0's nibbles as stored, c = 8; q8_0's values + 128), the
 // integer sum being Σu·x − c·Σx; or (AVX2 without VNNI, q8_0: its 16-bit pair sums would overflow on values + 128)
@@ -312,6 +313,7 @@ constexpr int32_t offset() {
 #endif
 }
 
+// The m rows of x as q8_0 blocks, with what each block adds for the weights' offset c.
 struct Activations {
   int64_t blocks;  // per row of x
   std::vector<int8_t> q;
@@ -375,13 +377,6 @@ inline __m256i block_dot(const uint8_t *blk, __m256i u, const int8_t *xq, int32_
   return dot_u8s8(_mm256_castsi128_si256(_mm_cvtsi32_si128(x_offset)), u, x);
 }
 
-// A block's scale in every lane.
-inline __m256 block_scale8(const uint8_t *blk) {
-  int16_t h;
-  memcpy(&h, blk, sizeof h);
-  return _mm256_cvtph_ps(_mm_set1_epi16(h));
-}
-
 // One weight row against R rows of the activations from r0: each block unpacked once for the R rows, blocks two at
 // a time into two sums per row (independent chains). One weight row at a time: a single stream per thread reads
 // memory faster here than several rows side by side, once the arithmetic is this light.
@@ -395,7 +390,7 @@ void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int6
       if (b + half == nb) break;  // an odd count of blocks
       const int64_t i = b + half;
       const uint8_t *blk = w + i * block_bytes<K>();
-      const __m256 dw = block_scale8(blk);
+      const __m256 dw = block_scale(blk);
       const __m256i u = unsigned_values<K>(blk);
       for (int r = 0; r < R; ++r) {
         const int64_t at = (r0 + r) * nb + i;
