@@ -89,7 +89,7 @@ def _blocks_param(float_param: Parameter, kind: str) -> Parameter:
 
 NATIVE_LINEAR = None  # the native kernel's operator, once `use_native_kernels` built it (a module global, not a
 #                      cell attribute: cells are deep-copied, which a custom operator does not survive)
-NATIVE_LINEAR_Q8 = None  # its form over q8_0 activations (set as NATIVE_LINEAR is)
+NATIVE_LINEAR_Q8 = None  # its form over q8_0 activations (set as NATIVE_LINEAR is, for a model with blocks)
 NATIVE_EMBEDDING = {}  # block kind → the native lookup of an embedding in those blocks (set as NATIVE_LINEAR is)
 
 
@@ -97,13 +97,16 @@ def use_native_kernels(cell, on: bool = True) -> bool:
     """Let every Linear in `cell` whose weight is 16-bit use the native float32 kernel (glm2_ms/kernels), where it
     can be built here; whether it could. `on=False` takes it back (training: the kernel has no backward). Weights
     held in blocks use it always: a model with them is built only where it can be (`glm2_ms.api`)."""
-    global NATIVE_LINEAR
+    global NATIVE_LINEAR, NATIVE_LINEAR_Q8
 
     op = native_linear()
     NATIVE_LINEAR = op or NATIVE_LINEAR  # cells given it before keep it
-    for sub, _ in block_holders(cell).values():
+    holders = block_holders(cell).values()
+    for sub, _ in holders:
         if isinstance(sub, Embedding):
             NATIVE_EMBEDDING[sub.blocks] = native_embedding(sub.blocks)
+    if holders:  # for `quantize_activations`
+        NATIVE_LINEAR_Q8 = NATIVE_LINEAR_Q8 or native_linear_q8()
     native = on and op is not None
     for sub in linears(cell):
         if sub.blocks is not None:
@@ -127,10 +130,7 @@ def quantize_activations(cell, kind: str) -> None:
     each block's products in integers, as llama.cpp does; "float32" takes it back. Faster where a step is bound by
     the arithmetic of widening the weights (a CPU of few cores), and not exact: each activation moves by up to half
     a step of its block. Set when the model loads (`ModelFolder.load`, which checks `kind` first), before a decoder
-    compiles its steps with the operator chosen."""
-    global NATIVE_LINEAR_Q8
-
-    NATIVE_LINEAR_Q8 = NATIVE_LINEAR_Q8 or native_linear_q8()
+    compiles its steps with the operator chosen (installed with the model's kernels, `use_native_kernels`)."""
     for sub in linears(cell):
         sub.q8 = sub.blocks is not None and kind == "q8_0"
 
