@@ -130,11 +130,11 @@ def child(side: str, path: Path, args) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def side_run(side: str, path: Path, args) -> dict:
+def side_run(side: str, path: Path, args, activations: str) -> dict:
     drop_caches()
     proc = subprocess.run([sys.executable, __file__, "--child", side, "--file", str(path), "--prompt", str(args.prompt),
-                           "--new", str(args.new), "--threads", str(args.threads), "--activations",
-                           args.activations], capture_output=True, text=True)
+                           "--new", str(args.new), "--threads", str(args.threads), "--activations", activations],
+                          capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         raise SystemExit(f"{side} on {path.name} failed:\n{proc.stderr[-3000:]}")
@@ -170,8 +170,6 @@ def main() -> None:
     ap.add_argument("--file", type=Path)
     args = ap.parse_args()
     if args.child:
-        if args.child == "ours":
-            args.activations = activations_for(args.file.stem.rsplit("-", 1)[-1], args.activations)
         return child(args.child, args.file, args)
     from converters.gguf_out import to_gguf
     from converters.synth import synthesize
@@ -194,11 +192,11 @@ def main() -> None:
         runs = {side: [] for side in SIDES}
         for i in range(args.repeat):
             for side in (SIDES if i % 2 == 0 else reversed(SIDES)):
-                runs[side].append(side_run(side, path, args))
+                runs[side].append(side_run(side, path, args, activations_for(kind, args.activations)))
         rows.append(summary(kind, path, runs, bytes_per_step(cfg, path, args.prompt + args.new // 2), bw, args))
         print(json.dumps(rows[-1]), flush=True)
     print_tables(rows, args)
-    kernels = side_run("kernels", Path(args.kinds), args)
+    kernels = side_run("kernels", Path(args.kinds), args, args.activations)  # per kind in run_kernels
     print_profile(rows, kernels, cfg, bw, fma_peak(args.threads), args)
 
 
