@@ -262,17 +262,14 @@ async def _whole(run: Run, request: Request):
 
 
 def _response(run: Run, content, calls) -> dict:
-    created = int(time.time())
     if run.kind == "completion":
         choice = {"index": 0, "text": content, "finish_reason": run.finish_reason(None), "logprobs": None}
-        return {"id": run.id, "object": "text_completion", "created": created, "model": run.served.name,
-                "choices": [choice], "usage": run.usage()}
-    message = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = calls
-    choice = {"index": 0, "message": message, "finish_reason": run.finish_reason(calls), "logprobs": None}
-    return {"id": run.id, "object": "chat.completion", "created": created, "model": run.served.name,
-            "choices": [choice], "usage": run.usage()}
+    else:
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        choice = {"index": 0, "message": message, "finish_reason": run.finish_reason(calls), "logprobs": None}
+    return {**_envelope(run), "choices": [choice], "usage": run.usage()}
 
 
 async def _chunks(run: Run):
@@ -295,7 +292,7 @@ async def _chunks(run: Run):
             yield _chunk(run, {"content": rest} if run.kind == "chat" else rest)
         yield _chunk(run, {} if run.kind == "chat" else "", run.finish_reason(calls))
         if run.include_usage:
-            yield json.dumps({**_envelope(run), "choices": [], "usage": run.usage()})
+            yield json.dumps({**_envelope(run, chunk=True), "choices": [], "usage": run.usage()})
         yield "[DONE]"
     except asyncio.CancelledError:
         status = 499
@@ -305,8 +302,9 @@ async def _chunks(run: Run):
         run.record(status)
 
 
-def _envelope(run: Run) -> dict:
-    kind = "chat.completion.chunk" if run.kind == "chat" else "text_completion"
+def _envelope(run: Run, chunk: bool = False) -> dict:
+    """What every response and streamed chunk of `run` begins with: its id, object, time and model."""
+    kind = ("chat.completion.chunk" if chunk else "chat.completion") if run.kind == "chat" else "text_completion"
     return {"id": run.id, "object": kind, "created": int(time.time()), "model": run.served.name}
 
 
@@ -315,7 +313,7 @@ def _chunk(run: Run, delta, finish: str | None = None) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
     else:
         choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
-    return json.dumps({**_envelope(run), "choices": [choice]}, ensure_ascii=False)
+    return json.dumps({**_envelope(run, chunk=True), "choices": [choice]}, ensure_ascii=False)
 
 
 class Gate:

@@ -66,6 +66,8 @@ def test_streaming_sends_the_whole_reply_in_chunks_and_ends_with_done(server, mo
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
         whole.choices[0].message.content
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage == whole.usage
+    assert whole.object == "chat.completion" and {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
     with httpx.stream("POST", url + "/v1/chat/completions", json={**ask, "stream": True}) as r:
         events = [line for line in r.iter_lines() if line.startswith("data:")]
     assert r.headers["content-type"].startswith("text/event-stream") and events[-1] == "data: [DONE]"
@@ -78,7 +80,9 @@ def test_completions_models_and_health(server, model_dir):
     one = client.completions.create(model=model_dir.name, prompt="从前有座山", max_tokens=6, temperature=0)
     two = client.completions.create(model=model_dir.name, prompt="从前有座山", max_tokens=6, temperature=0,
                                     stream=True)
+    two = list(two)
     assert one.choices[0].text == "".join(c.choices[0].text for c in two) and one.usage.completion_tokens == 6
+    assert {one.object} | {c.object for c in two} == {"text_completion"} and one.id.startswith("cmpl-")
     sampled = [client.completions.create(model=model_dir.name, prompt="从前", max_tokens=8, seed=7).choices[0].text
                for _ in range(2)]
     assert sampled[0] == sampled[1]  # a seed repeats a sampled reply
