@@ -117,3 +117,41 @@ def test_eval_resumes_and_metric_parity_passes(hf_tiny, tmp_path):
     report = json.loads((tmp_path / "par" / "parity.json").read_text())
     assert report["agreement"] == 1.0 and all(v == 0 for v in report["difference"].values())
     assert "ADGEN metric parity: PASS" in (tmp_path / "par" / "parity.md").read_text()
+
+
+def test_eval_records_q8_activations_and_resumes_only_the_same_arithmetic(gguf_files, hf_tiny, tmp_path):
+    """--activations q8_0 is a setting of the predictions: recorded, and a resume with other activations is refused
+    (one line, nothing written); a settings.json from before the flag resumes at its default; float weights refuse
+    it before any --out is made."""
+    model = str(gguf_files["q4_0"])
+    common = ["--data", str(DATA / "adgen_dev.json"), "--max-samples", "4", "--batch-size", "2",
+              "--max-new-tokens", "4", "--quiet"]
+    out = tmp_path / "q8"
+    first = CliRunner().invoke(eval_cli, [model, *common, "--activations", "q8_0", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert json.loads((out / "settings.json").read_text())["activations"] == "q8_0"
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    (out / "predictions.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n")
+    (out / "metrics.json").unlink()
+    refused = CliRunner().invoke(eval_cli, [model, *common, "--out", str(out), "--resume"])
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1, refused.output
+    assert "the predictions there are of activations 'q8_0', this run's is 'float32'" in refused.output
+    assert (out / "predictions.jsonl").read_text().splitlines() == lines[:2]
+    again = CliRunner().invoke(eval_cli, [model, *common, "--activations", "q8_0", "--out", str(out), "--resume"])
+    assert again.exit_code == 0, again.output
+    assert (out / "predictions.jsonl").read_text().splitlines() == lines
+
+    plain = tmp_path / "plain"
+    assert CliRunner().invoke(eval_cli, [model, *common, "--out", str(plain)]).exit_code == 0
+    recorded = json.loads((plain / "settings.json").read_text())
+    del recorded["activations"]  # as a run from before the flag recorded it
+    (plain / "settings.json").write_text(json.dumps(recorded))
+    (plain / "metrics.json").unlink()
+    assert CliRunner().invoke(eval_cli, [model, *common, "--out", str(plain), "--resume"]).exit_code == 0
+    assert CliRunner().invoke(eval_cli, [model, *common, "--activations", "q8_0", "--out", str(plain),
+                                         "--resume"]).exit_code == 1
+
+    floats = CliRunner().invoke(eval_cli, [str(hf_tiny(dtype="float16")), *common, "--activations", "q8_0",
+                                           "--out", str(tmp_path / "none")])
+    assert floats.exit_code == 1 and "activations q8_0 go with weights in q8_0/q4_0 blocks" in floats.output
+    assert not (tmp_path / "none").exists()

@@ -116,8 +116,7 @@ def run_settings(model_dir: Path, data: Path, runtime: str, s: EvalSettings, sam
     except OSError as exc:
         raise UserError(f"{data}: cannot read data ({exc.strerror or exc})") from None
     return {"model": str(Path(model_dir).resolve()), "runtime": runtime, "data": str(Path(data).resolve()),
-            "data_sha256": digest, **{k: v for k, v in asdict(s).items() if k not in ("max_samples", "variant")
-                                      and (k, v) != ("activations", "float32")},  # as runs before the flag recorded
+            "data_sha256": digest, **{k: v for k, v in asdict(s).items() if k not in ("max_samples", "variant")},
             "sampling": None if sampling is None else asdict(sampling), **({"release": release} if release else {})}
 
 
@@ -148,11 +147,14 @@ def check_resume(out: Path, settings: dict) -> None:
     except (OSError, json.JSONDecodeError):
         raise UserError(f"{out / SETTINGS}: missing or unreadable, so the predictions beside it cannot be "
                         f"told to be this run's; use another --out") from None
-    changed = [k for k in settings if recorded.get(k) != settings[k]]
+    unset = asdict(EvalSettings())  # a setting a run did not record (it predates it) was at its default
+    keys = [*settings, *(k for k in recorded if k not in settings)]
+    was, now = ({k: d.get(k, unset.get(k)) for k in keys} for d in (recorded, settings))
+    changed = [k for k in keys if was[k] != now[k]]
     if changed:
         key = changed[0]
-        raise UserError(f"{out / SETTINGS}: the predictions there are of {key} {recorded.get(key)!r}, this "
-                        f"run's is {settings[key]!r}; resume only the same run, or use another --out")
+        raise UserError(f"{out / SETTINGS}: the predictions there are of {key} {was[key]!r}, this run's is "
+                        f"{now[key]!r}; resume only the same run, or use another --out")
 
 
 def check_lengths(cfg, items, s: EvalSettings, memory: bool) -> None:
