@@ -21,7 +21,7 @@ from glm2_core.errors import UserError
 
 from .kernels import why_not
 from .loading import fits_in_memory
-from .model import MASKED, GLM2Network, linears
+from .model import MASKED, GLM2Network, linears, runs_natively
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig, choose
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to this, so calls of similar length share a compiled step
@@ -180,15 +180,15 @@ class Decoder:
         return self.prefill_step is not self.step
 
     def _prefill_step(self, open_shapes: bool) -> CachedStep:
-        """What runs a prompt: the open graph; op by op above PREFILL_COMPILED_UP_TO or where a weight goes
-        through the native kernel (MindSpore 2.10 cannot leave an aot Custom operator's shapes open: "The
+        """What runs a prompt: the open graph; op by op above PREFILL_COMPILED_UP_TO or where a step runs in
+        a native operator (MindSpore 2.10 cannot leave an aot Custom operator's shapes open: "The
         pointer[value] is null" at compile); or, `open_shapes=False`, the compiled step (a graph per length)."""
         model = self.model
         if not self.compiled or sum(p.size for p in model.get_parameters()) > PREFILL_COMPILED_UP_TO:
             return self.step
         if not open_shapes:
             return self.compiled_step
-        if any(c.native for c in linears(model)):
+        if runs_natively(model):
             return self.step
         return PrefillStep(model)
 

@@ -17,7 +17,7 @@ from glm2_core.dtypes import ACTIVATIONS
 from glm2_core.errors import UserError
 from glm2_core.quants import row_bytes
 
-from .kernels import native_embedding, native_linear, native_linear_q8
+from .kernels import native_attention, native_embedding, native_linear, native_linear_q8, native_rms_norm, native_swiglu
 
 MASKED = -1e9  # added to the scores of positions a query may not see (finite: fully padded rows stay finite)
 
@@ -27,14 +27,21 @@ def _param(shape, dtype, init="zeros") -> Parameter:
 
 
 class RMSNorm(nn.Cell):
-    """x · rsqrt(mean(x²) + eps) · weight in float32, cast back (no CPU kernel for ops.rms_norm)."""
+    """x · rsqrt(mean(x²) + eps) · weight in float32, cast back (no CPU kernel for ops.rms_norm); in one native
+    operator where `use_native_kernels` fused its layer's steps."""
+
+    FUSED = "RmsNorm"  # the native operator (NATIVE_OPS) of its steps
 
     def __init__(self, dim: int, eps: float, dtype):
         super().__init__()
         self.weight = _param((dim,), dtype, "ones")
         self.eps = eps
+        self.native = False  # NATIVE_OPS["RmsNorm"] (set by `use_native_kernels`)
+        self.eps_operand = Tensor([eps], ms.float32)  # the native operator's
 
     def construct(self, x):
+        if self.native and not self.training and x.dtype == ms.float32:  # (static)
+            return NATIVE_OPS["RmsNorm"](x.reshape(-1, x.shape[-1]), self.weight, self.eps_operand).reshape(x.shape)
         x32 = x.astype(ms.float32)
         x32 = x32 * ops.rsqrt(ops.mean(x32 * x32, -1, keep_dims=True) + self.eps)
         return (x32 * self.weight.astype(ms.float32)).astype(x.dtype)
@@ -90,6 +97,8 @@ def _blocks_param(float_param: Parameter, kind: str) -> Parameter:
 NATIVE_LINEAR = None  # the native kernel's operator, once `use_native_kernels` built it (a module global, not a
 #                      cell attribute: cells are deep-copied, which a custom operator does not survive)
 NATIVE_LINEAR_Q8 = None  # its form over q8_0 activations (set as NATIVE_LINEAR is, for a model with blocks)
+NATIVE_OPS = {}  # a layer's fused steps, each one native operator: "Attend", "RmsNorm", "SwiGlu" (set as
+#                 NATIVE_LINEAR is, where the model's projections are native)
 NATIVE_EMBEDDING = {}  # block kind → the native lookup of an embedding in those blocks (set as NATIVE_LINEAR is)
 
 
@@ -113,7 +122,29 @@ def use_native_kernels(cell, on: bool = True) -> bool:
             sub.native = True
         elif sub.weight.dtype in (ms.float16, ms.bfloat16):
             sub.native = native
+    _fuse_steps(cell)
     return native
+
+
+def _fuse_steps(cell) -> None:
+    """A layer's steps between its projections, each in one native operator (attention against the cache, its
+    RMSNorms, SwiGLU), where its projections are native. MindSpore dispatches the dozens of small operators they
+    are otherwise made of one at a time, which in a decoding step costs more than their arithmetic. A layer of
+    float32 weights keeps them in MindSpore: a model all in its operators keeps its prefill compiled with open
+    shapes, which an aot operator cannot have (`glm2_ms.generation.Decoder`)."""
+    if not NATIVE_OPS:
+        NATIVE_OPS.update(Attend=native_attention(), RmsNorm=native_rms_norm(), SwiGlu=native_swiglu())
+    for _, block in cell.cells_and_names():
+        if isinstance(block, Block):
+            on = block.self_attention.query_key_value.native
+            for _, sub in block.cells_and_names():
+                if isinstance(sub, (SelfAttention, RMSNorm, MLP)):
+                    sub.native = on and NATIVE_OPS[sub.FUSED] is not None
+
+
+def runs_natively(cell) -> bool:
+    """Whether some step of `cell` runs in a native operator (a projection or a fused step)."""
+    return any(getattr(sub, "native", False) for _, sub in cell.cells_and_names())
 
 
 def check_activations(kind: str, blocks: bool) -> None:
@@ -167,6 +198,8 @@ def rotate(x, cos, sin):
 
 
 class SelfAttention(nn.Cell):
+    FUSED = "Attend"
+
     def __init__(self, cfg: GLM2Config, dtype):
         super().__init__()
         self.heads, self.groups, self.d = cfg.num_attention_heads, cfg.multi_query_group_num, cfg.kv_channels
@@ -175,11 +208,15 @@ class SelfAttention(nn.Cell):
         self.scale = 1.0 / float(np.sqrt(cfg.kv_channels))
         self.bmm = ops.BatchMatMul()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
+        self.native = False  # NATIVE_OPS["Attend"] against a cache (set by `use_native_kernels`)
 
     def construct(self, x, cos, sin, mask, cache=None, write=None):
         """x [b, s, hidden]; mask [b, s, kv_len] additive. With a cache (k, v of [b, groups, max_len, d]),
         the new k/v go to the slots `write` [b, s, max_len] (one-hot rows: each row of the batch its own slots, so a
         server's rows may sit at different lengths) and attention runs over the cache."""
+        if self.native and cache is not None and not self.training and x.dtype == ms.float32:  # (static)
+            ctx, k, v = NATIVE_OPS["Attend"](self.query_key_value(x), cos, sin, mask, write, cache[0], cache[1])
+            return self.dense(ctx), (k, v)
         b, s, _ = x.shape
         h, g, d = self.heads, self.groups, self.d
         # the fused output is h/g query blocks of g·d, then k and v (g·d each): a Split into those equal parts
@@ -205,13 +242,20 @@ class SelfAttention(nn.Cell):
 
 
 class MLP(nn.Cell):
+    FUSED = "SwiGlu"
+
     def __init__(self, cfg: GLM2Config, dtype):
         super().__init__()
         self.ffn = cfg.ffn_hidden_size
         self.dense_h_to_4h = Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, False, dtype)
         self.dense_4h_to_h = Linear(cfg.ffn_hidden_size, cfg.hidden_size, False, dtype)
+        self.native = False  # NATIVE_OPS["SwiGlu"] (set by `use_native_kernels`)
 
     def construct(self, x):
+        if self.native and not self.training and x.dtype == ms.float32:  # (static)
+            both = self.dense_h_to_4h(x)
+            glu = NATIVE_OPS["SwiGlu"](both.reshape(-1, both.shape[-1])).reshape(x.shape[:-1] + (self.ffn,))
+            return self.dense_4h_to_h(glu)
         gate, up = ops.split(self.dense_h_to_4h(x), self.ffn, -1)
         return self.dense_4h_to_h(ops.silu(gate) * up)
 

@@ -128,18 +128,18 @@ def kernel_isa(request, monkeypatch):
     build again), and AVX2 (GLM2_NATIVE_KERNELS=avx2)."""
     if request.param == "avx2":
         monkeypatch.setenv(kernels.SWITCH, "avx2")
-    kernels._native_linear.cache_clear()
+    kernels._build_with.cache_clear()
     yield kernels.isa()
-    kernels._native_linear.cache_clear()
+    kernels._build_with.cache_clear()
 
 
 @pytest.fixture
 def no_native_kernels(monkeypatch):
     """The runtime as on a machine where glm2_ms/kernels cannot be built: 16-bit weights cast where used."""
     monkeypatch.setenv(kernels.SWITCH, "0")
-    kernels._native_linear.cache_clear()
+    kernels._build_with.cache_clear()
     yield
-    kernels._native_linear.cache_clear()
+    kernels._build_with.cache_clear()
 
 
 # The unit tier (`pytest -m unit`): the tests of these modules that run no MindSpore, torch, transformers or peft and

@@ -1,5 +1,6 @@
-"""The native float32 kernel over 16-bit weights (glm2_ms/kernels): float32 arithmetic on the widened weights, built
-once into the cache, used in inference only, and the cast path wherever it cannot be built."""
+"""The native kernels (glm2_ms/kernels): the float32 product over 16-bit weights (float32 arithmetic on the widened
+weights), and a layer's fused steps (attention against the cache, RMSNorm, SwiGLU); built once into the cache, used
+in inference only, and MindSpore's operators wherever they cannot be built."""
 import subprocess
 
 import mindspore as ms  # noqa: TID253
@@ -8,8 +9,8 @@ import pytest
 
 from glm2_ms import kernels
 from glm2_ms.api import from_pretrained
-from glm2_ms.generation import Decoder, describe
-from glm2_ms.model import Linear, use_native_kernels
+from glm2_ms.generation import Decoder, cache_inputs, describe
+from glm2_ms.model import MLP, Linear, RMSNorm, SelfAttention, use_native_kernels
 
 ms.set_device("CPU")
 # (m, n, k): every remainder of the 8- and 16-wide loops, the column passes and the row tiles
@@ -52,7 +53,7 @@ def test_built_once_into_the_cache(tmp_path, monkeypatch):
 def test_a_failing_build_leaves_the_cast_path_and_says_why(tmp_path, monkeypatch, hf_tiny):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    kernels._native_linear.cache_clear()
+    kernels._build_with.cache_clear()
     try:
         assert kernels.native_linear() is None and kernels.why_not().startswith("false failed")
         assert list((tmp_path / "glm2-toolkit" / "kernels").iterdir()) == []
@@ -62,7 +63,7 @@ def test_a_failing_build_leaves_the_cast_path_and_says_why(tmp_path, monkeypatch
         dec.generate(np.array([[64790, 64792, 790]], np.int32), max_new_tokens=2)
         assert "cast to float32 at every step (no native kernel: false failed" in describe(dec.timings)
     finally:
-        kernels._native_linear.cache_clear()
+        kernels._build_with.cache_clear()
 
 
 def test_training_takes_the_gradient_through_mindspores_matmul():
@@ -77,3 +78,143 @@ def test_training_takes_the_gradient_through_mindspores_matmul():
     layer.set_train(False)
     np.testing.assert_allclose(layer(x).asnumpy(), x.asnumpy() @ layer.weight.asnumpy().astype(np.float32).T,
                                rtol=1e-6)
+
+
+# ---- the fused steps: attention against the cache, RMSNorm, SwiGLU (attention.cc, pointwise.cc) ----------------
+
+def attention_float64(qkv, cos, sin, mask, write, k, v):
+    """What `Attend` computes, in float64 from its operands: RoPE on interleaved pairs of each head's first half,
+    the new k/v into their one-hot slots, softmax(q·k/√d + mask) · v, query head j on kv group j / (h/g)."""
+    qkv, cos, sin = (np.asarray(a, np.float64) for a in (qkv, cos, sin))
+    b, s, width = qkv.shape
+    g, length, d = k.shape[1:]
+    h = width // d - 2 * g
+
+    def rotated(x):  # x [b, s, heads, d]
+        out, c, sn = x.copy(), cos, sin
+        x0, x1 = x[..., 0:d // 2:2], x[..., 1:d // 2:2]
+        out[..., 0:d // 2:2], out[..., 1:d // 2:2] = x0 * c - x1 * sn, x1 * c + x0 * sn
+        return out
+
+    q = rotated(qkv[..., :h * d].reshape(b, s, h, d))
+    new_k = rotated(qkv[..., h * d:(h + g) * d].reshape(b, s, g, d))
+    new_v = qkv[..., (h + g) * d:].reshape(b, s, g, d)
+    k2, v2 = np.array(k, np.float64), np.array(v, np.float64)
+    for bi, t, slot in zip(*np.nonzero(write), strict=True):
+        k2[bi, :, slot], v2[bi, :, slot] = new_k[bi, t], new_v[bi, t]
+    keys, values = np.repeat(k2, h // g, 1), np.repeat(v2, h // g, 1)  # [b, h, L, d]
+    # the mask added in float32, as the model adds it: a row whose every position it hides gets scores that
+    # differ by less than float32 can tell at that magnitude (a server's idle row)
+    scores = ((np.einsum("bshd,bhld->bhsl", q, keys) / np.sqrt(d)).astype(np.float32) + mask[:, None]).astype(float)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhsl,bhld->bshd", probs, values).reshape(b, s, h * d), k2, v2
+
+
+# (b, s, h, g, d, L, first slot (a row's own, or -1: writes nothing)): a dot's 16-, 8- and 1-wide parts, the
+# softmax's 8-wide part and rest, several rows and tokens
+ATTENTION_SHAPES = [(1, 1, 2, 1, 4, 1, [0]), (1, 1, 8, 2, 16, 67, [30]), (2, 3, 4, 2, 12, 9, [0, 5]),
+                    (3, 1, 32, 2, 128, 64, [3, -1, 63]), (1, 5, 6, 3, 24, 16, [11])]
+
+
+@pytest.mark.parametrize("b,s,h,g,d,length,starts", ATTENTION_SHAPES)
+def test_attention_against_the_cache_is_its_float64_arithmetic(b, s, h, g, d, length, starts, kernel_isa):
+    rng = np.random.default_rng(d * length)
+    qkv = rng.standard_normal((b, s, (h + 2 * g) * d)).astype(np.float32)
+    angles = rng.uniform(-7, 7, (b, s, 1, d // 4))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    valid = (rng.random((b, length)) < 0.8).astype(np.int32)
+    valid[0] = 0  # row 0 sees its new tokens only
+    for row, start in enumerate(starts * b if len(starts) == 1 else starts):
+        valid[row, max(start, 0):max(start, 0) + s] = 1
+    mask, write = cache_inputs(s, valid, np.array(starts) if len(starts) > 1 else starts[0])
+    k, v = (rng.standard_normal((b, g, length, d)).astype(np.float32) for _ in range(2))
+    got = kernels.native_attention()(*(ms.Tensor(a) for a in (qkv, cos, sin, mask, write, k, v)))
+    for out, exact in zip(got, attention_float64(qkv, cos, sin, mask, write, k, v), strict=True):
+        assert out.dtype == ms.float32 and out.shape == exact.shape
+        np.testing.assert_allclose(out.asnumpy(), exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+
+
+def test_a_row_that_hides_every_position_attends_to_all_of_them():
+    """As MindSpore's softmax does over float32 scores that the mask lowered to one value (a server's idle row):
+    the mean of the values, not a skipped row's zeros."""
+    rng = np.random.default_rng(1)
+    qkv, k, v = (rng.standard_normal(shape).astype(np.float32) for shape in ((1, 1, 6 * 8), (1, 1, 5, 8), (1, 1, 5, 8)))
+    cos, sin = np.ones((1, 1, 1, 2), np.float32), np.zeros((1, 1, 1, 2), np.float32)
+    mask, write = np.full((1, 1, 5), -1e9, np.float32), np.zeros((1, 1, 5), np.float32)
+    ctx, _, _ = kernels.native_attention()(*(ms.Tensor(a) for a in (qkv, cos, sin, mask, write, k, v)))
+    np.testing.assert_allclose(ctx.asnumpy(), np.tile(v[0, 0].mean(0), 4)[None, None], rtol=1e-5)
+
+
+def silu_glu_float64(x):
+    x = np.asarray(x, np.float64)
+    gate, up = np.split(x, 2, -1)
+    with np.errstate(over="ignore"):
+        return gate / (1 + np.exp(-gate)) * up
+
+
+@pytest.mark.parametrize("m,f", [(1, 13696), (3, 13), (2, 8), (1, 1)])
+def test_swiglu_is_its_float64_arithmetic(m, f, kernel_isa):
+    x = np.random.default_rng(f).standard_normal((m, 2 * f)).astype(np.float32) * 4
+    np.testing.assert_allclose(kernels.native_swiglu()(ms.Tensor(x)).asnumpy(), silu_glu_float64(x), rtol=2e-6,
+                               atol=1e-30)
+
+
+def test_swiglu_at_the_ends_of_the_exponential():
+    """e^x's range reduction at its ends: a gate far below 0 gives 0 (times up), far above gives the gate, NaN
+    stays NaN; and the exponential holds its 2-ulp error over its whole range."""
+    gates = np.array([-1e30, -200, -103, -88.8, -87.4, -87.3, -20, -1e-30, 0, 1e-30, 0.3466, 20, 87, 88.8, 200, 1e30,
+                      np.nan, np.inf, -np.inf, 1, 2, 3], np.float32)
+    x = np.concatenate([gates, np.ones_like(gates)])[None]
+    got = kernels.native_swiglu()(ms.Tensor(x)).asnumpy()[0]
+    exact = silu_glu_float64(x)[0]
+    finite = np.isfinite(gates)
+    np.testing.assert_allclose(got[finite], exact[finite], rtol=3e-7, atol=1e-36)  # e^88.8 is inf in float32
+    assert np.isnan(got[np.isnan(gates)]).all() and got[gates == np.inf] == np.inf
+    sweep = np.linspace(-87, 88, 200_001, dtype=np.float32)
+    got = kernels.native_swiglu()(ms.Tensor(np.concatenate([-sweep, np.ones_like(sweep)])[None])).asnumpy()[0]
+    # silu(-x) = -x / (1 + e^x): the kernel's e^x against float64
+    implied = -sweep / got - 1
+    exact = np.exp(sweep.astype(np.float64))
+    ok = implied > 1e-3  # where 1 + e^x still carries e^x's bits
+    assert (np.abs(implied[ok] - exact[ok]) <= 4 * np.spacing(exact[ok].astype(np.float32)) + 2 * np.spacing(
+        np.float32(1) + exact[ok].astype(np.float32))).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("m,k", [(1, 4096), (3, 13), (2, 16), (5, 1)])
+def test_rms_norm_is_its_float64_arithmetic(m, k, dtype, kernel_isa):
+    rng = np.random.default_rng(k)
+    x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+    w = ms.Tensor(rng.standard_normal(k).astype(np.float32)).astype(getattr(ms, dtype))
+    got = kernels.native_rms_norm()(ms.Tensor(x), w, ms.Tensor([1e-5], ms.float32)).asnumpy()
+    weight = w.astype(ms.float32).asnumpy().astype(np.float64)
+    exact = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True) + 1e-5) * weight
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+
+
+def test_a_layers_steps_run_fused_where_its_projections_are_native(hf_tiny):
+    """16-bit weights: every layer's attention against the cache, RMSNorms and SwiGLU run in one native operator
+    each, and a batch of left-padded rows decodes as it does with those steps in MindSpore's operators (the same
+    tokens; logits within float32 rounding). Float32 weights: nothing is fused, and the prefill stays compiled."""
+    model = from_pretrained(hf_tiny(dtype="float16"), compute_dtype="float32")
+    fused = [c for _, c in model.cells_and_names() if isinstance(c, (SelfAttention, RMSNorm, MLP))]
+    assert all(c.native for c in fused if c is not model.transformer.encoder.final_layernorm)
+    ids = np.array([[0, 64790, 64792, 790, 30951], [64790, 64792, 34607, 31123, 55448]], np.int32)
+    mask = (ids != 0).astype(np.int32)
+    runs = []
+    for native in (True, False):
+        for cell in fused:
+            cell.native = native and cell is not model.transformer.encoder.final_layernorm
+        dec = Decoder(model)
+        assert not dec.compiled_prefill
+        tokens = dec.generate(ids, mask, max_new_tokens=6)
+        logits, _ = dec.forward(ids, np.maximum(np.cumsum(mask, 1) - 1, 0), np.pad(mask, ((0, 0), (0, 59))), 0,
+                                dec.new_cache(2, 64))
+        runs.append((tokens, logits))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-4 * np.abs(runs[1][1]).max())
+    assert not np.array_equal(runs[0][1], runs[1][1])  # two arithmetics, not one graph twice
+    plain = from_pretrained(hf_tiny(dtype="float32"))
+    assert not any(c.native for _, c in plain.cells_and_names() if isinstance(c, (SelfAttention, RMSNorm, MLP)))
+    assert Decoder(plain).compiled_prefill

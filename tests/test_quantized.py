@@ -159,12 +159,12 @@ def test_blocks_compute_what_the_dequantized_weights_compute(gguf_files, kind, m
         in describe(dec.timings)
     logits = quantized(ms.Tensor(PROMPT)).asnumpy()
     monkeypatch.setenv(kernels.SWITCH, "0")
-    kernels._native_linear.cache_clear()
+    kernels._build_with.cache_clear()
     try:
         plain = from_pretrained(gguf_files[kind], dtype="float32")
     finally:
         monkeypatch.delenv(kernels.SWITCH)
-        kernels._native_linear.cache_clear()
+        kernels._build_with.cache_clear()
     assert not blocks_of(plain)
     np.testing.assert_array_equal(got, plain.generate(PROMPT, max_new_tokens=12))
     want = plain(ms.Tensor(PROMPT)).asnumpy()

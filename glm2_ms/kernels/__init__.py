@@ -4,7 +4,9 @@
 GGUF's q8_0 or q4_0 blocks, in float32 arithmetic, without a float32 copy of W (linear.cc says why). It is None
 where it cannot be built here (no compiler, a CPU without AVX2, FMA and F16C, a failed build, or
 GLM2_NATIVE_KERNELS=0): the runtime then casts 16-bit weights where used, cannot hold quantized ones, and
-`why_not()` says why.
+`why_not()` says why. The same library holds a layer's small steps each as one operator (`native_attention`,
+`native_rms_norm`, `native_swiglu`: attention.cc and pointwise.cc say why), used where the layer's projections go
+through the kernel.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from pathlib import Path
 from glm2_core import cache_dir as package_cache
 from glm2_core.quants import BLOCK, row_bytes
 
-SOURCE = Path(__file__).with_name("linear.cc")
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.cc", "attention.cc", "pointwise.cc")]
+HEADERS = [Path(__file__).with_name("vector_math.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx2", "fma", "f16c"}
 # the decoding paths' 16-wide build, chosen at run time where the CPU has these (linear.cc's __AVX512F__ parts)
@@ -48,26 +51,33 @@ def isa() -> str:
 
 
 def _build() -> tuple[Path | None, str]:
-    """The shared library (built once per source and flags), or None and the reason."""
-    if os.environ.get(SWITCH) == "0":
+    """The shared library (built once per source and flags), or None and the reason; tried once per setting of
+    the switch, the compiler and the cache folder."""
+    return _build_with(os.environ.get(SWITCH), os.environ.get("CXX", "g++"), cache_dir())
+
+
+@functools.cache
+def _build_with(switch: str | None, cxx: str, folder: Path) -> tuple[Path | None, str]:
+    if switch == "0":
         return None, f"{SWITCH}=0"
     missing = CPU_FLAGS - _cpu_flags()
     if missing:
         return None, f"this CPU lacks {', '.join(sorted(missing))}"
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    compiler = shutil.which(cxx)
     if compiler is None:
         return None, "no C++ compiler (g++) on PATH"
     flags = FLAGS + [f"-m{f}" for f in sorted(AVX512)] if isa() == "avx512" else FLAGS
     if isa() == "avx512" and VNNI in _cpu_flags():
         flags = [*flags, "-mavx512vnni"]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"linear-{digest}.so"
+    text = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+    digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
+    lib = folder / f"kernels-{digest}.so"
     if lib.exists():
         return lib, ""
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         built = Path(tmp) / lib.name
-        run = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
+        run = subprocess.run([compiler, *flags, "-o", str(built), *map(str, SOURCES)], capture_output=True, text=True,
                              check=False)
         if run.returncode:
             return None, f"{Path(compiler).name} failed: {run.stderr.strip().splitlines()[-1:]}"
@@ -75,58 +85,91 @@ def _build() -> tuple[Path | None, str]:
     return lib, ""
 
 
-@functools.cache
-def _native_linear(entry: str = "Linear"):
-    lib, why = _build()
-    if lib is None:
-        return None, why
-    from mindspore import ops
-
-    def shape(x, w):
-        return (x[0], w[0])
-
-    return ops.Custom(f"{lib}:{entry}", out_shape=shape, out_dtype=_float32, func_type="aot"), ""
+def _product(x, w):
+    return (x[0], w[0])
 
 
-def native_embedding(kind: str):
-    """The lookup `op(ids int32 [...], blocks uint8 [vocab, row bytes])` → [..., hidden] float32 of an embedding held
-    in `kind`'s blocks (q8_0 or q4_0; rows dequantized as `glm2_core.quants.dequantize` does; an id out of range
-    is an error); or None where the kernel cannot be built."""
-    lib, _ = _build()
-    return None if lib is None else _embedding_op(str(lib), kind)
+def _normed(x, weight, eps):
+    return x
 
 
-@functools.cache
-def _embedding_op(lib: str, kind: str):
-    from mindspore import ops
+def _halved(x):
+    return (x[0], x[1] // 2)
 
+
+def _attended(qkv, cos, sin, mask, write, k, v):
+    return ((*qkv[:2], qkv[2] - 2 * k[1] * k[3]), k, v)  # the queries' width: the projection's less k and v
+
+
+def _embedded(kind: str):
     per_row = row_bytes(kind, BLOCK)
 
     def shape(ids, w):
         return (*ids, w[1] // per_row * BLOCK)
 
-    return ops.Custom(f"{lib}:Embed{kind.capitalize()}", out_shape=shape, out_dtype=_float32, func_type="aot")
+    return shape
 
 
-def _float32(*inputs):
-    """Both operators' output dtype, whatever their inputs'."""
+# each entry point of the library: its outputs' shapes from its inputs' shapes, and how many outputs (all float32)
+ENTRIES = {"Linear": (_product, 1), "LinearQ8": (_product, 1), "RmsNorm": (_normed, 1), "SwiGlu": (_halved, 1),
+           "Attend": (_attended, 3), "EmbedQ8_0": (_embedded("q8_0"), 1), "EmbedQ4_0": (_embedded("q4_0"), 1)}
+
+
+def _operator(entry: str):
+    """MindSpore's operator for `entry` of the library built here, or None where it cannot be built."""
+    lib, _ = _build()
+    return None if lib is None else _custom(str(lib), entry)
+
+
+@functools.cache
+def _custom(lib: str, entry: str):
     import mindspore as ms
+    from mindspore import ops
 
-    return ms.float32
+    shape, outputs = ENTRIES[entry]
+
+    def dtype(*inputs):
+        return ms.float32 if outputs == 1 else (ms.float32,) * outputs
+
+    return ops.Custom(f"{lib}:{entry}", out_shape=shape, out_dtype=dtype, func_type="aot")
 
 
 def native_linear():
     """The operator: `op(x [m, k] float32, w)` → [m, n] float32, w float16|bfloat16 [n, k] or uint8 blocks
     [n, k/32 · bytes per block] (`glm2_core.quants`); or None."""
-    return _native_linear()[0]
+    return _operator("Linear")
 
 
 def native_linear_q8():
     """The operator with the same signature over q8_0/q4_0 blocks only, x quantized to q8_0 blocks first as
     llama.cpp quantizes activations (linear.cc's `LinearQ8`); or None."""
-    return _native_linear("LinearQ8")[0]
+    return _operator("LinearQ8")
+
+
+def native_embedding(kind: str):
+    """The lookup `op(ids int32 [...], blocks uint8 [vocab, row bytes])` → [..., hidden] float32 of an embedding held
+    in `kind`'s blocks (q8_0 or q4_0; rows dequantized as `glm2_core.quants.dequantize` does; an id out of range
+    is an error); or None."""
+    return _operator(f"Embed{kind.capitalize()}")
+
+
+def native_attention():
+    """The operator `op(qkv, cos, sin, mask, write, k, v)` → (context, k', v'): attention of new tokens against
+    the KV cache in one call, float32 (attention.cc says what each operand holds); or None."""
+    return _operator("Attend")
+
+
+def native_rms_norm():
+    """The operator `op(x [m, k] float32, weight [k] float32|float16|bfloat16, eps [1] float32)` → [m, k]
+    float32: RMSNorm in one call (pointwise.cc); or None."""
+    return _operator("RmsNorm")
+
+
+def native_swiglu():
+    """The operator `op(x [m, 2f] float32)` → silu(x[:, :f]) · x[:, f:], [m, f] float32, in one call; or None."""
+    return _operator("SwiGlu")
 
 
 def why_not() -> str:
     """Why `native_linear()` is None ("" when it is not)."""
-    return _native_linear()[1]
+    return _build()[1]
