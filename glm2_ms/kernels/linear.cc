@@ -326,23 +326,46 @@ struct Activations {
     for (int64_t i = 0; i < m * blocks; ++i) quantize(x + i * kQK, i, c);
   }
 
+  // One block, in 8-float vectors: q = round(v / d) half away from zero, as trunc(t) + sign(t) where the part cut
+  // off is at least a half (t − trunc(t) is exact in float32), which is std::round's result.
   void quantize(const float *v, int64_t i, int32_t c) {
-    float amax = 0.0f;
-    bool finite = true;
-    for (int j = 0; j < kQK; ++j) {
-      const float a = std::fabs(v[j]);
-      finite = finite && std::isfinite(a);
-      amax = a > amax ? a : amax;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 x[4], amax8 = _mm256_setzero_ps(), finite8 = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int j = 0; j < 4; ++j) {
+      x[j] = _mm256_loadu_ps(v + 8 * j);
+      const __m256 a = _mm256_andnot_ps(sign, x[j]);
+      finite8 = _mm256_and_ps(finite8, _mm256_cmp_ps(a, _mm256_set1_ps(INFINITY), _CMP_LT_OQ));
+      amax8 = _mm256_max_ps(amax8, a);
     }
+    if (_mm256_movemask_ps(finite8) != 0xFF) {  // a NaN or inf stays one in y
+      memset(q.data() + i * kQK, 0, kQK);
+      d[i] = NAN, offsets[i] = 0;
+      return;
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
     const float scale = amax / 127.0f, inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
-    int32_t sum = 0;
-    for (int j = 0; j < kQK; ++j) {
-      const int32_t value = finite ? static_cast<int32_t>(std::round(v[j] * inverse)) : 0;
-      q[i * kQK + j] = static_cast<int8_t>(value);
-      sum += value;
+    __m256i ints[4], sum = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      const __m256 t = _mm256_mul_ps(x[j], _mm256_set1_ps(inverse));
+      const __m256 whole = _mm256_round_ps(t, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+      const __m256 half_up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(t, whole)), _mm256_set1_ps(0.5f),
+                                           _CMP_GE_OQ);
+      const __m256 step = _mm256_and_ps(half_up, _mm256_or_ps(_mm256_and_ps(t, sign), _mm256_set1_ps(1.0f)));
+      ints[j] = _mm256_cvttps_epi32(_mm256_add_ps(whole, step));
+      sum = _mm256_add_epi32(sum, ints[j]);
     }
-    d[i] = finite ? _cvtsh_ss(_cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT)) : NAN;  // a NaN or inf stays one in y
-    offsets[i] = -c * sum;
+    // 32 int32 → 32 int8 in order: the packs interleave 128-bit lanes, which the permutation undoes
+    const __m256i bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3])),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(q.data() + i * kQK), bytes);
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(1, 0, 3, 2)));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, _MM_SHUFFLE(2, 3, 0, 1)));
+    d[i] = _cvtsh_ss(_cvtss_sh(scale, _MM_FROUND_TO_NEAREST_INT));
+    offsets[i] = -c * _mm_cvtsi128_si32(s4);
   }
 };
 
