@@ -71,6 +71,23 @@ def test_q8_activations_are_llama_cpps_arithmetic(m, n, k, kind, kernel_isa):
     assert (np.abs(got - x.astype(np.float64) @ w.T) > bound).any()
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_q8_activations_are_the_gguf_packages_blocks_value_for_value(kind, kernel_isa):
+    """Weights that pick one input each (an identity in blocks) give back x as its q8_0 blocks stand for it, within
+    the rounding of one product per output: every value the `gguf` package's quantizer gives, including the halves
+    that round away from zero (blocks whose scale is 0.5 and whose values fall on a half step)."""
+    op = kernels.native_linear_q8()
+    rng = np.random.default_rng(5)
+    k = 256
+    x = (rng.standard_normal((3, k)) * 2).astype(np.float32)
+    x[1, :32] = np.r_[63.5, rng.integers(-127, 128, 31) / 2 + 0.25].astype(np.float32)  # scale 0.5: t = j + 0.5
+    x[2, 32:64] = np.r_[-63.5, -np.arange(31) / 2 - 0.25].astype(np.float32)
+    picks = dequantize(quantize(np.eye(k, dtype=np.float32), "float32", kind), kind).astype(np.float64)
+    got = op(ms.Tensor(x), ms.Tensor(quantize(np.eye(k, dtype=np.float32), "float32", kind))).asnumpy()
+    want = q8_round_trip(x) * np.diag(picks)
+    np.testing.assert_allclose(got, want, rtol=3e-7, atol=0)
+
+
 def test_q8_activations_keep_zero_and_nan_rows_and_refuse_16_bit_weights(kernel_isa):
     op = kernels.native_linear_q8()
     rng = np.random.default_rng(2)

@@ -391,13 +391,19 @@ inline __m256i unsigned_values(const uint8_t *blk) {
   }
 }
 
-// The block's integer dot with one block of the activations (its −c·Σq in the first lane): int32 lanes whose sum
-// it is.
+// The block's integer dot with one block of the activations: int32 lanes whose sum it is, each lane its own 4
+// products Σ (u − c)·x, the c·Σx of its 4 values taken off in integers (not −c·Σq in one lane: two large sums that
+// cancel only once they are floats would round).
 template <Kind K>
-inline __m256i block_dot(const uint8_t *blk, __m256i u, const int8_t *xq, int32_t x_offset) {
+inline __m256i block_dot(const uint8_t *blk, __m256i u, const int8_t *xq) {
   __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(xq));
-  if constexpr (offset<K>() == 0) x = _mm256_sign_epi8(x, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2)));
-  return dot_u8s8(_mm256_castsi128_si256(_mm_cvtsi32_si128(x_offset)), u, x);
+  if constexpr (offset<K>() == 0) {
+    x = _mm256_sign_epi8(x, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2)));
+    return dot_u8s8(_mm256_setzero_si256(), u, x);
+  } else {
+    const __m256i c = _mm256_set1_epi8(static_cast<char>(offset<K>()));
+    return _mm256_sub_epi32(dot_u8s8(_mm256_setzero_si256(), u, x), dot_u8s8(_mm256_setzero_si256(), c, x));
+  }
 }
 
 // One weight row against R rows of the activations from r0: each block unpacked once for the R rows, blocks two at
@@ -417,7 +423,7 @@ void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int6
       const __m256i u = unsigned_values<K>(blk);
       for (int r = 0; r < R; ++r) {
         const int64_t at = (r0 + r) * nb + i;
-        const __m256 sums = _mm256_cvtepi32_ps(block_dot<K>(blk, u, a.q.data() + at * kQK, a.offsets[at]));
+        const __m256 sums = _mm256_cvtepi32_ps(block_dot<K>(blk, u, a.q.data() + at * kQK));
         acc[r][half] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_set1_ps(a.d[at])), acc[r][half]);
       }
     }
