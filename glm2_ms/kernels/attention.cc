@@ -2,7 +2,7 @@
 // the caches, scores, softmax and the weighted sum of v, in float32, for inference.
 //
 // Why: MindSpore runs its CPU operators one at a time at a fixed cost each. model.py's SelfAttention spells this
-// arithmetic in some sixty of them a layer (the split of the fused projection, two rotations, the one-hot cache
+// arithmetic in several dozen of them a layer (the split of the fused projection, two rotations, the one-hot cache
 // write, scores, softmax, context), and in a decoding step their dispatch costs more than their arithmetic.
 //
 // Entry point "Attend" in MindSpore's "aot" custom-operator form. Inputs: qkv [b, s, (h + 2g)·d] (the fused

@@ -318,7 +318,7 @@ struct Activations {
   int64_t blocks;  // per row of x
   std::vector<int8_t> q;
   std::vector<float> d;           // each block's scale, as its float16 gives it back
-  std::vector<int32_t> offsets;   // each block's −c·Σq: what the weights' offset c adds to its integer sum
+  std::vector<int32_t> offsets;   // each block's −c·Σq: what the weights' offset c adds to its integer sum (a prompt's)
 
   Activations(const float *x, int64_t m, int64_t k, int32_t c)
       : blocks(k / kQK), q(m * k), d(m * blocks), offsets(m * blocks) {
