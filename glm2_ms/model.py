@@ -132,8 +132,8 @@ def _fuse_steps(cell) -> None:
     are otherwise made of one at a time, which in a decoding step costs more than their arithmetic. A layer of
     float32 weights keeps them in MindSpore: a model all in its operators keeps its prefill compiled with open
     shapes, which an aot operator cannot have (`glm2_ms.generation.Decoder`)."""
-    if not NATIVE_OPS:
-        NATIVE_OPS.update(Attend=native_attention(), RmsNorm=native_rms_norm(), SwiGlu=native_swiglu())
+    for name, build in (("Attend", native_attention), ("RmsNorm", native_rms_norm), ("SwiGlu", native_swiglu)):
+        NATIVE_OPS[name] = build() or NATIVE_OPS.get(name)  # cells given one before keep it
     for _, block in cell.cells_and_names():
         if isinstance(block, Block):
             on = block.self_attention.query_key_value.native

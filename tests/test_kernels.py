@@ -59,6 +59,7 @@ def test_a_failing_build_leaves_the_cast_path_and_says_why(tmp_path, monkeypatch
         assert list((tmp_path / "glm2-toolkit" / "kernels").iterdir()) == []
         model = from_pretrained(hf_tiny(dtype="float16"), compute_dtype="float32")
         assert not model.transformer.output_layer.native
+        assert not any(c.native for _, c in model.cells_and_names() if isinstance(c, (SelfAttention, RMSNorm, MLP)))
         dec = Decoder(model)
         dec.generate(np.array([[64790, 64792, 790]], np.int32), max_new_tokens=2)
         assert "cast to float32 at every step (no native kernel: false failed" in describe(dec.timings)
