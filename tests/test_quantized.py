@@ -24,8 +24,8 @@ ms.set_device("CPU")
 SHAPES = [(1, 1, 32), (1, 5, 96), (2, 13, 544), (3, 4, 1056), (4, 7, 64), (7, 9, 32), (5, 6, 512), (9, 4, 1056),
           (11, 7, 544), (10, 5, 64)]
 # with q8_0 activations a prompt (9+ rows) takes the laid-out pass: tiles of 8 columns and their rest, chunks of 32
-# blocks and their rest, rows 4 at a time and the rest
-Q8_SHAPES = [*SHAPES, (12, 17, 1056), (13, 8, 2080)]
+# blocks and their rest, rows 4 at a time and the rest; one row over q4_0, 8 columns at a time and their rest
+Q8_SHAPES = [*SHAPES, (12, 17, 1056), (13, 8, 2080), (1, 19, 1056), (1, 8, 32)]
 PROMPT = np.array([[64790, 64792, 790, 30951, 517, 30910, 30940, 30996]], np.int32)
 
 
@@ -82,10 +82,10 @@ def test_q8_activations_are_the_gguf_packages_blocks_value_for_value(kind, kerne
     x = (rng.standard_normal((3, k)) * 2).astype(np.float32)
     x[1, :32] = np.r_[63.5, rng.integers(-127, 128, 31) / 2 + 0.25].astype(np.float32)  # scale 0.5: t = j + 0.5
     x[2, 32:64] = np.r_[-63.5, -np.arange(31) / 2 - 0.25].astype(np.float32)
-    picks = dequantize(quantize(np.eye(k, dtype=np.float32), "float32", kind), kind).astype(np.float64)
-    got = op(ms.Tensor(x), ms.Tensor(quantize(np.eye(k, dtype=np.float32), "float32", kind))).asnumpy()
-    want = q8_round_trip(x) * np.diag(picks)
-    np.testing.assert_allclose(got, want, rtol=3e-7, atol=0)
+    eye = quantize(np.eye(k, dtype=np.float32), "float32", kind)
+    want = q8_round_trip(x) * np.diag(dequantize(eye, kind).astype(np.float64))
+    for rows in (slice(0, 3), slice(1, 2), slice(2, 3)):  # a prompt's rows and a decoding step's one
+        np.testing.assert_allclose(op(ms.Tensor(x[rows]), ms.Tensor(eye)).asnumpy(), want[rows], rtol=3e-7, atol=0)
 
 
 def test_q8_activations_keep_zero_and_nan_rows_and_refuse_16_bit_weights(kernel_isa):
@@ -96,6 +96,8 @@ def test_q8_activations_keep_zero_and_nan_rows_and_refuse_16_bit_weights(kernel_
     got = op(ms.Tensor(x), ms.Tensor(quantize(rng.standard_normal((5, 96)).astype(np.float32), "float32",
                                                 "q4_0"))).asnumpy()
     assert np.isfinite(got[0]).all() and (got[1] == 0).all() and np.isnan(got[2:]).all()
+    w = quantize(rng.standard_normal((9, 96)).astype(np.float32), "float32", "q4_0")
+    assert np.isnan(op(ms.Tensor(x[2:3]), ms.Tensor(w)).asnumpy()).all()  # one row, 8 columns at a time
     with pytest.raises(RuntimeError):
         op(ms.Tensor(x), ms.Tensor(rng.standard_normal((5, 96)).astype(np.float16))).asnumpy()
 
