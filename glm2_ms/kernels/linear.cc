@@ -436,7 +436,9 @@ void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int6
 // time, so that one integer multiply-add of 4 broadcast activation bytes advances all 8 outputs, and a block's scales
 // are applied to the 8 outputs at once: about 1.5 instructions per block and row of x, where a row at a time spends 5
 // (llama.cpp repacks its weights the same way, once, into memory of its own; here a chunk is laid out in L1 and used
-// for every row of the prompt before the next). Needs the unsigned values (offset<K>() > 0).
+// for every row of the prompt before the next). Where q8_0's values are not offset (offset<K>() == 0: AVX2 without
+// VNNI), the tile keeps them signed, and each product is their magnitude against the activation bytes given their
+// signs (a pair of them then stays within maddubs' 16 bits: 2 · 128 · 127).
 constexpr int kTile = 8;          // weight rows (output columns) per tile: the 8 lanes of a vector
 constexpr int64_t kChunk = 32;    // blocks per laid-out chunk: 8 KB of values and 1 KB of scales stay in L1
 
@@ -474,13 +476,21 @@ struct Tile {
         uint16_t h;
         memcpy(&h, blk, sizeof h);
         scales[b][j] = _cvtsh_ss(h);
-        v[j] = unsigned_values<K>(blk);
+        v[j] = offset<K>() > 0 ? unsigned_values<K>(blk)
+                               : _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
       }
       transpose8(v);
       for (int g = 0; g < 8; ++g) _mm256_store_si256(reinterpret_cast<__m256i *>(values[b][g]), v[g]);
     }
   }
 };
+
+// The activation bytes `x` as they meet the tile's values `w`: as they are against unsigned values, with w's signs
+// against magnitudes.
+template <Kind K>
+inline __m256i signed_like(__m256i x, __m256i w) {
+  return offset<K>() > 0 ? x : _mm256_sign_epi8(x, w);
+}
 
 // The 8 outputs of one row of x over the tile's blocks: the lanes' integer sums per block, scaled and added to acc.
 template <Kind K, int R>
@@ -494,10 +504,11 @@ inline void tile_rows(const Tile &t, const Activations &a, int64_t r0, int64_t b
     for (int g = 0; g < 8; g += 2) {
       const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i *>(t.values[b][g]));
       const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i *>(t.values[b][g + 1]));
+      const __m256i u0 = offset<K>() > 0 ? w0 : _mm256_abs_epi8(w0), u1 = offset<K>() > 0 ? w1 : _mm256_abs_epi8(w1);
       for (int r = 0; r < R; ++r) {
         const int32_t *xq = reinterpret_cast<const int32_t *>(a.q.data() + ((r0 + r) * a.blocks + b0 + b) * kQK);
-        even[r] = dot_u8s8(even[r], w0, _mm256_set1_epi32(xq[g]));
-        odd[r] = dot_u8s8(odd[r], w1, _mm256_set1_epi32(xq[g + 1]));
+        even[r] = dot_u8s8(even[r], u0, signed_like<K>(_mm256_set1_epi32(xq[g]), w0));
+        odd[r] = dot_u8s8(odd[r], u1, signed_like<K>(_mm256_set1_epi32(xq[g + 1]), w1));
       }
     }
     const __m256 dw = _mm256_load_ps(t.scales[b]);
@@ -606,7 +617,7 @@ void prompt_q8(const Activations &a, Weights w, float *y, int64_t m, int64_t n) 
 template <Kind K>
 void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
   const Activations a(x, m, k, offset<K>());
-  if (m > kDirectRows && offset<K>() > 0) return prompt_q8<K>(a, w, y, m, n);
+  if (m > kDirectRows) return prompt_q8<K>(a, w, y, m, n);
   if constexpr (K == Q4_0) {
     if (m == 1) {
       const int64_t whole = n - n % kTile;
