@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from bandwidth import fma_peak, read_bandwidth
+from kernel_ab import warm_up
 from measure import drop_caches, print_machine
 
 from glm2_core.dtypes import ACTIVATIONS
@@ -102,6 +103,7 @@ def run_kernels(kinds: list[str], prompt: int, threads: int, activations: str) -
             w = rng.standard_normal((n, k), np.float32)
             w = ms.Tensor(w.astype(np.float16) if kind == "f16" else quantize(w, "float32", kind))
             op = native_linear_q8() if activations_for(kind, activations) == "q8_0" else native_linear()
+            warm_up([op], w, ms.Tensor(np.ones((1, k), np.float32)))
             times = {}
             for m, runs in ((1, 5), (prompt, 2)):
                 x = ms.Tensor(rng.standard_normal((m, k), np.float32))
