@@ -40,7 +40,7 @@ class RMSNorm(nn.Cell):
         self.eps_operand = Tensor([eps], ms.float32)  # the native operator's
 
     def construct(self, x):
-        if self.native and not self.training and x.dtype == ms.float32:  # (static)
+        if self.native and not self.training:  # (static)
             return NATIVE_OPS["RmsNorm"](x.reshape(-1, x.shape[-1]), self.weight, self.eps_operand).reshape(x.shape)
         x32 = x.astype(ms.float32)
         x32 = x32 * ops.rsqrt(ops.mean(x32 * x32, -1, keep_dims=True) + self.eps)
@@ -68,7 +68,7 @@ class Linear(nn.Cell):
     def construct(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.native and not self.training and x.dtype == ms.float32:
+        if self.native and not self.training:  # (static)
             y = NATIVE_LINEAR_Q8(x2, self.weight) if self.q8 else NATIVE_LINEAR(x2, self.weight)
         elif self.replay is not None:  # (static)
             y = self.replay(x2, self.weight, self.saved)
@@ -104,8 +104,12 @@ NATIVE_EMBEDDING = {}  # block kind → the native lookup of an embedding in tho
 
 def use_native_kernels(cell, on: bool = True) -> bool:
     """Let every Linear in `cell` whose weight is 16-bit use the native float32 kernel (glm2_ms/kernels), where it
-    can be built here; whether it could. `on=False` takes it back (training: the kernel has no backward). Weights
-    held in blocks use it always: a model with them is built only where it can be (`glm2_ms.api`)."""
+    can be built here and `cell` computes in float32 (its `compute_dtype`; a bare layer does); whether it could.
+    `on=False` takes it back (training: the kernel has no backward). Weights held in blocks use it always: a model
+    with them is built only where it can be, computing in float32 (`glm2_ms.api`).
+
+    So `native` alone says which path a cell takes, an attribute the compiler folds: a condition on the input's
+    dtype in `construct` made every cell compile both paths, each layer's graph several MB more."""
     global NATIVE_LINEAR, NATIVE_LINEAR_Q8
 
     op = native_linear()
@@ -116,7 +120,7 @@ def use_native_kernels(cell, on: bool = True) -> bool:
             NATIVE_EMBEDDING[sub.blocks] = native_embedding(sub.blocks)
     if holders:  # for `quantize_activations`
         NATIVE_LINEAR_Q8 = NATIVE_LINEAR_Q8 or native_linear_q8()
-    native = on and op is not None
+    native = on and op is not None and getattr(cell, "compute_dtype", ms.float32) == ms.float32
     for sub in linears(cell):
         if sub.blocks is not None:
             sub.native = True
@@ -214,7 +218,7 @@ class SelfAttention(nn.Cell):
         """x [b, s, hidden]; mask [b, s, kv_len] additive. With a cache (k, v of [b, groups, max_len, d]),
         the new k/v go to the slots `write` [b, s, max_len] (one-hot rows: each row of the batch its own slots, so a
         server's rows may sit at different lengths) and attention runs over the cache."""
-        if self.native and cache is not None and not self.training and x.dtype == ms.float32:  # (static)
+        if self.native and cache is not None and not self.training:  # (static)
             ctx, k, v = NATIVE_OPS["Attend"](self.query_key_value(x), cos, sin, mask, write, cache[0], cache[1])
             return self.dense(ctx), (k, v)
         b, s, _ = x.shape
@@ -252,7 +256,7 @@ class MLP(nn.Cell):
         self.native = False  # NATIVE_OPS["SwiGlu"] (set by `use_native_kernels`)
 
     def construct(self, x):
-        if self.native and not self.training and x.dtype == ms.float32:  # (static)
+        if self.native and not self.training:  # (static)
             both = self.dense_h_to_4h(x)
             glu = NATIVE_OPS["SwiGlu"](both.reshape(-1, both.shape[-1])).reshape(x.shape[:-1] + (self.ffn,))
             return self.dense_4h_to_h(glu)
