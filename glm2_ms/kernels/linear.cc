@@ -20,6 +20,8 @@
 #include <cmath>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace {
 
 enum Kind { F16, BF16, Q8_0, Q4_0 };
@@ -67,10 +69,14 @@ inline void block_values(const uint8_t *blk, __m256 v[4]) {
   }
 }
 
-inline __m256 block_scale(const uint8_t *blk) {  // in every lane
-  int16_t h;
+inline uint16_t scale_bits(const uint8_t *blk) {  // a block's float16 scale, as stored
+  uint16_t h;
   memcpy(&h, blk, sizeof h);
-  return _mm256_cvtph_ps(_mm_set1_epi16(h));
+  return h;
+}
+
+inline __m256 block_scale(const uint8_t *blk) {  // in every lane
+  return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<int16_t>(scale_bits(blk))));
 }
 
 // out[0 .. len) = the weights k0 .. k0 + len of one quantized weight row `r`, as float32 (k0 and len whole
@@ -87,12 +93,6 @@ void fill(const uint8_t *r, int64_t k0, int64_t len, float *out) {
   }
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // R rows of x (from `x`, stride k) against the kCols widened rows over `len` elements: the sums of the first
 // `cols` added to out[r * n + c].
@@ -112,7 +112,7 @@ void tile(const float *x, int64_t k, const float (*wide)[kBlock], int64_t len, f
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < cols; ++c) {
-      float s = hsum(acc[r][c]);
+      float s = vm::hsum(acc[r][c]);
       for (int64_t j = vec; j < len; ++j) s += x[r * k + j] * wide[c][j];
       out[r * n + c] += s;
     }
@@ -182,7 +182,7 @@ void direct(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_t n
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < cols; ++c) {
-      float s = hsum(acc[r][c]);
+      float s = vm::hsum(acc[r][c]);
       for (int64_t j = vec; j < k; ++j)
         s += x[r * k + j] * widen1(reinterpret_cast<const uint16_t *>(rows[c])[j], K == BF16);
       y[r * n + n0 + c] = s;
@@ -236,9 +236,7 @@ void direct512(const float *x, Weights w, float *y, int64_t n, int64_t k, int64_
       for (int c = 0; c < kDecodeCols; ++c) {
         const uint8_t *blk = rows[c] + b * block_bytes<K>();
         const __m512 v0 = half_values<K>(blk, 0), v1 = half_values<K>(blk, 1);
-        uint16_t h;
-        memcpy(&h, blk, sizeof h);
-        const __m512 d = _mm512_set1_ps(_cvtsh_ss(h));
+        const __m512 d = _mm512_set1_ps(_cvtsh_ss(scale_bits(blk)));
         for (int r = 0; r < R; ++r)
           acc[r][c] = _mm512_fmadd_ps(_mm512_fmadd_ps(xv[r][1], v1, _mm512_mul_ps(xv[r][0], v0)), d, acc[r][c]);
       }
@@ -428,7 +426,7 @@ void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int6
       }
     }
   }
-  for (int r = 0; r < R; ++r) y[r * n] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+  for (int r = 0; r < R; ++r) y[r * n] = vm::hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
 // ---- A prompt's rows over weights in blocks (more than kDirectRows), with activations in q8_0: 8 weight rows at a
@@ -473,9 +471,7 @@ struct Tile {
       __m256i v[8];
       for (int j = 0; j < kTile; ++j) {
         const uint8_t *blk = w.row(n0 + (j < cols ? j : 0)) + (b0 + b) * block_bytes<K>();
-        uint16_t h;
-        memcpy(&h, blk, sizeof h);
-        scales[b][j] = _cvtsh_ss(h);
+        scales[b][j] = _cvtsh_ss(scale_bits(blk));
         v[j] = offset<K>() > 0 ? unsigned_values<K>(blk)
                                : _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
       }
@@ -567,12 +563,6 @@ inline __m256i q4_sums(const __m256i p[4], const int32_t *xq, int32_t offset) {
     pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(high, _mm256_set1_epi32(xq[g + 4])));
   }
   return _mm256_add_epi32(_mm256_set1_epi32(offset), _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-inline int16_t scale_bits(const uint8_t *blk) {
-  int16_t h;
-  memcpy(&h, blk, sizeof h);
-  return h;
 }
 
 // y[n0 .. n0 + 8) of one row of x.
