@@ -1,5 +1,5 @@
 """Decoding over a static, preallocated KV cache: one jit-compiled step serves every decode step and, up to 1B
-parameters, the prefill.
+parameters, the prefill; a model whose every layer is one native operator runs them op by op instead.
 
 The cache holds each layer's un-expanded k and v ([batch, groups, max_len, d]). Rows are left-padded, so the
 new tokens of every row go to the same cache slots; a row's padding slots are masked out and its position ids
@@ -7,6 +7,8 @@ start at 0 on its first real token, as in the original ChatGLM2.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import operator
 import time
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from glm2_core.errors import UserError
 
 from .kernels import why_not
 from .loading import fits_in_memory
-from .model import MASKED, GLM2Network, linears, runs_natively
+from .model import MASKED, GLM2Network, linears, runs_as_layers, runs_natively
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig, choose
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to this, so calls of similar length share a compiled step
@@ -139,6 +141,30 @@ class PrefillStep(CachedStep):
         return super().__call__(*args)
 
 
+def op_by_op_because(model: GLM2Network) -> str:
+    """Why a decoder runs its steps op by op ("" where it compiles them): every layer is one native operator
+    (`runs_as_layers`; a step is then a few dozen operators, whose dispatch costs less than the memory the compiler
+    keeps for each layer's graph), or the compiled step's copies of the weights would not fit (`compiled_fits`)."""
+    if runs_as_layers(model):
+        return "each layer one native operator"
+    return "" if compiled_fits(model) else "the compiled step's float32 copies of the weights would not fit"
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MAPPED_FROM = 1 << 17  # bytes: blocks of this size and larger are mapped from the system and given back when freed
+
+
+@functools.cache
+def give_back_freed_blocks() -> bool:
+    """Have glibc map every block of MAPPED_FROM bytes or more and unmap it when freed (its default threshold, held
+    fixed); whether it could (not on another C library). glibc otherwise raises the threshold to the largest block
+    freed, and a prompt's intermediates, freed, then stay in the C heap for good: memory the weights could use."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MAPPED_FROM))
+    except (OSError, AttributeError):
+        return False
+
+
 def compiled_fits(model: GLM2Network) -> bool:
     """Whether the compiled step fits in the memory available. On CPU MindSpore 2.10 a compiled graph keeps what
     its nodes produced for as long as it lives, so the step holds a compute-dtype copy of every weight it casts
@@ -162,12 +188,14 @@ class Decoder:
     inputs per shape, which is small now that only the last position reaches the output layer."""
 
     def __init__(self, model: GLM2Network, jit: bool | None = None, open_shapes: bool = True):
-        """`jit`: compile the step (None: when `compiled_fits`, else run it op by op). `open_shapes=False`: a
+        """`jit`: compile the step (None: unless `op_by_op_because` gives a reason not to). `open_shapes=False`: a
         compiled prefill graph per prompt length instead (the behaviour before, kept for comparisons: each graph
         stays, so memory grows with the lengths met)."""
         self.model, self.timings = model, None
+        give_back_freed_blocks()
         self.step = CachedStep(model)  # op by op
-        self.compiled = compiled_fits(model) if jit is None else jit
+        self.op_by_op = op_by_op_because(model) if jit is None else "" if jit else "jit=False"
+        self.compiled = not self.op_by_op
         self.weights_note = _weights_note(model)
         self.compiled_step = CachedStep(model) if self.compiled else self.step
         if self.compiled:
@@ -253,7 +281,7 @@ class Decoder:
         logits, caches = self.forward(ids, positions, valid, 0, self.new_cache(b, length))
         self.model.settle()
         self.timings = {"prefill_tokens": int(mask.sum()), "prefill_s": time.perf_counter() - clock, "rows": b,
-                        "decode_s": [], "compiled": self.compiled, "compiled_prefill": self.compiled_prefill,
+                        "decode_s": [], "op_by_op": self.op_by_op, "compiled_prefill": self.compiled_prefill,
                         "weights": self.weights_note}
         out, done = [ids], np.zeros(b, bool)
         last_pos = positions[:, -1]
@@ -283,8 +311,8 @@ def describe(timings: dict) -> str:
     if later:
         text += (f", decode {timings['rows'] * len(later) / sum(later):.2f} tokens/s over {len(later)} steps"
                  f"{' after the first (compile)' if len(steps) > 1 else ''}")
-    if not timings.get("compiled", True):
-        text += "; op by op (the compiled step's float32 copies of the weights would not fit)"
+    if timings.get("op_by_op"):
+        text += f"; op by op ({timings['op_by_op']})"
     if timings.get("weights"):
         text += f"; {timings['weights']}"
     return text

@@ -17,7 +17,15 @@ from glm2_core.dtypes import ACTIVATIONS
 from glm2_core.errors import UserError
 from glm2_core.quants import row_bytes
 
-from .kernels import native_attention, native_embedding, native_linear, native_linear_q8, native_rms_norm, native_swiglu
+from .kernels import (
+    native_attention,
+    native_embedding,
+    native_layer,
+    native_linear,
+    native_linear_q8,
+    native_rms_norm,
+    native_swiglu,
+)
 
 MASKED = -1e9  # added to the scores of positions a query may not see (finite: fully padded rows stay finite)
 
@@ -132,11 +140,14 @@ def use_native_kernels(cell, on: bool = True) -> bool:
 
 def _fuse_steps(cell) -> None:
     """A layer's steps between its projections, each in one native operator (attention against the cache, its
-    RMSNorms, SwiGLU), where its projections are native. MindSpore dispatches the dozens of small operators they
-    are otherwise made of one at a time, which in a decoding step costs more than their arithmetic. A layer of
-    float32 weights keeps them in MindSpore: a model all in its operators keeps its prefill compiled with open
-    shapes, which an aot operator cannot have (`glm2_ms.generation.Decoder`)."""
-    for name, build in (("Attend", native_attention), ("RmsNorm", native_rms_norm), ("SwiGlu", native_swiglu)):
+    RMSNorms, SwiGLU), where its projections are native; and against a cache the whole layer in one operator made of
+    those, where its four projections are plain native Linears (a LoRA one has a path of its own). MindSpore
+    dispatches the dozens of small operators the steps are otherwise made of one at a time, which in a decoding step
+    costs more than their arithmetic. A layer of float32 weights keeps them in MindSpore: a model all in its
+    operators keeps its prefill compiled with open shapes, which an aot operator cannot have
+    (`glm2_ms.generation.Decoder`)."""
+    for name, build in (("Attend", native_attention), ("RmsNorm", native_rms_norm), ("SwiGlu", native_swiglu),
+                        ("Layer", native_layer), ("LayerQ8", lambda: native_layer(q8=True))):
         NATIVE_OPS[name] = build() or NATIVE_OPS.get(name)  # cells given one before keep it
     for _, block in cell.cells_and_names():
         if isinstance(block, Block):
@@ -144,11 +155,19 @@ def _fuse_steps(cell) -> None:
             for _, sub in block.cells_and_names():
                 if isinstance(sub, (SelfAttention, RMSNorm, MLP)):
                     sub.native = on and NATIVE_OPS[sub.FUSED] is not None
+            block.native = all(type(p) is Linear and p.native for p in block.projections()) and \
+                NATIVE_OPS["Layer"] is not None and NATIVE_OPS["LayerQ8"] is not None
 
 
 def runs_natively(cell) -> bool:
     """Whether some step of `cell` runs in a native operator (a projection or a fused step)."""
     return any(getattr(sub, "native", False) for _, sub in cell.cells_and_names())
+
+
+def runs_as_layers(cell) -> bool:
+    """Whether every layer of `cell` runs against a cache as one native operator (`Block.fused`)."""
+    blocks = [sub for _, sub in cell.cells_and_names() if isinstance(sub, Block)]
+    return bool(blocks) and all(b.native for b in blocks)
 
 
 def check_activations(kind: str, blocks: bool) -> None:
@@ -265,6 +284,8 @@ class MLP(nn.Cell):
 
 
 class Block(nn.Cell):
+    FUSED = "Layer"
+
     def __init__(self, cfg: GLM2Config, dtype):
         super().__init__()
         norm = (lambda: RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype))
@@ -276,8 +297,18 @@ class Block(nn.Cell):
         self.post_self_attn_layernorm = norm() if cfg.sandwich_norms else None
         self.post_mlp_layernorm = norm() if cfg.sandwich_norms else None
         self.record = None  # the tracing hook (see GLM2Network.trace)
+        self.native = False  # the whole layer in NATIVE_OPS["Layer"] against a cache (set by `use_native_kernels`)
+        qkv = self.self_attention.query_key_value
+        # the native layer's bias operand where the projection has none
+        self.no_bias = Tensor(np.zeros(qkv.weight.shape[0], np.float32)) if qkv.bias is None else None
+
+    def projections(self) -> tuple:
+        att, mlp = self.self_attention, self.mlp
+        return att.query_key_value, att.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h
 
     def construct(self, x, cos, sin, mask, cache=None, write=None):
+        if self.native and cache is not None and self.record is None and not self.training:  # (static)
+            return self.fused(x, cos, sin, mask, cache, write)
         attn, kv = self.self_attention(self.input_layernorm(x), cos, sin, mask, cache, write)
         if self.post_self_attn_layernorm is not None:
             attn = self.post_self_attn_layernorm(attn)
@@ -291,6 +322,19 @@ class Block(nn.Cell):
         if self.record is not None:
             self.record("mlp", x)
         return x, kv
+
+    def fused(self, x, cos, sin, mask, cache, write):
+        """`construct` against a cache in one native operator (layer.cc): the same steps, the same result."""
+        qkv, dense, up, down = self.projections()
+        op = NATIVE_OPS["LayerQ8" if qkv.q8 or dense.q8 or up.q8 or down.q8 else "Layer"]
+        operands = (x, cos, sin, mask, write, cache[0], cache[1], self.input_layernorm.eps_operand,
+                    self.input_layernorm.weight, qkv.weight, self.no_bias if qkv.bias is None else qkv.bias,
+                    dense.weight, self.post_attention_layernorm.weight, up.weight, down.weight)
+        if self.post_mlp_layernorm is not None:
+            x, k, v = op(*operands, self.post_self_attn_layernorm.weight, self.post_mlp_layernorm.weight)
+        else:
+            x, k, v = op(*operands)
+        return x, (k, v)
 
 
 class Embedding(nn.Cell):

@@ -1,4 +1,6 @@
 """Converted checkpoints load into the runtime and generate; the cache, padding and sampling behave."""
+import ctypes
+
 import mindspore as ms  # noqa: TID253
 import numpy as np
 import psutil
@@ -138,3 +140,28 @@ def test_a_large_models_prompt_runs_op_by_op_beside_the_compiled_decoding_step(t
     assert compiled.compiled_prefill and large.compiled and not large.compiled_prefill
     np.testing.assert_array_equal(large.generate(ids, max_new_tokens=6), compiled.generate(ids, max_new_tokens=6))
     assert "op by op" in describe(large.timings) and "compile included" in describe(compiled.timings)
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def test_a_decoder_keeps_freed_large_blocks_out_of_the_c_heap():
+    """Once `give_back_freed_blocks` ran (every Decoder runs it), a block the C heap cannot hold is mapped from the
+    system and unmapped when freed, also after a larger one was freed: glibc's default raises its threshold to
+    that block's size, after which blocks below it grow the heap, and a prompt's freed intermediates stayed there."""
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("not glibc 2.33 or later")
+    libc.mallinfo2.restype, libc.malloc.restype, libc.malloc.argtypes = MallInfo2, ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    assert generation.give_back_freed_blocks()
+    libc.free(libc.malloc(24 << 20))  # mapped, and by default the threshold from now on
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(16 << 20)  # more than the heap keeps free
+    try:
+        assert libc.mallinfo2().hblks == before + 1
+    finally:
+        libc.free(block)
+    assert libc.mallinfo2().hblks == before

@@ -7,10 +7,12 @@ import mindspore as ms  # noqa: TID253
 import numpy as np
 import pytest
 
+from glm2_core.config import GLM2Config
 from glm2_ms import kernels
+from glm2_ms import model as glm2_model
 from glm2_ms.api import from_pretrained
-from glm2_ms.generation import Decoder, cache_inputs, describe
-from glm2_ms.model import MLP, Linear, RMSNorm, SelfAttention, use_native_kernels
+from glm2_ms.generation import Decoder, cache_inputs, describe, op_by_op_because
+from glm2_ms.model import MLP, Block, GLM2Network, Linear, RMSNorm, SelfAttention, use_native_kernels
 
 ms.set_device("CPU")
 # (m, n, k): every remainder of the 8- and 16-wide loops, the column passes and the row tiles
@@ -199,7 +201,7 @@ def test_a_layers_steps_run_fused_where_its_projections_are_native(hf_tiny):
     each, and a batch of left-padded rows decodes as it does with those steps in MindSpore's operators (the same
     tokens; logits within float32 rounding). Float32 weights: nothing is fused, and the prefill stays compiled."""
     model = from_pretrained(hf_tiny(dtype="float16"), compute_dtype="float32")
-    fused = [c for _, c in model.cells_and_names() if isinstance(c, (SelfAttention, RMSNorm, MLP))]
+    fused = [c for _, c in model.cells_and_names() if isinstance(c, (SelfAttention, RMSNorm, MLP, Block))]
     assert all(c.native for c in fused if c is not model.transformer.encoder.final_layernorm)
     ids = np.array([[0, 64790, 64792, 790, 30951], [64790, 64792, 34607, 31123, 55448]], np.int32)
     mask = (ids != 0).astype(np.int32)
@@ -219,3 +221,103 @@ def test_a_layers_steps_run_fused_where_its_projections_are_native(hf_tiny):
     plain = from_pretrained(hf_tiny(dtype="float32"))
     assert not any(c.native for _, c in plain.cells_and_names() if isinstance(c, (SelfAttention, RMSNorm, MLP)))
     assert Decoder(plain).compiled_prefill
+
+
+def _random_model(dtype, **config) -> GLM2Network:
+    """A tiny model of random 16-bit weights computing in float32, its native kernels installed."""
+    model = GLM2Network(GLM2Config.preset("tiny", **config), dtype, ms.float32)
+    rng = np.random.default_rng(3)
+    for p in model.get_parameters():
+        norm = p.ndim == 1 and "norm" in p.name
+        p.set_data(ms.Tensor(rng.standard_normal(p.shape, np.float32) * (0.3 if p.ndim == 1 else 0.05) + norm, dtype))
+    model.set_train(False)
+    use_native_kernels(model)
+    return model
+
+
+def _counting(monkeypatch) -> dict:
+    """Calls of each native operator of a layer, by name (the operators themselves run)."""
+    calls = dict.fromkeys(glm2_model.NATIVE_OPS, 0)
+
+    def counted(name, op):
+        def call(*args):
+            calls[name] += 1
+            return op(*args)
+        return call
+
+    for name, op in list(glm2_model.NATIVE_OPS.items()):
+        monkeypatch.setitem(glm2_model.NATIVE_OPS, name, counted(name, op))
+    return calls
+
+
+LAYER_CASES = {"float16": lambda hf, files: _random_model(ms.float16),
+               "bfloat16": lambda hf, files: _random_model(ms.bfloat16),
+               "no qkv bias": lambda hf, files: _random_model(ms.float16, add_qkv_bias=False),
+               "GLM-4-0414 sandwich norms": lambda hf, files: _random_model(ms.float16, release="glm-4-9b-0414"),
+               "q4_0 file": lambda hf, files: from_pretrained(files["q4_0"], compute_dtype="float32"),
+               "q8_0 file, q8_0 activations": lambda hf, files: from_pretrained(files["q8_0"], compute_dtype="float32",
+                                                                                activations="q8_0"),
+               "quantize=q4_0, q8_0 activations": lambda hf, files: from_pretrained(
+                   hf("safetensors", "float16"), quantize="q4_0", activations="q8_0")}
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_a_whole_layer_in_one_operator_is_its_steps_to_the_bit(case, hf_tiny, gguf_files, monkeypatch, kernel_isa):
+    """Against a cache, each layer runs as one native operator (layer.cc): a prompt of left-padded rows and a
+    decoding step give the logits and caches of the layer's steps one operator each, bit for bit, for every kind of
+    weight, with and without the qkv bias and GLM-4-0414's sandwich norms. The decoder runs such a model op by op."""
+    model = LAYER_CASES[case](hf_tiny, gguf_files)
+    blocks = [c for _, c in model.cells_and_names() if isinstance(c, Block)]
+    assert all(b.native for b in blocks) and op_by_op_because(model) == "each layer one native operator"
+    calls = _counting(monkeypatch)
+    ids = np.array([[0, 0, 64790, 790, 30951], [64790, 64792, 34607, 31123, 55448]], np.int32)
+    mask = (ids != 0).astype(np.int32)
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    runs = []
+    for whole in (True, False):
+        for b in blocks:
+            b.native = whole
+        dec = Decoder(model, jit=False)  # (the counting wrappers would not compile)
+        valid = np.pad(mask, ((0, 0), (0, 59)))
+        logits, caches = dec.forward(ids, positions, valid, 0, dec.new_cache(2, 64))
+        valid[:, 5] = 1
+        step, caches = dec.forward(np.array([[8], [9]], np.int32), positions[:, -1:] + 1, valid, 5, caches)
+        runs.append([logits, step, *(c.asnumpy() for c in caches)])
+        layers = sum(n for name, n in calls.items() if name.startswith("Layer"))
+        assert layers == (2 * len(blocks) if whole else 0)
+        calls.update(dict.fromkeys(calls, 0))
+    for got, want in zip(*runs, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_whole_layer_refuses_operands_that_do_not_fit_it(kernel_isa):
+    """The layer's operator checks its operands' ranks, dtypes and widths against each other before it computes:
+    MindSpore raises, nothing is returned."""
+    model = _random_model(ms.float16)
+    block = model.transformer.encoder.layers[0]
+    cfg = model.config
+    x = ms.Tensor(np.ones((1, 1, cfg.hidden_size), np.float32))
+    cache = ms.Tensor(np.zeros((1, cfg.multi_query_group_num, 64, cfg.kv_channels), np.float32))
+    mask, write = cache_inputs(1, np.ones((1, 64), np.int32), 0)
+    angles = ms.Tensor(np.zeros((1, 1, 1, cfg.kv_channels // 4), np.float32))
+    block.fused(x, angles, angles, ms.Tensor(mask), (cache, cache), ms.Tensor(write))  # fits
+    wrong = {"a narrower x": ms.Tensor(np.ones((1, 1, cfg.hidden_size - 8), np.float32)),
+             "a float16 x": x.astype(ms.float16)}
+    for why, bad in wrong.items():
+        with pytest.raises(RuntimeError):
+            block.fused(bad, angles, angles, ms.Tensor(mask), (cache, cache), ms.Tensor(write))
+        print(why, "refused")
+    block.input_layernorm.weight.set_data(ms.Tensor(np.ones(cfg.hidden_size + 1, np.float16)))
+    with pytest.raises(RuntimeError):
+        block.fused(x, angles, angles, ms.Tensor(mask), (cache, cache), ms.Tensor(write))
+
+
+def test_whole_layers_compiled_decode_as_they_do_op_by_op():
+    """The layer's operator also runs inside a compiled step (`Decoder(jit=True)`): the same tokens, the same
+    logits, as the op-by-op step a model of whole layers takes by default."""
+    model = _random_model(ms.float16, release="glm-4-9b-0414")
+    ids = np.array([[0, 64790, 64792, 790, 30951]], np.int32)
+    compiled, op_by_op = Decoder(model, jit=True), Decoder(model)
+    assert compiled.compiled and not op_by_op.compiled
+    np.testing.assert_array_equal(compiled.generate(ids, max_new_tokens=6), op_by_op.generate(ids, max_new_tokens=6))
+    assert "op by op (each layer one native operator)" in describe(op_by_op.timings)

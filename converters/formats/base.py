@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import math
 import os
@@ -215,13 +214,17 @@ def read_exact(f, offset: int, arr: np.ndarray, path: Path, what: str, digest=No
             hashing.result()
 
 
-READ_THROUGH_STEP = 1 << 23  # bytes per read of `read_through`; also per step of `sha256_of`
+READ_THROUGH_STEP = 1 << 23  # bytes per read of `read_through`
 
 
-def read_through(path: Path, inode: int, offset: int, size: int) -> None:
+def read_through(path: Path, inode: int, offset: int, size: int, digest=None) -> None:
     """Read bytes [offset, offset + size) of `path` into the page cache in large sequential reads, as `cp` does
-    (touching a mapping's pages one fault at a time reads in small pieces), into one reused buffer. `inode`: the
-    file a mapping was made of; another file at `path` now is an error."""
+    (touching a mapping's pages one fault at a time reads in small pieces), into one reused buffer; with `digest` (a
+    hashlib object) hashing them as they come, the GIL free while each is hashed. `inode`: the file a mapping was
+    made of; another file at `path` now is an error.
+
+    A check of a mapped tensor reads its bytes so, not through the mapping: what the mapping's arithmetic never
+    touches (the embedding's rows no prompt looks up) then never becomes part of the process's memory."""
     buf = memoryview(bytearray(min(READ_THROUGH_STEP, size)))
     with open(path, "rb", buffering=0) as f:
         if os.fstat(f.fileno()).st_ino != inode:
@@ -230,14 +233,8 @@ def read_through(path: Path, inode: int, offset: int, size: int) -> None:
             n = min(READ_THROUGH_STEP, size - at)
             if os.preadv(f.fileno(), [buf[:n]], offset + at) != n:
                 raise _cut(path, offset + at + n)
-
-
-def sha256_of(data: memoryview) -> str:
-    """The sha256 of `data` (a mapping's bytes), READ_THROUGH_STEP at a time: the GIL is free while each is hashed."""
-    h = hashlib.sha256()
-    for at in range(0, len(data), READ_THROUGH_STEP):
-        h.update(data[at:at + READ_THROUGH_STEP])
-    return h.hexdigest()
+            if digest is not None:
+                digest.update(buf[:n])
 
 
 def _outgrows_memory(f) -> bool:

@@ -26,7 +26,7 @@ from glm2_core.names import BY_TEMPLATE, EMBEDDING, QKV_BIAS, Layout
 from glm2_core.quants import KINDS, dequantize
 from glm2_core.releases import RELEASES, SANDWICH_RELEASE
 
-from .base import TensorRef, WeightsFile, read_exact, read_through, sha256_of
+from .base import TensorRef, WeightsFile, read_exact, read_through
 
 T = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
@@ -198,7 +198,9 @@ class GGUFFile(WeightsFile):
             return data
 
         def prove() -> None:
-            if sha256_of(memoryview(self._map)[offset:offset + size]) != digest:
+            h = hashlib.sha256()
+            read_through(self.path, self._inode, offset, size, h)
+            if h.hexdigest() != digest:
                 raise self._corrupt(t.name)
 
         owed = {"prefetch": lambda: read_through(self.path, self._inode, offset, size),

@@ -6,7 +6,7 @@ where it cannot be built here (no compiler, a CPU without AVX2, FMA and F16C, a 
 GLM2_NATIVE_KERNELS=0): the runtime then casts 16-bit weights where used, cannot hold quantized ones, and
 `why_not()` says why. The same library holds a layer's small steps each as one operator (`native_attention`,
 `native_rms_norm`, `native_swiglu`: attention.cc and pointwise.cc say why), used where the layer's projections go
-through the kernel.
+through the kernel, and a whole layer composed of them (`native_layer`, layer.cc), which a decoding step runs.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from glm2_core import cache_dir as package_cache
 from glm2_core.quants import BLOCK, row_bytes
 
-SOURCES = [Path(__file__).with_name(name) for name in ("linear.cc", "attention.cc", "pointwise.cc")]
+SOURCES = [Path(__file__).with_name(name) for name in ("linear.cc", "attention.cc", "pointwise.cc", "layer.cc")]
 HEADERS = [Path(__file__).with_name("vector_math.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 CPU_FLAGS = {"avx2", "fma", "f16c"}
@@ -101,6 +101,10 @@ def _attended(qkv, cos, sin, mask, write, k, v):
     return ((*qkv[:2], qkv[2] - 2 * k[1] * k[3]), k, v)  # the queries' width: the projection's less k and v
 
 
+def _layered(x, cos, sin, mask, write, k, v, *weights):
+    return (x, k, v)
+
+
 def _embedded(kind: str):
     per_row = row_bytes(kind, BLOCK)
 
@@ -112,7 +116,8 @@ def _embedded(kind: str):
 
 # each entry point of the library: its outputs' shapes from its inputs' shapes, and how many outputs (all float32)
 ENTRIES = {"Linear": (_product, 1), "LinearQ8": (_product, 1), "RmsNorm": (_normed, 1), "SwiGlu": (_halved, 1),
-           "Attend": (_attended, 3), "EmbedQ8_0": (_embedded("q8_0"), 1), "EmbedQ4_0": (_embedded("q4_0"), 1)}
+           "Attend": (_attended, 3), "Layer": (_layered, 3), "LayerQ8": (_layered, 3),
+           "EmbedQ8_0": (_embedded("q8_0"), 1), "EmbedQ4_0": (_embedded("q4_0"), 1)}
 
 
 def _operator(entry: str):
@@ -157,6 +162,14 @@ def native_attention():
     """The operator `op(qkv, cos, sin, mask, write, k, v)` → (context, k', v'): attention of new tokens against
     the KV cache in one call, float32 (attention.cc says what each operand holds); or None."""
     return _operator("Attend")
+
+
+def native_layer(q8: bool = False):
+    """The operator `op(x, cos, sin, mask, write, k, v, eps, norm, W_qkv, b_qkv, W_dense, norm, W_up, W_down
+    [, norm, norm])` → (x', k', v'): a whole decoder layer against the KV cache in one call, each step the operator
+    of its own above, in a Block's order (layer.cc says what each operand holds); `q8`: weights in blocks take their
+    input quantized to q8_0 first, as `native_linear_q8`. Or None."""
+    return _operator("LayerQ8" if q8 else "Layer")
 
 
 def native_rms_norm():

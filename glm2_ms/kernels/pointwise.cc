@@ -16,20 +16,6 @@
 
 namespace {
 
-float weight_at(const void *w, int kind, int64_t i) {  // kind: 0 float32, 1 float16, 2 bfloat16
-  if (kind == 0) return static_cast<const float *>(w)[i];
-  const uint16_t bits = static_cast<const uint16_t *>(w)[i];
-  if (kind == 1) return _cvtsh_ss(bits);
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float f;
-  memcpy(&f, &wide, sizeof f);
-  return f;
-}
-
-int weight_kind(const char *dtype) {
-  return strcmp(dtype, "float32") == 0 ? 0 : strcmp(dtype, "float16") == 0 ? 1 : strcmp(dtype, "bfloat16") == 0 ? 2 : -1;
-}
-
 void rms_norm(const float *x, const void *w, int kind, float eps, int64_t m, int64_t k, float *y) {
 #pragma omp parallel for schedule(static) if (m > 1)
   for (int64_t r = 0; r < m; ++r) {
@@ -43,7 +29,7 @@ void rms_norm(const float *x, const void *w, int kind, float eps, int64_t m, int
     float squares = vm::hsum(_mm256_add_ps(s0, s1));
     for (; i < k; ++i) squares += row[i] * row[i];
     const float scale = 1.0f / std::sqrt(squares / static_cast<float>(k) + eps);
-    for (int64_t j = 0; j < k; ++j) y[r * k + j] = row[j] * scale * weight_at(w, kind, j);
+    for (int64_t j = 0; j < k; ++j) y[r * k + j] = row[j] * scale * vm::weight_at(w, kind, j);
   }
 }
 
@@ -69,7 +55,7 @@ extern "C" int RmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, 
                        void *extra) {
   (void)stream, (void)extra;
   if (nparam != 4 || ndims[0] != 2 || ndims[1] != 1 || ndims[2] != 1 || ndims[3] != 2) return 1;
-  const int kind = weight_kind(dtypes[1]);
+  const int kind = vm::weight_kind(dtypes[1]);
   if (strcmp(dtypes[0], "float32") != 0 || kind < 0 || strcmp(dtypes[2], "float32") != 0 ||
       strcmp(dtypes[3], "float32") != 0)
     return 2;

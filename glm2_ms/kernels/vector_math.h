@@ -2,6 +2,7 @@
 #pragma once
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <cmath>
 #include <initializer_list>
@@ -47,6 +48,21 @@ inline float dot(const float *a, const float *b, int64_t n) {
   float total = hsum(_mm256_add_ps(s0, s1));
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
+}
+
+// A 1-D weight of float32, float16 or bfloat16 (its dtype's kind), read as float32.
+inline float weight_at(const void *w, int kind, int64_t i) {  // kind: 0 float32, 1 float16, 2 bfloat16
+  if (kind == 0) return static_cast<const float *>(w)[i];
+  const uint16_t bits = static_cast<const uint16_t *>(w)[i];
+  if (kind == 1) return _cvtsh_ss(bits);
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
+inline int weight_kind(const char *dtype) {
+  return strcmp(dtype, "float32") == 0 ? 0 : strcmp(dtype, "float16") == 0 ? 1 : strcmp(dtype, "bfloat16") == 0 ? 2 : -1;
 }
 
 }  // namespace vm
