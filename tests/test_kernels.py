@@ -307,6 +307,9 @@ def test_the_whole_layer_refuses_operands_that_do_not_fit_it(kernel_isa):
         with pytest.raises(RuntimeError):
             block.fused(bad, angles, angles, ms.Tensor(mask), (cache, cache), ms.Tensor(write))
         print(why, "refused")
+    flat = ms.Tensor(np.zeros((1, 64), np.float32))  # a cache of the wrong rank
+    with pytest.raises(RuntimeError):
+        block.fused(x, angles, angles, ms.Tensor(mask), (flat, flat), ms.Tensor(write))
     block.input_layernorm.weight.set_data(ms.Tensor(np.ones(cfg.hidden_size + 1, np.float16)))
     with pytest.raises(RuntimeError):
         block.fused(x, angles, angles, ms.Tensor(mask), (cache, cache), ms.Tensor(write))

@@ -180,9 +180,15 @@ int layer_entry(int nparam, void **params, int *ndims, int64_t **shapes, const c
   const int inputs = nparam - 3;
   if (ndims[kX] != 3 || ndims[inputs] != 3) return 1;
   if (strcmp(dtypes[kX], "float32") != 0 || strcmp(dtypes[inputs], "float32") != 0) return 2;
+  if (ndims[kQkv] != 2 || ndims[5] != 4) return 1;  // read before the calls that check them
   const int64_t hidden = shapes[kX][2];
   for (int a = 0; a < 3; ++a)
     if (shapes[inputs][a] != shapes[kX][a]) return 4;
+  for (int out : {inputs + 1, inputs + 2}) {  // the new caches, given to Attend as the old ones' shape
+    if (ndims[out] != 4 || strcmp(dtypes[out], "float32") != 0) return 1;
+    for (int a = 0; a < 4; ++a)
+      if (shapes[out][a] != shapes[5][a]) return 4;
+  }
   // the two projections back to the residual stream must give its width (each checks its own input's)
   for (int w : {kDense, kDown})
     if (ndims[w] != 2 || shapes[w][0] != hidden) return 4;
