@@ -195,13 +195,17 @@ class Decoder:
         give_back_freed_blocks()
         self.step = CachedStep(model)  # op by op
         self.op_by_op = op_by_op_because(model) if jit is None else "" if jit else "jit=False"
-        self.compiled = not self.op_by_op
         self.weights_note = _weights_note(model)
         self.compiled_step = CachedStep(model) if self.compiled else self.step
         if self.compiled:
             self.compiled_step.construct = ms.jit(self.compiled_step.construct)
         self.prefill_step = self._prefill_step(open_shapes)
         self.itemsize = Tensor(np.zeros(()), model.compute_dtype).itemsize  # the cache's
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the decoding step is compiled (`op_by_op` says why not)."""
+        return not self.op_by_op
 
     @property
     def compiled_prefill(self) -> bool:

@@ -284,8 +284,6 @@ class MLP(nn.Cell):
 
 
 class Block(nn.Cell):
-    FUSED = "Layer"
-
     def __init__(self, cfg: GLM2Config, dtype):
         super().__init__()
         norm = (lambda: RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype))

@@ -20,10 +20,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <initializer_list>
+#include <memory>
 #include <vector>
 
 #include "vector_math.h"
@@ -77,32 +77,6 @@ struct Given {
 };
 
 enum : int { kX, kEps = 7, kNorm1, kQkv, kBias, kDense, kNorm2, kUp, kDown, kAfterAttention, kAfterMlp };
-
-// A call's intermediates in one block: mapped from the system for a prompt's rows, and given back when the call ends.
-// From the C heap, glibc's moving mmap threshold keeps such blocks there after they are freed, in the process's memory
-// for good.
-class Scratch {
- public:
-  explicit Scratch(int64_t floats) : bytes_(static_cast<size_t>(floats) * sizeof(float)) {
-    void *got = bytes_ >= kMapAbove ? mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-                                    : malloc(bytes_);
-    data_ = got == MAP_FAILED ? nullptr : static_cast<float *>(got);
-  }
-  ~Scratch() {
-    if (data_ == nullptr) return;
-    if (bytes_ >= kMapAbove) munmap(data_, bytes_);
-    else free(data_);
-  }
-  Scratch(const Scratch &) = delete;
-  Scratch &operator=(const Scratch &) = delete;
-  float *at(int64_t offset) const { return data_ + offset; }
-  bool ok() const { return data_ != nullptr; }
-
- private:
-  static constexpr size_t kMapAbove = size_t{1} << 20;
-  size_t bytes_;
-  float *data_;
-};
 
 struct Layer {
   Given in;
@@ -160,10 +134,13 @@ struct Layer {
     const int64_t rows = in.shapes[kQkv][0], width = ctx_width(), f = in.shapes[kUp][0] / 2;
     if (width < 1 || in.ndims[kBias] != 1 || in.shapes[kBias][0] != rows || vm::weight_kind(in.dtypes[kBias]) < 0)
       return 4;
-    // the branch and the normed input, then the attention's and the MLP's intermediates over the same floats
-    Scratch scratch(m * (2 * hidden + std::max(rows + width, 3 * f)));
-    if (!scratch.ok()) return 5;
-    float *branch = scratch.at(0), *normed = scratch.at(m * hidden), *rest = scratch.at(2 * m * hidden);
+    // the branch and the normed input, then the attention's and the MLP's intermediates over the same floats; from
+    // malloc, which gives a prompt's block back to the system when freed (glm2_ms.generation.give_back_freed_blocks
+    // holds glibc's threshold), checked: no exception crosses the C boundary
+    const std::unique_ptr<float, decltype(&free)> scratch(
+        static_cast<float *>(malloc(sizeof(float) * m * (2 * hidden + std::max(rows + width, 3 * f)))), free);
+    if (!scratch) return 5;
+    float *branch = scratch.get(), *normed = branch + m * hidden, *rest = normed + m * hidden;
     const int inputs = sandwich ? kAfterMlp + 1 : kAfterAttention;  // the outputs follow the inputs
     if (const int error = attention(branch, normed, rest, rest + m * rows, in.params[inputs + 1],
                                     in.params[inputs + 2]))
