@@ -3,7 +3,8 @@ parameters, the prefill; a model whose every layer is one native operator runs t
 
 The cache holds each layer's un-expanded k and v ([batch, groups, max_len, d]). Rows are left-padded, so the
 new tokens of every row go to the same cache slots; a row's padding slots are masked out and its position ids
-start at 0 on its first real token, as in the original ChatGLM2.
+start at 0 on its first real token, as in the original ChatGLM2. Whole-layer operators write the new tokens into
+the cache in place, so a step holds it once.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from mindspore import Tensor, nn
 from glm2_core.config import GLM2Config
 from glm2_core.errors import UserError
 
-from .kernels import why_not
+from .kernels import native_addresses, why_not
 from .loading import fits_in_memory
 from .model import MASKED, GLM2Network, linears, runs_as_layers, runs_natively
 from .sampling import DEFAULT_NEW_TOKENS, SamplingConfig, choose
@@ -42,8 +43,9 @@ def cache_bytes(cfg: GLM2Config, rows: int, positions: int, itemsize: int) -> in
 
 
 def generation_bytes(cfg: GLM2Config, rows: int, prompt: int, positions: int, itemsize: int) -> int:
-    """What a generation allocates by its length: the cache twice (a step takes the caches in and gives new ones
-    out) and the prefill's float32 mask [rows, prompt, cache length]."""
+    """What a generation allocates by its length, at most: the cache twice (a step of separate operators takes the
+    caches in and gives new ones out; whole-layer operators write it in place) and the prefill's float32 mask
+    [rows, prompt, cache length]."""
     length = cache_length(positions)
     return 2 * cache_bytes(cfg, rows, length, itemsize) + rows * prompt * length * 4
 
@@ -78,8 +80,8 @@ def _check_memory(cfg: GLM2Config, rows: int, prompt: int, new: int, itemsize: i
         return
     fewer = f"lower {option}" + (f" or {rows_option}" if rows_option and rows > 1 else "")
     raise UserError(f"{option} {new}: the KV cache of {rows} row{'s' * (rows != 1)} × {prompt + new} positions "
-                    f"needs {_gib(need)} (held twice while a step runs), more than {CACHE_MEMORY_SHARE:.0%} of the "
-                    f"{_gib(available)} of memory available; {fewer}")
+                    f"needs {_gib(need)} (held twice while a step runs, at most), more than "
+                    f"{CACHE_MEMORY_SHARE:.0%} of the {_gib(available)} of memory available; {fewer}")
 
 
 def _gib(n: int) -> str:
@@ -201,6 +203,7 @@ class Decoder:
             self.compiled_step.construct = ms.jit(self.compiled_step.construct)
         self.prefill_step = self._prefill_step(open_shapes)
         self.itemsize = Tensor(np.zeros(()), model.compute_dtype).itemsize  # the cache's
+        self.addresses = native_addresses() if runs_as_layers(model) else None  # where caches are written in place
 
     @property
     def compiled(self) -> bool:
@@ -244,13 +247,32 @@ class Decoder:
         return tuple(Tensor(zeros.copy(), dtype) for _ in range(2 * cfg.num_layers))
 
     def forward(self, ids: np.ndarray, positions: np.ndarray, valid: np.ndarray, start: int, caches):
-        """Run tokens `ids` [b, s] into cache slots start..start+s-1; `valid` [b, max_len] marks usable slots."""
+        """Run tokens `ids` [b, s] into cache slots start..start+s-1; `valid` [b, max_len] marks usable slots.
+        Returns the logits and the caches to give the next call (where whole-layer operators write them in place,
+        `caches` themselves, or `writable`'s copies)."""
         mask, write = cache_inputs(ids.shape[1], valid, start)
+        if self.addresses is not None:
+            caches = self.writable(caches)
         embedded = self.model.transformer.embedding(Tensor(ids, ms.int32))
         step = self.compiled_step if ids.shape[1] == 1 else self.prefill_step
         logits, *caches = step(embedded, Tensor(positions, ms.int32), Tensor(mask),
                                Tensor(write, self.model.compute_dtype), *caches)
         return logits.asnumpy(), tuple(caches)
+
+    def writable(self, caches: tuple) -> tuple:
+        """`caches`, each one that the whole-layer operator would be handed as a copy (a view of another tensor, a
+        tensor a slice assignment covered whole: MindSpore 2.10 copies those for an operator, and the in-place
+        writes would be lost) replaced by a tensor of its own. Checked by the addresses the operator is handed."""
+        reached = self._handed_as_they_are(caches)
+        if all(reached):
+            return caches
+        caches = tuple(c if ok else Tensor(c.asnumpy()) for c, ok in zip(caches, reached, strict=True))
+        if not all(self._handed_as_they_are(caches)):
+            raise RuntimeError("the KV cache would be handed to the layer operator as a copy: its writes would be lost")
+        return caches
+
+    def _handed_as_they_are(self, tensors: tuple) -> list[bool]:
+        return [at == t.data_ptr() for t, at in zip(tensors, self.addresses(*tensors).asnumpy(), strict=True)]
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                  max_new_tokens: int = DEFAULT_NEW_TOKENS, sampling: SamplingConfig | None = None,

@@ -322,17 +322,16 @@ class Block(nn.Cell):
         return x, kv
 
     def fused(self, x, cos, sin, mask, cache, write):
-        """`construct` against a cache in one native operator (layer.cc): the same steps, the same result."""
+        """`construct` against a cache in one native operator (layer.cc): the same steps, the same result, but the
+        cache is updated in place and given back (a step holds it once)."""
         qkv, dense, up, down = self.projections()
         op = NATIVE_OPS["LayerQ8" if qkv.q8 or dense.q8 or up.q8 or down.q8 else "Layer"]
         operands = (x, cos, sin, mask, write, cache[0], cache[1], self.input_layernorm.eps_operand,
                     self.input_layernorm.weight, qkv.weight, self.no_bias if qkv.bias is None else qkv.bias,
                     dense.weight, self.post_attention_layernorm.weight, up.weight, down.weight)
         if self.post_mlp_layernorm is not None:
-            x, k, v = op(*operands, self.post_self_attn_layernorm.weight, self.post_mlp_layernorm.weight)
-        else:
-            x, k, v = op(*operands)
-        return x, (k, v)
+            operands += (self.post_self_attn_layernorm.weight, self.post_mlp_layernorm.weight)
+        return op(*operands), cache
 
 
 class Embedding(nn.Cell):

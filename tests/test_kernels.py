@@ -2,17 +2,21 @@
 weights), and a layer's fused steps (attention against the cache, RMSNorm, SwiGLU); built once into the cache, used
 in inference only, and MindSpore's operators wherever they cannot be built."""
 import subprocess
+import time
 
 import mindspore as ms  # noqa: TID253
 import numpy as np
 import pytest
 
 from glm2_core.config import GLM2Config
+from glm2_ms import engine as engine_module
 from glm2_ms import kernels
 from glm2_ms import model as glm2_model
 from glm2_ms.api import from_pretrained
+from glm2_ms.engine import Engine, Job
 from glm2_ms.generation import Decoder, cache_inputs, describe, op_by_op_because
 from glm2_ms.model import MLP, Block, GLM2Network, Linear, RMSNorm, SelfAttention, use_native_kernels
+from glm2_ms.sampling import SamplingConfig
 
 ms.set_device("CPU")
 # (m, n, k): every remainder of the 8- and 16-wide loops, the column passes and the row tiles
@@ -324,3 +328,60 @@ def test_whole_layers_compiled_decode_as_they_do_op_by_op():
     assert compiled.compiled and not op_by_op.compiled
     np.testing.assert_array_equal(compiled.generate(ids, max_new_tokens=6), op_by_op.generate(ids, max_new_tokens=6))
     assert "op by op (each layer one native operator)" in describe(op_by_op.timings)
+
+
+def test_whole_layers_write_the_cache_in_place_and_the_engine_keeps_it_whole(gguf_files, monkeypatch):
+    """A step of whole layers hands back the very caches it was given, the new tokens written in them (the step holds
+    the cache once). Caches MindSpore would hand the operator as copies (views of a larger tensor, a tensor a slice
+    assignment covered whole), whose writes would be lost, are replaced by tensors of their own first. The serving
+    engine grows and cuts its batch's caches (into views) as rows come and go: every request still decodes what it
+    decodes alone."""
+    model = from_pretrained(gguf_files["q4_0"], compute_dtype="float32")
+    dec = model.decoder
+    ids = np.array([[64790, 64792, 790, 30951]], np.int32)
+    valid = np.pad(np.ones((1, 4), np.int32), ((0, 0), (0, 60)))
+
+    def run(caches):
+        return dec.forward(ids, np.arange(4, dtype=np.int32)[None], valid, 0, caches)
+
+    caches = dec.new_cache(1, 64)
+    logits, back = run(caches)
+    assert all(a is b for a, b in zip(back, caches, strict=True))
+    k = caches[0].asnumpy()
+    assert np.abs(k[0, :, :4]).min() > 0 and not k[0, :, 4:].any()
+    wide = [ms.Tensor(np.zeros((2, *c.shape[1:]), np.float32)) for c in caches]
+    covered = []
+    for c in caches:
+        covered.append(ms.ops.zeros(c.shape, ms.float32))
+        covered[-1][:, :, :64] = ms.Tensor(np.zeros((1, *c.shape[1:]), np.float32))
+    for given in (tuple(w[1:] for w in wide), tuple(covered)):
+        assert not all(dec._handed_as_they_are(given))
+        got, back = run(given)
+        np.testing.assert_array_equal(got, logits)
+        for a, b in zip(back, caches, strict=True):
+            np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
+
+    cuts = []
+    resized = engine_module._resized
+
+    def recorded(t, want):
+        if want[0] < t.shape[0] or want[1] < t.shape[2]:
+            cuts.append((t.shape, want))
+        return resized(t, want)
+
+    monkeypatch.setattr(engine_module, "_resized", recorded)
+    asks = [([64790, 64792, *range(30000, 30000 + n)], new) for n, new in ((3, 12), (300, 2), (9, 10), (40, 3))]
+    alone = [dec.generate(np.array([ids], np.int32), max_new_tokens=new, eos_token_id=-1)[0, len(ids):].tolist()
+             for ids, new in asks]
+    got = [[] for _ in asks]
+    engine = Engine(model, slots=4, context=512, queue=8)
+    for i, (ids, new) in enumerate(asks):
+        engine.submit(Job(ids, new, SamplingConfig(greedy=True), frozenset(),
+                          lambda token, end, i=i: got[i].append(token if end is None else end)))
+    engine.start()
+    deadline = time.monotonic() + 300
+    while not all(g and g[-1] == "length" for g in got) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.stop(10)
+    assert [g[:-1] for g in got] == alone
+    assert cuts, "the caches were never cut"

@@ -102,7 +102,11 @@ def _attended(qkv, cos, sin, mask, write, k, v):
 
 
 def _layered(x, cos, sin, mask, write, k, v, *weights):
-    return (x, k, v)
+    return x
+
+
+def _counted(*operands):
+    return (len(operands),)
 
 
 def _embedded(kind: str):
@@ -114,10 +118,11 @@ def _embedded(kind: str):
     return shape
 
 
-# each entry point of the library: its outputs' shapes from its inputs' shapes, and how many outputs (all float32)
+# each entry point of the library: its outputs' shapes from its inputs' shapes, how many outputs, and their dtype
 ENTRIES = {"Linear": (_product, 1), "LinearQ8": (_product, 1), "RmsNorm": (_normed, 1), "SwiGlu": (_halved, 1),
-           "Attend": (_attended, 3), "Layer": (_layered, 3), "LayerQ8": (_layered, 3),
-           "EmbedQ8_0": (_embedded("q8_0"), 1), "EmbedQ4_0": (_embedded("q4_0"), 1)}
+           "Attend": (_attended, 3), "Layer": (_layered, 1), "LayerQ8": (_layered, 1),
+           "EmbedQ8_0": (_embedded("q8_0"), 1), "EmbedQ4_0": (_embedded("q4_0"), 1),
+           "Addresses": (_counted, 1, "int64")}
 
 
 def _operator(entry: str):
@@ -131,10 +136,11 @@ def _custom(lib: str, entry: str):
     import mindspore as ms
     from mindspore import ops
 
-    shape, outputs = ENTRIES[entry]
+    shape, outputs, *kind = ENTRIES[entry]
+    out = getattr(ms, kind[0]) if kind else ms.float32
 
     def dtype(*inputs):
-        return ms.float32 if outputs == 1 else (ms.float32,) * outputs
+        return out if outputs == 1 else (out,) * outputs
 
     return ops.Custom(f"{lib}:{entry}", out_shape=shape, out_dtype=dtype, func_type="aot")
 
@@ -166,10 +172,18 @@ def native_attention():
 
 def native_layer(q8: bool = False):
     """The operator `op(x, cos, sin, mask, write, k, v, eps, norm, W_qkv, b_qkv, W_dense, norm, W_up, W_down
-    [, norm, norm])` → (x', k', v'): a whole decoder layer against the KV cache in one call, each step the operator
-    of its own above, in a Block's order (layer.cc says what each operand holds); `q8`: weights in blocks take their
-    input quantized to q8_0 first, as `native_linear_q8`. Or None."""
+    [, norm, norm])` → x': a whole decoder layer against the KV cache in one call, each step the operator of its
+    own above, in a Block's order (layer.cc says what each operand holds), the new tokens' k and v written into
+    the caches k and v in place (tensors of their own, not views: MindSpore hands an operator a copy of a view);
+    `q8`: weights in blocks take their input quantized to q8_0 first, as `native_linear_q8`. Or None."""
     return _operator("LayerQ8" if q8 else "Layer")
+
+
+def native_addresses():
+    """The operator `op(*tensors)` → int64 [len(tensors)]: the address of each tensor's memory as an operator is
+    handed it. Where it differs from the tensor's `data_ptr()`, MindSpore handed a copy, and `native_layer`'s
+    in-place cache writes would be lost. Or None."""
+    return _operator("Addresses")
 
 
 def native_rms_norm():

@@ -1,5 +1,5 @@
 // Attention of new tokens against the KV cache in one call: RoPE on q and k, the new k and v written into copies of
-// the caches, scores, softmax and the weighted sum of v, in float32, for inference.
+// the caches (or into the caches themselves), scores, softmax and the weighted sum of v, in float32, for inference.
 //
 // Why: MindSpore runs its CPU operators one at a time at a fixed cost each. model.py's SelfAttention spells this
 // arithmetic in several dozen of them a layer (the split of the fused projection, two rotations, the one-hot cache
@@ -8,7 +8,8 @@
 // Entry point "Attend" in MindSpore's "aot" custom-operator form. Inputs: qkv [b, s, (h + 2g)·d] (the fused
 // projection: h query heads, then g keys, then g values, d each), cos and sin [b, s, 1, d/4], mask [b, s, L]
 // (added to the scores), write [b, s, L] (one-hot: the cache slot of each new token; a row of zeros writes
-// nothing), the k and v caches [b, g, L, d]. Outputs: the context [b, s, h·d] and the new caches [b, g, L, d].
+// nothing), the k and v caches [b, g, L, d]. Outputs: the context [b, s, h·d] and the new caches [b, g, L, d]; a
+// caller that passes the old caches' own memory as the new ones (layer.cc) has them updated in place.
 // Query head j reads kv group j / (h/g), as the model's grouped-query attention does.
 #include <immintrin.h>
 #include <stdint.h>
@@ -78,13 +79,16 @@ void axpy(float a, const float *x, float *y, int64_t n) {  // y += a x
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
-// The caches copied, then each new token's rotated k and its v written to its slot.
+// The caches copied (unless updated in place), then each new token's rotated k and its v written to its slot.
 void write_caches(const Operands &a) {
   const int64_t d = a.d;
+  const bool copy_k = a.k_out != a.k, copy_v = a.v_out != a.v;
+  if (copy_k || copy_v) {
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < a.b * a.g; ++i) {
-    memcpy(a.k_out + i * a.L * d, a.k + i * a.L * d, a.L * d * sizeof(float));
-    memcpy(a.v_out + i * a.L * d, a.v + i * a.L * d, a.L * d * sizeof(float));
+    for (int64_t i = 0; i < a.b * a.g; ++i) {
+      if (copy_k) memcpy(a.k_out + i * a.L * d, a.k + i * a.L * d, a.L * d * sizeof(float));
+      if (copy_v) memcpy(a.v_out + i * a.L * d, a.v + i * a.L * d, a.L * d * sizeof(float));
+    }
   }
   for (int64_t bi = 0; bi < a.b; ++bi)
     for (int64_t t = 0; t < a.s; ++t) {

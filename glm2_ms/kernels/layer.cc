@@ -15,8 +15,11 @@
 //   8 the input norm's weight [hidden]; 9 W_qkv; 10 its bias [rows of W_qkv]; 11 W_dense;
 //   12 the post-attention norm's weight [hidden]; 13 W_h_to_4h [2f, hidden]; 14 W_4h_to_h [hidden, f];
 //   optionally 15 and 16, the norms on the attention's and the MLP's outputs (GLM-4-0414).
-// Norm weights and the bias in float32, float16 or bfloat16; W as Linear takes them. Outputs: x' [b, s, hidden] and
-// the new caches k', v' [b, g, L, d].
+// Norm weights and the bias in float32, float16 or bfloat16; W as Linear takes them. Output: x' [b, s, hidden]. The
+// caches k and v are updated in place (Attend given their own memory as the new caches): a step then holds the KV
+// cache once, not the old and the new side by side. MindSpore hands an operator a copy of some tensors (a view, a
+// tensor a slice assignment covered whole), whose writes would be lost: "Addresses" gives the memory an operator is
+// handed for each of its operands, for the caller to compare with the tensors' own (glm2_ms.generation).
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -103,8 +106,9 @@ struct Layer {
     return 0;
   }
 
-  // the attention's output projection into `branch`; `normed`, `qkv` and `ctx` are its scratch
-  int attention(float *branch, float *normed, float *qkv, float *ctx, void *k_out, void *v_out) const {
+  // the attention's output projection into `branch`, the new tokens' k and v into the caches; `normed`, `qkv` and
+  // `ctx` are its scratch
+  int attention(float *branch, float *normed, float *qkv, float *ctx) const {
     const int64_t rows = in.shapes[kQkv][0], b = in.shapes[kX][0], s = in.shapes[kX][1], width = ctx_width();
     const int kind = vm::weight_kind(in.dtypes[kBias]);
     const float *x = static_cast<const float *>(in.params[kX]);
@@ -112,9 +116,8 @@ struct Layer {
     if (const int error = project(normed, hidden, kQkv, qkv)) return error;
     for (int64_t r = 0; r < m; ++r)
       for (int64_t j = 0; j < rows; ++j) qkv[r * rows + j] += vm::weight_at(in.params[kBias], kind, j);
-    const Operand cache = in.at(5);
     if (const int error = call(Attend, {{qkv, {b, s, rows}}, in.at(1), in.at(2), in.at(3), in.at(4), in.at(5),
-                                        in.at(6), {ctx, {b, s, width}}, {k_out, cache.shape}, {v_out, cache.shape}}))
+                                        in.at(6), {ctx, {b, s, width}}, in.at(5), in.at(6)}))
       return error;
     return project(ctx, width, kDense, branch);
   }
@@ -141,10 +144,7 @@ struct Layer {
         static_cast<float *>(malloc(sizeof(float) * m * (2 * hidden + std::max(rows + width, 3 * f)))), free);
     if (!scratch) return 5;
     float *branch = scratch.get(), *normed = branch + m * hidden, *rest = normed + m * hidden;
-    const int inputs = sandwich ? kAfterMlp + 1 : kAfterAttention;  // the outputs follow the inputs
-    if (const int error = attention(branch, normed, rest, rest + m * rows, in.params[inputs + 1],
-                                    in.params[inputs + 2]))
-      return error;
+    if (const int error = attention(branch, normed, rest, rest + m * rows)) return error;
     if (const int error = add(static_cast<const float *>(in.params[kX]), branch, kAfterAttention)) return error;
     if (const int error = mlp(branch, normed, rest, rest + m * 2 * f)) return error;
     return add(x_out, branch, kAfterMlp);
@@ -152,20 +152,15 @@ struct Layer {
 };
 
 int layer_entry(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool q8) {
-  const bool sandwich = nparam == kAfterMlp + 4;
-  if (nparam != kAfterAttention + 3 && !sandwich) return 1;
-  const int inputs = nparam - 3;
+  const bool sandwich = nparam == kAfterMlp + 2;
+  if (nparam != kAfterAttention + 1 && !sandwich) return 1;
+  const int inputs = nparam - 1;  // the output follows the inputs
   if (ndims[kX] != 3 || ndims[inputs] != 3) return 1;
   if (strcmp(dtypes[kX], "float32") != 0 || strcmp(dtypes[inputs], "float32") != 0) return 2;
   if (ndims[kQkv] != 2 || ndims[5] != 4) return 1;  // read before the calls that check them
   const int64_t hidden = shapes[kX][2];
   for (int a = 0; a < 3; ++a)
     if (shapes[inputs][a] != shapes[kX][a]) return 4;
-  for (int out : {inputs + 1, inputs + 2}) {  // the new caches, given to Attend as the old ones' shape
-    if (ndims[out] != 4 || strcmp(dtypes[out], "float32") != 0) return 1;
-    for (int a = 0; a < 4; ++a)
-      if (shapes[out][a] != shapes[5][a]) return 4;
-  }
   // the two projections back to the residual stream must give its width (each checks its own input's)
   for (int w : {kDense, kDown})
     if (ndims[w] != 2 || shapes[w][0] != hidden) return 4;
@@ -187,4 +182,15 @@ extern "C" int LayerQ8(int nparam, void **params, int *ndims, int64_t **shapes, 
                        void *extra) {
   (void)stream, (void)extra;
   return layer_entry(nparam, params, ndims, shapes, dtypes, true);
+}
+
+// The address of each input's memory as an operator is handed it, int64 [nparam - 1].
+extern "C" int Addresses(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                         void *extra) {
+  (void)ndims, (void)stream, (void)extra;
+  const int inputs = nparam - 1;
+  if (inputs < 1 || shapes[inputs][0] != inputs || strcmp(dtypes[inputs], "int64") != 0) return 1;
+  int64_t *out = static_cast<int64_t *>(params[inputs]);
+  for (int i = 0; i < inputs; ++i) out[i] = static_cast<int64_t>(reinterpret_cast<intptr_t>(params[i]));
+  return 0;
 }
