@@ -2,6 +2,7 @@
 by `glm2_ms.api.open_model`)."""
 from __future__ import annotations
 
+import ctypes
 import mmap
 import threading
 
@@ -15,7 +16,7 @@ from glm2_core.names import BY_TEMPLATE, OUTPUT, Layout
 from glm2_core.quants import KINDS, block_kind, quantize
 
 from .kernels import native_linear, why_not
-from .model import block_holders, use_native_kernels
+from .model import Embedding, block_holders, use_native_kernels
 
 RUNTIME_LAYOUT = Layout("mindformers")  # the runtime's parameter names
 OUTPUT_NAME = RUNTIME_LAYOUT.targets(BY_TEMPLATE[OUTPUT])[0][0]
@@ -57,11 +58,42 @@ def _shareable(arr: np.ndarray) -> bool:
     writeable mapping is a copy-on-write one: no reader maps a file for writing)."""
     if not (arr.flags.c_contiguous and arr.flags.writeable):
         return False
-    root = arr
-    while isinstance(root.base, np.ndarray):
-        root = root.base
-    buffer = root.base.obj if isinstance(root.base, memoryview) else root.base
-    return isinstance(buffer, mmap.mmap) or (root.base is None and root.flags.owndata)
+    root = _root(arr)
+    return _mapped(arr) or (root.base is None and root.flags.owndata)
+
+
+def _root(arr: np.ndarray) -> np.ndarray:
+    while isinstance(arr.base, np.ndarray):
+        arr = arr.base
+    return arr
+
+
+def _mapped(arr: np.ndarray) -> bool:
+    base = _root(arr).base
+    return isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
+
+
+MADV_DONTNEED = 4  # Linux's madvise advice
+
+
+class PageDropper:
+    """Drops the whole pages of a view of a copy-on-write file mapping from this process's memory (`madvise`
+    MADV_DONTNEED); the page cache keeps them, and a read maps them back. For a table read a few rows at a time:
+    the kernel maps a page cache's large folio whole around each row read, so a table whose pages stay mapped
+    grows in memory far beyond the rows it gave. Only for weights nothing writes: a page
+    dropped comes back as the file has it. Holds the view, so the mapping outlives it."""
+
+    def __init__(self, view: np.ndarray):
+        self.view, page = view, mmap.PAGESIZE
+        start = view.ctypes.data
+        self.start = -(-start // page) * page
+        self.length = max(0, (start + view.nbytes) // page * page - self.start)
+        self.madvise = ctypes.CDLL(None, use_errno=True).madvise
+        self.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+    def __call__(self) -> None:
+        if self.length and self.madvise(self.start, self.length, MADV_DONTNEED) != 0:
+            raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) of an embedding's pages failed")
 
 
 class Proofs:
@@ -169,8 +201,12 @@ def load_into(cell, weights, blocking: bool = True) -> None:
     blocking: MindSpore's asynchronous launch keeps a thread spinning beside the one that runs a kernel, which on a
     2-core machine takes the core the kernel's second thread needs (figures: benchmarks/results)."""
     params = {p.name: p for p in cell.get_parameters()}
+    tables = {id(c.embedding_weight): c for _, c in cell.cells_and_names() if isinstance(c, Embedding)}
     for name, arr, dt in weights:
-        params.pop(name).set_data(to_tensor(arr, "uint8" if dt in KINDS else dt))
+        param = params.pop(name)
+        param.set_data(to_tensor(arr, "uint8" if dt in KINDS else dt))
+        if id(param) in tables and _mapped(arr):  # (a lookup maps the rows it reads: `Embedding.drop_pages`)
+            tables[id(param)].drop_pages = PageDropper(arr)
     if params:
         raise AssertionError(f"parameters left unset: {sorted(params)[:3]}")
     cell.set_train(False)

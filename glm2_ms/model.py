@@ -339,6 +339,7 @@ class Embedding(nn.Cell):
         super().__init__()
         self.embedding_weight = _param((cfg.padded_vocab_size, cfg.hidden_size), dtype)
         self.blocks = None  # the table's block kind when it holds blocks (looked up by the native kernel)
+        self.drop_pages = None  # for a table that is its file's mapping: unmaps what a lookup mapped (inference)
 
     def hold_blocks(self, kind: str) -> None:
         """As `Linear.hold_blocks`: the table in llama.cpp's blocks, its rows dequantized as they are looked up."""
@@ -346,6 +347,12 @@ class Embedding(nn.Cell):
         self.blocks = kind
 
     def construct(self, ids):
+        x = self.lookup(ids)
+        if self.drop_pages is not None:  # (static; PyNative)
+            self.drop_pages()
+        return x
+
+    def lookup(self, ids):
         w = self.embedding_weight
         if self.blocks is not None:  # (static)
             return NATIVE_EMBEDDING[self.blocks](ids.astype(ms.int32), w)

@@ -4,6 +4,7 @@ logits as weights read into memory; the file never written; a corrupt tensor fou
 it is handed out, and named."""
 import errno
 import hashlib
+import mmap
 import subprocess
 
 import mindspore as ms  # noqa: TID253
@@ -81,8 +82,8 @@ def test_a_corrupt_tensor_stops_the_first_prompt_and_every_one_after(gguf_files,
         direct(ms.Tensor(PROMPT))  # the forward itself: no logits before the checks
     with pytest.raises(CheckpointError, match="blk.1.ffn_up.weight"):
         from_pretrained(path, compute_dtype="float32", mapped=False)
-    for mmap in ("--mmap", "--no-mmap"):  # found beside the first prompt, or as the weights are read
-        r = subprocess.run([BIN / "glm2-generate", path, "--prompt", "你好", "--max-new-tokens", "4", mmap],
+    for flag in ("--mmap", "--no-mmap"):  # found beside the first prompt, or as the weights are read
+        r = subprocess.run([BIN / "glm2-generate", path, "--prompt", "你好", "--max-new-tokens", "4", flag],
                            capture_output=True, text=True)
         assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1, r.stdout + r.stderr
         assert r.stderr.startswith(f"error: {path}: tensor 'blk.1.ffn_up.weight' does not match the sha256")
@@ -123,3 +124,34 @@ def test_a_file_system_that_cannot_map_is_read_instead(gguf_files, monkeypatch):
     assert "_proofs" not in model.__dict__
     np.testing.assert_array_equal(model.generate(PROMPT, max_new_tokens=4),
                                   from_pretrained(gguf_files["q8_0"], mapped=False).generate(PROMPT, max_new_tokens=4))
+
+
+def present_pages(start: int, end: int) -> int:
+    """How many pages of [start, end) this process has mapped in memory (/proc/self/pagemap's present bit)."""
+    page = mmap.PAGESIZE
+    first, last = -(-start // page), end // page
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(8 * first)
+        entries = np.frombuffer(pagemap.read(8 * max(0, last - first)), np.uint64)
+    return int((entries >> np.uint64(63)).sum())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_mapped_embedding_keeps_none_of_the_pages_its_lookups_map(gguf_files, kind):
+    """The kernel maps a page cache's large folio whole around each embedding row a lookup reads: a prompt's rows
+    would keep far more of the table in memory than they are. A table that is its file's mapping drops its pages
+    after each lookup (the page cache keeps them), and looks up the same rows again."""
+    model = from_pretrained(gguf_files[kind], compute_dtype="float32")
+    emb = model.transformer.embedding
+    table = emb.embedding_weight
+    start = table.data_ptr()
+    end = start + table.nbytes
+    assert any(a <= start and end <= b for a, b in mapping_of(gguf_files[kind]))
+    ids = ms.Tensor(np.random.default_rng(0).integers(0, table.shape[0], (1, 300)).astype(np.int32))
+    looked_up = emb(ids).asnumpy()
+    assert present_pages(start, end) == 0
+    dropper, emb.drop_pages = emb.drop_pages, None
+    np.testing.assert_array_equal(emb(ids).asnumpy(), looked_up)
+    assert present_pages(start, end) > 0  # (what it keeps without)
+    dropper()
+    assert present_pages(start, end) == 0
