@@ -73,15 +73,12 @@ def _mapped(arr: np.ndarray) -> bool:
     return isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap)
 
 
-MADV_DONTNEED = 4  # Linux's madvise advice
-
-
 class PageDropper:
     """Drops the whole pages of a view of a copy-on-write file mapping from this process's memory (`madvise`
     MADV_DONTNEED); the page cache keeps them, and a read maps them back. For a table read a few rows at a time:
     the kernel maps a page cache's large folio whole around each row read, so a table whose pages stay mapped
-    grows in memory far beyond the rows it gave. Only for weights nothing writes: a page
-    dropped comes back as the file has it. Holds the view, so the mapping outlives it."""
+    grows in memory far beyond the rows it gave. Only for weights nothing writes: a page dropped comes back as the
+    file has it. Holds the view, so the mapping outlives it."""
 
     def __init__(self, view: np.ndarray):
         self.view, page = view, mmap.PAGESIZE
@@ -92,7 +89,7 @@ class PageDropper:
         self.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
     def __call__(self) -> None:
-        if self.length and self.madvise(self.start, self.length, MADV_DONTNEED) != 0:
+        if self.length and self.madvise(self.start, self.length, mmap.MADV_DONTNEED) != 0:
             raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) of an embedding's pages failed")
 
 
