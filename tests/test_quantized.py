@@ -223,3 +223,17 @@ def test_a_model_loaded_for_training_holds_floats(gguf_files):
             folder.load("float32", "float32", quantize="q8_0", training=True)
         with pytest.raises(UserError, match="activations q8_0 go with weights in q8_0/q4_0 blocks"):
             folder.load("float32", "float32", training=True, activations="q8_0")
+
+
+def test_a_q8_0_decoding_row_is_its_row_in_a_batch_to_the_bit(kernel_isa):
+    """LinearQ8's one-row pass over q8_0 (a decoding step: eight weight rows at a time) gives each output the bits
+    the same row gets among several (each weight row against the rows in turn), at widths with a remainder: a
+    request decodes the same alone and batched beside others. (q4_0's one-row tiles sum in another order.)"""
+    op, kind = kernels.native_linear_q8(), "q8_0"
+    rng = np.random.default_rng(7)
+    for n in (3, 8, 19, 67):
+        x = rng.standard_normal((3, 1056)).astype(np.float32)
+        w = ms.Tensor(quantize(rng.standard_normal((n, 1056)).astype(np.float32), "float32", kind))
+        batch = op(ms.Tensor(x), w).asnumpy()
+        for r in range(3):
+            np.testing.assert_array_equal(op(ms.Tensor(x[r:r + 1]), w).asnumpy()[0], batch[r])

@@ -405,8 +405,7 @@ inline __m256i block_dot(const uint8_t *blk, __m256i u, const int8_t *xq) {
 }
 
 // One weight row against R rows of the activations from r0: each block unpacked once for the R rows, blocks two at
-// a time into two sums per row (independent chains). One weight row at a time: a single stream per thread reads
-// memory faster here than several rows side by side, once the arithmetic is this light.
+// a time into two sums per row (independent chains).
 template <Kind K, int R>
 void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int64_t n) {
   __m256 acc[R][2];
@@ -427,6 +426,25 @@ void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int6
     }
   }
   for (int r = 0; r < R; ++r) y[r * n] = vm::hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+// S weight rows from i against one row of the activations, each as dot_rows<K, 1> sums it (the same two sums, the
+// same result): 2·S independent sums. q8_0's decoding row, 8 weight rows at a time: on a CPU that issues 256-bit
+// operations as two halves its arithmetic's chains, not memory, bound the pace (benchmarks/kernel_ab.py).
+template <Kind K, int S>
+void dot_weight_rows(Weights w, int64_t i, const Activations &a, float *y) {
+  __m256 acc[S][2];
+  for (int j = 0; j < S; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+  const int64_t nb = a.blocks;
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256 dx = _mm256_set1_ps(a.d[b]);
+    for (int j = 0; j < S; ++j) {
+      const uint8_t *blk = w.row(i + j) + b * block_bytes<K>();
+      const __m256 sums = _mm256_cvtepi32_ps(block_dot<K>(blk, unsigned_values<K>(blk), a.q.data() + b * kQK));
+      acc[j][b & 1] = _mm256_fmadd_ps(sums, _mm256_mul_ps(block_scale(blk), dx), acc[j][b & 1]);
+    }
+  }
+  for (int j = 0; j < S; ++j) y[i + j] = vm::hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
 }
 
 // ---- A prompt's rows over weights in blocks (more than kDirectRows), with activations in q8_0: 8 weight rows at a
@@ -617,6 +635,18 @@ void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_
           q4_tile(w, a, n0, y);
         } else {
           for (int64_t i = n0; i < n; ++i) dot_rows<K, 1>(w.row(i), a, 0, y + i, n);
+        }
+      }
+      return;
+    }
+  } else {
+    if (m == 1) {
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < n; i += 8) {
+        if (i + 8 <= n) {
+          dot_weight_rows<K, 8>(w, i, a, y);
+        } else {
+          for (int64_t r = i; r < n; ++r) dot_weight_rows<K, 1>(w, r, a, y);
         }
       }
       return;
