@@ -113,7 +113,7 @@ class CachedStep(nn.Cell):
 
     def construct(self, embedded, position_ids, mask, write, *flat):
         caches = tuple((flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2))
-        hidden, kvs = self.model.transformer.body(embedded, position_ids, mask, caches, write)
+        hidden, kvs = self.model.transformer.body(embedded, position_ids, mask, caches, write, last_only=True)
         out = (self.model.transformer.output_layer(hidden[:, -1]).astype(ms.float32),)
         for k, v in kvs:
             out = out + (k, v)

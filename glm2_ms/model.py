@@ -402,8 +402,10 @@ class GLM2Model(nn.Cell):
         """Hidden states after the final norm, and the layers' k/v (the updated caches when given)."""
         return self.body(self.embedding(input_ids), position_ids, mask, caches, write)
 
-    def body(self, x, position_ids, mask, caches=None, write=None):
-        """Everything after the embedding lookup (what the jit-compiled decode step runs)."""
+    def body(self, x, position_ids, mask, caches=None, write=None, last_only=False):
+        """Everything after the embedding lookup (what the decoding step runs); `last_only`: the final norm of each
+        row's last position only (a step's logits need no more: over a whole prompt the norm's intermediates were
+        several times the prompt's hidden states)."""
         x = x.astype(self.compute_dtype)
         if self.record is not None:
             self.record("embedding", x)
@@ -412,6 +414,8 @@ class GLM2Model(nn.Cell):
         for i, layer in enumerate(self.encoder.layers):
             x, kv = layer(x, cos, sin, mask, None if caches is None else caches[i], write)
             kvs = kvs + (kv,)
+        if last_only:
+            x = x[:, -1:]
         x = self.encoder.final_layernorm(x)
         if self.record is not None:
             self.record("final norm", x)
