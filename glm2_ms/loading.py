@@ -59,7 +59,7 @@ def _shareable(arr: np.ndarray) -> bool:
     if not (arr.flags.c_contiguous and arr.flags.writeable):
         return False
     root = _root(arr)
-    return _mapped(arr) or (root.base is None and root.flags.owndata)
+    return _mapped(root) or (root.base is None and root.flags.owndata)
 
 
 def _root(arr: np.ndarray) -> np.ndarray:

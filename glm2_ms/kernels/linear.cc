@@ -626,31 +626,19 @@ template <Kind K>
 void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
   const Activations a(x, m, k, offset<K>());
   if (m > kDirectRows) return prompt_q8<K>(a, w, y, m, n);
-  if constexpr (K == Q4_0) {
-    if (m == 1) {
-      const int64_t whole = n - n % kTile;
+  if (m == 1) {  // a decoding row: kTile weight rows at a time (q4_0 transposed in a tile), the rest one by one
+    const int64_t whole = n - n % kTile;
 #pragma omp parallel for schedule(static)
-      for (int64_t n0 = 0; n0 < n; n0 += kTile) {
-        if (n0 < whole) {
-          q4_tile(w, a, n0, y);
-        } else {
-          for (int64_t i = n0; i < n; ++i) dot_rows<K, 1>(w.row(i), a, 0, y + i, n);
-        }
+    for (int64_t n0 = 0; n0 < n; n0 += kTile) {
+      if (n0 >= whole) {
+        for (int64_t i = n0; i < n; ++i) dot_rows<K, 1>(w.row(i), a, 0, y + i, n);
+      } else if constexpr (K == Q4_0) {
+        q4_tile(w, a, n0, y);
+      } else {
+        dot_weight_rows<K, kTile>(w, n0, a, y);
       }
-      return;
     }
-  } else {
-    if (m == 1) {
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < n; i += 8) {
-        if (i + 8 <= n) {
-          dot_weight_rows<K, 8>(w, i, a, y);
-        } else {
-          for (int64_t r = i; r < n; ++r) dot_weight_rows<K, 1>(w, r, a, y);
-        }
-      }
-      return;
-    }
+    return;
   }
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
