@@ -428,23 +428,37 @@ void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int6
   for (int r = 0; r < R; ++r) y[r * n] = vm::hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
-// S weight rows from i against one row of the activations, each as dot_rows<K, 1> sums it (the same two sums, the
-// same result): 2·S independent sums. q8_0's decoding row, 8 weight rows at a time: on a CPU that issues 256-bit
-// operations as two halves its arithmetic's chains, not memory, bound the pace (benchmarks/kernel_ab.py).
+// Every float16 as a float32, indexed by its bits: a block's scale read from memory rather than converted. Where
+// 256-bit operations issue as two halves, the conversion shares its unit with the int32 → float32 conversion every
+// block needs, and the two bound q8_0's decoding row (benchmarks/kernel_ab.py).
+const float *halves() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(1 << 16);
+    for (size_t bits = 0; bits < t.size(); ++bits) t[bits] = _cvtsh_ss(static_cast<uint16_t>(bits));
+    return t;
+  }();
+  return table.data();
+}
+
+// S weight rows from i against one row of the activations, each as dot_rows<K, 1> sums it (the same two sums, even
+// and odd blocks; the same scale products; the same result): 2·S independent sums, held in registers (their
+// indices known when compiled). q8_0's decoding row, 8 weight rows at a time.
 template <Kind K, int S>
-void dot_weight_rows(Weights w, int64_t i, const Activations &a, float *y) {
-  __m256 acc[S][2];
-  for (int j = 0; j < S; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
-  const int64_t nb = a.blocks;
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m256 dx = _mm256_set1_ps(a.d[b]);
+void dot_weight_rows(Weights w, int64_t i, const Activations &a, const float *half, float *y) {
+  __m256 even[S], odd[S];
+  for (int j = 0; j < S; ++j) even[j] = odd[j] = _mm256_setzero_ps();
+  const auto add = [&](int64_t b, __m256 *acc) __attribute__((always_inline)) {
+    const int8_t *xq = a.q.data() + b * kQK;
     for (int j = 0; j < S; ++j) {
       const uint8_t *blk = w.row(i + j) + b * block_bytes<K>();
-      const __m256 sums = _mm256_cvtepi32_ps(block_dot<K>(blk, unsigned_values<K>(blk), a.q.data() + b * kQK));
-      acc[j][b & 1] = _mm256_fmadd_ps(sums, _mm256_mul_ps(block_scale(blk), dx), acc[j][b & 1]);
+      const __m256 sums = _mm256_cvtepi32_ps(block_dot<K>(blk, unsigned_values<K>(blk), xq));
+      acc[j] = _mm256_fmadd_ps(sums, _mm256_set1_ps(half[scale_bits(blk)] * a.d[b]), acc[j]);
     }
-  }
-  for (int j = 0; j < S; ++j) y[i + j] = vm::hsum(_mm256_add_ps(acc[j][0], acc[j][1]));
+  };
+  int64_t b = 0;
+  for (; b + 2 <= a.blocks; b += 2) add(b, even), add(b + 1, odd);
+  if (b < a.blocks) add(b, even);
+  for (int j = 0; j < S; ++j) y[i + j] = vm::hsum(_mm256_add_ps(even[j], odd[j]));
 }
 
 // ---- A prompt's rows over weights in blocks (more than kDirectRows), with activations in q8_0: 8 weight rows at a
@@ -583,23 +597,28 @@ inline __m256i q4_sums(const __m256i p[4], const int32_t *xq, int32_t offset) {
   return _mm256_add_epi32(_mm256_set1_epi32(offset), _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-// y[n0 .. n0 + 8) of one row of x.
+// Block b of y[n0 .. n0 + 8) of one row of x, added to acc.
+inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int64_t b, __m256 &acc) {
+  const int64_t at = b * block_bytes<Q4_0>();
+  __m256i p[4];
+  q4_transposed(rows, at + 2, p);
+  const __m256i sums = q4_sums(p, reinterpret_cast<const int32_t *>(a.q.data() + b * kQK), a.offsets[b]);
+  const __m128i packed = _mm_setr_epi16(scale_bits(rows[0] + at), scale_bits(rows[1] + at), scale_bits(rows[2] + at),
+                                        scale_bits(rows[3] + at), scale_bits(rows[4] + at), scale_bits(rows[5] + at),
+                                        scale_bits(rows[6] + at), scale_bits(rows[7] + at));
+  const __m256 scales = _mm256_mul_ps(_mm256_cvtph_ps(packed), _mm256_set1_ps(a.d[b]));
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc);
+}
+
+// y[n0 .. n0 + 8) of one row of x: even and odd blocks in two sums (registers: their indices known when compiled).
 inline void q4_tile(Weights w, const Activations &a, int64_t n0, float *y) {
   const uint8_t *rows[kTile];
   for (int j = 0; j < kTile; ++j) rows[j] = w.row(n0 + j);
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t b = 0; b < a.blocks; ++b) {
-    const int64_t at = b * block_bytes<Q4_0>();
-    __m256i p[4];
-    q4_transposed(rows, at + 2, p);
-    const __m256i sums = q4_sums(p, reinterpret_cast<const int32_t *>(a.q.data() + b * kQK), a.offsets[b]);
-    const __m128i packed = _mm_setr_epi16(scale_bits(rows[0] + at), scale_bits(rows[1] + at), scale_bits(rows[2] + at),
-                                          scale_bits(rows[3] + at), scale_bits(rows[4] + at), scale_bits(rows[5] + at),
-                                          scale_bits(rows[6] + at), scale_bits(rows[7] + at));
-    const __m256 scales = _mm256_mul_ps(_mm256_cvtph_ps(packed), _mm256_set1_ps(a.d[b]));
-    acc[b & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc[b & 1]);
-  }
-  _mm256_storeu_ps(y + n0, _mm256_add_ps(acc[0], acc[1]));
+  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 2 <= a.blocks; b += 2) q4_block(rows, a, b, even), q4_block(rows, a, b + 1, odd);
+  if (b < a.blocks) q4_block(rows, a, b, even);
+  _mm256_storeu_ps(y + n0, _mm256_add_ps(even, odd));
 }
 
 template <Kind K>
@@ -628,6 +647,7 @@ void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_
   if (m > kDirectRows) return prompt_q8<K>(a, w, y, m, n);
   if (m == 1) {  // a decoding row: kTile weight rows at a time (q4_0 transposed in a tile), the rest one by one
     const int64_t whole = n - n % kTile;
+    const float *half = K == Q8_0 ? halves() : nullptr;  // built before the threads share it
 #pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < n; n0 += kTile) {
       if (n0 >= whole) {
@@ -635,7 +655,7 @@ void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_
       } else if constexpr (K == Q4_0) {
         q4_tile(w, a, n0, y);
       } else {
-        dot_weight_rows<K, kTile>(w, n0, a, y);
+        dot_weight_rows<K, kTile>(w, n0, a, half, y);
       }
     }
     return;
