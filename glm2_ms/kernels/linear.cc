@@ -404,28 +404,32 @@ inline __m256i block_dot(const uint8_t *blk, __m256i u, const int8_t *xq) {
   }
 }
 
-// One weight row against R rows of the activations from r0: each block unpacked once for the R rows, blocks two at
-// a time into two sums per row (independent chains).
+// Blocks 0 .. blocks - 1 given in turn to add(b, sums): the even ones with `even`, the odd ones with `odd` (two
+// independent chains). Every one-row pass sums in this order, so an output's bits do not depend on the pass that
+// computed it; and the sums' indices are known when compiled, so they stay in registers.
+template <class Sums, class Add>
+inline void in_two_sums(int64_t blocks, Sums &even, Sums &odd, Add add) {
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) add(b, even), add(b + 1, odd);
+  if (b < blocks) add(b, even);
+}
+
+// One weight row against R rows of the activations from r0: each block unpacked once for the R rows.
 template <Kind K, int R>
 void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int64_t n) {
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const int64_t nb = a.blocks;
-  for (int64_t b = 0; b < nb; b += 2) {
-    for (int half = 0; half < 2; ++half) {
-      if (b + half == nb) break;  // an odd count of blocks
-      const int64_t i = b + half;
-      const uint8_t *blk = w + i * block_bytes<K>();
-      const __m256 dw = block_scale(blk);
-      const __m256i u = unsigned_values<K>(blk);
-      for (int r = 0; r < R; ++r) {
-        const int64_t at = (r0 + r) * nb + i;
-        const __m256 sums = _mm256_cvtepi32_ps(block_dot<K>(blk, u, a.q.data() + at * kQK));
-        acc[r][half] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_set1_ps(a.d[at])), acc[r][half]);
-      }
+  __m256 even[R], odd[R];
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+  in_two_sums(a.blocks, even, odd, [&](int64_t b, __m256 (&acc)[R]) __attribute__((always_inline)) {
+    const uint8_t *blk = w + b * block_bytes<K>();
+    const __m256 dw = block_scale(blk);
+    const __m256i u = unsigned_values<K>(blk);
+    for (int r = 0; r < R; ++r) {
+      const int64_t at = (r0 + r) * a.blocks + b;
+      const __m256 sums = _mm256_cvtepi32_ps(block_dot<K>(blk, u, a.q.data() + at * kQK));
+      acc[r] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_set1_ps(a.d[at])), acc[r]);
     }
-  }
-  for (int r = 0; r < R; ++r) y[r * n] = vm::hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+  });
+  for (int r = 0; r < R; ++r) y[r * n] = vm::hsum(_mm256_add_ps(even[r], odd[r]));
 }
 
 // Every float16 as a float32, indexed by its bits: a block's scale read from memory rather than converted. Where
@@ -440,24 +444,21 @@ const float *halves() {
   return table.data();
 }
 
-// S weight rows from i against one row of the activations, each as dot_rows<K, 1> sums it (the same two sums, even
-// and odd blocks; the same scale products; the same result): 2·S independent sums, held in registers (their
-// indices known when compiled). q8_0's decoding row, 8 weight rows at a time.
+// S weight rows from i against one row of the activations, each as dot_rows<K, 1> sums it (the same sums, the same
+// scale products, the same result): 2·S independent sums. q8_0's decoding row, 8 weight rows at a time.
 template <Kind K, int S>
-void dot_weight_rows(Weights w, int64_t i, const Activations &a, const float *half, float *y) {
+void dot_weight_rows(Weights w, int64_t i, const Activations &a, float *y) {
+  const float *half = halves();
   __m256 even[S], odd[S];
   for (int j = 0; j < S; ++j) even[j] = odd[j] = _mm256_setzero_ps();
-  const auto add = [&](int64_t b, __m256 *acc) __attribute__((always_inline)) {
+  in_two_sums(a.blocks, even, odd, [&](int64_t b, __m256 (&acc)[S]) __attribute__((always_inline)) {
     const int8_t *xq = a.q.data() + b * kQK;
     for (int j = 0; j < S; ++j) {
       const uint8_t *blk = w.row(i + j) + b * block_bytes<K>();
       const __m256 sums = _mm256_cvtepi32_ps(block_dot<K>(blk, unsigned_values<K>(blk), xq));
       acc[j] = _mm256_fmadd_ps(sums, _mm256_set1_ps(half[scale_bits(blk)] * a.d[b]), acc[j]);
     }
-  };
-  int64_t b = 0;
-  for (; b + 2 <= a.blocks; b += 2) add(b, even), add(b + 1, odd);
-  if (b < a.blocks) add(b, even);
+  });
   for (int j = 0; j < S; ++j) y[i + j] = vm::hsum(_mm256_add_ps(even[j], odd[j]));
 }
 
@@ -610,14 +611,14 @@ inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int
   acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc);
 }
 
-// y[n0 .. n0 + 8) of one row of x: even and odd blocks in two sums (registers: their indices known when compiled).
+// y[n0 .. n0 + 8) of one row of x.
 inline void q4_tile(Weights w, const Activations &a, int64_t n0, float *y) {
   const uint8_t *rows[kTile];
   for (int j = 0; j < kTile; ++j) rows[j] = w.row(n0 + j);
   __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 2 <= a.blocks; b += 2) q4_block(rows, a, b, even), q4_block(rows, a, b + 1, odd);
-  if (b < a.blocks) q4_block(rows, a, b, even);
+  in_two_sums(a.blocks, even, odd, [&](int64_t b, __m256 &acc) __attribute__((always_inline)) {
+    q4_block(rows, a, b, acc);
+  });
   _mm256_storeu_ps(y + n0, _mm256_add_ps(even, odd));
 }
 
@@ -647,7 +648,6 @@ void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_
   if (m > kDirectRows) return prompt_q8<K>(a, w, y, m, n);
   if (m == 1) {  // a decoding row: kTile weight rows at a time (q4_0 transposed in a tile), the rest one by one
     const int64_t whole = n - n % kTile;
-    const float *half = K == Q8_0 ? halves() : nullptr;  // built before the threads share it
 #pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < n; n0 += kTile) {
       if (n0 >= whole) {
@@ -655,7 +655,7 @@ void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_
       } else if constexpr (K == Q4_0) {
         q4_tile(w, a, n0, y);
       } else {
-        dot_weight_rows<K, kTile>(w, n0, a, half, y);
+        dot_weight_rows<K, kTile>(w, n0, a, y);
       }
     }
     return;
