@@ -33,6 +33,10 @@ constexpr int kRows = 3;         // rows of x per register tile: 3 x 4 accumulat
 // unpacking the blocks anew); a 16-bit one always does, its widening being cheaper than the prompt pass's staging
 constexpr int64_t kDirectRows = 8;
 constexpr int64_t kQK = 32;      // weights per quantized block
+// weight rows a decoding thread takes at a time: whichever thread is free takes the next ones, so a thread whose core
+// is shared (another process, the checksums of weights still being read) does not hold the step back, as an even
+// split would; and a share of rows is contiguous memory long enough to stream
+constexpr int64_t kShareRows = 64;
 
 template <Kind K>
 constexpr int64_t block_bytes() {
@@ -257,8 +261,8 @@ constexpr int kDecodeCols = kCols;
 #endif
 
 // Decoding (up to kDirectRows rows of x: one request, or a server's batch of them; any number of rows over
-// 16-bit weights): the output columns shared among the threads, each weight read from memory once, the rows of x
-// two at a time over it. A prompt over quantized weights (more rows): a block of kBlock weights at a time along k,
+// 16-bit weights): the output columns shared among the threads kShareRows at a time, each weight read from memory
+// once, the rows of x two at a time over it. A prompt over quantized weights (more rows): a block of kBlock weights at a time along k,
 // for every column, so that the rows of x in that block (a few hundred KB) stay in L2 while every column meets
 // them. Within a block the columns go to whichever thread is free (a dynamic schedule: a thread that shares its
 // core with another, such as the checksums of weights still being read, does not hold the other back), and each
@@ -267,7 +271,7 @@ template <Kind K>
 void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
   constexpr bool sixteen_bit = K == F16 || K == BF16;
   if (sixteen_bit || m <= kDirectRows) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, kShareRows / kDecodeCols)
     for (int64_t n0 = 0; n0 < n; n0 += kDecodeCols) {
       const int cols = n - n0 < kDecodeCols ? static_cast<int>(n - n0) : kDecodeCols;
       for (int64_t r = 0; r < m; r += 2) {  // the second pair on meets these weight rows in L2, not memory
@@ -648,7 +652,7 @@ void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_
   if (m > kDirectRows) return prompt_q8<K>(a, w, y, m, n);
   if (m == 1) {  // a decoding row: kTile weight rows at a time (q4_0 transposed in a tile), the rest one by one
     const int64_t whole = n - n % kTile;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, kShareRows / kTile)
     for (int64_t n0 = 0; n0 < n; n0 += kTile) {
       if (n0 >= whole) {
         for (int64_t i = n0; i < n; ++i) dot_rows<K, 1>(w.row(i), a, 0, y + i, n);
@@ -660,7 +664,7 @@ void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_
     }
     return;
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, kShareRows)
   for (int64_t i = 0; i < n; ++i) {
     int64_t r = 0;
     for (; r + 4 <= m; r += 4) dot_rows<K, 4>(w.row(i), a, r, y + r * n + i, n);
