@@ -1,14 +1,15 @@
 """The native kernel of this checkout against the kernel of an earlier revision, in one process, at the 6B shapes.
 
     python benchmarks/kernel_ab.py --base REV [--kind q4_0|q8_0|f16] [--rows 1] [--repeat 7] [--threads 2]
-                                   [--entry LinearQ8|Linear]
+                                   [--entry LinearQ8|Linear] [--busy 0]
 
 The kernel sources of git revision REV are built into a temporary folder beside this checkout's build; both
 operators then run on the same random weights of each 6B matrix (qkv, dense, h_to_4h, 4h_to_h, the output layer),
 `--rows` rows of x (1: a decoding step; 200: a prompt), the two sides alternating, and their outputs are compared
 before anything is timed. Printed per matrix: the median ms of each side and the weights' GB/s (one row) or the
 arithmetic's GFLOP/s (more rows); then a decoding step's (or a prompt's) sum over 28 layers and the output layer,
-and the ratio. The machine's read bandwidth is measured in the same run as the anchor.
+and the ratio. The machine's read bandwidth is measured in the same run as the anchor. `--busy N` keeps N other
+processes spinning while both sides are timed: how each copes with a core it shares.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from bandwidth import read_bandwidth
-from measure import print_machine, set_ms_threads
+from measure import busy_cores, print_machine, set_ms_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--busy", type=int, default=0)
     args = ap.parse_args()
     set_ms_threads(args.threads)
     import mindspore as ms
@@ -89,7 +91,8 @@ def main() -> None:
         if head is None:
             raise SystemExit(f"this checkout's kernels did not build: {why}")
         ops = {args.base: kernels._custom(str(base), args.entry), "HEAD": kernels._custom(str(head), args.entry)}
-        compare(ops, args, GLM2Config.preset("6b"))
+        with busy_cores(args.busy):
+            compare(ops, args, GLM2Config.preset("6b"))
 
 
 def warm_up(ops, w, x, calls: int = 12) -> None:
@@ -109,7 +112,8 @@ def compare(ops: dict, args, cfg) -> None:
               "output": (cfg.padded_vocab_size, h)}
     sums = dict.fromkeys(ops, 0.0)
     warm_up(ops.values(), weights(args.kind, 64, h, rng), ms.Tensor(np.ones((args.rows, h), np.float32)))
-    print(f"\n{args.entry} over {args.kind}, {args.rows} row(s) of x, median of {args.repeat} per side, alternating\n")
+    print(f"\n{args.entry} over {args.kind}, {args.rows} row(s) of x, median of {args.repeat} per side, alternating; "
+          f"{args.busy} other process(es) spinning\n")
     rate = "GB/s" if args.rows == 1 else "GFLOP/s"  # of the weights read; of the arithmetic
     print("| matrix | " + " | ".join(f"{side}: ms ({rate})" for side in ops) + " |")
     print("|---|" + "---|" * len(ops))

@@ -23,6 +23,18 @@ def drop_caches() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def busy_cores(n: int):
+    """`n` processes that spin for as long as the block runs: another program's load on the cores a run shares."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+
+
 def warm(*paths: Path) -> None:
     """Read files into the page cache: a source just written or downloaded."""
     files = [str(p) for path in paths for p in sorted(Path(path).rglob("*")) if p.is_file()]

@@ -58,3 +58,26 @@ def test_backward_shapes_are_the_products_autograd_runs():
     assert [(r["shape"], r["layout"]) for r in rows] == [((4, 16, 32), "nn"), ((16, 4, 32), "tn")]
     for r in rows:
         assert r["ms"] > 0 and r["pt"] > 0 and r["ratio"] == pytest.approx(r["pt"] / r["ms"])
+
+
+def _spinning() -> list[int]:
+    """Children of this process that run the spin loop."""
+    own = str(Path("/proc/self").resolve().name)
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields, cmd = stat.read_text().rsplit(")", 1)[1].split(), (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if fields[1] == own and b"while True: pass" in cmd:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_busy_cores_spin_for_the_block_and_are_gone_after_it():
+    with measure.busy_cores(2):
+        assert len(_spinning()) == 2
+    assert _spinning() == []
+    with pytest.raises(RuntimeError), measure.busy_cores(1):  # gone also when the block fails
+        raise RuntimeError
+    assert _spinning() == []
