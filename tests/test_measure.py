@@ -1,4 +1,5 @@
 """The machine block and kernel anchors every benchmark prints (benchmarks/measure.py)."""
+import os
 import sys
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_backward_shapes_are_the_products_autograd_runs():
 
 def _spinning() -> list[int]:
     """Children of this process that run the spin loop."""
-    own = str(Path("/proc/self").resolve().name)
+    own = str(os.getpid())
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:

@@ -262,11 +262,10 @@ constexpr int kDecodeCols = kCols;
 
 // Decoding (up to kDirectRows rows of x: one request, or a server's batch of them; any number of rows over
 // 16-bit weights): the output columns shared among the threads kShareRows at a time, each weight read from memory
-// once, the rows of x two at a time over it. A prompt over quantized weights (more rows): a block of kBlock weights at a time along k,
-// for every column, so that the rows of x in that block (a few hundred KB) stay in L2 while every column meets
-// them. Within a block the columns go to whichever thread is free (a dynamic schedule: a thread that shares its
-// core with another, such as the checksums of weights still being read, does not hold the other back), and each
-// block ends in a barrier, so no two threads add into the same output at once.
+// once, the rows of x two at a time over it. A prompt over quantized weights (more rows): a block of kBlock
+// weights at a time along k, for every column, so that the rows of x in that block (a few hundred KB) stay in L2
+// while every column meets them. Within a block the columns go to whichever thread is free, for kShareRows' reason,
+// and each block ends in a barrier, so no two threads add into the same output at once.
 template <Kind K>
 void linear(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
   constexpr bool sixteen_bit = K == F16 || K == BF16;
@@ -438,7 +437,7 @@ void dot_rows(const uint8_t *w, const Activations &a, int64_t r0, float *y, int6
 
 // Every float16 as a float32, indexed by its bits: a block's scale read from memory rather than converted. Where
 // 256-bit operations issue as two halves, the conversion shares its unit with the int32 → float32 conversion every
-// block needs, and the two bound q8_0's decoding row (benchmarks/kernel_ab.py).
+// block needs, and the two bound the arithmetic of q8_0's decoding row (benchmarks/kernel_ab.py).
 const float *halves() {
   static const std::vector<float> table = [] {
     std::vector<float> t(1 << 16);
