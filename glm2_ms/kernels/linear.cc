@@ -586,7 +586,9 @@ inline void add_rows(const Tile &t, const Activations &a, int64_t r0, int64_t b0
 // 4g .. 4g + 3 and their high ones 16 + 4g .., each met by 4 broadcast activation bytes in one integer multiply-add.
 // A block's activation scale, its −c·Σx, the weight scales' conversion and the one to float then serve 8 rows at
 // once: about half the instructions of a row at a time (dot_rows), which is what bounds q4_0 on two cores. (The 8
-// weight scales are put together from scalar loads: a gather of them was slower than the rest of the block.)
+// weight scales are put together from scalar loads in integer registers, which leave the vector units to the
+// rest: a gather of them was slower than the rest of the block, and inserting them one by one into a vector took
+// the vector units' time.)
 inline void q4_transposed(const uint8_t *const rows[kTile], int64_t at, __m256i p[4]) {
   __m256i v[4], t[4];
   for (int j = 0; j < 4; ++j)
@@ -618,9 +620,12 @@ inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int
   __m256i p[4];
   q4_transposed(rows, at + 2, p);
   const __m256i sums = q4_sums(p, reinterpret_cast<const int32_t *>(a.q.data() + b * kQK), a.offsets[b]);
-  const __m128i packed = _mm_setr_epi16(scale_bits(rows[0] + at), scale_bits(rows[1] + at), scale_bits(rows[2] + at),
-                                        scale_bits(rows[3] + at), scale_bits(rows[4] + at), scale_bits(rows[5] + at),
-                                        scale_bits(rows[6] + at), scale_bits(rows[7] + at));
+  uint64_t low = 0, high = 0;
+  for (int j = 0; j < 4; ++j) {
+    low |= uint64_t{scale_bits(rows[j] + at)} << (16 * j);
+    high |= uint64_t{scale_bits(rows[j + 4] + at)} << (16 * j);
+  }
+  const __m128i packed = _mm_unpacklo_epi64(_mm_cvtsi64_si128(low), _mm_cvtsi64_si128(high));
   const __m256 scales = _mm256_mul_ps(_mm256_cvtph_ps(packed), _mm256_set1_ps(a.d[b]));
   acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc);
 }
