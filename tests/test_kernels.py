@@ -1,6 +1,7 @@
 """The native kernels (glm2_ms/kernels): the float32 product over 16-bit weights (float32 arithmetic on the widened
 weights), and a layer's fused steps (attention against the cache, RMSNorm, SwiGLU); built once into the cache, used
 in inference only, and MindSpore's operators wherever they cannot be built."""
+import shutil
 import subprocess
 import time
 
@@ -54,6 +55,17 @@ def test_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("built again"))
     assert kernels._build() == (lib, "")
     assert list(lib.parent.iterdir()) == [lib]  # the build folder is gone
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) is not installed")
+def test_the_built_library_keeps_the_decoding_passes_prefetches():
+    """read_ahead's prefetches reach the machine code: g++ once dropped them without a word (as _mm_prefetch), and
+    only the speed would have shown it."""
+    lib, why = kernels._build()
+    assert why == "", why
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "prefetcht1" in code
 
 
 def test_a_failing_build_leaves_the_cast_path_and_says_why(tmp_path, monkeypatch, hf_tiny):
