@@ -447,13 +447,14 @@ const float *halves() {
   return table.data();
 }
 
-// Asks for `bytes` from `at` to be brought into cache (a prefetch never faults). A decoding pass over S weight rows
+// Asks for bytes of weights to be brought into cache (a prefetch never faults). A decoding pass over S weight rows
 // at a time reads them as S interleaved streams of a few KB, each too short for the hardware prefetcher to get
 // ahead of; the S rows after them are one contiguous stretch, which it reads at the memory's pace when asked for in
-// order. So each block of the S rows asks for a block's share of the next S rows (`ahead`). The builtin, not
-// _mm_prefetch: g++ dropped the intrinsic's prefetches from these loops altogether.
-inline void read_ahead(const uint8_t *at, int64_t bytes) {
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(at + o, 0, 2);  // a read, kept in L2 (_MM_HINT_T1)
+// order. So block b of the S rows asks for block b's share of the next S rows, which start at `ahead` (`share`:
+// S blocks' bytes). The builtin, not _mm_prefetch: g++ dropped the intrinsic's prefetches from these loops.
+inline void read_ahead(const uint8_t *ahead, int64_t b, int64_t share) {
+  const uint8_t *at = ahead + b * share;
+  for (int64_t o = 0; o < share; o += 64) __builtin_prefetch(at + o, 0, 2);  // a read, kept in L2 (_MM_HINT_T1)
 }
 
 // S weight rows from i against one row of the activations, each as dot_rows<K, 1> sums it (the same sums, the same
@@ -465,7 +466,7 @@ void dot_weight_rows(Weights w, int64_t i, const uint8_t *ahead, const Activatio
   __m256 even[S], odd[S];
   for (int j = 0; j < S; ++j) even[j] = odd[j] = _mm256_setzero_ps();
   in_two_sums(a.blocks, even, odd, [&](int64_t b, __m256 (&acc)[S]) __attribute__((always_inline)) {
-    read_ahead(ahead + b * S * block_bytes<K>(), S * block_bytes<K>());
+    read_ahead(ahead, b, S * block_bytes<K>());
     const int8_t *xq = a.q.data() + b * kQK;
     for (int j = 0; j < S; ++j) {
       const uint8_t *blk = w.row(i + j) + b * block_bytes<K>();
@@ -636,7 +637,7 @@ inline void q4_tile(Weights w, const Activations &a, int64_t n0, const uint8_t *
   for (int j = 0; j < kTile; ++j) rows[j] = w.row(n0 + j);
   __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
   in_two_sums(a.blocks, even, odd, [&](int64_t b, __m256 &acc) __attribute__((always_inline)) {
-    read_ahead(ahead + b * kTile * block_bytes<Q4_0>(), kTile * block_bytes<Q4_0>());
+    read_ahead(ahead, b, kTile * block_bytes<Q4_0>());
     q4_block(rows, a, b, acc);
   });
   _mm256_storeu_ps(y + n0, _mm256_add_ps(even, odd));
