@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "vector_math.h"
@@ -581,12 +582,13 @@ inline void add_rows(const Tile &t, const Activations &a, int64_t r0, int64_t b0
   }
 }
 
-// One row of x (a decoding step) over q4_0 weights, 8 weight rows at a time, one per lane: each block's 16 nibble
+// A decoding step's rows of x over q4_0 weights, 8 weight rows at a time, one per lane: each block's 16 nibble
 // bytes of the 8 rows are loaded (rows j and j + 4 in the two halves of a vector) and turned, by a 4 × 4 transpose of
 // dwords in each half, into 4 vectors whose lane j holds bytes 4g .. 4g + 3 of row j; their low nibbles are weights
 // 4g .. 4g + 3 and their high ones 16 + 4g .., each met by 4 broadcast activation bytes in one integer multiply-add.
 // A block's activation scale, its −c·Σx, the weight scales' conversion and the one to float then serve 8 rows at
-// once: about half the instructions of a row at a time (dot_rows), which is what bounds q4_0 on two cores. (The 8
+// once: about half the instructions of a row at a time (dot_rows), which is what bounds q4_0 on two cores; and the
+// transposition, the masks and the scales serve every row of x in a batch. (The 8
 // weight scales are put together from scalar loads in integer registers, which leave the vector units to the
 // rest: a gather of them was slower than the rest of the block, and inserting them one by one into a vector took
 // the vector units' time.)
@@ -601,46 +603,77 @@ inline void q4_transposed(const uint8_t *const rows[kTile], int64_t at, __m256i 
   p[2] = _mm256_unpacklo_epi64(t[1], t[3]), p[3] = _mm256_unpackhi_epi64(t[1], t[3]);
 }
 
-// Each lane's integer sum Σ (u − 8)·x over one block: the transposed nibbles `p` against the block's activation
-// dwords `xq`, from its −8·Σx. The 8 pair sums of maddubs add up in 16 bits (each at most 2 · 15 · 127 in magnitude,
-// 8 of them within int16) and are widened once: fewer instructions than a widening per dword group.
-inline __m256i q4_sums(const __m256i p[4], const int32_t *xq, int32_t offset) {
-  const __m256i nibbles = _mm256_set1_epi8(0x0F);
-  __m256i pairs = _mm256_setzero_si256();
-  for (int g = 0; g < 4; ++g) {
-    const __m256i low = _mm256_and_si256(p[g], nibbles), high = _mm256_and_si256(_mm256_srli_epi16(p[g], 4), nibbles);
-    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(low, _mm256_set1_epi32(xq[g])));
-    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(high, _mm256_set1_epi32(xq[g + 4])));
-  }
-  return _mm256_add_epi32(_mm256_set1_epi32(offset), _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-// Block b of y[n0 .. n0 + 8) of one row of x, added to acc.
-inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int64_t b, __m256 &acc) {
+// Block b of y[n0 .. n0 + 8) of the R rows of x, each added to its acc: the transposed nibbles `p`, their
+// masks and the 8 weight scales made once for the R rows. A row's lane sums Σ (u − 8)·x start from its −8·Σx; the 8
+// pair sums of maddubs add up in 16 bits (each at most 2 · 15 · 127 in magnitude, 8 of them within int16) and are
+// widened once: fewer instructions than a widening per dword group. A row's arithmetic does not depend on R.
+template <int R>
+inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int64_t b, __m256 (&acc)[R]) {
   const int64_t at = b * block_bytes<Q4_0>();
   __m256i p[4];
   q4_transposed(rows, at + 2, p);
-  const __m256i sums = q4_sums(p, reinterpret_cast<const int32_t *>(a.q.data() + b * kQK), a.offsets[b]);
+  const __m256i nibbles = _mm256_set1_epi8(0x0F);
+  __m256i pairs[R];
+  for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
+  for (int g = 0; g < 4; ++g) {
+    const __m256i low = _mm256_and_si256(p[g], nibbles), high = _mm256_and_si256(_mm256_srli_epi16(p[g], 4), nibbles);
+    for (int r = 0; r < R; ++r) {
+      const int32_t *xq = reinterpret_cast<const int32_t *>(a.q.data() + (r * a.blocks + b) * kQK);
+      pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(low, _mm256_set1_epi32(xq[g])));
+      pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(high, _mm256_set1_epi32(xq[g + 4])));
+    }
+  }
   uint64_t low = 0, high = 0;
   for (int j = 0; j < 4; ++j) {
     low |= uint64_t{scale_bits(rows[j] + at)} << (16 * j);
     high |= uint64_t{scale_bits(rows[j + 4] + at)} << (16 * j);
   }
-  const __m128i packed = _mm_unpacklo_epi64(_mm_cvtsi64_si128(low), _mm_cvtsi64_si128(high));
-  const __m256 scales = _mm256_mul_ps(_mm256_cvtph_ps(packed), _mm256_set1_ps(a.d[b]));
-  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scales, acc);
+  const __m256 dw = _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_cvtsi64_si128(low), _mm_cvtsi64_si128(high)));
+  for (int r = 0; r < R; ++r) {
+    const int64_t x_at = r * a.blocks + b;
+    const __m256i sums = _mm256_add_epi32(_mm256_set1_epi32(a.offsets[x_at]), _mm256_madd_epi16(pairs[r], _mm256_set1_epi16(1)));
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, _mm256_set1_ps(a.d[x_at])), acc[r]);
+  }
 }
 
-// y[n0 .. n0 + 8) of one row of x, while the 8 rows at `ahead` are read in (read_ahead).
-inline void q4_tile(Weights w, const Activations &a, int64_t n0, const uint8_t *ahead, float *y) {
+// y[n0 .. n0 + 8) of the R rows of x (rows of y n apart), while the 8 rows at `ahead` are read in (read_ahead).
+template <int R>
+inline void q4_tile(Weights w, const Activations &a, int64_t n0, const uint8_t *ahead, float *y, int64_t n) {
   const uint8_t *rows[kTile];
   for (int j = 0; j < kTile; ++j) rows[j] = w.row(n0 + j);
-  __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-  in_two_sums(a.blocks, even, odd, [&](int64_t b, __m256 &acc) __attribute__((always_inline)) {
+  __m256 even[R], odd[R];
+  for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
+  in_two_sums(a.blocks, even, odd, [&](int64_t b, __m256 (&acc)[R]) __attribute__((always_inline)) {
     read_ahead(ahead, b, kTile * block_bytes<Q4_0>());
-    q4_block(rows, a, b, acc);
+    q4_block<R>(rows, a, b, acc);
   });
-  _mm256_storeu_ps(y + n0, _mm256_add_ps(even, odd));
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * n + n0, _mm256_add_ps(even[r], odd[r]));
+}
+
+// f(std::integral_constant<int, m>()) for m in 1 .. kDirectRows: a batch's rows in one pass whose count is known
+// when compiled (q4_tile: one pass over 6 rows is faster than one over 4 and another over 2).
+template <class F>
+inline void as_constant(int64_t m, F f) {
+  static_assert(kDirectRows == 8);
+  switch (m) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 7: return f(std::integral_constant<int, 7>());
+    default: return f(std::integral_constant<int, 8>());
+  }
+}
+
+// Rows 0 .. m of x in groups of 4, then 2, then 1: f(r0, std::integral_constant<int, R>()) for each group.
+template <class F>
+inline void in_groups(int64_t m, F f) {
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4) f(r, std::integral_constant<int, 4>());
+  for (; r + 2 <= m; r += 2) f(r, std::integral_constant<int, 2>());
+  if (r < m) f(r, std::integral_constant<int, 1>());
 }
 
 template <Kind K>
@@ -667,28 +700,27 @@ template <Kind K>
 void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
   const Activations a(x, m, k, offset<K>());
   if (m > kDirectRows) return prompt_q8<K>(a, w, y, m, n);
-  if (m == 1) {  // a decoding row: kTile weight rows at a time (q4_0 transposed in a tile), the rest one by one
-    const int64_t whole = n - n % kTile;
+  // decoding (one request, or a server's batch): kTile weight rows at a time, read once for every row of x (q4_0
+  // transposed in a tile; q8_0's one row 8 weight rows side by side, more rows each weight row in turn), the rest
+  // one by one; a row's outputs have the same bits alone as in a batch
+  const int64_t whole = n - n % kTile;
 #pragma omp parallel for schedule(dynamic, kShareRows / kTile)
-    for (int64_t n0 = 0; n0 < n; n0 += kTile) {
-      // the next tile's rows, read in while this one computes; the last tile's own, so as not to read past w
-      const uint8_t *ahead = w.row(n0 + kTile < whole ? n0 + kTile : n0);
-      if (n0 >= whole) {
-        for (int64_t i = n0; i < n; ++i) dot_rows<K, 1>(w.row(i), a, 0, y + i, n);
-      } else if constexpr (K == Q4_0) {
-        q4_tile(w, a, n0, ahead, y);
-      } else {
-        dot_weight_rows<K, kTile>(w, n0, ahead, a, y);
+  for (int64_t n0 = 0; n0 < n; n0 += kTile) {
+    // the next tile's rows, read in while this one computes; the last tile's own, so as not to read past w
+    const uint8_t *ahead = w.row(n0 + kTile < whole ? n0 + kTile : n0);
+    if constexpr (K == Q4_0) {
+      if (n0 < whole) {
+        as_constant(m, [&](auto rows) { q4_tile<decltype(rows)::value>(w, a, n0, ahead, y, n); });
+        continue;
       }
+    } else if (m == 1 && n0 < whole) {
+      dot_weight_rows<K, kTile>(w, n0, ahead, a, y);
+      continue;
     }
-    return;
-  }
-#pragma omp parallel for schedule(dynamic, kShareRows)
-  for (int64_t i = 0; i < n; ++i) {
-    int64_t r = 0;
-    for (; r + 4 <= m; r += 4) dot_rows<K, 4>(w.row(i), a, r, y + r * n + i, n);
-    for (; r + 2 <= m; r += 2) dot_rows<K, 2>(w.row(i), a, r, y + r * n + i, n);
-    if (r < m) dot_rows<K, 1>(w.row(i), a, r, y + r * n + i, n);
+    for (int64_t i = n0; i < n && i < n0 + kTile; ++i)
+      in_groups(m, [&](int64_t r, auto rows) {
+        dot_rows<K, decltype(rows)::value>(w.row(i), a, r, y + r * n + i, n);
+      });
   }
 }
 
