@@ -3,6 +3,7 @@
     python benchmarks/serve_load.py MODEL [--clients 8] [--requests 4] [--slots 8] [--json]
     python benchmarks/serve_load.py MODEL --scaling 1,2,4,8 --vs-generate --max-tokens 32   # the 6B figures
     python benchmarks/serve_load.py MODEL --engine-vs-decoder --repeat 6                    # in one process
+    python benchmarks/serve_load.py 6b-q4_0.gguf --scaling 1,2,4,8 --activations q8_0       # blocks as llama.cpp
 
 The load: N clients × M requests each, ADGEN prompts of mixed lengths, greedy, streaming or not; some clients
 disconnect mid-stream and some send malformed requests. Every good request's reply must equal the same request run
@@ -30,6 +31,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from measure import print_machine
+
+from glm2_core.dtypes import ACTIVATIONS
 
 PROMPTS = Path(__file__).resolve().parents[1] / "validation" / "assets" / "adgen_dev_head20.json"
 BAD = [b"{not json", b'{"messages": 3}', b'{"model": "x", "messages": []}']
@@ -205,10 +208,11 @@ def decode_rate(server: Server, max_tokens: int) -> tuple[float, float]:
         after["glm2_engine_step_seconds_total"] - before["glm2_engine_step_seconds_total"])
 
 
-def generate_rate(model: Path, max_tokens: int) -> float:
+def generate_rate(model: Path, max_tokens: int, activations: str) -> float:
     prompt = json.loads(PROMPTS.read_text().splitlines()[0])["content"]
     tool = Path(sys.executable).parent / "glm2-generate"
-    r = subprocess.run([tool, model, "--prompt", prompt, "--chat", "--max-new-tokens", str(max_tokens), "--stats"],
+    r = subprocess.run([tool, model, "--prompt", prompt, "--chat", "--max-new-tokens", str(max_tokens), "--stats",
+                        "--activations", activations],
                        capture_output=True, text=True, check=True)
     return float(re.search(r"decode ([\d.]+) tokens/s", r.stderr).group(1))
 
@@ -261,6 +265,7 @@ def main() -> None:
     p.add_argument("--vs-generate", action="store_true", help="single-stream decode against glm2-generate")
     p.add_argument("--repeat", type=int, default=2, help="alternations of --vs-generate")
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
+    p.add_argument("--activations", choices=ACTIVATIONS, default="float32", help="glm2-serve's (and glm2-generate's) --activations")
     p.add_argument("--engine-vs-decoder", action="store_true",
                    help="in one process: the engine's single stream against Decoder.stream, alternated")
     a = p.parse_args()
@@ -269,7 +274,8 @@ def main() -> None:
     if a.engine_vs_decoder:
         print(json.dumps(engine_vs_decoder(a.model, a.max_tokens, a.repeat, a.context), indent=2))
         return
-    server = Server(a.model, ["--slots", str(a.slots), "--context", str(a.context), "--queue", "256"])
+    server = Server(a.model, ["--slots", str(a.slots), "--context", str(a.context), "--queue", "256",
+                              "--activations", a.activations])
     try:
         result = {}
         if a.scaling:
@@ -286,7 +292,7 @@ def main() -> None:
                           server_errors=result["server_errors"] + first["server_errors"],
                           rss_warm_mb=warm, rss_after_mb=server.rss_mb())
         if a.vs_generate:
-            pairs = [(*decode_rate(server, a.max_tokens), generate_rate(a.model, a.max_tokens))
+            pairs = [(*decode_rate(server, a.max_tokens), generate_rate(a.model, a.max_tokens, a.activations))
                      for _ in range(a.repeat)]
             result["serve_decode_tokens_per_s"] = [s for s, _, _ in pairs]
             result["serve_engine_step_tokens_per_s"] = [e for _, e, _ in pairs]
