@@ -603,12 +603,12 @@ inline void q4_transposed(const uint8_t *const rows[kTile], int64_t at, __m256i 
   p[2] = _mm256_unpacklo_epi64(t[1], t[3]), p[3] = _mm256_unpackhi_epi64(t[1], t[3]);
 }
 
-// Block b of y[n0 .. n0 + 8) of the R rows of x, each added to its acc: the transposed nibbles `p`, their
+// Block b of y[n0 .. n0 + 8) of R rows of x from r0, each added to its acc: the transposed nibbles `p`, their
 // masks and the 8 weight scales made once for the R rows. A row's lane sums Σ (u − 8)·x start from its −8·Σx; the 8
 // pair sums of maddubs add up in 16 bits (each at most 2 · 15 · 127 in magnitude, 8 of them within int16) and are
 // widened once: fewer instructions than a widening per dword group. A row's arithmetic does not depend on R.
 template <int R>
-inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int64_t b, __m256 (&acc)[R]) {
+inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int64_t r0, int64_t b, __m256 (&acc)[R]) {
   const int64_t at = b * block_bytes<Q4_0>();
   __m256i p[4];
   q4_transposed(rows, at + 2, p);
@@ -618,7 +618,7 @@ inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int
   for (int g = 0; g < 4; ++g) {
     const __m256i low = _mm256_and_si256(p[g], nibbles), high = _mm256_and_si256(_mm256_srli_epi16(p[g], 4), nibbles);
     for (int r = 0; r < R; ++r) {
-      const int32_t *xq = reinterpret_cast<const int32_t *>(a.q.data() + (r * a.blocks + b) * kQK);
+      const int32_t *xq = reinterpret_cast<const int32_t *>(a.q.data() + ((r0 + r) * a.blocks + b) * kQK);
       pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(low, _mm256_set1_epi32(xq[g])));
       pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(high, _mm256_set1_epi32(xq[g + 4])));
     }
@@ -630,22 +630,23 @@ inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int
   }
   const __m256 dw = _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_cvtsi64_si128(low), _mm_cvtsi64_si128(high)));
   for (int r = 0; r < R; ++r) {
-    const int64_t x_at = r * a.blocks + b;
+    const int64_t x_at = (r0 + r) * a.blocks + b;
     const __m256i sums = _mm256_add_epi32(_mm256_set1_epi32(a.offsets[x_at]), _mm256_madd_epi16(pairs[r], _mm256_set1_epi16(1)));
     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, _mm256_set1_ps(a.d[x_at])), acc[r]);
   }
 }
 
-// y[n0 .. n0 + 8) of the R rows of x (rows of y n apart), while the 8 rows at `ahead` are read in (read_ahead).
+// y[n0 .. n0 + 8) of R rows of x from r0 (y: row r0's outputs, rows n apart), while the 8 rows at `ahead` are read
+// in (read_ahead).
 template <int R>
-inline void q4_tile(Weights w, const Activations &a, int64_t n0, const uint8_t *ahead, float *y, int64_t n) {
+inline void q4_tile(Weights w, const Activations &a, int64_t r0, int64_t n0, const uint8_t *ahead, float *y, int64_t n) {
   const uint8_t *rows[kTile];
   for (int j = 0; j < kTile; ++j) rows[j] = w.row(n0 + j);
   __m256 even[R], odd[R];
   for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm256_setzero_ps();
   in_two_sums(a.blocks, even, odd, [&](int64_t b, __m256 (&acc)[R]) __attribute__((always_inline)) {
     read_ahead(ahead, b, kTile * block_bytes<Q4_0>());
-    q4_block<R>(rows, a, b, acc);
+    q4_block<R>(rows, a, r0, b, acc);
   });
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * n + n0, _mm256_add_ps(even[r], odd[r]));
 }
@@ -696,13 +697,24 @@ void prompt_q8(const Activations &a, Weights w, float *y, int64_t m, int64_t n) 
   }
 }
 
+// Whether a prompt over q4_0 (more than kDirectRows rows) takes the tiles of decoding, 8 rows of x at a time, rather
+// than the laid-out pass. With AVX2 the tiles, which add maddubs' pairs in 16 bits and transpose in registers, took
+// less time than the laid-out pass at every prompt length measured (benchmarks/kernel_ab.py --rows); with VNNI the
+// laid-out pass multiplies and adds 4 products in one instruction, where the tiles take two.
+#ifdef __AVX512VNNI__
+constexpr bool kQ4PromptInTiles = false;
+#else
+constexpr bool kQ4PromptInTiles = true;
+#endif
+
 template <Kind K>
 void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
   const Activations a(x, m, k, offset<K>());
-  if (m > kDirectRows) return prompt_q8<K>(a, w, y, m, n);
-  // decoding (one request, or a server's batch): kTile weight rows at a time, read once for every row of x (q4_0
-  // transposed in a tile; q8_0's one row 8 weight rows side by side, more rows each weight row in turn), the rest
-  // one by one; a row's outputs have the same bits alone as in a batch
+  constexpr bool in_tiles = K == Q4_0 && kQ4PromptInTiles;
+  if (m > kDirectRows && !in_tiles) return prompt_q8<K>(a, w, y, m, n);
+  // kTile weight rows at a time, read once for every row of x (q4_0 transposed in a tile, over up to 8 rows of x at
+  // a time; q8_0's one row 8 weight rows side by side, more rows each weight row in turn), the rest one by one: a
+  // row's outputs have the same bits alone as among others (a batch; over q4_0 in tiles, a prompt too)
   const int64_t whole = n - n % kTile;
 #pragma omp parallel for schedule(dynamic, kShareRows / kTile)
   for (int64_t n0 = 0; n0 < n; n0 += kTile) {
@@ -710,7 +722,10 @@ void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_
     const uint8_t *ahead = w.row(n0 + kTile < whole ? n0 + kTile : n0);
     if constexpr (K == Q4_0) {
       if (n0 < whole) {
-        as_constant(m, [&](auto rows) { q4_tile<decltype(rows)::value>(w, a, n0, ahead, y, n); });
+        for (int64_t r0 = 0; r0 < m; r0 += kDirectRows)
+          as_constant(m - r0 < kDirectRows ? m - r0 : kDirectRows, [&](auto rows) {
+            q4_tile<decltype(rows)::value>(w, a, r0, n0, ahead, y + r0 * n, n);
+          });
         continue;
       }
     } else if (m == 1 && n0 < whole) {
