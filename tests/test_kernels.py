@@ -68,6 +68,16 @@ def test_the_built_library_keeps_the_decoding_passes_prefetches():
     assert "prefetcht1" in code
 
 
+def test_the_built_library_keeps_the_sums_of_a_block_pass_in_registers():
+    """in_two_sums and q4_block are inlined into the passes that use them: out of line, their sums go through memory
+    at every block (g++ stopped inlining them once q4_0's tile came in 8 row counts, and only the speed showed it)."""
+    lib, why = kernels._build()
+    assert why == "", why
+    symbols = subprocess.run(["nm", "-C", str(lib)], capture_output=True, text=True, check=True).stdout
+    assert "linear_q8" in symbols
+    assert "in_two_sums" not in symbols and "q4_block" not in symbols
+
+
 def test_a_failing_build_leaves_the_cast_path_and_says_why(tmp_path, monkeypatch, hf_tiny):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", "false")

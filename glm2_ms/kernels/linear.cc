@@ -412,7 +412,7 @@ inline __m256i block_dot(const uint8_t *blk, __m256i u, const int8_t *xq) {
 // independent chains). Every one-row pass sums in this order, so an output's bits do not depend on the pass that
 // computed it; and the sums' indices are known when compiled, so they stay in registers.
 template <class Sums, class Add>
-inline void in_two_sums(int64_t blocks, Sums &even, Sums &odd, Add add) {
+__attribute__((always_inline)) inline void in_two_sums(int64_t blocks, Sums &even, Sums &odd, Add add) {
   int64_t b = 0;
   for (; b + 2 <= blocks; b += 2) add(b, even), add(b + 1, odd);
   if (b < blocks) add(b, even);
@@ -608,7 +608,7 @@ inline void q4_transposed(const uint8_t *const rows[kTile], int64_t at, __m256i 
 // pair sums of maddubs add up in 16 bits (each at most 2 · 15 · 127 in magnitude, 8 of them within int16) and are
 // widened once: fewer instructions than a widening per dword group. A row's arithmetic does not depend on R.
 template <int R>
-inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int64_t r0, int64_t b, __m256 (&acc)[R]) {
+__attribute__((always_inline)) inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int64_t r0, int64_t b, __m256 (&acc)[R]) {
   const int64_t at = b * block_bytes<Q4_0>();
   __m256i p[4];
   q4_transposed(rows, at + 2, p);
