@@ -265,7 +265,8 @@ def main() -> None:
     p.add_argument("--vs-generate", action="store_true", help="single-stream decode against glm2-generate")
     p.add_argument("--repeat", type=int, default=2, help="alternations of --vs-generate")
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
-    p.add_argument("--activations", choices=ACTIVATIONS, default="float32", help="glm2-serve's (and glm2-generate's) --activations")
+    p.add_argument("--activations", choices=ACTIVATIONS, default="float32",
+                   help="glm2-serve's (and glm2-generate's) --activations")
     p.add_argument("--engine-vs-decoder", action="store_true",
                    help="in one process: the engine's single stream against Decoder.stream, alternated")
     a = p.parse_args()

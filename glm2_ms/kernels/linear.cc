@@ -30,8 +30,9 @@ enum Kind { F16, BF16, Q8_0, Q4_0 };
 constexpr int64_t kBlock = 512;  // weight elements widened at a time per row: 4 rows of 2 KB float32 stay in L1
 constexpr int kCols = 4;         // weight rows (output columns) per pass, each widened once for every row of x
 constexpr int kRows = 3;         // rows of x per register tile: 3 x 4 accumulators
-// rows of x up to which a quantized weight goes through decoding's direct pass (a pair of rows at a time, each pair
-// unpacking the blocks anew); a 16-bit one always does, its widening being cheaper than the prompt pass's staging
+// rows of x up to which a quantized weight goes through decoding's passes (Linear: the direct pass, a pair of rows at
+// a time, each pair unpacking the blocks anew; LinearQ8: the tiles, in one pass of up to this many rows); a 16-bit
+// one always does, its widening being cheaper than the prompt pass's staging
 constexpr int64_t kDirectRows = 8;
 constexpr int64_t kQK = 32;      // weights per quantized block
 // weight rows a decoding thread takes at a time: whichever thread is free takes the next ones, so a thread whose core
@@ -320,7 +321,7 @@ struct Activations {
   int64_t blocks;  // per row of x
   std::vector<int8_t> q;
   std::vector<float> d;           // each block's scale, as its float16 gives it back
-  std::vector<int32_t> offsets;   // each block's −c·Σq: what the weights' offset c adds to its integer sum (laid-out passes)
+  std::vector<int32_t> offsets;   // each block's −c·Σq: what the weights' offset c adds to its integer sum
 
   Activations(const float *x, int64_t m, int64_t k, int32_t c)
       : blocks(k / kQK), q(m * k), d(m * blocks), offsets(m * blocks) {
@@ -478,14 +479,14 @@ void dot_weight_rows(Weights w, int64_t i, const uint8_t *ahead, const Activatio
   for (int j = 0; j < S; ++j) y[i + j] = vm::hsum(_mm256_add_ps(even[j], odd[j]));
 }
 
-// ---- A prompt's rows over weights in blocks (more than kDirectRows), with activations in q8_0: 8 weight rows at a
-// time are laid out lane by lane (lane j: 4 consecutive values of row j, as unsigned bytes), a chunk of blocks at a
-// time, so that one integer multiply-add of 4 broadcast activation bytes advances all 8 outputs, and a block's scales
-// are applied to the 8 outputs at once: about 1.5 instructions per block and row of x, where a row at a time spends 5
-// (llama.cpp repacks its weights the same way, once, into memory of its own; here a chunk is laid out in L1 and used
-// for every row of the prompt before the next). Where q8_0's values are not offset (offset<K>() == 0: AVX2 without
-// VNNI), the tile keeps them signed, and each product is their magnitude against the activation bytes given their
-// signs (a pair of them then stays within maddubs' 16 bits: 2 · 128 · 127).
+// ---- A prompt's rows over weights in blocks (more than kDirectRows; q8_0, and q4_0 with VNNI), with activations in
+// q8_0: 8 weight rows at a time are laid out lane by lane (lane j: 4 consecutive values of row j, as unsigned bytes), a
+// chunk of blocks at a time, so that one integer multiply-add of 4 broadcast activation bytes advances all 8 outputs,
+// and a block's scales are applied to the 8 outputs at once: about 1.5 instructions per block and row of x, where a row
+// at a time spends 5 (llama.cpp repacks its weights the same way, once, into memory of its own; here a chunk is laid
+// out in L1 and used for every row of the prompt before the next). Where q8_0's values are not offset (offset<K>()
+// == 0: AVX2 without VNNI), the tile keeps them signed, and each product is their magnitude against the activation
+// bytes given their signs (a pair of them then stays within maddubs' 16 bits: 2 · 128 · 127).
 constexpr int kTile = 8;          // weight rows (output columns) per tile: the 8 lanes of a vector
 constexpr int64_t kChunk = 32;    // blocks per laid-out chunk: 8 KB of values and 1 KB of scales stay in L1
 
@@ -582,16 +583,16 @@ inline void add_rows(const Tile &t, const Activations &a, int64_t r0, int64_t b0
   }
 }
 
-// A decoding step's rows of x over q4_0 weights, 8 weight rows at a time, one per lane: each block's 16 nibble
-// bytes of the 8 rows are loaded (rows j and j + 4 in the two halves of a vector) and turned, by a 4 × 4 transpose of
-// dwords in each half, into 4 vectors whose lane j holds bytes 4g .. 4g + 3 of row j; their low nibbles are weights
-// 4g .. 4g + 3 and their high ones 16 + 4g .., each met by 4 broadcast activation bytes in one integer multiply-add.
-// A block's activation scale, its −c·Σx, the weight scales' conversion and the one to float then serve 8 rows at
-// once: about half the instructions of a row at a time (dot_rows), which is what bounds q4_0 on two cores; and the
-// transposition, the masks and the scales serve every row of x in a batch. (The 8
-// weight scales are put together from scalar loads in integer registers, which leave the vector units to the
-// rest: a gather of them was slower than the rest of the block, and inserting them one by one into a vector took
-// the vector units' time.)
+// A decoding step's rows of x over q4_0 weights (and, without VNNI, a prompt's, 8 rows of x at a time), 8 weight rows
+// at a time, one per lane: each block's 16 nibble bytes of the 8 rows are loaded (rows j and j + 4 in the two halves of
+// a vector) and turned, by a 4 × 4 transpose of dwords in each half, into 4 vectors whose lane j holds bytes 4g ..
+// 4g + 3 of row j; their low nibbles are weights 4g .. 4g + 3 and their high ones 16 + 4g .., each met by 4 broadcast
+// activation bytes in one integer multiply-add. A block's activation scale, its −c·Σx, the weight scales' conversion
+// and the one to float then serve 8 rows at once: about half the instructions of a row at a time (dot_rows), which is
+// what bounds q4_0 on two cores; and the transposition, the masks and the scales serve every row of x in a batch. (The
+// 8 weight scales are put together from scalar loads in integer registers, which leave the vector units to the rest: a
+// gather of them was slower than the rest of the block, and inserting them one by one into a vector took the vector
+// units' time.)
 inline void q4_transposed(const uint8_t *const rows[kTile], int64_t at, __m256i p[4]) {
   __m256i v[4], t[4];
   for (int j = 0; j < 4; ++j)
@@ -608,7 +609,8 @@ inline void q4_transposed(const uint8_t *const rows[kTile], int64_t at, __m256i 
 // pair sums of maddubs add up in 16 bits (each at most 2 · 15 · 127 in magnitude, 8 of them within int16) and are
 // widened once: fewer instructions than a widening per dword group. A row's arithmetic does not depend on R.
 template <int R>
-__attribute__((always_inline)) inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int64_t r0, int64_t b, __m256 (&acc)[R]) {
+__attribute__((always_inline)) inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int64_t r0,
+                                                    int64_t b, __m256 (&acc)[R]) {
   const int64_t at = b * block_bytes<Q4_0>();
   __m256i p[4];
   q4_transposed(rows, at + 2, p);
@@ -631,7 +633,8 @@ __attribute__((always_inline)) inline void q4_block(const uint8_t *const rows[kT
   const __m256 dw = _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_cvtsi64_si128(low), _mm_cvtsi64_si128(high)));
   for (int r = 0; r < R; ++r) {
     const int64_t x_at = (r0 + r) * a.blocks + b;
-    const __m256i sums = _mm256_add_epi32(_mm256_set1_epi32(a.offsets[x_at]), _mm256_madd_epi16(pairs[r], _mm256_set1_epi16(1)));
+    const __m256i sums =
+        _mm256_add_epi32(_mm256_set1_epi32(a.offsets[x_at]), _mm256_madd_epi16(pairs[r], _mm256_set1_epi16(1)));
     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, _mm256_set1_ps(a.d[x_at])), acc[r]);
   }
 }
@@ -639,7 +642,8 @@ __attribute__((always_inline)) inline void q4_block(const uint8_t *const rows[kT
 // y[n0 .. n0 + 8) of R rows of x from r0 (y: row r0's outputs, rows n apart), while the 8 rows at `ahead` are read
 // in (read_ahead).
 template <int R>
-inline void q4_tile(Weights w, const Activations &a, int64_t r0, int64_t n0, const uint8_t *ahead, float *y, int64_t n) {
+inline void q4_tile(Weights w, const Activations &a, int64_t r0, int64_t n0, const uint8_t *ahead, float *y,
+                    int64_t n) {
   const uint8_t *rows[kTile];
   for (int j = 0; j < kTile; ++j) rows[j] = w.row(n0 + j);
   __m256 even[R], odd[R];
@@ -699,7 +703,8 @@ void prompt_q8(const Activations &a, Weights w, float *y, int64_t m, int64_t n) 
 
 // Whether a prompt over q4_0 (more than kDirectRows rows) takes the tiles of decoding, 8 rows of x at a time, rather
 // than the laid-out pass. With AVX2 the tiles, which add maddubs' pairs in 16 bits and transpose in registers, took
-// less time than the laid-out pass at every prompt length measured (benchmarks/kernel_ab.py --rows); with VNNI the
+// less time than the laid-out pass at every prompt length measured (benchmarks/kernel_ab.py --rows, and a harness
+// calling linear_q8 directly: benchmarks/results/2026-12-05-batched-tiles.md); with VNNI the
 // laid-out pass multiplies and adds 4 products in one instruction, where the tiles take two.
 #ifdef __AVX512VNNI__
 constexpr bool kQ4PromptInTiles = false;
