@@ -217,7 +217,7 @@ def generate_rate(model: Path, max_tokens: int, activations: str) -> float:
     return float(re.search(r"decode ([\d.]+) tokens/s", r.stderr).group(1))
 
 
-def engine_vs_decoder(model_path: Path, max_tokens: int, repeat: int, context: int) -> dict:
+def engine_vs_decoder(model_path: Path, max_tokens: int, repeat: int, context: int, activations: str) -> dict:
     """In one process, on one loaded model, alternating: the engine's single job against `Decoder.stream` (what
     glm2-generate runs), the same chat prompt, greedy, max_tokens each; decode tokens/s after the first step."""
     from glm2_ms.api import open_model
@@ -227,7 +227,7 @@ def engine_vs_decoder(model_path: Path, max_tokens: int, repeat: int, context: i
 
     use_cpu()
     with open_model(model_path) as folder:
-        tok, model = folder.tokenizer, folder.load(compute_dtype="float32")  # as the tools load it
+        tok, model = folder.tokenizer, folder.load(compute_dtype="float32", activations=activations)  # as the tools
     ids = tok.build_chat_input(json.loads(PROMPTS.read_text().splitlines()[0])["content"])
     engine = Engine(model, 1, context, 1)
     engine.start()
@@ -266,14 +266,14 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2, help="alternations of --vs-generate")
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
     p.add_argument("--activations", choices=ACTIVATIONS, default="float32",
-                   help="glm2-serve's (and glm2-generate's) --activations")
+                   help="the --activations of glm2-serve, glm2-generate and the in-process model")
     p.add_argument("--engine-vs-decoder", action="store_true",
                    help="in one process: the engine's single stream against Decoder.stream, alternated")
     a = p.parse_args()
     if not a.json:
         print_machine()
     if a.engine_vs_decoder:
-        print(json.dumps(engine_vs_decoder(a.model, a.max_tokens, a.repeat, a.context), indent=2))
+        print(json.dumps(engine_vs_decoder(a.model, a.max_tokens, a.repeat, a.context, a.activations), indent=2))
         return
     server = Server(a.model, ["--slots", str(a.slots), "--context", str(a.context), "--queue", "256",
                               "--activations", a.activations])

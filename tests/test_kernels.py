@@ -68,6 +68,7 @@ def test_the_built_library_keeps_the_decoding_passes_prefetches():
     assert "prefetcht1" in code
 
 
+@pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) is not installed")
 def test_the_built_library_keeps_the_sums_of_a_block_pass_in_registers():
     """in_two_sums and q4_block are inlined into the passes that use them: out of line, their sums go through memory
     at every block (g++ stopped inlining them once q4_0's tile came in 8 row counts, and only the speed showed it)."""

@@ -399,8 +399,12 @@ def test_a_stop_sequence_is_held_back_until_it_is_known():
     assert "".join(t.add(i) for i in ids) + t.rest(t.reply()[0]) == "one two three" and not t.stopped
 
 
-def test_the_load_test_in_small(model_dir):
-    r = subprocess.run([sys.executable, ROOT / "benchmarks" / "serve_load.py", model_dir, "--clients", "4",
+@pytest.mark.parametrize("weights", ["float32", "q4_0"])
+def test_the_load_test_in_small(weights, model_dir, gguf_files):
+    """Every good reply equals the same request alone; over q4_0 blocks with q8_0 activations too, whose decoding
+    steps batch the streams' rows in the kernel's tiles."""
+    args = [model_dir] if weights == "float32" else [gguf_files["q4_0"], "--activations", "q8_0"]
+    r = subprocess.run([sys.executable, ROOT / "benchmarks" / "serve_load.py", *args, "--clients", "4",
                         "--requests", "3", "--json"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout)
