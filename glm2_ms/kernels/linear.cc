@@ -703,8 +703,7 @@ void prompt_q8(const Activations &a, Weights w, float *y, int64_t m, int64_t n) 
 
 // Whether a prompt over q4_0 (more than kDirectRows rows) takes the tiles of decoding, 8 rows of x at a time, rather
 // than the laid-out pass. With AVX2 the tiles, which add maddubs' pairs in 16 bits and transpose in registers, took
-// less time than the laid-out pass at every prompt length measured (benchmarks/kernel_ab.py --rows, and a harness
-// calling linear_q8 directly: benchmarks/results/2026-12-05-batched-tiles.md); with VNNI the
+// less time than the laid-out pass at every prompt length measured (benchmarks/kernel_ab.py --rows); with VNNI the
 // laid-out pass multiplies and adds 4 products in one instruction, where the tiles take two.
 #ifdef __AVX512VNNI__
 constexpr bool kQ4PromptInTiles = false;
