@@ -2,6 +2,7 @@
 tensor at a time, each hashed as it is written (the manifest's records)."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -45,11 +46,12 @@ def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0,
         if changed:
             raise CheckpointError(changed)
         _flush(tmp)
-        _into_place(tmp, dst, overwrite)
+        _into_place(tmp, dst, overwrite, kind)
         _fsync(dst.parent)  # the rename itself lasts
     except BaseException as exc:
         said = _what_failed(exc, watched, dst, tmp, need, free)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, _Kept):
+            shutil.rmtree(tmp, ignore_errors=True)
         if said is None:
             raise
         raise CheckpointError(said) from None
@@ -98,48 +100,117 @@ def staged_file(dst: Path, overwrite: bool = False, sources=(), need: int = 0, o
         changed = _changed(watched or {})
         if changed:
             raise CheckpointError(changed)
-        _file_into_place(tmp, dst, overwrite)
+        _file_into_place(tmp, dst, overwrite, ours)
         _fsync(dst.parent)
     except BaseException as exc:
         said = _what_failed(exc, watched, dst, tmp, need, free)
-        tmp.unlink(missing_ok=True)
+        if not isinstance(exc, _Kept):
+            tmp.unlink(missing_ok=True)
         if said is None:
             raise
         raise CheckpointError(said) from None
 
 
-def _file_into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """The staged file renamed to `dst` in one step; without `overwrite` never over one that appeared meanwhile."""
-    if overwrite:
-        os.replace(tmp, dst)
-        return
+def _file_into_place(tmp: Path, dst: Path, overwrite: bool, ours) -> None:
+    """The staged file renamed to `dst`: over an existing one only with `overwrite`, and only a file `ours`
+    recognises; never over one that appeared meanwhile without it."""
+    if overwrite and os.path.lexists(dst):
+        _replace(tmp, dst, lambda path: check_output(path, True, ours_file=ours))
+    else:
+        _claim(tmp, dst)
+
+
+def _into_place(tmp: Path, dst: Path, overwrite: bool, kind: str | None) -> None:
+    """The staged folder renamed to `dst`: over an existing one only with `overwrite`, and only a folder of `kind`
+    this toolkit wrote; never over anything that appeared meanwhile without it."""
+    if overwrite and os.path.lexists(dst):
+        _replace(tmp, dst, lambda path: check_output(path, True, kind=kind))
+    else:
+        _claim(tmp, dst)
+
+
+def _claim(tmp: Path, dst: Path) -> None:
+    """`tmp` renamed to `dst` unless `dst` exists, in one step; else the one line that says another took it."""
     try:
-        os.link(tmp, dst)  # fails if the name was taken since; rename would silently replace it
+        rename_exclusive(tmp, dst)
     except FileExistsError:
         raise CheckpointError(f"{dst}: appeared while this run was writing it (another process?); left as it is, "
                               f"nothing was written") from None
-    tmp.unlink()
 
 
-def _into_place(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """The staged folder renamed to `dst`: replacing one only with `overwrite` (moved aside first, so that a kill in
-    between leaves it for the next run to put back), never one that appeared while this run wrote."""
-    appeared = CheckpointError(f"{dst}: appeared while this run was writing it (another process?); left as it is, "
-                               f"nothing was written")
-    if dst.exists() and not overwrite:
-        raise appeared
-    if not dst.exists():
-        try:
-            tmp.rename(dst)
-        except OSError as exc:  # another process's output took the name since (a folder with files, or a file)
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                raise appeared from None
-            raise
+def _replace(tmp: Path, dst: Path, check) -> None:
+    """--overwrite: `tmp` put at `dst` and what was there removed, only when `check(path)` (which raises UserError)
+    passes on it. Where the file system can, the two are swapped in one step and what came out is checked then, so
+    that nothing put at `dst` after a check can be removed (a refused one is swapped back). Elsewhere `dst` is
+    checked, then moved aside (a kill in between leaves it for the next run to put back)."""
+    check(dst)  # the common refusal, before anything moves
+    try:
+        swapped = exchange(tmp, dst)
+    except FileNotFoundError:  # removed since: nothing to replace
+        return _claim(tmp, dst)
+    if not swapped:
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+        _claim(tmp, dst)
+        _remove(old)
         return
-    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-    dst.rename(old)
-    tmp.rename(dst)
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
+    try:
+        check(tmp)  # what was at `dst` until the swap
+    except UserError:
+        if not exchange(tmp, dst):
+            raise _Kept(f"{dst}: changed while this run was writing it, and could not be put back: it is now "
+                        f"{tmp}; move it back before running again (the next run would remove it)") from None
+        raise CheckpointError(f"{dst}: changed while this run was writing it (another process?); left as it is, "
+                              f"nothing was written") from None
+    _remove(tmp)
+
+
+class _Kept(CheckpointError):
+    """A refusal after which the staging path holds what was at the output: it is not removed."""
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_RENAMEAT2 = getattr(_LIBC, "renameat2", None)  # glibc 2.28 and newer
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)  # a kernel or file system without the flag
+
+
+def _renameat2(src: Path, dst: Path, flag: int) -> bool:
+    """Linux's renameat2(src, dst, flag); False where the C library, kernel or file system lacks it."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flag) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the two existing paths in one step (RENAME_EXCHANGE); False where that is not available."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def rename_exclusive(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst`, raising FileExistsError when `dst` exists, however it got there: one step
+    (RENAME_NOREPLACE) where the file system has it. A plain rename would silently replace an empty folder or a
+    file, and a check before it leaves a moment in which another's output appears and is replaced; where the flag
+    is missing, that is the fallback, and the rename still refuses a folder with files."""
+    if _renameat2(src, dst, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as exc:  # a folder with files (or a file over a folder, or the reverse) took the name since
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        raise
 
 
 def _flush(folder: Path) -> None:
@@ -203,8 +274,7 @@ def _recover(dst: Path) -> None:
             continue
         if not entry.is_dir():
             continue
-        if m.group(1) == "old" and not dst.exists():
-            entry.rename(dst)
+        if m.group(1) == "old" and _put_back(entry, dst):
             said.append(f"put back {dst}, which a killed run had moved aside to {entry.name}")
         else:
             size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file() and not f.is_symlink())
@@ -212,6 +282,15 @@ def _recover(dst: Path) -> None:
             said.append(f"removed {entry.name} ({size / 1e6:,.1f} MB), left by a killed run")
     for line in said:
         print(f"note: {line}", file=sys.stderr)
+
+
+def _put_back(old: Path, dst: Path) -> bool:
+    """A moved-aside output renamed back to `dst`, unless `dst` exists (then False: the newer one stays)."""
+    try:
+        rename_exclusive(old, dst)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _alive(pid: int) -> bool:

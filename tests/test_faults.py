@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 from conftest import tree_digest
-from helpers import needs_strace, spread, traced
+from helpers import STRACE, needs_strace, spread, traced
 
+from converters import output
 from converters.output import staged_folder
 from converters.synth import synthesize
 from glm2_core.config import GLM2Config
+from glm2_core.errors import UserError
+from glm2_core.outputs import MODEL, stamp
 
 CONVERT = [str(Path(sys.executable).parent / "glm2-convert")]
 
@@ -38,7 +41,8 @@ def verify(a: Path, b: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-CONVERSION_CALLS = "mkdir,write,copy_file_range,fsync,rename"  # what a conversion does to its output
+CONVERSION_CALLS = "mkdir,write,copy_file_range,fsync,rename,renameat2"  # what a conversion does to its output
+RENAMES = ("rename", "renameat2")
 CALL = re.compile(r"^(\d+)\s+(\w+)\(")  # strace pads the pid to a width
 
 
@@ -57,7 +61,7 @@ def conversion_events(src: Path, dst: Path, log: Path) -> list[tuple[str, str, i
         seen[m[2]] = seen.get(m[2], 0) + 1
         if writer is not None:
             events.append(("hf2ms", m[2], seen[m[2]]))
-            if m[2] == "rename" and f'"{dst}"' in line:
+            if m[2] in RENAMES and f'"{dst}"' in line:
                 break
     log.unlink()
     return events
@@ -144,3 +148,115 @@ def test_two_processes_writing_one_output(hf_tiny, tmp_path):
         assert len(refused) == 1 and ("already exists" in refused[0] or "appeared while" in refused[0]), refused
         assert leftovers(tmp_path, f"ms{i}") == []
         verify(hf_tiny(), dst)
+
+
+def _foreign(dst: Path, kind: str) -> dict[str, bytes]:
+    """What a user (or another program) puts at DST: an empty folder, a folder holding a file, or a file; returns
+    its contents, to check that they are left as they are."""
+    if kind == "file":
+        dst.write_bytes(b"a user's file\n")
+        return {"": b"a user's file\n"}
+    dst.mkdir()
+    if kind == "empty folder":
+        return {}
+    (dst / "notes.txt").write_bytes(b"a user's notes\n")
+    return {"notes.txt": b"a user's notes\n"}
+
+
+def _contents(dst: Path) -> dict[str, bytes]:
+    if dst.is_file():
+        return {"": dst.read_bytes()}
+    return {p.name: p.read_bytes() for p in dst.iterdir()}
+
+
+def _taken_meanwhile(src: Path, dst: Path, tmp_path: Path, overwrite: bool, meanwhile) -> subprocess.CompletedProcess:
+    """hf2ms SRC DST held for two seconds after its last look at DST (a stat of that path) before it renames
+    anything onto or from it; `meanwhile()` runs in that hold. A probe run of the same command finds that look."""
+    args = [*CONVERT, "hf2ms", src, dst, "--quiet", *(["--overwrite"] if overwrite else [])]
+    log = tmp_path / "looks.strace"
+    assert traced(args, "%%stat,rename,renameat2", paths=[dst], log=log).returncode == 0
+    calls = [m[2] for m in map(CALL.match, log.read_text().splitlines()) if m]
+    looks = calls[:next(i for i, c in enumerate(calls) if c in RENAMES)]
+    call, n = looks[-1], looks.count(looks[-1])
+    log.unlink()
+    if not overwrite:
+        shutil.rmtree(dst)
+    cmd = [STRACE, "-f", "-qq", "-o", str(log), "-P", str(dst), "-e", f"trace={call}", "-e",
+           f"inject={call}:delay_exit=2000000:when={n}", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120  # strace writes a call's line before it holds the call
+    while (not log.exists() or len(log.read_text().splitlines()) < n) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    meanwhile()
+    out, err = proc.communicate(timeout=300)
+    log.unlink()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@needs_strace
+@pytest.mark.parametrize("kind", ["empty folder", "folder with a file", "file"])
+def test_what_takes_the_output_name_while_a_run_writes_is_left_as_it_is(hf_tiny, tmp_path, kind):
+    """A folder or file made at DST after the run last looked at it, just before it renames its output into place,
+    is never replaced (a plain rename replaces an empty folder, or a file, without a word; a second look would
+    leave a moment too): the run is refused in one line and leaves nothing."""
+    dst, made = tmp_path / "ms", {}
+    done = _taken_meanwhile(hf_tiny(), dst, tmp_path, False, lambda: made.update(_foreign(dst, kind)))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "appeared while" in lines[0], done.stderr
+    assert _contents(dst) == made and leftovers(tmp_path, "ms") == []
+
+
+@needs_strace
+def test_overwrite_replaces_only_what_it_checked_even_when_it_changed_during_the_run(hf_tiny, tmp_path):
+    """--overwrite over our own output, which a user replaces with a folder of theirs while the run writes: what
+    is at DST is checked again before it is moved aside, and the user's folder kept."""
+    dst, made = tmp_path / "ms", {}
+    assert subprocess.run([*CONVERT, "hf2ms", str(hf_tiny()), str(dst), "--quiet"]).returncode == 0
+
+    def replace_it():
+        shutil.rmtree(dst)
+        made.update(_foreign(dst, "folder with a file"))
+
+    done = _taken_meanwhile(hf_tiny(), dst, tmp_path, True, replace_it)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and "changed while this run" in lines[0], done.stderr
+    assert _contents(dst) == made and leftovers(tmp_path, "ms") == []
+
+
+@pytest.mark.parametrize("where", ["renameat2", "rename"])
+@pytest.mark.parametrize("kind", ["empty folder", "folder with a file", "file"])
+def test_rename_exclusive_never_replaces(tmp_path, monkeypatch, where, kind):
+    """Both ways of taking a name (renameat2's RENAME_NOREPLACE, and the check-then-rename where the file system
+    lacks it) refuse whatever is there, and leave both sides as they were; over nothing they rename."""
+    if where == "rename":
+        monkeypatch.setattr(output, "_RENAMEAT2", None)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "a").write_bytes(b"ours")
+    made = _foreign(dst, kind)
+    with pytest.raises(FileExistsError):
+        output.rename_exclusive(src, dst)
+    assert _contents(dst) == made and _contents(src) == {"a": b"ours"}
+    output.rename_exclusive(src, tmp_path / "free")
+    assert not src.exists() and _contents(tmp_path / "free") == {"a": b"ours"}
+
+
+@pytest.mark.parametrize("where", ["renameat2", "rename"])
+def test_overwrite_replaces_our_folder_and_refuses_another_by_either_rename(tmp_path, monkeypatch, where):
+    """--overwrite's two ways (swapped in one step, or moved aside where the file system cannot swap): our own
+    output is replaced and nothing is left beside it; a folder with a file of the user's is refused and kept."""
+    if where == "rename":
+        monkeypatch.setattr(output, "_RENAMEAT2", None)
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "old.bin").write_bytes(b"old")
+    stamp(dst, MODEL)
+    with staged_folder(dst, overwrite=True, kind=MODEL) as tmp:
+        (tmp / "new.bin").write_bytes(b"new")
+    assert _contents(dst) == {"new.bin": b"new"} and leftovers(tmp_path, "out") == []
+    (dst / "notes.txt").write_bytes(b"a user's notes\n")
+    with pytest.raises(UserError, match="this toolkit wrote"), staged_folder(dst, overwrite=True, kind=MODEL) as tmp:
+        (tmp / "newer.bin").write_bytes(b"newer")
+    assert _contents(dst) == {"new.bin": b"new", "notes.txt": b"a user's notes\n"}
+    assert leftovers(tmp_path, "out") == []
