@@ -18,7 +18,7 @@ import numpy as np
 
 from glm2_core.dtypes import BY_NAME, nbytes
 from glm2_core.errors import CheckpointError
-from glm2_core.files import CONFIG, TRAINING
+from glm2_core.files import CONFIG, STRATEGY, TRAINING
 from glm2_core.names import MINDPET, OPTIMIZER_PREFIXES, classify
 from glm2_core.outputs import MODEL, check_output, stamp
 
@@ -280,8 +280,8 @@ def split(full: Path, strategy_path: Path, dst: Path, *, prefix: str = "glm2_ran
             written = _write_ranks(tmp, plan, strategy.ranks, prefix, bar.update)
             ckpt.check_complete()
             copy_files(tmp, beside)
-            (tmp / "strategy").mkdir()
-            copy_files(tmp / "strategy", given)
+            (tmp / STRATEGY).mkdir()
+            copy_files(tmp / STRATEGY, given)
             stamp(tmp, SHARDS, source=str(Path(full).resolve()))
     replicated = [ref.name for ref, lay, _ in plan if lay is None]
     return SplitSummary(str(full), str(dst), strategy.ranks, len(plan) - len(replicated), replicated, written,

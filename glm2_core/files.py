@@ -6,7 +6,8 @@
     both:       config.json, the tokenizer files, manifest.json (glm2_core.outputs)
 
 A glm2-finetune run folder (converters/runs.py describes it): train_log.jsonl beside checkpoint/,
-checkpoint_network/ and checkpoint_trainable/.
+checkpoint_network/ and checkpoint_trainable/, strategy/ (distributed runs), config.json and the tokenizer files;
+glm2-merge-shards writes the strategy/ of its shards too.
 """
 CONFIG = "config.json"
 TOKENIZER_MODEL = "tokenizer.model"
@@ -17,3 +18,5 @@ INDEX_FILES = {f"{name}.index.json": fmt for fmt, name in HF_WEIGHTS.items()}
 MS_WEIGHTS = {"ckpt": "mindspore_model.ckpt", "safetensors": "mindspore_model.safetensors"}
 TRAIN_LOG = "train_log.jsonl"
 TRAINING, NETWORK, TRAINABLE = "checkpoint", "checkpoint_network", "checkpoint_trainable"  # a run's checkpoint folders
+STRATEGY = "strategy"
+RUN_ENTRIES = (TRAIN_LOG, TRAINING, NETWORK, TRAINABLE, STRATEGY)  # a run's own; its model files vary

@@ -23,7 +23,7 @@ from converters.runs import NAME, ckpt_path, newest_complete, record_path
 from converters.strategy import strategy_bytes
 from glm2_core.dtypes import stored
 from glm2_core.errors import UserError
-from glm2_core.files import NETWORK, TRAINABLE, TRAINING
+from glm2_core.files import NETWORK, STRATEGY, TRAINABLE, TRAINING
 from glm2_core.outputs import absolute
 
 
@@ -105,7 +105,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def write_strategy(out: Path, layouts: dict) -> Path:
     """`OUT/strategy/ckpt_strategy_rank_0.ckpt`, MindSpore's protobuf strategy of the rank checkpoints."""
-    path = out / "strategy" / "ckpt_strategy_rank_0.ckpt"
+    path = out / STRATEGY / "ckpt_strategy_rank_0.ckpt"
     write_atomic(path, strategy_bytes(layouts))
     return path
 

@@ -22,7 +22,7 @@ from converters.adapters import adapter_from_mindpet, write_mindpet, write_peft
 from converters.convert import convert, write_model_folder
 from converters.runs import base_identity
 from glm2_core.errors import UserError
-from glm2_core.files import TRAIN_LOG
+from glm2_core.files import RUN_ENTRIES, TRAIN_LOG
 from glm2_core.names import Layout
 from glm2_core.releases import RELEASES
 
@@ -74,7 +74,7 @@ class Trainer:
         if point is not None:
             self.checkpoints.resume(self.state, *point)
         self.saved_step = self.state.step if point is not None else None  # the step of this run's newest save
-        self._log, self._model_files = None, False
+        self._log, self._model_files = None, None  # the model files this run wrote, once it has
 
     # ---- the loop
     def train(self, stop_after: int | None = None) -> list[float]:
@@ -124,12 +124,15 @@ class Trainer:
 
     def _discard(self, created: bool) -> None:
         """A run that stops before its first save in a fresh --out leaves it as it found it (one process: under
-        msrun the other ranks may still be writing)."""
+        msrun the other ranks may still be writing): what it wrote is removed, anything else put there meanwhile
+        is kept, and with it the folder."""
         if self.world > 1 or not self.out.is_dir():
             return
+        written = set(RUN_ENTRIES) | {f.name for f in self._model_files or ()}
         for entry in self.out.iterdir():
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        if created:
+            if entry.name in written:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if created and not any(self.out.iterdir()):
             self.out.rmdir()
 
     def _one_step(self, batches) -> float:
@@ -197,9 +200,8 @@ class Trainer:
 
 
     def _write_model_files(self) -> None:
-        if self.rank == 0 and not self._model_files:
-            ckpt.write_model_files(self.out, self.model.config, "float32", self.model_dir)
-            self._model_files = True
+        if self.rank == 0 and self._model_files is None:
+            self._model_files = ckpt.write_model_files(self.out, self.model.config, "float32", self.model_dir)
 
 
 class StopRequest:

@@ -251,3 +251,24 @@ def test_a_save_that_cannot_fit_is_refused_before_its_first_byte(base, tmp_path,
                         rf"free; no checkpoint was saved yet", error_line(res.output)), res.output
     assert not out.exists()
 
+
+
+class _UserWritesDuringTheRun(Trainer):
+    """A Trainer beside which a user saves a file of their own into --out after the first step."""
+
+    def _record(self, loss, seconds, bar):
+        super()._record(loss, seconds, bar)
+        (self.out / "notes.txt").write_text("a user's notes\n")
+
+
+@pytest.mark.parametrize("existed", [True, False])
+def test_a_run_stopped_before_its_first_save_removes_only_what_it_wrote(base, small_disk, existed):
+    """A fresh --out (empty, or not there) is left as the run found it when it stops before its first save (here:
+    no room for it), except for a user's file put there meanwhile, which is kept with its folder."""
+    out = small_disk(256 * 1024) / "out"
+    if existed:
+        out.mkdir()
+    cfg = TrainConfig.load(None, method="full", max_steps=2, save_steps=0, **TINY_CFG)
+    with pytest.raises(Exception, match="no space for the checkpoint"):
+        _UserWritesDuringTheRun(base, TRAIN, out, cfg, progress=False).train()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
