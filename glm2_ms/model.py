@@ -127,7 +127,7 @@ def use_native_kernels(cell, on: bool = True) -> bool:
         if isinstance(sub, Embedding):
             NATIVE_EMBEDDING[sub.blocks] = native_embedding(sub.blocks)
     if holders:  # for `quantize_activations`
-        NATIVE_LINEAR_Q8 = NATIVE_LINEAR_Q8 or native_linear_q8()
+        NATIVE_LINEAR_Q8 = native_linear_q8() or NATIVE_LINEAR_Q8  # as NATIVE_LINEAR: this build's, like the layer's
     native = on and op is not None and getattr(cell, "compute_dtype", ms.float32) == ms.float32
     for sub in linears(cell):
         if sub.blocks is not None:
