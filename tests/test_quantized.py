@@ -23,12 +23,12 @@ ms.set_device("CPU")
 # in blocks of 32 within and across the 512-value stage
 SHAPES = [(1, 1, 32), (1, 5, 96), (2, 13, 544), (3, 4, 1056), (4, 7, 64), (7, 9, 32), (5, 6, 512), (9, 4, 1056),
           (11, 7, 544), (10, 5, 64)]
-# with q8_0 activations a prompt (9+ rows) takes the laid-out pass: tiles of 8 columns and their rest, chunks of 32
-# blocks and their rest, rows 4 at a time and the rest (q8_0; q4_0 with VNNI); over q4_0 (AVX2) any rows go 8 at a
-# time, then the rest in one pass, over 8 columns at a time and their rest; decoding over q8_0 one row 8 columns at a
-# time, more rows in groups of 4, 2, 1
+# with q8_0 activations a prompt over q8_0 (9+ rows) takes the laid-out pass: tiles of 8 columns and their rest,
+# chunks of 32 blocks and their rest, rows 4 at a time and the rest (q4_0 too from 128 rows with VNNI); over q4_0
+# other rows go 8 at a time, then the rest in one pass, over 8 columns at a time and their rest; decoding over q8_0
+# one row 8 columns at a time, more rows in groups of 4, 2, 1
 Q8_SHAPES = [*SHAPES, (12, 17, 1056), (13, 8, 2080), (1, 19, 1056), (1, 8, 32), (8, 17, 1056), (6, 16, 544),
-             (3, 9, 2080)]
+             (3, 9, 2080), (130, 9, 1056)]
 PROMPT = np.array([[64790, 64792, 790, 30951, 517, 30910, 30940, 30996]], np.int32)
 
 
@@ -232,14 +232,31 @@ def test_a_model_loaded_for_training_holds_floats(gguf_files):
 def test_a_decoding_row_is_its_row_in_a_batch_to_the_bit(kind, kernel_isa):
     """LinearQ8's decoding passes (up to 8 rows of x: one request, or a server's batch) give each row the bits it
     gets alone, at widths with a remainder and batches whose rows go in groups of 4, 2 and 1: a request decodes the
-    same alone and batched beside others. Over q4_0 without VNNI a prompt's rows take the same tiles, 8 at a time."""
+    same alone and batched beside others. Over q4_0 a prompt's rows take the same tiles, 8 at a time (below
+    linear.cc's kQ4LaidOutRows, 128 with VNNI)."""
     op = kernels.native_linear_q8()
     rng = np.random.default_rng(7)
-    vnni = kernel_isa == "avx512" and kernels.VNNI in kernels._cpu_flags()
-    prompts = ((17, 13), (9, 21)) if kind == "q4_0" and not vnni else ()
+    prompts = ((17, 13), (9, 21)) if kind == "q4_0" else ()
     for n, m in ((3, 3), (8, 2), (19, 7), (67, 8), (40, 5), *prompts):
         x = rng.standard_normal((m, 1056)).astype(np.float32)
         w = ms.Tensor(quantize(rng.standard_normal((n, 1056)).astype(np.float32), "float32", kind))
         batch = op(ms.Tensor(x), w).asnumpy()
         for r in range(m):
             np.testing.assert_array_equal(op(ms.Tensor(x[r:r + 1]), w).asnumpy()[0], batch[r])
+
+
+def test_q4_0_gives_the_same_bits_in_every_build(monkeypatch):
+    """Over q4_0 the AVX-512 build (with VNNI, one instruction for 4 products) and the AVX2 build (maddubs' pairs in
+    16 bits) sum the same integers: a row, a batch and a prompt (below linear.cc's kQ4LaidOutRows) give the same bits
+    whichever the CPU builds. (Where the CPU has no AVX-512, both sides are the AVX2 build.)"""
+    ops = {}
+    for isa in ("avx512", "avx2"):
+        monkeypatch.setenv(kernels.SWITCH, "avx2") if isa == "avx2" else monkeypatch.delenv(kernels.SWITCH, False)
+        kernels._build_with.cache_clear()
+        ops[isa] = kernels.native_linear_q8()
+    kernels._build_with.cache_clear()
+    rng = np.random.default_rng(11)
+    for n, m in ((19, 1), (67, 8), (40, 5), (17, 13), (9, 21)):
+        x = ms.Tensor(rng.standard_normal((m, 1056)).astype(np.float32))
+        w = ms.Tensor(quantize(rng.standard_normal((n, 1056)).astype(np.float32), "float32", "q4_0"))
+        np.testing.assert_array_equal(ops["avx512"](x, w).asnumpy(), ops["avx2"](x, w).asnumpy())

@@ -479,14 +479,14 @@ void dot_weight_rows(Weights w, int64_t i, const uint8_t *ahead, const Activatio
   for (int j = 0; j < S; ++j) y[i + j] = vm::hsum(_mm256_add_ps(even[j], odd[j]));
 }
 
-// ---- A prompt's rows over weights in blocks (more than kDirectRows; q8_0, and q4_0 with VNNI), with activations in
-// q8_0: 8 weight rows at a time are laid out lane by lane (lane j: 4 consecutive values of row j, as unsigned bytes), a
-// chunk of blocks at a time, so that one integer multiply-add of 4 broadcast activation bytes advances all 8 outputs,
-// and a block's scales are applied to the 8 outputs at once: about 1.5 instructions per block and row of x, where a row
-// at a time spends 5 (llama.cpp repacks its weights the same way, once, into memory of its own; here a chunk is laid
-// out in L1 and used for every row of the prompt before the next). Where q8_0's values are not offset (offset<K>()
-// == 0: AVX2 without VNNI), the tile keeps them signed, and each product is their magnitude against the activation
-// bytes given their signs (a pair of them then stays within maddubs' 16 bits: 2 · 128 · 127).
+// ---- A prompt's rows over q8_0 weights (more than kDirectRows; q4_0 from kQ4LaidOutRows), with activations in q8_0: 8
+// weight rows at a time are laid out lane by lane (lane j: 4 consecutive values of row j, as unsigned bytes), a chunk
+// of blocks at a time, so that one integer multiply-add of 4 broadcast activation bytes advances all 8 outputs, and a
+// block's scales are applied to the 8 outputs at once: about 1.5 instructions per block and row of x, where a row at a
+// time spends 5 (llama.cpp repacks its weights the same way, once, into memory of its own; here a chunk is laid out in
+// L1 and used for every row of the prompt before the next). Where q8_0's values are not offset (offset<K>() == 0: AVX2
+// without VNNI), the tile keeps them signed, and each product is their magnitude against the activation bytes given
+// their signs (a pair of them then stays within maddubs' 16 bits: 2 · 128 · 127).
 constexpr int kTile = 8;          // weight rows (output columns) per tile: the 8 lanes of a vector
 constexpr int64_t kChunk = 32;    // blocks per laid-out chunk: 8 KB of values and 1 KB of scales stay in L1
 
@@ -604,10 +604,11 @@ inline void q4_transposed(const uint8_t *const rows[kTile], int64_t at, __m256i 
   p[2] = _mm256_unpacklo_epi64(t[1], t[3]), p[3] = _mm256_unpackhi_epi64(t[1], t[3]);
 }
 
-// Block b of y[n0 .. n0 + 8) of R rows of x from r0, each added to its acc: the transposed nibbles `p`, their
-// masks and the 8 weight scales made once for the R rows. A row's lane sums Σ (u − 8)·x start from its −8·Σx; the 8
-// pair sums of maddubs add up in 16 bits (each at most 2 · 15 · 127 in magnitude, 8 of them within int16) and are
-// widened once: fewer instructions than a widening per dword group. A row's arithmetic does not depend on R.
+// Block b of y[n0 .. n0 + 8) of R rows of x from r0, each added to its acc: the transposed nibbles `p`, their masks and
+// the 8 weight scales made once for the R rows. A row's lane sums Σ (u − 8)·x start from its −8·Σx. With VNNI each lane
+// adds its 4 products into 32 bits in one instruction; without, the 8 pair sums of maddubs add up in 16 bits (each at
+// most 2 · 15 · 127 in magnitude, 8 of them within int16) and are widened once: fewer instructions than a widening per
+// dword group. Both give the same integers, so a row's result is the same in either build; nor does it depend on R.
 template <int R>
 __attribute__((always_inline)) inline void q4_block(const uint8_t *const rows[kTile], const Activations &a, int64_t r0,
                                                     int64_t b, __m256 (&acc)[R]) {
@@ -615,14 +616,19 @@ __attribute__((always_inline)) inline void q4_block(const uint8_t *const rows[kT
   __m256i p[4];
   q4_transposed(rows, at + 2, p);
   const __m256i nibbles = _mm256_set1_epi8(0x0F);
-  __m256i pairs[R];
-  for (int r = 0; r < R; ++r) pairs[r] = _mm256_setzero_si256();
+  __m256i dots[R];
+  for (int r = 0; r < R; ++r) dots[r] = _mm256_setzero_si256();
   for (int g = 0; g < 4; ++g) {
     const __m256i low = _mm256_and_si256(p[g], nibbles), high = _mm256_and_si256(_mm256_srli_epi16(p[g], 4), nibbles);
     for (int r = 0; r < R; ++r) {
       const int32_t *xq = reinterpret_cast<const int32_t *>(a.q.data() + ((r0 + r) * a.blocks + b) * kQK);
-      pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(low, _mm256_set1_epi32(xq[g])));
-      pairs[r] = _mm256_add_epi16(pairs[r], _mm256_maddubs_epi16(high, _mm256_set1_epi32(xq[g + 4])));
+#ifdef __AVX512VNNI__  // the 4 products of a lane added into its 32 bits in one instruction
+      dots[r] = _mm256_dpbusd_epi32(dots[r], low, _mm256_set1_epi32(xq[g]));
+      dots[r] = _mm256_dpbusd_epi32(dots[r], high, _mm256_set1_epi32(xq[g + 4]));
+#else
+      dots[r] = _mm256_add_epi16(dots[r], _mm256_maddubs_epi16(low, _mm256_set1_epi32(xq[g])));
+      dots[r] = _mm256_add_epi16(dots[r], _mm256_maddubs_epi16(high, _mm256_set1_epi32(xq[g + 4])));
+#endif
     }
   }
   uint64_t low = 0, high = 0;
@@ -633,8 +639,12 @@ __attribute__((always_inline)) inline void q4_block(const uint8_t *const rows[kT
   const __m256 dw = _mm256_cvtph_ps(_mm_unpacklo_epi64(_mm_cvtsi64_si128(low), _mm_cvtsi64_si128(high)));
   for (int r = 0; r < R; ++r) {
     const int64_t x_at = (r0 + r) * a.blocks + b;
+#ifdef __AVX512VNNI__
+    const __m256i sums = _mm256_add_epi32(_mm256_set1_epi32(a.offsets[x_at]), dots[r]);
+#else
     const __m256i sums =
-        _mm256_add_epi32(_mm256_set1_epi32(a.offsets[x_at]), _mm256_madd_epi16(pairs[r], _mm256_set1_epi16(1)));
+        _mm256_add_epi32(_mm256_set1_epi32(a.offsets[x_at]), _mm256_madd_epi16(dots[r], _mm256_set1_epi16(1)));
+#endif
     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, _mm256_set1_ps(a.d[x_at])), acc[r]);
   }
 }
@@ -701,21 +711,21 @@ void prompt_q8(const Activations &a, Weights w, float *y, int64_t m, int64_t n) 
   }
 }
 
-// Whether a prompt over q4_0 (more than kDirectRows rows) takes the tiles of decoding, 8 rows of x at a time, rather
-// than the laid-out pass. With AVX2 the tiles, which add maddubs' pairs in 16 bits and transpose in registers, took
-// less time than the laid-out pass at every prompt length measured (benchmarks/kernel_ab.py --rows); with VNNI the
-// laid-out pass multiplies and adds 4 products in one instruction, where the tiles take two.
+// The fewest rows of a prompt over q4_0 that take the laid-out pass rather than decoding's tiles, 8 rows of x at a
+// time. The tiles cost the same per row at any length; the laid-out pass lays each chunk out once for all the rows,
+// so it costs less per row the more there are (benchmarks/kernel_ab.py --rows). With AVX2 the tiles took less time
+// at every length measured: they add maddubs' pairs in 16 bits where the laid-out pass widens each group of 4 to 32.
+// With VNNI both add 4 products in one instruction, and the laid-out pass caught up between 96 and 128 rows.
 #ifdef __AVX512VNNI__
-constexpr bool kQ4PromptInTiles = false;
+constexpr int64_t kQ4LaidOutRows = 128;
 #else
-constexpr bool kQ4PromptInTiles = true;
+constexpr int64_t kQ4LaidOutRows = INT64_MAX;
 #endif
 
 template <Kind K>
 void linear_q8(const float *x, Weights w, float *y, int64_t m, int64_t n, int64_t k) {
   const Activations a(x, m, k, offset<K>());
-  constexpr bool in_tiles = K == Q4_0 && kQ4PromptInTiles;
-  if (m > kDirectRows && !in_tiles) return prompt_q8<K>(a, w, y, m, n);
+  if (m >= (K == Q8_0 ? kDirectRows + 1 : kQ4LaidOutRows)) return prompt_q8<K>(a, w, y, m, n);
   // kTile weight rows at a time, read once for every row of x (q4_0 transposed in a tile, over up to 8 rows of x at
   // a time; q8_0's one row 8 weight rows side by side, more rows each weight row in turn), the rest one by one: a
   // row's outputs have the same bits alone as among others (a batch; over q4_0 in tiles, a prompt too)
