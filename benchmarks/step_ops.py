@@ -1,0 +1,92 @@
+"""Where a decoding step's time goes, native operator by native operator, on one model file.
+
+    python benchmarks/step_ops.py MODEL [--activations float32|q8_0] [--prompt 20] [--new 40] [--split]
+                                        [--threads 2]
+
+Each native operator of the runtime (glm2_ms.model's NATIVE_OPS, the projections' LinearQ8/Linear, the embedding
+lookups) is wrapped in a wall-clock timer. A generation runs once to warm up, then again, its `--new` decoding steps
+timed (not the prompt's pass): printed are the step's mean, and per operator its calls, its milliseconds per token
+and its microseconds per call. What no
+operator accounts for is Python and MindSpore around them. `--split` runs each layer as its steps, one operator
+each (attention, norms, SwiGLU, the four projections) instead of the whole layer in one operator: the two runs
+side by side say what the fused layer costs beyond its parts. Operators run synchronously on the CPU, so a call's
+wall time is its work.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+from pathlib import Path
+
+import numpy as np
+from measure import print_machine, set_ms_threads
+
+
+def timed(name: str, op, spent: collections.Counter, calls: collections.Counter):
+    def call(*args):
+        start = time.perf_counter()
+        out = op(*args)
+        spent[name] += time.perf_counter() - start
+        calls[name] += 1
+        return out
+    return call
+
+
+def wrap_operators(spent: collections.Counter, calls: collections.Counter) -> None:
+    """Every native operator the model will call, timed (the module globals its cells read at each call)."""
+    from glm2_ms import model as glm2_model
+
+    for name, op in list(glm2_model.NATIVE_OPS.items()):
+        if op is not None:
+            glm2_model.NATIVE_OPS[name] = timed(name, op, spent, calls)
+    for name in ("NATIVE_LINEAR", "NATIVE_LINEAR_Q8"):
+        op = getattr(glm2_model, name)
+        if op is not None:
+            setattr(glm2_model, name, timed("LinearQ8" if name.endswith("Q8") else "Linear", op, spent, calls))
+    for kind, op in list(glm2_model.NATIVE_EMBEDDING.items()):
+        glm2_model.NATIVE_EMBEDDING[kind] = timed("Embed", op, spent, calls)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--activations", choices=("float32", "q8_0"), default="q8_0")
+    ap.add_argument("--prompt", type=int, default=20)
+    ap.add_argument("--new", type=int, default=40)
+    ap.add_argument("--split", action="store_true", help="each layer as its steps, one operator each")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    set_ms_threads(args.threads)
+    print_machine(args.threads)
+    from glm2_ms.api import from_pretrained
+    from glm2_ms.generation import Decoder
+    from glm2_ms.model import Block
+
+    model = from_pretrained(args.model, compute_dtype="float32", activations=args.activations)
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, Block) and args.split:
+            cell.native = False
+    spent, calls = collections.Counter(), collections.Counter()
+    wrap_operators(spent, calls)
+    dec = Decoder(model, jit=False)  # (timed wrappers do not compile)
+    prompt = np.array([np.arange(args.prompt) % 60000 + 1000], np.int32)
+    list(dec.stream(prompt, max_new_tokens=4, eos_token_id=-1))
+    for i, _ in enumerate(dec.stream(prompt, max_new_tokens=args.new + 1, eos_token_id=-1)):
+        if i == 0:  # the prompt's pass and its first token: not a decoding step
+            spent.clear(), calls.clear()
+    steps = dec.timings["decode_s"]
+    per_token = {name: s / args.new for name, s in spent.items()}
+    print(f"\n{args.model.name}: {'each layer as its steps' if args.split else 'each layer one operator'}; "
+          f"prompt {args.prompt} tokens, {args.new} new; decoding step {np.mean(steps) * 1e3:.1f} ms "
+          f"(the prompt and its first token: {dec.timings['prefill_s'] * 1e3:.0f} ms)\n")
+    print("| operator | calls per token | ms per token | µs per call |")
+    print("|---|---|---|---|")
+    for name, seconds in sorted(per_token.items(), key=lambda kv: -kv[1]):
+        each = spent[name] / calls[name]
+        print(f"| {name} | {calls[name] / args.new:.1f} | {seconds * 1e3:.2f} | {each * 1e6:.0f} |")
+    print(f"| (all of them) | | {sum(per_token.values()) * 1e3:.2f} | |")
+
+
+if __name__ == "__main__":
+    main()
