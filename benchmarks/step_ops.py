@@ -6,11 +6,10 @@
 Each native operator of the runtime (glm2_ms.model's NATIVE_OPS, the projections' LinearQ8/Linear, the embedding
 lookups) is wrapped in a wall-clock timer. A generation runs once to warm up, then again, its `--new` decoding steps
 timed (not the prompt's pass): printed are the step's mean, and per operator its calls, its milliseconds per token
-and its microseconds per call. What no
-operator accounts for is Python and MindSpore around them. `--split` runs each layer as its steps, one operator
-each (attention, norms, SwiGLU, the four projections) instead of the whole layer in one operator: the two runs
-side by side say what the fused layer costs beyond its parts. Operators run synchronously on the CPU, so a call's
-wall time is its work.
+and its microseconds per call. What no operator accounts for is Python and MindSpore around them. `--split` runs
+each layer as its steps, one operator each (attention, norms, SwiGLU, the four projections) instead of the whole
+layer in one operator: the two runs side by side say what the fused layer costs beyond its parts. Operators run
+synchronously on the CPU, so a call's wall time is its work.
 """
 from __future__ import annotations
 
@@ -64,9 +63,10 @@ def main() -> None:
     from glm2_ms.model import Block
 
     model = from_pretrained(args.model, compute_dtype="float32", activations=args.activations)
-    for _, cell in model.cells_and_names():
-        if isinstance(cell, Block) and args.split:
-            cell.native = False
+    if args.split:
+        for _, cell in model.cells_and_names():
+            if isinstance(cell, Block):
+                cell.native = False
     spent, calls = collections.Counter(), collections.Counter()
     wrap_operators(spent, calls)
     dec = Decoder(model, jit=False)  # (timed wrappers do not compile)

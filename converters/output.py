@@ -46,7 +46,7 @@ def staged_folder(dst: Path, overwrite: bool = False, sources=(), need: int = 0,
         if changed:
             raise CheckpointError(changed)
         _flush(tmp)
-        _into_place(tmp, dst, overwrite, kind)
+        _into_place(tmp, dst, overwrite, kind=kind)
         _fsync(dst.parent)  # the rename itself lasts
     except BaseException as exc:
         said = _what_failed(exc, watched, dst, tmp, need, free)
@@ -100,7 +100,7 @@ def staged_file(dst: Path, overwrite: bool = False, sources=(), need: int = 0, o
         changed = _changed(watched or {})
         if changed:
             raise CheckpointError(changed)
-        _file_into_place(tmp, dst, overwrite, ours)
+        _into_place(tmp, dst, overwrite, ours_file=ours)
         _fsync(dst.parent)
     except BaseException as exc:
         said = _what_failed(exc, watched, dst, tmp, need, free)
@@ -111,20 +111,12 @@ def staged_file(dst: Path, overwrite: bool = False, sources=(), need: int = 0, o
         raise CheckpointError(said) from None
 
 
-def _file_into_place(tmp: Path, dst: Path, overwrite: bool, ours) -> None:
-    """The staged file renamed to `dst`: over an existing one only with `overwrite`, and only a file `ours`
-    recognises; never over one that appeared meanwhile without it."""
+def _into_place(tmp: Path, dst: Path, overwrite: bool, **rules) -> None:
+    """The staged folder or file renamed to `dst`: over an existing one only with `overwrite`, and only what the
+    output `rules` (check_output's kind or ours_file) let it replace; never over anything that appeared meanwhile
+    without it."""
     if overwrite and os.path.lexists(dst):
-        _replace(tmp, dst, lambda path: check_output(path, True, ours_file=ours))
-    else:
-        _claim(tmp, dst)
-
-
-def _into_place(tmp: Path, dst: Path, overwrite: bool, kind: str | None) -> None:
-    """The staged folder renamed to `dst`: over an existing one only with `overwrite`, and only a folder of `kind`
-    this toolkit wrote; never over anything that appeared meanwhile without it."""
-    if overwrite and os.path.lexists(dst):
-        _replace(tmp, dst, lambda path: check_output(path, True, kind=kind))
+        _replace(tmp, dst, lambda path: check_output(path, True, **rules))
     else:
         _claim(tmp, dst)
 

@@ -210,7 +210,7 @@ def test_what_takes_the_output_name_while_a_run_writes_is_left_as_it_is(hf_tiny,
 @needs_strace
 def test_overwrite_replaces_only_what_it_checked_even_when_it_changed_during_the_run(hf_tiny, tmp_path):
     """--overwrite over our own output, which a user replaces with a folder of theirs while the run writes: what
-    is at DST is checked again before it is moved aside, and the user's folder kept."""
+    comes out of DST when the new output goes in is checked again, and the user's folder put back and kept."""
     dst, made = tmp_path / "ms", {}
     assert subprocess.run([*CONVERT, "hf2ms", str(hf_tiny()), str(dst), "--quiet"]).returncode == 0
 

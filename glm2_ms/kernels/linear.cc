@@ -583,8 +583,8 @@ inline void add_rows(const Tile &t, const Activations &a, int64_t r0, int64_t b0
   }
 }
 
-// A decoding step's rows of x over q4_0 weights (and, without VNNI, a prompt's, 8 rows of x at a time), 8 weight rows
-// at a time, one per lane: each block's 16 nibble bytes of the 8 rows are loaded (rows j and j + 4 in the two halves of
+// A decoding step's rows of x over q4_0 weights (and a prompt's below kQ4LaidOutRows, 8 rows of x at a time), 8 weight
+// rows at a time, one per lane: each block's 16 nibble bytes of the 8 rows are loaded (rows j and j + 4 in the two halves of
 // a vector) and turned, by a 4 × 4 transpose of dwords in each half, into 4 vectors whose lane j holds bytes 4g ..
 // 4g + 3 of row j; their low nibbles are weights 4g .. 4g + 3 and their high ones 16 + 4g .., each met by 4 broadcast
 // activation bytes in one integer multiply-add. A block's activation scale, its −c·Σx, the weight scales' conversion
