@@ -1,15 +1,16 @@
 """Where a decoding step's time goes, native operator by native operator, on one model file.
 
-    python benchmarks/step_ops.py MODEL [--activations float32|q8_0] [--prompt 20] [--new 40] [--split]
-                                        [--threads 2]
+    python benchmarks/step_ops.py MODEL [--activations float32|q8_0] [--prompt 20] [--new 40]
+                                        [--run stacked|layers|steps] [--threads 2]
 
 Each native operator of the runtime (glm2_ms.model's NATIVE_OPS, the projections' LinearQ8/Linear, the embedding
 lookups) is wrapped in a wall-clock timer. A generation runs once to warm up, then again, its `--new` decoding steps
 timed (not the prompt's pass): printed are the step's mean, and per operator its calls, its milliseconds per token
-and its microseconds per call. What no operator accounts for is Python and MindSpore around them. `--split` runs
-each layer as its steps, one operator each (attention, norms, SwiGLU, the four projections) instead of the whole
-layer in one operator: the two runs side by side say what the fused layer costs beyond its parts. Operators run
-synchronously on the CPU, so a call's wall time is its work.
+and its microseconds per call. What no operator accounts for is Python and MindSpore around them. `--run` says
+how a model whose layers run natively runs them: all in one operator (stacked, the runtime's way), one operator a
+layer (layers), or each layer as its steps, one operator each (steps: attention, norms, SwiGLU, the four
+projections); runs side by side say what each fusion saves. Operators run synchronously on the CPU, so a call's
+wall time is its work.
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from pathlib import Path
 
 import numpy as np
 from measure import print_machine, set_ms_threads
+
+
+RUNS = {"stacked": "all layers in one operator", "layers": "each layer one operator",
+        "steps": "each layer as its steps"}
 
 
 def timed(name: str, op, spent: collections.Counter, calls: collections.Counter):
@@ -53,7 +58,7 @@ def main() -> None:
     ap.add_argument("--activations", choices=("float32", "q8_0"), default="q8_0")
     ap.add_argument("--prompt", type=int, default=20)
     ap.add_argument("--new", type=int, default=40)
-    ap.add_argument("--split", action="store_true", help="each layer as its steps, one operator each")
+    ap.add_argument("--run", choices=RUNS, default="stacked", help="how the layers run (native models)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     set_ms_threads(args.threads)
@@ -63,10 +68,10 @@ def main() -> None:
     from glm2_ms.model import Block
 
     model = from_pretrained(args.model, compute_dtype="float32", activations=args.activations)
-    if args.split:
-        for _, cell in model.cells_and_names():
-            if isinstance(cell, Block):
-                cell.native = False
+    model.transformer.encoder.native &= args.run == "stacked"
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, Block):
+            cell.native &= args.run != "steps"
     spent, calls = collections.Counter(), collections.Counter()
     wrap_operators(spent, calls)
     dec = Decoder(model, jit=False)  # (timed wrappers do not compile)
@@ -77,7 +82,7 @@ def main() -> None:
             spent.clear(), calls.clear()
     steps = dec.timings["decode_s"]
     per_token = {name: s / args.new for name, s in spent.items()}
-    print(f"\n{args.model.name}: {'each layer as its steps' if args.split else 'each layer one operator'}; "
+    print(f"\n{args.model.name}: {RUNS[args.run]}; "
           f"prompt {args.prompt} tokens, {args.new} new; decoding step {np.mean(steps) * 1e3:.1f} ms "
           f"(the prompt and its first token: {dec.timings['prefill_s'] * 1e3:.0f} ms)\n")
     print("| operator | calls per token | ms per token | µs per call |")

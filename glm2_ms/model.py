@@ -21,6 +21,7 @@ from .kernels import (
     native_attention,
     native_embedding,
     native_layer,
+    native_layers,
     native_linear,
     native_linear_q8,
     native_rms_norm,
@@ -147,7 +148,8 @@ def _fuse_steps(cell) -> None:
     operators keeps its prefill compiled with open shapes, which an aot operator cannot have
     (`glm2_ms.generation.Decoder`)."""
     for name, build in (("Attend", native_attention), ("RmsNorm", native_rms_norm), ("SwiGlu", native_swiglu),
-                        ("Layer", native_layer), ("LayerQ8", lambda: native_layer(q8=True))):
+                        ("Layer", native_layer), ("LayerQ8", lambda: native_layer(q8=True)),
+                        ("Layers", native_layers), ("LayersQ8", lambda: native_layers(q8=True))):
         NATIVE_OPS[name] = build() or NATIVE_OPS.get(name)  # cells given one before keep it
     for _, block in cell.cells_and_names():
         if isinstance(block, Block):
@@ -157,6 +159,12 @@ def _fuse_steps(cell) -> None:
                     sub.native = on and NATIVE_OPS[sub.FUSED] is not None
             block.native = all(type(p) is Linear and p.native for p in block.projections()) and \
                 NATIVE_OPS["Layer"] is not None and NATIVE_OPS["LayerQ8"] is not None
+    for _, encoder in cell.cells_and_names():
+        if isinstance(encoder, Encoder):
+            encoder.native = all(b.native for b in encoder.layers) and NATIVE_OPS["Layers"] is not None and \
+                NATIVE_OPS["LayersQ8"] is not None
+            # and the final norm with the layers' operator: MindSpore's half dozen for it cost milliseconds a step
+            encoder.final_layernorm.native = encoder.native and NATIVE_OPS["RmsNorm"] is not None
 
 
 def runs_natively(cell) -> bool:
@@ -324,14 +332,24 @@ class Block(nn.Cell):
     def fused(self, x, cos, sin, mask, cache, write):
         """`construct` against a cache in one native operator (layer.cc): the same steps, the same result, but the
         cache is updated in place and given back (a step holds it once)."""
+        k, v, *weights = self.own_operands(cache)
+        op = NATIVE_OPS["LayerQ8" if self.quantizes() else "Layer"]
+        return op(x, cos, sin, mask, write, k, v, self.input_layernorm.eps_operand, *weights), cache
+
+    def quantizes(self) -> bool:
+        """Whether the layer's operator quantizes its projections' inputs (`quantize_activations`)."""
         qkv, dense, up, down = self.projections()
-        op = NATIVE_OPS["LayerQ8" if qkv.q8 or dense.q8 or up.q8 or down.q8 else "Layer"]
-        operands = (x, cos, sin, mask, write, cache[0], cache[1], self.input_layernorm.eps_operand,
-                    self.input_layernorm.weight, qkv.weight, self.no_bias if qkv.bias is None else qkv.bias,
-                    dense.weight, self.post_attention_layernorm.weight, up.weight, down.weight)
+        return qkv.q8 or dense.q8 or up.q8 or down.q8
+
+    def own_operands(self, cache) -> tuple:
+        """What the layer operator takes of this layer (its cache and weights), in its order."""
+        qkv, dense, up, down = self.projections()
+        own = (cache[0], cache[1], self.input_layernorm.weight, qkv.weight,
+               self.no_bias if qkv.bias is None else qkv.bias, dense.weight, self.post_attention_layernorm.weight,
+               up.weight, down.weight)
         if self.post_mlp_layernorm is not None:
-            operands += (self.post_self_attn_layernorm.weight, self.post_mlp_layernorm.weight)
-        return op(*operands), cache
+            own += (self.post_self_attn_layernorm.weight, self.post_mlp_layernorm.weight)
+        return own
 
 
 class Embedding(nn.Cell):
@@ -386,6 +404,18 @@ class Encoder(nn.Cell):
         super().__init__()
         self.layers = nn.CellList([Block(cfg, dtype) for _ in range(cfg.num_layers)])
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon, dtype)
+        self.native = False  # all layers in NATIVE_OPS["Layers"] against a cache (set by `use_native_kernels`, where
+        #                     every layer runs as one operator; a caller taking a layer's `native` back takes this)
+
+    def stacked(self, x, cos, sin, mask, caches, write):
+        """Every layer against its cache in one native operator (layer.cc's Layers), each as `Block.fused` runs
+        it: one dispatch a step instead of one a layer, whose fixed costs (MindSpore's and the worker thread's wait
+        for them) were a tenth of a quantized 6B step. The caches are updated in place and given back."""
+        own, q8 = (), False
+        for block, cache in zip(self.layers, caches):  # (loops the compiler reads, where graphs compile)
+            own, q8 = own + block.own_operands(cache), q8 or block.quantizes()
+        op = NATIVE_OPS["LayersQ8" if q8 else "Layers"]
+        return op(x, cos, sin, mask, write, self.layers[0].input_layernorm.eps_operand, *own), tuple(caches)
 
 
 class GLM2Model(nn.Cell):
@@ -410,10 +440,13 @@ class GLM2Model(nn.Cell):
         if self.record is not None:
             self.record("embedding", x)
         cos, sin = rope_tables(position_ids, self.inv_freq, self.compute_dtype)
-        kvs = ()
-        for i, layer in enumerate(self.encoder.layers):
-            x, kv = layer(x, cos, sin, mask, None if caches is None else caches[i], write)
-            kvs = kvs + (kv,)
+        if self.encoder.native and caches is not None and self.record is None and not self.training:  # (static)
+            x, kvs = self.encoder.stacked(x, cos, sin, mask, caches, write)
+        else:
+            kvs = ()
+            for i, layer in enumerate(self.encoder.layers):
+                x, kv = layer(x, cos, sin, mask, None if caches is None else caches[i], write)
+                kvs = kvs + (kv,)
         if last_only:
             x = x[:, -1:]
         x = self.encoder.final_layernorm(x)

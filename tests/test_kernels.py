@@ -16,7 +16,7 @@ from glm2_ms import model as glm2_model
 from glm2_ms.api import from_pretrained
 from glm2_ms.engine import Engine, Job
 from glm2_ms.generation import Decoder, cache_inputs, describe, op_by_op_because
-from glm2_ms.model import MLP, Block, GLM2Network, Linear, RMSNorm, SelfAttention, use_native_kernels
+from glm2_ms.model import MLP, Block, Encoder, GLM2Network, Linear, RMSNorm, SelfAttention, use_native_kernels
 from glm2_ms.sampling import SamplingConfig
 
 ms.set_device("CPU")
@@ -228,7 +228,7 @@ def test_a_layers_steps_run_fused_where_its_projections_are_native(hf_tiny):
     each, and a batch of left-padded rows decodes as it does with those steps in MindSpore's operators (the same
     tokens; logits within float32 rounding). Float32 weights: nothing is fused, and the prefill stays compiled."""
     model = from_pretrained(hf_tiny(dtype="float16"), compute_dtype="float32")
-    fused = [c for _, c in model.cells_and_names() if isinstance(c, (SelfAttention, RMSNorm, MLP, Block))]
+    fused = [c for _, c in model.cells_and_names() if isinstance(c, (SelfAttention, RMSNorm, MLP, Block, Encoder))]
     assert all(c.native for c in fused if c is not model.transformer.encoder.final_layernorm)
     ids = np.array([[0, 64790, 64792, 790, 30951], [64790, 64792, 34607, 31123, 55448]], np.int32)
     mask = (ids != 0).astype(np.int32)
@@ -290,18 +290,22 @@ LAYER_CASES = {"float16": lambda hf, files: _random_model(ms.float16),
 
 @pytest.mark.parametrize("case", LAYER_CASES)
 def test_a_whole_layer_in_one_operator_is_its_steps_to_the_bit(case, hf_tiny, gguf_files, monkeypatch, kernel_isa):
-    """Against a cache, each layer runs as one native operator (layer.cc): a prompt of left-padded rows and a
-    decoding step give the logits and caches of the layer's steps one operator each, bit for bit, for every kind of
-    weight, with and without the qkv bias and GLM-4-0414's sandwich norms. The decoder runs such a model op by op."""
+    """Against a cache, all layers run in one native operator (layer.cc's Layers), or each layer in one (Layer): a
+    prompt of left-padded rows and a decoding step give the logits and caches of the layer's steps one operator
+    each, bit for bit, for every kind of weight, with and without the qkv bias and GLM-4-0414's sandwich norms. The
+    decoder runs such a model op by op."""
     model = LAYER_CASES[case](hf_tiny, gguf_files)
     blocks = [c for _, c in model.cells_and_names() if isinstance(c, Block)]
-    assert all(b.native for b in blocks) and op_by_op_because(model) == "each layer one native operator"
+    encoder = model.transformer.encoder
+    assert encoder.native and all(b.native for b in blocks)
+    assert op_by_op_because(model) == "each layer one native operator"
     calls = _counting(monkeypatch)
     ids = np.array([[0, 0, 64790, 790, 30951], [64790, 64792, 34607, 31123, 55448]], np.int32)
     mask = (ids != 0).astype(np.int32)
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
     runs = []
-    for whole in (True, False):
+    for stacked, whole in ((True, True), (False, True), (False, False)):
+        encoder.native = stacked
         for b in blocks:
             b.native = whole
         dec = Decoder(model, jit=False)  # (the counting wrappers would not compile)
@@ -310,11 +314,13 @@ def test_a_whole_layer_in_one_operator_is_its_steps_to_the_bit(case, hf_tiny, gg
         valid[:, 5] = 1
         step, caches = dec.forward(np.array([[8], [9]], np.int32), positions[:, -1:] + 1, valid, 5, caches)
         runs.append([logits, step, *(c.asnumpy() for c in caches)])
-        layers = sum(n for name, n in calls.items() if name.startswith("Layer"))
-        assert layers == (2 * len(blocks) if whole else 0)
+        layer = sum(n for name, n in calls.items() if name in ("Layer", "LayerQ8"))
+        all_layers = sum(n for name, n in calls.items() if name in ("Layers", "LayersQ8"))
+        assert (all_layers, layer) == ((2, 0) if stacked else (0, 2 * len(blocks) if whole else 0))
         calls.update(dict.fromkeys(calls, 0))
-    for got, want in zip(*runs, strict=True):
-        np.testing.assert_array_equal(got, want)
+    for got, *others in zip(*runs, strict=True):
+        for want in others:
+            np.testing.assert_array_equal(got, want)
 
 
 def test_the_whole_layer_refuses_operands_that_do_not_fit_it(kernel_isa):

@@ -121,6 +121,7 @@ def _embedded(kind: str):
 # each entry point of the library: its outputs' shapes from its inputs' shapes, how many outputs, and their dtype
 ENTRIES = {"Linear": (_product, 1), "LinearQ8": (_product, 1), "RmsNorm": (_normed, 1), "SwiGlu": (_halved, 1),
            "Attend": (_attended, 3), "Layer": (_layered, 1), "LayerQ8": (_layered, 1),
+           "Layers": (_layered, 1), "LayersQ8": (_layered, 1),
            "EmbedQ8_0": (_embedded("q8_0"), 1), "EmbedQ4_0": (_embedded("q4_0"), 1),
            "Addresses": (_counted, 1, "int64")}
 
@@ -177,6 +178,13 @@ def native_layer(q8: bool = False):
     the caches k and v in place (tensors of their own, not views: MindSpore hands an operator a copy of a view);
     `q8`: weights in blocks take their input quantized to q8_0 first, as `native_linear_q8`. Or None."""
     return _operator("LayerQ8" if q8 else "Layer")
+
+
+def native_layers(q8: bool = False):
+    """The operator `op(x, cos, sin, mask, write, eps, *own)` → x': every layer of a model in turn, each as
+    `native_layer` computes it, `own` being each layer's operands after the shared ones, in turn (k, v, norm, W_qkv,
+    b_qkv, W_dense, norm, W_up, W_down[, norm, norm]): a decoding step's layers in one dispatch. Or None."""
+    return _operator("LayersQ8" if q8 else "Layers")
 
 
 def native_addresses():

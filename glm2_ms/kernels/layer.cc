@@ -170,7 +170,51 @@ int layer_entry(int nparam, void **params, int *ndims, int64_t **shapes, const c
   return layer.run();
 }
 
+// Every layer of a model in turn, each as layer_entry computes it, in place on the output (a layer reads each
+// element of its input before it writes that element of its output). Operands: 0 x; 1-4 cos, sin, mask, write; 5
+// eps; then each layer's own: k, v, the input norm, W_qkv, its bias, W_dense, the post-attention norm, W_h_to_4h,
+// W_4h_to_h[, the two sandwich norms]; the output last. A layer's own count is told by its 10th operand: a sandwich
+// norm is 1-D, where the next layer's k (or, for one layer, the output) is not.
+constexpr int kShared = 6, kOwn = 9;
+
+int layers_entry(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool q8) {
+  const int inputs = nparam - 1;
+  if (inputs < kShared + kOwn || ndims[kX] != 3 || ndims[inputs] != 3) return 1;
+  if (strcmp(dtypes[kX], "float32") != 0 || strcmp(dtypes[inputs], "float32") != 0) return 2;
+  const int own = ndims[kShared + kOwn] == 1 ? kOwn + 2 : kOwn;
+  if ((inputs - kShared) % own != 0) return 1;
+  for (int a = 0; a < 3; ++a)
+    if (shapes[inputs][a] != shapes[kX][a]) return 4;
+  memcpy(params[inputs], params[kX], sizeof(float) * shapes[kX][0] * shapes[kX][1] * shapes[kX][2]);
+  for (int first = kShared; first < inputs; first += own) {
+    // Layer's operands: x, cos, sin, mask, write, k, v, eps, the layer's weights, the output (x and the output: ours)
+    int at[kAfterMlp + 2], n = 0;
+    for (int i : {inputs, 1, 2, 3, 4, first, first + 1, 5}) at[n++] = i;
+    for (int i = first + 2; i < first + own; ++i) at[n++] = i;
+    at[n++] = inputs;
+    void *p[kAfterMlp + 2];
+    int d[kAfterMlp + 2];
+    int64_t *s[kAfterMlp + 2];
+    const char *t[kAfterMlp + 2];
+    for (int i = 0; i < n; ++i) p[i] = params[at[i]], d[i] = ndims[at[i]], s[i] = shapes[at[i]], t[i] = dtypes[at[i]];
+    if (const int error = layer_entry(n, p, d, s, t, q8)) return error;
+  }
+  return 0;
+}
+
 }  // namespace
+
+extern "C" int Layers(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                      void *extra) {
+  (void)stream, (void)extra;
+  return layers_entry(nparam, params, ndims, shapes, dtypes, false);
+}
+
+extern "C" int LayersQ8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                        void *extra) {
+  (void)stream, (void)extra;
+  return layers_entry(nparam, params, ndims, shapes, dtypes, true);
+}
 
 extern "C" int Layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                      void *extra) {
