@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 from measure import print_machine, set_ms_threads
 
-
 RUNS = {"stacked": "all layers in one operator", "layers": "each layer one operator",
         "steps": "each layer as its steps"}
 

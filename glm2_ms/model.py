@@ -412,8 +412,8 @@ class Encoder(nn.Cell):
         it: one dispatch a step instead of one a layer, whose fixed costs (MindSpore's and the worker thread's wait
         for them) were a tenth of a quantized 6B step. The caches are updated in place and given back."""
         own, q8 = (), False
-        for block, cache in zip(self.layers, caches):  # (loops the compiler reads, where graphs compile)
-            own, q8 = own + block.own_operands(cache), q8 or block.quantizes()
+        for i, block in enumerate(self.layers):  # (loops the compiler reads, where graphs compile)
+            own, q8 = own + block.own_operands(caches[i]), q8 or block.quantizes()
         op = NATIVE_OPS["LayersQ8" if q8 else "Layers"]
         return op(x, cos, sin, mask, write, self.layers[0].input_layernorm.eps_operand, *own), tuple(caches)
 
