@@ -87,7 +87,7 @@ def run_kernels(kinds: list[str], prompt: int, threads: int, activations: str) -
     from measure import set_ms_threads
 
     from glm2_core.config import GLM2Config
-    from glm2_core.quants import quantize
+    from glm2_core.quants import block_kind, quantize
     from glm2_ms.kernels import native_linear, native_linear_q8
 
     set_ms_threads(threads)
@@ -101,7 +101,9 @@ def run_kernels(kinds: list[str], prompt: int, threads: int, activations: str) -
     for kind in kinds:
         for name, (n, k) in shapes.items():
             w = rng.standard_normal((n, k), np.float32)
-            w = ms.Tensor(w.astype(np.float16) if kind == "f16" else quantize(w, "float32", kind))
+            # (a q4_0 file's output layer is q8_0, as llama.cpp's rules make it: timed as the file holds it)
+            held = kind if kind == "f16" else block_kind(kind, (n, k), name == "output")
+            w = ms.Tensor(w.astype(np.float16) if held == "f16" else quantize(w, "float32", held))
             op = native_linear_q8() if activations_for(kind, activations) == "q8_0" else native_linear()
             warm_up([op], w, ms.Tensor(np.ones((1, k), np.float32)))
             times = {}
