@@ -348,6 +348,26 @@ def test_the_whole_layer_refuses_operands_that_do_not_fit_it(kernel_isa):
         block.fused(x, angles, angles, ms.Tensor(mask), (cache, cache), ms.Tensor(write))
 
 
+
+def test_all_layers_in_one_operator_refuse_operands_that_do_not_fit(kernel_isa):
+    """The operator of all layers checks how its operands divide into layers, and each layer's as the layer operator
+    does, before it computes: MindSpore raises, nothing is returned."""
+    model = _random_model(ms.float16)
+    encoder, cfg = model.transformer.encoder, model.config
+    x = ms.Tensor(np.ones((1, 1, cfg.hidden_size), np.float32))
+    cache = np.zeros((1, cfg.multi_query_group_num, 64, cfg.kv_channels), np.float32)
+    caches = [(ms.Tensor(cache), ms.Tensor(cache)) for _ in encoder.layers]
+    mask, write = (ms.Tensor(a) for a in cache_inputs(1, np.ones((1, 64), np.int32), 0))
+    angles = ms.Tensor(np.zeros((1, 1, 1, cfg.kv_channels // 4), np.float32))
+    encoder.stacked(x, angles, angles, mask, caches, write)  # fits
+    shared = (x, angles, angles, mask, write, encoder.layers[0].input_layernorm.eps_operand)
+    own = [o for block, c in zip(encoder.layers, caches, strict=True) for o in block.own_operands(c)]
+    with pytest.raises(RuntimeError):  # a layer's last weight missing (raised when the result is read)
+        glm2_model.NATIVE_OPS["Layers"](*shared, *own[:-1]).asnumpy()
+    encoder.layers[-1].post_attention_layernorm.weight.set_data(ms.Tensor(np.ones(cfg.hidden_size + 1, np.float16)))
+    with pytest.raises(RuntimeError):  # the last layer's norm of the wrong width
+        encoder.stacked(x, angles, angles, mask, caches, write)[0].asnumpy()
+
 def test_whole_layers_compiled_decode_as_they_do_op_by_op():
     """The layer's operator also runs inside a compiled step (`Decoder(jit=True)`): the same tokens, the same
     logits, as the op-by-op step a model of whole layers takes by default."""

@@ -204,29 +204,17 @@ int layers_entry(int nparam, void **params, int *ndims, int64_t **shapes, const 
 
 }  // namespace
 
-extern "C" int Layers(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                      void *extra) {
-  (void)stream, (void)extra;
-  return layers_entry(nparam, params, ndims, shapes, dtypes, false);
-}
-
-extern "C" int LayersQ8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                        void *extra) {
-  (void)stream, (void)extra;
-  return layers_entry(nparam, params, ndims, shapes, dtypes, true);
-}
-
-extern "C" int Layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                     void *extra) {
-  (void)stream, (void)extra;
-  return layer_entry(nparam, params, ndims, shapes, dtypes, false);
-}
-
-extern "C" int LayerQ8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-                       void *extra) {
-  (void)stream, (void)extra;
-  return layer_entry(nparam, params, ndims, shapes, dtypes, true);
-}
+// Layer and Layers, and their forms over q8_0 activations (LayerQ8, LayersQ8).
+#define LAYER_ENTRY(name, fn, q8)                                                                              \
+  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream, \
+                      void *extra) {                                                                           \
+    (void)stream, (void)extra;                                                                                 \
+    return fn(nparam, params, ndims, shapes, dtypes, q8);                                                      \
+  }
+LAYER_ENTRY(Layer, layer_entry, false)
+LAYER_ENTRY(LayerQ8, layer_entry, true)
+LAYER_ENTRY(Layers, layers_entry, false)
+LAYER_ENTRY(LayersQ8, layers_entry, true)
 
 // The address of each input's memory as an operator is handed it, int64 [nparam - 1].
 extern "C" int Addresses(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
