@@ -50,10 +50,14 @@ class RMSNorm(nn.Cell):
 
     def construct(self, x):
         if self.native and not self.training:  # (static)
-            return NATIVE_OPS["RmsNorm"](x.reshape(-1, x.shape[-1]), self.weight, self.eps_operand).reshape(x.shape)
+            return self.natively(x)
         x32 = x.astype(ms.float32)
         x32 = x32 * ops.rsqrt(ops.mean(x32 * x32, -1, keep_dims=True) + self.eps)
         return (x32 * self.weight.astype(ms.float32)).astype(x.dtype)
+
+    def natively(self, x):
+        """`construct` in the native operator (float32 x)."""
+        return NATIVE_OPS["RmsNorm"](x.reshape(-1, x.shape[-1]), self.weight, self.eps_operand).reshape(x.shape)
 
 
 class Linear(nn.Cell):
@@ -162,9 +166,7 @@ def _fuse_steps(cell) -> None:
     for _, encoder in cell.cells_and_names():
         if isinstance(encoder, Encoder):
             encoder.native = all(b.native for b in encoder.layers) and NATIVE_OPS["Layers"] is not None and \
-                NATIVE_OPS["LayersQ8"] is not None
-            # and the final norm with the layers' operator: MindSpore's half dozen for it cost milliseconds a step
-            encoder.final_layernorm.native = encoder.native and NATIVE_OPS["RmsNorm"] is not None
+                NATIVE_OPS["LayersQ8"] is not None and NATIVE_OPS["RmsNorm"] is not None
 
 
 def runs_natively(cell) -> bool:
@@ -440,7 +442,8 @@ class GLM2Model(nn.Cell):
         if self.record is not None:
             self.record("embedding", x)
         cos, sin = rope_tables(position_ids, self.inv_freq, self.compute_dtype)
-        if self.encoder.native and caches is not None and self.record is None and not self.training:  # (static)
+        stacked = self.encoder.native and caches is not None and self.record is None and not self.training  # (static)
+        if stacked:
             x, kvs = self.encoder.stacked(x, cos, sin, mask, caches, write)
         else:
             kvs = ()
@@ -449,7 +452,9 @@ class GLM2Model(nn.Cell):
                 kvs = kvs + (kv,)
         if last_only:
             x = x[:, -1:]
-        x = self.encoder.final_layernorm(x)
+        # with the layers' operator, the final norm in the native one too: MindSpore's half dozen for it cost
+        # milliseconds a step (a forward without a cache keeps them, as layer-streamed parity's does)
+        x = self.encoder.final_layernorm.natively(x) if stacked else self.encoder.final_layernorm(x)
         if self.record is not None:
             self.record("final norm", x)
         return x, kvs
