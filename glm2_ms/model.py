@@ -411,8 +411,8 @@ class Encoder(nn.Cell):
 
     def stacked(self, x, cos, sin, mask, caches, write):
         """Every layer against its cache in one native operator (layer.cc's Layers), each as `Block.fused` runs
-        it: one dispatch a step instead of one a layer, whose fixed costs (MindSpore's and the worker thread's wait
-        for them) were a tenth of a quantized 6B step. The caches are updated in place and given back."""
+        it: one dispatch a step instead of one a layer, each of which has a fixed cost (MindSpore's, and the worker
+        thread's wait for it; docs/performance.md). The caches are updated in place and given back."""
         own, q8 = (), False
         for i, block in enumerate(self.layers):  # (loops the compiler reads, where graphs compile)
             own, q8 = own + block.own_operands(caches[i]), q8 or block.quantizes()
@@ -452,8 +452,8 @@ class GLM2Model(nn.Cell):
                 kvs = kvs + (kv,)
         if last_only:
             x = x[:, -1:]
-        # with the layers' operator, the final norm in the native one too: MindSpore's half dozen for it cost
-        # milliseconds a step (a forward without a cache keeps them, as layer-streamed parity's does)
+        # with the layers' operator, the final norm in the native one too, not MindSpore's half dozen operators (a
+        # forward without a cache keeps those, as layer-streamed parity's does)
         x = self.encoder.final_layernorm.natively(x) if stacked else self.encoder.final_layernorm(x)
         if self.record is not None:
             self.record("final norm", x)
