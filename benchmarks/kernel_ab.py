@@ -6,14 +6,16 @@
 The kernel sources of git revision REV are built into a temporary folder beside this checkout's build; both
 operators then run on the same random weights of each 6B matrix (qkv, dense, h_to_4h, 4h_to_h, the output layer),
 `--rows` rows of x (1: a decoding step; 200: a prompt), the two sides alternating, and their outputs are compared
-before anything is timed. Printed per matrix: the median ms of each side and the weights' GB/s (one row) or the
-arithmetic's GFLOP/s (more rows); then a decoding step's (or a prompt's) sum over 28 layers and the output layer,
-and the ratio. The machine's read bandwidth is measured in the same run as the anchor. `--busy N` keeps N other
+before anything is timed. Each call takes the next of several copies of a matrix smaller than the cache, so that
+it reads the weights from memory, as a decoding step does (measure.uncached). Printed per matrix: the median ms of
+each side and the weights' GB/s (one row) or the arithmetic's GFLOP/s (more rows); then a decoding step's (or a
+prompt's) sum over 28 layers and the output layer, and the ratio. The machine's read bandwidth is measured in the same run as the anchor. `--busy N` keeps N other
 processes spinning while both sides are timed: how each copes with a core it shares.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import tempfile
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from bandwidth import read_bandwidth
-from measure import busy_cores, print_machine, set_ms_threads
+from measure import busy_cores, largest_cache, print_machine, set_ms_threads, uncached
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +92,7 @@ def main() -> None:
         head, why = kernels._build()
         if head is None:
             raise SystemExit(f"this checkout's kernels did not build: {why}")
-        ops = {args.base: kernels._custom(str(base), args.entry), "HEAD": kernels._custom(str(head), args.entry)}
+        ops = {args.base: kernels._custom(str(base), args.entry), "checkout": kernels._custom(str(head), args.entry)}
         with busy_cores(args.busy):
             compare(ops, args, GLM2Config.preset("6b"))
 
@@ -106,7 +108,7 @@ def warm_up(ops, w, x, calls: int = 12) -> None:
 def compare(ops: dict, args, cfg) -> None:
     import mindspore as ms
 
-    h, rng = cfg.hidden_size, np.random.default_rng(0)
+    h, rng, cache = cfg.hidden_size, np.random.default_rng(0), largest_cache()
     shapes = {"qkv": (cfg.q_rows + 2 * cfg.kv_rows, h), "dense": (h, cfg.q_rows),
               "h_to_4h": (2 * cfg.ffn_hidden_size, h), "4h_to_h": (h, cfg.ffn_hidden_size),
               "output": (cfg.padded_vocab_size, h)}
@@ -122,11 +124,13 @@ def compare(ops: dict, args, cfg) -> None:
         outs = [op(x, w).asnumpy() for op in ops.values()]
         if not np.allclose(*outs, rtol=1e-4, atol=1e-3):
             raise SystemExit(f"{name}: the two kernels disagree")
+        copies = itertools.cycle(uncached(w, cache))  # every call, either side's, on a copy out of the cache
         times = {side: [] for side in ops}
         for i in range(args.repeat):
             for side in (list(ops) if i % 2 == 0 else list(reversed(ops))):
+                c = next(copies)
                 clock = time.perf_counter()
-                ops[side](x, w).asnumpy()
+                ops[side](x, c).asnumpy()
                 times[side].append(time.perf_counter() - clock)
         med = {side: statistics.median(t) for side, t in times.items()}
         for side in ops:
@@ -135,7 +139,7 @@ def compare(ops: dict, args, cfg) -> None:
         print(f"| {name} | " + " | ".join(f"{med[s] * 1e3:.2f} ({work / med[s] / 1e9:.1f})" for s in ops) + " |")
     base, head = sums.values()
     each = ", ".join(f"{side} {t * 1e3:.0f} ms" for side, t in sums.items())
-    print(f"\n{cfg.num_layers} layers and the output layer: {each}; HEAD / base {head / base:.2f}")
+    print(f"\n{cfg.num_layers} layers and the output layer: {each}; checkout / base {head / base:.2f}")
 
 
 if __name__ == "__main__":

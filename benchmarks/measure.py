@@ -80,6 +80,25 @@ def cpu_info(cpuinfo: str | None = None) -> tuple[str, list[str]]:
     return fields.get("model name", "unknown CPU"), [f for f in KERNEL_FLAGS if f in flags]
 
 
+def largest_cache(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """Bytes of the CPU's largest cache, as sysfs gives it (64 MiB where it gives none)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    for f in root.glob("index*/size"):
+        text = f.read_text().strip()
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text or 0))
+    return max(sizes, default=64 << 20)
+
+
+def uncached(tensor, cache: int) -> list:
+    """`tensor` and enough copies of it that, used in turn, each meets its next use after the others have moved
+    twice the cache: a matrix smaller than the cache is timed from memory, as a decoding step (which reads every
+    other weight in between) meets it, not from the cache a repeat of the same call leaves it in."""
+    nbytes = tensor.nbytes
+    extra = 0 if nbytes >= 2 * cache else -(-2 * cache // nbytes)
+    return [tensor] + [tensor.copy() for _ in range(extra)]
+
+
 def set_ms_threads(n: int) -> None:
     """MindSpore's CPU kernel threads (its documented setting; once per process, before any kernel runs)."""
     import mindspore as ms
