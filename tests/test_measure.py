@@ -3,6 +3,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -82,3 +83,22 @@ def test_busy_cores_spin_for_the_block_and_are_gone_after_it():
     with pytest.raises(RuntimeError), measure.busy_cores(1):  # gone also when the block fails
         raise RuntimeError
     assert _spinning() == []
+
+
+def test_the_largest_cache_is_read_from_sysfs_sizes(tmp_path):
+    for index, size in enumerate(("32K", "512K", "32768K", "")):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert measure.largest_cache(tmp_path) == 32 << 20
+    assert measure.largest_cache(tmp_path / "none") == 64 << 20
+
+
+def test_a_matrix_smaller_than_the_cache_is_timed_over_copies_that_move_twice_it():
+    import mindspore as ms
+
+    w = ms.Tensor(np.arange(64, dtype=np.float16).reshape(8, 8))  # 128 bytes
+    copies = measure.uncached(w, cache=300)
+    assert len(copies) == 1 + 5 and copies[0] is w  # the other five move 640 ≥ 600 bytes
+    assert len({c.data_ptr() for c in copies}) == len(copies)  # distinct buffers
+    assert all((c.asnumpy() == w.asnumpy()).all() for c in copies)
+    assert measure.uncached(w, cache=64) == [w]
