@@ -9,8 +9,9 @@ operators then run on the same random weights of each 6B matrix (qkv, dense, h_t
 before anything is timed. Each call takes the next of several copies of a matrix smaller than the cache, so that
 it reads the weights from memory, as a decoding step does (measure.uncached). Printed per matrix: the median ms of
 each side and the weights' GB/s (one row) or the arithmetic's GFLOP/s (more rows); then a decoding step's (or a
-prompt's) sum over 28 layers and the output layer, and the ratio. The machine's read bandwidth is measured in the same run as the anchor. `--busy N` keeps N other
-processes spinning while both sides are timed: how each copes with a core it shares.
+prompt's) sum over 28 layers and the output layer, and the ratio. The machine's read bandwidth is measured in the
+same run as the anchor. `--busy N` keeps N other processes spinning while both sides are timed: how each copes with
+a core it shares.
 """
 from __future__ import annotations
 

@@ -8,11 +8,11 @@ One synthetic 6B-shaped checkpoint (`--layers` for quick runs) written by to-ggu
 in a process of its own on the same file, the sides alternating, the page cache dropped before each (a cold start):
 load, the prompt (random ids, the same for both), `--new` greedy tokens. Printed per kind: cold start to the first
 token (load + prefill), prefill and decode tokens/s, decode as a fraction of the machine's limit (read bandwidth,
-measured in the same run, ÷ the bytes a step reads: the weights as stored and the KV cache), peak RSS against the
-file, and how many greedy tokens the two sides share. Our side is `from_pretrained(file)`: its weights held as the
-file stores them (16-bit through the native kernel, blocks through its q8_0/q4_0 paths), float32 arithmetic;
-`--activations q8_0` quantizes the activations of the q8_0/q4_0 files' products as llama.cpp does (the f16 file
-keeps float32).
+measured just before each run, median over the kind's runs, ÷ the bytes a step reads: the weights as stored and
+the KV cache), peak RSS against the file, and how many greedy tokens the two sides share. Our side is
+`from_pretrained(file)`: its weights held as the file stores them (16-bit through the native kernel, blocks through
+its q8_0/q4_0 paths), float32 arithmetic; `--activations q8_0` quantizes the activations of the q8_0/q4_0 files'
+products as llama.cpp does (the f16 file keeps float32).
 """
 from __future__ import annotations
 
@@ -181,11 +181,11 @@ def main() -> None:
     from glm2_core.config import GLM2Config
 
     print_machine(args.threads)
-    bw = read_bandwidth(args.threads)["median"]
-    print(f"read bandwidth, {args.threads} threads: median {bw:.1f} GB/s; page cache dropped before each run: "
+    print(f"read bandwidth: measured beside each run, {args.threads} threads; page cache dropped before each run: "
           f"{drop_caches()}", flush=True)
     cfg = GLM2Config.preset("6b", num_layers=args.layers)
     work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
     src = work / f"hf-6b-{args.layers}l"
     if not src.exists():
         synthesize(src, cfg, "float16", "safetensors", seed=0)
@@ -194,14 +194,16 @@ def main() -> None:
         path = work / f"6b-{args.layers}l-{kind}.gguf"
         if not path.exists():
             to_gguf(src, path, dtype=KINDS[kind], progress=False)
-        runs = {side: [] for side in SIDES}
+        runs, rates = {side: [] for side in SIDES}, []
         for i in range(args.repeat):
             for side in (SIDES if i % 2 == 0 else reversed(SIDES)):
+                rates.append(read_bandwidth(args.threads, repeat=5)["median"])  # the anchor just before the run
                 runs[side].append(side_run(side, path, args, activations_for(kind, args.activations)))
-        rows.append(summary(kind, path, runs, bytes_per_step(cfg, path, args.prompt + args.new // 2), bw, args))
+        rows.append(summary(kind, path, runs, bytes_per_step(cfg, path, args.prompt + args.new // 2), rates, args))
         print(json.dumps(rows[-1]), flush=True)
     print_tables(rows, args)
     kernels = side_run("kernels", Path(args.kinds), args, args.activations)  # per kind in run_kernels
+    bw = statistics.median(r for row in rows for r in row["bandwidth"])
     print_profile(rows, kernels, cfg, bw, fma_peak(args.threads), args)
 
 
@@ -232,13 +234,15 @@ def print_profile(rows: list[dict], kernels: dict, cfg, bw: float, peak: float, 
               f"{pre / prompt:.2f} |")
 
 
-def summary(kind: str, path: Path, runs: dict, step_bytes: int, bw: float, args) -> dict:
-    """Medians over the runs of each side, and their ratios."""
+def summary(kind: str, path: Path, runs: dict, step_bytes: int, rates: list[float], args) -> dict:
+    """Medians over the runs of each side, and their ratios; the limit from the median of the read bandwidths
+    measured beside the runs (`rates`, GB/s: on a shared machine one measurement can be a third off)."""
     med = {side: {k: statistics.median(r[k] for r in rs) for k in ("load", "prefill", "decode", "rss")}
            for side, rs in runs.items()}
     same = sum(a == b for a, b in zip(runs["ours"][0]["tokens"], runs["llama"][0]["tokens"], strict=True))
-    limit = bw * 1e9 / step_bytes
+    limit = statistics.median(rates) * 1e9 / step_bytes
     return {"kind": kind, "file_gb": path.stat().st_size / 1e9, "step_gb": step_bytes / 1e9, "limit": limit,
+            "bandwidth": rates,
             **{f"{s}_{k}": v for s, m in med.items() for k, v in m.items()},
             "same_tokens": f"{same}/{args.new}", "weights": runs["ours"][0]["weights"]}
 
@@ -246,12 +250,15 @@ def summary(kind: str, path: Path, runs: dict, step_bytes: int, bw: float, args)
 def print_tables(rows: list[dict], args) -> None:
     print(f"\nChatGLM2-6B shapes, {args.layers} layers; prompt {args.prompt} tokens, {args.new} new, greedy, "
           f"{args.threads} threads each side; median of {args.repeat} cold runs per side, alternating\n")
-    print("| weights | file | decode limit tok/s | ours decode tok/s (/ limit) | llama.cpp (/ limit) | "
-          "ours / llama.cpp | prefill tok/s ours | llama.cpp | ours / llama.cpp |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| weights | file | read GB/s: median (range) beside the runs | decode limit tok/s | "
+          "ours decode tok/s (/ limit) | llama.cpp (/ limit) | ours / llama.cpp | prefill tok/s ours | llama.cpp | "
+          "ours / llama.cpp |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         pre_o, pre_l = args.prompt / r["ours_prefill"], args.prompt / r["llama_prefill"]
-        print(f"| {r['kind']} | {r['file_gb']:.2f} GB | {r['limit']:.2f} | {r['ours_decode']:.2f} "
+        rates = r["bandwidth"]
+        print(f"| {r['kind']} | {r['file_gb']:.2f} GB | {statistics.median(rates):.1f} ({min(rates):.1f}–"
+              f"{max(rates):.1f}) | {r['limit']:.2f} | {r['ours_decode']:.2f} "
               f"({r['ours_decode'] / r['limit']:.2f}) | {r['llama_decode']:.2f} ({r['llama_decode'] / r['limit']:.2f}) "
               f"| {r['ours_decode'] / r['llama_decode']:.2f}x | {pre_o:.1f} | {pre_l:.1f} | {pre_o / pre_l:.2f}x |")
     print("\n| weights | cold start to first token: ours (load + prefill) | llama.cpp | ours / llama.cpp | "
