@@ -125,7 +125,8 @@ def compare(ops: dict, args, cfg) -> None:
         outs = [op(x, w).asnumpy() for op in ops.values()]
         if not np.allclose(*outs, rtol=1e-4, atol=1e-3):
             raise SystemExit(f"{name}: the two kernels disagree")
-        copies = itertools.cycle(uncached(w, cache))  # every call, either side's, on a copy out of the cache
+        # every timed call, either side's, on a copy out of the cache
+        copies = itertools.cycle(uncached(w, cache, next(iter(ops.values())), x))
         times = {side: [] for side in ops}
         for i in range(args.repeat):
             for side in (list(ops) if i % 2 == 0 else list(reversed(ops))):

@@ -90,13 +90,18 @@ def largest_cache(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> in
     return max(sizes, default=64 << 20)
 
 
-def uncached(tensor, cache: int) -> list:
+def uncached(tensor, cache: int, op=None, x=None) -> list:
     """`tensor` and enough copies of it that, used in turn, each meets its next use after the others have moved
     twice the cache: a matrix smaller than the cache is timed from memory, as a decoding step (which reads every
-    other weight in between) meets it, not from the cache a repeat of the same call leaves it in."""
+    other weight in between) meets it, not from the cache a repeat of the same call leaves it in. A copy's first
+    call runs slower than the next ones (MindSpore readies its memory then): with `op`, each copy's first call,
+    op(x, copy), is made here, untimed."""
     nbytes = tensor.nbytes
     extra = 0 if nbytes >= 2 * cache else -(-2 * cache // nbytes)
-    return [tensor] + [tensor.copy() for _ in range(extra)]
+    copies = [tensor] + [tensor.copy() for _ in range(extra)]
+    for c in copies if op is not None else ():
+        op(x, c).asnumpy()
+    return copies
 
 
 def set_ms_threads(n: int) -> None:

@@ -102,3 +102,6 @@ def test_a_matrix_smaller_than_the_cache_is_timed_over_copies_that_move_twice_it
     assert len({c.data_ptr() for c in copies}) == len(copies)  # distinct buffers
     assert all((c.asnumpy() == w.asnumpy()).all() for c in copies)
     assert measure.uncached(w, cache=64) == [w]
+    called = []
+    first_calls = measure.uncached(w, cache=300, op=lambda x, c: called.append((x, c)) or c, x="x")
+    assert called == [("x", c) for c in first_calls]  # each copy's first call made, in turn
